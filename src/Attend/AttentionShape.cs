@@ -1,0 +1,127 @@
+using Attend.Tensors;
+
+namespace Attend;
+
+/// <summary>
+/// The sizes of one attention problem, read from q [B, Sq, H, D], k [B, Skv, Hkv, D], v [B, Skv, Hkv, Dv] and
+/// checked: every size ≥ 1, <c>H % Hkv == 0</c> (MHA, GQA, MQA).
+/// </summary>
+public readonly record struct AttentionShape(int Batch, int QueryLength, int KeyLength, int Heads, int KvHeads, int HeadDim, int ValueDim)
+{
+    /// <summary>Query heads per key/value head.</summary>
+    public int GroupSize => Heads / KvHeads;
+
+    /// <summary>Dense forward FLOPs, 2·B·H·Sq·Skv·(D + Dv) (= 4·B·H·Sq·Skv·D for D = Dv).</summary>
+    public double DenseFlops => 2.0 * Batch * Heads * QueryLength * KeyLength * (HeadDim + ValueDim);
+
+    /// <summary>FLOPs of the pairs a causal mask keeps (bottom-right aligned).</summary>
+    public double CausalFlops
+    {
+        get
+        {
+            double pairs = 0;
+            long offset = (long)KeyLength - QueryLength;
+            // Row i sees min(Skv, max(0, i + offset + 1)) keys.
+            for (long i = 0; i < QueryLength; i++)
+            {
+                pairs += Math.Clamp(i + offset + 1, 0, KeyLength);
+            }
+            return 2.0 * Batch * Heads * pairs * (HeadDim + ValueDim);
+        }
+    }
+
+    /// <summary>Reads and checks the shapes of q, k and v.</summary>
+    /// <exception cref="ArgumentException">naming the argument, the expected and the actual shape.</exception>
+    public static AttentionShape Of<T>(in TensorView<T> q, in TensorView<T> k, in TensorView<T> v) where T : unmanaged
+    {
+        RequireRank4(q, nameof(q), "[B, Sq, H, D]");
+        RequireRank4(k, nameof(k), "[B, Skv, Hkv, D]");
+        RequireRank4(v, nameof(v), "[B, Skv, Hkv, Dv]");
+        int b = q.Dim(0), sq = q.Dim(1), h = q.Dim(2), d = q.Dim(3);
+        int skv = k.Dim(1), hkv = k.Dim(2), dv = v.Dim(3);
+        if (b == 0 || sq == 0 || h == 0 || d == 0)
+        {
+            throw new ArgumentException($"q must have non-zero sizes [B, Sq, H, D]; got {q.ShapeString()}", nameof(q));
+        }
+        if (k.Dim(0) != b || k.Dim(3) != d || skv == 0 || hkv == 0)
+        {
+            throw new ArgumentException($"k must have shape [B={b}, Skv≥1, Hkv≥1, D={d}]; got {k.ShapeString()}", nameof(k));
+        }
+        if (h % hkv != 0)
+        {
+            throw new ArgumentException($"the query heads H={h} must be a multiple of the key/value heads Hkv={hkv} (k is {k.ShapeString()})", nameof(k));
+        }
+        if (v.Dim(0) != b || v.Dim(1) != skv || v.Dim(2) != hkv || dv == 0)
+        {
+            throw new ArgumentException($"v must have shape [B={b}, Skv={skv}, Hkv={hkv}, Dv≥1]; got {v.ShapeString()}", nameof(v));
+        }
+        return new AttentionShape(b, sq, skv, h, hkv, d, dv);
+    }
+
+    /// <summary>Checks that <paramref name="output"/> is [B, Sq, H, Dv].</summary>
+    public void RequireOutput<T>(in TensorView<T> output, string name) where T : unmanaged
+    {
+        RequireRank4(output, name, $"[B={Batch}, Sq={QueryLength}, H={Heads}, Dv={ValueDim}]");
+        if (output.Dim(0) != Batch || output.Dim(1) != QueryLength || output.Dim(2) != Heads || output.Dim(3) != ValueDim)
+        {
+            throw new ArgumentException($"{name} must have shape [B={Batch}, Sq={QueryLength}, H={Heads}, Dv={ValueDim}]; got {output.ShapeString()}", name);
+        }
+    }
+
+    /// <summary>Checks that <paramref name="lse"/> is [B, Sq, H] (heads-last, like the output).</summary>
+    public void RequireLse(in TensorView<float> lse, string name)
+    {
+        if (lse.Rank != 3 || lse.Dim(0) != Batch || lse.Dim(1) != QueryLength || lse.Dim(2) != Heads)
+        {
+            throw new ArgumentException($"{name} must have shape [B={Batch}, Sq={QueryLength}, H={Heads}]; got {lse.ShapeString()}", name);
+        }
+    }
+
+    /// <summary>Checks the options against this shape and returns the effective scale.</summary>
+    public float Validate(AttentionOptions options)
+    {
+        ArgumentNullException.ThrowIfNull(options);
+        float scale = options.Scale ?? 1f / MathF.Sqrt(HeadDim);
+        if (!float.IsFinite(scale) || scale < 0)
+        {
+            throw new ArgumentException($"Scale must be finite and non-negative; got {scale}", nameof(options));
+        }
+        if (!float.IsFinite(options.Softcap) || options.Softcap < 0)
+        {
+            throw new ArgumentException($"Softcap must be finite and non-negative (0 disables it); got {options.Softcap}", nameof(options));
+        }
+        if (options.AlibiSlopes is { } slopes)
+        {
+            if (slopes.Count != Heads && slopes.Count != Batch * Heads)
+            {
+                throw new ArgumentException($"AlibiSlopes must have H={Heads} or B·H={Batch * Heads} entries; got {slopes.Count}", nameof(options));
+            }
+            if (slopes.Any(s => !float.IsFinite(s)))
+            {
+                throw new ArgumentException("AlibiSlopes must be finite", nameof(options));
+            }
+        }
+        TensorView<float> bias = options.Bias;
+        if (!bias.IsDefault && (bias.Rank != 4 || bias.Dim(0) != Batch || bias.Dim(1) != Heads || bias.Dim(2) != QueryLength || bias.Dim(3) != KeyLength))
+        {
+            throw new ArgumentException($"Bias must have shape [B={Batch}, H={Heads}, Sq={QueryLength}, Skv={KeyLength}]; got {bias.ShapeString()}", nameof(options));
+        }
+        return scale;
+    }
+
+    /// <summary>ALiBi slope of (batch, head), or 0 without ALiBi.</summary>
+    internal float AlibiSlope(AttentionOptions options, int batch, int head) =>
+        options.AlibiSlopes is not { } s ? 0f : s.Count == Heads ? s[head] : s[(batch * Heads) + head];
+
+    private static void RequireRank4<T>(in TensorView<T> t, string name, string expected) where T : unmanaged
+    {
+        if (t.IsDefault)
+        {
+            throw new ArgumentException($"{name} must be a tensor of shape {expected}; got none", name);
+        }
+        if (t.Rank != 4)
+        {
+            throw new ArgumentException($"{name} must have shape {expected}; got rank {t.Rank} {t.ShapeString()}", name);
+        }
+    }
+}

@@ -1,0 +1,210 @@
+using Attend.Reference;
+using Attend.Tensors;
+
+namespace Attend.Tests;
+
+public sealed class DenseAttentionTests
+{
+    private static readonly KernelPath[] Paths = [KernelPath.Scalar, KernelPath.Vector128, KernelPath.Vector256, KernelPath.Vector512];
+
+    // (B, Sq, Skv, H, Hkv, D): the awkward sizes of DEVELOPERS.md, GQA/MQA, Sq ≠ Skv both ways.
+    public static TheoryData<int, int, int, int, int, int, bool> Shapes()
+    {
+        var data = new TheoryData<int, int, int, int, int, int, bool>();
+        foreach (bool causal in new[] { false, true })
+        {
+            data.Add(1, 1, 1, 1, 1, 40, causal);
+            data.Add(1, 7, 7, 2, 1, 64, causal);
+            data.Add(2, 97, 97, 4, 2, 80, causal);
+            data.Add(1, 97, 257, 2, 2, 256, causal);
+            data.Add(1, 257, 97, 4, 1, 128, causal);
+            data.Add(1, 257, 257, 2, 2, 128, causal);
+            data.Add(1, 1, 1025, 2, 1, 64, causal);
+            data.Add(1, 65, 130, 3, 3, 7, causal);
+        }
+        data.Add(1, 1025, 1025, 1, 1, 64, true);
+        if (TestData.Extended)
+        {
+            data.Add(2, 1025, 1025, 2, 1, 128, false);
+            data.Add(1, 1025, 1025, 2, 2, 256, true);
+        }
+        return data;
+    }
+
+    [Theory]
+    [MemberData(nameof(Shapes))]
+    public void Should_match_reference_on_every_path_in_f32(int b, int sq, int skv, int h, int hkv, int d, bool causal) =>
+        CheckAllPaths<float>(b, sq, skv, h, hkv, d, new AttentionOptions { Causal = causal }, Paths);
+
+    [Theory]
+    [MemberData(nameof(Shapes))]
+    public void Should_match_reference_in_bf16(int b, int sq, int skv, int h, int hkv, int d, bool causal) =>
+        CheckAllPaths<BFloat16>(b, sq, skv, h, hkv, d, new AttentionOptions { Causal = causal }, [KernelPath.Auto, KernelPath.Scalar]);
+
+    [Theory]
+    [MemberData(nameof(Shapes))]
+    public void Should_match_reference_in_f16(int b, int sq, int skv, int h, int hkv, int d, bool causal) =>
+        CheckAllPaths<Half>(b, sq, skv, h, hkv, d, new AttentionOptions { Causal = causal }, [KernelPath.Auto, KernelPath.Vector256]);
+
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void Should_match_reference_with_softcap_alibi_and_bias(bool causal)
+    {
+        int b = 2, s = 97, h = 4, d = 64;
+        float[] biasData = TestData.Normal((long)b * h * s * 130, 99);
+        var options = new AttentionOptions
+        {
+            Causal = causal,
+            Softcap = 2.5f,
+            Scale = 0.3f,
+            AlibiSlopes = [0.5f, 0.25f, 0.125f, 0.0625f],
+            Bias = new TensorView<float>(biasData, b, h, s, 130),
+        };
+        CheckAllPaths<float>(b, s, 130, h, 2, d, options, Paths);
+        CheckAllPaths<BFloat16>(b, s, 130, h, 2, d, options, [KernelPath.Auto]);
+    }
+
+    [Fact]
+    public void Should_match_reference_with_a_predicate_mask()
+    {
+        var options = new AttentionOptions { Predicate = (b, h, q, kv) => (q + kv + h) % 3 != 0 || kv == 0 };
+        CheckAllPaths<float>(1, 70, 150, 2, 1, 32, options, Paths);
+    }
+
+    [Fact]
+    public void Should_accept_any_stride_permutation()
+    {
+        // A [B, H, S, D] buffer seen heads-last, and a [S, B, D, H] one: same numbers, other strides.
+        int b = 2, s = 33, h = 3, d = 24;
+        TensorView<float> q = TestData.Random<float>(1, b, s, h, d), k = TestData.Random<float>(2, b, s, h, d), v = TestData.Random<float>(3, b, s, h, d);
+        TensorView<float> qp = Relayout(q, [0, 2, 1, 3]), kp = Relayout(k, [1, 0, 3, 2]), vp = Relayout(v, [3, 2, 1, 0]);
+        var expected = new float[b * s * h * d];
+        var actual = new float[b * s * h * d];
+        Attention.Forward(q, k, v, new TensorView<float>(expected, b, s, h, d), new AttentionOptions { Causal = true });
+        TensorView<float> back = PermutedView(actual, [b, s, h, d], [2, 0, 3, 1]);
+        Attention.Forward(qp, kp, vp, back, new AttentionOptions { Causal = true });
+        for (int i = 0; i < b; i++)
+            for (int j = 0; j < s; j++)
+                for (int x = 0; x < h; x++)
+                    for (int y = 0; y < d; y++)
+                        Assert.Equal(expected[(((i * s) + j) * h + x) * d + y], back[i, j, x, y], 5);
+    }
+
+    [Fact]
+    public void Should_give_zero_output_and_minus_infinity_lse_for_fully_masked_rows()
+    {
+        // Causal with Sq > Skv: the first Sq − Skv rows see no key.
+        int sq = 20, skv = 5;
+        TensorView<float> q = TestData.Random<float>(1, 1, sq, 2, 16), k = TestData.Random<float>(2, 1, skv, 2, 16), v = TestData.Random<float>(3, 1, skv, 2, 16);
+        var o = new TensorView<float>(new float[sq * 2 * 16], 1, sq, 2, 16);
+        var lse = new TensorView<float>(new float[sq * 2], 1, sq, 2);
+        foreach (KernelPath path in Paths)
+        {
+            Attention.Forward(q, k, v, o, new AttentionOptions { Causal = true }, lse, new KernelTuning { Path = path });
+            for (int i = 0; i < sq - skv; i++)
+                for (int h = 0; h < 2; h++)
+                {
+                    Assert.True(float.IsNegativeInfinity(lse[0, i, h]), $"{path}: row {i} lse {lse[0, i, h]}");
+                    for (int d = 0; d < 16; d++) Assert.Equal(0f, o[0, i, h, d]);
+                }
+            Assert.True(float.IsFinite(lse[0, sq - 1, 0]));
+        }
+    }
+
+    [Fact]
+    public void Should_keep_nan_in_its_query_row_and_value_column_consumers()
+    {
+        int s = 70, d = 16;
+        float[] qd = TestData.Normal(s * d, 1), kd = TestData.Normal(s * d, 2), vd = TestData.Normal(s * d, 3);
+        qd[5 * d + 3] = float.NaN;          // query row 5
+        vd[40 * d + 2] = float.NaN;         // value of key 40: causal rows ≥ 40 attend to it
+        var q = new TensorView<float>(qd, 1, s, 1, d);
+        var k = new TensorView<float>(kd, 1, s, 1, d);
+        var v = new TensorView<float>(vd, 1, s, 1, d);
+        foreach (KernelPath path in Paths)
+        {
+            var o = new TensorView<float>(new float[s * d], 1, s, 1, d);
+            Attention.Forward(q, k, v, o, new AttentionOptions { Causal = true }, tuning: new KernelTuning { Path = path });
+            for (int i = 0; i < s; i++)
+            {
+                bool expectNan = i == 5 || i >= 40;
+                for (int c = 0; c < d; c++)
+                {
+                    bool nan = float.IsNaN(o[0, i, 0, c]);
+                    // A NaN value element poisons only its own column; a NaN query poisons its whole row.
+                    bool expected = i == 5 || (i >= 40 && c == 2);
+                    Assert.True(nan == expected, $"{path}: row {i} col {c} NaN={nan}, expected {expected} ({expectNan})");
+                }
+            }
+        }
+    }
+
+    [Fact]
+    public void Should_run_65536_tokens_without_quadratic_memory()
+    {
+        // 65536² floats would be 16 GiB; the executor needs O(S·D).
+        int s = 65536, d = 16;
+        TensorView<float> q = TestData.Random<float>(1, 1, s, 1, d), k = TestData.Random<float>(2, 1, s, 1, d), v = TestData.Random<float>(3, 1, s, 1, d);
+        var o = new TensorView<float>(new float[s * d], 1, s, 1, d);
+        long before = GC.GetTotalAllocatedBytes(precise: true);
+        Attention.Forward(q, k, v, o, new AttentionOptions { Causal = true });
+        long allocated = GC.GetTotalAllocatedBytes(precise: true) - before;
+        Assert.True(allocated < 1 << 20, $"managed allocations {allocated} bytes");
+        // Spot-check rows against the reference on a prefix (causal rows only see their prefix).
+        int n = 300;
+        var qs = new TensorView<float>(q.ToArray()[..(n * d)], 1, n, 1, d);
+        var ks = new TensorView<float>(k.ToArray()[..(n * d)], 1, n, 1, d);
+        var vs = new TensorView<float>(v.ToArray()[..(n * d)], 1, n, 1, d);
+        ReferenceResult r = AttentionReference.Forward(qs, ks, vs, new AttentionOptions { Causal = true });
+        for (int i = 0; i < n; i++)
+            for (int c = 0; c < d; c++)
+                Assert.True(Math.Abs(r.At(0, i, 0, c) - o[0, i, 0, c]) < 1e-5, $"row {i} col {c}");
+    }
+
+    internal static void CheckAllPaths<T>(int b, int sq, int skv, int h, int hkv, int d, AttentionOptions options, KernelPath[] paths) where T : unmanaged
+    {
+        int seed = HashCode.Combine(b, sq, skv, h, hkv, d, options.Causal) & 0xFFFF;
+        TensorView<T> q = TestData.Random<T>(seed, b, sq, h, d);
+        TensorView<T> k = TestData.Random<T>(seed + 1, b, skv, hkv, d);
+        TensorView<T> v = TestData.Random<T>(seed + 2, b, skv, hkv, d);
+        ReferenceResult expected = AttentionReference.Forward(q, k, v, options);
+        var naive = new TensorView<T>(NaiveAttention.Forward(q, k, v, options), b, sq, h, d);
+        double naiveError = TestData.MaxError(naive, expected);
+        double bound = 2 * naiveError + 1e-6;
+        foreach (KernelPath path in paths)
+        {
+            var o = new TensorView<T>(new T[(long)b * sq * h * d], b, sq, h, d);
+            var lse = new TensorView<float>(new float[(long)b * sq * h], b, sq, h);
+            Attention.Forward(q, k, v, o, options, lse, new KernelTuning { Path = path, Threads = 2 });
+            double error = TestData.MaxError(o, expected);
+            string where = $"{typeof(T).Name} {path} seed={seed} B={b} Sq={sq} Skv={skv} H={h} Hkv={hkv} D={d} causal={options.Causal}";
+            Assert.True(error <= bound, $"{where}: max error {error:E3} > 2×naive {naiveError:E3} + 1e-6");
+            double lseError = TestData.MaxLseError(lse, expected);
+            Assert.True(lseError <= 1e-4, $"{where}: LSE error {lseError:E3}");
+        }
+    }
+
+    private static TensorView<float> Relayout(TensorView<float> heads, int[] storageOrder)
+    {
+        // Copy into a buffer whose storage order is `storageOrder` of the logical axes, and return the logical view.
+        int[] logical = heads.Shape.ToArray();
+        float[] buffer = new float[heads.ElementCount];
+        TensorView<float> view = PermutedView(buffer, logical, storageOrder);
+        for (int i = 0; i < logical[0]; i++)
+            for (int j = 0; j < logical[1]; j++)
+                for (int x = 0; x < logical[2]; x++)
+                    for (int y = 0; y < logical[3]; y++)
+                        view[i, j, x, y] = heads[i, j, x, y];
+        return view;
+    }
+
+    private static TensorView<float> PermutedView(float[] buffer, int[] logical, int[] storageOrder)
+    {
+        int[] storageShape = storageOrder.Select(a => logical[a]).ToArray();
+        long[] storageStrides = TensorView<float>.ContiguousStrides(storageShape);
+        var strides = new long[4];
+        for (int i = 0; i < 4; i++) strides[storageOrder[i]] = storageStrides[i];
+        return new TensorView<float>(buffer, 0, logical, strides);
+    }
+}

@@ -1,0 +1,56 @@
+using Attend.Tensors;
+
+namespace Attend.Tests;
+
+/// <summary>
+/// The "naive implementation in the same precision" of the tolerance rule: scores, softmax and P·V computed in
+/// float with every intermediate (scores, probabilities, output) rounded to the element type, as an unfused
+/// PyTorch math implementation in that dtype would. Supports the options the kernels support.
+/// </summary>
+internal static class NaiveAttention
+{
+    public static T[] Forward<T>(TensorView<T> q, TensorView<T> k, TensorView<T> v, AttentionOptions options) where T : unmanaged
+    {
+        AttentionShape s = AttentionShape.Of(q, k, v);
+        float scale = options.Scale ?? 1f / MathF.Sqrt(s.HeadDim);
+        var o = new T[(long)s.Batch * s.QueryLength * s.Heads * s.ValueDim];
+        long offset = (long)s.KeyLength - s.QueryLength;
+        var scores = new float[s.KeyLength];
+        for (int b = 0; b < s.Batch; b++)
+            for (int h = 0; h < s.Heads; h++)
+            {
+                int hk = h / s.GroupSize;
+                float slope = s.AlibiSlope(options, b, h);
+                for (int i = 0; i < s.QueryLength; i++)
+                {
+                    float max = float.NegativeInfinity;
+                    for (int j = 0; j < s.KeyLength; j++)
+                    {
+                        bool allowed = (!options.Causal || j <= i + offset) && (options.Predicate?.Invoke(b, h, i, j) ?? true);
+                        if (!allowed) { scores[j] = float.NegativeInfinity; continue; }
+                        float dot = 0;
+                        for (int d = 0; d < s.HeadDim; d++) dot += ElementConvert.ToSingle(q[b, i, h, d]) * ElementConvert.ToSingle(k[b, j, hk, d]);
+                        float x = Round<T>(dot * scale);
+                        if (options.Softcap > 0) x = Round<T>(options.Softcap * MathF.Tanh(x / options.Softcap));
+                        if (slope != 0) x -= slope * MathF.Abs(i + offset - j);
+                        if (!options.Bias.IsDefault) x += options.Bias[b, h, i, j];
+                        scores[j] = Round<T>(x);
+                        max = MathF.Max(max, scores[j]);
+                    }
+                    if (float.IsNegativeInfinity(max)) continue;
+                    float sum = 0;
+                    for (int j = 0; j < s.KeyLength; j++) { scores[j] = MathF.Exp(scores[j] - max); sum += scores[j]; }
+                    for (int j = 0; j < s.KeyLength; j++) scores[j] = Round<T>(scores[j] / sum);
+                    for (int d = 0; d < s.ValueDim; d++)
+                    {
+                        float acc = 0;
+                        for (int j = 0; j < s.KeyLength; j++) if (scores[j] != 0) acc += scores[j] * ElementConvert.ToSingle(v[b, j, hk, d]);
+                        o[((((long)b * s.QueryLength + i) * s.Heads) + h) * s.ValueDim + d] = ElementConvert.FromSingle<T>(acc);
+                    }
+                }
+            }
+        return o;
+    }
+
+    private static float Round<T>(float x) where T : unmanaged => ElementConvert.ToSingle(ElementConvert.FromSingle<T>(x));
+}
