@@ -1,1 +1,10 @@
-return 0;
+using System.CommandLine;
+using Attend.Cli;
+
+RootCommand root = new("attend — efficient attention on CPU and GPU: run, verify and benchmark kernels")
+{
+    RunCommand.Create(),
+    VerifyCommand.Create(),
+    BenchCommand.Create(),
+};
+return CliErrors.Invoke(root, args);

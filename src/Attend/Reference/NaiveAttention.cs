@@ -1,16 +1,19 @@
 using Attend.Tensors;
 
-namespace Attend.Tests;
+namespace Attend.Reference;
 
 /// <summary>
-/// The "naive implementation in the same precision" of the tolerance rule: scores, softmax and P·V computed in
-/// float with every intermediate (scores, probabilities, output) rounded to the element type, as an unfused
-/// PyTorch math implementation in that dtype would. Supports the options the kernels support.
+/// The "naive implementation in the same precision" of Attend's tolerance rule (a kernel's max error versus
+/// float64 is at most 2× this one's, plus 1e-6): scores, softmax and P·V in float with every intermediate
+/// (scores, probabilities, output) rounded to the element type, as an unfused PyTorch math implementation in that
+/// dtype would. Single-threaded and O(Skv) memory per row; for tests and <c>attend verify</c>.
 /// </summary>
-internal static class NaiveAttention
+public static class NaiveAttention
 {
-    public static T[] Forward<T>(TensorView<T> q, TensorView<T> k, TensorView<T> v, AttentionOptions options) where T : unmanaged
+    /// <summary>Returns the output [B, Sq, H, Dv] in C order.</summary>
+    public static T[] Forward<T>(TensorView<T> q, TensorView<T> k, TensorView<T> v, AttentionOptions? options = null) where T : unmanaged
     {
+        options ??= AttentionOptions.Default;
         AttentionShape s = AttentionShape.Of(q, k, v);
         float scale = options.Scale ?? 1f / MathF.Sqrt(s.HeadDim);
         var o = new T[(long)s.Batch * s.QueryLength * s.Heads * s.ValueDim];

@@ -1,0 +1,68 @@
+using System.CommandLine;
+using Attend.Tensors;
+
+namespace Attend.Cli;
+
+/// <summary>The options shared by <c>attend run</c> and <c>attend verify</c>: inputs and what to compute.</summary>
+internal sealed class AttentionArguments
+{
+    public Option<string> Q { get; } = new("--q") { Description = "queries [B,S,H,D]: FILE.npy or FILE.safetensors:NAME", Required = true };
+    public Option<string> K { get; } = new("--k") { Description = "keys [B,Skv,Hkv,D]", Required = true };
+    public Option<string> V { get; } = new("--v") { Description = "values [B,Skv,Hkv,Dv]", Required = true };
+    public Option<bool> Causal { get; } = new("--causal") { Description = "causal mask, bottom-right aligned" };
+    public Option<float?> Scale { get; } = new("--scale") { Description = "score scale (default 1/sqrt(D))" };
+    public Option<float> Softcap { get; } = new("--softcap") { Description = "tanh soft-cap of the scores (0: off)" };
+    public Option<string> Device { get; } = new("--device") { Description = "cpu (cuda arrives with the CUDA backend)", DefaultValueFactory = _ => "cpu" };
+    public Option<int> Threads { get; } = new("--threads") { Description = "worker threads (0: all cores)" };
+    public Option<KernelPath> Path { get; } = new("--path") { Description = "SIMD path: Auto, Scalar, Vector128, Vector256, Vector512" };
+    public Option<string?> Json { get; } = new("--json") { Description = "write a JSON summary to this file ('-' for stdout)" };
+
+    public void AddTo(Command command)
+    {
+        foreach (Option o in new Option[] { Q, K, V, Causal, Scale, Softcap, Device, Threads, Path, Json }) command.Options.Add(o);
+    }
+
+    public (Tensor Q, Tensor K, Tensor V) LoadInputs(ParseResult r)
+    {
+        string device = r.GetValue(Device)!;
+        if (device != "cpu")
+        {
+            throw new ArgumentException($"--device: only 'cpu' is available in this build; got '{device}'");
+        }
+        Tensor q = TensorFiles.Load(r.GetValue(Q)!, "q");
+        Tensor k = TensorFiles.Load(r.GetValue(K)!, "k");
+        Tensor v = TensorFiles.Load(r.GetValue(V)!, "v");
+        if (k.DType != q.DType || v.DType != q.DType)
+        {
+            throw new ArgumentException($"q, k and v must share one dtype; got q {q}, k {k}, v {v}");
+        }
+        return (q, k, v);
+    }
+
+    public AttentionOptions Options(ParseResult r) => new()
+    {
+        Causal = r.GetValue(Causal),
+        Scale = r.GetValue(Scale),
+        Softcap = r.GetValue(Softcap),
+    };
+
+    public KernelTuning Tuning(ParseResult r) => new() { Threads = r.GetValue(Threads), Path = r.GetValue(Path) };
+
+    /// <summary>Runs attention on file tensors of any supported dtype; returns output (input dtype) and LSE [B, Sq, H].</summary>
+    public static (Tensor Output, Tensor Lse) Compute(Tensor q, Tensor k, Tensor v, AttentionOptions options, KernelTuning tuning) => q.DType switch
+    {
+        DType.Float32 => Compute<float>(q, k, v, options, tuning),
+        DType.Float16 => Compute<Half>(q, k, v, options, tuning),
+        DType.BFloat16 => Compute<BFloat16>(q, k, v, options, tuning),
+        _ => throw new ArgumentException($"unsupported dtype {DTypes.Name(q.DType)}"),
+    };
+
+    private static (Tensor, Tensor) Compute<T>(Tensor q, Tensor k, Tensor v, AttentionOptions options, KernelTuning tuning) where T : unmanaged
+    {
+        AttentionShape s = AttentionShape.Of(q.AsView<T>(), k.AsView<T>(), v.AsView<T>());
+        Tensor output = Tensor.Zeros(q.DType, s.Batch, s.QueryLength, s.Heads, s.ValueDim);
+        Tensor lse = Tensor.Zeros(DType.Float32, s.Batch, s.QueryLength, s.Heads);
+        Attention.Forward(q.AsView<T>(), k.AsView<T>(), v.AsView<T>(), output.AsView<T>(), options, lse.AsView<float>(), tuning);
+        return (output, lse);
+    }
+}

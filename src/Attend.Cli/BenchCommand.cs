@@ -1,0 +1,277 @@
+using System.CommandLine;
+using System.Diagnostics;
+using System.Runtime.InteropServices;
+using System.Runtime.Intrinsics;
+using System.Text.Json.Nodes;
+using Attend.Diagnostics;
+using Attend.Tensors;
+using Spectre.Console;
+
+namespace Attend.Cli;
+
+/// <summary>
+/// <c>attend bench</c>: the main job. Times kernels on random normal inputs and reports each against ceilings
+/// measured in the same run (the FMA peak), per MEASURING.md. Suites: default, dense, peak.
+/// </summary>
+internal static class BenchCommand
+{
+    /// <summary>Version of the JSON layout written by <c>--json</c>; bump on incompatible changes.</summary>
+    public const int SchemaVersion = 1;
+
+    public static Command Create()
+    {
+        var suite = new Option<string>("--suite") { Description = "default | dense | peak", DefaultValueFactory = _ => "default" };
+        var seq = new Option<int[]>("--seq") { Description = "sequence lengths (default 1024 4096 16384)", AllowMultipleArgumentsPerToken = true };
+        var headDim = new Option<int[]>("--head-dim") { Description = "head dims (default 64 128)", AllowMultipleArgumentsPerToken = true };
+        var heads = new Option<int>("--heads") { Description = "query heads (default 8; 2 at S > 8192 to keep the suite short)" };
+        var kvHeads = new Option<int>("--kv-heads") { Description = "key/value heads (default = heads)" };
+        var batch = new Option<int>("--batch") { Description = "batch size", DefaultValueFactory = _ => 1 };
+        var causal = new Option<string>("--causal") { Description = "both | yes | no", DefaultValueFactory = _ => "both" };
+        var dtype = new Option<string>("--dtype") { Description = "f32 | f16 | bf16", DefaultValueFactory = _ => "f32" };
+        var threads = new Option<int>("--threads") { Description = "worker threads (0: all cores)" };
+        var path = new Option<KernelPath>("--path") { Description = "SIMD path (Auto, Scalar, Vector128, Vector256, Vector512)" };
+        var reps = new Option<int>("--reps") { Description = "timed repetitions per row (at least 5 are used)", DefaultValueFactory = _ => 5 };
+        var device = new Option<string>("--device") { Description = "cpu (cuda arrives with the CUDA backend)", DefaultValueFactory = _ => "cpu" };
+        var json = new Option<string?>("--json") { Description = "write results as JSON to this file ('-' for stdout)" };
+        var command = new Command("bench", "benchmark attention kernels against ceilings measured in the same run");
+        foreach (Option o in new Option[] { suite, seq, headDim, heads, kvHeads, batch, causal, dtype, threads, path, reps, device, json }) command.Options.Add(o);
+        command.SetAction(r =>
+        {
+            if (r.GetValue(device) != "cpu")
+            {
+                throw new ArgumentException($"--device: only 'cpu' is available in this build; got '{r.GetValue(device)}'");
+            }
+            string suiteName = r.GetValue(suite)!;
+            if (suiteName is not ("default" or "dense" or "peak"))
+            {
+                throw new ArgumentException($"--suite must be one of default, dense, peak; got '{suiteName}'");
+            }
+            int threadCount = r.GetValue(threads) is > 0 and var t ? t : Environment.ProcessorCount;
+            var plan = new BenchPlan
+            {
+                Lengths = r.GetValue(seq) is { Length: > 0 } s ? s : [1024, 4096, 16384],
+                HeadDims = r.GetValue(headDim) is { Length: > 0 } d ? d : [64, 128],
+                Heads = r.GetValue(heads),
+                KvHeads = r.GetValue(kvHeads),
+                Batch = r.GetValue(batch),
+                Causal = r.GetValue(causal) switch
+                {
+                    "both" => [false, true],
+                    "yes" => [true],
+                    "no" => [false],
+                    var c => throw new ArgumentException($"--causal must be both, yes or no; got '{c}'"),
+                },
+                DType = DTypes.Parse(r.GetValue(dtype)!),
+                Threads = threadCount,
+                Path = r.GetValue(path),
+                Reps = Math.Max(5, r.GetValue(reps)),
+            };
+            if (plan.DType == DType.Float64) throw new ArgumentException("--dtype must be f32, f16 or bf16");
+            string? jsonPath = r.GetValue(json);
+            bool quiet = jsonPath == "-";
+            BenchReport report = Run(suiteName, plan, quiet);
+            if (!quiet) Print(report);
+            JsonOutput.Write(jsonPath, report.ToJson());
+            return 0;
+        });
+        return command;
+    }
+
+    internal sealed record BenchPlan
+    {
+        public required int[] Lengths { get; init; }
+        public required int[] HeadDims { get; init; }
+        public int Heads { get; init; }
+        public int KvHeads { get; init; }
+        public int Batch { get; init; } = 1;
+        public required bool[] Causal { get; init; }
+        public DType DType { get; init; } = DType.Float32;
+        public int Threads { get; init; }
+        public KernelPath Path { get; init; }
+        public int Reps { get; init; } = 5;
+    }
+
+    internal sealed record BenchRow(
+        string Suite, string Method, DType DType, int Batch, int Heads, int KvHeads, int Length, int HeadDim, bool Causal,
+        int Threads, KernelPath Path, double MedianMs, double MinMs, double MaxMs, int Reps, double UsefulFlops, double PeakGflops)
+    {
+        public double Gflops => UsefulFlops / (MedianMs * 1e-3) / 1e9;
+        public double PeakFraction => Gflops / PeakGflops;
+    }
+
+    internal sealed record BenchReport(string Suite, double PeakGflops, double PeakGflopsOneThread, double CopyGBps, int Threads, IReadOnlyList<BenchRow> Rows)
+    {
+        public JsonObject ToJson()
+        {
+            var rows = new JsonArray();
+            foreach (BenchRow row in Rows)
+            {
+                rows.Add(new JsonObject
+                {
+                    ["suite"] = row.Suite, ["method"] = row.Method, ["dtype"] = DTypes.Name(row.DType), ["backend"] = "cpu",
+                    ["batch"] = row.Batch, ["heads"] = row.Heads, ["kvHeads"] = row.KvHeads, ["seqLen"] = row.Length,
+                    ["headDim"] = row.HeadDim, ["causal"] = row.Causal, ["threads"] = row.Threads, ["path"] = row.Path.ToString(),
+                    ["medianMs"] = row.MedianMs, ["minMs"] = row.MinMs, ["maxMs"] = row.MaxMs, ["reps"] = row.Reps,
+                    ["usefulGflop"] = row.UsefulFlops / 1e9, ["gflops"] = row.Gflops, ["peakFraction"] = row.PeakFraction,
+                });
+            }
+            return new JsonObject
+            {
+                ["schema"] = "attend.bench", ["schemaVersion"] = SchemaVersion,
+                ["suite"] = Suite, ["date"] = DateTime.UtcNow.ToString("O"),
+                ["machine"] = Machine(),
+                ["peak"] = new JsonObject
+                {
+                    ["fmaGflops"] = PeakGflops, ["fmaGflopsOneThread"] = PeakGflopsOneThread, ["copyGBps"] = CopyGBps, ["threads"] = Threads,
+                },
+                ["rows"] = rows,
+            };
+        }
+    }
+
+    internal static JsonObject Machine() => new()
+    {
+        ["cpu"] = CpuModel(),
+        ["cores"] = Environment.ProcessorCount,
+        ["simdBits"] = Vector512.IsHardwareAccelerated ? 512 : Vector256.IsHardwareAccelerated ? 256 : Vector128.IsHardwareAccelerated ? 128 : 32,
+        ["os"] = RuntimeInformation.OSDescription,
+        ["runtime"] = RuntimeInformation.FrameworkDescription,
+        ["attend"] = typeof(Attention).Assembly.GetName().Version?.ToString(),
+    };
+
+    internal static string CpuModel()
+    {
+        try
+        {
+            if (File.Exists("/proc/cpuinfo"))
+            {
+                string? line = File.ReadLines("/proc/cpuinfo").FirstOrDefault(l => l.StartsWith("model name", StringComparison.Ordinal));
+                if (line is not null) return line[(line.IndexOf(':') + 1)..].Trim();
+            }
+        }
+        catch (IOException)
+        {
+        }
+        return RuntimeInformation.ProcessArchitecture.ToString();
+    }
+
+    internal static BenchReport Run(string suite, BenchPlan plan, bool quiet)
+    {
+        var rows = new List<BenchRow>();
+        double peak = 0, peakOne = 0, copy = 0;
+        var cases = suite == "peak" ? [] : DenseCases(plan).ToList();
+        void Body(Action<string> status, Action advance)
+        {
+            status("measuring the FMA peak");
+            peak = PeakProbe.FmaGflops(plan.Threads);
+            peakOne = PeakProbe.FmaGflops(1);
+            copy = PeakProbe.CopyGBps(plan.Threads);
+            advance();
+            foreach (DenseCase c in cases)
+            {
+                status(c.Describe());
+                rows.Add(TimeDense(c, plan, peak));
+                advance();
+            }
+        }
+        if (quiet || Console.IsOutputRedirected)
+        {
+            Body(s => { if (!quiet) Console.Error.WriteLine($"  {s}"); }, () => { });
+        }
+        else
+        {
+            AnsiConsole.Progress()
+                .Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new PercentageColumn(), new ElapsedTimeColumn())
+                .Start(ctx =>
+                {
+                    ProgressTask task = ctx.AddTask("bench", maxValue: cases.Count + 1);
+                    Body(s => task.Description = s.Length > 40 ? s[..40] : s, () => task.Increment(1));
+                });
+        }
+        return new BenchReport(suite, peak, peakOne, copy, plan.Threads, rows);
+    }
+
+    internal sealed record DenseCase(int Batch, int Heads, int KvHeads, int Length, int HeadDim, bool Causal)
+    {
+        public string Describe() => $"dense S={Length} D={HeadDim}{(Causal ? " causal" : "")}";
+    }
+
+    private static IEnumerable<DenseCase> DenseCases(BenchPlan plan)
+    {
+        foreach (int s in plan.Lengths)
+            foreach (int d in plan.HeadDims)
+                foreach (bool c in plan.Causal)
+                {
+                    int h = plan.Heads > 0 ? plan.Heads : s > 8192 ? 2 : 8;
+                    yield return new DenseCase(plan.Batch, h, plan.KvHeads > 0 ? plan.KvHeads : h, s, d, c);
+                }
+    }
+
+    private static BenchRow TimeDense(DenseCase c, BenchPlan plan, double peak) => plan.DType switch
+    {
+        DType.Float16 => TimeDense<Half>(c, plan, peak),
+        DType.BFloat16 => TimeDense<BFloat16>(c, plan, peak),
+        _ => TimeDense<float>(c, plan, peak),
+    };
+
+    private static BenchRow TimeDense<T>(DenseCase c, BenchPlan plan, double peak) where T : unmanaged
+    {
+        TensorView<T> q = RandomView<T>(1, c.Batch, c.Length, c.Heads, c.HeadDim);
+        TensorView<T> k = RandomView<T>(2, c.Batch, c.Length, c.KvHeads, c.HeadDim);
+        TensorView<T> v = RandomView<T>(3, c.Batch, c.Length, c.KvHeads, c.HeadDim);
+        var o = new TensorView<T>(new T[q.ElementCount], c.Batch, c.Length, c.Heads, c.HeadDim);
+        var options = new AttentionOptions { Causal = c.Causal };
+        var tuning = new KernelTuning { Threads = plan.Threads, Path = plan.Path };
+        List<double> times = Measure(() => Attention.Forward(q, k, v, o, options, tuning: tuning), plan.Reps);
+        AttentionShape shape = AttentionShape.Of(q, k, v);
+        return new BenchRow("dense", c.Causal ? "dense-causal" : "dense", plan.DType, c.Batch, c.Heads, c.KvHeads, c.Length, c.HeadDim, c.Causal,
+            plan.Threads, tuning.EffectivePath, times[times.Count / 2], times[0], times[^1], times.Count,
+            c.Causal ? shape.CausalFlops : shape.DenseFlops, peak);
+    }
+
+    /// <summary>One warm-up call, then at least <paramref name="reps"/> timed calls and at least half a second; sorted ms.</summary>
+    internal static List<double> Measure(Action action, int reps)
+    {
+        action();
+        var times = new List<double>();
+        var total = Stopwatch.StartNew();
+        while (times.Count < reps || (total.Elapsed.TotalSeconds < 0.5 && times.Count < 100))
+        {
+            var sw = Stopwatch.StartNew();
+            action();
+            times.Add(sw.Elapsed.TotalMilliseconds);
+        }
+        times.Sort();
+        return times;
+    }
+
+    internal static TensorView<T> RandomView<T>(int seed, int b, int s, int h, int d) where T : unmanaged
+    {
+        var rng = new Random(seed);
+        var data = new T[(long)b * s * h * d];
+        for (long i = 0; i < data.LongLength; i++)
+        {
+            // Box–Muller normal samples: random normal inputs, never zeros (MEASURING.md).
+            double u1 = 1.0 - rng.NextDouble(), u2 = rng.NextDouble();
+            data[i] = ElementConvert.FromSingle<T>((float)(Math.Sqrt(-2 * Math.Log(u1)) * Math.Cos(2 * Math.PI * u2)));
+        }
+        return new TensorView<T>(data, b, s, h, d);
+    }
+
+    private static void Print(BenchReport report)
+    {
+        if (Console.IsOutputRedirected) AnsiConsole.Profile.Width = 160;   // logs and CI: do not wrap the table at 80
+        AnsiConsole.MarkupLine($"[bold]attend bench[/] suite [green]{report.Suite}[/] on {Markup.Escape(CpuModel())}, {report.Threads} threads");
+        AnsiConsole.MarkupLine($"FMA peak measured now: [bold]{report.PeakGflops:F1}[/] GFLOPS ({report.PeakGflopsOneThread:F1} on one thread); copy {report.CopyGBps:F1} GB/s");
+        if (report.Rows.Count == 0) return;
+        var table = new Table().AddColumns("method", "dtype", "B", "H", "S", "D", "path", "median ms", "min..max ms", "GFLOPS", "% peak");
+        foreach (BenchRow r in report.Rows)
+        {
+            table.AddRow(r.Method, DTypes.Name(r.DType), r.Batch.ToString(), r.Heads == r.KvHeads ? r.Heads.ToString() : $"{r.Heads}/{r.KvHeads}",
+                r.Length.ToString(), r.HeadDim.ToString(), r.Path.ToString(), $"{r.MedianMs:F2}", $"{r.MinMs:F2}..{r.MaxMs:F2}",
+                $"{r.Gflops:F1}", $"{100 * r.PeakFraction:F1}%");
+        }
+        AnsiConsole.Write(table);
+        AnsiConsole.MarkupLine("[grey]GFLOPS count useful FLOPs: 4·B·H·S²·D, halved (exactly) for causal.[/]");
+    }
+}
