@@ -106,7 +106,7 @@ internal static class BenchCommand
             var rows = new JsonArray();
             foreach (BenchRow row in Rows)
             {
-                rows.Add(new JsonObject
+                rows.Add((JsonNode)new JsonObject
                 {
                     ["suite"] = row.Suite, ["method"] = row.Method, ["dtype"] = DTypes.Name(row.DType), ["backend"] = "cpu",
                     ["batch"] = row.Batch, ["heads"] = row.Heads, ["kvHeads"] = row.KvHeads, ["seqLen"] = row.Length,
@@ -229,10 +229,14 @@ internal static class BenchCommand
             c.Causal ? shape.CausalFlops : shape.DenseFlops, peak);
     }
 
-    /// <summary>One warm-up call, then at least <paramref name="reps"/> timed calls and at least half a second; sorted ms.</summary>
+    /// <summary>
+    /// Warm-up (at least 2 calls and 0.2 s, so tiered JIT and caches settle), then at least <paramref name="reps"/>
+    /// timed calls and at least half a second; sorted ms.
+    /// </summary>
     internal static List<double> Measure(Action action, int reps)
     {
-        action();
+        var warm = Stopwatch.StartNew();
+        for (int i = 0; i < 2 || (warm.Elapsed.TotalSeconds < 0.2 && i < 50); i++) action();
         var times = new List<double>();
         var total = Stopwatch.StartNew();
         while (times.Count < reps || (total.Elapsed.TotalSeconds < 0.5 && times.Count < 100))

@@ -1,0 +1,122 @@
+using System.Text.Json.Nodes;
+using Attend.Tensors;
+
+namespace Attend.Tests;
+
+/// <summary>The CLI in-process: the file contract of <c>attend run</c>, <c>verify</c>, <c>bench</c> and exit code 2 on bad input.</summary>
+[Collection("Console")]
+public sealed class CliTests : IDisposable
+{
+    private readonly string _dir = Directory.CreateTempSubdirectory("attend-cli-").FullName;
+
+    public void Dispose() => Directory.Delete(_dir, recursive: true);
+
+    private string P(string name) => Path.Combine(_dir, name);
+
+    private static (int Code, string Out, string Err) Cli(params string[] args)
+    {
+        TextWriter stdout = Console.Out, stderr = Console.Error;
+        var o = new StringWriter();
+        var e = new StringWriter();
+        Console.SetOut(o);
+        Console.SetError(e);
+        try
+        {
+            System.Reflection.MethodInfo main = typeof(Attend.Cli.CliErrors).Assembly.EntryPoint!;
+            int code = (int)main.Invoke(null, [args])!;
+            return (code, o.ToString(), e.ToString());
+        }
+        finally
+        {
+            Console.SetOut(stdout);
+            Console.SetError(stderr);
+        }
+    }
+
+    private void WriteInputs(DType dtype, int s = 40, int h = 2, int d = 16)
+    {
+        Npy.Write(P("q.npy"), Tensor.FromArray(TestData.Normal(s * h * d, 1), 1, s, h, d).ConvertTo(dtype));
+        Npy.Write(P("k.npy"), Tensor.FromArray(TestData.Normal(s * h * d, 2), 1, s, h, d).ConvertTo(dtype));
+        Npy.Write(P("v.npy"), Tensor.FromArray(TestData.Normal(s * h * d, 3), 1, s, h, d).ConvertTo(dtype));
+    }
+
+    [Theory]
+    [InlineData(DType.Float32)]
+    [InlineData(DType.BFloat16)]
+    public void Should_run_on_files_and_match_the_library(DType dtype)
+    {
+        WriteInputs(dtype);
+        var (code, _, err) = Cli("run", "--q", P("q.npy"), "--k", P("k.npy"), "--v", P("v.npy"), "--out", P("o.npy"), "--lse", P("lse.npy"), "--causal");
+        Assert.True(code == 0, err);
+        Tensor o = Npy.Read(P("o.npy"));
+        Assert.Equal(dtype, o.DType);
+        Assert.Equal([1, 40, 2, 16], o.Shape);
+        Assert.Equal([1, 40, 2], Npy.Read(P("lse.npy")).Shape);
+    }
+
+    [Fact]
+    public void Should_read_safetensors_inputs_by_name()
+    {
+        int s = 9, h = 1, d = 8;
+        SafeTensors.Write(P("in.safetensors"), new Dictionary<string, Tensor>
+        {
+            ["q"] = Tensor.FromArray(TestData.Normal(s * h * d, 1), 1, s, h, d),
+            ["k"] = Tensor.FromArray(TestData.Normal(s * h * d, 2), 1, s, h, d),
+            ["v"] = Tensor.FromArray(TestData.Normal(s * h * d, 3), 1, s, h, d),
+        });
+        string f = P("in.safetensors");
+        var (code, _, err) = Cli("verify", "--q", f + ":q", "--k", f + ":k", "--v", f + ":v", "--json", P("v.json"));
+        Assert.True(code == 0, err);
+        JsonNode json = JsonNode.Parse(File.ReadAllText(P("v.json")))!;
+        Assert.True((bool)json["pass"]!);
+        Assert.True((double)json["maxAbsError"]! < 1e-5);
+    }
+
+    [Fact]
+    public void Should_verify_and_print_the_verdict()
+    {
+        WriteInputs(DType.Float16);
+        var (code, output, err) = Cli("verify", "--q", P("q.npy"), "--k", P("k.npy"), "--v", P("v.npy"), "--causal", "--softcap", "5");
+        Assert.True(code == 0, err + output);
+        Assert.Contains("relative L2 error", output);
+        Assert.Contains("PASS", output);
+    }
+
+    [Fact]
+    public void Should_exit_2_with_one_line_on_bad_input()
+    {
+        WriteInputs(DType.Float32);
+        Npy.Write(P("k_bad.npy"), Tensor.FromArray(TestData.Normal(40 * 3 * 16, 2), 1, 40, 3, 16));
+        File.WriteAllText(P("garbage.npy"), "not an array");
+        string[][] cases =
+        [
+            ["run", "--q", P("q.npy"), "--k", P("k_bad.npy"), "--v", P("v.npy"), "--out", P("o.npy")],
+            ["run", "--q", P("garbage.npy"), "--k", P("k.npy"), "--v", P("v.npy"), "--out", P("o.npy")],
+            ["run", "--q", P("missing.npy"), "--k", P("k.npy"), "--v", P("v.npy"), "--out", P("o.npy")],
+            ["run", "--q", P("q.npy"), "--k", P("k.npy"), "--v", P("v.npy"), "--out", P("o.npy"), "--scale", "-1"],
+            ["run", "--q", P("q.npy"), "--k", P("k.npy"), "--v", P("v.npy"), "--out", P("o.npy"), "--device", "tpu"],
+            ["run", "--q", P("q.npy")],
+            ["bench", "--suite", "nope"],
+        ];
+        foreach (string[] args in cases)
+        {
+            var (code, _, err) = Cli(args);
+            Assert.True(code == 2, $"{string.Join(' ', args)} gave {code}: {err}");
+            Assert.DoesNotContain("   at ", err);
+            Assert.StartsWith("attend: ", err);
+        }
+    }
+
+    [Fact]
+    public void Should_bench_a_small_suite_as_json()
+    {
+        var (code, _, err) = Cli("bench", "--seq", "128", "--head-dim", "32", "--causal", "yes", "--json", P("b.json"));
+        Assert.True(code == 0, err);
+        JsonNode json = JsonNode.Parse(File.ReadAllText(P("b.json")))!;
+        Assert.Equal(1, (int)json["schemaVersion"]!);
+        Assert.True((double)json["peak"]!["fmaGflops"]! > 0);
+        JsonArray rows = json["rows"]!.AsArray();
+        Assert.Single(rows);
+        Assert.True((double)rows[0]!["gflops"]! > 0);
+    }
+}
