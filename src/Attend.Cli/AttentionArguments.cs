@@ -12,7 +12,7 @@ internal sealed class AttentionArguments
     public Option<bool> Causal { get; } = new("--causal") { Description = "causal mask, bottom-right aligned" };
     public Option<float?> Scale { get; } = new("--scale") { Description = "score scale (default 1/sqrt(D))" };
     public Option<float> Softcap { get; } = new("--softcap") { Description = "tanh soft-cap of the scores (0: off)" };
-    public Option<string> Device { get; } = new("--device") { Description = "cpu (cuda arrives with the CUDA backend)", DefaultValueFactory = _ => "cpu" };
+    public Option<string> Device { get; } = new("--device") { Description = "cpu or cuda", DefaultValueFactory = _ => "cpu" };
     public Option<int> Threads { get; } = new("--threads") { Description = "worker threads (0: all cores)" };
     public Option<KernelPath> Path { get; } = new("--path") { Description = "SIMD path: Auto, Scalar, Vector128, Vector256, Vector512" };
     public Option<string?> Json { get; } = new("--json") { Description = "write a JSON summary to this file ('-' for stdout)" };
@@ -24,11 +24,7 @@ internal sealed class AttentionArguments
 
     public (Tensor Q, Tensor K, Tensor V) LoadInputs(ParseResult r)
     {
-        string device = r.GetValue(Device)!;
-        if (device != "cpu")
-        {
-            throw new ArgumentException($"--device: only 'cpu' is available in this build; got '{device}'");
-        }
+        DeviceName(r);
         Tensor q = TensorFiles.Load(r.GetValue(Q)!, "q");
         Tensor k = TensorFiles.Load(r.GetValue(K)!, "k");
         Tensor v = TensorFiles.Load(r.GetValue(V)!, "v");
@@ -37,6 +33,21 @@ internal sealed class AttentionArguments
             throw new ArgumentException($"q, k and v must share one dtype; got q {q}, k {k}, v {v}");
         }
         return (q, k, v);
+    }
+
+    /// <summary>"cpu" or "cuda"; cuda only where the backend is available.</summary>
+    public string DeviceName(ParseResult r)
+    {
+        string device = r.GetValue(Device)!;
+        if (device is not ("cpu" or "cuda"))
+        {
+            throw new ArgumentException($"--device must be cpu or cuda; got '{device}'");
+        }
+        if (device == "cuda" && !Cuda.CudaBackend.IsAvailable)
+        {
+            throw new NotSupportedException($"--device cuda: {Cuda.CudaBackend.UnavailableReason}");
+        }
+        return device;
     }
 
     public AttentionOptions Options(ParseResult r) => new()
@@ -49,20 +60,34 @@ internal sealed class AttentionArguments
     public KernelTuning Tuning(ParseResult r) => new() { Threads = r.GetValue(Threads), Path = r.GetValue(Path) };
 
     /// <summary>Runs attention on file tensors of any supported dtype; returns output (input dtype) and LSE [B, Sq, H].</summary>
-    public static (Tensor Output, Tensor Lse) Compute(Tensor q, Tensor k, Tensor v, AttentionOptions options, KernelTuning tuning) => q.DType switch
+    public static (Tensor Output, Tensor Lse) Compute(Tensor q, Tensor k, Tensor v, AttentionOptions options, KernelTuning tuning, string device = "cpu") => q.DType switch
     {
-        DType.Float32 => Compute<float>(q, k, v, options, tuning),
-        DType.Float16 => Compute<Half>(q, k, v, options, tuning),
-        DType.BFloat16 => Compute<BFloat16>(q, k, v, options, tuning),
+        DType.Float32 => Compute<float>(q, k, v, options, tuning, device),
+        DType.Float16 => Compute<Half>(q, k, v, options, tuning, device),
+        DType.BFloat16 => Compute<BFloat16>(q, k, v, options, tuning, device),
         _ => throw new ArgumentException($"unsupported dtype {DTypes.Name(q.DType)}"),
     };
 
-    private static (Tensor, Tensor) Compute<T>(Tensor q, Tensor k, Tensor v, AttentionOptions options, KernelTuning tuning) where T : unmanaged
+    private static (Tensor, Tensor) Compute<T>(Tensor q, Tensor k, Tensor v, AttentionOptions options, KernelTuning tuning, string device) where T : unmanaged
     {
         AttentionShape s = AttentionShape.Of(q.AsView<T>(), k.AsView<T>(), v.AsView<T>());
         Tensor output = Tensor.Zeros(q.DType, s.Batch, s.QueryLength, s.Heads, s.ValueDim);
         Tensor lse = Tensor.Zeros(DType.Float32, s.Batch, s.QueryLength, s.Heads);
-        Attention.Forward(q.AsView<T>(), k.AsView<T>(), v.AsView<T>(), output.AsView<T>(), options, lse.AsView<float>(), tuning);
+        if (device == "cuda")
+        {
+            using var dq = Cuda.DeviceTensor<T>.FromHost(q.AsView<T>());
+            using var dk = Cuda.DeviceTensor<T>.FromHost(k.AsView<T>());
+            using var dv = Cuda.DeviceTensor<T>.FromHost(v.AsView<T>());
+            using var dO = Cuda.DeviceTensor<T>.Allocate(s.Batch, s.QueryLength, s.Heads, s.ValueDim);
+            using var dl = Cuda.DeviceTensor<float>.Allocate(s.Batch, s.QueryLength, s.Heads);
+            Cuda.CudaAttention.Forward(dq, dk, dv, dO, options, dl);
+            dO.Buffer.CopyTo(output.Array<T>());
+            dl.Buffer.CopyTo(lse.Array<float>());
+        }
+        else
+        {
+            Attention.Forward(q.AsView<T>(), k.AsView<T>(), v.AsView<T>(), output.AsView<T>(), options, lse.AsView<float>(), tuning);
+        }
         return (output, lse);
     }
 }

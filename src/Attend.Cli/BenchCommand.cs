@@ -27,30 +27,38 @@ internal static class BenchCommand
         var kvHeads = new Option<int>("--kv-heads") { Description = "key/value heads (default = heads)" };
         var batch = new Option<int>("--batch") { Description = "batch size", DefaultValueFactory = _ => 1 };
         var causal = new Option<string>("--causal") { Description = "both | yes | no", DefaultValueFactory = _ => "both" };
-        var dtype = new Option<string>("--dtype") { Description = "f32 | f16 | bf16", DefaultValueFactory = _ => "f32" };
+        var dtype = new Option<string>("--dtype") { Description = "f32 | f16 | bf16 (default: f32 on cpu, bf16 on cuda)" };
         var threads = new Option<int>("--threads") { Description = "worker threads (0: all cores)" };
         var path = new Option<KernelPath>("--path") { Description = "SIMD path (Auto, Scalar, Vector128, Vector256, Vector512)" };
         var reps = new Option<int>("--reps") { Description = "timed repetitions per row (at least 5 are used)", DefaultValueFactory = _ => 5 };
-        var device = new Option<string>("--device") { Description = "cpu (cuda arrives with the CUDA backend)", DefaultValueFactory = _ => "cpu" };
+        var device = new Option<string>("--device") { Description = "cpu or cuda", DefaultValueFactory = _ => "cpu" };
         var json = new Option<string?>("--json") { Description = "write results as JSON to this file ('-' for stdout)" };
         var command = new Command("bench", "benchmark attention kernels against ceilings measured in the same run");
         foreach (Option o in new Option[] { suite, seq, headDim, heads, kvHeads, batch, causal, dtype, threads, path, reps, device, json }) command.Options.Add(o);
         command.SetAction(r =>
         {
-            if (r.GetValue(device) != "cpu")
+            string deviceName = r.GetValue(device)!;
+            if (deviceName is not ("cpu" or "cuda"))
             {
-                throw new ArgumentException($"--device: only 'cpu' is available in this build; got '{r.GetValue(device)}'");
+                throw new ArgumentException($"--device must be cpu or cuda; got '{deviceName}'");
+            }
+            bool cuda = deviceName == "cuda";
+            if (cuda && !Cuda.CudaBackend.IsAvailable)
+            {
+                throw new NotSupportedException($"--device cuda: {Cuda.CudaBackend.UnavailableReason}");
             }
             string suiteName = r.GetValue(suite)!;
-            if (suiteName is not ("default" or "dense" or "peak"))
+            if (suiteName is not ("default" or "dense" or "peak" or "gpu"))
             {
-                throw new ArgumentException($"--suite must be one of default, dense, peak; got '{suiteName}'");
+                throw new ArgumentException($"--suite must be one of default, dense, peak, gpu; got '{suiteName}'");
             }
+            if (cuda && suiteName == "default") suiteName = "gpu";
+            if (suiteName == "gpu" && !cuda) throw new ArgumentException("--suite gpu needs --device cuda");
             int threadCount = r.GetValue(threads) is > 0 and var t ? t : Environment.ProcessorCount;
             var plan = new BenchPlan
             {
-                Lengths = r.GetValue(seq) is { Length: > 0 } s ? s : [1024, 4096, 16384],
-                HeadDims = r.GetValue(headDim) is { Length: > 0 } d ? d : [64, 128],
+                Lengths = r.GetValue(seq) is { Length: > 0 } s ? s : cuda ? [4096, 16384] : [1024, 4096, 16384],
+                HeadDims = r.GetValue(headDim) is { Length: > 0 } d ? d : cuda ? [128] : [64, 128],
                 Heads = r.GetValue(heads),
                 KvHeads = r.GetValue(kvHeads),
                 Batch = r.GetValue(batch),
@@ -61,7 +69,7 @@ internal static class BenchCommand
                     "no" => [false],
                     var c => throw new ArgumentException($"--causal must be both, yes or no; got '{c}'"),
                 },
-                DType = DTypes.Parse(r.GetValue(dtype)!),
+                DType = r.GetValue(dtype) is { } dt ? DTypes.Parse(dt) : cuda ? DType.BFloat16 : DType.Float32,
                 Threads = threadCount,
                 Path = r.GetValue(path),
                 Reps = Math.Max(5, r.GetValue(reps)),
@@ -95,6 +103,8 @@ internal static class BenchCommand
         string Suite, string Method, DType DType, int Batch, int Heads, int KvHeads, int Length, int HeadDim, bool Causal,
         int Threads, KernelPath Path, double MedianMs, double MinMs, double MaxMs, int Reps, double UsefulFlops, double PeakGflops)
     {
+        public string Backend { get; init; } = "cpu";
+
         public double Gflops => UsefulFlops / (MedianMs * 1e-3) / 1e9;
         public double PeakFraction => Gflops / PeakGflops;
     }
@@ -108,7 +118,7 @@ internal static class BenchCommand
             {
                 rows.Add((JsonNode)new JsonObject
                 {
-                    ["suite"] = row.Suite, ["method"] = row.Method, ["dtype"] = DTypes.Name(row.DType), ["backend"] = "cpu",
+                    ["suite"] = row.Suite, ["method"] = row.Method, ["dtype"] = DTypes.Name(row.DType), ["backend"] = row.Backend,
                     ["batch"] = row.Batch, ["heads"] = row.Heads, ["kvHeads"] = row.KvHeads, ["seqLen"] = row.Length,
                     ["headDim"] = row.HeadDim, ["causal"] = row.Causal, ["threads"] = row.Threads, ["path"] = row.Path.ToString(),
                     ["medianMs"] = row.MedianMs, ["minMs"] = row.MinMs, ["maxMs"] = row.MaxMs, ["reps"] = row.Reps,
@@ -137,6 +147,11 @@ internal static class BenchCommand
         ["os"] = RuntimeInformation.OSDescription,
         ["runtime"] = RuntimeInformation.FrameworkDescription,
         ["attend"] = typeof(Attention).Assembly.GetName().Version?.ToString(),
+        ["gpu"] = Cuda.CudaBackend.IsAvailable ? Cuda.CudaBackend.Device.Name : null,
+        ["gpuArch"] = Cuda.CudaBackend.IsAvailable ? Cuda.CudaBackend.Device.Architecture : null,
+        ["cudaDriver"] = Cuda.CudaBackend.IsAvailable ? Cuda.CudaBackend.Device.DriverVersion : null,
+        ["nvrtc"] = Cuda.KernelCompiler.NvrtcAvailable ? $"{Cuda.KernelCompiler.NvrtcVersion.Major}.{Cuda.KernelCompiler.NvrtcVersion.Minor}" : null,
+        ["gpuUnavailable"] = Cuda.CudaBackend.IsAvailable ? null : Cuda.CudaBackend.UnavailableReason,
     };
 
     internal static string CpuModel()
@@ -159,7 +174,8 @@ internal static class BenchCommand
     {
         var rows = new List<BenchRow>();
         double peak = 0, peakOne = 0, copy = 0;
-        var cases = suite == "peak" ? [] : DenseCases(plan).ToList();
+        var cases = suite is "peak" or "gpu" ? [] : DenseCases(plan).ToList();
+        int gpuCases = suite == "gpu" ? plan.Lengths.Length * plan.HeadDims.Length * plan.Causal.Length : 0;
         void Body(Action<string> status, Action advance)
         {
             status("measuring the FMA peak");
@@ -173,6 +189,7 @@ internal static class BenchCommand
                 rows.Add(TimeDense(c, plan, peak));
                 advance();
             }
+            if (suite == "gpu") rows.AddRange(GpuBench.Run(plan, status, advance));
         }
         if (quiet || Console.IsOutputRedirected)
         {
@@ -184,7 +201,7 @@ internal static class BenchCommand
                 .Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new PercentageColumn(), new ElapsedTimeColumn())
                 .Start(ctx =>
                 {
-                    ProgressTask task = ctx.AddTask("bench", maxValue: cases.Count + 1);
+                    ProgressTask task = ctx.AddTask("bench", maxValue: cases.Count + gpuCases + 1);
                     Body(s => task.Description = s.Length > 40 ? s[..40] : s, () => task.Increment(1));
                 });
         }
@@ -268,14 +285,19 @@ internal static class BenchCommand
         AnsiConsole.MarkupLine($"[bold]attend bench[/] suite [green]{report.Suite}[/] on {Markup.Escape(CpuModel())}, {report.Threads} threads");
         AnsiConsole.MarkupLine($"FMA peak measured now: [bold]{report.PeakGflops:F1}[/] GFLOPS ({report.PeakGflopsOneThread:F1} on one thread); copy {report.CopyGBps:F1} GB/s");
         if (report.Rows.Count == 0) return;
-        var table = new Table().AddColumns("method", "dtype", "B", "H", "S", "D", "path", "median ms", "min..max ms", "GFLOPS", "% peak");
+        var table = new Table().AddColumns("method", "backend", "dtype", "B", "H", "S", "D", "path", "median ms", "min..max ms", "GFLOPS", "% peak");
         foreach (BenchRow r in report.Rows)
         {
-            table.AddRow(r.Method, DTypes.Name(r.DType), r.Batch.ToString(), r.Heads == r.KvHeads ? r.Heads.ToString() : $"{r.Heads}/{r.KvHeads}",
+            table.AddRow(r.Method, r.Backend, DTypes.Name(r.DType), r.Batch.ToString(), r.Heads == r.KvHeads ? r.Heads.ToString() : $"{r.Heads}/{r.KvHeads}",
                 r.Length.ToString(), r.HeadDim.ToString(), r.Path.ToString(), $"{r.MedianMs:F2}", $"{r.MinMs:F2}..{r.MaxMs:F2}",
                 $"{r.Gflops:F1}", $"{100 * r.PeakFraction:F1}%");
         }
         AnsiConsole.Write(table);
-        AnsiConsole.MarkupLine("[grey]GFLOPS count useful FLOPs: 4·B·H·S²·D, halved (exactly) for causal.[/]");
+        AnsiConsole.MarkupLine("[grey]GFLOPS count useful FLOPs: 4·B·H·S²·D, halved (exactly) for causal. GPU rows: CUDA events; % of a nominal 800 TFLOPS.[/]");
+        if (Cuda.CudaBackend.IsAvailable && report.Rows.Any(r => r.Backend == "cuda"))
+        {
+            foreach ((string kernel, double ms) in Cuda.CudaBackend.Device.CompileTimes)
+                AnsiConsole.MarkupLine($"[grey]kernel {Markup.Escape(kernel)}: compiled in {ms:F0} ms (0: disk cache)[/]");
+        }
     }
 }

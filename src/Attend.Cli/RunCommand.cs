@@ -21,7 +21,7 @@ internal static class RunCommand
         {
             (Tensor q, Tensor k, Tensor v) = args.LoadInputs(r);
             var sw = Stopwatch.StartNew();
-            (Tensor o, Tensor l) = AttentionArguments.Compute(q, k, v, args.Options(r), args.Tuning(r));
+            (Tensor o, Tensor l) = AttentionArguments.Compute(q, k, v, args.Options(r), args.Tuning(r), args.DeviceName(r));
             double ms = sw.Elapsed.TotalMilliseconds;
             TensorFiles.Save(r.GetValue(output)!, o);
             if (r.GetValue(lse) is { } lsePath) TensorFiles.Save(lsePath, l);

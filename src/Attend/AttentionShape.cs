@@ -37,43 +37,64 @@ public readonly record struct AttentionShape(int Batch, int QueryLength, int Key
         RequireRank4(q, nameof(q), "[B, Sq, H, D]");
         RequireRank4(k, nameof(k), "[B, Skv, Hkv, D]");
         RequireRank4(v, nameof(v), "[B, Skv, Hkv, Dv]");
-        int b = q.Dim(0), sq = q.Dim(1), h = q.Dim(2), d = q.Dim(3);
-        int skv = k.Dim(1), hkv = k.Dim(2), dv = v.Dim(3);
+        return Of(q.Shape, k.Shape, v.Shape);
+    }
+
+    /// <summary>Checks rank-4 shapes of q, k and v (any backend's tensors).</summary>
+    /// <exception cref="ArgumentException">naming the argument, the expected and the actual shape.</exception>
+    public static AttentionShape Of(ReadOnlySpan<int> q, ReadOnlySpan<int> k, ReadOnlySpan<int> v)
+    {
+        if (q.Length != 4) throw new ArgumentException($"q must have shape [B, Sq, H, D]; got {Format(q)}", nameof(q));
+        if (k.Length != 4) throw new ArgumentException($"k must have shape [B, Skv, Hkv, D]; got {Format(k)}", nameof(k));
+        if (v.Length != 4) throw new ArgumentException($"v must have shape [B, Skv, Hkv, Dv]; got {Format(v)}", nameof(v));
+        int b = q[0], sq = q[1], h = q[2], d = q[3];
+        int skv = k[1], hkv = k[2], dv = v[3];
         if (b == 0 || sq == 0 || h == 0 || d == 0)
         {
-            throw new ArgumentException($"q must have non-zero sizes [B, Sq, H, D]; got {q.ShapeString()}", nameof(q));
+            throw new ArgumentException($"q must have non-zero sizes [B, Sq, H, D]; got {Format(q)}", nameof(q));
         }
-        if (k.Dim(0) != b || k.Dim(3) != d || skv == 0 || hkv == 0)
+        if (k[0] != b || k[3] != d || skv == 0 || hkv == 0)
         {
-            throw new ArgumentException($"k must have shape [B={b}, Skv≥1, Hkv≥1, D={d}]; got {k.ShapeString()}", nameof(k));
+            throw new ArgumentException($"k must have shape [B={b}, Skv≥1, Hkv≥1, D={d}]; got {Format(k)}", nameof(k));
         }
         if (h % hkv != 0)
         {
-            throw new ArgumentException($"the query heads H={h} must be a multiple of the key/value heads Hkv={hkv} (k is {k.ShapeString()})", nameof(k));
+            throw new ArgumentException($"the query heads H={h} must be a multiple of the key/value heads Hkv={hkv} (k is {Format(k)})", nameof(k));
         }
-        if (v.Dim(0) != b || v.Dim(1) != skv || v.Dim(2) != hkv || dv == 0)
+        if (v[0] != b || v[1] != skv || v[2] != hkv || dv == 0)
         {
-            throw new ArgumentException($"v must have shape [B={b}, Skv={skv}, Hkv={hkv}, Dv≥1]; got {v.ShapeString()}", nameof(v));
+            throw new ArgumentException($"v must have shape [B={b}, Skv={skv}, Hkv={hkv}, Dv≥1]; got {Format(v)}", nameof(v));
         }
         return new AttentionShape(b, sq, skv, h, hkv, d, dv);
     }
+
+    private static string Format(ReadOnlySpan<int> shape) => TensorView<float>.FormatShape(shape);
 
     /// <summary>Checks that <paramref name="output"/> is [B, Sq, H, Dv].</summary>
     public void RequireOutput<T>(in TensorView<T> output, string name) where T : unmanaged
     {
         RequireRank4(output, name, $"[B={Batch}, Sq={QueryLength}, H={Heads}, Dv={ValueDim}]");
-        if (output.Dim(0) != Batch || output.Dim(1) != QueryLength || output.Dim(2) != Heads || output.Dim(3) != ValueDim)
+        RequireOutput(output.Shape, name);
+    }
+
+    /// <summary>Checks that an output shape is [B, Sq, H, Dv].</summary>
+    public void RequireOutput(ReadOnlySpan<int> output, string name)
+    {
+        if (output.Length != 4 || output[0] != Batch || output[1] != QueryLength || output[2] != Heads || output[3] != ValueDim)
         {
-            throw new ArgumentException($"{name} must have shape [B={Batch}, Sq={QueryLength}, H={Heads}, Dv={ValueDim}]; got {output.ShapeString()}", name);
+            throw new ArgumentException($"{name} must have shape [B={Batch}, Sq={QueryLength}, H={Heads}, Dv={ValueDim}]; got {Format(output)}", name);
         }
     }
 
     /// <summary>Checks that <paramref name="lse"/> is [B, Sq, H] (heads-last, like the output).</summary>
-    public void RequireLse(in TensorView<float> lse, string name)
+    public void RequireLse(in TensorView<float> lse, string name) => RequireLse(lse.Shape, name);
+
+    /// <summary>Checks that an LSE shape is [B, Sq, H].</summary>
+    public void RequireLse(ReadOnlySpan<int> lse, string name)
     {
-        if (lse.Rank != 3 || lse.Dim(0) != Batch || lse.Dim(1) != QueryLength || lse.Dim(2) != Heads)
+        if (lse.Length != 3 || lse[0] != Batch || lse[1] != QueryLength || lse[2] != Heads)
         {
-            throw new ArgumentException($"{name} must have shape [B={Batch}, Sq={QueryLength}, H={Heads}]; got {lse.ShapeString()}", name);
+            throw new ArgumentException($"{name} must have shape [B={Batch}, Sq={QueryLength}, H={Heads}]; got {Format(lse)}", name);
         }
     }
 

@@ -7,29 +7,7 @@ public sealed class DenseAttentionTests
 {
     private static readonly KernelPath[] Paths = [KernelPath.Scalar, KernelPath.Vector128, KernelPath.Vector256, KernelPath.Vector512];
 
-    // (B, Sq, Skv, H, Hkv, D): the awkward sizes of DEVELOPERS.md, GQA/MQA, Sq ≠ Skv both ways.
-    public static TheoryData<int, int, int, int, int, int, bool> Shapes()
-    {
-        var data = new TheoryData<int, int, int, int, int, int, bool>();
-        foreach (bool causal in new[] { false, true })
-        {
-            data.Add(1, 1, 1, 1, 1, 40, causal);
-            data.Add(1, 7, 7, 2, 1, 64, causal);
-            data.Add(2, 97, 97, 4, 2, 80, causal);
-            data.Add(1, 97, 257, 2, 2, 256, causal);
-            data.Add(1, 257, 97, 4, 1, 128, causal);
-            data.Add(1, 257, 257, 2, 2, 128, causal);
-            data.Add(1, 1, 1025, 2, 1, 64, causal);
-            data.Add(1, 65, 130, 3, 3, 7, causal);
-        }
-        data.Add(1, 1025, 1025, 1, 1, 64, true);
-        if (TestData.Extended)
-        {
-            data.Add(2, 1025, 1025, 2, 1, 128, false);
-            data.Add(1, 1025, 1025, 2, 2, 256, true);
-        }
-        return data;
-    }
+    public static TheoryData<int, int, int, int, int, int, bool> Shapes() => AttentionConformance.Shapes();
 
     [Theory]
     [MemberData(nameof(Shapes))]
@@ -162,28 +140,9 @@ public sealed class DenseAttentionTests
                 Assert.True(Math.Abs(r.At(0, i, 0, c) - o[0, i, 0, c]) < 1e-5, $"row {i} col {c}");
     }
 
-    internal static void CheckAllPaths<T>(int b, int sq, int skv, int h, int hkv, int d, AttentionOptions options, KernelPath[] paths) where T : unmanaged
-    {
-        int seed = HashCode.Combine(b, sq, skv, h, hkv, d, options.Causal) & 0xFFFF;
-        TensorView<T> q = TestData.Random<T>(seed, b, sq, h, d);
-        TensorView<T> k = TestData.Random<T>(seed + 1, b, skv, hkv, d);
-        TensorView<T> v = TestData.Random<T>(seed + 2, b, skv, hkv, d);
-        ReferenceResult expected = AttentionReference.Forward(q, k, v, options);
-        var naive = new TensorView<T>(NaiveAttention.Forward(q, k, v, options), b, sq, h, d);
-        double naiveError = TestData.MaxError(naive, expected);
-        double bound = 2 * naiveError + 1e-6;
-        foreach (KernelPath path in paths)
-        {
-            var o = new TensorView<T>(new T[(long)b * sq * h * d], b, sq, h, d);
-            var lse = new TensorView<float>(new float[(long)b * sq * h], b, sq, h);
-            Attention.Forward(q, k, v, o, options, lse, new KernelTuning { Path = path, Threads = 2 });
-            double error = TestData.MaxError(o, expected);
-            string where = $"{typeof(T).Name} {path} seed={seed} B={b} Sq={sq} Skv={skv} H={h} Hkv={hkv} D={d} causal={options.Causal}";
-            Assert.True(error <= bound, $"{where}: max error {error:E3} > 2×naive {naiveError:E3} + 1e-6");
-            double lseError = TestData.MaxLseError(lse, expected);
-            Assert.True(lseError <= 1e-4, $"{where}: LSE error {lseError:E3}");
-        }
-    }
+    internal static void CheckAllPaths<T>(int b, int sq, int skv, int h, int hkv, int d, AttentionOptions options, KernelPath[] paths) where T : unmanaged =>
+        AttentionConformance.Check<T>(b, sq, skv, h, hkv, d, options, paths.Select(path => (path.ToString(), (AttentionRunner<T>)((q, k, v, o, lse, opt) =>
+            Attention.Forward(q, k, v, o, opt, lse, new KernelTuning { Path = path, Threads = 2 })))).ToList());
 
     private static TensorView<float> Relayout(TensorView<float> heads, int[] storageOrder)
     {

@@ -1,10 +1,10 @@
 using Attend.Reference;
 using Attend.Tensors;
 
-namespace Attend.Tests;
+namespace Attend.Tests.Shared;
 
 /// <summary>Seeded random inputs and error measures shared by the suites.</summary>
-internal static class TestData
+public static class TestData
 {
     public static bool Extended => Environment.GetEnvironmentVariable("ATTEND_EXTENDED_TESTS") == "1";
 

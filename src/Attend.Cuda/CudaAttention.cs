@@ -1,0 +1,202 @@
+using System.Runtime.InteropServices;
+using Attend.Tensors;
+
+namespace Attend.Cuda;
+
+/// <summary>Lets <c>Attention.Forward</c> take device tensors when Attend.Cuda is referenced.</summary>
+public static class AttentionCudaExtensions
+{
+    extension(Attention)
+    {
+        /// <summary>Fused attention on the GPU; see <see cref="CudaAttention.Forward{T}"/>.</summary>
+        public static void Forward<T>(DeviceTensor<T> q, DeviceTensor<T> k, DeviceTensor<T> v, DeviceTensor<T> output,
+            AttentionOptions? options = null, DeviceTensor<float>? lse = null) where T : unmanaged =>
+            CudaAttention.Forward(q, k, v, output, options, lse);
+    }
+}
+
+/// <summary>
+/// Attention on the GPU with the same options as the CPU: <c>Attention.Forward(q, k, v, output, options, lse)</c>
+/// with <see cref="DeviceTensor{T}"/> arguments. bf16 and f16 run on tensor cores directly; f32 tensors are
+/// rounded to bf16 on the device first (so their error is bf16's), and the output converted back.
+/// </summary>
+public static unsafe class CudaAttention
+{
+    /// <summary>
+    /// Computes attention on the device: q [B, Sq, H, D], k [B, Skv, Hkv, D], v [B, Skv, Hkv, D] → output
+    /// [B, Sq, H, D], optional lse [B, Sq, H]. Supports causal (bottom-right), GQA/MQA, softcap, scale, D ≤ 256
+    /// (Dv = D). ALiBi, bias tensors and predicates are CPU-only for now (NotSupportedException).
+    /// </summary>
+    public static void Forward<T>(DeviceTensor<T> q, DeviceTensor<T> k, DeviceTensor<T> v, DeviceTensor<T> output,
+        AttentionOptions? options = null, DeviceTensor<float>? lse = null) where T : unmanaged
+    {
+        ArgumentNullException.ThrowIfNull(q);
+        ArgumentNullException.ThrowIfNull(k);
+        ArgumentNullException.ThrowIfNull(v);
+        ArgumentNullException.ThrowIfNull(output);
+        options ??= AttentionOptions.Default;
+        if (typeof(T) != typeof(float) && typeof(T) != typeof(Half) && typeof(T) != typeof(BFloat16))
+        {
+            throw new ArgumentException($"element type must be float, Half or BFloat16; got {typeof(T).Name}", nameof(q));
+        }
+        AttentionShape s = AttentionShape.Of(q.Shape, k.Shape, v.Shape);
+        s.RequireOutput(output.Shape, nameof(output));
+        if (lse is not null) s.RequireLse(lse.Shape, nameof(lse));
+        float scale = s.Validate(options);
+        if (s.ValueDim != s.HeadDim) throw new NotSupportedException($"the CUDA kernel needs Dv = D; got D={s.HeadDim}, Dv={s.ValueDim}");
+        if (s.HeadDim > 256) throw new NotSupportedException($"the CUDA kernel supports head dims up to 256; got {s.HeadDim}");
+        if (options.AlibiSlopes is not null || !options.Bias.IsDefault || options.Predicate is not null)
+        {
+            throw new NotSupportedException("ALiBi, bias tensors and predicates run on the CPU only for now (options.AlibiSlopes/Bias/Predicate)");
+        }
+        if (ReferenceEquals(output.Buffer, q.Buffer) || ReferenceEquals(output.Buffer, k.Buffer) || ReferenceEquals(output.Buffer, v.Buffer))
+        {
+            throw new ArgumentException("output must not share a buffer with q, k or v", nameof(output));
+        }
+
+        CudaDevice device = CudaBackend.Device;
+        device.MakeCurrent();
+        bool bf16 = typeof(T) != typeof(Half);
+        using Operand qo = Operand.Prepare(q, bf16);
+        using Operand ko = Operand.Prepare(k, bf16);
+        using Operand vo = Operand.Prepare(v, bf16);
+        using Operand oo = Operand.PrepareOutput(output, bf16);
+
+        FlashConfig config = FlashConfig.For(s.HeadDim);
+        if (config.SharedBytes > device.MaxSharedMemoryPerBlock)
+        {
+            throw new NotSupportedException($"head dim {s.HeadDim} needs {config.SharedBytes} bytes of shared memory; {device.Name} allows {device.MaxSharedMemoryPerBlock}");
+        }
+        CudaKernel kernel = device.Kernel("flash_fwd.cu", "flash_fwd", config.Defines(bf16, options.Causal, options.Softcap > 0));
+        const float log2e = 1.4426950408889634f;
+        var p = new FlashParams
+        {
+            Q = qo.Pointer, K = ko.Pointer, V = vo.Pointer, O = oo.Pointer, Lse = lse?.Buffer.Pointer ?? 0,
+            QBatch = qo.Strides[0], QRow = qo.Strides[1], QHead = qo.Strides[2],
+            KBatch = ko.Strides[0], KRow = ko.Strides[1], KHead = ko.Strides[2],
+            VBatch = vo.Strides[0], VRow = vo.Strides[1], VHead = vo.Strides[2],
+            OBatch = oo.Strides[0], ORow = oo.Strides[1], OHead = oo.Strides[2],
+            LseBatch = lse?.Strides[0] ?? 0, LseRow = lse?.Strides[1] ?? 0, LseHead = lse?.Strides[2] ?? 0,
+            SeqlenQ = s.QueryLength, SeqlenK = s.KeyLength, Heads = s.Heads, Group = s.GroupSize, HeadDim = s.HeadDim,
+            CausalOffset = s.KeyLength - s.QueryLength,
+            ScaleLog2 = scale * log2e,
+            SoftcapPre = options.Softcap > 0 ? scale / options.Softcap : 0,
+            SoftcapPost = options.Softcap * log2e,
+        };
+        void* arg = &p;
+        uint mBlocks = (uint)((s.QueryLength + config.BlockM - 1) / config.BlockM);
+        kernel.Launch(mBlocks, (uint)s.Heads, (uint)s.Batch, (uint)(config.Warps * 32), config.SharedBytes, &arg);
+        oo.WriteBack(output);
+    }
+
+    [StructLayout(LayoutKind.Sequential)]
+    private struct FlashParams
+    {
+        public ulong Q, K, V, O, Lse;
+        public long QBatch, QRow, QHead, KBatch, KRow, KHead, VBatch, VRow, VHead, OBatch, ORow, OHead, LseBatch, LseRow, LseHead;
+        public int SeqlenQ, SeqlenK, Heads, Group, HeadDim, CausalOffset;
+        public float ScaleLog2, SoftcapPre, SoftcapPost;
+    }
+
+    /// <summary>A kernel operand: the caller's tensor when its layout fits, else a converted packed copy.</summary>
+    private sealed class Operand : IDisposable
+    {
+        private DeviceBuffer<ushort>? _temp;
+        private int[] _shape = [];
+
+        public ulong Pointer { get; private set; }
+
+        public long[] Strides { get; private set; } = [];
+
+        /// <summary>True when the kernel reads/writes the caller's memory directly.</summary>
+        public bool Direct => _temp is null;
+
+        public static Operand Prepare<T>(DeviceTensor<T> t, bool bf16) where T : unmanaged
+        {
+            var op = new Operand { _shape = t.Shape.ToArray() };
+            if (Fits(t, bf16))
+            {
+                op.Pointer = t.Buffer.Pointer;
+                op.Strides = t.Strides.ToArray();
+                return op;
+            }
+            op.AllocatePacked(t.Shape);
+            Convert(t.Buffer.Pointer, SourceCode<T>(), t.Strides, op.Pointer, bf16 ? 2 : 1, op.Strides, t.Shape, t.Shape[3], op.PaddedDim);
+            return op;
+        }
+
+        public static Operand PrepareOutput<T>(DeviceTensor<T> t, bool bf16) where T : unmanaged
+        {
+            var op = new Operand { _shape = t.Shape.ToArray() };
+            if (Fits(t, bf16))
+            {
+                op.Pointer = t.Buffer.Pointer;
+                op.Strides = t.Strides.ToArray();
+            }
+            else
+            {
+                op.AllocatePacked(t.Shape);
+                op._bf16 = bf16;
+            }
+            return op;
+        }
+
+        private bool _bf16;
+
+        public void WriteBack<T>(DeviceTensor<T> output) where T : unmanaged
+        {
+            if (Direct) return;
+            Convert(Pointer, _bf16 ? 2 : 1, Strides, output.Buffer.Pointer, SourceCode<T>(), output.Strides, output.Shape, output.Shape[3], output.Shape[3]);
+        }
+
+        private int PaddedDim => (_shape[3] + 7) / 8 * 8;
+
+        private void AllocatePacked(ReadOnlySpan<int> shape)
+        {
+            int dp = (shape[3] + 7) / 8 * 8;
+            _temp = DeviceBuffer<ushort>.Allocate((long)shape[0] * shape[1] * shape[2] * dp);
+            Pointer = _temp.Pointer;
+            Strides = [(long)shape[1] * shape[2] * dp, (long)shape[2] * dp, dp, 1];
+        }
+
+        private static bool Fits<T>(DeviceTensor<T> t, bool bf16) where T : unmanaged
+        {
+            bool typeFits = bf16 ? typeof(T) == typeof(BFloat16) : typeof(T) == typeof(Half);
+            ReadOnlySpan<long> st = t.Strides;
+            return typeFits && st[3] == 1 && t.Shape[3] % 8 == 0 && st[0] % 8 == 0 && st[1] % 8 == 0 && st[2] % 8 == 0;
+        }
+
+        public void Dispose() => _temp?.Dispose();
+    }
+
+    private static int SourceCode<T>() => typeof(T) == typeof(float) ? 0 : typeof(T) == typeof(Half) ? 1 : 2;
+
+    [StructLayout(LayoutKind.Sequential)]
+    private struct ConvertParams
+    {
+        public ulong Src, Dst;
+        public long S0, S1, S2, S3, D0, D1, D2, D3;
+        public int B, S, H, SrcDim, DstDim;
+    }
+
+    private static void Convert(ulong src, int srcType, ReadOnlySpan<long> srcStrides, ulong dst, int dstType, ReadOnlySpan<long> dstStrides,
+        ReadOnlySpan<int> shape, int srcDim, int dstDim)
+    {
+        CudaKernel kernel = CudaBackend.Device.Kernel("convert.cu", "convert4d", new Dictionary<string, string>
+        {
+            ["SRC_T"] = srcType.ToString(System.Globalization.CultureInfo.InvariantCulture),
+            ["DST_T"] = dstType.ToString(System.Globalization.CultureInfo.InvariantCulture),
+        });
+        var p = new ConvertParams
+        {
+            Src = src, Dst = dst,
+            S0 = srcStrides[0], S1 = srcStrides[1], S2 = srcStrides[2], S3 = srcStrides[3],
+            D0 = dstStrides[0], D1 = dstStrides[1], D2 = dstStrides[2], D3 = dstStrides[3],
+            B = shape[0], S = shape[1], H = shape[2], SrcDim = srcDim, DstDim = dstDim,
+        };
+        long total = (long)shape[0] * shape[1] * shape[2] * dstDim;
+        uint blocks = (uint)Math.Clamp((total + 255) / 256, 1, 65535);
+        void* arg = &p;
+        kernel.Launch(blocks, 1, 1, 256, 0, &arg);
+    }
+}

@@ -1,0 +1,92 @@
+using System.Runtime.InteropServices;
+using Attend.Cuda.Interop;
+
+namespace Attend.Cuda;
+
+/// <summary>Device memory of <see cref="Length"/> elements of <typeparamref name="T"/>; free it with <c>using</c>/Dispose.</summary>
+public sealed unsafe class DeviceBuffer<T> : SafeHandle where T : unmanaged
+{
+    private DeviceBuffer(ulong pointer, long length) : base(0, ownsHandle: true)
+    {
+        SetHandle((nint)pointer);
+        Length = length;
+    }
+
+    /// <summary>Allocates <paramref name="length"/> elements (uninitialized).</summary>
+    /// <exception cref="CudaException">CUDA_ERROR_OUT_OF_MEMORY and other driver errors.</exception>
+    public static DeviceBuffer<T> Allocate(long length)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(length);
+        CudaBackend.Device.MakeCurrent();
+        ulong p = 0;
+        if (length > 0)
+        {
+            Driver.Check(Driver.cuMemAlloc(&p, (nuint)(length * sizeof(T))), $"cuMemAlloc({length * sizeof(T)} bytes)");
+        }
+        DeviceMemory.Allocated();
+        return new DeviceBuffer<T>(p, length);
+    }
+
+    /// <summary>Elements.</summary>
+    public long Length { get; }
+
+    /// <summary>Bytes.</summary>
+    public long Bytes => Length * sizeof(T);
+
+    /// <summary>The device address.</summary>
+    public ulong Pointer => (ulong)handle;
+
+    /// <inheritdoc/>
+    public override bool IsInvalid => false;
+
+    /// <summary>Copies host elements to the start of the buffer.</summary>
+    public void CopyFrom(ReadOnlySpan<T> source)
+    {
+        if (source.Length > Length) throw new ArgumentException($"source has {source.Length} elements; the buffer holds {Length}", nameof(source));
+        if (source.IsEmpty) return;
+        CudaBackend.Device.MakeCurrent();
+        fixed (T* s = source) Driver.Check(Driver.cuMemcpyHtoD(Pointer, s, (nuint)(source.Length * sizeof(T))), "cuMemcpyHtoD");
+    }
+
+    /// <summary>Copies the first destination.Length elements to the host.</summary>
+    public void CopyTo(Span<T> destination)
+    {
+        if (destination.Length > Length) throw new ArgumentException($"destination has {destination.Length} elements; the buffer holds {Length}", nameof(destination));
+        if (destination.IsEmpty) return;
+        CudaBackend.Device.MakeCurrent();
+        fixed (T* d = destination) Driver.Check(Driver.cuMemcpyDtoH(d, Pointer, (nuint)(destination.Length * sizeof(T))), "cuMemcpyDtoH");
+    }
+
+    /// <summary>Fills the buffer with zero bytes.</summary>
+    public void Clear()
+    {
+        if (Length == 0) return;
+        CudaBackend.Device.MakeCurrent();
+        Driver.Check(Driver.cuMemsetD8(Pointer, 0, (nuint)Bytes), "cuMemsetD8");
+    }
+
+    /// <inheritdoc/>
+    protected override bool ReleaseHandle()
+    {
+        DeviceMemory.Freed();
+        if (handle != 0)
+        {
+            CudaBackend.Device.MakeCurrent();
+            return Driver.cuMemFree((ulong)handle) == 0;
+        }
+        return true;
+    }
+}
+
+/// <summary>Counts live device buffers of every element type (leak checks).</summary>
+public static class DeviceMemory
+{
+    private static long _live;
+
+    /// <summary>Buffers allocated and not yet freed.</summary>
+    public static long LiveBuffers => Interlocked.Read(ref _live);
+
+    internal static void Allocated() => Interlocked.Increment(ref _live);
+
+    internal static void Freed() => Interlocked.Decrement(ref _live);
+}

@@ -1,0 +1,55 @@
+namespace Attend.Cuda;
+
+/// <summary>Tile configuration of the fused forward kernel for one padded head dim.</summary>
+/// <param name="HeadDim">Padded head dim compiled into the kernel (multiple of 64).</param>
+/// <param name="BlockM">Query rows per thread block.</param>
+/// <param name="BlockN">Keys per pipeline stage.</param>
+/// <param name="Warps">Warps per block (each owns BlockM / Warps rows).</param>
+internal readonly record struct FlashConfig(int HeadDim, int BlockM, int BlockN, int Warps)
+{
+    /// <summary>The configuration for a real head dim (1–256).</summary>
+    public static FlashConfig For(int headDim)
+    {
+        int padded = (headDim + 63) / 64 * 64;
+        // Tuning experiments: ATTEND_CUDA_FLASH="BLOCK_M,BLOCK_N,WARPS" overrides the table below for every D.
+        if (Environment.GetEnvironmentVariable("ATTEND_CUDA_FLASH") is { Length: > 0 } forced)
+        {
+            int[] v = forced.Split(',').Select(x => int.Parse(x, System.Globalization.CultureInfo.InvariantCulture)).ToArray();
+            return new FlashConfig(padded, v[0], v[1], v[2]);
+        }
+        // D ≤ 128: 128×64 tiles, 8 warps of 16 rows (acc: 64 + 32 registers per thread) and 96 KiB of shared memory,
+        // two blocks per SM. Larger D: 64-row blocks and 32-key stages keep registers and shared memory in bounds.
+        return padded <= 128 ? new FlashConfig(padded, 128, 64, 8) : new FlashConfig(padded, 64, 32, 4);
+    }
+
+    /// <summary>Dynamic shared memory: Q tile plus two stages of K and V tiles, 2-byte elements.</summary>
+    public int SharedBytes => (BlockM + 4 * BlockN) * HeadDim * 2;
+
+    public Dictionary<string, string> Defines(bool bf16, bool causal, bool softcap) => new()
+    {
+        ["HEAD_DIM"] = HeadDim.ToString(System.Globalization.CultureInfo.InvariantCulture),
+        ["BLOCK_M"] = BlockM.ToString(System.Globalization.CultureInfo.InvariantCulture),
+        ["BLOCK_N"] = BlockN.ToString(System.Globalization.CultureInfo.InvariantCulture),
+        ["WARPS"] = Warps.ToString(System.Globalization.CultureInfo.InvariantCulture),
+        ["IS_BF16"] = bf16 ? "1" : "0",
+        ["IS_CAUSAL"] = causal ? "1" : "0",
+        ["HAS_SOFTCAP"] = softcap ? "1" : "0",
+    };
+}
+
+/// <summary>Every (kernel source, defines) combination the backend can compile: the CI compile check walks this list.</summary>
+public static class KernelVariants
+{
+    /// <summary>All variants.</summary>
+    public static IEnumerable<(string Source, IReadOnlyDictionary<string, string> Defines)> All()
+    {
+        foreach (int d in new[] { 64, 128, 192, 256 })
+            foreach (bool bf16 in new[] { true, false })
+                foreach (bool causal in new[] { false, true })
+                    foreach (bool softcap in new[] { false, true })
+                        yield return ("flash_fwd.cu", FlashConfig.For(d).Defines(bf16, causal, softcap));
+        for (int src = 0; src < 3; src++)
+            for (int dst = 0; dst < 3; dst++)
+                yield return ("convert.cu", new Dictionary<string, string> { ["SRC_T"] = src.ToString(System.Globalization.CultureInfo.InvariantCulture), ["DST_T"] = dst.ToString(System.Globalization.CultureInfo.InvariantCulture) });
+    }
+}

@@ -1,0 +1,383 @@
+// Fused attention forward, FlashAttention-2 structure (Dao, arXiv:2307.08691) on warp-level tensor-core MMA:
+// one thread block per (query block of BLOCK_M rows, head, batch); each warp owns ROWS = BLOCK_M / WARPS query rows
+// and walks the key blocks of BLOCK_N keys: S = Q·Kᵀ (mma.sync m16n8k16, operands from shared memory through
+// ldmatrix), online softmax in registers on exp2 with the scale folded in, then O += P·V with P reused from the
+// S accumulators as the A operand (no round trip through shared memory). K/V tiles stream through a two-stage
+// cp.async pipeline. No CUDA headers: built-ins and inline PTX only, so any NVRTC >= 11.8 compiles it.
+//
+// Compile-time parameters (-D):
+//   HEAD_DIM   padded head dim, a multiple of 64 (the real D <= HEAD_DIM is a run-time parameter; zero padded)
+//   BLOCK_M    query rows per block        BLOCK_N  keys per block        WARPS  warps per block
+//   IS_BF16    1: bf16 operands, 0: f16     IS_CAUSAL  0/1                HAS_SOFTCAP  0/1
+// Layout: q [B, Sq, H, D], k/v [B, Skv, Hkv, D], o [B, Sq, H, D] with D contiguous and the other strides in
+// elements (multiples of 8, 16-byte aligned rows); lse [B, Sq, H] f32 (optional).
+
+#ifndef HEAD_DIM
+#define HEAD_DIM 128
+#endif
+#ifndef BLOCK_M
+#define BLOCK_M 128
+#endif
+#ifndef BLOCK_N
+#define BLOCK_N 64
+#endif
+#ifndef WARPS
+#define WARPS 8
+#endif
+#ifndef IS_BF16
+#define IS_BF16 1
+#endif
+#ifndef IS_CAUSAL
+#define IS_CAUSAL 0
+#endif
+#ifndef HAS_SOFTCAP
+#define HAS_SOFTCAP 0
+#endif
+
+#define ROWS (BLOCK_M / WARPS)          // query rows per warp
+#define M_TILES (ROWS / 16)             // m16 tiles per warp
+#define N_TILES (BLOCK_N / 8)           // n8 tiles of S per warp
+#define D_TILES (HEAD_DIM / 8)          // n8 tiles of O per warp
+#define CHUNKS (HEAD_DIM / 8)           // 16-byte chunks per row
+
+static_assert(HEAD_DIM % 64 == 0, "HEAD_DIM must be a multiple of 64 (swizzle of 8 chunks)");
+static_assert(ROWS % 16 == 0, "each warp needs whole m16 tiles");
+static_assert(BLOCK_N % 16 == 0, "BLOCK_N must be a multiple of 16");
+
+#define NEG_INF __int_as_float(0xff800000)
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef long long i64;
+
+struct FlashParams
+{
+    const u16* q;
+    const u16* k;
+    const u16* v;
+    u16* o;
+    float* lse;                         // null: not written
+    i64 q_batch, q_row, q_head;         // strides in elements
+    i64 k_batch, k_row, k_head;
+    i64 v_batch, v_row, v_head;
+    i64 o_batch, o_row, o_head;
+    i64 lse_batch, lse_row, lse_head;
+    int seqlen_q, seqlen_k, heads, group, head_dim;
+    int causal_offset;                  // seqlen_k - seqlen_q: query i sees keys j <= i + offset
+    float scale_log2;                   // scale * log2(e)
+    float softcap_pre;                  // scale / cap
+    float softcap_post;                 // cap * log2(e)
+};
+
+__device__ __forceinline__ u32 smem_u32(const void* p)
+{
+    return (u32)__cvta_generic_to_shared(p);
+}
+
+// Swizzled element offset of (row, 16-byte chunk) in a [rows, HEAD_DIM] tile: chunk ^ (row % 8) spreads the 8 rows
+// an ldmatrix reads over all 32 banks.
+__device__ __forceinline__ int swz(int row, int chunk)
+{
+    return row * HEAD_DIM + ((chunk ^ (row & 7)) << 3);
+}
+
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool valid)
+{
+    int bytes = valid ? 16 : 0;     // 0 bytes read: the 16 destination bytes are zero-filled
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(dst), "l"(src), "r"(bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+
+__device__ __forceinline__ void ldmatrix_x4(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3)
+{
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3)
+{
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
+}
+
+__device__ __forceinline__ void mma16816(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1)
+{
+#if IS_BF16
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
+// Two floats to a packed pair (lo in the low half), round to nearest even.
+__device__ __forceinline__ u32 pack2(float lo, float hi)
+{
+    u32 r;
+#if IS_BF16
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+#else
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+#endif
+    return r;
+}
+
+__device__ __forceinline__ float fast_exp2(float x)
+{
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ float fast_log2(float x)
+{
+    float y;
+    asm("lg2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ float fast_tanh(float x)
+{
+    float y;
+    asm("tanh.approx.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// Copies `rows` valid rows (of BLOCK rows) of a [rows, D] global tile into a swizzled shared tile; rows past the
+// end and chunks past D are zero-filled.
+template <int BLOCK>
+__device__ __forceinline__ void load_tile(u16* smem, const u16* gmem, i64 row_stride, int valid_rows, int head_dim)
+{
+    constexpr int TOTAL = BLOCK * CHUNKS;
+#pragma unroll
+    for (int i = threadIdx.x; i < TOTAL; i += WARPS * 32)
+    {
+        int row = i / CHUNKS, chunk = i % CHUNKS;
+        bool valid = row < valid_rows && chunk * 8 < head_dim;
+        const u16* src = valid ? gmem + row * row_stride + chunk * 8 : gmem;
+        cp_async16(smem_u32(smem + swz(row, chunk)), src, valid);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+flash_fwd(const FlashParams p)
+{
+    extern __shared__ __align__(128) u16 smem[];
+    u16* sQ = smem;                                 // [BLOCK_M, HEAD_DIM]
+    u16* sK = sQ + BLOCK_M * HEAD_DIM;              // [2][BLOCK_N, HEAD_DIM]
+    u16* sV = sK + 2 * BLOCK_N * HEAD_DIM;          // [2][BLOCK_N, HEAD_DIM]
+
+    const int m_blocks = (p.seqlen_q + BLOCK_M - 1) / BLOCK_M;
+    const int m_block = IS_CAUSAL ? m_blocks - 1 - blockIdx.x : blockIdx.x;   // longest causal rows first
+    const int head = blockIdx.y, batch = blockIdx.z;
+    const int kv_head = head / p.group;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;          // mma fragment coordinates
+    const int m_start = m_block * BLOCK_M;
+
+    const u16* q = p.q + batch * p.q_batch + head * p.q_head + (i64)m_start * p.q_row;
+    const u16* k = p.k + batch * p.k_batch + kv_head * p.k_head;
+    const u16* v = p.v + batch * p.v_batch + kv_head * p.v_head;
+
+    // Key blocks this query block needs: all of them, or up to the diagonal of its last row.
+    int n_end = (p.seqlen_k + BLOCK_N - 1) / BLOCK_N;
+    if (IS_CAUSAL)
+    {
+        int last_key = min(p.seqlen_q, m_start + BLOCK_M) - 1 + p.causal_offset;   // last key any row sees
+        n_end = min(n_end, last_key < 0 ? 0 : last_key / BLOCK_N + 1);
+    }
+
+    float acc_o[M_TILES][D_TILES][4];
+    float row_max[M_TILES][2], row_sum[M_TILES][2];
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; mt++)
+    {
+#pragma unroll
+        for (int d = 0; d < D_TILES; d++) acc_o[mt][d][0] = acc_o[mt][d][1] = acc_o[mt][d][2] = acc_o[mt][d][3] = 0.f;
+        row_max[mt][0] = row_max[mt][1] = NEG_INF;
+        row_sum[mt][0] = row_sum[mt][1] = 0.f;
+    }
+
+    if (n_end > 0)
+    {
+        load_tile<BLOCK_M>(sQ, q, p.q_row, p.seqlen_q - m_start, p.head_dim);
+        load_tile<BLOCK_N>(sK, k, p.k_row, p.seqlen_k, p.head_dim);
+        load_tile<BLOCK_N>(sV, v, p.v_row, p.seqlen_k, p.head_dim);
+        cp_async_commit();
+    }
+
+    for (int n_block = 0; n_block < n_end; n_block++)
+    {
+        const int stage = n_block & 1;
+        const int n_start = n_block * BLOCK_N;
+        cp_async_wait_all();
+        __syncthreads();                            // tile n_block visible to all; every warp is done with n_block - 1
+        if (n_block + 1 < n_end)
+        {
+            int next = n_start + BLOCK_N;
+            load_tile<BLOCK_N>(sK + (stage ^ 1) * BLOCK_N * HEAD_DIM, k + (i64)next * p.k_row, p.k_row, p.seqlen_k - next, p.head_dim);
+            load_tile<BLOCK_N>(sV + (stage ^ 1) * BLOCK_N * HEAD_DIM, v + (i64)next * p.v_row, p.v_row, p.seqlen_k - next, p.head_dim);
+            cp_async_commit();
+        }
+        const u16* tK = sK + stage * BLOCK_N * HEAD_DIM;
+        const u16* tV = sV + stage * BLOCK_N * HEAD_DIM;
+
+        // S = Q·Kᵀ for this warp's rows.  acc_s: (M_TILES, N_TILES) fragments of m16n8
+        float acc_s[M_TILES][N_TILES][4];
+#pragma unroll
+        for (int mt = 0; mt < M_TILES; mt++)
+#pragma unroll
+            for (int n = 0; n < N_TILES; n++) acc_s[mt][n][0] = acc_s[mt][n][1] = acc_s[mt][n][2] = acc_s[mt][n][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < HEAD_DIM / 16; kk++)
+        {
+            u32 a[M_TILES][4];
+#pragma unroll
+            for (int mt = 0; mt < M_TILES; mt++)
+            {
+                int row = warp * ROWS + mt * 16 + (lane % 16);
+                ldmatrix_x4(smem_u32(sQ + swz(row, kk * 2 + lane / 16)), a[mt][0], a[mt][1], a[mt][2], a[mt][3]);
+            }
+#pragma unroll
+            for (int np = 0; np < N_TILES / 2; np++)
+            {
+                u32 b0, b1, b2, b3;
+                int key = np * 16 + (lane % 8) + (lane / 16) * 8;
+                ldmatrix_x4(smem_u32(tK + swz(key, kk * 2 + (lane / 8) % 2)), b0, b1, b2, b3);
+#pragma unroll
+                for (int mt = 0; mt < M_TILES; mt++)
+                {
+                    mma16816(acc_s[mt][2 * np], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b0, b1);
+                    mma16816(acc_s[mt][2 * np + 1], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b2, b3);
+                }
+            }
+        }
+
+        // Scores to log2 units, masks, online softmax.
+        const bool needs_mask = n_start + BLOCK_N > p.seqlen_k
+            || (IS_CAUSAL && n_start + BLOCK_N - 1 > m_start + p.causal_offset);
+#pragma unroll
+        for (int mt = 0; mt < M_TILES; mt++)
+        {
+#pragma unroll
+            for (int half = 0; half < 2; half++)
+            {
+                const int row = m_start + warp * ROWS + mt * 16 + g + half * 8;
+                float mx = NEG_INF;
+#pragma unroll
+                for (int n = 0; n < N_TILES; n++)
+                {
+#pragma unroll
+                    for (int e = 0; e < 2; e++)
+                    {
+                        float s = acc_s[mt][n][half * 2 + e];
+#if HAS_SOFTCAP
+                        s = p.softcap_post * fast_tanh(s * p.softcap_pre);
+#else
+                        s *= p.scale_log2;
+#endif
+                        if (needs_mask)
+                        {
+                            int col = n_start + n * 8 + 2 * t + e;
+                            bool keep = col < p.seqlen_k;
+                            if (IS_CAUSAL) keep = keep && col <= row + p.causal_offset;
+                            if (!keep) s = NEG_INF;
+                        }
+                        acc_s[mt][n][half * 2 + e] = s;
+                        mx = fmaxf(mx, s);
+                    }
+                }
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                const float new_max = fmaxf(row_max[mt][half], mx);
+                const float used_max = new_max == NEG_INF ? 0.f : new_max;   // never -inf - -inf
+                const float alpha = fast_exp2(row_max[mt][half] - used_max);
+                row_max[mt][half] = new_max;
+                float sum = 0.f;
+#pragma unroll
+                for (int n = 0; n < N_TILES; n++)
+                {
+#pragma unroll
+                    for (int e = 0; e < 2; e++)
+                    {
+                        float pr = fast_exp2(acc_s[mt][n][half * 2 + e] - used_max);
+                        acc_s[mt][n][half * 2 + e] = pr;
+                        sum += pr;
+                    }
+                }
+                row_sum[mt][half] = row_sum[mt][half] * alpha + sum;   // per-thread partial; reduced at the end
+#pragma unroll
+                for (int d = 0; d < D_TILES; d++)
+                {
+                    acc_o[mt][d][half * 2] *= alpha;
+                    acc_o[mt][d][half * 2 + 1] *= alpha;
+                }
+            }
+        }
+
+        // O += P·V: the C fragments of two n8 tiles are exactly the A fragment of one k16 step.
+#pragma unroll
+        for (int kk = 0; kk < BLOCK_N / 16; kk++)
+        {
+            u32 a[M_TILES][4];
+#pragma unroll
+            for (int mt = 0; mt < M_TILES; mt++)
+            {
+                a[mt][0] = pack2(acc_s[mt][2 * kk][0], acc_s[mt][2 * kk][1]);
+                a[mt][1] = pack2(acc_s[mt][2 * kk][2], acc_s[mt][2 * kk][3]);
+                a[mt][2] = pack2(acc_s[mt][2 * kk + 1][0], acc_s[mt][2 * kk + 1][1]);
+                a[mt][3] = pack2(acc_s[mt][2 * kk + 1][2], acc_s[mt][2 * kk + 1][3]);
+            }
+#pragma unroll
+            for (int dp = 0; dp < D_TILES / 2; dp++)
+            {
+                u32 b0, b1, b2, b3;
+                int key = kk * 16 + (lane % 16);
+                ldmatrix_x4_trans(smem_u32(tV + swz(key, dp * 2 + lane / 16)), b0, b1, b2, b3);
+#pragma unroll
+                for (int mt = 0; mt < M_TILES; mt++)
+                {
+                    mma16816(acc_o[mt][2 * dp], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b0, b1);
+                    mma16816(acc_o[mt][2 * dp + 1], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b2, b3);
+                }
+            }
+        }
+    }
+
+    // Normalize and store. A row without keys has sum 0: output 0, LSE -inf.
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; mt++)
+    {
+#pragma unroll
+        for (int half = 0; half < 2; half++)
+        {
+            float sum = row_sum[mt][half];
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            const int row = m_start + warp * ROWS + mt * 16 + g + half * 8;
+            if (row >= p.seqlen_q) continue;
+            const float inv = sum == 0.f ? 0.f : 1.f / sum;
+            u16* o = p.o + batch * p.o_batch + head * p.o_head + (i64)row * p.o_row;
+#pragma unroll
+            for (int d = 0; d < D_TILES; d++)
+            {
+                int col = d * 8 + 2 * t;
+                if (col < p.head_dim)
+                {
+                    *(u32*)(o + col) = pack2(acc_o[mt][d][half * 2] * inv, acc_o[mt][d][half * 2 + 1] * inv);
+                }
+            }
+            if (p.lse != nullptr && t == 0)
+            {
+                p.lse[batch * p.lse_batch + row * p.lse_row + head * p.lse_head] =
+                    sum == 0.f ? NEG_INF : (row_max[mt][half] + fast_log2(sum)) * 0.6931471805599453f;
+            }
+        }
+    }
+}
