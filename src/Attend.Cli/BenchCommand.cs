@@ -135,8 +135,20 @@ internal static class BenchCommand
                     ["fmaGflops"] = PeakGflops, ["fmaGflopsOneThread"] = PeakGflopsOneThread, ["copyGBps"] = CopyGBps, ["threads"] = Threads,
                 },
                 ["rows"] = rows,
+                ["kernels"] = Kernels(),
             };
         }
+    }
+
+    private static JsonArray Kernels()
+    {
+        var list = new JsonArray();
+        if (!Cuda.CudaBackend.IsAvailable) return list;
+        foreach ((string name, Cuda.CudaKernel k) in Cuda.CudaBackend.Device.Kernels)
+        {
+            list.Add((JsonNode)new JsonObject { ["name"] = name, ["compileMs"] = k.CompileMilliseconds, ["registers"] = k.Registers, ["localBytes"] = k.LocalBytes });
+        }
+        return list;
     }
 
     internal static JsonObject Machine() => new()
@@ -178,10 +190,13 @@ internal static class BenchCommand
         int gpuCases = suite == "gpu" ? plan.Lengths.Length * plan.HeadDims.Length * plan.Causal.Length : 0;
         void Body(Action<string> status, Action advance)
         {
-            status("measuring the FMA peak");
-            peak = PeakProbe.FmaGflops(plan.Threads);
-            peakOne = PeakProbe.FmaGflops(1);
-            copy = PeakProbe.CopyGBps(plan.Threads);
+            if (suite != "gpu")
+            {
+                status("measuring the FMA peak");
+                peak = PeakProbe.FmaGflops(plan.Threads);
+                peakOne = PeakProbe.FmaGflops(1);
+                copy = PeakProbe.CopyGBps(plan.Threads);
+            }
             advance();
             foreach (DenseCase c in cases)
             {
@@ -283,7 +298,10 @@ internal static class BenchCommand
     {
         if (Console.IsOutputRedirected) AnsiConsole.Profile.Width = 160;   // logs and CI: do not wrap the table at 80
         AnsiConsole.MarkupLine($"[bold]attend bench[/] suite [green]{report.Suite}[/] on {Markup.Escape(CpuModel())}, {report.Threads} threads");
-        AnsiConsole.MarkupLine($"FMA peak measured now: [bold]{report.PeakGflops:F1}[/] GFLOPS ({report.PeakGflopsOneThread:F1} on one thread); copy {report.CopyGBps:F1} GB/s");
+        if (report.PeakGflops > 0)
+            AnsiConsole.MarkupLine($"FMA peak measured now: [bold]{report.PeakGflops:F1}[/] GFLOPS ({report.PeakGflopsOneThread:F1} on one thread); copy {report.CopyGBps:F1} GB/s");
+        if (Cuda.CudaBackend.IsAvailable && report.Suite == "gpu")
+            AnsiConsole.MarkupLine($"GPU: {Markup.Escape(Cuda.CudaBackend.Device.Name)} ({Cuda.CudaBackend.Device.Architecture}, driver {Cuda.CudaBackend.Device.DriverVersion})");
         if (report.Rows.Count == 0) return;
         var table = new Table().AddColumns("method", "backend", "dtype", "B", "H", "S", "D", "path", "median ms", "min..max ms", "GFLOPS", "% peak");
         foreach (BenchRow r in report.Rows)
@@ -296,8 +314,8 @@ internal static class BenchCommand
         AnsiConsole.MarkupLine("[grey]GFLOPS count useful FLOPs: 4·B·H·S²·D, halved (exactly) for causal. GPU rows: CUDA events; % of a nominal 800 TFLOPS.[/]");
         if (Cuda.CudaBackend.IsAvailable && report.Rows.Any(r => r.Backend == "cuda"))
         {
-            foreach ((string kernel, double ms) in Cuda.CudaBackend.Device.CompileTimes)
-                AnsiConsole.MarkupLine($"[grey]kernel {Markup.Escape(kernel)}: compiled in {ms:F0} ms (0: disk cache)[/]");
+            foreach ((string kernel, Cuda.CudaKernel k) in Cuda.CudaBackend.Device.Kernels)
+                AnsiConsole.MarkupLine($"[grey]kernel {Markup.Escape(kernel)}: compiled in {k.CompileMilliseconds:F0} ms (0: disk cache), {k.Registers} registers, {k.LocalBytes} B local[/]");
         }
     }
 }

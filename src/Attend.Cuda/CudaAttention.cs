@@ -49,6 +49,7 @@ public static unsafe class CudaAttention
         {
             throw new NotSupportedException("ALiBi, bias tensors and predicates run on the CPU only for now (options.AlibiSlopes/Bias/Predicate)");
         }
+        if (scale == 0) throw new NotSupportedException("the CUDA kernel needs Scale > 0 (0 would make masked scores NaN)");
         if (ReferenceEquals(output.Buffer, q.Buffer) || ReferenceEquals(output.Buffer, k.Buffer) || ReferenceEquals(output.Buffer, v.Buffer))
         {
             throw new ArgumentException("output must not share a buffer with q, k or v", nameof(output));

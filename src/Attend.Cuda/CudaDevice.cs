@@ -143,8 +143,8 @@ public sealed unsafe class CudaDevice
         });
     }
 
-    /// <summary>Kernels loaded so far with their compile times (0 ms: from the disk cache).</summary>
-    public IReadOnlyDictionary<string, double> CompileTimes => _kernels.ToDictionary(k => k.Key, k => k.Value.CompileMilliseconds);
+    /// <summary>Kernels loaded so far, by their key (source, function, defines).</summary>
+    public IReadOnlyDictionary<string, CudaKernel> Kernels => _kernels.ToDictionary(k => k.Key, k => k.Value);
 }
 
 /// <summary>A loaded kernel function.</summary>

@@ -154,14 +154,118 @@ __device__ __forceinline__ float fast_tanh(float x)
 template <int BLOCK>
 __device__ __forceinline__ void load_tile(u16* smem, const u16* gmem, i64 row_stride, int valid_rows, int head_dim)
 {
-    constexpr int TOTAL = BLOCK * CHUNKS;
-#pragma unroll
-    for (int i = threadIdx.x; i < TOTAL; i += WARPS * 32)
+    // Thread i copies chunk i % CHUNKS of rows i / CHUNKS + k·ROWS_PER_PASS: a constant trip count, so the loop
+    // unrolls and the swizzled destination is one base plus constant steps (row & 7 is the same every pass).
+    constexpr int THREADS = WARPS * 32;
+    if constexpr (THREADS % CHUNKS != 0 || (THREADS / CHUNKS) % 8 != 0 || BLOCK % (THREADS / CHUNKS) != 0)
     {
-        int row = i / CHUNKS, chunk = i % CHUNKS;
-        bool valid = row < valid_rows && chunk * 8 < head_dim;
-        const u16* src = valid ? gmem + row * row_stride + chunk * 8 : gmem;
-        cp_async16(smem_u32(smem + swz(row, chunk)), src, valid);
+        // Where a pass does not cover a multiple of 8 rows (the swizzle period), e.g. D = 192 or 256 with 4 warps:
+        // the plain strided loop.
+        for (int i = threadIdx.x; i < BLOCK * CHUNKS; i += THREADS)
+        {
+            int row = i / CHUNKS, c = i % CHUNKS;
+            bool valid = row < valid_rows && c * 8 < head_dim;
+            cp_async16(smem_u32(smem + swz(row, c)), valid ? gmem + row * row_stride + c * 8 : gmem, valid);
+        }
+        return;
+    }
+    constexpr int ROWS_PER_PASS = THREADS / CHUNKS > 0 ? THREADS / CHUNKS : 1;
+    const int chunk = threadIdx.x % CHUNKS, row0 = threadIdx.x / CHUNKS;
+    const bool chunk_valid = chunk * 8 < head_dim;
+    const u32 dst0 = smem_u32(smem + swz(row0, chunk));
+    const u16* src0 = gmem + row0 * row_stride + chunk * 8;
+#pragma unroll
+    for (int k = 0; k < BLOCK / ROWS_PER_PASS; k++)
+    {
+        const int row = row0 + k * ROWS_PER_PASS;
+        const bool valid = chunk_valid && row < valid_rows;
+        cp_async16(dst0 + k * ROWS_PER_PASS * HEAD_DIM * 2, valid ? src0 + k * ROWS_PER_PASS * row_stride : gmem, valid);
+    }
+}
+
+// Sets excluded (row, key) scores to -inf: keys past the end, and above the causal diagonal. Per row only a
+// limit is computed (keys n_start + [0, limit) are allowed), compared with each element's constant column.
+__device__ __forceinline__ void mask_scores(float (&acc_s)[M_TILES][N_TILES][4], const FlashParams& p, int warp_row0, int n_start, int g, int t)
+{
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; mt++)
+#pragma unroll
+        for (int half = 0; half < 2; half++)
+        {
+            int limit = p.seqlen_k - n_start;
+            if (IS_CAUSAL) limit = min(limit, warp_row0 + mt * 16 + g + half * 8 + p.causal_offset - n_start + 1);
+            limit -= 2 * t;
+#pragma unroll
+            for (int n = 0; n < N_TILES; n++)
+            {
+                if (n * 8 >= limit) acc_s[mt][n][half * 2] = NEG_INF;
+                if (n * 8 + 1 >= limit) acc_s[mt][n][half * 2 + 1] = NEG_INF;
+            }
+        }
+}
+
+// Online softmax over one block of raw scores in registers. Each quad of lanes holds one row's 2·N_TILES values;
+// the row max is reduced across the quad, the row sum stays per-thread until the end.
+// The reference max is updated only when the block max exceeds it by more than RESCALE_SLACK (log2 units), as in
+// FlashAttention-4: probabilities then stay <= 2^RESCALE_SLACK (no overflow in f32 or bf16), the result is exact
+// (output and LSE do not depend on the reference), and most blocks skip rescaling the O accumulators.
+#define RESCALE_SLACK 8.f
+__device__ __forceinline__ void online_softmax(float (&acc_s)[M_TILES][N_TILES][4], float (&acc_o)[M_TILES][D_TILES][4],
+    float (&row_max)[M_TILES][2], float (&row_sum)[M_TILES][2], const FlashParams& p)
+{
+#if HAS_SOFTCAP
+    const float scale = 1.f;                 // softcapped scores are already in log2 units
+#else
+    const float scale = p.scale_log2;        // > 0 (checked on the host)
+#endif
+    float alpha[M_TILES][2];
+    bool rescale = false;
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; mt++)
+    {
+#pragma unroll
+        for (int half = 0; half < 2; half++)
+        {
+            float mx = NEG_INF;
+#pragma unroll
+            for (int n = 0; n < N_TILES; n++) mx = fmaxf(mx, fmaxf(acc_s[mt][n][half * 2], acc_s[mt][n][half * 2 + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float old_max = row_max[mt][half];
+            const float block_max = mx * scale;
+            alpha[mt][half] = 1.f;
+            if (block_max > old_max + RESCALE_SLACK)
+            {
+                alpha[mt][half] = fast_exp2(old_max - block_max);   // 0 when old_max is -inf
+                row_max[mt][half] = block_max;
+                rescale = true;
+            }
+            const float used_max = row_max[mt][half] == NEG_INF ? 0.f : row_max[mt][half];   // never -inf - -inf
+            float sum = 0.f;
+#pragma unroll
+            for (int n = 0; n < N_TILES; n++)
+            {
+                float p0 = fast_exp2(fmaf(acc_s[mt][n][half * 2], scale, -used_max));
+                float p1 = fast_exp2(fmaf(acc_s[mt][n][half * 2 + 1], scale, -used_max));
+                acc_s[mt][n][half * 2] = p0;
+                acc_s[mt][n][half * 2 + 1] = p1;
+                sum += p0 + p1;
+            }
+            row_sum[mt][half] = row_sum[mt][half] * alpha[mt][half] + sum;
+        }
+    }
+    if (__any_sync(0xffffffffu, rescale))
+    {
+#pragma unroll
+        for (int mt = 0; mt < M_TILES; mt++)
+#pragma unroll
+            for (int d = 0; d < D_TILES; d++)
+            {
+                acc_o[mt][d][0] *= alpha[mt][0];
+                acc_o[mt][d][1] *= alpha[mt][0];
+                acc_o[mt][d][2] *= alpha[mt][1];
+                acc_o[mt][d][3] *= alpha[mt][1];
+            }
     }
 }
 
@@ -259,67 +363,21 @@ flash_fwd(const FlashParams p)
             }
         }
 
-        // Scores to log2 units, masks, online softmax.
+        // Masks, online softmax: scores stay raw (q·k) so the scale folds into one FFMA per element,
+        // p = 2^(s·scale·log2e − max·scale·log2e) (FlashAttention's scale_softmax_log2).
         const bool needs_mask = n_start + BLOCK_N > p.seqlen_k
             || (IS_CAUSAL && n_start + BLOCK_N - 1 > m_start + p.causal_offset);
+#if HAS_SOFTCAP
+        // Soft-capping before masking, so excluded pairs stay at -inf: s = cap·tanh(s·scale/cap), in log2 units.
 #pragma unroll
         for (int mt = 0; mt < M_TILES; mt++)
-        {
 #pragma unroll
-            for (int half = 0; half < 2; half++)
-            {
-                const int row = m_start + warp * ROWS + mt * 16 + g + half * 8;
-                float mx = NEG_INF;
+            for (int n = 0; n < N_TILES; n++)
 #pragma unroll
-                for (int n = 0; n < N_TILES; n++)
-                {
-#pragma unroll
-                    for (int e = 0; e < 2; e++)
-                    {
-                        float s = acc_s[mt][n][half * 2 + e];
-#if HAS_SOFTCAP
-                        s = p.softcap_post * fast_tanh(s * p.softcap_pre);
-#else
-                        s *= p.scale_log2;
+                for (int r = 0; r < 4; r++) acc_s[mt][n][r] = p.softcap_post * fast_tanh(acc_s[mt][n][r] * p.softcap_pre);
 #endif
-                        if (needs_mask)
-                        {
-                            int col = n_start + n * 8 + 2 * t + e;
-                            bool keep = col < p.seqlen_k;
-                            if (IS_CAUSAL) keep = keep && col <= row + p.causal_offset;
-                            if (!keep) s = NEG_INF;
-                        }
-                        acc_s[mt][n][half * 2 + e] = s;
-                        mx = fmaxf(mx, s);
-                    }
-                }
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float new_max = fmaxf(row_max[mt][half], mx);
-                const float used_max = new_max == NEG_INF ? 0.f : new_max;   // never -inf - -inf
-                const float alpha = fast_exp2(row_max[mt][half] - used_max);
-                row_max[mt][half] = new_max;
-                float sum = 0.f;
-#pragma unroll
-                for (int n = 0; n < N_TILES; n++)
-                {
-#pragma unroll
-                    for (int e = 0; e < 2; e++)
-                    {
-                        float pr = fast_exp2(acc_s[mt][n][half * 2 + e] - used_max);
-                        acc_s[mt][n][half * 2 + e] = pr;
-                        sum += pr;
-                    }
-                }
-                row_sum[mt][half] = row_sum[mt][half] * alpha + sum;   // per-thread partial; reduced at the end
-#pragma unroll
-                for (int d = 0; d < D_TILES; d++)
-                {
-                    acc_o[mt][d][half * 2] *= alpha;
-                    acc_o[mt][d][half * 2 + 1] *= alpha;
-                }
-            }
-        }
+        if (needs_mask) mask_scores(acc_s, p, m_start + warp * ROWS, n_start, g, t);
+        online_softmax(acc_s, acc_o, row_max, row_sum, p);
 
         // O += P·V: the C fragments of two n8 tiles are exactly the A fragment of one k16 step.
 #pragma unroll
