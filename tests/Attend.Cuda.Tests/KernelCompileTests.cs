@@ -43,3 +43,16 @@ public sealed class KernelCompileTests
         Assert.Contains("HEAD_DIM must be a multiple of 64", e.Log);
     }
 }
+
+public sealed class CudaAvailabilityTests
+{
+    [Fact]
+    public void Should_explain_why_the_backend_is_unavailable()
+    {
+        if (CudaBackend.IsAvailable) return; // the GPU machine: nothing to explain
+        Assert.False(string.IsNullOrWhiteSpace(CudaBackend.UnavailableReason));
+        var e = Assert.Throws<CudaException>(() => CudaBackend.Device);
+        Assert.Contains(CudaBackend.UnavailableReason!, e.Message);
+        Assert.Throws<CudaException>(() => DeviceTensor<float>.Allocate(1, 2, 3, 4));
+    }
+}
