@@ -45,9 +45,9 @@ public static unsafe class CudaAttention
         float scale = s.Validate(options);
         if (s.ValueDim != s.HeadDim) throw new NotSupportedException($"the CUDA kernel needs Dv = D; got D={s.HeadDim}, Dv={s.ValueDim}");
         if (s.HeadDim > 256) throw new NotSupportedException($"the CUDA kernel supports head dims up to 256; got {s.HeadDim}");
-        if (options.AlibiSlopes is not null || !options.Bias.IsDefault || options.Predicate is not null)
+        if (options.AlibiSlopes is not null || !options.Bias.IsDefault || options.Predicate is not null || options.Mask is not null || options.Plan is not null)
         {
-            throw new NotSupportedException("ALiBi, bias tensors and predicates run on the CPU only for now (options.AlibiSlopes/Bias/Predicate)");
+            throw new NotSupportedException("ALiBi, bias tensors, predicates, masks and block plans run on the CPU only for now (CUDA part 2 adds masks and plans)");
         }
         if (scale == 0) throw new NotSupportedException("the CUDA kernel needs Scale > 0 (0 would make masked scores NaN)");
         if (ReferenceEquals(output.Buffer, q.Buffer) || ReferenceEquals(output.Buffer, k.Buffer) || ReferenceEquals(output.Buffer, v.Buffer))

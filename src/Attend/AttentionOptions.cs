@@ -1,3 +1,4 @@
+using Attend.Masks;
 using Attend.Tensors;
 
 namespace Attend;
@@ -42,4 +43,17 @@ public sealed record AttentionOptions
 
     /// <summary>An element mask evaluated on every pair of the blocks the plan visits; null: none.</summary>
     public MaskPredicate? Predicate { get; init; }
+
+    /// <summary>
+    /// Which pairs are computed, as a composable <see cref="Masks.Mask"/> (combined by AND with <see cref="Causal"/> and
+    /// <see cref="Predicate"/>); the executor builds its block plan analytically and skips empty blocks.
+    /// </summary>
+    public Mask? Mask { get; init; }
+
+    /// <summary>
+    /// A prebuilt block plan (from <see cref="BlockMask.Create"/> or a sparse selector). It is the whole
+    /// specification of which pairs are computed: Causal, Mask and Predicate must then be unset. Its extent must match
+    /// the inputs; on the CPU its BlockK must be a multiple of 64 and its BlockQ a multiple of 4 up to 256.
+    /// </summary>
+    public BlockMask? Plan { get; init; }
 }

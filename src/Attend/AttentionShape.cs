@@ -122,6 +122,17 @@ public readonly record struct AttentionShape(int Batch, int QueryLength, int Key
                 throw new ArgumentException("AlibiSlopes must be finite", nameof(options));
             }
         }
+        if (options.Plan is { } plan)
+        {
+            if (options.Causal || options.Mask is not null || options.Predicate is not null)
+            {
+                throw new ArgumentException("Plan is the whole specification of the computed pairs: leave Causal, Mask and Predicate unset (build them into the plan)", nameof(options));
+            }
+            if (plan.Extent != new Masks.MaskExtent(Batch, Heads, QueryLength, KeyLength))
+            {
+                throw new ArgumentException($"Plan was built for B={plan.Extent.Batch}, H={plan.Extent.Heads}, Sq={plan.Extent.QueryLength}, Skv={plan.Extent.KeyLength}; the inputs are B={Batch}, H={Heads}, Sq={QueryLength}, Skv={KeyLength}", nameof(options));
+            }
+        }
         TensorView<float> bias = options.Bias;
         if (!bias.IsDefault && (bias.Rank != 4 || bias.Dim(0) != Batch || bias.Dim(1) != Heads || bias.Dim(2) != QueryLength || bias.Dim(3) != KeyLength))
         {
@@ -129,6 +140,16 @@ public readonly record struct AttentionShape(int Batch, int QueryLength, int Key
         }
         return scale;
     }
+
+    /// <summary>The extent masks are evaluated against.</summary>
+    public Masks.MaskExtent MaskExtent => new(Batch, Heads, QueryLength, KeyLength);
+
+    /// <summary>Whether options' Causal, Predicate, Mask and Plan allow (q, kv) — the reference semantics.</summary>
+    internal bool Allows(AttentionOptions options, int b, int h, int q, int kv) =>
+        (!options.Causal || kv <= q + ((long)KeyLength - QueryLength))
+        && (options.Predicate?.Invoke(b, h, q, kv) ?? true)
+        && (options.Mask?.Allows(MaskExtent, b, h, q, kv) ?? true)
+        && (options.Plan?.Allows(b, h, q, kv) ?? true);
 
     /// <summary>ALiBi slope of (batch, head), or 0 without ALiBi.</summary>
     internal float AlibiSlope(AttentionOptions options, int batch, int head) =>

@@ -76,3 +76,65 @@ internal sealed unsafe class OptionsPlan(AttentionShape shape, bool causal, Mask
         }
     }
 }
+
+/// <summary>
+/// A <see cref="Masks.BlockMask"/> as the executor's plan: each mask key block expands into BlockK / 64 executor
+/// key blocks of the same kind; Partial blocks evaluate the mask per element.
+/// </summary>
+internal sealed unsafe class BlockMaskPlan : IBlockPlan
+{
+    private readonly Masks.BlockMask _plan;
+    private readonly int _expand;
+    private readonly int _executorKeyBlocks;
+
+    public BlockMaskPlan(Masks.BlockMask plan)
+    {
+        if (plan.BlockK % FlashAttentionCpu.BlockKv != 0)
+        {
+            throw new ArgumentException($"the CPU executor needs BlockK to be a multiple of {FlashAttentionCpu.BlockKv}; the plan has {plan.BlockK}", nameof(plan));
+        }
+        if (plan.BlockQ % 4 != 0 || plan.BlockQ > 256)
+        {
+            throw new ArgumentException($"the CPU executor needs BlockQ to be a multiple of 4 up to 256; the plan has {plan.BlockQ}", nameof(plan));
+        }
+        _plan = plan;
+        _expand = plan.BlockK / FlashAttentionCpu.BlockKv;
+        _executorKeyBlocks = (plan.Extent.KeyLength + FlashAttentionCpu.BlockKv - 1) / FlashAttentionCpu.BlockKv;
+    }
+
+    public int BlockQ => _plan.BlockQ;
+
+    public int KeyBlocks(int batch, int head, int qStart, int qEnd, Span<int> blocks, Span<BlockKind> kinds)
+    {
+        ReadOnlySpan<int> cols = _plan.Row(batch, head, qStart / _plan.BlockQ, out ReadOnlySpan<Masks.BlockClass> classes);
+        int count = 0;
+        for (int i = 0; i < cols.Length; i++)
+        {
+            BlockKind kind = classes[i] == Masks.BlockClass.Full ? BlockKind.Full : BlockKind.Partial;
+            for (int e = 0; e < _expand; e++)
+            {
+                int kb = (cols[i] * _expand) + e;
+                if (kb >= _executorKeyBlocks) break;
+                blocks[count] = kb;
+                kinds[count] = kind;
+                count++;
+            }
+        }
+        return count;
+    }
+
+    public void ApplyMask(int batch, int head, int q0, int rows, int kv0, int cols, float* scores, int ld)
+    {
+        Masks.Mask? mask = _plan.Mask;
+        if (mask is null) return;
+        Masks.MaskExtent extent = _plan.Extent;
+        for (int r = 0; r < rows; r++)
+        {
+            float* row = scores + (long)r * ld;
+            for (int c = 0; c < cols; c++)
+            {
+                if (!mask.Allows(extent, batch, head, q0 + r, kv0 + c)) row[c] = float.NegativeInfinity;
+            }
+        }
+    }
+}

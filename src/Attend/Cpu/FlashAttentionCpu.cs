@@ -58,10 +58,23 @@ internal static unsafe partial class FlashAttentionCpu
 
         int blockQ = Math.Min(tuning.BlockQ, (shape.QueryLength + 3) & ~3);
         int keyBlocks = (shape.KeyLength + BlockKv - 1) / BlockKv;
+        IBlockPlan plan;
+        if (options.Plan is not null || options.Mask is not null)
+        {
+            Masks.BlockMask blockMask = options.Plan ?? Masks.BlockMask.Create(CombinedMask(options), shape.Batch, shape.Heads,
+                shape.QueryLength, shape.KeyLength, blockQ, BlockKv);
+            var maskPlan = new BlockMaskPlan(blockMask);
+            blockQ = maskPlan.BlockQ;       // the executor's query blocks are the plan's
+            plan = maskPlan;
+        }
+        else
+        {
+            plan = new OptionsPlan(shape, options.Causal, options.Predicate);
+        }
         var problem = new Problem<T>
         {
             Shape = shape,
-            Plan = new OptionsPlan(shape, options.Causal, options.Predicate),
+            Plan = plan,
             BlockQ = blockQ,
             QueryBlocks = (shape.QueryLength + blockQ - 1) / blockQ,
             KeyBlocks = keyBlocks,
@@ -98,6 +111,15 @@ internal static unsafe partial class FlashAttentionCpu
             NativeMemory.AlignedFree(problem.PackedV);
             NativeMemory.Free(problem.ValueBlockNonFinite);
         }
+    }
+
+    /// <summary>Options' Mask AND Causal AND Predicate, as one mask.</summary>
+    private static Masks.Mask CombinedMask(AttentionOptions options)
+    {
+        Masks.Mask mask = options.Mask ?? Masks.Mask.Full;
+        if (options.Causal) mask = Masks.Mask.Causal & mask;
+        if (options.Predicate is not null) mask &= Masks.Mask.FromPredicate(options.Predicate);
+        return mask;
     }
 
     private static void Run<T, TV, TOps>(Problem<T> p, KernelTuning tuning)

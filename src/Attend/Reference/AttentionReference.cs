@@ -45,7 +45,7 @@ public static class AttentionReference
                 bool any = false, nan = false;
                 for (int j = 0; j < s.KeyLength; j++)
                 {
-                    allowed[j] = (!options.Causal || j <= i + offset) && (options.Predicate?.Invoke(b, h, i, j) ?? true);
+                    allowed[j] = s.Allows(options, b, h, i, j);
                     if (!allowed[j]) continue;
                     double dot = 0;
                     for (int d = 0; d < s.HeadDim; d++)

@@ -29,7 +29,7 @@ public static class NaiveAttention
                     float max = float.NegativeInfinity;
                     for (int j = 0; j < s.KeyLength; j++)
                     {
-                        bool allowed = (!options.Causal || j <= i + offset) && (options.Predicate?.Invoke(b, h, i, j) ?? true);
+                        bool allowed = s.Allows(options, b, h, i, j);
                         if (!allowed) { scores[j] = float.NegativeInfinity; continue; }
                         float dot = 0;
                         for (int d = 0; d < s.HeadDim; d++) dot += ElementConvert.ToSingle(q[b, i, h, d]) * ElementConvert.ToSingle(k[b, j, hk, d]);

@@ -1,0 +1,214 @@
+using Attend.Masks;
+using Attend.Reference;
+using Attend.Tensors;
+
+namespace Attend.Tests;
+
+public sealed class MaskTests
+{
+    public static TheoryData<string> MaskNames() => [.. Catalog(64, 48).Keys];
+
+    /// <summary>Built-ins and compositions over Sq × Skv (Sq = Skv where the mask needs it).</summary>
+    private static Dictionary<string, Mask> Catalog(int sq, int skv)
+    {
+        int[] docs = Enumerable.Range(0, sq).Select(i => i < 20 ? 0 : i < 45 ? 1 : 2).ToArray();
+        var m = new Dictionary<string, Mask>
+        {
+            ["full"] = Mask.Full,
+            ["causal"] = Mask.Causal,
+            ["window(7,0)"] = Mask.SlidingWindow(7),
+            ["window(5,3)"] = Mask.SlidingWindow(5, 3),
+            ["causal&window(9)"] = Mask.Causal & Mask.SlidingWindow(9),
+            ["sink(4)|causal&window(6)"] = Mask.Sink(4) | (Mask.Causal & Mask.SlidingWindow(6)),
+            ["prefix(10)|causal"] = Mask.Prefix(10) | Mask.Causal,
+            ["!causal"] = !Mask.Causal,
+            ["predicate"] = Mask.FromPredicate((b, h, q, kv) => (q * 7 + kv * 3 + h) % 5 != 0),
+            ["causal&!window(3)"] = Mask.Causal & !Mask.SlidingWindow(3),
+        };
+        if (sq == skv)
+        {
+            int[] d = sq == 64 ? docs : Enumerable.Range(0, sq).Select(i => i * 3 / sq).ToArray();
+            m["document"] = Mask.Document(d);
+            m["document&causal"] = Mask.Document(d) & Mask.Causal;
+        }
+        return m;
+    }
+
+    private static readonly (int Sq, int Skv)[] Extents = [(64, 64), (64, 48), (48, 64), (1, 33)];
+
+    [Theory]
+    [MemberData(nameof(MaskNames))]
+    public void Should_classify_blocks_exactly_as_elementwise_allows_says(string name)
+    {
+        foreach ((int sq, int skv) in Extents)
+        {
+            if (!Catalog(sq, skv).TryGetValue(name, out Mask? mask)) continue;
+            var e = new MaskExtent(1, 2, sq, skv);
+            foreach ((int bq, int bk) in new[] { (7, 5), (16, 16), (64, 64), (3, 11) })
+            {
+                for (int h = 0; h < 2; h++)
+                    for (int q0 = 0; q0 < sq; q0 += bq)
+                        for (int k0 = 0; k0 < skv; k0 += bk)
+                        {
+                            int q1 = Math.Min(q0 + bq, sq), k1 = Math.Min(k0 + bk, skv);
+                            int allowed = 0;
+                            for (int q = q0; q < q1; q++)
+                                for (int kv = k0; kv < k1; kv++)
+                                    if (mask.Allows(e, 0, h, q, kv)) allowed++;
+                            BlockClass c = mask.Classify(e, 0, h, q0, q1, k0, k1);
+                            string where = $"{name} Sq={sq} Skv={skv} block [{q0},{q1})x[{k0},{k1})";
+                            if (allowed == 0) Assert.True(c is BlockClass.Empty or BlockClass.Partial, $"{where}: {c} but nothing allowed");
+                            else if (allowed == (q1 - q0) * (k1 - k0)) Assert.True(c is BlockClass.Full or BlockClass.Partial, $"{where}: {c} but all allowed");
+                            else Assert.True(c == BlockClass.Partial, $"{where}: {c} but {allowed} of {(q1 - q0) * (k1 - k0)} allowed");
+                            // Built-ins must be exact (no needless Partial) on single masks.
+                            if (name is "causal" or "window(7,0)" or "window(5,3)" or "full")
+                            {
+                                BlockClass exact = allowed == 0 ? BlockClass.Empty : allowed == (q1 - q0) * (k1 - k0) ? BlockClass.Full : BlockClass.Partial;
+                                Assert.True(c == exact, $"{where}: {c}, exactly {exact}");
+                            }
+                        }
+            }
+        }
+    }
+
+    [Theory]
+    [MemberData(nameof(MaskNames))]
+    public void Should_plan_exactly_the_allowed_pairs(string name)
+    {
+        foreach ((int sq, int skv) in Extents)
+        {
+            if (!Catalog(sq, skv).TryGetValue(name, out Mask? mask)) continue;
+            var e = new MaskExtent(1, 2, sq, skv);
+            BlockMask plan = BlockMask.Create(mask, 1, 2, sq, skv, blockQ: 8, blockK: 16);
+            for (int h = 0; h < 2; h++)
+            {
+                bool[,] dense = plan.ToDense(0, h);
+                for (int q = 0; q < sq; q++)
+                    for (int kv = 0; kv < skv; kv++)
+                        Assert.True(dense[q, kv] == mask.Allows(e, 0, h, q, kv), $"{name} Sq={sq} Skv={skv} h={h} ({q},{kv})");
+            }
+        }
+    }
+
+    [Theory]
+    [MemberData(nameof(MaskNames))]
+    public void Should_execute_masks_like_the_reference(string name)
+    {
+        foreach ((int sq, int skv) in new[] { (64, 64), (64, 48), (48, 64) })
+        {
+            if (!Catalog(sq, skv).TryGetValue(name, out Mask? mask)) continue;
+            var options = new AttentionOptions { Mask = mask };
+            int b = 1, h = 2, hkv = 1, d = 24;
+            AttentionConformance.Check<float>(b, sq, skv, h, hkv, d, options,
+                new[] { KernelPath.Scalar, KernelPath.Vector256, KernelPath.Vector512 }.Select(path => (path.ToString(), (AttentionRunner<float>)((q, k, v, o, lse, opt) =>
+                    Attention.Forward(q, k, v, o, opt, lse, new KernelTuning { Path = path, Threads = 2, BlockQ = 16 })))).ToList());
+        }
+    }
+
+    [Fact]
+    public void Should_execute_a_prebuilt_plan_with_128_key_blocks()
+    {
+        int s = 300;
+        BlockMask plan = BlockMask.Create(Mask.Sink(8) | (Mask.Causal & Mask.SlidingWindow(100)), 1, 2, s, s, blockQ: 64, blockK: 128);
+        AttentionConformance.Check<BFloat16>(1, s, s, 2, 2, 32, new AttentionOptions { Plan = plan }, "plan",
+            (q, k, v, o, lse, opt) => Attention.Forward(q, k, v, o, opt, lse));
+    }
+
+    [Fact]
+    public void Should_follow_natten_window_semantics_on_small_grids()
+    {
+        // 1-D, length 7, kernel 3: the border query 0 sees 0,1,2 (shifted in), query 6 sees 4,5,6, query 3 sees 2,3,4.
+        Assert.Equal(0, NeighborhoodStart(0, 7, 3, 1));
+        Assert.Equal(4, NeighborhoodStart(6, 7, 3, 1));
+        Assert.Equal(2, NeighborhoodStart(3, 7, 3, 1));
+        // Dilation 2 over length 9: groups {0,2,4,6,8} and {1,3,5,7}; query 8 (group 0, local 4) sees 4,6,8;
+        // query 7 (group 1 of 4 positions, local 3) sees 3,5,7; query 1 sees 1,3,5.
+        Assert.Equal(4, NeighborhoodStart(8, 9, 3, 2));
+        Assert.Equal(3, NeighborhoodStart(7, 9, 3, 2));
+        Assert.Equal(1, NeighborhoodStart(1, 9, 3, 2));
+        // 2-D 5x5 grid, kernel 3x3: the corner (0,0) sees the 3x3 top-left square, the centre its 3x3 neighbourhood.
+        Mask m = Mask.Neighborhood([5, 5], [3, 3]);
+        var e = new MaskExtent(1, 1, 25, 25);
+        int[] corner = Enumerable.Range(0, 25).Where(kv => m.Allows(e, 0, 0, 0, kv)).ToArray();
+        Assert.Equal([0, 1, 2, 5, 6, 7, 10, 11, 12], corner);
+        int[] centre = Enumerable.Range(0, 25).Where(kv => m.Allows(e, 0, 0, 12, kv)).ToArray();
+        Assert.Equal([6, 7, 8, 11, 12, 13, 16, 17, 18], centre);
+        // Every query sees exactly kernel^2 keys (shifted, never truncated).
+        for (int q = 0; q < 25; q++) Assert.Equal(9, Enumerable.Range(0, 25).Count(kv => m.Allows(e, 0, 0, q, kv)));
+        // Causal 1-D, kernel 3: query 1 sees 0,1; query 5 sees 3,4,5.
+        Mask c = Mask.Neighborhood([8], [3], causal: [true]);
+        var e8 = new MaskExtent(1, 1, 8, 8);
+        Assert.Equal([0, 1], Enumerable.Range(0, 8).Where(kv => c.Allows(e8, 0, 0, 1, kv)).ToArray());
+        Assert.Equal([3, 4, 5], Enumerable.Range(0, 8).Where(kv => c.Allows(e8, 0, 0, 5, kv)).ToArray());
+    }
+
+    [Fact]
+    public void Should_run_a_3d_neighborhood_like_the_reference()
+    {
+        Mask m = Mask.Neighborhood([3, 4, 5], [3, 3, 3], [1, 1, 1], [false, true, false]);
+        AttentionConformance.Check<float>(1, 60, 60, 2, 2, 16, new AttentionOptions { Mask = m }, "nbh3d",
+            (q, k, v, o, lse, opt) => Attention.Forward(q, k, v, o, opt, lse, new KernelTuning { BlockQ = 16 }));
+        Mask dilated = Mask.Neighborhood([12, 10], [3, 5], [2, 2]);
+        BlockMask plan = BlockMask.Create(dilated, 1, 1, 120, 120, 16, 16);
+        var e = new MaskExtent(1, 1, 120, 120);
+        bool[,] dense = plan.ToDense();
+        for (int q = 0; q < 120; q++)
+            for (int kv = 0; kv < 120; kv++)
+                Assert.Equal(dilated.Allows(e, 0, 0, q, kv), dense[q, kv]);
+    }
+
+    private static int NeighborhoodStart(int index, int length, int kernel, int dilation)
+    {
+        Mask m = Mask.Neighborhood([length], [kernel], [dilation]);
+        var e = new MaskExtent(1, 1, length, length);
+        return Enumerable.Range(0, length).First(kv => m.Allows(e, 0, 0, index, kv));
+    }
+
+    [Fact]
+    public void Should_zero_rows_that_a_mask_empties()
+    {
+        // Keys 0..9 only (sink 10) and not the first 4 keys: queries see keys 4..9; with !Full nothing at all.
+        int s = 40;
+        TensorView<float> q = TestData.Random<float>(1, 1, s, 1, 16), k = TestData.Random<float>(2, 1, s, 1, 16), v = TestData.Random<float>(3, 1, s, 1, 16);
+        var o = new TensorView<float>(new float[s * 16], 1, s, 1, 16);
+        var lse = new TensorView<float>(new float[s], 1, s, 1);
+        Attention.Forward(q, k, v, o, new AttentionOptions { Mask = !Mask.Full }, lse);
+        for (int i = 0; i < s; i++)
+        {
+            Assert.True(float.IsNegativeInfinity(lse[0, i, 0]));
+            Assert.Equal(0f, o[0, i, 0, 3]);
+        }
+    }
+
+    [Fact]
+    public void Should_reject_bad_mask_parameters()
+    {
+        Assert.Throws<ArgumentOutOfRangeException>(() => Mask.SlidingWindow(-1));
+        Assert.Throws<ArgumentOutOfRangeException>(() => Mask.Sink(-5));
+        Assert.Contains("exceeds", Assert.Throws<ArgumentException>(() => Mask.Neighborhood([10], [7], [2])).Message);
+        Assert.Contains("odd", Assert.Throws<ArgumentException>(() => Mask.Neighborhood([10], [4])).Message);
+        Assert.Contains("dilation", Assert.Throws<ArgumentException>(() => Mask.Neighborhood([10], [3], [0])).Message);
+        Assert.Throws<ArgumentException>(() => Mask.Neighborhood([2, 2, 2, 2], [1, 1, 1, 1]));
+        Assert.Contains("Sq = Skv = 25", Assert.Throws<ArgumentException>(() => BlockMask.Create(Mask.Neighborhood([5, 5], [3, 3]), 1, 1, 30, 30)).Message);
+        Assert.Contains("one entry per token", Assert.Throws<ArgumentException>(() => BlockMask.Create(Mask.Document([0, 0, 1]), 1, 1, 4, 4)).Message);
+        TensorView<float> x = TestData.Random<float>(1, 1, 8, 1, 8);
+        var o = new TensorView<float>(new float[64], 1, 8, 1, 8);
+        BlockMask wrong = BlockMask.Create(Mask.Causal, 1, 1, 16, 16, 64, 64);
+        Assert.Contains("Plan was built for", Assert.Throws<ArgumentException>(() => Attention.Forward(x, x, x, o, new AttentionOptions { Plan = wrong })).Message);
+        BlockMask odd = BlockMask.Create(Mask.Causal, 1, 1, 8, 8, 4, 48);
+        Assert.Contains("multiple of 64", Assert.Throws<ArgumentException>(() => Attention.Forward(x, x, x, o, new AttentionOptions { Plan = odd })).Message);
+        BlockMask ok = BlockMask.Create(Mask.Causal, 1, 1, 8, 8, 4, 64);
+        Assert.Contains("leave Causal", Assert.Throws<ArgumentException>(() => Attention.Forward(x, x, x, o, new AttentionOptions { Plan = ok, Causal = true })).Message);
+    }
+
+    [Fact]
+    public void Should_build_long_sparse_plans_without_touching_empty_blocks()
+    {
+        // causal & window(4096) | sink(64) at S = 1M, block 128: about 8192 × 34 visited blocks, built analytically.
+        int s = 1 << 20;
+        BlockMask plan = BlockMask.Create((Mask.Causal & Mask.SlidingWindow(4096)) | Mask.Sink(64), 1, 1, s, s, 128, 128);
+        Assert.InRange(plan.VisitedBlocks, 8192 * 32, 8192 * 35);
+        Assert.True(plan.Sparsity > 0.99);
+        Assert.Contains("sparsity", plan.ToString());
+    }
+}
