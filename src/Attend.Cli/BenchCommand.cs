@@ -48,9 +48,9 @@ internal static class BenchCommand
                 throw new NotSupportedException($"--device cuda: {Cuda.CudaBackend.UnavailableReason}");
             }
             string suiteName = r.GetValue(suite)!;
-            if (suiteName is not ("default" or "dense" or "peak" or "gpu"))
+            if (suiteName is not ("default" or "dense" or "peak" or "gpu" or "masks"))
             {
-                throw new ArgumentException($"--suite must be one of default, dense, peak, gpu; got '{suiteName}'");
+                throw new ArgumentException($"--suite must be one of default, dense, peak, gpu, masks; got '{suiteName}'");
             }
             if (cuda && suiteName == "default") suiteName = "gpu";
             if (suiteName == "gpu" && !cuda) throw new ArgumentException("--suite gpu needs --device cuda");
@@ -105,6 +105,15 @@ internal static class BenchCommand
     {
         public string Backend { get; init; } = "cpu";
 
+        /// <summary>Visited fraction of the pairs (1 for dense; 0.5 for causal counts as its own method).</summary>
+        public double? Density { get; init; }
+
+        /// <summary>Time of the same run's dense baseline divided by this row's time.</summary>
+        public double? SpeedupVsDense { get; init; }
+
+        /// <summary>A one-line note (the baseline, the bar).</summary>
+        public string? Note { get; init; }
+
         public double Gflops => UsefulFlops / (MedianMs * 1e-3) / 1e9;
         public double PeakFraction => Gflops / PeakGflops;
     }
@@ -123,6 +132,7 @@ internal static class BenchCommand
                     ["headDim"] = row.HeadDim, ["causal"] = row.Causal, ["threads"] = row.Threads, ["path"] = row.Path.ToString(),
                     ["medianMs"] = row.MedianMs, ["minMs"] = row.MinMs, ["maxMs"] = row.MaxMs, ["reps"] = row.Reps,
                     ["usefulGflop"] = row.UsefulFlops / 1e9, ["gflops"] = row.Gflops, ["peakFraction"] = row.PeakFraction,
+                    ["density"] = row.Density, ["speedupVsDense"] = row.SpeedupVsDense, ["note"] = row.Note,
                 });
             }
             return new JsonObject
@@ -186,8 +196,9 @@ internal static class BenchCommand
     {
         var rows = new List<BenchRow>();
         double peak = 0, peakOne = 0, copy = 0;
-        var cases = suite is "peak" or "gpu" ? [] : DenseCases(plan).ToList();
+        var cases = suite is "peak" or "gpu" or "masks" ? [] : DenseCases(plan).ToList();
         int gpuCases = suite == "gpu" ? plan.Lengths.Length * plan.HeadDims.Length * plan.Causal.Length : 0;
+        gpuCases += suite == "masks" ? MaskBench.Steps : 0;
         void Body(Action<string> status, Action advance)
         {
             if (suite != "gpu")
@@ -205,6 +216,7 @@ internal static class BenchCommand
                 advance();
             }
             if (suite == "gpu") rows.AddRange(GpuBench.Run(plan, status, advance));
+            if (suite == "masks") rows.AddRange(MaskBench.Run(plan, peak, status, advance));
         }
         if (quiet || Console.IsOutputRedirected)
         {
@@ -268,7 +280,7 @@ internal static class BenchCommand
     internal static List<double> Measure(Action action, int reps)
     {
         var warm = Stopwatch.StartNew();
-        for (int i = 0; i < 2 || (warm.Elapsed.TotalSeconds < 0.2 && i < 50); i++) action();
+        for (int i = 0; (i < 2 && warm.Elapsed.TotalSeconds < 1) || (warm.Elapsed.TotalSeconds < 0.2 && i < 50); i++) action();
         var times = new List<double>();
         var total = Stopwatch.StartNew();
         while (times.Count < reps || (total.Elapsed.TotalSeconds < 0.5 && times.Count < 100))
@@ -303,14 +315,17 @@ internal static class BenchCommand
         if (Cuda.CudaBackend.IsAvailable && report.Suite == "gpu")
             AnsiConsole.MarkupLine($"GPU: {Markup.Escape(Cuda.CudaBackend.Device.Name)} ({Cuda.CudaBackend.Device.Architecture}, driver {Cuda.CudaBackend.Device.DriverVersion})");
         if (report.Rows.Count == 0) return;
-        var table = new Table().AddColumns("method", "backend", "dtype", "B", "H", "S", "D", "path", "median ms", "min..max ms", "GFLOPS", "% peak");
+        var table = new Table().AddColumns("method", "backend", "dtype", "B", "H", "S", "D", "path", "median ms", "min..max ms", "GFLOPS", "% peak", "density", "vs dense");
         foreach (BenchRow r in report.Rows)
         {
-            table.AddRow(r.Method, r.Backend, DTypes.Name(r.DType), r.Batch.ToString(), r.Heads == r.KvHeads ? r.Heads.ToString() : $"{r.Heads}/{r.KvHeads}",
+            table.AddRow(Markup.Escape(r.Method), r.Backend, DTypes.Name(r.DType), r.Batch.ToString(), r.Heads == r.KvHeads ? r.Heads.ToString() : $"{r.Heads}/{r.KvHeads}",
                 r.Length.ToString(), r.HeadDim.ToString(), r.Path.ToString(), $"{r.MedianMs:F2}", $"{r.MinMs:F2}..{r.MaxMs:F2}",
-                $"{r.Gflops:F1}", $"{100 * r.PeakFraction:F1}%");
+                r.UsefulFlops > 0 ? $"{r.Gflops:F1}" : "-", r.UsefulFlops > 0 && r.PeakGflops > 0 ? $"{100 * r.PeakFraction:F1}%" : "-",
+                r.Density is { } dn ? $"{dn:F3}" : "", r.SpeedupVsDense is { } sp ? $"{sp:F2}x" : "");
         }
         AnsiConsole.Write(table);
+        foreach (BenchRow r in report.Rows.Where(r => r.Note is not null))
+            AnsiConsole.MarkupLine($"[grey]{Markup.Escape(r.Method)}: {Markup.Escape(r.Note!)}[/]");
         AnsiConsole.MarkupLine("[grey]GFLOPS count useful FLOPs: 4·B·H·S²·D, halved (exactly) for causal. GPU rows: CUDA events; % of a nominal 800 TFLOPS.[/]");
         if (Cuda.CudaBackend.IsAvailable && report.Rows.Any(r => r.Backend == "cuda"))
         {

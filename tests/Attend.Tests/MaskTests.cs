@@ -6,7 +6,7 @@ namespace Attend.Tests;
 
 public sealed class MaskTests
 {
-    public static TheoryData<string> MaskNames() => [.. Catalog(64, 48).Keys];
+    public static TheoryData<string> MaskNames() => [.. Catalog(64, 64).Keys];
 
     /// <summary>Built-ins and compositions over Sq × Skv (Sq = Skv where the mask needs it).</summary>
     private static Dictionary<string, Mask> Catalog(int sq, int skv)
@@ -30,6 +30,14 @@ public sealed class MaskTests
             int[] d = sq == 64 ? docs : Enumerable.Range(0, sq).Select(i => i * 3 / sq).ToArray();
             m["document"] = Mask.Document(d);
             m["document&causal"] = Mask.Document(d) & Mask.Causal;
+        }
+        if (sq == 64 && skv == 64)
+        {
+            m["nbh1d(k7,d3)"] = Mask.Neighborhood([64], [7], [3]);
+            m["nbh2d(8x8,k3,d2)"] = Mask.Neighborhood([8, 8], [3, 3], [2, 2]);
+            m["nbh2d(8x8,k5,causal-y)"] = Mask.Neighborhood([8, 8], [5, 3], [1, 1], [true, false]);
+            m["nbh3d(4x4x4,k3)"] = Mask.Neighborhood([4, 4, 4], [3, 3, 3], [1, 1, 1], [false, false, true]);
+            m["nbh2d&causal"] = Mask.Neighborhood([8, 8], [3, 5]) & Mask.Causal;
         }
         return m;
     }

@@ -83,31 +83,102 @@ internal sealed class NeighborhoodMask : Mask
         return true;
     }
 
+    /// <summary>The allowed coordinates of axis <paramref name="axis"/> for query coordinate <paramref name="c"/>: start, step, count.</summary>
+    private (int Start, int Step, int Count) AxisWindow(int axis, int c)
+    {
+        int d = _dilation[axis];
+        int start = WindowStart(c, _grid[axis], _kernel[axis], d, _causal[axis]);
+        int count = _causal[axis] ? (c - start) / d + 1 : _kernel[axis];
+        return (start, d, count);
+    }
+
+    /// <summary>How many keys in [k0, k1) query <paramref name="q"/> attends: O(kernel of the outer axes), the innermost in O(1).</summary>
+    private int CountAllowed(int q, int k0, int k1)
+    {
+        int dims = _grid.Length;
+        Span<int> coord = stackalloc int[3];
+        Span<int> stride = stackalloc int[3];
+        int st = 1;
+        for (int a = dims - 1; a >= 0; a--)
+        {
+            coord[a] = q % _grid[a];
+            q /= _grid[a];
+            stride[a] = st;
+            st *= _grid[a];
+        }
+        var last = AxisWindow(dims - 1, coord[dims - 1]);
+        int count = 0;
+        if (dims == 1) return Progression(last.Start, last.Step, last.Count, k0, k1);
+        var w0 = AxisWindow(0, coord[0]);
+        for (int i0 = 0; i0 < w0.Count; i0++)
+        {
+            int base0 = (w0.Start + i0 * w0.Step) * stride[0];
+            if (base0 >= k1 || base0 + stride[0] <= k0) continue;
+            if (dims == 2)
+            {
+                count += Progression(base0 + last.Start, last.Step, last.Count, k0, k1);
+                continue;
+            }
+            var w1 = AxisWindow(1, coord[1]);
+            for (int i1 = 0; i1 < w1.Count; i1++)
+            {
+                int base1 = base0 + (w1.Start + i1 * w1.Step) * stride[1];
+                count += Progression(base1 + last.Start * stride[2], last.Step * stride[2], last.Count, k0, k1);
+            }
+        }
+        return count;
+    }
+
+    /// <summary>Terms of first + j·step (j &lt; n) inside [lo, hi).</summary>
+    private static int Progression(int first, int step, int n, int lo, int hi)
+    {
+        int jMin = first >= lo ? 0 : (lo - first + step - 1) / step;
+        int jMax = first > hi - 1 ? -1 : Math.Min(n - 1, (hi - 1 - first) / step);
+        return Math.Max(0, jMax - jMin + 1);
+    }
+
     public override BlockClass Classify(in MaskExtent extent, int batch, int head, int q0, int q1, int k0, int k1)
     {
         Check(extent);
-        return base.Classify(extent, batch, head, q0, q1, k0, k1);
+        int cols = k1 - k0;
+        bool anyEmpty = false, anyFull = false;
+        for (int q = q0; q < q1; q++)
+        {
+            int c = CountAllowed(q, k0, k1);
+            if (c != 0 && c != cols) return BlockClass.Partial;
+            if (c == 0) anyEmpty = true;
+            else anyFull = true;
+            if (anyEmpty && anyFull) return BlockClass.Partial;
+        }
+        return anyFull ? BlockClass.Full : BlockClass.Empty;
+    }
+
+    public override void KeyRanges(in MaskExtent extent, int batch, int head, int q0, int q1, List<(int Start, int End)> ranges)
+    {
+        ArgumentNullException.ThrowIfNull(ranges);
+        Check(extent);
+        // Union over the block's outer coordinates of their allowed outer coordinates, one key slab per coordinate.
+        int outer = _grid[0], inner = _tokens / outer;
+        int first = q0 / inner, last = (q1 - 1) / inner;
+        var rows = new SortedSet<int>();
+        for (int y = first; y <= last; y++)
+        {
+            var w = AxisWindow(0, y);
+            for (int i = 0; i < w.Count; i++) rows.Add(w.Start + i * w.Step);
+        }
+        foreach (int y in rows)
+        {
+            int s = y * inner, e = s + inner;
+            if (ranges.Count > 0 && ranges[^1].End == s) ranges[^1] = (ranges[^1].Start, e);
+            else ranges.Add((s, e));
+        }
     }
 
     public override (int Start, int End) KeyBounds(in MaskExtent extent, int batch, int head, int q0, int q1)
     {
-        // The outermost axis bounds the flattened key range: the union of the windows of the outer coordinates the
-        // query block spans (dilation groups make the starts non-monotonic, so take min and max over them).
-        int outer = _grid[0], inner = _tokens / outer;
-        int first = q0 / inner, last = (q1 - 1) / inner;
-        int d = _dilation[0];
-        int start = int.MaxValue, end = 0;
-        for (int y = first; y <= Math.Min(last, first + 2 * d); y++)
-        {
-            int s = WindowStart(y, outer, _kernel[0], d, _causal[0]);
-            start = Math.Min(start, s);
-        }
-        for (int y = Math.Max(first, last - 2 * d); y <= last; y++)
-        {
-            int s = WindowStart(y, outer, _kernel[0], d, _causal[0]);
-            end = Math.Max(end, _causal[0] ? y + 1 : s + (_kernel[0] - 1) * d + 1);
-        }
-        return (start * inner, Math.Min(end, outer) * inner);
+        var ranges = new List<(int Start, int End)>();
+        KeyRanges(extent, batch, head, q0, q1, ranges);
+        return ranges.Count == 0 ? (0, 0) : (ranges[0].Start, ranges[^1].End);
     }
 
     public override string ToCuda(in MaskExtent extent) =>

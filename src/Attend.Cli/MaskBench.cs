@@ -1,0 +1,118 @@
+using System.Diagnostics;
+using Attend.Masks;
+using Attend.Tensors;
+
+namespace Attend.Cli;
+
+/// <summary>
+/// <c>attend bench --suite masks</c>: the block-mask bars of the masks issue, each against a baseline measured in
+/// the same run — plan construction time for long sequences, executor time vs block density (random block masks),
+/// the all-Full plan vs plain dense, and a sliding window vs dense causal at S = 65536.
+/// </summary>
+internal static class MaskBench
+{
+    public const int Steps = 5;
+
+    public static List<BenchCommand.BenchRow> Run(BenchCommand.BenchPlan plan, double peak, Action<string> status, Action advance)
+    {
+        var rows = new List<BenchCommand.BenchRow>();
+        int threads = plan.Threads;
+
+        status("plan: causal & window(4096) | sink(64), S=1M");
+        int million = 1 << 20;
+        rows.Add(PlanRow("plan causal&window(4096)|sink(64)", million, () =>
+            BlockMask.Create((Mask.Causal & Mask.SlidingWindow(4096)) | Mask.Sink(64), 1, 1, million, million, 128, 128), plan.Reps, threads));
+        advance();
+
+        status("plan: neighborhood 256x256, kernel 13, dilation 2");
+        Mask nbh = Mask.Neighborhood([256, 256], [13, 13], [2, 2]);
+        rows.Add(PlanRow("plan neighborhood 256x256 k13 d2", 65536, () => BlockMask.Create(nbh, 1, 1, 65536, 65536, 128, 128), plan.Reps, threads));
+        advance();
+
+        // Executor vs density at S = 16384 (B=1, H=8, D=128 by default), random 128×128 block masks.
+        int s = plan.Lengths.Length > 0 && plan.Lengths[0] != 1024 ? plan.Lengths[0] : 16384;
+        int h = plan.Heads > 0 ? plan.Heads : 8, d = plan.HeadDims.Length > 0 && plan.HeadDims[0] != 64 ? plan.HeadDims[0] : 128;
+        status($"executor: dense and random block masks, S={s}");
+        TensorView<float> q = BenchCommand.RandomView<float>(1, 1, s, h, d), k = BenchCommand.RandomView<float>(2, 1, s, h, d), v = BenchCommand.RandomView<float>(3, 1, s, h, d);
+        var o = new TensorView<float>(new float[q.ElementCount], 1, s, h, d);
+        var tuning = new KernelTuning { Threads = threads, Path = plan.Path, BlockQ = 128 };
+        var shape = AttentionShape.Of(q, k, v);
+        double dense = Time(() => Attention.Forward(q, k, v, o, AttentionOptions.Default, tuning: tuning), plan.Reps, out double dMin, out double dMax, out int n);
+        rows.Add(Row("dense (no plan)", s, h, d, dense, dMin, dMax, n, shape.DenseFlops, peak, threads, 1.0, 1.0, "baseline of this block"));
+        var full = new AttentionOptions { Plan = BlockMask.Create(Mask.Full, 1, h, s, s, 128, 128) };
+        double fullTime = Time(() => Attention.Forward(q, k, v, o, full, tuning: tuning), plan.Reps, out dMin, out dMax, out n);
+        rows.Add(Row("dense via all-Full plan", s, h, d, fullTime, dMin, dMax, n, shape.DenseFlops, peak, threads, 1.0, dense / fullTime, "bar: within 3% of dense"));
+        advance();
+        foreach (double density in new[] { 0.5, 0.25, 0.1, 0.05 })
+        {
+            BlockMask random = RandomBlocks(h, s, density, seed: 7);
+            double visited = 1 - random.Sparsity;
+            var options = new AttentionOptions { Plan = random };
+            double t = Time(() => Attention.Forward(q, k, v, o, options, tuning: tuning), plan.Reps, out dMin, out dMax, out n);
+            double bound = 1.25 * visited * dense + 0.05 * dense;
+            rows.Add(Row($"random blocks d={density}", s, h, d, t, dMin, dMax, n, shape.DenseFlops * visited, peak, threads, visited, dense / t,
+                $"bar: <= 1.25*d*dense + 5% = {bound:F0} ms: {(t <= bound ? "met" : "MISSED")}"));
+        }
+        advance();
+
+        // Sliding window 1024 vs dense causal at S = 65536 (B=1, H=1, D=64).
+        status("executor: window(1024) vs dense causal, S=65536");
+        int sl = 65536, hl = 1, dl = 64;
+        TensorView<float> ql = BenchCommand.RandomView<float>(4, 1, sl, hl, dl), kl = BenchCommand.RandomView<float>(5, 1, sl, hl, dl), vl = BenchCommand.RandomView<float>(6, 1, sl, hl, dl);
+        var ol = new TensorView<float>(new float[ql.ElementCount], 1, sl, hl, dl);
+        var shapeL = AttentionShape.Of(ql, kl, vl);
+        var causal = new AttentionOptions { Causal = true };
+        double causalTime = Time(() => Attention.Forward(ql, kl, vl, ol, causal, tuning: tuning), Math.Min(plan.Reps, 3), out dMin, out dMax, out n);
+        rows.Add(Row("dense causal", sl, hl, dl, causalTime, dMin, dMax, n, shapeL.CausalFlops, peak, threads, 0.5, 1.0, "baseline of this block"));
+        var window = new AttentionOptions { Mask = Mask.Causal & Mask.SlidingWindow(1023) };
+        double windowTime = Time(() => Attention.Forward(ql, kl, vl, ol, window, tuning: tuning), plan.Reps, out dMin, out dMax, out n);
+        double windowPairs = 1024.0 * sl - 1024.0 * 1023 / 2;
+        rows.Add(Row("causal window 1024", sl, hl, dl, windowTime, dMin, dMax, n, 4.0 * hl * windowPairs * dl, peak, threads,
+            windowPairs / ((double)sl * sl), causalTime / windowTime, $"bar: >= 10x dense causal: {(causalTime / windowTime >= 10 ? "met" : "MISSED")}"));
+        advance();
+        return rows;
+    }
+
+    /// <summary>Random block masks of a given density; the diagonal block is always kept (as the peers script does).</summary>
+    internal static BlockMask RandomBlocks(int heads, int s, double density, int seed)
+    {
+        int blocks = (s + 127) / 128;
+        var rng = new Random(seed);
+        var keep = new bool[heads, blocks, blocks];
+        for (int h = 0; h < heads; h++)
+            for (int i = 0; i < blocks; i++)
+                for (int j = 0; j < blocks; j++)
+                    keep[h, i, j] = i == j || rng.NextDouble() < density;
+        return BlockMask.FromBlocks(1, heads, s, s, 128, 128, (b, h, qb) =>
+            Enumerable.Range(0, blocks).Where(j => keep[h, qb, j]).Select(j => (j, BlockClass.Full)));
+    }
+
+    private static BenchCommand.BenchRow PlanRow(string name, int s, Func<BlockMask> build, int reps, int threads)
+    {
+        BlockMask? last = null;
+        double t = Time(() => last = build(), reps, out double min, out double max, out int n);
+        return new BenchCommand.BenchRow("masks", name, DType.Float32, 1, 1, 1, s, 0, false, 1, KernelPath.Auto, t, min, max, n, 0, 0)
+        {
+            Density = 1 - last!.Sparsity,
+            Note = $"{last.VisitedBlocks} blocks; bar: <= 50 ms: {(t <= 50 ? "met" : "MISSED")}",
+        };
+    }
+
+    private static BenchCommand.BenchRow Row(string name, int s, int h, int d, double ms, double min, double max, int n, double flops, double peak, int threads,
+        double density, double speedup, string note) =>
+        new("masks", name, DType.Float32, 1, h, h, s, d, false, threads, KernelPath.Auto, ms, min, max, n, flops, peak)
+        {
+            Density = density,
+            SpeedupVsDense = speedup,
+            Note = note,
+        };
+
+    private static double Time(Action action, int reps, out double min, out double max, out int count)
+    {
+        List<double> times = BenchCommand.Measure(action, reps);
+        min = times[0];
+        max = times[^1];
+        count = times.Count;
+        return times[times.Count / 2];
+    }
+}
