@@ -12,6 +12,7 @@ internal sealed class AttentionArguments
     public Option<bool> Causal { get; } = new("--causal") { Description = "causal mask, bottom-right aligned" };
     public Option<float?> Scale { get; } = new("--scale") { Description = "score scale (default 1/sqrt(D))" };
     public Option<float> Softcap { get; } = new("--softcap") { Description = "tanh soft-cap of the scores (0: off)" };
+    public Option<string?> Mask { get; } = new("--mask") { Description = "mask expression, e.g. \"causal & window(1024) | sink(64)\" (see README)" };
     public Option<string> Device { get; } = new("--device") { Description = "cpu or cuda", DefaultValueFactory = _ => "cpu" };
     public Option<int> Threads { get; } = new("--threads") { Description = "worker threads (0: all cores)" };
     public Option<KernelPath> Path { get; } = new("--path") { Description = "SIMD path: Auto, Scalar, Vector128, Vector256, Vector512" };
@@ -19,7 +20,7 @@ internal sealed class AttentionArguments
 
     public void AddTo(Command command)
     {
-        foreach (Option o in new Option[] { Q, K, V, Causal, Scale, Softcap, Device, Threads, Path, Json }) command.Options.Add(o);
+        foreach (Option o in new Option[] { Q, K, V, Causal, Scale, Softcap, Mask, Device, Threads, Path, Json }) command.Options.Add(o);
     }
 
     public (Tensor Q, Tensor K, Tensor V) LoadInputs(ParseResult r)
@@ -55,6 +56,7 @@ internal sealed class AttentionArguments
         Causal = r.GetValue(Causal),
         Scale = r.GetValue(Scale),
         Softcap = r.GetValue(Softcap),
+        Mask = r.GetValue(Mask) is { } m ? Masks.MaskExpression.Parse(m) : null,
     };
 
     public KernelTuning Tuning(ParseResult r) => new() { Threads = r.GetValue(Threads), Path = r.GetValue(Path) };

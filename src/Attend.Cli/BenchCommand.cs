@@ -130,8 +130,8 @@ internal static class BenchCommand
                     ["suite"] = row.Suite, ["method"] = row.Method, ["dtype"] = DTypes.Name(row.DType), ["backend"] = row.Backend,
                     ["batch"] = row.Batch, ["heads"] = row.Heads, ["kvHeads"] = row.KvHeads, ["seqLen"] = row.Length,
                     ["headDim"] = row.HeadDim, ["causal"] = row.Causal, ["threads"] = row.Threads, ["path"] = row.Path.ToString(),
-                    ["medianMs"] = row.MedianMs, ["minMs"] = row.MinMs, ["maxMs"] = row.MaxMs, ["reps"] = row.Reps,
-                    ["usefulGflop"] = row.UsefulFlops / 1e9, ["gflops"] = row.Gflops, ["peakFraction"] = row.PeakFraction,
+                    ["medianMs"] = JsonOutput.Number(row.MedianMs), ["minMs"] = JsonOutput.Number(row.MinMs), ["maxMs"] = JsonOutput.Number(row.MaxMs), ["reps"] = row.Reps,
+                    ["usefulGflop"] = row.UsefulFlops / 1e9, ["gflops"] = JsonOutput.Number(row.Gflops), ["peakFraction"] = JsonOutput.Number(row.PeakFraction),
                     ["density"] = row.Density, ["speedupVsDense"] = row.SpeedupVsDense, ["note"] = row.Note,
                 });
             }

@@ -6,5 +6,6 @@ RootCommand root = new("attend — efficient attention on CPU and GPU: run, veri
     RunCommand.Create(),
     VerifyCommand.Create(),
     BenchCommand.Create(),
+    MaskCommand.Create(),
 };
 return CliErrors.Invoke(root, args);

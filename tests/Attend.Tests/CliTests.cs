@@ -108,6 +108,22 @@ public sealed class CliTests : IDisposable
     }
 
     [Fact]
+    public void Should_run_with_a_mask_expression_and_show_masks()
+    {
+        WriteInputs(DType.Float32, s: 64);
+        var (code, output, err) = Cli("verify", "--q", P("q.npy"), "--k", P("k.npy"), "--v", P("v.npy"), "--mask", "causal & window(8) | sink(2)");
+        Assert.True(code == 0, err + output);
+        Assert.Contains("PASS", output);
+        (code, output, err) = Cli("mask", "show", "--mask", "causal & window(256)", "--seq", "1024", "--block", "128");
+        Assert.True(code == 0, err);
+        Assert.Contains("sparsity", output);
+        Assert.Contains("#", output);
+        (code, _, err) = Cli("mask", "show", "--mask", "causal &", "--seq", "64");
+        Assert.Equal(2, code);
+        Assert.Contains("expected", err);
+    }
+
+    [Fact]
     public void Should_bench_a_small_suite_as_json()
     {
         var (code, _, err) = Cli("bench", "--seq", "128", "--head-dim", "32", "--causal", "yes", "--json", P("b.json"));

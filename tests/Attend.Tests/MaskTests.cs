@@ -220,3 +220,24 @@ public sealed class MaskTests
         Assert.Contains("sparsity", plan.ToString());
     }
 }
+
+public sealed class MaskExpressionTests
+{
+    [Theory]
+    [InlineData("causal & window(1024) | sink(64)", "((causal & window(1024, 0)) | sink(64))")]
+    [InlineData("!(causal)", "!causal")]
+    [InlineData("full", "full")]
+    [InlineData("causal & (window(8, 2) | prefix(3))", "(causal & (window(8, 2) | sink(3)))")]
+    [InlineData("neighborhood([16, 16], [3, 5], [1, 2])", "neighborhood(grid=[16,16], kernel=[3,5], dilation=[1,2], causal=[False,False])")]
+    public void Should_parse_and_bind_and_tighter_than_or(string text, string expected) =>
+        Assert.Equal(expected, MaskExpression.Parse(text).ToString());
+
+    [Theory]
+    [InlineData("causal &", "expected")]
+    [InlineData("window(x)", "integer")]
+    [InlineData("blah", "known mask name")]
+    [InlineData("window(-3)", "≥ 0")]
+    [InlineData("causal)", "end of expression")]
+    public void Should_explain_bad_expressions(string text, string message) =>
+        Assert.Contains(message, Assert.Throws<FormatException>(() => MaskExpression.Parse(text)).Message);
+}
