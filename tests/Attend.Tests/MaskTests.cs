@@ -24,12 +24,23 @@ public sealed class MaskTests
             ["!causal"] = !Mask.Causal,
             ["predicate"] = Mask.FromPredicate((b, h, q, kv) => (q * 7 + kv * 3 + h) % 5 != 0),
             ["causal&!window(3)"] = Mask.Causal & !Mask.SlidingWindow(3),
+            ["dilated(5,3)"] = Mask.DilatedWindow(5, 3),
+            ["dilated(9,1)"] = Mask.DilatedWindow(9, 1),
+            ["strided_shards(8,2,3)"] = Mask.StridedShards(8, 2, 3),
+            ["head_windows(5,17)"] = Mask.HeadWindows(5, 17),
+            ["head_chunks&causal"] = Mask.HeadChunks(10, [[0, 2], [1, 3, 4]]) & Mask.Causal,
+            ["global(3,20)|causal&window(4)"] = Mask.GlobalTokens(3, 20) | (Mask.Causal & Mask.SlidingWindow(4)),
+            ["global_columns(0,1)|window(2,2)"] = Mask.GlobalColumns(0, 1) | Mask.SlidingWindow(2, 2),
+            ["regions"] = Mask.Regions([(0, 10, 5, 30), (20, 40, 0, 8), (30, 64, 30, 48)]),
         };
         if (sq == skv)
         {
             int[] d = sq == 64 ? docs : Enumerable.Range(0, sq).Select(i => i * 3 / sq).ToArray();
             m["document"] = Mask.Document(d);
             m["document&causal"] = Mask.Document(d) & Mask.Causal;
+            m["shifted_groups(8)&causal"] = Mask.ShiftedGroups(8) & Mask.Causal;
+            m["shifted_groups(6)"] = Mask.ShiftedGroups(6);
+            m["blockrank"] = Mask.BlockDiagonal(d, 5, sq - 1);
         }
         if (sq == 64 && skv == 64)
         {

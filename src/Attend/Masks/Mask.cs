@@ -123,6 +123,36 @@ public abstract class Mask
     public static Mask Neighborhood(int[] grid, int[] kernel, int[]? dilation = null, bool[]? causal = null) =>
         new NeighborhoodMask(grid, kernel, dilation, causal);
 
+    /// <summary>1-D dilated causal window: keys i + Skv − Sq − t·<paramref name="dilation"/> for t &lt; <paramref name="window"/>.</summary>
+    public static Mask DilatedWindow(int window, int dilation) => new DilatedWindowMask(window, dilation);
+
+    /// <summary>LongLoRA shifted groups (arXiv:2309.12307): groups of <paramref name="groupSize"/> tokens, the second half of the heads shifted by half a group.</summary>
+    public static Mask ShiftedGroups(int groupSize) => new ShiftedGroupsMask(groupSize);
+
+    /// <summary>S2-Attention / DKernel local-stride shards (arXiv:2407.17678): per head, the last <paramref name="localBlocks"/> blocks plus every <paramref name="vertStride"/>-th block, phase shifted by head; causal.</summary>
+    public static Mask StridedShards(int blockSize, int localBlocks, int vertStride) => new StridedShardsMask(blockSize, localBlocks, vertStride);
+
+    /// <summary>MoA per-head causal windows (arXiv:2406.14909): head h sees its last <c>windows[h]</c> keys.</summary>
+    public static Mask HeadWindows(params int[] windows) => new PerHeadWindowMask(windows);
+
+    /// <summary>LongHeads per-head chunk lists (arXiv:2402.10685): head h attends the key chunks <c>chunks[h]</c>.</summary>
+    public static Mask HeadChunks(int chunkSize, int[][] chunks) => new HeadChunksMask(chunkSize, chunks);
+
+    /// <summary>Global tokens as rows and columns: the positions see every key and every query sees them.</summary>
+    public static Mask GlobalTokens(params int[] positions) => new GlobalTokensMask(positions, rows: true, columns: true);
+
+    /// <summary>Global rows only: the listed queries see every key (BlockRank's designated rows: <c>Document(segments) | GlobalRows(rows)</c>).</summary>
+    public static Mask GlobalRows(params int[] positions) => new GlobalTokensMask(positions, rows: true, columns: false);
+
+    /// <summary>Global columns only: every query sees the listed keys.</summary>
+    public static Mask GlobalColumns(params int[] positions) => new GlobalTokensMask(positions, rows: false, columns: true);
+
+    /// <summary>BlockRank-style block-diagonal segments, plus designated query rows that see all.</summary>
+    public static Mask BlockDiagonal(int[] segments, params int[] allSeeingRows) => Document(segments) | GlobalRows(allSeeingRows);
+
+    /// <summary>A list of rectangles [q0, q1) × [k0, k1) of allowed pairs (ART-style region lists).</summary>
+    public static Mask Regions(IEnumerable<(int QueryStart, int QueryEnd, int KeyStart, int KeyEnd)> regions) => new RegionsMask(regions);
+
     /// <summary>An arbitrary per-pair function (CPU only; blocks are classified by evaluating them: O(Sq·Skv)).</summary>
     public static Mask FromPredicate(MaskPredicate predicate, bool dependsOnBatch = true, bool dependsOnHead = true) =>
         new PredicateMask(predicate, dependsOnBatch, dependsOnHead);
