@@ -72,11 +72,15 @@ public static unsafe class KernelCompiler
     /// "sm_XY[a]" gives a CUBIN, "compute_XY" PTX. Uses the disk cache unless <paramref name="useDiskCache"/> is false.
     /// </summary>
     /// <exception cref="KernelCompilationException">with the NVRTC log when the source does not compile.</exception>
-    public static CompiledImage Compile(string sourceName, IReadOnlyDictionary<string, string> defines, string architecture, bool useDiskCache = true)
+    public static CompiledImage Compile(string sourceName, IReadOnlyDictionary<string, string> defines, string architecture, bool useDiskCache = true) =>
+        CompileSource(Source(sourceName), sourceName, defines, architecture, useDiskCache);
+
+    /// <summary>Compiles generated CUDA source text (e.g. a kernel around a mask's <c>ToCuda()</c> expression).</summary>
+    public static CompiledImage CompileSource(string source, string sourceName, IReadOnlyDictionary<string, string> defines, string architecture, bool useDiskCache = true)
     {
+        ArgumentNullException.ThrowIfNull(source);
         ArgumentNullException.ThrowIfNull(defines);
         RequireNvrtc();
-        string source = Source(sourceName);
         bool cubin = architecture.StartsWith("sm_", StringComparison.Ordinal);
         var options = new List<string> { $"--gpu-architecture={architecture}", "--std=c++17", "-default-device" };
         options.AddRange(defines.OrderBy(d => d.Key, StringComparer.Ordinal).Select(d => $"-D{d.Key}={d.Value}"));

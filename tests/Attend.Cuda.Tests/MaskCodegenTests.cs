@@ -1,0 +1,70 @@
+using Attend.Masks;
+
+namespace Attend.Cuda.Tests;
+
+/// <summary>
+/// Every mask's <c>ToCuda()</c> is a well-formed C expression: it compiles inside a kernel through NVRTC (no GPU
+/// needed), and on a GPU it allows exactly the pairs <c>Allows</c> does.
+/// </summary>
+public sealed class MaskCodegenTests
+{
+    private const int Sq = 48, Skv = 64, Heads = 2;
+
+    private static Dictionary<string, Mask> Catalog() => new()
+    {
+        ["full"] = Mask.Full,
+        ["causal"] = Mask.Causal,
+        ["window"] = Mask.SlidingWindow(7, 2),
+        ["sink|causal&window"] = Mask.Sink(4) | (Mask.Causal & Mask.SlidingWindow(6)),
+        ["!causal"] = !Mask.Causal,
+        ["dilated"] = Mask.DilatedWindow(5, 3),
+        ["strided_shards"] = Mask.StridedShards(8, 2, 3),
+        ["head_windows"] = Mask.HeadWindows(5, 17),
+        ["regions"] = Mask.Regions([(0, 10, 5, 30), (20, 40, 0, 8)]),
+    };
+
+    public static TheoryData<string> Names() => [.. Catalog().Keys];
+
+    private static string KernelSource(Mask mask) => $$"""
+        extern "C" __global__ void mask_eval(unsigned char* out)
+        {
+            int i = blockIdx.x * blockDim.x + threadIdx.x;
+            if (i >= {{Heads * Sq * Skv}}) return;
+            int b = 0, h = i / ({{Sq * Skv}}), q = (i / {{Skv}}) % {{Sq}}, kv = i % {{Skv}};
+            (void)b;
+            out[i] = ({{mask.ToCuda(new MaskExtent(1, Heads, Sq, Skv))}}) ? 1 : 0;
+        }
+        """;
+
+    [Theory]
+    [MemberData(nameof(Names))]
+    public void Should_compile_the_cuda_expression(string name)
+    {
+        if (!KernelCompiler.NvrtcAvailable) return;
+        CompiledImage image = KernelCompiler.CompileSource(KernelSource(Catalog()[name]), $"mask_{name}.cu", new Dictionary<string, string>(), "compute_80", useDiskCache: false);
+        Assert.NotEmpty(image.Image);
+    }
+
+    [CudaTheory]
+    [MemberData(nameof(Names))]
+    public unsafe void Should_allow_on_the_gpu_exactly_what_allows_says(string name)
+    {
+        Mask mask = Catalog()[name];
+        CudaDevice device = CudaBackend.Device;
+        CompiledImage image = KernelCompiler.CompileSource(KernelSource(mask), $"mask_{name}.cu", new Dictionary<string, string>(), device.Architecture);
+        var kernel = new CudaKernel(image, "mask_eval");
+        int n = Heads * Sq * Skv;
+        using DeviceBuffer<byte> result = DeviceBuffer<byte>.Allocate(n);
+        ulong ptr = result.Pointer;
+        void* arg = &ptr;
+        kernel.Launch((uint)((n + 255) / 256), 1, 1, 256, 0, &arg);
+        var host = new byte[n];
+        result.CopyTo(host);
+        var e = new MaskExtent(1, Heads, Sq, Skv);
+        for (int i = 0; i < n; i++)
+        {
+            int h = i / (Sq * Skv), q = i / Skv % Sq, kv = i % Skv;
+            Assert.True((host[i] == 1) == mask.Allows(e, 0, h, q, kv), $"{name}: h={h} q={q} kv={kv}");
+        }
+    }
+}
