@@ -51,9 +51,10 @@ public sealed record AttentionOptions
     public Mask? Mask { get; init; }
 
     /// <summary>
-    /// A prebuilt block plan (from <see cref="BlockMask.Create"/> or a sparse selector). It is the whole
+    /// A prebuilt plan — a <see cref="BlockMask"/> (from <see cref="BlockMask.Create"/> or a sparse selector), a
+    /// <see cref="TokenSet"/>, or both as a <see cref="SparsityPlan"/>. It is the whole
     /// specification of which pairs are computed: Causal, Mask and Predicate must then be unset. Its extent must match
     /// the inputs; on the CPU its BlockK must be a multiple of 64 and its BlockQ a multiple of 4 up to 256.
     /// </summary>
-    public BlockMask? Plan { get; init; }
+    public SparsityPlan? Plan { get; init; }
 }

@@ -252,3 +252,48 @@ public sealed class MaskExpressionTests
     public void Should_explain_bad_expressions(string text, string message) =>
         Assert.Contains(message, Assert.Throws<FormatException>(() => MaskExpression.Parse(text)).Message);
 }
+
+public sealed class TokenSetTests
+{
+    private static TokenSet RandomTokens(int heads, int s, int blockQ, int perBlock, int seed, Mask? mask) =>
+        TokenSet.Create(1, heads, s, s, blockQ, (b, h, qb) =>
+        {
+            var rng = new Random(seed + h * 1000 + qb);
+            return Enumerable.Range(0, perBlock).Select(_ => rng.Next(s));
+        }, mask);
+
+    [Fact]
+    public void Should_gather_listed_tokens_like_the_reference()
+    {
+        int s = 150;
+        TokenSet tokens = RandomTokens(2, s, 16, 70, 3, Mask.Causal);
+        AttentionConformance.Check<float>(1, s, s, 2, 1, 40, new AttentionOptions { Plan = tokens },
+            new[] { KernelPath.Scalar, KernelPath.Vector512 }.Select(path => (path.ToString(), (AttentionRunner<float>)((q, k, v, o, lse, opt) =>
+                Attention.Forward(q, k, v, o, opt, lse, new KernelTuning { Path = path })))).ToList());
+    }
+
+    [Fact]
+    public void Should_combine_blocks_and_tokens_without_counting_twice()
+    {
+        // Vertical-slash-like: a causal window as blocks, plus stripe columns as tokens (some inside visited blocks).
+        int s = 200;
+        BlockMask window = BlockMask.Create(Mask.Causal & Mask.SlidingWindow(40), 1, 2, s, s, 32, 64);
+        TokenSet stripes = TokenSet.Create(1, 2, s, s, 32, (b, h, qb) => [0, 1, 2, 17 + h, 90, 150, qb * 32 + 5], Mask.Causal);
+        var plan = new SparsityPlan(window, stripes);
+        var options = new AttentionOptions { Plan = plan, Softcap = 4f, AlibiSlopes = [0.1f, 0.02f] };
+        AttentionConformance.Check<BFloat16>(1, s, s, 2, 2, 32, options, "blocks+tokens", (q, k, v, o, lse, opt) => Attention.Forward(q, k, v, o, opt, lse));
+        // Exactly the union: a listed token inside a visited block follows the block's mask.
+        Assert.False(plan.Allows(0, 0, 100, 150));      // token 150 is in the future: the token mask (causal) excludes it
+        Assert.True(plan.Allows(0, 0, 160, 150));       // listed, past, outside the window blocks
+        Assert.True(plan.Allows(0, 0, 100, 90));        // within the window
+    }
+
+    [Fact]
+    public void Should_reject_tokens_outside_the_keys_and_mismatched_plans()
+    {
+        Assert.Throws<ArgumentException>(() => TokenSet.Create(1, 1, 10, 10, 4, (b, h, qb) => [10]));
+        BlockMask blocks = BlockMask.Create(Mask.Causal, 1, 1, 64, 64, 16, 64);
+        TokenSet tokens = TokenSet.Create(1, 1, 64, 64, 8, (b, h, qb) => [0]);
+        Assert.Throws<ArgumentException>(() => new SparsityPlan(blocks, tokens));
+    }
+}

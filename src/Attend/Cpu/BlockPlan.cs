@@ -24,6 +24,14 @@ internal unsafe interface IBlockPlan
 
     /// <summary>Sets to −∞ the scores of excluded pairs in a block: rows [q0, q0+rows), keys [kv0, kv0+cols), row stride ld.</summary>
     void ApplyMask(int batch, int head, int q0, int rows, int kv0, int cols, float* scores, int ld);
+
+    /// <summary>Writes the sorted key tokens the query block gathers beyond its blocks; returns how many (0: none).</summary>
+    int GatherTokens(int batch, int head, int qStart, Span<int> tokens) => 0;
+
+    /// <summary>Sets to −∞ the excluded pairs among gathered tokens: rows [q0, q0+rows), keys <paramref name="keys"/>.</summary>
+    void ApplyTokenMask(int batch, int head, int q0, int rows, ReadOnlySpan<int> keys, float* scores, int ld)
+    {
+    }
 }
 
 /// <summary>The plan of <see cref="AttentionOptions"/>: dense, causal (bottom-right), and/or an element predicate.</summary>
@@ -78,35 +86,40 @@ internal sealed unsafe class OptionsPlan(AttentionShape shape, bool causal, Mask
 }
 
 /// <summary>
-/// A <see cref="Masks.BlockMask"/> as the executor's plan: each mask key block expands into BlockK / 64 executor
-/// key blocks of the same kind; Partial blocks evaluate the mask per element.
+/// A <see cref="Masks.SparsityPlan"/> as the executor's plan: each BlockMask key block expands into BlockK / 64
+/// executor key blocks of the same kind (Partial blocks evaluate the mask per element); TokenSet tokens outside the
+/// visited blocks are gathered.
 /// </summary>
-internal sealed unsafe class BlockMaskPlan : IBlockPlan
+internal sealed unsafe class SparsityPlanAdapter : IBlockPlan
 {
-    private readonly Masks.BlockMask _plan;
+    private readonly Masks.BlockMask? _blocks;
+    private readonly Masks.TokenSet? _tokens;
     private readonly int _expand;
     private readonly int _executorKeyBlocks;
 
-    public BlockMaskPlan(Masks.BlockMask plan)
+    public SparsityPlanAdapter(Masks.SparsityPlan plan)
     {
-        if (plan.BlockK % FlashAttentionCpu.BlockKv != 0)
+        _blocks = plan.Blocks;
+        _tokens = plan.Tokens;
+        if (_blocks is not null && _blocks.BlockK % FlashAttentionCpu.BlockKv != 0)
         {
-            throw new ArgumentException($"the CPU executor needs BlockK to be a multiple of {FlashAttentionCpu.BlockKv}; the plan has {plan.BlockK}", nameof(plan));
+            throw new ArgumentException($"the CPU executor needs BlockK to be a multiple of {FlashAttentionCpu.BlockKv}; the plan has {_blocks.BlockK}", nameof(plan));
         }
         if (plan.BlockQ % 4 != 0 || plan.BlockQ > 256)
         {
             throw new ArgumentException($"the CPU executor needs BlockQ to be a multiple of 4 up to 256; the plan has {plan.BlockQ}", nameof(plan));
         }
-        _plan = plan;
-        _expand = plan.BlockK / FlashAttentionCpu.BlockKv;
+        BlockQ = plan.BlockQ;
+        _expand = (_blocks?.BlockK ?? FlashAttentionCpu.BlockKv) / FlashAttentionCpu.BlockKv;
         _executorKeyBlocks = (plan.Extent.KeyLength + FlashAttentionCpu.BlockKv - 1) / FlashAttentionCpu.BlockKv;
     }
 
-    public int BlockQ => _plan.BlockQ;
+    public int BlockQ { get; }
 
     public int KeyBlocks(int batch, int head, int qStart, int qEnd, Span<int> blocks, Span<BlockKind> kinds)
     {
-        ReadOnlySpan<int> cols = _plan.Row(batch, head, qStart / _plan.BlockQ, out ReadOnlySpan<Masks.BlockClass> classes);
+        if (_blocks is null) return 0;
+        ReadOnlySpan<int> cols = _blocks.Row(batch, head, qStart / BlockQ, out ReadOnlySpan<Masks.BlockClass> classes);
         int count = 0;
         for (int i = 0; i < cols.Length; i++)
         {
@@ -125,15 +138,44 @@ internal sealed unsafe class BlockMaskPlan : IBlockPlan
 
     public void ApplyMask(int batch, int head, int q0, int rows, int kv0, int cols, float* scores, int ld)
     {
-        Masks.Mask? mask = _plan.Mask;
+        Masks.Mask? mask = _blocks?.Mask;
         if (mask is null) return;
-        Masks.MaskExtent extent = _plan.Extent;
+        Masks.MaskExtent extent = _blocks!.Extent;
         for (int r = 0; r < rows; r++)
         {
             float* row = scores + (long)r * ld;
             for (int c = 0; c < cols; c++)
             {
                 if (!mask.Allows(extent, batch, head, q0 + r, kv0 + c)) row[c] = float.NegativeInfinity;
+            }
+        }
+    }
+
+    public int GatherTokens(int batch, int head, int qStart, Span<int> tokens)
+    {
+        if (_tokens is null) return 0;
+        ReadOnlySpan<int> listed = _tokens.Row(batch, head, qStart / BlockQ);
+        ReadOnlySpan<int> visited = _blocks is null ? default : _blocks.Row(batch, head, qStart / BlockQ, out _);
+        int count = 0;
+        foreach (int t in listed)
+        {
+            if (_blocks is not null && visited.BinarySearch(t / _blocks.BlockK) >= 0) continue;   // inside a visited block
+            tokens[count++] = t;
+        }
+        return count;
+    }
+
+    public void ApplyTokenMask(int batch, int head, int q0, int rows, ReadOnlySpan<int> keys, float* scores, int ld)
+    {
+        Masks.Mask? mask = _tokens?.Mask;
+        if (mask is null) return;
+        Masks.MaskExtent extent = _tokens!.Extent;
+        for (int r = 0; r < rows; r++)
+        {
+            float* row = scores + (long)r * ld;
+            for (int c = 0; c < keys.Length; c++)
+            {
+                if (!mask.Allows(extent, batch, head, q0 + r, keys[c])) row[c] = float.NegativeInfinity;
             }
         }
     }

@@ -66,6 +66,25 @@ internal static unsafe partial class FlashAttentionCpu
             }
         }
 
+        int tokenCount = p.Plan.GatherTokens(b, h, q0, sc.Tokens);
+        for (int t0 = 0; t0 < tokenCount; t0 += BlockKv)
+        {
+            int cols = Math.Min(BlockKv, tokenCount - t0);
+            ReadOnlySpan<int> keys = sc.Tokens.AsSpan(t0, cols);
+            bool nonFinite = GatherPanel(p, b, hk, keys, sc.KGather, sc.VGather);
+            ScoreTile<TV, TOps>(sc.Q, sc.KGather, sc.S, rowsPadded, d);
+            if (p.Softcap > 0) Softcap<TV, TOps>(sc.S, rowsPadded, p.Softcap);
+            if (p.AlibiSlopes is not null || p.Bias is not null) AddBias(p, b, h, q0, rows, keys, sc.S);
+            p.Plan.ApplyTokenMask(b, h, q0, rows, keys, sc.S, BlockKv);
+            if (cols < BlockKv)
+            {
+                for (int r = 0; r < rowsPadded; r++) new Span<float>(sc.S + r * BlockKv + cols, BlockKv - cols).Fill(float.NegativeInfinity);
+            }
+            OnlineSoftmax<TV, TOps>(sc, rowsPadded);
+            if (nonFinite) AccumulateSkippingZeros<TV, TOps>(sc.S, sc.VGather, sc.O, sc.Alpha, rowsPadded, dvPad);
+            else AccumulateTile<TV, TOps>(sc.S, sc.VGather, sc.O, sc.Alpha, rowsPadded, dvPad);
+        }
+
         // Normalize and store. A row that saw no key has sum 0: output 0, LSE −∞ (NaN sums stay NaN).
         T* oBase = p.O + b * p.OStrides[0] + h * p.OStrides[2];
         long od = p.OStrides[3];
@@ -246,6 +265,48 @@ internal static unsafe partial class FlashAttentionCpu
         {
             TV e = TOps.Exp2(TOps.Mul(TOps.Load(s + i), inner));
             TOps.Store(s + i, TOps.Mul(outer, TOps.Sub(one, TOps.Div(two, TOps.Add(one, e)))));
+        }
+    }
+
+    /// <summary>Copies gathered key tokens out of the packed panels into one K panel and one V panel (zero padded); true when a source value block holds NaN/Inf.</summary>
+    private static bool GatherPanel<T>(Problem<T> p, int b, int hk, ReadOnlySpan<int> keys, float* kPanel, float* vPanel) where T : unmanaged
+    {
+        int d = p.Shape.HeadDim, dvPad = p.ValueDimPadded;
+        bool nonFinite = false;
+        for (int jj = 0; jj < BlockKv; jj++)
+        {
+            if (jj >= keys.Length)
+            {
+                for (int c = 0; c < d; c++) kPanel[c * BlockKv + jj] = 0f;
+                new Span<float>(vPanel + (long)jj * dvPad, dvPad).Clear();
+                continue;
+            }
+            int j = keys[jj];
+            long panel = p.PanelIndex(b, hk, j / BlockKv);
+            int within = j % BlockKv;
+            float* kSrc = p.PackedK + panel * BlockKv * d + within;
+            for (int c = 0; c < d; c++) kPanel[c * BlockKv + jj] = kSrc[c * BlockKv];
+            new Span<float>(p.PackedV + (panel * BlockKv + within) * dvPad, dvPad).CopyTo(new Span<float>(vPanel + (long)jj * dvPad, dvPad));
+            nonFinite |= p.ValueBlockNonFinite[panel];
+        }
+        return nonFinite;
+    }
+
+    /// <summary>Adds ALiBi and the bias tensor (log2 units) to the scores of gathered keys.</summary>
+    private static void AddBias<T>(Problem<T> p, int b, int h, int q0, int rows, ReadOnlySpan<int> keys, float* s) where T : unmanaged
+    {
+        AttentionShape shape = p.Shape;
+        long offset = (long)shape.KeyLength - shape.QueryLength;
+        float slope = p.AlibiSlopes?[(b * shape.Heads) + h] ?? 0f;
+        for (int r = 0; r < rows; r++)
+        {
+            float* row = s + (long)r * BlockKv;
+            int q = q0 + r;
+            for (int c = 0; c < keys.Length; c++)
+            {
+                if (slope != 0f) row[c] += slope * MathF.Abs(q + offset - keys[c]);
+                if (p.Bias is not null) row[c] += p.Bias[b * p.BiasStrides![0] + h * p.BiasStrides[1] + q * p.BiasStrides[2] + keys[c] * p.BiasStrides[3]] * Log2E;
+            }
         }
     }
 

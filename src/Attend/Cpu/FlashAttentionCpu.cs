@@ -61,9 +61,9 @@ internal static unsafe partial class FlashAttentionCpu
         IBlockPlan plan;
         if (options.Plan is not null || options.Mask is not null)
         {
-            Masks.BlockMask blockMask = options.Plan ?? Masks.BlockMask.Create(CombinedMask(options), shape.Batch, shape.Heads,
+            Masks.SparsityPlan sparsity = options.Plan ?? Masks.BlockMask.Create(CombinedMask(options), shape.Batch, shape.Heads,
                 shape.QueryLength, shape.KeyLength, blockQ, BlockKv);
-            var maskPlan = new BlockMaskPlan(blockMask);
+            var maskPlan = new SparsityPlanAdapter(sparsity);
             blockQ = maskPlan.BlockQ;       // the executor's query blocks are the plan's
             plan = maskPlan;
         }
@@ -132,7 +132,8 @@ internal static unsafe partial class FlashAttentionCpu
 
         int bh = s.Batch * s.Heads;
         int items = bh * p.QueryBlocks;
-        WorkQueue.Run(items, threads, () => new Scratch(p.BlockQ, s.HeadDim, p.ValueDimPadded, p.KeyBlocks), (i, scratch) =>
+        bool gathers = p.Plan is SparsityPlanAdapter;
+        WorkQueue.Run(items, threads, () => new Scratch(p.BlockQ, s.HeadDim, p.ValueDimPadded, p.KeyBlocks, gathers ? s.KeyLength : 0), (i, scratch) =>
         {
             // Last query blocks first: under a causal plan they are the longest, which balances the threads' tails.
             int qb = p.QueryBlocks - 1 - (i / bh);
@@ -190,9 +191,15 @@ internal static unsafe partial class FlashAttentionCpu
         public readonly float* Alpha;    // [BlockQ] rescale factor of the current block
         public readonly int[] Blocks;
         public readonly BlockKind[] Kinds;
+        public readonly int[] Tokens;    // gathered key tokens of the current query block (TokenSet plans)
+        public readonly float* KGather;  // [D, 64] gathered keys, transposed like a K panel
+        public readonly float* VGather;  // [64, Dv'] gathered values
 
-        public Scratch(int blockQ, int headDim, int valueDimPadded, int keyBlocks)
+        public Scratch(int blockQ, int headDim, int valueDimPadded, int keyBlocks, int maxTokens)
         {
+            Tokens = new int[maxTokens];
+            KGather = maxTokens > 0 ? Alloc(headDim * BlockKv) : null;
+            VGather = maxTokens > 0 ? Alloc(BlockKv * valueDimPadded) : null;
             Q = Alloc(blockQ * headDim);
             S = Alloc(blockQ * BlockKv);
             O = Alloc(blockQ * valueDimPadded);
@@ -213,6 +220,8 @@ internal static unsafe partial class FlashAttentionCpu
             NativeMemory.AlignedFree(RowMax);
             NativeMemory.AlignedFree(RowSum);
             NativeMemory.AlignedFree(Alpha);
+            if (KGather != null) NativeMemory.AlignedFree(KGather);
+            if (VGather != null) NativeMemory.AlignedFree(VGather);
         }
     }
 }

@@ -1,0 +1,142 @@
+namespace Attend.Masks;
+
+/// <summary>
+/// A plan finer than blocks: for each (batch, head, query block) a sorted list of key token indices that every
+/// query of the block attends (vertical stripes, top-k tokens, retrieved tokens). An optional element mask (e.g.
+/// <see cref="Mask.Causal"/>) still applies to the gathered pairs. Stored as CSR; broadcast over batch/heads when
+/// built with one row set.
+/// </summary>
+public sealed class TokenSet
+{
+    private readonly int[] _rowStart;
+    private readonly int[] _tokens;
+
+    private TokenSet(MaskExtent extent, int blockQ, int planBatch, int planHeads, int[] rowStart, int[] tokens, Mask? mask)
+    {
+        Extent = extent;
+        BlockQ = blockQ;
+        PlanBatch = planBatch;
+        PlanHeads = planHeads;
+        _rowStart = rowStart;
+        _tokens = tokens;
+        Mask = mask;
+    }
+
+    /// <summary>B, H, Sq, Skv.</summary>
+    public MaskExtent Extent { get; }
+
+    /// <summary>Query rows per block.</summary>
+    public int BlockQ { get; }
+
+    /// <summary>Batch entries stored (1: broadcast).</summary>
+    public int PlanBatch { get; }
+
+    /// <summary>Heads stored (1: broadcast).</summary>
+    public int PlanHeads { get; }
+
+    /// <summary>Element mask applied to gathered pairs; null: none.</summary>
+    public Mask? Mask { get; }
+
+    /// <summary>Query blocks per (batch, head).</summary>
+    public int QueryBlocks => (Extent.QueryLength + BlockQ - 1) / BlockQ;
+
+    /// <summary>Total listed tokens over all stored rows.</summary>
+    public int Count => _tokens.Length;
+
+    /// <summary>
+    /// Builds a token set: <paramref name="tokens"/> gives the key indices of (batch, head, query block); they are
+    /// sorted and de-duplicated. With <paramref name="broadcast"/> the function is asked once, for (0, 0, qb).
+    /// </summary>
+    public static TokenSet Create(int batch, int heads, int queryLength, int keyLength, int blockQ,
+        Func<int, int, int, IEnumerable<int>> tokens, Mask? mask = null, bool broadcast = false)
+    {
+        ArgumentNullException.ThrowIfNull(tokens);
+        if (batch < 1 || heads < 1 || queryLength < 1 || keyLength < 1 || blockQ < 1)
+        {
+            throw new ArgumentException($"TokenSet needs B, H, Sq, Skv, blockQ ≥ 1; got B={batch}, H={heads}, Sq={queryLength}, Skv={keyLength}, blockQ={blockQ}");
+        }
+        var extent = new MaskExtent(batch, heads, queryLength, keyLength);
+        int pb = broadcast ? 1 : batch, ph = broadcast ? 1 : heads;
+        int queryBlocks = (queryLength + blockQ - 1) / blockQ;
+        var rowStart = new int[pb * ph * queryBlocks + 1];
+        var all = new List<int>();
+        int row = 0;
+        for (int b = 0; b < pb; b++)
+            for (int h = 0; h < ph; h++)
+                for (int qb = 0; qb < queryBlocks; qb++)
+                {
+                    rowStart[row++] = all.Count;
+                    foreach (int t in tokens(b, h, qb).Distinct().Order())
+                    {
+                        if (t < 0 || t >= keyLength) throw new ArgumentException($"token {t} of (b={b}, h={h}, query block {qb}) is outside 0..{keyLength - 1}", nameof(tokens));
+                        all.Add(t);
+                    }
+                }
+        rowStart[row] = all.Count;
+        return new TokenSet(extent, blockQ, pb, ph, rowStart, [.. all], mask);
+    }
+
+    /// <summary>The sorted key tokens of (batch, head, query block).</summary>
+    public ReadOnlySpan<int> Row(int batch, int head, int queryBlock)
+    {
+        int b = PlanBatch == 1 ? 0 : batch, h = PlanHeads == 1 ? 0 : head;
+        int r = ((b * PlanHeads) + h) * QueryBlocks + queryBlock;
+        return _tokens.AsSpan(_rowStart[r], _rowStart[r + 1] - _rowStart[r]);
+    }
+
+    /// <summary>Whether query q's block lists key kv and the element mask allows the pair.</summary>
+    public bool Allows(int batch, int head, int q, int kv) =>
+        Row(batch, head, q / BlockQ).BinarySearch(kv) >= 0 && (Mask?.Allows(Extent, batch, head, q, kv) ?? true);
+}
+
+/// <summary>
+/// What the executor runs: a <see cref="BlockMask"/> and/or a <see cref="TokenSet"/> over the same extent and
+/// query blocks. A pair is computed when the block plan computes it, or when its key is listed in the token set
+/// and its key block is not visited by the block plan (tokens inside visited blocks belong to those blocks).
+/// </summary>
+public sealed class SparsityPlan
+{
+    /// <summary>A plan of blocks, tokens or both.</summary>
+    public SparsityPlan(BlockMask? blocks, TokenSet? tokens = null)
+    {
+        if (blocks is null && tokens is null) throw new ArgumentException("a plan needs blocks, tokens or both");
+        if (blocks is not null && tokens is not null && (blocks.Extent != tokens.Extent || blocks.BlockQ != tokens.BlockQ))
+        {
+            throw new ArgumentException($"blocks and tokens must share extent and BlockQ; got {blocks.Extent}/{blocks.BlockQ} and {tokens.Extent}/{tokens.BlockQ}", nameof(tokens));
+        }
+        Blocks = blocks;
+        Tokens = tokens;
+    }
+
+    /// <summary>The block plan, if any.</summary>
+    public BlockMask? Blocks { get; }
+
+    /// <summary>The token plan, if any.</summary>
+    public TokenSet? Tokens { get; }
+
+    /// <summary>B, H, Sq, Skv.</summary>
+    public MaskExtent Extent => Blocks?.Extent ?? Tokens!.Extent;
+
+    /// <summary>Query rows per block.</summary>
+    public int BlockQ => Blocks?.BlockQ ?? Tokens!.BlockQ;
+
+    /// <summary>A plan of blocks only.</summary>
+    public static implicit operator SparsityPlan(BlockMask blocks) => new(blocks);
+
+    /// <summary>A plan of tokens only.</summary>
+    public static implicit operator SparsityPlan(TokenSet tokens) => new(null, tokens);
+
+    /// <summary>Same as the implicit conversion.</summary>
+    public static SparsityPlan FromBlockMask(BlockMask blocks) => new(blocks);
+
+    /// <summary>Whether the plan computes (q, kv).</summary>
+    public bool Allows(int batch, int head, int q, int kv)
+    {
+        if (Blocks is not null)
+        {
+            if (Blocks.Allows(batch, head, q, kv)) return true;
+            if (Blocks.Row(batch, head, q / Blocks.BlockQ, out _).BinarySearch(kv / Blocks.BlockK) >= 0) return false;
+        }
+        return Tokens?.Allows(batch, head, q, kv) ?? false;
+    }
+}
