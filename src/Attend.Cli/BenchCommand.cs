@@ -30,11 +30,12 @@ internal static class BenchCommand
         var dtype = new Option<string>("--dtype") { Description = "f32 | f16 | bf16 (default: f32 on cpu, bf16 on cuda)" };
         var threads = new Option<int>("--threads") { Description = "worker threads (0: all cores)" };
         var path = new Option<KernelPath>("--path") { Description = "SIMD path (Auto, Scalar, Vector128, Vector256, Vector512)" };
+        var blockQ = new Option<int>("--block-q") { Description = "CPU query rows per work item (KernelTuning.BlockQ)", DefaultValueFactory = _ => 64 };
         var reps = new Option<int>("--reps") { Description = "timed repetitions per row (at least 5 are used)", DefaultValueFactory = _ => 5 };
         var device = new Option<string>("--device") { Description = "cpu or cuda", DefaultValueFactory = _ => "cpu" };
         var json = new Option<string?>("--json") { Description = "write results as JSON to this file ('-' for stdout)" };
         var command = new Command("bench", "benchmark attention kernels against ceilings measured in the same run");
-        foreach (Option o in new Option[] { suite, seq, headDim, heads, kvHeads, batch, causal, dtype, threads, path, reps, device, json }) command.Options.Add(o);
+        foreach (Option o in new Option[] { suite, seq, headDim, heads, kvHeads, batch, causal, dtype, threads, path, blockQ, reps, device, json }) command.Options.Add(o);
         command.SetAction(r =>
         {
             string deviceName = r.GetValue(device)!;
@@ -73,6 +74,7 @@ internal static class BenchCommand
                 Threads = threadCount,
                 Path = r.GetValue(path),
                 Reps = Math.Max(5, r.GetValue(reps)),
+                BlockQ = r.GetValue(blockQ),
             };
             if (plan.DType == DType.Float64) throw new ArgumentException("--dtype must be f32, f16 or bf16");
             string? jsonPath = r.GetValue(json);
@@ -97,6 +99,7 @@ internal static class BenchCommand
         public int Threads { get; init; }
         public KernelPath Path { get; init; }
         public int Reps { get; init; } = 5;
+        public int BlockQ { get; init; } = 64;
     }
 
     internal sealed record BenchRow(
@@ -265,7 +268,7 @@ internal static class BenchCommand
         TensorView<T> v = RandomView<T>(3, c.Batch, c.Length, c.KvHeads, c.HeadDim);
         var o = new TensorView<T>(new T[q.ElementCount], c.Batch, c.Length, c.Heads, c.HeadDim);
         var options = new AttentionOptions { Causal = c.Causal };
-        var tuning = new KernelTuning { Threads = plan.Threads, Path = plan.Path };
+        var tuning = new KernelTuning { Threads = plan.Threads, Path = plan.Path, BlockQ = plan.BlockQ };
         List<double> times = Measure(() => Attention.Forward(q, k, v, o, options, tuning: tuning), plan.Reps);
         AttentionShape shape = AttentionShape.Of(q, k, v);
         return new BenchRow("dense", c.Causal ? "dense-causal" : "dense", plan.DType, c.Batch, c.Heads, c.KvHeads, c.Length, c.HeadDim, c.Causal,
