@@ -181,8 +181,26 @@ internal sealed class NeighborhoodMask : Mask
         return ranges.Count == 0 ? (0, 0) : (ranges[0].Start, ranges[^1].End);
     }
 
-    public override string ToCuda(in MaskExtent extent) =>
-        throw new NotSupportedException("neighborhood masks are not generated for CUDA yet");
+    public override string ToCuda(in MaskExtent extent)
+    {
+        // One block per axis, innermost first (row-major), each returning false when the key leaves the window.
+        var sb = new System.Text.StringBuilder("([&]() -> bool { int qq = q, kk = kv; ");
+        for (int a = _grid.Length - 1; a >= 0; a--)
+        {
+            int g = _grid[a], k = _kernel[a], d = _dilation[a];
+            sb.Append(CultureInfo.InvariantCulture, $"{{ int qc = qq % {g}, kc = kk % {g}; qq /= {g}; kk /= {g}; int grp = qc % {d}, loc = qc / {d}; ");
+            if (_causal[a])
+            {
+                sb.Append(CultureInfo.InvariantCulture, $"int s = loc - {k - 1}; s = (s < 0 ? 0 : s) * {d} + grp; int off = kc - s; if (off < 0 || off % {d} != 0 || kc > qc) return false; }} ");
+            }
+            else
+            {
+                sb.Append(CultureInfo.InvariantCulture, $"int hi = ({g} - grp + {d - 1}) / {d} - {k}; int s = loc - {k / 2}; s = s < 0 ? 0 : (s > hi ? hi : s); s = s * {d} + grp; ");
+                sb.Append(CultureInfo.InvariantCulture, $"int off = kc - s; if (off < 0 || off % {d} != 0 || off / {d} >= {k}) return false; }} ");
+            }
+        }
+        return sb.Append("return true; }())").ToString();
+    }
 
     public override string ToString() => string.Create(CultureInfo.InvariantCulture,
         $"neighborhood(grid=[{string.Join(",", _grid)}], kernel=[{string.Join(",", _kernel)}], dilation=[{string.Join(",", _dilation)}], causal=[{string.Join(",", _causal)}])");

@@ -258,7 +258,12 @@ internal sealed class HeadChunksMask : Mask
         }
     }
 
-    public override string ToCuda(in MaskExtent extent) => throw new NotSupportedException("per-head chunk lists are not generated for CUDA yet");
+    public override string ToCuda(in MaskExtent extent)
+    {
+        Check(extent);
+        var cases = _sorted.Select((chunks, h) => $"case {h}: return {(chunks.Length == 0 ? "false" : string.Join(" || ", chunks.Select(c => $"c == {c}")))};");
+        return $"([&]() -> bool {{ int c = kv / {_chunk}; switch (h) {{ {string.Join(" ", cases)} default: return false; }} }}())";
+    }
 
     public override bool DependsOnHead => true;
 
@@ -321,7 +326,14 @@ internal sealed class GlobalTokensMask : Mask
         }
     }
 
-    public override string ToCuda(in MaskExtent extent) => throw new NotSupportedException("global token lists are not generated for CUDA yet");
+    public override string ToCuda(in MaskExtent extent)
+    {
+        // A linear scan of the (short) position list; large lists belong in a TokenSet instead.
+        string list = _positions.Length == 0 ? "-1" : string.Join(", ", _positions);
+        string hit = "for (int i = 0; i < n; i++) { if (";
+        string test = string.Join(" || ", new[] { _rows ? "g[i] == q" : null, _columns ? "g[i] == kv" : null }.Where(x => x is not null));
+        return $"([&]() -> bool {{ const int g[] = {{{list}}}; const int n = {_positions.Length}; {hit}{test}) return true; }} return false; }}())";
+    }
 
     public override string ToString() => $"global({(_rows ? "rows" : "")}{(_rows && _columns ? "+" : "")}{(_columns ? "columns" : "")}: {_positions.Length})";
 }
