@@ -92,6 +92,26 @@ public sealed class MaskTests
 
     [Theory]
     [MemberData(nameof(MaskNames))]
+    public void Should_give_row_intervals_that_match_allows(string name)
+    {
+        foreach ((int sq, int skv) in Extents)
+        {
+            if (!Catalog(sq, skv).TryGetValue(name, out Mask? mask)) continue;
+            var e = new MaskExtent(1, 2, sq, skv);
+            for (int h = 0; h < 2; h++)
+                for (int q = 0; q < sq; q++)
+                    foreach ((int k0, int k1) in new[] { (0, skv), (5, Math.Min(29, skv)), (skv / 2, skv) })
+                    {
+                        if (!mask.TryRowInterval(e, 0, h, q, k0, k1, out int start, out int end)) continue;
+                        Assert.True(k0 <= start && start <= end && end <= k1, $"{name}: [{start},{end}) outside [{k0},{k1})");
+                        for (int kv = k0; kv < k1; kv++)
+                            Assert.True((kv >= start && kv < end) == mask.Allows(e, 0, h, q, kv), $"{name} q={q} kv={kv} interval [{start},{end})");
+                    }
+        }
+    }
+
+    [Theory]
+    [MemberData(nameof(MaskNames))]
     public void Should_plan_exactly_the_allowed_pairs(string name)
     {
         foreach ((int sq, int skv) in Extents)

@@ -144,6 +144,13 @@ internal sealed unsafe class SparsityPlanAdapter : IBlockPlan
         for (int r = 0; r < rows; r++)
         {
             float* row = scores + (long)r * ld;
+            if (mask.TryRowInterval(extent, batch, head, q0 + r, kv0, kv0 + cols, out int start, out int end))
+            {
+                // Interval masks (causal, windows, sinks and their intersections): two fills per row.
+                new Span<float>(row, start - kv0).Fill(float.NegativeInfinity);
+                new Span<float>(row + (end - kv0), kv0 + cols - end).Fill(float.NegativeInfinity);
+                continue;
+            }
             for (int c = 0; c < cols; c++)
             {
                 if (!mask.Allows(extent, batch, head, q0 + r, kv0 + c)) row[c] = float.NegativeInfinity;

@@ -8,6 +8,12 @@ internal sealed class FullMask : Mask
 
     public override BlockClass Classify(in MaskExtent extent, int batch, int head, int q0, int q1, int k0, int k1) => BlockClass.Full;
 
+    public override bool TryRowInterval(in MaskExtent extent, int batch, int head, int q, int k0, int k1, out int start, out int end)
+    {
+        (start, end) = (k0, k1);
+        return true;
+    }
+
     public override string ToCuda(in MaskExtent extent) => "true";
 
     public override string ToString() => "full";
@@ -27,6 +33,13 @@ internal sealed class CausalMask : Mask
 
     public override (int Start, int End) KeyBounds(in MaskExtent extent, int batch, int head, int q0, int q1) =>
         (0, (int)Math.Clamp(q1 - 1 + extent.CausalOffset + 1, 0, extent.KeyLength));
+
+    public override bool TryRowInterval(in MaskExtent extent, int batch, int head, int q, int k0, int k1, out int start, out int end)
+    {
+        start = k0;
+        end = (int)Math.Clamp(q + extent.CausalOffset + 1, k0, k1);
+        return true;
+    }
 
     public override string ToCuda(in MaskExtent extent) => $"((long long)kv <= (long long)q + {extent.CausalOffset}LL)";
 
@@ -68,6 +81,14 @@ internal sealed class WindowMask : Mask
         return ((int)Math.Clamp(start, 0, extent.KeyLength), (int)Math.Clamp(end, 0, extent.KeyLength));
     }
 
+    public override bool TryRowInterval(in MaskExtent extent, int batch, int head, int q, int k0, int k1, out int start, out int end)
+    {
+        long center = q + extent.CausalOffset;
+        start = (int)Math.Clamp(center - _left, k0, k1);
+        end = (int)Math.Clamp(center + _right + 1, start, k1);
+        return true;
+    }
+
     public override string ToCuda(in MaskExtent extent) =>
         $"(((long long)q + {extent.CausalOffset}LL - kv) <= {_left}LL && ((long long)q + {extent.CausalOffset}LL - kv) >= -{_right}LL)";
 
@@ -90,6 +111,13 @@ internal sealed class SinkMask : Mask
         k1 <= _tokens ? BlockClass.Full : k0 >= _tokens ? BlockClass.Empty : BlockClass.Partial;
 
     public override (int Start, int End) KeyBounds(in MaskExtent extent, int batch, int head, int q0, int q1) => (0, Math.Min(_tokens, extent.KeyLength));
+
+    public override bool TryRowInterval(in MaskExtent extent, int batch, int head, int q, int k0, int k1, out int start, out int end)
+    {
+        start = k0;
+        end = Math.Clamp(_tokens, k0, k1);
+        return true;
+    }
 
     public override string ToCuda(in MaskExtent extent) => $"(kv < {_tokens})";
 
@@ -198,6 +226,16 @@ internal sealed class AndMask(Mask left, Mask right) : Mask
         }
     }
 
+    public override bool TryRowInterval(in MaskExtent extent, int batch, int head, int q, int k0, int k1, out int start, out int end)
+    {
+        start = end = 0;
+        if (!left.TryRowInterval(extent, batch, head, q, k0, k1, out int a0, out int a1)
+            || !right.TryRowInterval(extent, batch, head, q, k0, k1, out int b0, out int b1)) return false;
+        start = Math.Max(a0, b0);
+        end = Math.Max(start, Math.Min(a1, b1));
+        return true;
+    }
+
     public override string ToCuda(in MaskExtent extent) => $"({left.ToCuda(extent)} && {right.ToCuda(extent)})";
 
     public override bool DependsOnBatch => left.DependsOnBatch || right.DependsOnBatch;
@@ -242,6 +280,18 @@ internal sealed class OrMask(Mask left, Mask right) : Mask
             if (ranges.Count > 0 && s <= ranges[^1].End) ranges[^1] = (ranges[^1].Start, Math.Max(ranges[^1].End, e));
             else ranges.Add((s, e));
         }
+    }
+
+    public override bool TryRowInterval(in MaskExtent extent, int batch, int head, int q, int k0, int k1, out int start, out int end)
+    {
+        start = end = 0;
+        if (!left.TryRowInterval(extent, batch, head, q, k0, k1, out int a0, out int a1)
+            || !right.TryRowInterval(extent, batch, head, q, k0, k1, out int b0, out int b1)) return false;
+        if (a1 <= a0) (start, end) = (b0, b1);
+        else if (b1 <= b0) (start, end) = (a0, a1);
+        else if (a0 <= b1 && b0 <= a1) (start, end) = (Math.Min(a0, b0), Math.Max(a1, b1));
+        else return false;     // two separate intervals
+        return true;
     }
 
     public override string ToCuda(in MaskExtent extent) => $"({left.ToCuda(extent)} || {right.ToCuda(extent)})";

@@ -67,6 +67,17 @@ public abstract class Mask
         if (e > s) ranges.Add((s, e));
     }
 
+    /// <summary>
+    /// When the keys query <paramref name="q"/> may attend within [k0, k1) form one interval [start, end), returns
+    /// true with it (start = end: none). Lets executors mask a partial block row with two fills instead of one call
+    /// per element. The default returns false (no interval form).
+    /// </summary>
+    public virtual bool TryRowInterval(in MaskExtent extent, int batch, int head, int q, int k0, int k1, out int start, out int end)
+    {
+        start = end = 0;
+        return false;
+    }
+
     /// <summary>A C boolean expression over <c>int b, h, q, kv</c> with the mask's constants inlined, for CUDA kernels.</summary>
     /// <exception cref="NotSupportedException">for masks that exist only on the CPU (predicates).</exception>
     public abstract string ToCuda(in MaskExtent extent);
