@@ -226,9 +226,17 @@ __device__ __forceinline__ void online_softmax(float (&acc_s)[M_TILES][N_TILES][
 #pragma unroll
         for (int half = 0; half < 2; half++)
         {
-            float mx = NEG_INF;
+            // Tree reductions instead of 2·N_TILES-long dependent max/add chains ("wait" was ncu's top stall).
+            // Measured on the H100: no change (0.84 ms at S=4096, 12.70 vs 12.75 ms at S=16384); kept as the
+            // shorter dependency path.
+            float m[N_TILES];
 #pragma unroll
-            for (int n = 0; n < N_TILES; n++) mx = fmaxf(mx, fmaxf(acc_s[mt][n][half * 2], acc_s[mt][n][half * 2 + 1]));
+            for (int n = 0; n < N_TILES; n++) m[n] = fmaxf(acc_s[mt][n][half * 2], acc_s[mt][n][half * 2 + 1]);
+#pragma unroll
+            for (int w = N_TILES / 2; w >= 1; w /= 2)
+#pragma unroll
+                for (int n = 0; n < w; n++) m[n] = fmaxf(m[n], m[n + w]);
+            float mx = m[0];
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
             const float old_max = row_max[mt][half];
@@ -241,7 +249,7 @@ __device__ __forceinline__ void online_softmax(float (&acc_s)[M_TILES][N_TILES][
                 rescale = true;
             }
             const float used_max = row_max[mt][half] == NEG_INF ? 0.f : row_max[mt][half];   // never -inf - -inf
-            float sum = 0.f;
+            float part[N_TILES];
 #pragma unroll
             for (int n = 0; n < N_TILES; n++)
             {
@@ -249,8 +257,13 @@ __device__ __forceinline__ void online_softmax(float (&acc_s)[M_TILES][N_TILES][
                 float p1 = fast_exp2(fmaf(acc_s[mt][n][half * 2 + 1], scale, -used_max));
                 acc_s[mt][n][half * 2] = p0;
                 acc_s[mt][n][half * 2 + 1] = p1;
-                sum += p0 + p1;
+                part[n] = p0 + p1;
             }
+#pragma unroll
+            for (int w = N_TILES / 2; w >= 1; w /= 2)
+#pragma unroll
+                for (int n = 0; n < w; n++) part[n] += part[n + w];
+            const float sum = part[0];
             row_sum[mt][half] = row_sum[mt][half] * alpha[mt][half] + sum;
         }
     }
