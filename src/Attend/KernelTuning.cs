@@ -30,6 +30,9 @@ public sealed record KernelTuning
     /// <summary>Query rows per work item (multiple of 4, 4–256). Keys are walked in blocks of 64.</summary>
     public int BlockQ { get; init; } = 64;
 
+    /// <summary>Tokens per chunk of causal linear attention (Lightning's block size).</summary>
+    public int ChunkSize { get; init; } = 64;
+
     internal int EffectiveThreads => Threads > 0 ? Threads : Environment.ProcessorCount;
 
     internal KernelPath EffectivePath => Path != KernelPath.Auto ? Path

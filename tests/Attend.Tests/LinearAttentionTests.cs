@@ -1,0 +1,111 @@
+using Attend.Linear;
+using Attend.Tensors;
+
+namespace Attend.Tests;
+
+public sealed class LinearAttentionTests
+{
+    public static TheoryData<string> Maps() => ["elu", "relu", "identity", "taylor", "random", "hashing"];
+
+    private static LinearOptions Options(string map, bool causal) => map switch
+    {
+        "elu" => new LinearOptions { FeatureMap = FeatureMap.EluPlusOne, Causal = causal },
+        "relu" => new LinearOptions { FeatureMap = FeatureMap.Relu, Causal = causal },
+        "identity" => new LinearOptions { FeatureMap = FeatureMap.Identity, Causal = causal, Normalize = false },
+        "taylor" => new LinearOptions { FeatureMap = FeatureMap.Taylor, Causal = causal },
+        "random" => new LinearOptions { FeatureMap = FeatureMap.RandomFeatures(48, seed: 3), Causal = causal },
+        _ => new LinearOptions { FeatureMap = FeatureMap.Hashing(24, seed: 5), Causal = causal },
+    };
+
+    private static double MaxRelativeError(TensorView<float> actual, double[] expected)
+    {
+        float[] a = actual.ToArray();
+        double scale = Math.Max(1e-3, expected.Max(Math.Abs)), max = 0;
+        for (int i = 0; i < a.Length; i++) max = Math.Max(max, Math.Abs(a[i] - expected[i]));
+        return max / scale;
+    }
+
+    [Theory]
+    [MemberData(nameof(Maps))]
+    public void Should_match_the_quadratic_form_causal_and_not(string map)
+    {
+        int b = 2, s = 97, h = 2, hkv = 1, d = 16, dv = 24;
+        TensorView<float> q = TestData.Random<float>(1, b, s, h, d, 0.5f), k = TestData.Random<float>(2, b, s, hkv, d, 0.5f);
+        TensorView<float> v = TestData.Random<float>(3, b, s, hkv, dv);
+        foreach (bool causal in new[] { false, true })
+        {
+            LinearOptions options = Options(map, causal);
+            double[] expected = LinearReference.Forward(q, k, v, options);
+            foreach (int chunk in new[] { 1, 7, 64, 128 })
+            {
+                var o = new TensorView<float>(new float[b * s * h * dv], b, s, h, dv);
+                LinearAttention.Forward(q, k, v, o, options, new KernelTuning { ChunkSize = chunk });
+                double err = MaxRelativeError(o, expected);
+                Assert.True(err < 2e-5, $"{map} causal={causal} chunk={chunk}: relative error {err:E2}");
+                if (!causal) break;
+            }
+        }
+    }
+
+    [Fact]
+    public void Should_apply_per_head_decay()
+    {
+        int s = 70, h = 3, d = 8;
+        TensorView<float> q = TestData.Random<float>(4, 1, s, h, d), k = TestData.Random<float>(5, 1, s, h, d), v = TestData.Random<float>(6, 1, s, h, d);
+        var options = new LinearOptions { Causal = true, Decay = [1f, 0.9f, 0.5f] };
+        double[] expected = LinearReference.Forward(q, k, v, options);
+        var o = new TensorView<float>(new float[s * h * d], 1, s, h, d);
+        LinearAttention.Forward(q, k, v, o, options, new KernelTuning { ChunkSize = 16 });
+        Assert.True(MaxRelativeError(o, expected) < 2e-5);
+    }
+
+    [Theory]
+    [MemberData(nameof(Maps))]
+    public void Should_step_recurrently_to_the_chunked_result_and_survive_a_save(string map)
+    {
+        int s = 50, h = 2, d = 8, dv = 12;
+        LinearOptions options = Options(map, causal: true) with { Decay = [1f, 0.8f] };
+        TensorView<float> q = TestData.Random<float>(7, 1, s, h, d, 0.5f), k = TestData.Random<float>(8, 1, s, h, d, 0.5f), v = TestData.Random<float>(9, 1, s, h, dv);
+        var o = new TensorView<float>(new float[s * h * dv], 1, s, h, dv);
+        LinearAttention.Forward(q, k, v, o, options, new KernelTuning { ChunkSize = 16 });
+        var state = new LinearState(h, d, dv, options);
+        var step = new float[h * dv];
+        float[] qa = q.ToArray(), ka = k.ToArray(), va = v.ToArray(), oa = o.ToArray();
+        for (int t = 0; t < s; t++)
+        {
+            if (t == 25)
+            {
+                // Serialize mid-sequence and continue from the copy.
+                using var ms = new MemoryStream();
+                state.Save(ms);
+                ms.Position = 0;
+                state = LinearState.Load(ms, options);
+                Assert.Equal(25, state.Tokens);
+            }
+            state.Step(qa.AsSpan(t * h * d, h * d), ka.AsSpan(t * h * d, h * d), va.AsSpan(t * h * dv, h * dv), step);
+            for (int i = 0; i < h * dv; i++)
+            {
+                float expected = oa[t * h * dv + i];
+                Assert.True(Math.Abs(step[i] - expected) <= 1e-4 * Math.Max(1, Math.Abs(expected)), $"{map} t={t} i={i}: {step[i]} vs {expected}");
+            }
+        }
+    }
+
+    [Fact]
+    public void Should_reject_bad_linear_input()
+    {
+        TensorView<float> x = TestData.Random<float>(1, 1, 8, 2, 4);
+        var o = new TensorView<float>(new float[64], 1, 8, 2, 4);
+        Assert.Throws<ArgumentOutOfRangeException>(() => FeatureMap.RandomFeatures(0));
+        Assert.Throws<ArgumentOutOfRangeException>(() => FeatureMap.Hashing(0));
+        Assert.Contains("(0, 1]", Assert.Throws<ArgumentException>(() => LinearAttention.Forward(x, x, x, o, new LinearOptions { Causal = true, Decay = [float.NaN, 1f] })).Message);
+        Assert.Contains("one γ per head", Assert.Throws<ArgumentException>(() => LinearAttention.Forward(x, x, x, o, new LinearOptions { Causal = true, Decay = [1f] })).Message);
+        Assert.Contains("ChunkSize", Assert.Throws<ArgumentException>(() => LinearAttention.Forward(x, x, x, o, new LinearOptions { Causal = true }, new KernelTuning { ChunkSize = 0 })).Message);
+        var state = new LinearState(2, 4, 4);
+        Assert.Throws<ArgumentException>(() => state.Step(new float[7], new float[8], new float[8], new float[8]));
+        using var ms = new MemoryStream();
+        state.Save(ms);
+        var truncated = new MemoryStream(ms.ToArray()[..20]);
+        Assert.Throws<InvalidDataException>(() => LinearState.Load(truncated, new LinearOptions { Causal = true }));
+    }
+}
