@@ -13,6 +13,7 @@ internal sealed class AttentionArguments
     public Option<float?> Scale { get; } = new("--scale") { Description = "score scale (default 1/sqrt(D))" };
     public Option<float> Softcap { get; } = new("--softcap") { Description = "tanh soft-cap of the scores (0: off)" };
     public Option<string?> Mask { get; } = new("--mask") { Description = "mask expression, e.g. \"causal & window(1024) | sink(64)\" (see README)" };
+    public Option<string?> Linear { get; } = new("--linear") { Description = "linear attention with this feature map: elu, relu, identity, taylor, random:N, hashing:N (with --causal: chunked causal)" };
     public Option<string> Device { get; } = new("--device") { Description = "cpu or cuda", DefaultValueFactory = _ => "cpu" };
     public Option<int> Threads { get; } = new("--threads") { Description = "worker threads (0: all cores)" };
     public Option<KernelPath> Path { get; } = new("--path") { Description = "SIMD path: Auto, Scalar, Vector128, Vector256, Vector512" };
@@ -20,7 +21,7 @@ internal sealed class AttentionArguments
 
     public void AddTo(Command command)
     {
-        foreach (Option o in new Option[] { Q, K, V, Causal, Scale, Softcap, Mask, Device, Threads, Path, Json }) command.Options.Add(o);
+        foreach (Option o in new Option[] { Q, K, V, Causal, Scale, Softcap, Mask, Linear, Device, Threads, Path, Json }) command.Options.Add(o);
     }
 
     public (Tensor Q, Tensor K, Tensor V) LoadInputs(ParseResult r)
@@ -60,6 +61,35 @@ internal sealed class AttentionArguments
     };
 
     public KernelTuning Tuning(ParseResult r) => new() { Threads = r.GetValue(Threads), Path = r.GetValue(Path) };
+
+    /// <summary>The feature map named by --linear, or null.</summary>
+    public static Attend.Linear.FeatureMap? ParseFeatureMap(string? name)
+    {
+        if (name is null) return null;
+        string[] parts = name.Split(':');
+        int Count() => parts.Length == 2 && int.TryParse(parts[1], System.Globalization.CultureInfo.InvariantCulture, out int n) ? n
+            : throw new ArgumentException($"--linear {parts[0]} needs a size, e.g. {parts[0]}:64");
+        return parts[0].ToLowerInvariant() switch
+        {
+            "elu" => Attend.Linear.FeatureMap.EluPlusOne,
+            "relu" => Attend.Linear.FeatureMap.Relu,
+            "identity" => Attend.Linear.FeatureMap.Identity,
+            "taylor" => Attend.Linear.FeatureMap.Taylor,
+            "random" => Attend.Linear.FeatureMap.RandomFeatures(Count()),
+            "hashing" => Attend.Linear.FeatureMap.Hashing(Count()),
+            _ => throw new ArgumentException($"--linear must be elu, relu, identity, taylor, random:N or hashing:N; got '{name}'"),
+        };
+    }
+
+    /// <summary>Linear attention on file tensors (computed in f32; output in the input dtype).</summary>
+    public static Tensor ComputeLinear(Tensor q, Tensor k, Tensor v, Linear.LinearOptions options, KernelTuning tuning)
+    {
+        Tensor qf = q.ConvertTo(DType.Float32), kf = k.ConvertTo(DType.Float32), vf = v.ConvertTo(DType.Float32);
+        AttentionShape s = AttentionShape.Of(qf.AsView<float>(), kf.AsView<float>(), vf.AsView<float>());
+        Tensor output = Tensor.Zeros(DType.Float32, s.Batch, s.QueryLength, s.Heads, s.ValueDim);
+        Attend.Linear.LinearAttention.Forward(qf.AsView<float>(), kf.AsView<float>(), vf.AsView<float>(), output.AsView<float>(), options, tuning);
+        return q.DType == DType.Float32 ? output : output.ConvertTo(q.DType);
+    }
 
     /// <summary>Runs attention on file tensors of any supported dtype; returns output (input dtype) and LSE [B, Sq, H].</summary>
     public static (Tensor Output, Tensor Lse) Compute(Tensor q, Tensor k, Tensor v, AttentionOptions options, KernelTuning tuning, string device = "cpu") => q.DType switch

@@ -21,10 +21,24 @@ internal static class RunCommand
         {
             (Tensor q, Tensor k, Tensor v) = args.LoadInputs(r);
             var sw = Stopwatch.StartNew();
-            (Tensor o, Tensor l) = AttentionArguments.Compute(q, k, v, args.Options(r), args.Tuning(r), args.DeviceName(r));
+            Tensor o;
+            Tensor? l = null;
+            if (AttentionArguments.ParseFeatureMap(r.GetValue(args.Linear)) is { } map)
+            {
+                if (args.DeviceName(r) != "cpu") throw new NotSupportedException("--linear runs on the CPU for now");
+                o = AttentionArguments.ComputeLinear(q, k, v, new Attend.Linear.LinearOptions { FeatureMap = map, Causal = r.GetValue(args.Causal) }, args.Tuning(r));
+            }
+            else
+            {
+                (o, l) = AttentionArguments.Compute(q, k, v, args.Options(r), args.Tuning(r), args.DeviceName(r));
+            }
             double ms = sw.Elapsed.TotalMilliseconds;
             TensorFiles.Save(r.GetValue(output)!, o);
-            if (r.GetValue(lse) is { } lsePath) TensorFiles.Save(lsePath, l);
+            if (r.GetValue(lse) is { } lsePath)
+            {
+                if (l is null) throw new ArgumentException("--lse is not defined for linear attention");
+                TensorFiles.Save(lsePath, l);
+            }
             string? json = r.GetValue(args.Json);
             if (json != "-") Console.WriteLine($"attend run: {q} x {k} x {v} -> {o} in {ms:F1} ms");
             JsonOutput.Write(json, new JsonObject

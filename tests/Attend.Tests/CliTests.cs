@@ -124,6 +124,20 @@ public sealed class CliTests : IDisposable
     }
 
     [Fact]
+    public void Should_run_linear_attention_on_files()
+    {
+        WriteInputs(DType.BFloat16, s: 33);
+        var (code, _, err) = Cli("run", "--q", P("q.npy"), "--k", P("k.npy"), "--v", P("v.npy"), "--out", P("lin.npy"), "--linear", "taylor", "--causal");
+        Assert.True(code == 0, err);
+        Tensor o = Npy.Read(P("lin.npy"));
+        Assert.Equal(DType.BFloat16, o.DType);
+        Assert.Equal([1, 33, 2, 16], o.Shape);
+        (code, _, err) = Cli("run", "--q", P("q.npy"), "--k", P("k.npy"), "--v", P("v.npy"), "--out", P("lin.npy"), "--linear", "random");
+        Assert.Equal(2, code);
+        Assert.Contains("random:64", err);
+    }
+
+    [Fact]
     public void Should_bench_a_small_suite_as_json()
     {
         var (code, _, err) = Cli("bench", "--seq", "128", "--head-dim", "32", "--causal", "yes", "--json", P("b.json"));

@@ -75,19 +75,16 @@ public static class LinearAttention
     private sealed class Workspace(int chunk, int d, int f, int dv)
     {
         public readonly float[] X = new float[d];
-        public readonly float[] PhiQ = new float[chunk * f];
-        public readonly float[] PhiK = new float[chunk * f];
-        public readonly float[] V = new float[chunk * dv];
-        public readonly float[] A = new float[chunk * chunk];
-        public readonly float[] State = new float[f * dv];     // Σ γ^(…) φ(k_j) v_jᵀ, [F, Dv]
-        public readonly float[] Z = new float[f];              // Σ γ^(…) φ(k_j)
+        public readonly float[] PhiQ = new float[chunk * f];     // [C, F]
+        public readonly float[] PhiKT = new float[f * chunk];    // [F, C]: φ(K)ᵀ of the chunk
+        public readonly float[] PhiK = new float[f];
+        public readonly float[] V = new float[chunk * dv];       // [C, Dv]
+        public readonly float[] A = new float[chunk * chunk];    // [C, C] masked, decayed φ(Q)φ(K)ᵀ
+        public readonly float[] O = new float[chunk * dv];       // [C, Dv]
+        public readonly float[] Den = new float[chunk];
+        public readonly float[] State = new float[f * dv];       // Σ γ^(…) φ(k_j) v_jᵀ, [F, Dv]
+        public readonly float[] Z = new float[f];                // Σ γ^(…) φ(k_j)
         public readonly float[] Out = new float[dv];
-    }
-
-    private static void LoadPhi(TensorView<float> t, int b, int pos, int head, FeatureMap map, float[] x, Span<float> phi, bool isQuery)
-    {
-        for (int c = 0; c < x.Length; c++) x[c] = t[b, pos, head, c];
-        map.Apply<float>(x, phi, isQuery);
     }
 
     private static void NonCausalHead(TensorView<float> q, TensorView<float> k, TensorView<float> v, TensorView<float> o,
@@ -96,98 +93,116 @@ public static class LinearAttention
         int f = w.Z.Length, dv = w.Out.Length;
         Array.Clear(w.State);
         Array.Clear(w.Z);
-        Span<float> phi = w.PhiK.AsSpan(0, f);
         Span<float> value = w.V.AsSpan(0, dv);
         for (int j = 0; j < s.KeyLength; j++)
         {
-            LoadPhi(k, b, j, hk, options.FeatureMap, w.X, phi, isQuery: false);
-            for (int c = 0; c < dv; c++) value[c] = v[b, j, hk, c];
+            k.CopyRow(b, j, hk, w.X);
+            options.FeatureMap.Apply<float>(w.X, w.PhiK, isQuery: false);
+            v.CopyRow(b, j, hk, value);
             for (int r = 0; r < f; r++)
             {
-                Vectors.Axpy(phi[r], value, w.State.AsSpan(r * dv, dv));
-                w.Z[r] += phi[r];
+                if (w.PhiK[r] != 0f) Vectors.Axpy(w.PhiK[r], value, w.State.AsSpan(r * dv, dv));
+                w.Z[r] += w.PhiK[r];
             }
         }
         Span<float> phiQ = w.PhiQ.AsSpan(0, f);
         for (int i = 0; i < s.QueryLength; i++)
         {
-            LoadPhi(q, b, i, h, options.FeatureMap, w.X, phiQ, isQuery: true);
+            q.CopyRow(b, i, h, w.X);
+            options.FeatureMap.Apply<float>(w.X, phiQ, isQuery: true);
             Array.Clear(w.Out);
             for (int r = 0; r < f; r++) Vectors.Axpy(phiQ[r], w.State.AsSpan(r * dv, dv), w.Out);
             float den = options.Normalize ? Vectors.Dot(phiQ, w.Z) : 1f;
-            Store(o, b, i, h, w.Out, den);
+            o.WriteRow(b, i, h, w.Out, den == 0f ? 0f : 1f / den);
         }
     }
 
-    private static void CausalHead(TensorView<float> q, TensorView<float> k, TensorView<float> v, TensorView<float> o,
+    /// <summary>
+    /// One head, chunk by chunk, as small matrix products: O = (φQ·State)·γ^(t+1) + (A ⊙ decay mask)·V with
+    /// A = φQ·φKᵀ, then State ← γ^C·State + φKᵀ·(decayed V).
+    /// </summary>
+    private static unsafe void CausalHead(TensorView<float> q, TensorView<float> k, TensorView<float> v, TensorView<float> o,
         int b, int h, int hk, AttentionShape s, LinearOptions options, float decay, int chunk, Workspace w)
     {
         int f = w.Z.Length, dv = w.Out.Length, n = s.QueryLength;
         Array.Clear(w.State);
         Array.Clear(w.Z);
-        Span<float> den = stackalloc float[1];
-        for (int c0 = 0; c0 < n; c0 += chunk)
+        fixed (float* phiQ = w.PhiQ, phiKT = w.PhiKT, vals = w.V, a = w.A, outp = w.O, state = w.State)
         {
-            int len = Math.Min(chunk, n - c0);
-            for (int t = 0; t < len; t++)
+            for (int c0 = 0; c0 < n; c0 += chunk)
             {
-                LoadPhi(q, b, c0 + t, h, options.FeatureMap, w.X, w.PhiQ.AsSpan(t * f, f), isQuery: true);
-                LoadPhi(k, b, c0 + t, hk, options.FeatureMap, w.X, w.PhiK.AsSpan(t * f, f), isQuery: false);
-                for (int c = 0; c < dv; c++) w.V[t * dv + c] = v[b, c0 + t, hk, c];
-            }
-            // Intra-chunk: A_tu = γ^(t−u) φ(q_t)·φ(k_u) for u ≤ t.
-            for (int t = 0; t < len; t++)
-            {
-                ReadOnlySpan<float> pq = w.PhiQ.AsSpan(t * f, f);
-                float g = 1f;
-                for (int u = t; u >= 0; u--)
+                int len = Math.Min(chunk, n - c0);
+                for (int t = 0; t < len; t++)
                 {
-                    w.A[t * chunk + u] = g * Vectors.Dot(pq, w.PhiK.AsSpan(u * f, f));
-                    g *= decay;
+                    q.CopyRow(b, c0 + t, h, w.X);
+                    options.FeatureMap.Apply<float>(w.X, w.PhiQ.AsSpan(t * f, f), isQuery: true);
+                    k.CopyRow(b, c0 + t, hk, w.X);
+                    options.FeatureMap.Apply<float>(w.X, w.PhiK, isQuery: false);
+                    for (int r = 0; r < f; r++) phiKT[r * chunk + t] = w.PhiK[r];
+                    v.CopyRow(b, c0 + t, hk, w.V.AsSpan(t * dv, dv));
                 }
-            }
-            for (int t = 0; t < len; t++)
-            {
-                ReadOnlySpan<float> pq = w.PhiQ.AsSpan(t * f, f);
-                Array.Clear(w.Out);
-                // Inter-chunk: γ^(t+1) φ(q_t)ᵀ State, normalizer γ^(t+1) φ(q_t)·Z.
-                float carry = MathF.Pow(decay, t + 1);
-                for (int r = 0; r < f; r++) Vectors.Axpy(pq[r] * carry, w.State.AsSpan(r * dv, dv), w.Out);
-                float normalizer = carry * Vectors.Dot(pq, w.Z);
-                for (int u = 0; u <= t; u++)
+                // Inter-chunk: O = φQ·State scaled by γ^(t+1) per row; normalizer γ^(t+1)·φ(q_t)·z.
+                new Span<float>(outp, len * dv).Clear();
+                MatMulAdd(phiQ, f, state, dv, outp, dv, len, f, dv);
+                for (int t = 0; t < len; t++)
                 {
-                    float a = w.A[t * chunk + u];
-                    Vectors.Axpy(a, w.V.AsSpan(u * dv, dv), w.Out);
-                    normalizer += a;
+                    float carry = decay == 1f ? 1f : MathF.Pow(decay, t + 1);
+                    if (carry != 1f) Vectors.Scale(new Span<float>(outp + t * dv, dv), carry);
+                    w.Den[t] = carry * Vectors.Dot(w.PhiQ.AsSpan(t * f, f), w.Z);
                 }
-                Store(o, b, c0 + t, h, w.Out, options.Normalize ? normalizer : 1f);
-            }
-            // State update: State ← γ^len State + Σ_u γ^(len−1−u) φ(k_u) v_uᵀ.
-            float chunkDecay = MathF.Pow(decay, len);
-            if (chunkDecay != 1f)
-            {
-                Vectors.Scale(w.State, chunkDecay);
-                Vectors.Scale(w.Z, chunkDecay);
-            }
-            for (int u = 0; u < len; u++)
-            {
-                float g = MathF.Pow(decay, len - 1 - u);
-                ReadOnlySpan<float> pk = w.PhiK.AsSpan(u * f, f);
-                ReadOnlySpan<float> vu = w.V.AsSpan(u * dv, dv);
+                // Intra-chunk: A = φQ·φKᵀ, masked to u ≤ t and decayed by γ^(t−u); O += A·V.
+                new Span<float>(a, len * chunk).Clear();
+                MatMulAdd(phiQ, f, phiKT, chunk, a, chunk, len, f, len);
+                for (int t = 0; t < len; t++)
+                {
+                    float* row = a + t * chunk;
+                    float g = 1f, sum = 0f;
+                    for (int u = t; u >= 0; u--)
+                    {
+                        row[u] *= g;
+                        sum += row[u];
+                        g *= decay;
+                    }
+                    new Span<float>(row + t + 1, len - t - 1).Clear();
+                    w.Den[t] += sum;
+                }
+                MatMulAdd(a, chunk, vals, dv, outp, dv, len, len, dv);
+                for (int t = 0; t < len; t++)
+                {
+                    float den = options.Normalize ? w.Den[t] : 1f;
+                    o.WriteRow(b, c0 + t, h, new ReadOnlySpan<float>(outp + t * dv, dv), den == 0f ? 0f : 1f / den);
+                }
+                // State ← γ^len·State + φKᵀ·(γ^(len−1−u)·v_u); z likewise.
+                if (decay != 1f)
+                {
+                    Vectors.Scale(w.State, MathF.Pow(decay, len));
+                    Vectors.Scale(w.Z, MathF.Pow(decay, len));
+                    for (int u = 0; u < len; u++) Vectors.Scale(w.V.AsSpan(u * dv, dv), MathF.Pow(decay, len - 1 - u));
+                }
+                MatMulAdd(phiKT, chunk, vals, dv, state, dv, f, len, dv);
                 for (int r = 0; r < f; r++)
                 {
-                    float coef = g * pk[r];
-                    if (coef != 0f) Vectors.Axpy(coef, vu, w.State.AsSpan(r * dv, dv));
-                    w.Z[r] += coef;
+                    float zr = 0f;
+                    for (int u = 0; u < len; u++) zr += phiKT[r * chunk + u] * (decay == 1f ? 1f : MathF.Pow(decay, len - 1 - u));
+                    w.Z[r] += zr;
                 }
             }
         }
     }
 
-    private static void Store(TensorView<float> o, int b, int i, int h, float[] acc, float den)
+    /// <summary>C[m×n] += A[m×kk]·B[kk×n] (row-major, leading dimensions given): i-k-j order, rows of B streamed as vectors.</summary>
+    private static unsafe void MatMulAdd(float* aM, int lda, float* bM, int ldb, float* cM, int ldc, int m, int kk, int n)
     {
-        float inv = den == 0f ? 0f : 1f / den;
-        for (int c = 0; c < acc.Length; c++) o[b, i, h, c] = acc[c] * inv;
+        for (int i = 0; i < m; i++)
+        {
+            var c = new Span<float>(cM + (long)i * ldc, n);
+            float* ai = aM + (long)i * lda;
+            for (int p = 0; p < kk; p++)
+            {
+                float x = ai[p];
+                if (x != 0f) Vectors.Axpy(x, new ReadOnlySpan<float>(bM + (long)p * ldb, n), c);
+            }
+        }
     }
 }
 

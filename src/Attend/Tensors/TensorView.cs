@@ -150,6 +150,27 @@ public readonly unsafe struct TensorView<T> where T : unmanaged
         }
     }
 
+    /// <summary>Copies the innermost vector at rank-4 index (i0, i1, i2, ·) into <paramref name="destination"/>, converting to float.</summary>
+    internal void CopyRow(int i0, int i1, int i2, Span<float> destination)
+    {
+        CheckIndex(4, i0, i1, i2, 0);
+        int n = _shape![3];
+        if (destination.Length < n) throw new ArgumentException($"destination holds {destination.Length} < {n}", nameof(destination));
+        long stride = _strides![3];
+        ref T first = ref At(i0 * _strides[0] + i1 * _strides[1] + i2 * _strides[2]);
+        for (int c = 0; c < n; c++) destination[c] = ElementConvert.ToSingle(Unsafe.Add(ref first, (nint)(c * stride)));
+    }
+
+    /// <summary>Writes <paramref name="source"/> (scaled by <paramref name="scale"/>) into the innermost vector at rank-4 index (i0, i1, i2, ·).</summary>
+    internal void WriteRow(int i0, int i1, int i2, ReadOnlySpan<float> source, float scale)
+    {
+        CheckIndex(4, i0, i1, i2, 0);
+        int n = _shape![3];
+        long stride = _strides![3];
+        ref T first = ref At(i0 * _strides[0] + i1 * _strides[1] + i2 * _strides[2]);
+        for (int c = 0; c < n; c++) Unsafe.Add(ref first, (nint)(c * stride)) = ElementConvert.FromSingle<T>(source[c] * scale);
+    }
+
     /// <summary>Reorders the axes: result axis i is this view's axis <c>axes[i]</c>. No data moves.</summary>
     /// <example><c>new TensorView&lt;float&gt;(buf, B, H, S, D).Permute(0, 2, 1, 3)</c> is the heads-last view of a [B,H,S,D] buffer.</example>
     public TensorView<T> Permute(params int[] axes)
