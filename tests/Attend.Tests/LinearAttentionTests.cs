@@ -109,3 +109,57 @@ public sealed class LinearAttentionTests
         Assert.Throws<InvalidDataException>(() => LinearState.Load(truncated, new LinearOptions { Causal = true }));
     }
 }
+
+public sealed class AarenTests
+{
+    [Theory]
+    [InlineData(1)]
+    [InlineData(7)]
+    [InlineData(64)]
+    public void Should_scan_to_the_sequential_recurrence_and_the_direct_formula(int chunk)
+    {
+        int b = 2, s = 101, h = 3, d = 8, dv = 5;
+        var query = new TensorView<float>(TestData.Normal(h * d, 1), h, d);
+        TensorView<float> k = TestData.Random<float>(2, b, s, h, d, 2f), v = TestData.Random<float>(3, b, s, h, dv);
+        var o = new TensorView<float>(new float[b * s * h * dv], b, s, h, dv);
+        Aaren.Forward(query, k, v, o, tuning: new KernelTuning { ChunkSize = chunk, Threads = 2 });
+        float scale = 1f / MathF.Sqrt(d);
+        for (int bi = 0; bi < b; bi++)
+        {
+            var state = new AarenState(query.ToArray(), h, dv);
+            var step = new float[h * dv];
+            for (int t = 0; t < s; t++)
+            {
+                float[] kt = new float[h * d], vt = new float[h * dv];
+                for (int hh = 0; hh < h; hh++)
+                {
+                    for (int c = 0; c < d; c++) kt[hh * d + c] = k[bi, t, hh, c];
+                    for (int c = 0; c < dv; c++) vt[hh * dv + c] = v[bi, t, hh, c];
+                }
+                state.Step(kt, vt, step);
+                for (int hh = 0; hh < h; hh++)
+                {
+                    // Direct softmax over the prefix, in float64.
+                    var scores = Enumerable.Range(0, t + 1).Select(j => (double)scale * Enumerable.Range(0, d).Sum(c => (double)query[hh, c] * k[bi, j, hh, c])).ToArray();
+                    double max = scores.Max(), sum = scores.Sum(x => Math.Exp(x - max));
+                    for (int c = 0; c < dv; c++)
+                    {
+                        double direct = Enumerable.Range(0, t + 1).Sum(j => Math.Exp(scores[j] - max) * v[bi, j, hh, c]) / sum;
+                        Assert.True(Math.Abs(o[bi, t, hh, c] - direct) < 2e-5, $"scan t={t} h={hh}: {o[bi, t, hh, c]} vs {direct}");
+                        Assert.True(Math.Abs(step[hh * dv + c] - direct) < 2e-5, $"recurrence t={t} h={hh}: {step[hh * dv + c]} vs {direct}");
+                    }
+                }
+            }
+        }
+    }
+
+    [Fact]
+    public void Should_reject_bad_aaren_input()
+    {
+        TensorView<float> k = TestData.Random<float>(1, 1, 8, 2, 4), v = TestData.Random<float>(2, 1, 8, 2, 3);
+        var o = new TensorView<float>(new float[48], 1, 8, 2, 3);
+        Assert.Equal("query", Assert.Throws<ArgumentException>(() => Aaren.Forward(new TensorView<float>(new float[12], 3, 4), k, v, o)).ParamName);
+        Assert.Contains("ChunkSize", Assert.Throws<ArgumentException>(() => Aaren.Forward(new TensorView<float>(new float[8], 2, 4), k, v, o, tuning: new KernelTuning { ChunkSize = 0 })).Message);
+        Assert.Throws<ArgumentException>(() => new AarenState(new float[7], 2, 3));
+    }
+}

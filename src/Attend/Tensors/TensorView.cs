@@ -114,6 +114,16 @@ public readonly unsafe struct TensorView<T> where T : unmanaged
         }
     }
 
+    /// <summary>The element at a rank-2 index.</summary>
+    public ref T this[int i0, int i1]
+    {
+        get
+        {
+            CheckIndex(2, i0, i1, 0, 0);
+            return ref At(i0 * _strides![0] + i1 * _strides[1]);
+        }
+    }
+
     /// <summary>The element at a rank-1 index.</summary>
     public ref T this[int i0]
     {
