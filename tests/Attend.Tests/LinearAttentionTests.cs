@@ -163,3 +163,49 @@ public sealed class AarenTests
         Assert.Throws<ArgumentException>(() => new AarenState(new float[7], 2, 3));
     }
 }
+
+public sealed class BasedTests
+{
+    [Fact]
+    public void Should_equal_exact_softmax_when_the_window_covers_the_sequence()
+    {
+        int s = 70, h = 2, d = 16;
+        TensorView<float> q = TestData.Random<float>(1, 1, s, h, d), k = TestData.Random<float>(2, 1, s, h, d), v = TestData.Random<float>(3, 1, s, h, d);
+        var o = new TensorView<float>(new float[s * h * d], 1, s, h, d);
+        Hybrids.Based(q, k, v, o, window: s);
+        var exact = Attend.Reference.AttentionReference.Forward(q, k, v, new AttentionOptions { Causal = true });
+        Assert.True(TestData.MaxError(o, exact) < 2e-6);
+    }
+
+    [Fact]
+    public void Should_match_the_float64_hybrid_formula_with_a_short_window()
+    {
+        int s = 60, h = 2, d = 8, window = 9;
+        TensorView<float> q = TestData.Random<float>(4, 1, s, h, d, 0.7f), k = TestData.Random<float>(5, 1, s, h, d, 0.7f), v = TestData.Random<float>(6, 1, s, h, d);
+        var o = new TensorView<float>(new float[s * h * d], 1, s, h, d);
+        Hybrids.Based(q, k, v, o, window);
+        double scale = 1 / Math.Sqrt(d);
+        for (int hh = 0; hh < h; hh++)
+            for (int i = 0; i < s; i++)
+            {
+                var phiQ = new double[1 + d + d * d];
+                FeatureMap.Taylor.Apply<double>(Enumerable.Range(0, d).Select(c => (double)q[0, i, hh, c]).ToArray(), phiQ, true);
+                double den = 0;
+                var num = new double[d];
+                for (int j = 0; j <= i; j++)
+                {
+                    double w;
+                    if (j > i - window) w = Math.Exp(scale * Enumerable.Range(0, d).Sum(c => (double)q[0, i, hh, c] * k[0, j, hh, c]));
+                    else
+                    {
+                        var phiK = new double[phiQ.Length];
+                        FeatureMap.Taylor.Apply<double>(Enumerable.Range(0, d).Select(c => (double)k[0, j, hh, c]).ToArray(), phiK, false);
+                        w = phiQ.Zip(phiK).Sum(p => p.First * p.Second);
+                    }
+                    den += w;
+                    for (int c = 0; c < d; c++) num[c] += w * v[0, j, hh, c];
+                }
+                for (int c = 0; c < d; c++) Assert.True(Math.Abs(o[0, i, hh, c] - num[c] / den) < 5e-5, $"i={i} h={hh} c={c}: {o[0, i, hh, c]} vs {num[c] / den}");
+            }
+    }
+}
