@@ -209,3 +209,41 @@ public sealed class BasedTests
             }
     }
 }
+
+public sealed class AgentAttentionTests
+{
+    [Fact]
+    public void Should_equal_the_two_softmax_products_with_pooled_agents()
+    {
+        int s = 40, h = 2, d = 8, n = 6;
+        TensorView<float> q = TestData.Random<float>(1, 1, s, h, d), k = TestData.Random<float>(2, 1, 50, h, d), v = TestData.Random<float>(3, 1, 50, h, 5);
+        var o = new TensorView<float>(new float[s * h * 5], 1, s, h, 5);
+        Hybrids.AgentAttention(q, k, v, o, n);
+        double scale = 1 / Math.Sqrt(d);
+        for (int hh = 0; hh < h; hh++)
+        {
+            var agents = new double[n, d];
+            for (int a = 0; a < n; a++)
+            {
+                int start = a * s / n, end = (a + 1) * s / n;
+                for (int t = start; t < end; t++) for (int c = 0; c < d; c++) agents[a, c] += (double)q[0, t, hh, c] / (end - start);
+            }
+            var gathered = new double[n, 5];
+            for (int a = 0; a < n; a++)
+            {
+                double[] w = Enumerable.Range(0, 50).Select(j => Math.Exp(scale * Enumerable.Range(0, d).Sum(c => agents[a, c] * k[0, j, hh, c]))).ToArray();
+                for (int c = 0; c < 5; c++) gathered[a, c] = Enumerable.Range(0, 50).Sum(j => w[j] * v[0, j, hh, c]) / w.Sum();
+            }
+            for (int i = 0; i < s; i++)
+            {
+                double[] w = Enumerable.Range(0, n).Select(a => Math.Exp(scale * Enumerable.Range(0, d).Sum(c => (double)q[0, i, hh, c] * agents[a, c]))).ToArray();
+                for (int c = 0; c < 5; c++)
+                {
+                    double expected = Enumerable.Range(0, n).Sum(a => w[a] * gathered[a, c]) / w.Sum();
+                    Assert.True(Math.Abs(o[0, i, hh, c] - expected) < 1e-5, $"i={i} h={hh} c={c}: {o[0, i, hh, c]} vs {expected}");
+                }
+            }
+        }
+        Assert.Throws<ArgumentOutOfRangeException>(() => Hybrids.AgentAttention(q, k, v, o, 0));
+    }
+}

@@ -67,4 +67,40 @@ public static class Hybrids
             }
         });
     }
+
+    /// <summary>
+    /// Agent Attention (Han et al., arXiv:2312.08874): <paramref name="agents"/> agent tokens A, the mean-pooled queries of
+    /// equal sequence segments, first gather from the keys, then broadcast back:
+    /// O = softmax(Q·Aᵀ·scale)·(softmax(A·Kᵀ·scale)·V). Two calls of the fused executor, O(S·n·D) instead of O(S²·D).
+    /// Non-causal; q [B, Sq, H, D], k and v [B, Skv, Hkv, ·].
+    /// </summary>
+    public static void AgentAttention(TensorView<float> q, TensorView<float> k, TensorView<float> v, TensorView<float> output, int agents, KernelTuning? tuning = null)
+    {
+        AttentionShape s = AttentionShape.Of(q, k, v);
+        s.RequireOutput(output, nameof(output));
+        if (agents < 1 || agents > s.QueryLength)
+        {
+            throw new ArgumentOutOfRangeException(nameof(agents), agents, $"agents must be in 1..Sq={s.QueryLength}");
+        }
+        // Agent tokens: mean of query segment [a·Sq/n, (a+1)·Sq/n) per head.
+        var agentData = new float[(long)s.Batch * agents * s.Heads * s.HeadDim];
+        var agentView = new TensorView<float>(agentData, s.Batch, agents, s.Heads, s.HeadDim);
+        var row = new float[s.HeadDim];
+        for (int b = 0; b < s.Batch; b++)
+            for (int a = 0; a < agents; a++)
+            {
+                int start = (int)((long)a * s.QueryLength / agents), end = (int)((long)(a + 1) * s.QueryLength / agents);
+                for (int h = 0; h < s.Heads; h++)
+                    for (int t = start; t < end; t++)
+                    {
+                        q.CopyRow(b, t, h, row);
+                        for (int c = 0; c < s.HeadDim; c++) agentView[b, a, h, c] += row[c] / (end - start);
+                    }
+            }
+        // Agents gather from the keys (GQA: the agents of query head h read kv head h / group inside the executor).
+        var gathered = new TensorView<float>(new float[(long)s.Batch * agents * s.Heads * s.ValueDim], s.Batch, agents, s.Heads, s.ValueDim);
+        Attention.Forward(agentView, k, v, gathered, tuning: tuning);
+        // Queries read from the agents: keys = agent tokens, values = what the agents gathered (one per query head).
+        Attention.Forward(q, agentView, gathered, output, tuning: tuning);
+    }
 }
