@@ -310,26 +310,11 @@ internal static unsafe partial class FlashAttentionCpu
         }
     }
 
-    /// <summary>Adds ALiBi and the bias tensor (log2 units) to a block's scores.</summary>
+    /// <summary>Adds ALiBi and the bias tensor (log2 units) to a block's scores (keys kv0 + [0, cols)).</summary>
     private static void AddBias<T>(Problem<T> p, int b, int h, int q0, int rows, int kv0, int cols, float* s) where T : unmanaged
     {
-        AttentionShape shape = p.Shape;
-        long offset = (long)shape.KeyLength - shape.QueryLength;
-        float slope = p.AlibiSlopes?[(b * shape.Heads) + h] ?? 0f;
-        for (int r = 0; r < rows; r++)
-        {
-            float* row = s + (long)r * BlockKv;
-            int q = q0 + r;
-            if (slope != 0f)
-            {
-                for (int c = 0; c < cols; c++) row[c] += slope * MathF.Abs(q + offset - (kv0 + c));
-            }
-            if (p.Bias is not null)
-            {
-                float* bias = p.Bias + b * p.BiasStrides![0] + h * p.BiasStrides[1] + q * p.BiasStrides[2];
-                long bs = p.BiasStrides[3];
-                for (int c = 0; c < cols; c++) row[c] += bias[(kv0 + c) * bs] * Log2E;
-            }
-        }
+        Span<int> keys = stackalloc int[cols];
+        for (int c = 0; c < cols; c++) keys[c] = kv0 + c;
+        AddBias(p, b, h, q0, rows, keys, s);
     }
 }
