@@ -8,45 +8,25 @@ namespace Attend.Masks;
 /// <see cref="BlockClass.Partial"/> (the mask is evaluated per element). Stored as CSR. When the mask does not
 /// depend on batch or head, one plan row set is shared (broadcast), so memory stays O(blocks of one head).
 /// </summary>
-public sealed class BlockMask
+public sealed class BlockMask : BlockRows
 {
-    private readonly int[] _rowStart;        // per (b', h', query block): start in _columns; one extra at the end
     private readonly int[] _columns;
     private readonly BlockClass[] _kinds;
 
     private BlockMask(MaskExtent extent, int blockQ, int blockK, int planBatch, int planHeads, int[] rowStart, int[] columns, BlockClass[] kinds, Mask? mask)
+        : base(extent, blockQ, planBatch, planHeads, rowStart)
     {
-        Extent = extent;
-        BlockQ = blockQ;
         BlockK = blockK;
-        PlanBatch = planBatch;
-        PlanHeads = planHeads;
-        _rowStart = rowStart;
         _columns = columns;
         _kinds = kinds;
         Mask = mask;
     }
 
-    /// <summary>B, H, Sq, Skv the plan was built for.</summary>
-    public MaskExtent Extent { get; }
-
-    /// <summary>Query rows per block.</summary>
-    public int BlockQ { get; }
-
     /// <summary>Keys per block.</summary>
     public int BlockK { get; }
 
-    /// <summary>Batch entries stored (1 when broadcast over batch).</summary>
-    public int PlanBatch { get; }
-
-    /// <summary>Heads stored (1 when broadcast over heads).</summary>
-    public int PlanHeads { get; }
-
     /// <summary>The element mask of Partial blocks (null for plans from <see cref="FromBlocks"/> without one).</summary>
     public Mask? Mask { get; }
-
-    /// <summary>Query blocks per (batch, head).</summary>
-    public int QueryBlocks => (Extent.QueryLength + BlockQ - 1) / BlockQ;
 
     /// <summary>Key blocks per query block row when dense.</summary>
     public int KeyBlocks => (Extent.KeyLength + BlockK - 1) / BlockK;
@@ -72,36 +52,29 @@ public sealed class BlockMask
         var extent = new MaskExtent(batch, heads, queryLength, keyLength);
         int planBatch = mask.DependsOnBatch ? batch : 1, planHeads = mask.DependsOnHead ? heads : 1;
         int queryBlocks = (queryLength + blockQ - 1) / blockQ;
-        var rowStart = new int[planBatch * planHeads * queryBlocks + 1];
         var columns = new List<int>();
         var kinds = new List<BlockClass>();
         var ranges = new List<(int Start, int End)>();
-        int row = 0;
-        for (int b = 0; b < planBatch; b++)
-            for (int h = 0; h < planHeads; h++)
-                for (int qb = 0; qb < queryBlocks; qb++)
+        int[] rowStart = BuildRows(planBatch, planHeads, queryBlocks, columns, (b, h, qb, cols) =>
+        {
+            int q0 = qb * blockQ, q1 = Math.Min(q0 + blockQ, queryLength);
+            ranges.Clear();
+            mask.KeyRanges(extent, b, h, q0, q1, ranges);
+            int last = -1;
+            foreach ((int start, int end) in ranges)
+            {
+                for (int kb = Math.Max(start / blockK, last + 1); kb * blockK < end; kb++)
                 {
-                    rowStart[row++] = columns.Count;
-                    int q0 = qb * blockQ, q1 = Math.Min(q0 + blockQ, queryLength);
-                    ranges.Clear();
-                    mask.KeyRanges(extent, b, h, q0, q1, ranges);
-                    int last = -1;
-                    foreach ((int start, int end) in ranges)
+                    BlockClass c = mask.Classify(extent, b, h, q0, q1, kb * blockK, Math.Min((kb + 1) * blockK, keyLength));
+                    if (c != BlockClass.Empty)
                     {
-                        for (int kb = Math.Max(start / blockK, last + 1); kb * blockK < end; kb++)
-                        {
-                            int k0 = kb * blockK, k1 = Math.Min(k0 + blockK, keyLength);
-                            BlockClass c = mask.Classify(extent, b, h, q0, q1, k0, k1);
-                            if (c != BlockClass.Empty)
-                            {
-                                columns.Add(kb);
-                                kinds.Add(c);
-                            }
-                            last = kb;
-                        }
+                        cols.Add(kb);
+                        kinds.Add(c);
                     }
+                    last = kb;
                 }
-        rowStart[row] = columns.Count;
+            }
+        });
         return new BlockMask(extent, blockQ, blockK, planBatch, planHeads, rowStart, [.. columns], [.. kinds], mask);
     }
 
@@ -115,41 +88,29 @@ public sealed class BlockMask
         ArgumentNullException.ThrowIfNull(blocks);
         var extent = new MaskExtent(batch, heads, queryLength, keyLength);
         int queryBlocks = (queryLength + blockQ - 1) / blockQ, keyBlocks = (keyLength + blockK - 1) / blockK;
-        var rowStart = new int[batch * heads * queryBlocks + 1];
         var columns = new List<int>();
         var kinds = new List<BlockClass>();
-        int row = 0;
-        for (int b = 0; b < batch; b++)
-            for (int h = 0; h < heads; h++)
-                for (int qb = 0; qb < queryBlocks; qb++)
-                {
-                    rowStart[row++] = columns.Count;
-                    foreach ((int kb, BlockClass kind) in blocks(b, h, qb).Where(x => x.Kind != BlockClass.Empty).OrderBy(x => x.KeyBlock))
-                    {
-                        if (kb < 0 || kb >= keyBlocks) throw new ArgumentException($"key block {kb} of (b={b}, h={h}, query block {qb}) is outside 0..{keyBlocks - 1}", nameof(blocks));
-                        if (kind == BlockClass.Partial && mask is null) throw new ArgumentException("Partial blocks need a mask for their elements", nameof(mask));
-                        if (columns.Count > rowStart[row - 1] && columns[^1] == kb) continue;
-                        columns.Add(kb);
-                        kinds.Add(kind);
-                    }
-                }
-        rowStart[row] = columns.Count;
+        int[] rowStart = BuildRows(batch, heads, queryBlocks, columns, (b, h, qb, cols) =>
+        {
+            int first = cols.Count;
+            foreach ((int kb, BlockClass kind) in blocks(b, h, qb).Where(x => x.Kind != BlockClass.Empty).OrderBy(x => x.KeyBlock))
+            {
+                if (kb < 0 || kb >= keyBlocks) throw new ArgumentException($"key block {kb} of (b={b}, h={h}, query block {qb}) is outside 0..{keyBlocks - 1}", nameof(blocks));
+                if (kind == BlockClass.Partial && mask is null) throw new ArgumentException("Partial blocks need a mask for their elements", nameof(mask));
+                if (cols.Count > first && cols[^1] == kb) continue;
+                cols.Add(kb);
+                kinds.Add(kind);
+            }
+        });
         return new BlockMask(extent, blockQ, blockK, batch, heads, rowStart, [.. columns], [.. kinds], mask);
     }
 
     /// <summary>The key blocks (ascending) and kinds that (batch, head, query block) visits.</summary>
     public ReadOnlySpan<int> Row(int batch, int head, int queryBlock, out ReadOnlySpan<BlockClass> kinds)
     {
-        int r = RowIndex(batch, head, queryBlock);
-        int s = _rowStart[r], e = _rowStart[r + 1];
+        (int s, int e) = RowRange(batch, head, queryBlock);
         kinds = _kinds.AsSpan(s, e - s);
         return _columns.AsSpan(s, e - s);
-    }
-
-    internal int RowIndex(int batch, int head, int queryBlock)
-    {
-        int b = PlanBatch == 1 ? 0 : batch, h = PlanHeads == 1 ? 0 : head;
-        return ((b * PlanHeads) + h) * QueryBlocks + queryBlock;
     }
 
     /// <summary>Whether (q, kv) is computed by this plan: its block is visited and, if Partial, the mask allows it.</summary>

@@ -6,39 +6,19 @@ namespace Attend.Masks;
 /// <see cref="Mask.Causal"/>) still applies to the gathered pairs. Stored as CSR; broadcast over batch/heads when
 /// built with one row set.
 /// </summary>
-public sealed class TokenSet
+public sealed class TokenSet : BlockRows
 {
-    private readonly int[] _rowStart;
     private readonly int[] _tokens;
 
     private TokenSet(MaskExtent extent, int blockQ, int planBatch, int planHeads, int[] rowStart, int[] tokens, Mask? mask)
+        : base(extent, blockQ, planBatch, planHeads, rowStart)
     {
-        Extent = extent;
-        BlockQ = blockQ;
-        PlanBatch = planBatch;
-        PlanHeads = planHeads;
-        _rowStart = rowStart;
         _tokens = tokens;
         Mask = mask;
     }
 
-    /// <summary>B, H, Sq, Skv.</summary>
-    public MaskExtent Extent { get; }
-
-    /// <summary>Query rows per block.</summary>
-    public int BlockQ { get; }
-
-    /// <summary>Batch entries stored (1: broadcast).</summary>
-    public int PlanBatch { get; }
-
-    /// <summary>Heads stored (1: broadcast).</summary>
-    public int PlanHeads { get; }
-
     /// <summary>Element mask applied to gathered pairs; null: none.</summary>
     public Mask? Mask { get; }
-
-    /// <summary>Query blocks per (batch, head).</summary>
-    public int QueryBlocks => (Extent.QueryLength + BlockQ - 1) / BlockQ;
 
     /// <summary>Total listed tokens over all stored rows.</summary>
     public int Count => _tokens.Length;
@@ -58,30 +38,23 @@ public sealed class TokenSet
         var extent = new MaskExtent(batch, heads, queryLength, keyLength);
         int pb = broadcast ? 1 : batch, ph = broadcast ? 1 : heads;
         int queryBlocks = (queryLength + blockQ - 1) / blockQ;
-        var rowStart = new int[pb * ph * queryBlocks + 1];
         var all = new List<int>();
-        int row = 0;
-        for (int b = 0; b < pb; b++)
-            for (int h = 0; h < ph; h++)
-                for (int qb = 0; qb < queryBlocks; qb++)
-                {
-                    rowStart[row++] = all.Count;
-                    foreach (int t in tokens(b, h, qb).Distinct().Order())
-                    {
-                        if (t < 0 || t >= keyLength) throw new ArgumentException($"token {t} of (b={b}, h={h}, query block {qb}) is outside 0..{keyLength - 1}", nameof(tokens));
-                        all.Add(t);
-                    }
-                }
-        rowStart[row] = all.Count;
+        int[] rowStart = BuildRows(pb, ph, queryBlocks, all, (b, h, qb, list) =>
+        {
+            foreach (int t in tokens(b, h, qb).Distinct().Order())
+            {
+                if (t < 0 || t >= keyLength) throw new ArgumentException($"token {t} of (b={b}, h={h}, query block {qb}) is outside 0..{keyLength - 1}", nameof(tokens));
+                list.Add(t);
+            }
+        });
         return new TokenSet(extent, blockQ, pb, ph, rowStart, [.. all], mask);
     }
 
     /// <summary>The sorted key tokens of (batch, head, query block).</summary>
     public ReadOnlySpan<int> Row(int batch, int head, int queryBlock)
     {
-        int b = PlanBatch == 1 ? 0 : batch, h = PlanHeads == 1 ? 0 : head;
-        int r = ((b * PlanHeads) + h) * QueryBlocks + queryBlock;
-        return _tokens.AsSpan(_rowStart[r], _rowStart[r + 1] - _rowStart[r]);
+        (int start, int end) = RowRange(batch, head, queryBlock);
+        return _tokens.AsSpan(start, end - start);
     }
 
     /// <summary>Whether query q's block lists key kv and the element mask allows the pair.</summary>
