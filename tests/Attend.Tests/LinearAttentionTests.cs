@@ -247,3 +247,51 @@ public sealed class AgentAttentionTests
         Assert.Throws<ArgumentOutOfRangeException>(() => Hybrids.AgentAttention(q, k, v, o, 0));
     }
 }
+
+public sealed class ScoutTests
+{
+    [Theory]
+    [InlineData(97, 16, 8)]
+    [InlineData(130, 40, 13)]
+    public void Should_attend_the_window_and_older_segment_summaries(int s, int window, int segment)
+    {
+        int h = 2, hkv = 1, d = 8, dv = 6;
+        TensorView<float> q = TestData.Random<float>(1, 1, s, h, d), k = TestData.Random<float>(2, 1, s, hkv, d), v = TestData.Random<float>(3, 1, s, hkv, dv);
+        var o = new TensorView<float>(new float[s * h * dv], 1, s, h, dv);
+        Hybrids.Scout(q, k, v, o, window, segment, tuning: new KernelTuning { Path = KernelPath.Vector256 });
+        double scale = 1 / Math.Sqrt(d);
+        int segments = s / segment;
+        var meanK = new double[segments, d];
+        var meanV = new double[segments, dv];
+        for (int j = 0; j < segments * segment; j++)
+        {
+            for (int c = 0; c < d; c++) meanK[j / segment, c] += (double)k[0, j, 0, c] / segment;
+            for (int c = 0; c < dv; c++) meanV[j / segment, c] += (double)v[0, j, 0, c] / segment;
+        }
+        bool sawSummaries = false;
+        for (int hh = 0; hh < h; hh++)
+            for (int i = 0; i < s; i++)
+            {
+                var scores = new List<(double Score, Func<int, double> Value)>();
+                for (int j = Math.Max(0, i - window + 1); j <= i; j++)
+                {
+                    int jj = j;
+                    scores.Add((scale * Enumerable.Range(0, d).Sum(c => (double)q[0, i, hh, c] * k[0, jj, 0, c]), c => v[0, jj, 0, c]));
+                }
+                int visible = Math.Max(0, (i - window + 1) / segment);
+                for (int g = 0; g < Math.Min(visible, segments); g++)
+                {
+                    int gg = g;
+                    scores.Add((scale * Enumerable.Range(0, d).Sum(c => q[0, i, hh, c] * meanK[gg, c]), c => meanV[gg, c]));
+                    sawSummaries = true;
+                }
+                double max = scores.Max(x => x.Score), sum = scores.Sum(x => Math.Exp(x.Score - max));
+                for (int c = 0; c < dv; c++)
+                {
+                    double expected = scores.Sum(x => Math.Exp(x.Score - max) * x.Value(c)) / sum;
+                    Assert.True(Math.Abs(o[0, i, hh, c] - expected) < 2e-6, $"i={i} h={hh} c={c}: {o[0, i, hh, c]} vs {expected}");
+                }
+            }
+        Assert.True(sawSummaries);
+    }
+}

@@ -103,4 +103,83 @@ public static class Hybrids
         // Queries read from the agents: keys = agent tokens, values = what the agents gathered (one per query head).
         Attention.Forward(q, agentView, gathered, output, tuning: tuning);
     }
+
+    /// <summary>
+    /// SCOUT-style hybrid (segment compression with an exact local window): each query attends its last
+    /// <paramref name="window"/> keys exactly and, for every complete segment of <paramref name="segment"/> tokens lying
+    /// entirely before its window, one summary token (the mean key and mean value of the segment) — one softmax over
+    /// both. Causal, Sq = Skv. The summaries join K and V as extra keys and a <see cref="Mask"/> encodes which query sees
+    /// which, so the fused executor does the work.
+    /// </summary>
+    public static void Scout(TensorView<float> q, TensorView<float> k, TensorView<float> v, TensorView<float> output, int window, int segment,
+        AttentionOptions? options = null, KernelTuning? tuning = null)
+    {
+        AttentionShape s = AttentionShape.Of(q, k, v);
+        s.RequireOutput(output, nameof(output));
+        if (s.QueryLength != s.KeyLength) throw new ArgumentException($"SCOUT is causal self-attention: Sq = Skv; got Sq={s.QueryLength}, Skv={s.KeyLength}", nameof(k));
+        if (window < 1) throw new ArgumentOutOfRangeException(nameof(window), window, "window must be ≥ 1");
+        if (segment < 1) throw new ArgumentOutOfRangeException(nameof(segment), segment, "segment must be ≥ 1");
+        int n = s.KeyLength, segments = n / segment, total = n + segments;
+        var kExt = new TensorView<float>(new float[(long)s.Batch * total * s.KvHeads * s.HeadDim], s.Batch, total, s.KvHeads, s.HeadDim);
+        var vExt = new TensorView<float>(new float[(long)s.Batch * total * s.KvHeads * s.ValueDim], s.Batch, total, s.KvHeads, s.ValueDim);
+        var rowK = new float[s.HeadDim];
+        var rowV = new float[s.ValueDim];
+        for (int b = 0; b < s.Batch; b++)
+            for (int h = 0; h < s.KvHeads; h++)
+                for (int j = 0; j < n; j++)
+                {
+                    k.CopyRow(b, j, h, rowK);
+                    v.CopyRow(b, j, h, rowV);
+                    kExt.WriteRow(b, j, h, rowK, 1f);
+                    vExt.WriteRow(b, j, h, rowV, 1f);
+                    int seg = j / segment;
+                    if (seg >= segments) continue;
+                    for (int c = 0; c < s.HeadDim; c++) kExt[b, n + seg, h, c] += rowK[c] / segment;
+                    for (int c = 0; c < s.ValueDim; c++) vExt[b, n + seg, h, c] += rowV[c] / segment;
+                }
+        var opts = (options ?? AttentionOptions.Default) with { Mask = new ScoutMask(n, window, segment), Causal = false };   // causal by construction
+        Attention.Forward(q, kExt, vExt, output, opts, tuning: tuning);
+    }
+
+    /// <summary>Keys [0, n): the causal window; keys n + g: summary of segment g, visible once the segment is older than the window.</summary>
+    private sealed class ScoutMask(int tokens, int window, int segment) : Mask
+    {
+        // Query i sees segment g when the segment's last token (g+1)·L − 1 is older than the window start i − w + 1.
+        private int VisibleSegments(int q) => Math.Max(0, (q - window + 1) / segment);
+
+        public override bool Allows(in MaskExtent extent, int batch, int head, int q, int kv) =>
+            kv < tokens ? kv <= q && q - kv < window : kv - tokens < Math.Min(VisibleSegments(q), extent.KeyLength - tokens);
+
+        public override void KeyRanges(in MaskExtent extent, int batch, int head, int q0, int q1, List<(int Start, int End)> ranges)
+        {
+            ArgumentNullException.ThrowIfNull(ranges);
+            ranges.Add((Math.Max(0, q0 - window + 1), Math.Min(q1, tokens)));
+            int visible = Math.Min(VisibleSegments(q1 - 1), extent.KeyLength - tokens);
+            if (visible > 0) ranges.Add((tokens, tokens + visible));
+        }
+
+        public override bool TryRowInterval(in MaskExtent extent, int batch, int head, int q, int k0, int k1, out int start, out int end)
+        {
+            // Within one block the allowed keys are a single interval: the window part or the summary part.
+            if (k1 <= tokens)
+            {
+                start = Math.Clamp(q - window + 1, k0, k1);
+                end = Math.Clamp(q + 1, start, k1);
+                return true;
+            }
+            if (k0 >= tokens)
+            {
+                start = k0;
+                end = Math.Clamp(tokens + VisibleSegments(q), k0, k1);
+                return true;
+            }
+            start = end = 0;
+            return false;
+        }
+
+        public override string ToCuda(in MaskExtent extent) =>
+            $"(kv < {tokens} ? (kv <= q && q - kv < {window}) : (kv - {tokens} < ((q - {window} + 1) > 0 ? (q - {window} + 1) / {segment} : 0)))";
+
+        public override string ToString() => $"scout(window={window}, segment={segment})";
+    }
 }
