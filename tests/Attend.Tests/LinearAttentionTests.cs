@@ -1,3 +1,4 @@
+using Attend.Masks;
 using Attend.Linear;
 using Attend.Tensors;
 
@@ -293,5 +294,29 @@ public sealed class ScoutTests
                 }
             }
         Assert.True(sawSummaries);
+    }
+}
+
+public sealed class MossFormerTests
+{
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void Should_sum_chunk_softmax_and_global_linear_attention(bool causal)
+    {
+        int s = 75, h = 2, d = 8, chunk = 16;
+        TensorView<float> q = TestData.Random<float>(1, 1, s, h, d, 0.6f), k = TestData.Random<float>(2, 1, s, h, d, 0.6f), v = TestData.Random<float>(3, 1, s, h, d);
+        var o = new TensorView<float>(new float[s * h * d], 1, s, h, d);
+        Hybrids.MossFormer(q, k, v, o, chunk, causal);
+        int[] ids = Enumerable.Range(0, s).Select(i => i / chunk).ToArray();
+        var local = Attend.Reference.AttentionReference.Forward(q, k, v, new AttentionOptions { Mask = causal ? Mask.Document(ids) & Mask.Causal : Mask.Document(ids) });
+        double[] global = LinearReference.Forward(q, k, v, new LinearOptions { Causal = causal });
+        for (int i = 0; i < s; i++)
+            for (int hh = 0; hh < h; hh++)
+                for (int c = 0; c < d; c++)
+                {
+                    double expected = local.At(0, i, hh, c) + global[((i * h) + hh) * d + c];
+                    Assert.True(Math.Abs(o[0, i, hh, c] - expected) < 1e-5, $"i={i} h={hh} c={c}: {o[0, i, hh, c]} vs {expected}");
+                }
     }
 }

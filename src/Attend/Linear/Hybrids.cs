@@ -182,4 +182,35 @@ public static class Hybrids
 
         public override string ToString() => $"scout(window={window}, segment={segment})";
     }
+
+    /// <summary>
+    /// MossFormer-style joint attention (after FLASH's mixed chunk attention, Hua et al. arXiv:2202.10447, used by
+    /// MossFormer arXiv:2302.11824): exact softmax attention inside non-overlapping chunks of <paramref name="chunk"/>
+    /// tokens plus linear attention over the whole sequence, summed: o = Attention_chunk(q, k, v) + Linear(q, k, v).
+    /// With <paramref name="causal"/> both parts are causal. Sq = Skv.
+    /// </summary>
+    public static void MossFormer(TensorView<float> q, TensorView<float> k, TensorView<float> v, TensorView<float> output, int chunk,
+        bool causal = false, FeatureMap? featureMap = null, KernelTuning? tuning = null)
+    {
+        AttentionShape s = AttentionShape.Of(q, k, v);
+        s.RequireOutput(output, nameof(output));
+        if (s.QueryLength != s.KeyLength) throw new ArgumentException($"MossFormer is self-attention: Sq = Skv; got Sq={s.QueryLength}, Skv={s.KeyLength}", nameof(k));
+        if (chunk < 1) throw new ArgumentOutOfRangeException(nameof(chunk), chunk, "chunk must be ≥ 1");
+        int[] ids = Enumerable.Range(0, s.QueryLength).Select(i => i / chunk).ToArray();
+        Mask local = causal ? Mask.Document(ids) & Mask.Causal : Mask.Document(ids);
+        Attention.Forward(q, k, v, output, new AttentionOptions { Mask = local }, tuning: tuning);
+        var global = new TensorView<float>(new float[(long)s.Batch * s.QueryLength * s.Heads * s.ValueDim], s.Batch, s.QueryLength, s.Heads, s.ValueDim);
+        LinearAttention.Forward(q, k, v, global, new LinearOptions { FeatureMap = featureMap ?? FeatureMap.EluPlusOne, Causal = causal }, tuning);
+        var a = new float[s.ValueDim];
+        var g = new float[s.ValueDim];
+        for (int b = 0; b < s.Batch; b++)
+            for (int i = 0; i < s.QueryLength; i++)
+                for (int h = 0; h < s.Heads; h++)
+                {
+                    output.CopyRow(b, i, h, a);
+                    global.CopyRow(b, i, h, g);
+                    for (int c = 0; c < a.Length; c++) a[c] += g[c];
+                    output.WriteRow(b, i, h, a, 1f);
+                }
+    }
 }
