@@ -30,7 +30,7 @@ internal static class BenchCommand
         var dtype = new Option<string>("--dtype") { Description = "f32 | f16 | bf16 (default: f32 on cpu, bf16 on cuda)" };
         var threads = new Option<int>("--threads") { Description = "worker threads (0: all cores)" };
         var path = new Option<KernelPath>("--path") { Description = "SIMD path (Auto, Scalar, Vector128, Vector256, Vector512)" };
-        var blockQ = new Option<int>("--block-q") { Description = "CPU query rows per work item (KernelTuning.BlockQ)", DefaultValueFactory = _ => 64 };
+        var blockQ = new Option<int>("--block-q") { Description = "CPU query rows per work item (KernelTuning.BlockQ)", DefaultValueFactory = _ => 128 };
         var reps = new Option<int>("--reps") { Description = "timed repetitions per row (at least 5 are used)", DefaultValueFactory = _ => 5 };
         var device = new Option<string>("--device") { Description = "cpu or cuda", DefaultValueFactory = _ => "cpu" };
         var json = new Option<string?>("--json") { Description = "write results as JSON to this file ('-' for stdout)" };
@@ -99,7 +99,7 @@ internal static class BenchCommand
         public int Threads { get; init; }
         public KernelPath Path { get; init; }
         public int Reps { get; init; } = 5;
-        public int BlockQ { get; init; } = 64;
+        public int BlockQ { get; init; } = 128;
     }
 
     internal sealed record BenchRow(
