@@ -94,4 +94,59 @@ public sealed class DecodeTests
         Assert.Throws<ArgumentException>(() => DecodeAttention.Forward(new TensorView<float>(new float[24], 1, 3, 8), cache, seq, 0, o));
         Assert.Throws<ArgumentOutOfRangeException>(() => new KvCache(1, 1, 8, pageSize: 0));
     }
+
+    private static (KvCache Cache, int Seq) RandomCache(int length, int hkv, int d, int pageSize, int seed)
+    {
+        var cache = new KvCache(1, hkv, d, storage: DType.Float32, pageSize: pageSize);
+        int seq = cache.AddSequence();
+        cache.Append(seq, 0, new TensorView<float>(TestData.Normal(length * hkv * d, seed), length, hkv, d), new TensorView<float>(TestData.Normal(length * hkv * d, seed + 1), length, hkv, d));
+        return (cache, seq);
+    }
+
+    [Fact]
+    public void Should_equal_dense_when_a_policy_budget_covers_the_cache()
+    {
+        (KvCache cache, int seq) = RandomCache(200, 2, 16, 16, 5);
+        var q = new TensorView<float>(TestData.Normal(4 * 16, 9), 1, 4, 16);
+        var dense = new TensorView<float>(new float[4 * 16], 1, 4, 16);
+        long densePages = DecodeAttention.Forward(q, cache, seq, 0, dense);
+        Assert.Equal(2 * 13, densePages);
+        foreach (IKvSelectionPolicy policy in new IKvSelectionPolicy[] { new QuestPolicy(10_000), new StreamingPolicy(0, 200) })
+        {
+            var o = new TensorView<float>(new float[4 * 16], 1, 4, 16);
+            Assert.Equal(densePages, DecodeAttention.Forward(q, cache, seq, 0, o, new DecodeOptions { Policy = policy }));
+            Assert.Equal(dense.ToArray(), o.ToArray());
+        }
+    }
+
+    [Fact]
+    public void Should_find_a_needle_with_quest_and_keep_sinks_and_recent_pages_with_streaming()
+    {
+        int length = 1024, d = 32, ps = 32;
+        (KvCache cache, int seq) = RandomCache(length, 1, d, ps, 11);
+        // A needle: key 300 (page 9) equals 6x the query direction, so it dominates the attention.
+        float[] dir = TestData.Normal(d, 12);
+        var cache2 = new KvCache(1, 1, d, storage: DType.Float32, pageSize: ps);
+        int seq2 = cache2.AddSequence();
+        float[] keys = TestData.Normal(length * d, 11);
+        for (int c = 0; c < d; c++) keys[300 * d + c] = 6 * dir[c];
+        cache2.Append(seq2, 0, new TensorView<float>(keys, length, 1, d), new TensorView<float>(TestData.Normal(length * d, 13), length, 1, d));
+        var q = new TensorView<float>(dir.ToArray(), 1, 1, d);
+        var quest = new QuestPolicy(4 * ps);
+        IReadOnlyList<int> pages = quest.SelectPages(cache2, seq2, 0, 0, dir.Select(x => x / MathF.Sqrt(d)).ToArray(), 1);
+        Assert.Contains(300 / ps, pages);
+        Assert.Contains(length / ps - 1, pages);
+        Assert.Equal(4, pages.Count);
+        var dense = new TensorView<float>(new float[d], 1, 1, d);
+        var sparse = new TensorView<float>(new float[d], 1, 1, d);
+        DecodeAttention.Forward(q, cache2, seq2, 0, dense);
+        long read = DecodeAttention.Forward(q, cache2, seq2, 0, sparse, new DecodeOptions { Policy = quest });
+        Assert.Equal(4, read);
+        double err = Math.Sqrt(dense.ToArray().Zip(sparse.ToArray()).Sum(p => (p.First - p.Second) * (p.First - p.Second)) / dense.ToArray().Sum(x => x * x));
+        Assert.True(err < 0.05, $"relative L2 error {err}");
+        IReadOnlyList<int> streaming = new StreamingPolicy(40, 100).SelectPages(cache, seq, 0, 0, new float[d], 1);
+        Assert.Equal([0, 1, 28, 29, 30, 31], streaming);
+        Assert.Throws<ArgumentOutOfRangeException>(() => new QuestPolicy(0));
+        Assert.Throws<ArgumentOutOfRangeException>(() => new StreamingPolicy(0, 0));
+    }
 }

@@ -10,6 +10,9 @@ public sealed record DecodeOptions
 
     /// <summary>With several query tokens, token t (of nq) sees keys up to L − nq + t (bottom-right, as in prefill). Default true.</summary>
     public bool Causal { get; init; } = true;
+
+    /// <summary>Which pages each step reads (Quest, StreamingLLM, …); null reads them all.</summary>
+    public IKvSelectionPolicy? Policy { get; init; }
 }
 
 /// <summary>
@@ -19,8 +22,12 @@ public sealed record DecodeOptions
 /// </summary>
 public static class DecodeAttention
 {
-    /// <summary>q [nq, H, D] → output [nq, H, Dv] (and optional lse [nq, H]) against (sequence, layer) of the cache.</summary>
-    public static void Forward(TensorView<float> q, KvCache cache, int sequence, int layer, TensorView<float> output,
+
+    /// <summary>
+    /// q [nq, H, D] → output [nq, H, Dv] (and optional lse [nq, H]) against (sequence, layer) of the cache.
+    /// Returns the pages read, summed over kv heads (what a policy saved against reading them all).
+    /// </summary>
+    public static long Forward(TensorView<float> q, KvCache cache, int sequence, int layer, TensorView<float> output,
         DecodeOptions? options = null, TensorView<float> lse = default, KernelTuning? tuning = null)
     {
         ArgumentNullException.ThrowIfNull(cache);
@@ -39,10 +46,21 @@ public static class DecodeAttention
         float scale = options.Scale ?? 1f / MathF.Sqrt(d);
         if (!float.IsFinite(scale) || scale < 0) throw new ArgumentException($"Scale must be finite and ≥ 0; got {scale}", nameof(options));
 
-        // Split the pages so every thread has work even for one sequence and a few heads.
-        int threads = tuning.EffectiveThreads;
-        int splits = Math.Clamp(threads * 4 / cache.KvHeads, 1, pages.Count);
         int rows = nq * group;                                  // query rows per kv head
+        // Pages each kv head reads: the policy's choice from the scaled query rows of its group.
+        var selected = new IReadOnlyList<int>[cache.KvHeads];
+        var scaled = new float[rows * d];
+        for (int hk = 0; hk < cache.KvHeads; hk++)
+        {
+            for (int r = 0; r < rows; r++)
+                for (int c = 0; c < d; c++) scaled[r * d + c] = q[r / group, hk * group + r % group, c] * scale;
+            selected[hk] = (options.Policy ?? DensePolicy.Instance).SelectPages(cache, sequence, layer, hk, scaled, rows);
+            if (selected[hk].Any(p => p < 0 || p >= pages.Count)) throw new InvalidOperationException($"the policy selected a page outside 0..{pages.Count - 1}");
+        }
+        long pagesRead = selected.Sum(x => (long)x.Count);
+        // Split the selected pages so every thread has work even for one sequence and a few heads.
+        int threads = tuning.EffectiveThreads;
+        int splits = Math.Clamp(threads * 4 / cache.KvHeads, 1, Math.Max(1, selected.Min(x => x.Count)));
         var partO = new float[splits * cache.KvHeads * rows * dv];
         var partM = new float[splits * cache.KvHeads * rows];
         var partL = new float[splits * cache.KvHeads * rows];
@@ -50,7 +68,8 @@ public static class DecodeAttention
         Cpu.WorkQueue.Run(splits * cache.KvHeads, threads, () => (K: new float[d], V: new float[dv], Q: new float[rows * d]), (item, w) =>
         {
             int split = item / cache.KvHeads, hk = item % cache.KvHeads;
-            int p0 = (int)((long)split * pages.Count / splits), p1 = (int)((long)(split + 1) * pages.Count / splits);
+            IReadOnlyList<int> mine = selected[hk];
+            int i0 = (int)((long)split * mine.Count / splits), i1 = (int)((long)(split + 1) * mine.Count / splits);
             for (int r = 0; r < rows; r++)
             {
                 int t = r / group, h = hk * group + r % group;
@@ -60,10 +79,10 @@ public static class DecodeAttention
             Span<float> m = partM.AsSpan(baseIndex, rows), l = partL.AsSpan(baseIndex, rows);
             Span<float> o = partO.AsSpan(baseIndex * dv, rows * dv);
             m.Fill(float.NegativeInfinity);
-            int position = p0 * cache.PageSize;
-            for (int p = p0; p < p1; p++)
+            for (int i = i0; i < i1; i++)
             {
-                KvCache.Page page = pages[p];
+                KvCache.Page page = pages[mine[i]];
+                int position = mine[i] * cache.PageSize;
                 for (int slot = 0; slot < page.Count; slot++, position++)
                 {
                     page.ReadKey(hk, slot, w.K);
@@ -122,5 +141,6 @@ public static class DecodeAttention
                 for (int c = 0; c < dv; c++) output[t, h, c] = acc[c] * inv;
                 if (!lse.IsDefault) lse[t, h] = total == 0 ? float.NegativeInfinity : max + MathF.Log(total);
             }
+        return pagesRead;
     }
 }

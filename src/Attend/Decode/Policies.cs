@@ -1,0 +1,102 @@
+namespace Attend.Decode;
+
+/// <summary>
+/// Chooses which pages of a cached sequence one decode step reads, per kv head. Pages are indices into the
+/// sequence's page list (page p holds tokens [p·PageSize, (p+1)·PageSize)); return them ascending.
+/// </summary>
+public interface IKvSelectionPolicy
+{
+    /// <summary>
+    /// Pages to read for kv head <paramref name="kvHead"/>, given the scaled query rows [rows × D] of the query heads
+    /// that share it.
+    /// </summary>
+    IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows);
+}
+
+/// <summary>Every page: exact attention.</summary>
+public sealed class DensePolicy : IKvSelectionPolicy
+{
+    /// <summary>The shared instance.</summary>
+    public static DensePolicy Instance { get; } = new();
+
+    /// <inheritdoc/>
+    public IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows)
+    {
+        ArgumentNullException.ThrowIfNull(cache);
+        return Enumerable.Range(0, cache.Pages(sequence, layer).Count).ToArray();
+    }
+}
+
+/// <summary>
+/// StreamingLLM (Xiao et al., arXiv:2309.17453): the pages holding the first <c>sinkTokens</c> (attention sinks) and
+/// the last <c>windowTokens</c> tokens.
+/// </summary>
+public sealed class StreamingPolicy : IKvSelectionPolicy
+{
+    private readonly int _sink, _window;
+
+    /// <summary>Sink and recent-window sizes in tokens.</summary>
+    public StreamingPolicy(int sinkTokens, int windowTokens)
+    {
+        if (sinkTokens < 0) throw new ArgumentOutOfRangeException(nameof(sinkTokens), sinkTokens, "sink tokens must be ≥ 0");
+        if (windowTokens < 1) throw new ArgumentOutOfRangeException(nameof(windowTokens), windowTokens, "window tokens must be ≥ 1");
+        _sink = sinkTokens;
+        _window = windowTokens;
+    }
+
+    /// <inheritdoc/>
+    public IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows)
+    {
+        ArgumentNullException.ThrowIfNull(cache);
+        int length = cache.Length(sequence, layer), ps = cache.PageSize, pages = (length + ps - 1) / ps;
+        var set = new SortedSet<int>();
+        for (int p = 0; p < Math.Min(pages, (_sink + ps - 1) / ps); p++) set.Add(p);
+        for (int p = Math.Max(0, (length - _window) / ps); p < pages; p++) set.Add(p);
+        return [.. set];
+    }
+}
+
+/// <summary>
+/// Quest (Tang et al., arXiv:2406.10774): an upper bound of q·k per page from its channel-wise key min/max,
+/// Σ_c max(q_c·min_c, q_c·max_c); the best-scoring pages within <c>tokenBudget</c> tokens are read, the last page always.
+/// With grouped heads a page scores the maximum bound over the group's query rows.
+/// </summary>
+public sealed class QuestPolicy : IKvSelectionPolicy
+{
+    private readonly int _budget;
+
+    /// <summary>Tokens to read per step and kv head (rounded down to whole pages, at least one).</summary>
+    public QuestPolicy(int tokenBudget)
+    {
+        if (tokenBudget < 1) throw new ArgumentOutOfRangeException(nameof(tokenBudget), tokenBudget, "token budget must be ≥ 1");
+        _budget = tokenBudget;
+    }
+
+    /// <inheritdoc/>
+    public IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows)
+    {
+        ArgumentNullException.ThrowIfNull(cache);
+        List<KvCache.Page> pages = cache.Pages(sequence, layer);
+        int keep = Math.Max(1, _budget / cache.PageSize);
+        if (keep >= pages.Count) return Enumerable.Range(0, pages.Count).ToArray();
+        int d = cache.HeadDim;
+        var scores = new float[pages.Count - 1];
+        for (int p = 0; p < pages.Count - 1; p++)
+        {
+            float best = float.NegativeInfinity;
+            for (int r = 0; r < rows; r++)
+            {
+                float bound = 0;
+                for (int c = 0; c < d; c++)
+                {
+                    float qc = queries[r * d + c];
+                    bound += MathF.Max(qc * pages[p].Min[kvHead * d + c], qc * pages[p].Max[kvHead * d + c]);
+                }
+                best = MathF.Max(best, bound);
+            }
+            scores[p] = best;
+        }
+        int[] order = Enumerable.Range(0, scores.Length).OrderByDescending(p => scores[p]).Take(keep - 1).ToArray();
+        return [.. order.Append(pages.Count - 1).Order()];
+    }
+}
