@@ -38,3 +38,22 @@ public sealed class BFloat16Tests
         }
     }
 }
+
+public sealed class HalfConversionTests
+{
+    [Fact]
+    public void Should_widen_every_half_exactly_in_bulk()
+    {
+        // All 65,536 bit patterns: normals, subnormals, zeros, infinities and NaNs.
+        var all = new Half[65536];
+        for (int i = 0; i < all.Length; i++) all[i] = BitConverter.UInt16BitsToHalf((ushort)i);
+        var wide = new float[all.Length];
+        ElementConvert.ToSingle(all, wide);
+        for (int i = 0; i < all.Length; i++)
+        {
+            float expected = (float)all[i];
+            if (float.IsNaN(expected)) Assert.True(float.IsNaN(wide[i]), $"0x{i:X4}");
+            else Assert.True(BitConverter.SingleToUInt32Bits(expected) == BitConverter.SingleToUInt32Bits(wide[i]), $"0x{i:X4}: {wide[i]} vs {expected}");
+        }
+    }
+}

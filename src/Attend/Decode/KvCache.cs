@@ -220,7 +220,7 @@ public sealed class KvCache
             int d = _cache.HeadDim;
             long b = ((long)head * _cache.PageSize + slot) * d;
             if (KF is not null) KF.AsSpan((int)b, d).CopyTo(k);
-            else for (int c = 0; c < d; c++) k[c] = FromBits(KH![b + c]);
+            else Widen(KH.AsSpan((int)b, d), k);
         }
 
         /// <summary>Value row (head, slot) as floats.</summary>
@@ -229,7 +229,13 @@ public sealed class KvCache
             int dv = _cache.ValueDim;
             long b = ((long)head * _cache.PageSize + slot) * dv;
             if (VF is not null) VF.AsSpan((int)b, dv).CopyTo(v);
-            else for (int c = 0; c < dv; c++) v[c] = FromBits(VH![b + c]);
+            else Widen(VH.AsSpan((int)b, dv), v);
+        }
+
+        private void Widen(ReadOnlySpan<ushort> bits, Span<float> destination)
+        {
+            if (_cache.Storage == DType.Float16) ElementConvert.ToSingle(System.Runtime.InteropServices.MemoryMarshal.Cast<ushort, Half>(bits), destination);
+            else ElementConvert.ToSingle(System.Runtime.InteropServices.MemoryMarshal.Cast<ushort, BFloat16>(bits), destination);
         }
 
         /// <summary>Recomputes min/max/mean over the first <see cref="Count"/> slots (after a truncation).</summary>
