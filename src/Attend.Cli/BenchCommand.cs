@@ -49,9 +49,9 @@ internal static class BenchCommand
                 throw new NotSupportedException($"--device cuda: {Cuda.CudaBackend.UnavailableReason}");
             }
             string suiteName = r.GetValue(suite)!;
-            if (suiteName is not ("default" or "dense" or "peak" or "gpu" or "masks" or "linear"))
+            if (suiteName is not ("default" or "dense" or "peak" or "gpu" or "masks" or "linear" or "decode"))
             {
-                throw new ArgumentException($"--suite must be one of default, dense, peak, gpu, masks, linear; got '{suiteName}'");
+                throw new ArgumentException($"--suite must be one of default, dense, peak, gpu, masks, linear, decode; got '{suiteName}'");
             }
             if (cuda && suiteName == "default") suiteName = "gpu";
             if (suiteName == "gpu" && !cuda) throw new ArgumentException("--suite gpu needs --device cuda");
@@ -199,9 +199,9 @@ internal static class BenchCommand
     {
         var rows = new List<BenchRow>();
         double peak = 0, peakOne = 0, copy = 0;
-        var cases = suite is "peak" or "gpu" or "masks" or "linear" ? [] : DenseCases(plan).ToList();
+        var cases = suite is "peak" or "gpu" or "masks" or "linear" or "decode" ? [] : DenseCases(plan).ToList();
         int gpuCases = suite == "gpu" ? plan.Lengths.Length * plan.HeadDims.Length * plan.Causal.Length : 0;
-        gpuCases += suite == "masks" ? MaskBench.Steps : suite == "linear" ? LinearBench.Steps : 0;
+        gpuCases += suite == "masks" ? MaskBench.Steps : suite == "linear" ? LinearBench.Steps : suite == "decode" ? DecodeBench.Steps : 0;
         void Body(Action<string> status, Action advance)
         {
             if (suite != "gpu")
@@ -221,6 +221,7 @@ internal static class BenchCommand
             if (suite == "gpu") rows.AddRange(GpuBench.Run(plan, status, advance));
             if (suite == "masks") rows.AddRange(MaskBench.Run(plan, peak, status, advance));
             if (suite == "linear") rows.AddRange(LinearBench.Run(plan, peak, status, advance));
+            if (suite == "decode") rows.AddRange(DecodeBench.Run(plan, copy, status, advance));
         }
         if (quiet || Console.IsOutputRedirected)
         {
