@@ -214,6 +214,24 @@ public sealed class KvCache
             }
         }
 
+        /// <summary>Key rows [0, Count) of a head as floats, [Count, D] row-major.</summary>
+        public void ReadKeys(int head, Span<float> k)
+        {
+            int n = Count * _cache.HeadDim;
+            int b = head * _cache.PageSize * _cache.HeadDim;
+            if (KF is not null) KF.AsSpan(b, n).CopyTo(k);
+            else Widen(KH.AsSpan(b, n), k);
+        }
+
+        /// <summary>Value rows [0, Count) of a head as floats, [Count, Dv] row-major.</summary>
+        public void ReadValues(int head, Span<float> v)
+        {
+            int n = Count * _cache.ValueDim;
+            int b = head * _cache.PageSize * _cache.ValueDim;
+            if (VF is not null) VF.AsSpan(b, n).CopyTo(v);
+            else Widen(VH.AsSpan(b, n), v);
+        }
+
         /// <summary>Key row (head, slot) as floats.</summary>
         public void ReadKey(int head, int slot, Span<float> k)
         {
