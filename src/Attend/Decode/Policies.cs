@@ -72,6 +72,25 @@ public sealed class QuestPolicy : IKvSelectionPolicy
         _budget = tokenBudget;
     }
 
+    /// <summary>Σ_c max(q_c·min_c, q_c·max_c): the largest q·k any key inside the per-channel box can give.</summary>
+    private static float UpperBound(ReadOnlySpan<float> q, ReadOnlySpan<float> min, ReadOnlySpan<float> max)
+    {
+        int c = 0;
+        float sum = 0;
+        if (System.Runtime.Intrinsics.Vector256.IsHardwareAccelerated)
+        {
+            var acc = System.Runtime.Intrinsics.Vector256<float>.Zero;
+            for (; c <= q.Length - 8; c += 8)
+            {
+                var qv = System.Runtime.Intrinsics.Vector256.Create(q.Slice(c, 8));
+                acc += System.Runtime.Intrinsics.Vector256.Max(qv * System.Runtime.Intrinsics.Vector256.Create(min.Slice(c, 8)), qv * System.Runtime.Intrinsics.Vector256.Create(max.Slice(c, 8)));
+            }
+            sum = System.Runtime.Intrinsics.Vector256.Sum(acc);
+        }
+        for (; c < q.Length; c++) sum += MathF.Max(q[c] * min[c], q[c] * max[c]);
+        return sum;
+    }
+
     /// <inheritdoc/>
     public IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows)
     {
@@ -81,22 +100,17 @@ public sealed class QuestPolicy : IKvSelectionPolicy
         if (keep >= pages.Count) return Enumerable.Range(0, pages.Count).ToArray();
         int d = cache.HeadDim;
         var scores = new float[pages.Count - 1];
+        var index = new int[pages.Count - 1];
         for (int p = 0; p < pages.Count - 1; p++)
         {
             float best = float.NegativeInfinity;
-            for (int r = 0; r < rows; r++)
-            {
-                float bound = 0;
-                for (int c = 0; c < d; c++)
-                {
-                    float qc = queries[r * d + c];
-                    bound += MathF.Max(qc * pages[p].Min[kvHead * d + c], qc * pages[p].Max[kvHead * d + c]);
-                }
-                best = MathF.Max(best, bound);
-            }
-            scores[p] = best;
+            ReadOnlySpan<float> min = pages[p].Min.AsSpan(kvHead * d, d), max = pages[p].Max.AsSpan(kvHead * d, d);
+            for (int r = 0; r < rows; r++) best = MathF.Max(best, UpperBound(queries.Slice(r * d, d), min, max));
+            scores[p] = -best;                      // ascending sort of −bound = best pages first
+            index[p] = p;
         }
-        int[] order = Enumerable.Range(0, scores.Length).OrderByDescending(p => scores[p]).Take(keep - 1).ToArray();
+        Array.Sort(scores, index);
+        int[] order = index[..(keep - 1)];
         return [.. order.Append(pages.Count - 1).Order()];
     }
 }
