@@ -31,11 +31,12 @@ internal static class BenchCommand
         var threads = new Option<int>("--threads") { Description = "worker threads (0: all cores)" };
         var path = new Option<KernelPath>("--path") { Description = "SIMD path (Auto, Scalar, Vector128, Vector256, Vector512)" };
         var blockQ = new Option<int>("--block-q") { Description = "CPU query rows per work item (KernelTuning.BlockQ)", DefaultValueFactory = _ => 128 };
+        var data = new Option<string>("--data") { Description = "folder of layer{1,6}_{q,k,v}.npy for --suite decode-real", DefaultValueFactory = _ => "../shared/data/gpt-bytes-8k" };
         var reps = new Option<int>("--reps") { Description = "timed repetitions per row (at least 5 are used)", DefaultValueFactory = _ => 5 };
         var device = new Option<string>("--device") { Description = "cpu or cuda", DefaultValueFactory = _ => "cpu" };
         var json = new Option<string?>("--json") { Description = "write results as JSON to this file ('-' for stdout)" };
         var command = new Command("bench", "benchmark attention kernels against ceilings measured in the same run");
-        foreach (Option o in new Option[] { suite, seq, headDim, heads, kvHeads, batch, causal, dtype, threads, path, blockQ, reps, device, json }) command.Options.Add(o);
+        foreach (Option o in new Option[] { suite, seq, headDim, heads, kvHeads, batch, causal, dtype, threads, path, blockQ, data, reps, device, json }) command.Options.Add(o);
         command.SetAction(r =>
         {
             string deviceName = r.GetValue(device)!;
@@ -49,9 +50,9 @@ internal static class BenchCommand
                 throw new NotSupportedException($"--device cuda: {Cuda.CudaBackend.UnavailableReason}");
             }
             string suiteName = r.GetValue(suite)!;
-            if (suiteName is not ("default" or "dense" or "peak" or "gpu" or "masks" or "linear" or "decode"))
+            if (suiteName is not ("default" or "dense" or "peak" or "gpu" or "masks" or "linear" or "decode" or "decode-real"))
             {
-                throw new ArgumentException($"--suite must be one of default, dense, peak, gpu, masks, linear, decode; got '{suiteName}'");
+                throw new ArgumentException($"--suite must be one of default, dense, peak, gpu, masks, linear, decode, decode-real; got '{suiteName}'");
             }
             if (cuda && suiteName == "default") suiteName = "gpu";
             if (suiteName == "gpu" && !cuda) throw new ArgumentException("--suite gpu needs --device cuda");
@@ -75,6 +76,7 @@ internal static class BenchCommand
                 Path = r.GetValue(path),
                 Reps = Math.Max(5, r.GetValue(reps)),
                 BlockQ = r.GetValue(blockQ),
+                DataDir = r.GetValue(data)!,
             };
             if (plan.DType == DType.Float64) throw new ArgumentException("--dtype must be f32, f16 or bf16");
             string? jsonPath = r.GetValue(json);
@@ -100,6 +102,7 @@ internal static class BenchCommand
         public KernelPath Path { get; init; }
         public int Reps { get; init; } = 5;
         public int BlockQ { get; init; } = 128;
+        public string DataDir { get; init; } = "../shared/data/gpt-bytes-8k";
     }
 
     internal sealed record BenchRow(
@@ -199,7 +202,7 @@ internal static class BenchCommand
     {
         var rows = new List<BenchRow>();
         double peak = 0, peakOne = 0, copy = 0;
-        var cases = suite is "peak" or "gpu" or "masks" or "linear" or "decode" ? [] : DenseCases(plan).ToList();
+        var cases = suite is "peak" or "gpu" or "masks" or "linear" or "decode" or "decode-real" ? [] : DenseCases(plan).ToList();
         int gpuCases = suite == "gpu" ? plan.Lengths.Length * plan.HeadDims.Length * plan.Causal.Length : 0;
         gpuCases += suite == "masks" ? MaskBench.Steps : suite == "linear" ? LinearBench.Steps : suite == "decode" ? DecodeBench.Steps : 0;
         void Body(Action<string> status, Action advance)
@@ -222,6 +225,7 @@ internal static class BenchCommand
             if (suite == "masks") rows.AddRange(MaskBench.Run(plan, peak, status, advance));
             if (suite == "linear") rows.AddRange(LinearBench.Run(plan, peak, status, advance));
             if (suite == "decode") rows.AddRange(DecodeBench.Run(plan, copy, status, advance));
+            if (suite == "decode-real") rows.AddRange(DecodeRealBench.Run(plan.DataDir, status));
         }
         if (quiet || Console.IsOutputRedirected)
         {
