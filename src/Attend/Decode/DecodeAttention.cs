@@ -50,9 +50,10 @@ public static class DecodeAttention
         int rows = nq * group;                                  // query rows per kv head
         // Pages each kv head reads: the policy's choice from the scaled query rows of its group.
         var selected = new IReadOnlyList<int>[cache.KvHeads];
-        var scaled = new float[rows * d];
+        var scaledQueries = new float[cache.KvHeads][];    // [rows × D] per kv head, gathered once for the policy and the splits
         for (int hk = 0; hk < cache.KvHeads; hk++)
         {
+            var scaled = scaledQueries[hk] = new float[rows * d];
             for (int r = 0; r < rows; r++)
                 for (int c = 0; c < d; c++) scaled[r * d + c] = q[r / group, hk * group + r % group, c] * scale;
             selected[hk] = (options.Policy ?? DensePolicy.Instance).SelectPages(cache, sequence, layer, hk, scaled, rows);
@@ -65,7 +66,6 @@ public static class DecodeAttention
         var partO = new float[splits * cache.KvHeads * rows * dv];
         var partM = new float[splits * cache.KvHeads * rows];
         var partL = new float[splits * cache.KvHeads * rows];
-        TensorView<float> qv = q;
         int ps = cache.PageSize;
         const float log2e = 1.4426950408889634f;
         Cpu.WorkQueue.Run(splits * cache.KvHeads, threads, () => new Scratch(ps, d, dv, rows), (item, w) =>
@@ -74,11 +74,8 @@ public static class DecodeAttention
             IReadOnlyList<int> mine = selected[hk];
             int i0 = (int)((long)split * mine.Count / splits), i1 = (int)((long)(split + 1) * mine.Count / splits);
             // Queries scaled by scale·log2(e): the softmax below runs on exp2 (m is kept in log2 units).
-            for (int r = 0; r < rows; r++)
-            {
-                int t = r / group, h = hk * group + r % group;
-                for (int c = 0; c < d; c++) w.Q[r * d + c] = qv[t, h, c] * scale * log2e;
-            }
+            float[] scaledRows = scaledQueries[hk];
+            for (int i = 0; i < scaledRows.Length; i++) w.Q[i] = scaledRows[i] * log2e;
             int baseIndex = item * rows;
             Span<float> m = partM.AsSpan(baseIndex, rows), l = partL.AsSpan(baseIndex, rows);
             Span<float> o = partO.AsSpan(baseIndex * dv, rows * dv);

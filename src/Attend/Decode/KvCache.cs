@@ -202,10 +202,7 @@ public sealed class KvCache
                     KH![kb + c] = ToBits(k[c]);
                     stored = FromBits(KH[kb + c]);
                 }
-                int s = head * d + c;
-                Min[s] = slot == 0 ? stored : MathF.Min(Min[s], stored);
-                Max[s] = slot == 0 ? stored : MathF.Max(Max[s], stored);
-                Mean[s] = slot == 0 ? stored : Mean[s] + (stored - Mean[s]) / (slot + 1);
+                Summarize(head * d + c, slot, stored);
             }
             for (int c = 0; c < dv; c++)
             {
@@ -265,14 +262,16 @@ public sealed class KvCache
                 for (int slot = 0; slot < Count; slot++)
                 {
                     ReadKey(h, slot, k);
-                    for (int c = 0; c < d; c++)
-                    {
-                        int s = h * d + c;
-                        Min[s] = slot == 0 ? k[c] : MathF.Min(Min[s], k[c]);
-                        Max[s] = slot == 0 ? k[c] : MathF.Max(Max[s], k[c]);
-                        Mean[s] = slot == 0 ? k[c] : Mean[s] + (k[c] - Mean[s]) / (slot + 1);
-                    }
+                    for (int c = 0; c < d; c++) Summarize(h * d + c, slot, k[c]);
                 }
+        }
+
+        /// <summary>Folds key value <paramref name="x"/> of slot <paramref name="slot"/> into channel <paramref name="s"/>'s min, max and running mean.</summary>
+        private void Summarize(int s, int slot, float x)
+        {
+            Min[s] = slot == 0 ? x : MathF.Min(Min[s], x);
+            Max[s] = slot == 0 ? x : MathF.Max(Max[s], x);
+            Mean[s] = slot == 0 ? x : Mean[s] + (x - Mean[s]) / (slot + 1);
         }
     }
 }
