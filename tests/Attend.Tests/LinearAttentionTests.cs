@@ -320,3 +320,22 @@ public sealed class MossFormerTests
                 }
     }
 }
+
+public sealed class HybridBadInputTests
+{
+    [Fact]
+    public void Should_reject_bad_hybrid_parameters_and_shapes()
+    {
+        TensorView<float> x = TestData.Random<float>(1, 1, 16, 2, 8), shortKv = TestData.Random<float>(2, 1, 12, 2, 8);
+        var o = new TensorView<float>(new float[16 * 2 * 8], 1, 16, 2, 8);
+        Assert.Throws<ArgumentOutOfRangeException>(() => Hybrids.Based(x, x, x, o, window: 0));
+        Assert.Contains("Sq = Skv", Assert.Throws<ArgumentException>(() => Hybrids.Based(x, shortKv, shortKv, o, 4)).Message);
+        Assert.Throws<ArgumentOutOfRangeException>(() => Hybrids.Scout(x, x, x, o, window: 4, segment: 0));
+        Assert.Throws<ArgumentOutOfRangeException>(() => Hybrids.Scout(x, x, x, o, window: 0, segment: 4));
+        Assert.Contains("Sq = Skv", Assert.Throws<ArgumentException>(() => Hybrids.Scout(x, shortKv, shortKv, o, 4, 4)).Message);
+        Assert.Throws<ArgumentOutOfRangeException>(() => Hybrids.MossFormer(x, x, x, o, chunk: 0));
+        var wrongOut = new TensorView<float>(new float[16 * 2 * 7], 1, 16, 2, 7);
+        Assert.Equal("output", Assert.ThrowsAny<ArgumentException>(() => Hybrids.MossFormer(x, x, x, wrongOut, 4)).ParamName);
+        Assert.Equal("output", Assert.ThrowsAny<ArgumentException>(() => Hybrids.AgentAttention(x, x, x, wrongOut, 4)).ParamName);
+    }
+}
