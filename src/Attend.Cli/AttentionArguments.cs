@@ -13,6 +13,7 @@ internal sealed class AttentionArguments
     public Option<float?> Scale { get; } = new("--scale") { Description = "score scale (default 1/sqrt(D))" };
     public Option<float> Softcap { get; } = new("--softcap") { Description = "tanh soft-cap of the scores (0: off)" };
     public Option<string?> Mask { get; } = new("--mask") { Description = "mask expression, e.g. \"causal & window(1024) | sink(64)\" (see README)" };
+    public Option<string?> Selector { get; } = new("--selector") { Description = "content-based sparse attention: pooled, vertical-slash, flexprefill, xattention, anchor [:key=value,...] (see README)" };
     public Option<string?> Linear { get; } = new("--linear") { Description = "linear attention with this feature map: elu, relu, identity, taylor, random:N, hashing:N (with --causal: chunked causal)" };
     public Option<string> Device { get; } = new("--device") { Description = "cpu or cuda", DefaultValueFactory = _ => "cpu" };
     public Option<int> Threads { get; } = new("--threads") { Description = "worker threads (0: all cores)" };
@@ -21,7 +22,7 @@ internal sealed class AttentionArguments
 
     public void AddTo(Command command)
     {
-        foreach (Option o in new Option[] { Q, K, V, Causal, Scale, Softcap, Mask, Linear, Device, Threads, Path, Json }) command.Options.Add(o);
+        foreach (Option o in new Option[] { Q, K, V, Causal, Scale, Softcap, Mask, Selector, Linear, Device, Threads, Path, Json }) command.Options.Add(o);
     }
 
     public (Tensor Q, Tensor K, Tensor V) LoadInputs(ParseResult r)
@@ -60,6 +61,9 @@ internal sealed class AttentionArguments
         Mask = r.GetValue(Mask) is { } m ? Masks.MaskExpression.Parse(m) : null,
     };
 
+    /// <summary>The selector named by --selector, or null.</summary>
+    public Sparse.ISparsitySelector? ParseSelector(ParseResult r) => r.GetValue(Selector) is { } spec ? Sparse.Selectors.ParseAny(spec) : null;
+
     public KernelTuning Tuning(ParseResult r) => new() { Threads = r.GetValue(Threads), Path = r.GetValue(Path) };
 
     /// <summary>The feature map named by --linear, or null.</summary>
@@ -92,20 +96,26 @@ internal sealed class AttentionArguments
     }
 
     /// <summary>Runs attention on file tensors of any supported dtype; returns output (input dtype) and LSE [B, Sq, H].</summary>
-    public static (Tensor Output, Tensor Lse) Compute(Tensor q, Tensor k, Tensor v, AttentionOptions options, KernelTuning tuning, string device = "cpu") => q.DType switch
+    public static (Tensor Output, Tensor Lse) Compute(Tensor q, Tensor k, Tensor v, AttentionOptions options, KernelTuning tuning, string device = "cpu",
+        Sparse.ISparsitySelector? selector = null) => q.DType switch
     {
-        DType.Float32 => Compute<float>(q, k, v, options, tuning, device),
-        DType.Float16 => Compute<Half>(q, k, v, options, tuning, device),
-        DType.BFloat16 => Compute<BFloat16>(q, k, v, options, tuning, device),
+        DType.Float32 => Compute<float>(q, k, v, options, tuning, device, selector),
+        DType.Float16 => Compute<Half>(q, k, v, options, tuning, device, selector),
+        DType.BFloat16 => Compute<BFloat16>(q, k, v, options, tuning, device, selector),
         _ => throw new ArgumentException($"unsupported dtype {DTypes.Name(q.DType)}"),
     };
 
-    private static (Tensor, Tensor) Compute<T>(Tensor q, Tensor k, Tensor v, AttentionOptions options, KernelTuning tuning, string device) where T : unmanaged
+    private static (Tensor, Tensor) Compute<T>(Tensor q, Tensor k, Tensor v, AttentionOptions options, KernelTuning tuning, string device, Sparse.ISparsitySelector? selector) where T : unmanaged
     {
         AttentionShape s = AttentionShape.Of(q.AsView<T>(), k.AsView<T>(), v.AsView<T>());
         Tensor output = Tensor.Zeros(q.DType, s.Batch, s.QueryLength, s.Heads, s.ValueDim);
         Tensor lse = Tensor.Zeros(DType.Float32, s.Batch, s.QueryLength, s.Heads);
-        if (device == "cuda")
+        if (selector is not null)
+        {
+            if (device != "cpu") throw new NotSupportedException("--selector runs on the CPU for now (GPU plans are CUDA part 2)");
+            Sparse.SparseAttention.Forward(selector, q.AsView<T>(), k.AsView<T>(), v.AsView<T>(), output.AsView<T>(), options, lse.AsView<float>(), tuning);
+        }
+        else if (device == "cuda")
         {
             using var dq = Cuda.DeviceTensor<T>.FromHost(q.AsView<T>());
             using var dk = Cuda.DeviceTensor<T>.FromHost(k.AsView<T>());

@@ -31,12 +31,14 @@ internal static class BenchCommand
         var threads = new Option<int>("--threads") { Description = "worker threads (0: all cores)" };
         var path = new Option<KernelPath>("--path") { Description = "SIMD path (Auto, Scalar, Vector128, Vector256, Vector512)" };
         var blockQ = new Option<int>("--block-q") { Description = "CPU query rows per work item (KernelTuning.BlockQ)", DefaultValueFactory = _ => 128 };
+        var inputs = new Option<string?>("--inputs") { Description = "--suite sparse: folder with q.npy, k.npy, v.npy [needles.json] (from attend gen) instead of generated inputs" };
+        var selectors = new Option<string[]>("--selector") { Description = "--suite sparse/sparse-real: selector spec(s), e.g. xattention:t=0.95 (default: all built-ins)", AllowMultipleArgumentsPerToken = true };
         var data = new Option<string>("--data") { Description = "folder of layer{1,6}_{q,k,v}.npy for --suite decode-real", DefaultValueFactory = _ => "../shared/data/gpt-bytes-8k" };
         var reps = new Option<int>("--reps") { Description = "timed repetitions per row (at least 5 are used)", DefaultValueFactory = _ => 5 };
         var device = new Option<string>("--device") { Description = "cpu or cuda", DefaultValueFactory = _ => "cpu" };
         var json = new Option<string?>("--json") { Description = "write results as JSON to this file ('-' for stdout)" };
         var command = new Command("bench", "benchmark attention kernels against ceilings measured in the same run");
-        foreach (Option o in new Option[] { suite, seq, headDim, heads, kvHeads, batch, causal, dtype, threads, path, blockQ, data, reps, device, json }) command.Options.Add(o);
+        foreach (Option o in new Option[] { suite, seq, headDim, heads, kvHeads, batch, causal, dtype, threads, path, blockQ, data, inputs, selectors, reps, device, json }) command.Options.Add(o);
         command.SetAction(r =>
         {
             string deviceName = r.GetValue(device)!;
@@ -50,17 +52,17 @@ internal static class BenchCommand
                 throw new NotSupportedException($"--device cuda: {Cuda.CudaBackend.UnavailableReason}");
             }
             string suiteName = r.GetValue(suite)!;
-            if (suiteName is not ("default" or "dense" or "peak" or "gpu" or "masks" or "linear" or "decode" or "decode-real"))
+            if (suiteName is not ("default" or "dense" or "peak" or "gpu" or "masks" or "sparse" or "sparse-real" or "linear" or "decode" or "decode-real"))
             {
-                throw new ArgumentException($"--suite must be one of default, dense, peak, gpu, masks, linear, decode, decode-real; got '{suiteName}'");
+                throw new ArgumentException($"--suite must be one of default, dense, peak, gpu, masks, sparse, sparse-real, linear, decode, decode-real; got '{suiteName}'");
             }
             if (cuda && suiteName == "default") suiteName = "gpu";
             if (suiteName == "gpu" && !cuda) throw new ArgumentException("--suite gpu needs --device cuda");
             int threadCount = r.GetValue(threads) is > 0 and var t ? t : Environment.ProcessorCount;
             var plan = new BenchPlan
             {
-                Lengths = r.GetValue(seq) is { Length: > 0 } s ? s : cuda ? [4096, 16384] : [1024, 4096, 16384],
-                HeadDims = r.GetValue(headDim) is { Length: > 0 } d ? d : cuda ? [128] : [64, 128],
+                Lengths = r.GetValue(seq) is { Length: > 0 } s ? s : cuda ? [4096, 16384] : suiteName == "sparse" ? [32768] : [1024, 4096, 16384],
+                HeadDims = r.GetValue(headDim) is { Length: > 0 } d ? d : cuda || suiteName == "sparse" ? [128] : [64, 128],
                 Heads = r.GetValue(heads),
                 KvHeads = r.GetValue(kvHeads),
                 Batch = r.GetValue(batch),
@@ -77,6 +79,8 @@ internal static class BenchCommand
                 Reps = Math.Max(5, r.GetValue(reps)),
                 BlockQ = r.GetValue(blockQ),
                 DataDir = r.GetValue(data)!,
+                Inputs = r.GetValue(inputs),
+                Selectors = r.GetValue(selectors) is { Length: > 0 } sel ? [.. sel.Select(Sparse.Selectors.ParseAny)] : null,
             };
             if (plan.DType == DType.Float64) throw new ArgumentException("--dtype must be f32, f16 or bf16");
             string? jsonPath = r.GetValue(json);
@@ -103,6 +107,12 @@ internal static class BenchCommand
         public int Reps { get; init; } = 5;
         public int BlockQ { get; init; } = 128;
         public string DataDir { get; init; } = "../shared/data/gpt-bytes-8k";
+
+        /// <summary>--suite sparse: a folder with q.npy, k.npy, v.npy (and needles.json) instead of generated inputs.</summary>
+        public string? Inputs { get; init; }
+
+        /// <summary>--suite sparse / sparse-real: selectors to run (default: every built-in at its defaults).</summary>
+        public IReadOnlyList<Sparse.ISparsitySelector>? Selectors { get; init; }
     }
 
     internal sealed record BenchRow(
@@ -119,6 +129,24 @@ internal static class BenchCommand
 
         /// <summary>A one-line note (the baseline, the bar).</summary>
         public string? Note { get; init; }
+
+        /// <summary>Selection (plan building) share of <see cref="MedianMs"/>, for content-based sparse methods.</summary>
+        public double? SelectionMs { get; init; }
+
+        /// <summary>Approximate methods: ‖o − o_dense‖ / ‖o_dense‖ on the same inputs.</summary>
+        public double? RelativeL2 { get; init; }
+
+        /// <summary>Approximate methods: cosine similarity of the output with the dense output.</summary>
+        public double? Cosine { get; init; }
+
+        /// <summary>Approximate methods: mean share of the dense softmax mass the method computed.</summary>
+        public double? Recall { get; init; }
+
+        /// <summary>Structured inputs with needles: share of needle pairs the plan computes.</summary>
+        public double? NeedleHitRate { get; init; }
+
+        /// <summary>Rows that carry accuracy metrics (approximate methods).</summary>
+        public bool IsApproximate => RelativeL2 is not null;
 
         public double Gflops => UsefulFlops / (MedianMs * 1e-3) / 1e9;
         public double PeakFraction => Gflops / PeakGflops;
@@ -139,6 +167,8 @@ internal static class BenchCommand
                     ["medianMs"] = JsonOutput.Number(row.MedianMs), ["minMs"] = JsonOutput.Number(row.MinMs), ["maxMs"] = JsonOutput.Number(row.MaxMs), ["reps"] = row.Reps,
                     ["usefulGflop"] = row.UsefulFlops / 1e9, ["gflops"] = JsonOutput.Number(row.Gflops), ["peakFraction"] = JsonOutput.Number(row.PeakFraction),
                     ["density"] = row.Density, ["speedupVsDense"] = row.SpeedupVsDense, ["note"] = row.Note,
+                    ["selectionMs"] = JsonOutput.Number(row.SelectionMs), ["relativeL2"] = JsonOutput.Number(row.RelativeL2),
+                    ["cosine"] = JsonOutput.Number(row.Cosine), ["recall"] = JsonOutput.Number(row.Recall), ["needleHitRate"] = JsonOutput.Number(row.NeedleHitRate),
                 });
             }
             return new JsonObject
@@ -202,7 +232,7 @@ internal static class BenchCommand
     {
         var rows = new List<BenchRow>();
         double peak = 0, peakOne = 0, copy = 0;
-        var cases = suite is "peak" or "gpu" or "masks" or "linear" or "decode" or "decode-real" ? [] : DenseCases(plan).ToList();
+        var cases = suite is "peak" or "gpu" or "masks" or "sparse" or "sparse-real" or "linear" or "decode" or "decode-real" ? [] : DenseCases(plan).ToList();
         int gpuCases = suite == "gpu" ? plan.Lengths.Length * plan.HeadDims.Length * plan.Causal.Length : 0;
         gpuCases += suite == "masks" ? MaskBench.Steps : suite == "linear" ? LinearBench.Steps : suite == "decode" ? DecodeBench.Steps : 0;
         void Body(Action<string> status, Action advance)
@@ -223,6 +253,8 @@ internal static class BenchCommand
             }
             if (suite == "gpu") rows.AddRange(GpuBench.Run(plan, status, advance));
             if (suite == "masks") rows.AddRange(MaskBench.Run(plan, peak, status, advance));
+            if (suite == "sparse") rows.AddRange(SparseBench.Run(plan, peak, status));
+            if (suite == "sparse-real") rows.AddRange(SparseBench.RunReal(plan, peak, status));
             if (suite == "linear") rows.AddRange(LinearBench.Run(plan, peak, status, advance));
             if (suite == "decode") rows.AddRange(DecodeBench.Run(plan, copy, status, advance));
             if (suite == "decode-real") rows.AddRange(DecodeRealBench.Run(plan.DataDir, status));
@@ -324,9 +356,22 @@ internal static class BenchCommand
         if (Cuda.CudaBackend.IsAvailable && report.Suite == "gpu")
             AnsiConsole.MarkupLine($"GPU: {Markup.Escape(Cuda.CudaBackend.Device.Name)} ({Cuda.CudaBackend.Device.Architecture}, driver {Cuda.CudaBackend.Device.DriverVersion})");
         if (report.Rows.Count == 0) return;
-        var table = new Table().AddColumns("method", "backend", "dtype", "B", "H", "S", "D", "path", "median ms", "min..max ms", "GFLOPS", "% peak", "density", "vs dense");
+        bool accuracy = report.Rows.Any(r => r.IsApproximate);
+        Table table = accuracy
+            ? new Table().AddColumns("method", "H", "S", "D", "median ms", "min..max", "density", "vs dense", "select ms", "rel L2", "cosine", "recall", "needles")
+            : new Table().AddColumns("method", "backend", "dtype", "B", "H", "S", "D", "path", "median ms", "min..max ms", "GFLOPS", "% peak", "density", "vs dense");
         foreach (BenchRow r in report.Rows)
         {
+            if (accuracy)
+            {
+                // Accuracy tables are wide: backend, dtype, batch and path are in the header line and the JSON.
+                table.AddRow(Markup.Escape(r.Method), r.Heads == r.KvHeads ? r.Heads.ToString() : $"{r.Heads}/{r.KvHeads}", r.Length.ToString(), r.HeadDim.ToString(),
+                    r.MedianMs > 0 ? $"{r.MedianMs:F1}" : "", r.MedianMs > 0 ? $"{r.MinMs:F0}..{r.MaxMs:F0}" : "",
+                    r.Density is { } dn2 ? $"{dn2:F3}" : "", r.SpeedupVsDense is { } sp2 ? $"{sp2:F2}x" : "",
+                    r.SelectionMs is { } sel ? $"{sel:F1}" : "", r.RelativeL2 is { } e ? $"{e:F4}" : "", r.Cosine is { } cs ? $"{cs:F4}" : "",
+                    r.Recall is { } rc ? $"{rc:F3}" : "", r.NeedleHitRate is { } nh ? $"{nh:F2}" : "");
+                continue;
+            }
             table.AddRow(Markup.Escape(r.Method), r.Backend, DTypes.Name(r.DType), r.Batch.ToString(), r.Heads == r.KvHeads ? r.Heads.ToString() : $"{r.Heads}/{r.KvHeads}",
                 r.Length.ToString(), r.HeadDim.ToString(), r.Path.ToString(), $"{r.MedianMs:F2}", $"{r.MinMs:F2}..{r.MaxMs:F2}",
                 r.UsefulFlops > 0 ? $"{r.Gflops:F1}" : "-", r.UsefulFlops > 0 && r.PeakGflops > 0 ? $"{100 * r.PeakFraction:F1}%" : "-",

@@ -18,4 +18,7 @@ internal static class JsonOutput
 
     /// <summary>A JSON number, or null for NaN/∞ (JSON has neither).</summary>
     public static JsonNode? Number(double x) => double.IsFinite(x) ? JsonValue.Create(x) : null;
+
+    /// <summary>A number, or null when absent or not finite.</summary>
+    public static JsonNode? Number(double? x) => x is { } v ? Number(v) : null;
 }

@@ -7,5 +7,6 @@ RootCommand root = new("attend — efficient attention on CPU and GPU: run, veri
     VerifyCommand.Create(),
     BenchCommand.Create(),
     MaskCommand.Create(),
+    GenCommand.Create(),
 };
 return CliErrors.Invoke(root, args);

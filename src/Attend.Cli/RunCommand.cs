@@ -30,7 +30,7 @@ internal static class RunCommand
             }
             else
             {
-                (o, l) = AttentionArguments.Compute(q, k, v, args.Options(r), args.Tuning(r), args.DeviceName(r));
+                (o, l) = AttentionArguments.Compute(q, k, v, args.Options(r), args.Tuning(r), args.DeviceName(r), args.ParseSelector(r));
             }
             double ms = sw.Elapsed.TotalMilliseconds;
             TensorFiles.Save(r.GetValue(output)!, o);

@@ -15,6 +15,10 @@ internal static class VerifyCommand
         args.AddTo(command);
         command.SetAction(r =>
         {
+            if (r.GetValue(args.Selector) is not null)
+            {
+                throw new ArgumentException("--selector: verify checks exact kernels against float64; a selector's error vs dense is reported by attend bench --suite sparse --inputs DIR");
+            }
             (Tensor q, Tensor k, Tensor v) = args.LoadInputs(r);
             AttentionOptions options = args.Options(r);
             (Tensor o, Tensor l) = AttentionArguments.Compute(q, k, v, options, args.Tuning(r), args.DeviceName(r));

@@ -168,6 +168,14 @@ public readonly unsafe struct TensorView<T> where T : unmanaged
         if (destination.Length < n) throw new ArgumentException($"destination holds {destination.Length} < {n}", nameof(destination));
         long stride = _strides![3];
         ref T first = ref At(i0 * _strides[0] + i1 * _strides[1] + i2 * _strides[2]);
+        if (stride == 1)
+        {
+            // Contiguous rows (the common layout): one block copy or one vectorized conversion.
+            ReadOnlySpan<T> row = MemoryMarshal.CreateReadOnlySpan(ref first, n);
+            if (typeof(T) == typeof(float)) { MemoryMarshal.Cast<T, float>(row).CopyTo(destination); return; }
+            if (typeof(T) == typeof(Half)) { ElementConvert.ToSingle(MemoryMarshal.Cast<T, Half>(row), destination[..n]); return; }
+            if (typeof(T) == typeof(BFloat16)) { ElementConvert.ToSingle(MemoryMarshal.Cast<T, BFloat16>(row), destination[..n]); return; }
+        }
         for (int c = 0; c < n; c++) destination[c] = ElementConvert.ToSingle(Unsafe.Add(ref first, (nint)(c * stride)));
     }
 
@@ -179,6 +187,20 @@ public readonly unsafe struct TensorView<T> where T : unmanaged
         long stride = _strides![3];
         ref T first = ref At(i0 * _strides[0] + i1 * _strides[1] + i2 * _strides[2]);
         for (int c = 0; c < n; c++) Unsafe.Add(ref first, (nint)(c * stride)) = ElementConvert.FromSingle<T>(source[c] * scale);
+    }
+
+    /// <summary>The sub-view of <paramref name="length"/> entries of axis <paramref name="axis"/> from <paramref name="start"/>. No data moves.</summary>
+    public TensorView<T> Slice(int axis, int start, int length)
+    {
+        if ((uint)axis >= (uint)Rank) throw new ArgumentOutOfRangeException(nameof(axis), axis, $"axis must be in 0..{Rank - 1}");
+        int extent = _shape![axis];
+        if (start < 0 || length < 0 || start > extent - length)
+        {
+            throw new ArgumentOutOfRangeException(nameof(start), $"slice [{start}, {start}+{length}) is outside axis {axis} of extent {extent}");
+        }
+        int[] shape = [.. _shape];
+        shape[axis] = length;
+        return new TensorView<T>(_array, _pointer, _offset + (start * _strides![axis]), shape, [.. _strides]);
     }
 
     /// <summary>Reorders the axes: result axis i is this view's axis <c>axes[i]</c>. No data moves.</summary>

@@ -1,0 +1,145 @@
+using System.Text.Json;
+using Attend.Masks;
+using Attend.Sparse;
+using Attend.Tensors;
+
+namespace Attend.Cli;
+
+/// <summary>
+/// <c>attend bench --suite sparse</c>: every content-based selector against dense causal attention on the same
+/// structured inputs (the generator's default mix, or <c>--inputs</c>), interleaved per repetition: end-to-end time
+/// (selection + execution), the selection share, speed-up over dense, density, and the accuracy metrics.
+/// <c>--suite sparse-real</c> does the same per layer and head on the real activations of gpt-bytes-8k.
+/// </summary>
+internal static class SparseBench
+{
+    public static List<BenchCommand.BenchRow> Run(BenchCommand.BenchPlan plan, double peak, Action<string> status)
+    {
+        var rows = new List<BenchCommand.BenchRow>();
+        foreach (int s in plan.Inputs is null ? plan.Lengths : [0])
+        {
+            (TensorView<float> q, TensorView<float> k, TensorView<float> v, IReadOnlyList<Needle> needles) = plan.Inputs is { } dir
+                ? Load(dir)
+                : StructuredInputs.Generate(plan.Batch, s, plan.Heads > 0 ? plan.Heads : 8, plan.KvHeads > 0 ? plan.KvHeads : plan.Heads > 0 ? plan.Heads : 8,
+                    plan.HeadDims[0], StructureOptions.Default);
+            status($"sparse: S={q.Shape[1]}");
+            rows.AddRange(Compare(q, k, v, needles, plan, peak, status, "", perHead: false));
+        }
+        return rows;
+    }
+
+    public static List<BenchCommand.BenchRow> RunReal(BenchCommand.BenchPlan plan, double peak, Action<string> status)
+    {
+        var rows = new List<BenchCommand.BenchRow>();
+        foreach (int layer in new[] { 1, 6 })
+        {
+            TensorView<float> Read(string name) => Npy.Read(Path.Combine(plan.DataDir, $"layer{layer}_{name}.npy")).ConvertTo(DType.Float32).AsView<float>();
+            status($"sparse-real: layer {layer}");
+            rows.AddRange(Compare(Read("q"), Read("k"), Read("v"), [], plan, peak, status, $"layer{layer} ", perHead: true));
+        }
+        return rows;
+    }
+
+    private static List<BenchCommand.BenchRow> Compare(TensorView<float> q, TensorView<float> k, TensorView<float> v, IReadOnlyList<Needle> needles,
+        BenchCommand.BenchPlan plan, double peak, Action<string> status, string prefix, bool perHead)
+    {
+        int b = q.Shape[0], s = q.Shape[1], h = q.Shape[2], d = q.Shape[3], hkv = k.Shape[2];
+        IReadOnlyList<ISparsitySelector> selectors = plan.Selectors ?? [.. Selectors.Defaults(), new AutoSelector(0.02)];
+        var tuning = new KernelTuning { Threads = plan.Threads, Path = plan.Path, BlockQ = 128 };
+        var causal = new AttentionOptions { Causal = true };
+        var dense = new TensorView<float>(new float[q.ElementCount], b, s, h, d);
+        var denseLse = new TensorView<float>(new float[b * s * h], b, s, h);
+        var output = new TensorView<float>(new float[q.ElementCount], b, s, h, d);
+        var lse = new TensorView<float>(new float[b * s * h], b, s, h);
+        double flops = AttentionShape.Of(q, k, v).CausalFlops;
+
+        // Interleaved: each repetition runs dense, then every selector; the first repetition is the warm-up.
+        int reps = plan.Reps;
+        var denseTimes = new List<double>();
+        var totals = selectors.Select(_ => new List<double>()).ToArray();
+        var selections = selectors.Select(_ => new List<double>()).ToArray();
+        var plans = new SparsityPlan[selectors.Count];
+        var metrics = new (double L2, double Cos, double Recall, double[] HeadL2, double[] HeadCos, double[] HeadRecall)[selectors.Count];
+        for (int rep = 0; rep <= reps; rep++)
+        {
+            status($"{prefix}S={s}: dense causal, repetition {rep}/{reps}");
+            var sw = System.Diagnostics.Stopwatch.StartNew();
+            Attention.Forward(q, k, v, dense, causal, denseLse, tuning);
+            if (rep > 0) denseTimes.Add(sw.Elapsed.TotalMilliseconds);
+            for (int i = 0; i < selectors.Count; i++)
+            {
+                status($"{prefix}S={s}: {selectors[i].Name}, repetition {rep}/{reps}");
+                (SparsityPlan p, SparseRunTimes times) = SparseAttention.Forward(selectors[i], q, k, v, output, causal, lse, tuning);
+                if (rep > 0)
+                {
+                    totals[i].Add(times.Total.TotalMilliseconds);
+                    selections[i].Add(times.Selection.TotalMilliseconds);
+                }
+                if (rep == reps)
+                {
+                    plans[i] = p;
+                    double[] hl2 = new double[h], hcos = new double[h], hrec = new double[h];
+                    if (perHead)
+                    {
+                        for (int head = 0; head < h; head++)
+                        {
+                            hl2[head] = Metrics.RelativeL2(output, dense, head);
+                            hcos[head] = Metrics.Cosine(output, dense, head);
+                            hrec[head] = Metrics.AttentionRecall(lse, denseLse, head);
+                        }
+                    }
+                    metrics[i] = (Metrics.RelativeL2(output, dense), Metrics.Cosine(output, dense), Metrics.AttentionRecall(lse, denseLse), hl2, hcos, hrec);
+                }
+            }
+        }
+        denseTimes.Sort();
+        double denseMs = denseTimes[denseTimes.Count / 2];
+        var rows = new List<BenchCommand.BenchRow>
+        {
+            new("sparse", prefix + "dense causal", DType.Float32, b, h, hkv, s, d, true, plan.Threads, tuning.EffectivePath,
+                denseMs, denseTimes[0], denseTimes[^1], denseTimes.Count, flops, peak) { Density = 1, SpeedupVsDense = 1, Note = "baseline of this block (same inputs, interleaved)" },
+        };
+        for (int i = 0; i < selectors.Count; i++)
+        {
+            totals[i].Sort();
+            selections[i].Sort();
+            double total = totals[i][totals[i].Count / 2], selection = selections[i][selections[i].Count / 2];
+            double density = Metrics.Density(plans[i], causal: true);
+            double speedup = denseMs / total;
+            (double l2, double cos, double recall, double[] hl2, double[] hcos, double[] hrec) = metrics[i];
+            string bars = $"selection {100 * selection / Math.Max(total - selection, 1e-9):F0}% of execution";
+            if (!perHead)
+            {
+                bars += $"; bars recall>=0.95 {(recall >= 0.95 ? "met" : "MISSED")}, relL2<=0.05 {(l2 <= 0.05 ? "met" : "MISSED")}, >=3x {(speedup >= 3 ? "met" : "MISSED")}";
+            }
+            rows.Add(new BenchCommand.BenchRow("sparse", prefix + selectors[i].Name, DType.Float32, b, h, hkv, s, d, true, plan.Threads, tuning.EffectivePath,
+                total, totals[i][0], totals[i][^1], totals[i].Count, flops * density, peak)
+            {
+                Density = density, SpeedupVsDense = speedup, SelectionMs = selection, RelativeL2 = l2, Cosine = cos, Recall = recall,
+                NeedleHitRate = needles.Count > 0 ? Metrics.NeedleHitRate(plans[i], needles) : null, Note = bars,
+            });
+            if (perHead)
+            {
+                for (int head = 0; head < h; head++)
+                {
+                    rows.Add(new BenchCommand.BenchRow("sparse", $"{prefix}{selectors[i].Name} h{head}", DType.Float32, b, 1, 1, s, d, true, plan.Threads, tuning.EffectivePath, 0, 0, 0, 0, 0, peak)
+                    {
+                        Density = Metrics.Density(plans[i], causal: true, head), RelativeL2 = hl2[head], Cosine = hcos[head], Recall = hrec[head],
+                    });
+                }
+            }
+        }
+        return rows;
+    }
+
+    /// <summary>q.npy, k.npy, v.npy [B, S, H, D] and optional needles.json (as <c>attend gen</c> writes them).</summary>
+    internal static (TensorView<float>, TensorView<float>, TensorView<float>, IReadOnlyList<Needle>) Load(string dir)
+    {
+        TensorView<float> Read(string name) => Npy.Read(Path.Combine(dir, name + ".npy")).ConvertTo(DType.Float32).AsView<float>();
+        string needlesPath = Path.Combine(dir, "needles.json");
+        IReadOnlyList<Needle> needles = File.Exists(needlesPath)
+            ? JsonSerializer.Deserialize(File.ReadAllText(needlesPath), SparseJson.Default.ListNeedle) ?? []
+            : [];
+        return (Read("q"), Read("k"), Read("v"), needles);
+    }
+}

@@ -1,0 +1,206 @@
+using System.Globalization;
+using System.Text.Json;
+using Attend.Masks;
+using Attend.Tensors;
+
+namespace Attend.Sparse;
+
+/// <summary>
+/// Runs a different selector on each head (MoA / MInference's offline per-head search result); a null entry runs
+/// that head dense. Heads beyond the list reuse it cyclically (head h uses entry h mod count).
+/// </summary>
+public sealed class PerHeadSelector : SparsitySelector
+{
+    private readonly SparsitySelector?[] _heads;
+
+    /// <summary>One selector per head (null: dense); all must share this selector's block size.</summary>
+    public PerHeadSelector(IReadOnlyList<SparsitySelector?> heads, int blockSize = 128)
+    {
+        ArgumentNullException.ThrowIfNull(heads);
+        if (heads.Count == 0) throw new ArgumentException("PerHeadSelector needs at least one head entry", nameof(heads));
+        BlockSize = blockSize;
+        foreach (SparsitySelector? s in heads)
+        {
+            if (s is not null && s.BlockSize != blockSize)
+            {
+                throw new ArgumentException($"every per-head selector must use BlockSize {blockSize}; {s.Name} uses {s.BlockSize}", nameof(heads));
+            }
+        }
+        _heads = [.. heads];
+    }
+
+    /// <summary>The selector of each head (null: dense).</summary>
+    public IReadOnlyList<SparsitySelector?> Heads => _heads;
+
+    /// <inheritdoc/>
+    public override string Name => $"per-head({string.Join(" ", _heads.Select(s => s?.Name ?? "dense"))})";
+
+    private protected override void SelectHead(HeadSelection head)
+    {
+        SparsitySelector? selector = _heads[head.Head % _heads.Length];
+        if (selector is not null)
+        {
+            selector.SelectInto(head);
+            return;
+        }
+        for (int qb = 0; qb < head.QueryBlocks; qb++)
+        {
+            for (int kb = 0; kb < head.VisibleKeyBlocks(qb); kb++) head.AddBlock(qb, kb);
+        }
+    }
+}
+
+/// <summary>The result of <see cref="SparseCalibration.Calibrate"/>: per head, the chosen selector spec (null: dense) and what it measured.</summary>
+public sealed record CalibratedHeads(string?[] Specs, double[] RelativeL2, double[] Density, int BlockSize)
+{
+    /// <summary>The per-head selector to run (reusable across inputs of the same model layer).</summary>
+    public PerHeadSelector ToSelector() => new([.. Specs.Select(s => s is null ? null : Selectors.Parse(s))], BlockSize);
+
+    /// <summary>JSON for reuse (MInference-style per-head configuration file).</summary>
+    public string ToJson() => JsonSerializer.Serialize(this, SparseJson.Default.CalibratedHeads);
+
+    /// <summary>Reads <see cref="ToJson"/>'s output.</summary>
+    public static CalibratedHeads FromJson(string json) =>
+        JsonSerializer.Deserialize(json, SparseJson.Default.CalibratedHeads) ?? throw new ArgumentException("not a CalibratedHeads JSON document", nameof(json));
+}
+
+/// <summary>
+/// Per-head search for the cheapest selector and budget meeting an error budget (MoA, arXiv:2406.14909; MInference's
+/// offline pattern search). Every candidate's plan is built on the whole input, then executed only for the last
+/// <c>sampleQueries</c> queries (aligned to a block): they see the most keys, so their error is the demanding case,
+/// and the check costs a fraction of dense. Per head, the candidate of lowest measured density whose relative L2
+/// error on the sample is within the budget wins; a head with none runs dense.
+/// </summary>
+public static class SparseCalibration
+{
+    /// <summary>
+    /// The default ladder: each built-in at budgets from sparse to nearly dense. Cheap candidates first only
+    /// matters for ties; the choice is by measured density.
+    /// </summary>
+    public static IReadOnlyList<string> DefaultCandidates { get; } =
+    [
+        "anchor:theta=6", "anchor:theta=10", "anchor:theta=14",
+        "xattention:t=0.8", "xattention:t=0.9", "xattention:t=0.95", "xattention:t=0.98",
+        "pooled:budget=p0.9", "pooled:budget=p0.95", "pooled:budget=p0.98",
+        "flexprefill:gamma=0.9", "flexprefill:gamma=0.95", "flexprefill:gamma=0.99",
+        "vertical-slash", "vertical-slash:v=2000,s=500",
+    ];
+
+    /// <summary>Chooses a selector per head on sample inputs (see the class remarks).</summary>
+    public static CalibratedHeads Calibrate<T>(TensorView<T> q, TensorView<T> k, TensorView<T> v, double maxRelativeError,
+        IReadOnlyList<string>? candidates = null, int sampleQueries = 1024, bool causal = true, float? scale = null, KernelTuning? tuning = null)
+        where T : unmanaged
+    {
+        if (!(maxRelativeError >= 0)) throw new ArgumentOutOfRangeException(nameof(maxRelativeError), maxRelativeError, "the error budget must be ≥ 0");
+        if (sampleQueries < 1) throw new ArgumentOutOfRangeException(nameof(sampleQueries), sampleQueries, "sampleQueries must be ≥ 1");
+        candidates ??= DefaultCandidates;
+        SparsitySelector[] selectors = [.. candidates.Select(Selectors.Parse)];
+        if (selectors.Length == 0) throw new ArgumentException("calibration needs at least one candidate", nameof(candidates));
+        int bs = selectors[0].BlockSize;
+        if (selectors.Any(s => s.BlockSize != bs)) throw new ArgumentException("every candidate must use one block size", nameof(candidates));
+        if (q.Rank != 4 || k.Rank != 4 || v.Rank != 4) throw new ArgumentException("q, k, v must be [B, S, H, D]", nameof(q));
+        int b = q.Shape[0], sq = q.Shape[1], h = q.Shape[2], dv = v.Shape[3];
+
+        // The sample: the last query blocks, aligned so that the plans' blocks carry over unchanged.
+        int start = Math.Max(0, (sq - sampleQueries) / bs * bs), rows = sq - start;
+        TensorView<T> qs = q.Slice(1, start, rows);
+        var options = new AttentionOptions { Causal = causal, Scale = scale };
+        var dense = new TensorView<T>(new T[(long)b * rows * h * dv], b, rows, h, dv);
+        Attention.Forward(qs, k, v, dense, options, tuning: tuning);
+
+        var best = new string?[h];
+        var bestError = new double[h];
+        var bestDensity = new double[h];
+        Array.Fill(bestDensity, 1.0);
+        var output = new TensorView<T>(new T[(long)b * rows * h * dv], b, rows, h, dv);
+        for (int c = 0; c < selectors.Length; c++)
+        {
+            SparsityPlan full = selectors[c].Plan(q, k, causal, scale);
+            SparsityPlan sample = Restrict(full, start);
+            Attention.Forward(qs, k, v, output, options with { Causal = false, Plan = sample }, tuning: tuning);
+            for (int head = 0; head < h; head++)
+            {
+                double error = Metrics.RelativeL2(output, dense, head);
+                double density = Metrics.Density(sample, causal, head);
+                if (error <= maxRelativeError && density < bestDensity[head])
+                {
+                    best[head] = candidates[c];
+                    bestError[head] = error;
+                    bestDensity[head] = density;
+                }
+            }
+        }
+        return new CalibratedHeads(best, bestError, bestDensity, bs);
+    }
+
+    /// <summary>The rows of <paramref name="plan"/> for queries <paramref name="start"/>.. (a multiple of its BlockQ), as a plan over those queries.</summary>
+    internal static SparsityPlan Restrict(SparsityPlan plan, int start)
+    {
+        MaskExtent e = plan.Extent;
+        int rows = e.QueryLength - start, first = start / plan.BlockQ;
+        BlockMask? blocks = null;
+        if (plan.Blocks is { } bm)
+        {
+            blocks = BlockMask.FromBlocks(e.Batch, e.Heads, rows, e.KeyLength, bm.BlockQ, bm.BlockK, (b, h, qb) =>
+            {
+                ReadOnlySpan<int> cols = bm.Row(b, h, qb + first, out ReadOnlySpan<BlockClass> kinds);
+                var list = new (int, BlockClass)[cols.Length];
+                for (int i = 0; i < cols.Length; i++) list[i] = (cols[i], kinds[i]);
+                return list;
+            }, bm.Mask);
+        }
+        TokenSet? tokens = plan.Tokens is { } ts
+            ? TokenSet.Create(e.Batch, e.Heads, rows, e.KeyLength, ts.BlockQ, (b, h, qb) => ts.Row(b, h, qb + first).ToArray(), ts.Mask)
+            : null;
+        return new SparsityPlan(blocks, tokens);
+    }
+}
+
+/// <summary>
+/// <c>Auto(maxRelativeError)</c>: calibrates per head on this call's own last queries (<see cref="SparseCalibration"/>)
+/// and runs the chosen per-head plan. Needs the values to measure the error, so it runs through
+/// <see cref="SparseAttention.Forward"/> (or <see cref="Plan{T}(TensorView{T}, TensorView{T}, TensorView{T}, bool, float?, KernelTuning?)"/>).
+/// </summary>
+public sealed class AutoSelector : ISparsitySelector
+{
+    /// <summary>An Auto selector keeping each head's relative L2 error (measured on the sample) within <paramref name="maxRelativeError"/>.</summary>
+    public AutoSelector(double maxRelativeError, IReadOnlyList<string>? candidates = null, int sampleQueries = 1024)
+    {
+        if (!(maxRelativeError >= 0)) throw new ArgumentOutOfRangeException(nameof(maxRelativeError), maxRelativeError, "the error budget must be ≥ 0");
+        MaxRelativeError = maxRelativeError;
+        Candidates = candidates ?? SparseCalibration.DefaultCandidates;
+        SampleQueries = sampleQueries;
+    }
+
+    /// <summary>The error budget per head.</summary>
+    public double MaxRelativeError { get; }
+
+    /// <summary>Candidate selector specs.</summary>
+    public IReadOnlyList<string> Candidates { get; }
+
+    /// <summary>Queries at the end used to measure each candidate.</summary>
+    public int SampleQueries { get; }
+
+    /// <summary>The last calibration (per head spec, error, density), for reports.</summary>
+    public CalibratedHeads? LastCalibration { get; private set; }
+
+    /// <inheritdoc/>
+    public string Name => string.Create(CultureInfo.InvariantCulture, $"auto(err={MaxRelativeError:0.###})");
+
+    /// <inheritdoc/>
+    public SparsityPlan Plan<T>(TensorView<T> q, TensorView<T> k, bool causal = true, float? scale = null) where T : unmanaged =>
+        throw new NotSupportedException("Auto measures the output error, so it needs the values: use SparseAttention.Forward or Plan(q, k, v, ...)");
+
+    /// <summary>Calibrates on (q, k, v) and returns the per-head plan.</summary>
+    public SparsityPlan Plan<T>(TensorView<T> q, TensorView<T> k, TensorView<T> v, bool causal = true, float? scale = null, KernelTuning? tuning = null) where T : unmanaged
+    {
+        CalibratedHeads calibration = SparseCalibration.Calibrate(q, k, v, MaxRelativeError, Candidates, SampleQueries, causal, scale, tuning);
+        LastCalibration = calibration;
+        return calibration.ToSelector().Plan(q, k, causal, scale);
+    }
+}
+
+/// <summary>Trimming-safe JSON for the sparse types (calibrations, needle lists).</summary>
+[System.Text.Json.Serialization.JsonSerializable(typeof(CalibratedHeads))]
+[System.Text.Json.Serialization.JsonSerializable(typeof(List<Needle>))]
+internal sealed partial class SparseJson : System.Text.Json.Serialization.JsonSerializerContext;

@@ -1,0 +1,111 @@
+using System.Runtime.CompilerServices;
+using System.Runtime.Intrinsics;
+using Attend.Cpu;
+
+namespace Attend.Sparse;
+
+/// <summary>
+/// Keys packed for <see cref="ScoreGemm"/>: panels of <see cref="Width"/> keys, each panel [D][Width] contiguous,
+/// so the product's inner loop reads memory in order. (Multiplying against plainly transposed keys [D, n] strides
+/// by n floats per step: at n = 4096 groups that thrashed the TLB and made XAttention's estimate 7× slower.)
+/// </summary>
+internal sealed class PackedPanels
+{
+    public PackedPanels(ReadOnlySpan<float> rows, int n, int d)
+    {
+        Width = ScoreGemm.PanelWidth;
+        N = n;
+        D = d;
+        int panels = (n + Width - 1) / Width;
+        Data = new float[(long)panels * d * Width];
+        for (int j = 0; j < n; j++)
+        {
+            ReadOnlySpan<float> row = rows.Slice(j * d, d);
+            long p = (long)(j / Width) * d * Width + (j % Width);
+            for (int c = 0; c < d; c++) Data[p + ((long)c * Width)] = row[c];
+        }
+    }
+
+    public int Width { get; }
+    public int N { get; }
+    public int D { get; }
+    public float[] Data { get; }
+}
+
+/// <summary>
+/// The one matrix product the selectors need: estimated scores <c>C[i, j] = A[i]·B[j0 + j]</c> for row-major
+/// A [m, d] and keys packed in panels. An outer-product kernel (4 rows × 2 vectors of keys per step, no horizontal
+/// reductions) written once over the executor's SIMD widths: estimation is part of a selector's time, so it must
+/// run near the FMA peak, not at dot-product speed.
+/// </summary>
+internal static unsafe class ScoreGemm
+{
+    /// <summary>Keys per packed panel: two vectors of the widest accelerated width.</summary>
+    public static int PanelWidth => Vector512.IsHardwareAccelerated ? 32 : Vector256.IsHardwareAccelerated ? 16 : 2;
+
+    /// <summary>C [m, n] (row stride n) = A [m, d] · keys [j0, j0 + n)ᵀ; <paramref name="j0"/> must be a multiple of the panel width.</summary>
+    public static void Multiply(ReadOnlySpan<float> a, int m, int d, PackedPanels b, int j0, int n, Span<float> c)
+    {
+        if (m == 0 || n == 0) return;
+        if (d != b.D || j0 % b.Width != 0 || j0 < 0 || j0 + n > b.N || a.Length < (long)m * d || c.Length < (long)m * n)
+        {
+            throw new ArgumentException($"ScoreGemm: m={m}, n={n}, d={d}, j0={j0} do not fit keys [{b.N}, {b.D}] in panels of {b.Width}");
+        }
+        fixed (float* pa = a, pb = b.Data, pc = c)
+        {
+            float* panels = pb + ((long)(j0 / b.Width) * d * b.Width);
+            if (Vector512.IsHardwareAccelerated) Run<Vector512<float>, V512Ops>(pa, m, d, panels, n, pc);
+            else if (Vector256.IsHardwareAccelerated) Run<Vector256<float>, V256Ops>(pa, m, d, panels, n, pc);
+            else Run<float, ScalarOps>(pa, m, d, panels, n, pc);
+        }
+    }
+
+    private static void Run<TV, TOps>(float* a, int m, int d, float* panels, int n, float* c)
+        where TV : unmanaged where TOps : ISimd<TV>
+    {
+        int w = TOps.Count, step = 2 * w;
+        int nFull = n / step * step;
+        int i = 0;
+        for (; i + 4 <= m; i += 4)
+        {
+            float* a0 = a + (long)i * d, a1 = a0 + d, a2 = a1 + d, a3 = a2 + d;
+            for (int j = 0; j < nFull; j += step)
+            {
+                TV c00 = TOps.Zero, c01 = TOps.Zero, c10 = TOps.Zero, c11 = TOps.Zero;
+                TV c20 = TOps.Zero, c21 = TOps.Zero, c30 = TOps.Zero, c31 = TOps.Zero;
+                float* b = panels + ((long)(j / step) * d * step);
+                for (int k = 0; k < d; k++, b += step)
+                {
+                    TV b0 = TOps.Load(b), b1 = TOps.Load(b + w);
+                    TV x = TOps.Broadcast(a0[k]);
+                    c00 = TOps.Fma(x, b0, c00); c01 = TOps.Fma(x, b1, c01);
+                    x = TOps.Broadcast(a1[k]);
+                    c10 = TOps.Fma(x, b0, c10); c11 = TOps.Fma(x, b1, c11);
+                    x = TOps.Broadcast(a2[k]);
+                    c20 = TOps.Fma(x, b0, c20); c21 = TOps.Fma(x, b1, c21);
+                    x = TOps.Broadcast(a3[k]);
+                    c30 = TOps.Fma(x, b0, c30); c31 = TOps.Fma(x, b1, c31);
+                }
+                float* o = c + (long)i * n + j;
+                TOps.Store(o, c00); TOps.Store(o + w, c01); o += n;
+                TOps.Store(o, c10); TOps.Store(o + w, c11); o += n;
+                TOps.Store(o, c20); TOps.Store(o + w, c21); o += n;
+                TOps.Store(o, c30); TOps.Store(o + w, c31);
+            }
+            for (int r = 0; r < 4; r++) Tail(a + (long)(i + r) * d, d, panels, step, nFull, n, c + (long)(i + r) * n);
+        }
+        for (; i < m; i++) Tail(a + (long)i * d, d, panels, step, 0, n, c + (long)i * n);
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void Tail(float* row, int d, float* panels, int step, int from, int n, float* c)
+    {
+        for (int j = from; j < n; j++)
+        {
+            float* b = panels + ((long)(j / step) * d * step) + (j % step);
+            float s = 0;
+            for (int k = 0; k < d; k++) s = MathF.FusedMultiplyAdd(row[k], b[(long)k * step], s);
+            c[j] = s;
+        }
+    }
+}

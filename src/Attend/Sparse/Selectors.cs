@@ -1,0 +1,113 @@
+using System.Globalization;
+
+namespace Attend.Sparse;
+
+/// <summary>The built-in selectors by name, for the CLI, the benchmark and configuration files.</summary>
+public static class Selectors
+{
+    /// <summary>Every built-in selector at its documented defaults.</summary>
+    public static IReadOnlyList<SparsitySelector> Defaults() =>
+    [
+        new PooledBlockSelector(),
+        new VerticalSlashSelector(),
+        new FlexPrefillSelector(),
+        new XAttentionSelector(),
+        new AnchorSelector(),
+    ];
+
+    /// <summary>
+    /// Like <see cref="Parse"/>, and also <c>auto:err=0.02[,sample=1024]</c> (per-head calibration on the call's own
+    /// last queries, <see cref="AutoSelector"/>).
+    /// </summary>
+    public static ISparsitySelector ParseAny(string spec)
+    {
+        ArgumentNullException.ThrowIfNull(spec);
+        string[] head = spec.Trim().Split(':', 2);
+        if (head[0].Trim() != "auto") return Parse(spec);
+        double error = 0.02;
+        int sample = 1024;
+        foreach (string part in head.Length == 2 ? head[1].Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries) : [])
+        {
+            string[] kv = part.Split('=', 2, StringSplitOptions.TrimEntries);
+            if (kv.Length == 2 && kv[0] == "err" && double.TryParse(kv[1], NumberStyles.Float, CultureInfo.InvariantCulture, out double e)) error = e;
+            else if (kv.Length == 2 && kv[0] == "sample" && int.TryParse(kv[1], NumberStyles.Integer, CultureInfo.InvariantCulture, out int n)) sample = n;
+            else throw new ArgumentException($"selector '{spec}': auto takes err=NUMBER and sample=INT; got '{part}'", nameof(spec));
+        }
+        return new AutoSelector(error, sampleQueries: sample);
+    }
+
+    /// <summary>Names <see cref="Parse"/> accepts.</summary>
+    public static IReadOnlyList<string> Names { get; } = ["pooled", "vertical-slash", "flexprefill", "xattention", "anchor"];
+
+    /// <summary>
+    /// Parses <c>name[:key=value,...]</c>, e.g. <c>xattention:t=0.95,stride=16</c>, <c>pooled:budget=top8</c>,
+    /// <c>pooled:budget=p0.9</c>, <c>vertical-slash:v=2000,s=500</c>, <c>flexprefill:gamma=0.9,tau=0.1</c>,
+    /// <c>anchor:theta=6</c>. Every selector also takes <c>block=64|128|256</c>.
+    /// </summary>
+    public static SparsitySelector Parse(string spec)
+    {
+        ArgumentNullException.ThrowIfNull(spec);
+        string[] head = spec.Trim().Split(':', 2);
+        string name = head[0].Trim();
+        var args = new Dictionary<string, string>(StringComparer.OrdinalIgnoreCase);
+        if (head.Length == 2)
+        {
+            foreach (string part in head[1].Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries))
+            {
+                string[] kv = part.Split('=', 2, StringSplitOptions.TrimEntries);
+                if (kv.Length != 2 || kv[1].Length == 0) throw new ArgumentException($"selector '{spec}': expected key=value, got '{part}'", nameof(spec));
+                args[kv[0]] = kv[1];
+            }
+        }
+        int block = Int(args, "block", 128, spec);
+        SparsitySelector selector = name switch
+        {
+            "pooled" => new PooledBlockSelector { BlockSize = block, Budget = Budget(args.GetValueOrDefault("budget", "p0.95"), spec) },
+            "vertical-slash" => new VerticalSlashSelector
+            {
+                BlockSize = block, Verticals = Int(args, "v", 1000, spec), Slashes = Int(args, "s", 200, spec), LastQueries = Int(args, "last", 64, spec),
+            },
+            "flexprefill" => new FlexPrefillSelector
+            {
+                BlockSize = block, Gamma = Double(args, "gamma", 0.95, spec), Tau = Double(args, "tau", 0.1, spec), MinBudget = Int(args, "min", 1024, spec),
+            },
+            "xattention" => new XAttentionSelector { BlockSize = block, Threshold = Double(args, "t", 0.9, spec), Stride = Int(args, "stride", 8, spec) },
+            "anchor" => new AnchorSelector { BlockSize = block, Theta = Double(args, "theta", 10, spec) },
+            _ => throw new ArgumentException($"unknown selector '{name}'; expected one of {string.Join(", ", Names)}", nameof(spec)),
+        };
+        string[] known = name switch
+        {
+            "pooled" => ["block", "budget"],
+            "vertical-slash" => ["block", "v", "s", "last"],
+            "flexprefill" => ["block", "gamma", "tau", "min"],
+            "xattention" => ["block", "t", "stride"],
+            _ => ["block", "theta"],
+        };
+        foreach (string key in args.Keys)
+        {
+            if (!known.Contains(key, StringComparer.OrdinalIgnoreCase))
+            {
+                throw new ArgumentException($"selector '{name}' has no parameter '{key}'; it takes {string.Join(", ", known)}", nameof(spec));
+            }
+        }
+        return selector;
+    }
+
+    private static BlockBudget Budget(string text, string spec)
+    {
+        if (text.StartsWith("top", StringComparison.OrdinalIgnoreCase) && int.TryParse(text[3..], NumberStyles.Integer, CultureInfo.InvariantCulture, out int k)) return BlockBudget.TopK(k);
+        if (text.StartsWith('p') && double.TryParse(text[1..], NumberStyles.Float, CultureInfo.InvariantCulture, out double p)) return BlockBudget.TopP(p);
+        if (text.StartsWith('t') && double.TryParse(text[1..], NumberStyles.Float, CultureInfo.InvariantCulture, out double t)) return BlockBudget.Threshold(t);
+        throw new ArgumentException($"selector '{spec}': budget must be topK (e.g. top8), pP (e.g. p0.95) or tT (e.g. t0.01); got '{text}'", nameof(spec));
+    }
+
+    private static int Int(Dictionary<string, string> args, string key, int fallback, string spec) =>
+        !args.TryGetValue(key, out string? s) ? fallback
+        : int.TryParse(s, NumberStyles.Integer, CultureInfo.InvariantCulture, out int v) ? v
+        : throw new ArgumentException($"selector '{spec}': {key} must be an integer; got '{s}'", nameof(spec));
+
+    private static double Double(Dictionary<string, string> args, string key, double fallback, string spec) =>
+        !args.TryGetValue(key, out string? s) ? fallback
+        : double.TryParse(s, NumberStyles.Float, CultureInfo.InvariantCulture, out double v) ? v
+        : throw new ArgumentException($"selector '{spec}': {key} must be a number; got '{s}'", nameof(spec));
+}

@@ -1,0 +1,281 @@
+using System.Diagnostics;
+using Attend.Masks;
+using Attend.Tensors;
+
+namespace Attend.Sparse;
+
+/// <summary>
+/// A content-based sparse-attention method: looks at the queries and keys and decides which (query, key) regions to
+/// compute, as a <see cref="SparsityPlan"/> for the shared block-sparse executor. Selection is part of the cost of
+/// a method, so implementations estimate cheaply (pooled blocks, a few sampled queries, strided products).
+/// </summary>
+public interface ISparsitySelector
+{
+    /// <summary>Short name with the parameters that matter, e.g. <c>xattention(t=0.9,s=8)</c>.</summary>
+    string Name { get; }
+
+    /// <summary>
+    /// Builds the plan for <paramref name="q"/> [B, Sq, H, D] against <paramref name="k"/> [B, Skv, Hkv, D].
+    /// With <paramref name="causal"/> (bottom-right aligned, as <see cref="AttentionOptions.Causal"/>) the plan
+    /// contains the causal mask itself, so it is run with Causal unset.
+    /// </summary>
+    SparsityPlan Plan<T>(TensorView<T> q, TensorView<T> k, bool causal = true, float? scale = null) where T : unmanaged;
+}
+
+/// <summary>
+/// Base of the built-in selectors: validates shapes, gathers each head's queries (scaled) and keys into contiguous
+/// float rows, runs <see cref="SelectHead"/> for every (batch, head) in parallel, and assembles the chosen key
+/// blocks (and key tokens) into one plan. Blocks are square (<see cref="BlockSize"/> queries × keys); with causal
+/// attention the blocks on the diagonal are Partial under <see cref="Mask.Causal"/>, those below it Full.
+/// </summary>
+public abstract class SparsitySelector : ISparsitySelector
+{
+    private int _blockSize = 128;
+
+    /// <inheritdoc/>
+    public abstract string Name { get; }
+
+    /// <summary>Query and key block size of the plan: 64, 128 or 256 (default 128, as MInference/FlexPrefill/XAttention).</summary>
+    public int BlockSize
+    {
+        get => _blockSize;
+        init
+        {
+            if (value is not (64 or 128 or 256)) throw new ArgumentOutOfRangeException(nameof(BlockSize), value, "BlockSize must be 64, 128 or 256");
+            _blockSize = value;
+        }
+    }
+
+    /// <summary>Worker threads for selection; 0 = all cores.</summary>
+    public int Threads { get; init; }
+
+    /// <inheritdoc/>
+    public override string ToString() => Name;
+
+    /// <inheritdoc/>
+    public SparsityPlan Plan<T>(TensorView<T> q, TensorView<T> k, bool causal = true, float? scale = null) where T : unmanaged
+    {
+        if (q.Rank != 4) throw new ArgumentException($"q must be [B, Sq, H, D]; got rank {q.Rank}", nameof(q));
+        if (k.Rank != 4) throw new ArgumentException($"k must be [B, Skv, Hkv, D]; got rank {k.Rank}", nameof(k));
+        int batch = q.Shape[0], sq = q.Shape[1], heads = q.Shape[2], d = q.Shape[3];
+        int skv = k.Shape[1], kvHeads = k.Shape[2];
+        if (k.Shape[0] != batch || k.Shape[3] != d || kvHeads < 1 || heads % kvHeads != 0)
+        {
+            throw new ArgumentException($"k must be [B={batch}, Skv, Hkv dividing H={heads}, D={d}]; got [{string.Join(", ", k.Shape.ToArray())}]", nameof(k));
+        }
+        if (batch < 1 || sq < 1 || skv < 1 || heads < 1 || d < 1)
+        {
+            throw new ArgumentException($"q and k need every extent ≥ 1; got q [{string.Join(", ", q.Shape.ToArray())}], k [{string.Join(", ", k.Shape.ToArray())}]", nameof(q));
+        }
+        float s = scale ?? 1f / MathF.Sqrt(d);
+        if (!float.IsFinite(s) || s < 0) throw new ArgumentException($"scale must be finite and ≥ 0; got {s}", nameof(scale));
+        Validate(sq, skv);
+
+        var rows = new HeadRows[batch * heads];
+        var parallel = new ParallelOptions { MaxDegreeOfParallelism = Threads > 0 ? Threads : Environment.ProcessorCount };
+        Parallel.For(0, batch * heads, parallel, index =>
+        {
+            int b = index / heads, h = index % heads;
+            var head = new HeadSelection(b, h, sq, skv, d, BlockSize, causal, Gather(q, b, h, sq, d, s), Gather(k, b, h / (heads / kvHeads), skv, d, 1f));
+            SelectHead(head);
+            rows[index] = head.Finish();
+        });
+
+        Mask? causalMask = causal ? Mask.Causal : null;
+        int bs = BlockSize;
+        long offset = (long)skv - sq;
+        BlockMask blocks = BlockMask.FromBlocks(batch, heads, sq, skv, bs, bs,
+            (b, h, qb) => rows[b * heads + h].Blocks[qb].Select(kb => (kb, Classify(qb, kb, bs, sq, skv, offset, causal))), causalMask);
+        TokenSet? tokens = rows.Any(r => r.Tokens is not null)
+            ? TokenSet.Create(batch, heads, sq, skv, bs, (b, h, qb) => rows[b * heads + h].Tokens?[qb] ?? [], causalMask)
+            : null;
+        return new SparsityPlan(blocks, tokens);
+    }
+
+    /// <summary>Rejects parameters that do not fit the sequence lengths (overridden by selectors with such parameters).</summary>
+    private protected virtual void Validate(int queryLength, int keyLength) { }
+
+    /// <summary>Chooses the key blocks (and optionally tokens) of every query block of one head.</summary>
+    private protected abstract void SelectHead(HeadSelection head);
+
+    /// <summary>Lets a combining selector (per head) run this selector's choice on one head.</summary>
+    internal void SelectInto(HeadSelection head)
+    {
+        Validate(head.QueryLength, head.KeyLength);
+        SelectHead(head);
+    }
+
+    private static BlockClass Classify(int qb, int kb, int bs, int sq, int skv, long offset, bool causal)
+    {
+        if (!causal) return BlockClass.Full;
+        long q0 = (long)qb * bs, q1 = Math.Min(q0 + bs, sq), k0 = (long)kb * bs, k1 = Math.Min(k0 + bs, skv);
+        if (k0 > q1 - 1 + offset) return BlockClass.Empty;
+        return k1 - 1 <= q0 + offset ? BlockClass.Full : BlockClass.Partial;
+    }
+
+    private static float[] Gather<T>(TensorView<T> x, int b, int h, int length, int d, float scale) where T : unmanaged
+    {
+        var rows = new float[(long)length * d];
+        for (int i = 0; i < length; i++)
+        {
+            Span<float> row = rows.AsSpan(i * d, d);
+            x.CopyRow(b, i, h, row);
+            if (scale != 1f)
+            {
+                for (int c = 0; c < d; c++) row[c] *= scale;
+            }
+        }
+        return rows;
+    }
+
+    internal readonly record struct HeadRows(List<int>[] Blocks, List<int>[]? Tokens);
+}
+
+/// <summary>What a selector sees of one (batch, head) and where it puts its choices.</summary>
+internal sealed class HeadSelection
+{
+    private readonly List<int>[] _blocks;
+    private List<int>[]? _tokens;
+    private PackedPanels? _packedKeys;
+
+    public HeadSelection(int batch, int head, int queryLength, int keyLength, int headDim, int blockSize, bool causal, float[] queries, float[] keys)
+    {
+        Batch = batch;
+        Head = head;
+        QueryLength = queryLength;
+        KeyLength = keyLength;
+        HeadDim = headDim;
+        BlockSize = blockSize;
+        Causal = causal;
+        Queries = queries;
+        Keys = keys;
+        _blocks = new List<int>[QueryBlocks];
+        for (int i = 0; i < _blocks.Length; i++) _blocks[i] = [];
+    }
+
+    public int Batch { get; }
+    public int Head { get; }
+    public int QueryLength { get; }
+    public int KeyLength { get; }
+    public int HeadDim { get; }
+    public int BlockSize { get; }
+    public bool Causal { get; }
+
+    /// <summary>Queries [Sq, D], already multiplied by the softmax scale.</summary>
+    public float[] Queries { get; }
+
+    /// <summary>Keys [Skv, D].</summary>
+    public float[] Keys { get; }
+
+    public int QueryBlocks => (QueryLength + BlockSize - 1) / BlockSize;
+    public int KeyBlocks => (KeyLength + BlockSize - 1) / BlockSize;
+
+    /// <summary>Skv − Sq: query i sees keys j ≤ i + Offset when causal.</summary>
+    public int Offset => KeyLength - QueryLength;
+
+    /// <summary>Keys packed for <see cref="ScoreGemm"/>, built on first use.</summary>
+    public PackedPanels PackedKeys => _packedKeys ??= new PackedPanels(Keys, KeyLength, HeadDim);
+
+    /// <summary>Number of keys query <paramref name="q"/> may see (Skv when not causal; 0 for rows that see none).</summary>
+    public int VisibleKeys(int q) => Causal ? Math.Clamp(q + Offset + 1, 0, KeyLength) : KeyLength;
+
+    /// <summary>Key blocks that query block <paramref name="qb"/> can reach at all (its last row's visible keys).</summary>
+    public int VisibleKeyBlocks(int qb)
+    {
+        int last = Math.Min((qb + 1) * BlockSize, QueryLength) - 1;
+        return (VisibleKeys(last) + BlockSize - 1) / BlockSize;
+    }
+
+    /// <summary>The key block holding the diagonal of query block <paramref name="qb"/> (its last row's last key); −1 if none.</summary>
+    public int DiagonalBlock(int qb) => VisibleKeyBlocks(qb) - 1;
+
+    public void AddBlock(int qb, int kb)
+    {
+        if (kb >= 0 && kb < VisibleKeyBlocks(qb)) _blocks[qb].Add(kb);
+    }
+
+    public void AddToken(int qb, int key)
+    {
+        _tokens ??= CreateLists(QueryBlocks);
+        int last = Math.Min((qb + 1) * BlockSize, QueryLength) - 1;
+        if (key >= 0 && key < VisibleKeys(last)) _tokens[qb].Add(key);
+    }
+
+    /// <summary>Mean of each block of <paramref name="rows"/> [length, D] → [blocks, D].</summary>
+    public float[] PoolRows(float[] rows, int length)
+    {
+        int d = HeadDim, blocks = (length + BlockSize - 1) / BlockSize;
+        var pooled = new float[blocks * d];
+        for (int blk = 0; blk < blocks; blk++)
+        {
+            int r0 = blk * BlockSize, r1 = Math.Min(r0 + BlockSize, length);
+            Span<float> o = pooled.AsSpan(blk * d, d);
+            for (int r = r0; r < r1; r++)
+            {
+                ReadOnlySpan<float> x = rows.AsSpan(r * d, d);
+                for (int c = 0; c < d; c++) o[c] += x[c];
+            }
+            float inv = 1f / (r1 - r0);
+            for (int c = 0; c < d; c++) o[c] *= inv;
+        }
+        return pooled;
+    }
+
+    public SparsitySelector.HeadRows Finish()
+    {
+        foreach (List<int> row in _blocks)
+        {
+            row.Sort();
+            int w = 0;
+            for (int i = 0; i < row.Count; i++)
+            {
+                if (w == 0 || row[i] != row[w - 1]) row[w++] = row[i];
+            }
+            row.RemoveRange(w, row.Count - w);
+        }
+        return new(_blocks, _tokens);
+    }
+
+    private static List<int>[] CreateLists(int count)
+    {
+        var lists = new List<int>[count];
+        for (int i = 0; i < count; i++) lists[i] = [];
+        return lists;
+    }
+}
+
+/// <summary>Timing of one selector run: what the benchmark reports.</summary>
+public readonly record struct SparseRunTimes(TimeSpan Selection, TimeSpan Execution)
+{
+    /// <summary>Selection plus execution.</summary>
+    public TimeSpan Total => Selection + Execution;
+}
+
+/// <summary>Content-based sparse attention end to end: select a plan, then run it on the shared executor.</summary>
+public static class SparseAttention
+{
+    /// <summary>
+    /// Builds <paramref name="selector"/>'s plan for (q, k) and computes attention under it. <paramref name="options"/>
+    /// may carry Scale, Softcap, ALiBi and Bias; Causal is handled by the plan; Mask, Predicate and Plan must be unset.
+    /// </summary>
+    /// <returns>The plan that was run and the time of its two phases.</returns>
+    public static (SparsityPlan Plan, SparseRunTimes Times) Forward<T>(
+        ISparsitySelector selector, TensorView<T> q, TensorView<T> k, TensorView<T> v, TensorView<T> output,
+        AttentionOptions? options = null, TensorView<float> lse = default, KernelTuning? tuning = null) where T : unmanaged
+    {
+        ArgumentNullException.ThrowIfNull(selector);
+        options ??= AttentionOptions.Default;
+        if (options.Mask is not null || options.Predicate is not null || options.Plan is not null)
+        {
+            throw new ArgumentException("a selector builds the whole plan: options.Mask, Predicate and Plan must be unset", nameof(options));
+        }
+        long start = Stopwatch.GetTimestamp();
+        SparsityPlan plan = selector is AutoSelector auto
+            ? auto.Plan(q, k, v, options.Causal, options.Scale, tuning)
+            : selector.Plan(q, k, options.Causal, options.Scale);
+        TimeSpan selection = Stopwatch.GetElapsedTime(start);
+        start = Stopwatch.GetTimestamp();
+        Attention.Forward(q, k, v, output, options with { Causal = false, Plan = plan }, lse, tuning);
+        return (plan, new SparseRunTimes(selection, Stopwatch.GetElapsedTime(start)));
+    }
+}

@@ -1,0 +1,231 @@
+using Attend.Masks;
+using Attend.Sparse;
+using Attend.Tensors;
+using Xunit;
+
+namespace Attend.Tests;
+
+public class SparseSelectorTests
+{
+    /// <summary>Each selector with a budget that covers every block: the result must be dense attention within the dense tolerance.</summary>
+    public static TheoryData<string> CoveringSelectors() => new()
+    {
+        "pooled:budget=top100000,block=64",
+        "pooled:budget=p1,block=64",
+        "vertical-slash:v=100000,s=100000,block=64",
+        "flexprefill:gamma=1,min=100000,block=64",
+        "xattention:t=1,stride=8,block=64",
+        "anchor:theta=1e9,block=64",
+    };
+
+    [Theory]
+    [MemberData(nameof(CoveringSelectors))]
+    public void CoveringBudgetEqualsDenseCausal(string spec)
+    {
+        SparsitySelector selector = Selectors.Parse(spec);
+        foreach ((int s, int d) in new[] { (257, 40), (97, 64), (1, 64), (130, 128) })
+        {
+            AttentionConformance.Check<float>(1, s, s, 2, 1, d, new AttentionOptions { Causal = true }, spec,
+                (q, k, v, o, lse, options) => SparseAttention.Forward(selector, q, k, v, o, options, lse));
+        }
+    }
+
+    [Theory]
+    [InlineData("xattention:t=1,block=64")]
+    [InlineData("pooled:budget=p1,block=64")]
+    [InlineData("anchor:theta=1e9,block=64")]
+    public void CoveringBudgetEqualsDenseNonCausalAndOffset(string spec)
+    {
+        SparsitySelector selector = Selectors.Parse(spec);
+        AttentionConformance.Check<float>(1, 97, 97, 2, 2, 40, new AttentionOptions(), spec,
+            (q, k, v, o, lse, options) => SparseAttention.Forward(selector, q, k, v, o, options, lse));
+        // Sq < Skv: bottom-right causal (a chunk of prefill against a longer cache).
+        AttentionConformance.Check<float>(2, 70, 200, 2, 1, 40, new AttentionOptions { Causal = true }, spec,
+            (q, k, v, o, lse, options) => SparseAttention.Forward(selector, q, k, v, o, options, lse));
+    }
+
+    [Fact]
+    public void CoveringBudgetEqualsDenseInHalfPrecision()
+    {
+        SparsitySelector selector = Selectors.Parse("xattention:t=1,block=64");
+        AttentionConformance.Check<Half>(1, 130, 130, 2, 1, 64, new AttentionOptions { Causal = true }, "xattention f16",
+            (q, k, v, o, lse, options) => SparseAttention.Forward(selector, q, k, v, o, options, lse));
+    }
+
+    /// <summary>Default selectors on structured inputs: sparse, causal, and keeping most of the attention mass.</summary>
+    [Fact]
+    public void DefaultSelectorsKeepTheMassOfStructuredInputs()
+    {
+        const int s = 4096, h = 2, d = 64;
+        (TensorView<float> q, TensorView<float> k, TensorView<float> v, IReadOnlyList<Needle> needles) =
+            StructuredInputs.Generate(1, s, h, 1, d, StructureOptions.Default with { Seed = 3 });
+        var dense = new TensorView<float>(new float[q.ElementCount], 1, s, h, d);
+        var denseLse = new TensorView<float>(new float[s * h], 1, s, h);
+        Attention.Forward(q, k, v, dense, new AttentionOptions { Causal = true }, denseLse);
+        Assert.NotEmpty(needles);
+        var report = new List<string>();
+        bool ok = true;
+        foreach (SparsitySelector selector in Selectors.Defaults())
+        {
+            var o = new TensorView<float>(new float[q.ElementCount], 1, s, h, d);
+            var lse = new TensorView<float>(new float[s * h], 1, s, h);
+            (SparsityPlan plan, _) = SparseAttention.Forward(selector, q, k, v, o, new AttentionOptions { Causal = true }, lse);
+            double recall = Metrics.AttentionRecall(lse, denseLse), density = Metrics.Density(plan, causal: true), cosine = Metrics.Cosine(o, dense);
+            report.Add($"{selector.Name}: recall {recall:F3} density {density:F3} cosine {cosine:F4} needles {Metrics.NeedleHitRate(plan, needles):F2}");
+            ok &= recall >= 0.85 && density < 0.8 && cosine > 0.9;
+            // Never a future key.
+            var rng = new Random(5);
+            for (int i = 0; i < 2000; i++)
+            {
+                int qi = rng.Next(s), kj = qi + 1 + rng.Next(s);
+                if (kj < s) Assert.False(plan.Allows(0, rng.Next(h), qi, kj), $"{selector.Name} allows future key {kj} for query {qi}");
+            }
+        }
+        Assert.True(ok, string.Join("; ", report));
+    }
+
+    [Fact]
+    public void MetricsOfIdenticalOutputsAndFullPlans()
+    {
+        TensorView<float> q = TestData.Random<float>(1, 1, 300, 2, 32), k = TestData.Random<float>(2, 1, 300, 2, 32), v = TestData.Random<float>(3, 1, 300, 2, 32);
+        var o = new TensorView<float>(new float[q.ElementCount], 1, 300, 2, 32);
+        var lse = new TensorView<float>(new float[600], 1, 300, 2);
+        Attention.Forward(q, k, v, o, new AttentionOptions { Causal = true }, lse);
+        Assert.Equal(0, Metrics.RelativeL2(o, o));
+        Assert.Equal(1, Metrics.Cosine(o, o), 10);
+        Assert.Equal(1, Metrics.AttentionRecall(lse, lse), 10);
+        var full = BlockMask.Create(Mask.Causal, 1, 2, 300, 300, 64, 64);
+        Assert.Equal(1, Metrics.Density(full, causal: true), 10);
+        var window = BlockMask.Create(Mask.Causal & Mask.SlidingWindow(10), 1, 2, 300, 300, 64, 64);
+        double expected = (300.0 * 11 - (10 * 11 / 2)) / (300.0 * 301 / 2);
+        Assert.Equal(expected, Metrics.Density(window, causal: true), 10);
+        Assert.Equal(1, Metrics.NeedleHitRate(full, [new Needle(0, 1, 200, 3)]));
+        Assert.Equal(0, Metrics.NeedleHitRate(window, [new Needle(0, 1, 200, 3)]));
+        // A plan that drops part of the mass: recall = exp(lse_plan − lse_dense) < 1.
+        var lseWindow = new TensorView<float>(new float[600], 1, 300, 2);
+        Attention.Forward(q, k, v, new TensorView<float>(new float[q.ElementCount], 1, 300, 2, 32), new AttentionOptions { Plan = window }, lseWindow);
+        double recall = Metrics.AttentionRecall(lseWindow, lse);
+        Assert.InRange(recall, 0.01, 0.99);
+        Assert.True(Metrics.TopKeyMassShare(q, k, 0) is > 0.05 and < 1);
+    }
+
+    [Fact]
+    public void GeneratorIsDeterministicAndPlantsWhatItReports()
+    {
+        var a = StructuredInputs.Generate(1, 2048, 2, 1, 64, StructureOptions.Default with { Seed = 9 });
+        var b = StructuredInputs.Generate(1, 2048, 2, 1, 64, StructureOptions.Default with { Seed = 9 });
+        Assert.Equal(a.Q.ToArray(), b.Q.ToArray());
+        Assert.Equal(a.K.ToArray(), b.K.ToArray());
+        Assert.Equal(a.Needles, b.Needles);
+        // A needle's query scores its key far above the median key.
+        Needle n = a.Needles[0];
+        float[] qi = new float[64], kj = new float[64], kx = new float[64];
+        a.Q.CopyRow(0, n.Query, n.Head, qi);
+        a.K.CopyRow(0, n.Key, 0, kj);
+        double needle = Dot(qi, kj) / 8, typical = 0;
+        for (int j = 0; j < 200; j++)
+        {
+            a.K.CopyRow(0, 300 + j, 0, kx);
+            typical += Dot(qi, kx) / 8 / 200;
+        }
+        Assert.True(needle > typical + 5, $"needle logit {needle:F1} vs typical {typical:F1}");
+        // Structured attention is concentrated; pure noise is not.
+        var noise = StructuredInputs.Generate(1, 2048, 1, 1, 64, StructureOptions.Parse("noise", seed: 2));
+        Assert.True(Metrics.TopKeyMassShare(a.Q, a.K, 0) > 0.8);
+        Assert.True(Metrics.TopKeyMassShare(noise.Q, noise.K, 0) < 0.3);
+    }
+
+    [Fact]
+    public void BadInputIsRejectedWithClearMessages()
+    {
+        TensorView<float> q = TestData.Random<float>(1, 1, 64, 2, 32), k = TestData.Random<float>(2, 1, 64, 2, 16);
+        var selector = new XAttentionSelector();
+        Assert.Contains("k must be", Assert.Throws<ArgumentException>(() => selector.Plan(q, k)).Message);
+        Assert.Throws<ArgumentOutOfRangeException>(() => new PooledBlockSelector { BlockSize = 100 });
+        Assert.Throws<ArgumentOutOfRangeException>(() => new XAttentionSelector { Stride = 0 });
+        Assert.Contains("Stride dividing BlockSize", Assert.Throws<ArgumentException>(() => new XAttentionSelector { Stride = 48 }.Plan(q, q)).Message);
+        Assert.Contains("Threshold", Assert.Throws<ArgumentException>(() => new XAttentionSelector { Threshold = 1.5 }.Plan(q, q)).Message);
+        Assert.Contains("Gamma", Assert.Throws<ArgumentException>(() => new FlexPrefillSelector { Gamma = 0 }.Plan(q, q)).Message);
+        Assert.Contains("Theta", Assert.Throws<ArgumentException>(() => new AnchorSelector { Theta = double.NaN }.Plan(q, q)).Message);
+        Assert.Contains("LastQueries", Assert.Throws<ArgumentException>(() => new VerticalSlashSelector { LastQueries = 0 }.Plan(q, q)).Message);
+        Assert.Throws<ArgumentOutOfRangeException>(() => BlockBudget.TopP(0));
+        Assert.Throws<ArgumentOutOfRangeException>(() => BlockBudget.TopK(0));
+        Assert.Contains("unknown selector", Assert.Throws<ArgumentException>(() => Selectors.Parse("magic")).Message);
+        Assert.Contains("no parameter 'zz'", Assert.Throws<ArgumentException>(() => Selectors.Parse("anchor:zz=1")).Message);
+        Assert.Contains("budget must be", Assert.Throws<ArgumentException>(() => Selectors.Parse("pooled:budget=lots")).Message);
+        var o = new TensorView<float>(new float[q.ElementCount], 1, 64, 2, 32);
+        Assert.Contains("must be unset", Assert.Throws<ArgumentException>(() =>
+            SparseAttention.Forward(selector, q, q, q, o, new AttentionOptions { Mask = Mask.Causal })).Message);
+        Assert.Contains("D ≥ 32", Assert.Throws<ArgumentException>(() => StructuredInputs.Generate(1, 64, 1, 1, 16)).Message);
+        Assert.Contains("unknown structure component", Assert.Throws<ArgumentException>(() => StructureOptions.Parse("sinks,bogus")).Message);
+    }
+
+    private static double Dot(float[] a, float[] b)
+    {
+        double s = 0;
+        for (int i = 0; i < a.Length; i++) s += a[i] * b[i];
+        return s;
+    }
+}
+
+public class CopyRowTests
+{
+    [Fact]
+    public void CopyRowMatchesTheIndexerForEveryTypeAndLayout()
+    {
+        float[] data = TestData.Normal(2 * 5 * 3 * 7, 4);
+        Check(new TensorView<float>(data, 2, 5, 3, 7));
+        Check(new TensorView<float>(data, 2, 3, 5, 7).Permute(0, 2, 1, 3));
+        Check(new TensorView<Half>(TestData.Convert<Half>(data), 2, 5, 3, 7));
+        Check(new TensorView<BFloat16>(TestData.Convert<BFloat16>(data), 2, 5, 3, 7));
+        Check(new TensorView<float>(data, 2, 5, 7, 3).Permute(0, 1, 3, 2));
+
+        static void Check<T>(TensorView<T> x) where T : unmanaged
+        {
+            var row = new float[x.Shape[3]];
+            for (int a = 0; a < x.Shape[0]; a++)
+                for (int b = 0; b < x.Shape[1]; b++)
+                    for (int c = 0; c < x.Shape[2]; c++)
+                    {
+                        x.CopyRow(a, b, c, row);
+                        for (int d = 0; d < row.Length; d++) Assert.Equal(ElementConvert.ToSingle(x[a, b, c, d]), row[d]);
+                    }
+        }
+    }
+}
+
+public class SparseCalibrationTests
+{
+    [Fact]
+    public void DenseHeadsAndZeroBudgetEqualDense()
+    {
+        var perHead = new PerHeadSelector([null, Selectors.Parse("anchor:theta=1e9,block=64")], blockSize: 64);
+        AttentionConformance.Check<float>(1, 200, 200, 2, 1, 40, new AttentionOptions { Causal = true }, "per-head",
+            (q, k, v, o, lse, options) => SparseAttention.Forward(perHead, q, k, v, o, options, lse));
+        var auto = new AutoSelector(0, ["xattention:t=0.5,block=64", "pooled:budget=top1,block=64"], sampleQueries: 128);
+        AttentionConformance.Check<float>(1, 300, 300, 2, 2, 40, new AttentionOptions { Causal = true }, "auto(0)",
+            (q, k, v, o, lse, options) => SparseAttention.Forward(auto, q, k, v, o, options, lse));
+        Assert.All(auto.LastCalibration!.RelativeL2, e => Assert.Equal(0, e));
+    }
+
+    [Fact]
+    public void CalibrationMeetsItsBudgetOnTheSampleAndRoundTrips()
+    {
+        const int s = 4096, h = 2, d = 64;
+        var train = StructuredInputs.Generate(1, s, h, 1, d, StructureOptions.Default with { Seed = 11 });
+        CalibratedHeads heads = SparseCalibration.Calibrate(train.Q, train.K, train.V, 0.05, sampleQueries: 512);
+        for (int head = 0; head < h; head++)
+        {
+            Assert.True(heads.RelativeL2[head] <= 0.05, $"head {head}: {heads.Specs[head]} error {heads.RelativeL2[head]}");
+            Assert.True(heads.Specs[head] is null || heads.Density[head] < 1);
+        }
+        CalibratedHeads back = CalibratedHeads.FromJson(heads.ToJson());
+        Assert.Equal(heads.Specs, back.Specs);
+        Assert.Equal(heads.Density, back.Density);
+        Assert.Equal(heads.ToSelector().Name, back.ToSelector().Name);
+
+        Assert.Throws<ArgumentOutOfRangeException>(() => new AutoSelector(double.NaN));
+        Assert.Contains("needs the values", Assert.Throws<NotSupportedException>(() => new AutoSelector(0.02).Plan(train.Q, train.K)).Message);
+        Assert.Contains("BlockSize", Assert.Throws<ArgumentException>(() => new PerHeadSelector([Selectors.Parse("anchor:block=64")], blockSize: 128)).Message);
+    }
+}
