@@ -55,6 +55,42 @@ public sealed class CliTests : IDisposable
     }
 
     [Fact]
+    public void Should_generate_structured_inputs_run_a_selector_and_bench_it_with_metrics()
+    {
+        string gen = P("gen");
+        var (code, _, err) = Cli("gen", "--shape", "1,1024,2,32", "--seed", "3", "-o", gen, "--json", P("gen.json"));
+        Assert.True(code == 0, err);
+        Assert.Equal([1, 1024, 2, 32], Npy.Read(Path.Combine(gen, "q.npy")).Shape);
+        Assert.True(File.Exists(Path.Combine(gen, "needles.json")));
+        Assert.Equal(2, JsonNode.Parse(File.ReadAllText(P("gen.json")))!["topKeyMassShare"]!.AsArray().Count);
+
+        (code, _, err) = Cli("run", "--q", Path.Combine(gen, "q.npy"), "--k", Path.Combine(gen, "k.npy"), "--v", Path.Combine(gen, "v.npy"),
+            "--out", P("o.npy"), "--causal", "--selector", "xattention:t=0.9,block=64");
+        Assert.True(code == 0, err);
+        Assert.Equal([1, 1024, 2, 32], Npy.Read(P("o.npy")).Shape);
+
+        (code, _, err) = Cli("bench", "--suite", "sparse", "--inputs", gen, "--selector", "pooled:block=64", "anchor:block=64", "auto:err=0.05,sample=256", "--json", P("b.json"));
+        Assert.True(code == 0, err);
+        JsonArray rows = JsonNode.Parse(File.ReadAllText(P("b.json")))!["rows"]!.AsArray();
+        Assert.Equal(4, rows.Count);
+        foreach (JsonNode? row in rows.Skip(1))
+        {
+            // Every approximate row carries its error metrics and its selection time.
+            foreach (string field in new[] { "relativeL2", "cosine", "recall", "needleHitRate", "selectionMs", "density", "speedupVsDense" })
+            {
+                Assert.True(row![field] is not null, $"{row["method"]}: {field} missing");
+            }
+        }
+
+        (code, _, err) = Cli("run", "--q", P("o.npy"), "--k", P("o.npy"), "--v", P("o.npy"), "--out", P("x.npy"), "--selector", "magic");
+        Assert.Equal(2, code);
+        Assert.Contains("unknown selector", err);
+        (code, _, err) = Cli("gen", "--shape", "1,64,1,16", "-o", P("g2"));
+        Assert.Equal(2, code);
+        Assert.Contains("D ≥ 32", err);
+    }
+
+    [Fact]
     public void Should_read_safetensors_inputs_by_name()
     {
         int s = 9, h = 1, d = 8;
