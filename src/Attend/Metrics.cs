@@ -156,7 +156,7 @@ public static class Metrics
         return n;
     }
 
-    private static (double Diff, double Norm, double Dot, double ActualNorm) Sums<T>(TensorView<T> actual, TensorView<T> expected, int head) where T : unmanaged
+    internal static (double Diff, double Norm, double Dot, double ActualNorm) Sums<T>(TensorView<T> actual, TensorView<T> expected, int head) where T : unmanaged
     {
         RequireSameShape(actual, expected, nameof(actual), rank: 4);
         int b0 = actual.Shape[0], s0 = actual.Shape[1], h0 = actual.Shape[2], d = actual.Shape[3];
