@@ -1,4 +1,5 @@
 using Attend.Cuda;
+using Attend.Masks;
 using Attend.Tensors;
 
 namespace Attend.Cli;
@@ -43,5 +44,55 @@ internal static class GpuBench
         return new BenchCommand.BenchRow("gpu", causal ? "dense-causal" : "dense", plan.DType, b, h, hkv, s, d, causal, 0, KernelPath.Auto,
             times[times.Count / 2], times[0], times[^1], times.Count, causal ? shape.CausalFlops : shape.DenseFlops, NominalPeakGflops)
         { Backend = "cuda" };
+    }
+
+    /// <summary>
+    /// <c>attend bench --suite masks --device cuda</c>: the CUDA part 2 bars, each against our dense kernel in the same
+    /// process — random 128×128 block masks (density 0.1, diagonal kept, one mask for all heads as the peers script
+    /// draws it) at S = 16384, and a causal sliding window of 1024 keys at S = 4096 and 16384 (B = 1, H = 32, D = 128,
+    /// bf16). Plans are built before timing (as FlexAttention's create_block_mask is).
+    /// </summary>
+    public static List<BenchCommand.BenchRow> RunMasks(BenchCommand.BenchPlan plan, Action<string> status)
+    {
+        var rows = new List<BenchCommand.BenchRow>();
+        const int h = 32, d = 128;
+        foreach (int s in plan.Lengths)
+        {
+            using DeviceTensor<BFloat16> q = DeviceTensor<BFloat16>.FromHost(BenchCommand.RandomView<BFloat16>(1, 1, s, h, d));
+            using DeviceTensor<BFloat16> k = DeviceTensor<BFloat16>.FromHost(BenchCommand.RandomView<BFloat16>(2, 1, s, h, d));
+            using DeviceTensor<BFloat16> v = DeviceTensor<BFloat16>.FromHost(BenchCommand.RandomView<BFloat16>(3, 1, s, h, d));
+            using DeviceTensor<BFloat16> o = DeviceTensor<BFloat16>.Allocate(1, s, h, d);
+            var shape = new AttentionShape(1, s, s, h, h, d, d);
+            int reps = Math.Max(20, plan.Reps);
+            BenchCommand.BenchRow Row(string name, AttentionOptions options, double visited, double? baseline, string note)
+            {
+                status($"cuda {name} S={s}");
+                List<double> t = CudaTimer.Measure(() => CudaAttention.Forward(q, k, v, o, options), reps);
+                double ms = t[t.Count / 2];
+                return new BenchCommand.BenchRow("gpu-masks", name, DType.BFloat16, 1, h, h, s, d, false, 0, KernelPath.Auto,
+                    ms, t[0], t[^1], t.Count, shape.DenseFlops * visited, NominalPeakGflops)
+                { Backend = "cuda", Density = visited, SpeedupVsDense = baseline is { } b ? b / ms : 1, Note = note };
+            }
+            BenchCommand.BenchRow dense = Row("dense", AttentionOptions.Default, 1, null, "baseline (non-causal)");
+            rows.Add(dense);
+            int blocks = (s + 127) / 128;
+            var rng = new Random(0);
+            var keep = new bool[blocks, blocks];
+            for (int i = 0; i < blocks; i++)
+                for (int j = 0; j < blocks; j++) keep[i, j] = i == j || rng.NextDouble() < 0.1;
+            var random = BlockMask.FromBlocks(1, 1, s, s, 128, 128, (_, _, qb) => Enumerable.Range(0, blocks).Where(j => keep[qb, j]).Select(j => (j, BlockClass.Full)));
+            var broadcast = BlockMask.FromBlocks(1, h, s, s, 128, 128, (_, _, qb) => Enumerable.Range(0, blocks).Where(j => keep[qb, j]).Select(j => (j, BlockClass.Full)));
+            double visited = 1 - random.Sparsity;
+            BenchCommand.BenchRow sparse = Row("random blocks d=0.1", new AttentionOptions { Plan = broadcast }, visited, dense.MedianMs, "");
+            rows.Add(sparse with { Note = $"bar: <= 0.13x dense time: {sparse.MedianMs / dense.MedianMs:F3}x {(sparse.MedianMs <= 0.13 * dense.MedianMs ? "met" : "MISSED")}; visited {visited:F3}" });
+            BenchCommand.BenchRow causal = Row("dense causal", new AttentionOptions { Causal = true }, 0.5, dense.MedianMs, "");
+            rows.Add(causal);
+            double windowPairs = (1024.0 * s) - (1024.0 * 1023 / 2);
+            rows.Add(Row("causal window 1024", new AttentionOptions { Mask = Mask.Causal & Mask.SlidingWindow(1023) }, windowPairs / ((double)s * s), dense.MedianMs,
+                "mask planned per call (host, analytic) and its plan uploaded per call"));
+            BlockMask windowPlan = BlockMask.Create(Mask.Causal & Mask.SlidingWindow(1023), 1, h, s, s, 128, 128);
+            rows.Add(Row("causal window 1024 (plan)", new AttentionOptions { Plan = windowPlan }, windowPairs / ((double)s * s), dense.MedianMs, "plan built once, as FlexAttention's block mask"));
+        }
+        return rows;
     }
 }

@@ -25,7 +25,10 @@ public static unsafe class CudaAttention
     /// <summary>
     /// Computes attention on the device: q [B, Sq, H, D], k [B, Skv, Hkv, D], v [B, Skv, Hkv, D] → output
     /// [B, Sq, H, D], optional lse [B, Sq, H]. Supports causal (bottom-right), GQA/MQA, softcap, scale, D ≤ 256
-    /// (Dv = D). ALiBi, bias tensors and predicates are CPU-only for now (NotSupportedException).
+    /// (Dv = D), masks (<see cref="AttentionOptions.Mask"/>: planned on the host, partial blocks evaluate the mask's
+    /// <c>ToCuda</c> expression compiled into the kernel) and block plans (<see cref="AttentionOptions.Plan"/> with
+    /// a <see cref="Masks.BlockMask"/>; uploaded once per plan object). ALiBi, bias tensors, predicates and
+    /// gathered-token plans are CPU-only for now (NotSupportedException).
     /// </summary>
     public static void Forward<T>(DeviceTensor<T> q, DeviceTensor<T> k, DeviceTensor<T> v, DeviceTensor<T> output,
         AttentionOptions? options = null, DeviceTensor<float>? lse = null) where T : unmanaged
@@ -45,9 +48,13 @@ public static unsafe class CudaAttention
         float scale = s.Validate(options);
         if (s.ValueDim != s.HeadDim) throw new NotSupportedException($"the CUDA kernel needs Dv = D; got D={s.HeadDim}, Dv={s.ValueDim}");
         if (s.HeadDim > 256) throw new NotSupportedException($"the CUDA kernel supports head dims up to 256; got {s.HeadDim}");
-        if (options.AlibiSlopes is not null || !options.Bias.IsDefault || options.Predicate is not null || options.Mask is not null || options.Plan is not null)
+        if (options.AlibiSlopes is not null || !options.Bias.IsDefault || options.Predicate is not null)
         {
-            throw new NotSupportedException("ALiBi, bias tensors, predicates, masks and block plans run on the CPU only for now (CUDA part 2 adds masks and plans)");
+            throw new NotSupportedException("ALiBi, bias tensors and predicates run on the CPU only for now");
+        }
+        if (options.Plan?.Tokens is not null)
+        {
+            throw new NotSupportedException("plans with gathered key tokens (TokenSet) run on the CPU only for now; block plans run on the GPU");
         }
         if (scale == 0) throw new NotSupportedException("the CUDA kernel needs Scale > 0 (0 would make masked scores NaN)");
         if (ReferenceEquals(output.Buffer, q.Buffer) || ReferenceEquals(output.Buffer, k.Buffer) || ReferenceEquals(output.Buffer, v.Buffer))
@@ -68,7 +75,28 @@ public static unsafe class CudaAttention
         {
             throw new NotSupportedException($"head dim {s.HeadDim} needs {config.SharedBytes} bytes of shared memory; {device.Name} allows {device.MaxSharedMemoryPerBlock}");
         }
-        CudaKernel kernel = device.Kernel("flash_fwd.cu", "flash_fwd", config.Defines(bf16, options.Causal, options.Softcap > 0));
+        Masks.BlockMask? blocks = options.Plan?.Blocks;
+        if (blocks is null && options.Mask is not null)
+        {
+            // Planned on the host with the kernel's query block and 128-key blocks (analytic: O(non-empty blocks)).
+            Masks.Mask mask = options.Causal ? Masks.Mask.Causal & options.Mask : options.Mask;
+            blocks = Masks.BlockMask.Create(mask, s.Batch, s.Heads, s.QueryLength, s.KeyLength, Math.Max(config.BlockM, 128), 128);
+        }
+        Dictionary<string, string> defines = config.Defines(bf16, options.Causal && blocks is null, options.Softcap > 0);
+        DevicePlan? devicePlan = null;
+        if (blocks is not null)
+        {
+            if (blocks.BlockQ % config.BlockM != 0 || blocks.BlockK % config.BlockN != 0)
+            {
+                throw new NotSupportedException($"the CUDA kernel for D={s.HeadDim} needs plan blocks that are multiples of {config.BlockM} queries × {config.BlockN} keys; the plan has {blocks.BlockQ}×{blocks.BlockK}");
+            }
+            var extent = new Masks.MaskExtent(s.Batch, s.Heads, s.QueryLength, s.KeyLength);
+            defines["HAS_PLAN"] = "1";
+            defines["MASK_EXPR"] = blocks.Mask?.ToCuda(extent) ?? "true";
+            // A caller's plan is uploaded once and kept with it; a plan built here from options.Mask is freed after the launch.
+            devicePlan = options.Plan is null ? new DevicePlan(blocks) : DevicePlan.For(blocks);
+        }
+        CudaKernel kernel = device.Kernel("flash_fwd.cu", "flash_fwd", defines);
         const float log2e = 1.4426950408889634f;
         var p = new FlashParams
         {
@@ -84,10 +112,52 @@ public static unsafe class CudaAttention
             SoftcapPre = options.Softcap > 0 ? scale / options.Softcap : 0,
             SoftcapPost = options.Softcap * log2e,
         };
+        if (devicePlan is not null)
+        {
+            p.PlanRowStart = devicePlan.RowStart.Pointer;
+            p.PlanCols = devicePlan.Columns.Pointer;
+            p.PlanKinds = devicePlan.Kinds.Pointer;
+            p.PlanBatch = blocks!.PlanBatch;
+            p.PlanHeads = blocks.PlanHeads;
+            p.PlanQBlocks = blocks.QueryBlocks;
+            p.PlanBlockQ = blocks.BlockQ;
+            p.PlanExpand = blocks.BlockK / config.BlockN;
+        }
         void* arg = &p;
         uint mBlocks = (uint)((s.QueryLength + config.BlockM - 1) / config.BlockM);
         kernel.Launch(mBlocks, (uint)s.Heads, (uint)s.Batch, (uint)(config.Warps * 32), config.SharedBytes, &arg);
         oo.WriteBack(output);
+        if (options.Plan is null) devicePlan?.Dispose();
+    }
+
+    /// <summary>A block plan's CSR arrays on the device, uploaded once per plan object and freed with it.</summary>
+    private sealed class DevicePlan : IDisposable
+    {
+        private static readonly System.Runtime.CompilerServices.ConditionalWeakTable<Masks.BlockMask, DevicePlan> Cache = new();
+
+        public DevicePlan(Masks.BlockMask plan)
+        {
+            (int[] rowStart, int[] columns, Masks.BlockClass[] kinds) = plan.Csr;
+            RowStart = DeviceBuffer<int>.Allocate(rowStart.Length);
+            RowStart.CopyFrom(rowStart);
+            Columns = DeviceBuffer<int>.Allocate(Math.Max(columns.Length, 1));
+            if (columns.Length > 0) Columns.CopyFrom(columns);
+            Kinds = DeviceBuffer<byte>.Allocate(Math.Max(kinds.Length, 1));
+            if (kinds.Length > 0) Kinds.CopyFrom([.. kinds.Select(k => (byte)k)]);
+        }
+
+        public DeviceBuffer<int> RowStart { get; }
+        public DeviceBuffer<int> Columns { get; }
+        public DeviceBuffer<byte> Kinds { get; }
+
+        public static DevicePlan For(Masks.BlockMask plan) => Cache.GetValue(plan, p => new DevicePlan(p));
+
+        public void Dispose()
+        {
+            RowStart.Dispose();
+            Columns.Dispose();
+            Kinds.Dispose();
+        }
     }
 
     [StructLayout(LayoutKind.Sequential)]
@@ -97,6 +167,8 @@ public static unsafe class CudaAttention
         public long QBatch, QRow, QHead, KBatch, KRow, KHead, VBatch, VRow, VHead, OBatch, ORow, OHead, LseBatch, LseRow, LseHead;
         public int SeqlenQ, SeqlenK, Heads, Group, HeadDim, CausalOffset;
         public float ScaleLog2, SoftcapPre, SoftcapPost;
+        public ulong PlanRowStart, PlanCols, PlanKinds;
+        public int PlanBatch, PlanHeads, PlanQBlocks, PlanBlockQ, PlanExpand;
     }
 
     /// <summary>A kernel operand: the caller's tensor when its layout fits, else a converted packed copy.</summary>

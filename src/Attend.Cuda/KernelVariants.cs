@@ -49,6 +49,16 @@ public static class KernelVariants
                 foreach (bool causal in new[] { false, true })
                     foreach (bool softcap in new[] { false, true })
                         yield return ("flash_fwd.cu", FlashConfig.For(d).Defines(bf16, causal, softcap));
+        // Block-sparse plans: the causal expression (what selectors' plans and causal masks use) per head dim and dtype.
+        string causalExpression = Masks.Mask.Causal.ToCuda(new Masks.MaskExtent(1, 1, 4096, 4096));
+        foreach (int d in new[] { 64, 128, 256 })
+            foreach (bool bf16 in new[] { true, false })
+            {
+                Dictionary<string, string> defines = FlashConfig.For(d).Defines(bf16, false, false);
+                defines["HAS_PLAN"] = "1";
+                defines["MASK_EXPR"] = causalExpression;
+                yield return ("flash_fwd.cu", defines);
+            }
         for (int src = 0; src < 3; src++)
             for (int dst = 0; dst < 3; dst++)
                 yield return ("convert.cu", new Dictionary<string, string> { ["SRC_T"] = src.ToString(System.Globalization.CultureInfo.InvariantCulture), ["DST_T"] = dst.ToString(System.Globalization.CultureInfo.InvariantCulture) });

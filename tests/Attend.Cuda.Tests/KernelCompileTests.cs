@@ -14,7 +14,7 @@ public sealed class KernelCompileTests
         var data = new TheoryData<string, string>();
         foreach ((string source, IReadOnlyDictionary<string, string> defines) in KernelVariants.All())
         {
-            data.Add(source, string.Join(' ', defines.Select(d => $"{d.Key}={d.Value}")));
+            data.Add(source, string.Join(" | ", defines.Select(d => $"{d.Key}={d.Value}")));   // values may hold spaces and '=' (mask expressions)
         }
         return data;
     }
@@ -28,7 +28,7 @@ public sealed class KernelCompileTests
             Assert.True(Environment.GetEnvironmentVariable("ATTEND_REQUIRE_NVRTC") != "1", KernelCompiler.NvrtcUnavailableReason);
             return;
         }
-        Dictionary<string, string> d = defines.Split(' ', StringSplitOptions.RemoveEmptyEntries).Select(x => x.Split('=')).ToDictionary(x => x[0], x => x[1]);
+        Dictionary<string, string> d = defines.Split(" | ", StringSplitOptions.RemoveEmptyEntries).Select(x => x.Split('=', 2)).ToDictionary(x => x[0], x => x[1]);
         CompiledImage image = KernelCompiler.Compile(source, d, "compute_80", useDiskCache: false);
         Assert.NotEmpty(image.Image);
     }

@@ -9,6 +9,9 @@
 //   HEAD_DIM   padded head dim, a multiple of 64 (the real D <= HEAD_DIM is a run-time parameter; zero padded)
 //   BLOCK_M    query rows per block        BLOCK_N  keys per block        WARPS  warps per block
 //   IS_BF16    1: bf16 operands, 0: f16     IS_CAUSAL  0/1                HAS_SOFTCAP  0/1
+//   HAS_PLAN   1: walk the key blocks of a block-sparse plan (CSR rows per (batch, head, query block), each block
+//              Full or Partial) instead of all of them; Partial blocks keep the pairs where MASK_EXPR — a C
+//              expression over ints b, h, q, kv (Mask.ToCuda) — is true. IS_CAUSAL is 0 then (causal is in the mask).
 // Layout: q [B, Sq, H, D], k/v [B, Skv, Hkv, D], o [B, Sq, H, D] with D contiguous and the other strides in
 // elements (multiples of 8, 16-byte aligned rows); lse [B, Sq, H] f32 (optional).
 
@@ -32,6 +35,12 @@
 #endif
 #ifndef HAS_SOFTCAP
 #define HAS_SOFTCAP 0
+#endif
+#ifndef HAS_PLAN
+#define HAS_PLAN 0
+#endif
+#ifndef MASK_EXPR
+#define MASK_EXPR true
 #endif
 
 #define ROWS (BLOCK_M / WARPS)          // query rows per warp
@@ -67,6 +76,13 @@ struct FlashParams
     float scale_log2;                   // scale * log2(e)
     float softcap_pre;                  // scale / cap
     float softcap_post;                 // cap * log2(e)
+    // Block-sparse plan (HAS_PLAN): CSR rows r = ((pb * plan_heads) + ph) * plan_q_blocks + qb, pb/ph 0 when the
+    // plan is broadcast over batch/heads; plan_cols[i] is a key block of plan_block_k = plan_expand · BLOCK_N keys,
+    // plan_kinds[i] 1 = Full (no mask), 2 = Partial (MASK_EXPR per element).
+    const int* plan_row_start;
+    const int* plan_cols;
+    const unsigned char* plan_kinds;
+    int plan_batch, plan_heads, plan_q_blocks, plan_block_q, plan_expand;
 };
 
 __device__ __forceinline__ u32 smem_u32(const void* p)
@@ -204,6 +220,30 @@ __device__ __forceinline__ void mask_scores(float (&acc_s)[M_TILES][N_TILES][4],
         }
 }
 
+// Partial plan blocks: keeps the pairs MASK_EXPR allows (and keys before the end), element by element.
+__device__ __forceinline__ void mask_scores_expr(float (&acc_s)[M_TILES][N_TILES][4], const FlashParams& p, int batch, int head,
+    int warp_row0, int n_start, int g, int t)
+{
+    const int b = batch, h = head;
+    (void)b; (void)h;
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; mt++)
+#pragma unroll
+        for (int half = 0; half < 2; half++)
+        {
+            const int q = warp_row0 + mt * 16 + g + half * 8;
+            (void)q;
+#pragma unroll
+            for (int n = 0; n < N_TILES; n++)
+#pragma unroll
+                for (int e = 0; e < 2; e++)
+                {
+                    const int kv = n_start + n * 8 + 2 * t + e;
+                    if (kv >= p.seqlen_k || !(MASK_EXPR)) acc_s[mt][n][half * 2 + e] = NEG_INF;
+                }
+        }
+}
+
 // Online softmax over one block of raw scores in registers. Each quad of lanes holds one row's 2·N_TILES values;
 // the row max is reduced across the quad, the row sum stays per-thread until the end.
 // The reference max is updated only when the block max exceeds it by more than RESCALE_SLACK (log2 units), as in
@@ -302,13 +342,23 @@ flash_fwd(const FlashParams p)
     const u16* k = p.k + batch * p.k_batch + kv_head * p.k_head;
     const u16* v = p.v + batch * p.v_batch + kv_head * p.v_head;
 
-    // Key blocks this query block needs: all of them, or up to the diagonal of its last row.
+    // Key blocks this query block needs: all of them, up to the diagonal of its last row, or the plan's row
+    // (entry j of the walk is key block plan_cols[first + j / expand] · expand + j % expand).
     int n_end = (p.seqlen_k + BLOCK_N - 1) / BLOCK_N;
     if (IS_CAUSAL)
     {
         int last_key = min(p.seqlen_q, m_start + BLOCK_M) - 1 + p.causal_offset;   // last key any row sees
         n_end = min(n_end, last_key < 0 ? 0 : last_key / BLOCK_N + 1);
     }
+#if HAS_PLAN
+    const int plan_row = ((p.plan_batch == 1 ? 0 : batch) * p.plan_heads + (p.plan_heads == 1 ? 0 : head)) * p.plan_q_blocks
+        + m_start / p.plan_block_q;
+    const int plan_first = p.plan_row_start[plan_row];
+    n_end = (p.plan_row_start[plan_row + 1] - plan_first) * p.plan_expand;
+#define KEY_BLOCK(j) (p.plan_cols[plan_first + (j) / p.plan_expand] * p.plan_expand + (j) % p.plan_expand)
+#else
+#define KEY_BLOCK(j) (j)
+#endif
 
     float acc_o[M_TILES][D_TILES][4];
     float row_max[M_TILES][2], row_sum[M_TILES][2];
@@ -324,20 +374,21 @@ flash_fwd(const FlashParams p)
     if (n_end > 0)
     {
         load_tile<BLOCK_M>(sQ, q, p.q_row, p.seqlen_q - m_start, p.head_dim);
-        load_tile<BLOCK_N>(sK, k, p.k_row, p.seqlen_k, p.head_dim);
-        load_tile<BLOCK_N>(sV, v, p.v_row, p.seqlen_k, p.head_dim);
+        const int first = KEY_BLOCK(0) * BLOCK_N;
+        load_tile<BLOCK_N>(sK, k + (i64)first * p.k_row, p.k_row, p.seqlen_k - first, p.head_dim);
+        load_tile<BLOCK_N>(sV, v + (i64)first * p.v_row, p.v_row, p.seqlen_k - first, p.head_dim);
         cp_async_commit();
     }
 
     for (int n_block = 0; n_block < n_end; n_block++)
     {
         const int stage = n_block & 1;
-        const int n_start = n_block * BLOCK_N;
+        const int n_start = KEY_BLOCK(n_block) * BLOCK_N;
         cp_async_wait_all();
         __syncthreads();                            // tile n_block visible to all; every warp is done with n_block - 1
         if (n_block + 1 < n_end)
         {
-            int next = n_start + BLOCK_N;
+            int next = KEY_BLOCK(n_block + 1) * BLOCK_N;
             load_tile<BLOCK_N>(sK + (stage ^ 1) * BLOCK_N * HEAD_DIM, k + (i64)next * p.k_row, p.k_row, p.seqlen_k - next, p.head_dim);
             load_tile<BLOCK_N>(sV + (stage ^ 1) * BLOCK_N * HEAD_DIM, v + (i64)next * p.v_row, p.v_row, p.seqlen_k - next, p.head_dim);
             cp_async_commit();
@@ -389,7 +440,12 @@ flash_fwd(const FlashParams p)
 #pragma unroll
                 for (int r = 0; r < 4; r++) acc_s[mt][n][r] = p.softcap_post * fast_tanh(acc_s[mt][n][r] * p.softcap_pre);
 #endif
+#if HAS_PLAN
+        if (p.plan_kinds[plan_first + n_block / p.plan_expand] != 1) mask_scores_expr(acc_s, p, batch, head, m_start + warp * ROWS, n_start, g, t);
+        else if (needs_mask) mask_scores(acc_s, p, m_start + warp * ROWS, n_start, g, t);
+#else
         if (needs_mask) mask_scores(acc_s, p, m_start + warp * ROWS, n_start, g, t);
+#endif
         online_softmax(acc_s, acc_o, row_max, row_sum, p);
 
         // O += P·V: the C fragments of two n8 tiles are exactly the A fragment of one k16 step.

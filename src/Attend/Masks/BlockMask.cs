@@ -25,6 +25,9 @@ public sealed class BlockMask : BlockRows
     /// <summary>Keys per block.</summary>
     public int BlockK { get; }
 
+    /// <summary>The CSR arrays (row starts, key blocks, kinds) for backends that upload the plan (CUDA).</summary>
+    internal (int[] RowStart, int[] Columns, BlockClass[] Kinds) Csr => (RowStart, _columns, _kinds);
+
     /// <summary>The element mask of Partial blocks (null for plans from <see cref="FromBlocks"/> without one).</summary>
     public Mask? Mask { get; }
 
