@@ -8,5 +8,6 @@ RootCommand root = new("attend — efficient attention on CPU and GPU: run, veri
     BenchCommand.Create(),
     MaskCommand.Create(),
     GenCommand.Create(),
+    LmCommand.Create(),
 };
 return CliErrors.Invoke(root, args);

@@ -53,14 +53,19 @@ internal static unsafe class ScoreGemm
         }
         fixed (float* pa = a, pb = b.Data, pc = c)
         {
-            float* panels = pb + ((long)(j0 / b.Width) * d * b.Width);
-            if (Vector512.IsHardwareAccelerated) Run<Vector512<float>, V512Ops>(pa, m, d, panels, n, pc);
-            else if (Vector256.IsHardwareAccelerated) Run<Vector256<float>, V256Ops>(pa, m, d, panels, n, pc);
-            else Run<float, ScalarOps>(pa, m, d, panels, n, pc);
+            Multiply(pa, m, d, pb + ((long)(j0 / b.Width) * d * b.Width), n, pc, n);
         }
     }
 
-    private static void Run<TV, TOps>(float* a, int m, int d, float* panels, int n, float* c)
+    /// <summary>The raw form: panels of <see cref="PanelWidth"/> columns ([d][width] each), C with row stride <paramref name="ldc"/>.</summary>
+    public static void Multiply(float* a, int m, int d, float* panels, int n, float* c, int ldc)
+    {
+        if (Vector512.IsHardwareAccelerated) Run<Vector512<float>, V512Ops>(a, m, d, panels, n, c, ldc);
+        else if (Vector256.IsHardwareAccelerated) Run<Vector256<float>, V256Ops>(a, m, d, panels, n, c, ldc);
+        else Run<float, ScalarOps>(a, m, d, panels, n, c, ldc);
+    }
+
+    private static void Run<TV, TOps>(float* a, int m, int d, float* panels, int n, float* c, int ldc)
         where TV : unmanaged where TOps : ISimd<TV>
     {
         int w = TOps.Count, step = 2 * w;
@@ -86,15 +91,15 @@ internal static unsafe class ScoreGemm
                     x = TOps.Broadcast(a3[k]);
                     c30 = TOps.Fma(x, b0, c30); c31 = TOps.Fma(x, b1, c31);
                 }
-                float* o = c + (long)i * n + j;
-                TOps.Store(o, c00); TOps.Store(o + w, c01); o += n;
-                TOps.Store(o, c10); TOps.Store(o + w, c11); o += n;
-                TOps.Store(o, c20); TOps.Store(o + w, c21); o += n;
+                float* o = c + (long)i * ldc + j;
+                TOps.Store(o, c00); TOps.Store(o + w, c01); o += ldc;
+                TOps.Store(o, c10); TOps.Store(o + w, c11); o += ldc;
+                TOps.Store(o, c20); TOps.Store(o + w, c21); o += ldc;
                 TOps.Store(o, c30); TOps.Store(o + w, c31);
             }
-            for (int r = 0; r < 4; r++) Tail(a + (long)(i + r) * d, d, panels, step, nFull, n, c + (long)(i + r) * n);
+            for (int r = 0; r < 4; r++) Tail(a + (long)(i + r) * d, d, panels, step, nFull, n, c + (long)(i + r) * ldc);
         }
-        for (; i < m; i++) Tail(a + (long)i * d, d, panels, step, 0, n, c + (long)i * n);
+        for (; i < m; i++) Tail(a + (long)i * d, d, panels, step, 0, n, c + (long)i * ldc);
     }
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]

@@ -1,0 +1,165 @@
+using System.Diagnostics;
+
+namespace Attend.Models;
+
+/// <summary>Result of <see cref="Evaluation.BitsPerByte"/>.</summary>
+/// <param name="BitsPerByte">Mean next-byte cross-entropy in bits.</param>
+/// <param name="Predictions">Predicted bytes counted.</param>
+/// <param name="Density">Mean fraction of the causal pairs the attention computed (1 for dense).</param>
+/// <param name="Elapsed">Wall time of the forward passes.</param>
+/// <param name="AttentionTime">Part of it spent in attention (selection included).</param>
+/// <param name="Tokens">Tokens run through the model.</param>
+public sealed record EvalResult(double BitsPerByte, long Predictions, double Density, TimeSpan Elapsed, TimeSpan AttentionTime, long Tokens)
+{
+    /// <summary>Prefill throughput.</summary>
+    public double TokensPerSecond => Tokens / Elapsed.TotalSeconds;
+}
+
+/// <summary>Language-model quality as the model's bits/byte on text, the measure the model's README reports.</summary>
+public static class Evaluation
+{
+    /// <summary>
+    /// Splits the first <paramref name="maxBytes"/> bytes of <paramref name="text"/> into sequences of
+    /// <paramref name="context"/> bytes and averages, over every position but the last of each sequence, the
+    /// cross-entropy (bits) of the next byte.
+    /// </summary>
+    public static EvalResult BitsPerByte(LlamaModel model, ReadOnlySpan<byte> text, int context, IReadOnlyList<AttentionChoice> attention,
+        long maxBytes = long.MaxValue, KernelTuning? tuning = null, Action<int, int>? progress = null)
+    {
+        ArgumentNullException.ThrowIfNull(model);
+        if (context < 2) throw new ArgumentOutOfRangeException(nameof(context), context, "context must be ≥ 2");
+        if (context > model.Config.MaxPositions)
+        {
+            throw new ArgumentOutOfRangeException(nameof(context), context, $"context {context} exceeds the model's max_position_embeddings {model.Config.MaxPositions}");
+        }
+        long usable = Math.Min(text.Length, maxBytes);
+        int sequences = (int)(usable / context);
+        if (sequences == 0) throw new ArgumentException($"the text holds {text.Length} bytes, fewer than one context of {context}", nameof(text));
+        double bits = 0, density = 0;
+        long count = 0;
+        var total = Stopwatch.StartNew();
+        TimeSpan attentionTime = TimeSpan.Zero;
+        var tokens = new int[context];
+        int vocab = model.Config.VocabSize;
+        for (int sq = 0; sq < sequences; sq++)
+        {
+            progress?.Invoke(sq, sequences);
+            ReadOnlySpan<byte> chunk = text.Slice(sq * context, context);
+            for (int i = 0; i < context; i++) tokens[i] = ByteTokenizer.Encode(chunk[i]);
+            float[] logits = model.Forward(tokens, attention, tuning, out LlamaModel.ForwardStats stats);
+            density += stats.Density;
+            attentionTime += stats.AttentionTime;
+            for (int i = 0; i + 1 < context; i++)
+            {
+                bits += CrossEntropyBits(logits.AsSpan(i * vocab, vocab), tokens[i + 1]);
+                count++;
+            }
+        }
+        return new EvalResult(bits / count, count, density / sequences, total.Elapsed, attentionTime, (long)sequences * context);
+    }
+
+    /// <summary>−log₂ softmax(logits)[target], in double.</summary>
+    public static double CrossEntropyBits(ReadOnlySpan<float> logits, int target)
+    {
+        double max = double.NegativeInfinity;
+        foreach (float l in logits) max = Math.Max(max, l);
+        double sum = 0;
+        foreach (float l in logits) sum += Math.Exp(l - max);
+        return (Math.Log(sum) + max - logits[target]) / Math.Log(2);
+    }
+}
+
+/// <summary>The shipped model's tokenizer: token id = byte value.</summary>
+public static class ByteTokenizer
+{
+    /// <summary>Token of a byte.</summary>
+    public static int Encode(byte b) => b;
+
+    /// <summary>Tokens of a byte string.</summary>
+    public static int[] Encode(ReadOnlySpan<byte> bytes)
+    {
+        var t = new int[bytes.Length];
+        for (int i = 0; i < bytes.Length; i++) t[i] = bytes[i];
+        return t;
+    }
+
+    /// <summary>Byte of a token.</summary>
+    public static byte Decode(int token) =>
+        (uint)token < 256 ? (byte)token : throw new ArgumentOutOfRangeException(nameof(token), token, "a byte token is 0..255");
+}
+
+/// <summary>KV selection policies by name for decoding: <c>dense</c>, <c>streaming:SINK,WINDOW</c>, <c>quest:TOKENS</c> or <c>quest:1/8</c> (a fraction of the context).</summary>
+public static class PolicySpec
+{
+    /// <summary>Parses a policy spec; fractions are of <paramref name="context"/> tokens.</summary>
+    public static Decode.IKvSelectionPolicy? Parse(string spec, int context)
+    {
+        ArgumentNullException.ThrowIfNull(spec);
+        string[] parts = spec.Trim().Split(':', 2);
+        int Tokens(string text)
+        {
+            string[] frac = text.Split('/');
+            if (frac.Length == 2 && int.TryParse(frac[0], System.Globalization.CultureInfo.InvariantCulture, out int a)
+                && int.TryParse(frac[1], System.Globalization.CultureInfo.InvariantCulture, out int b) && a > 0 && b > 0) return Math.Max(1, context * a / b);
+            return int.TryParse(text, System.Globalization.CultureInfo.InvariantCulture, out int n) && n > 0 ? n
+                : throw new ArgumentException($"policy '{spec}': '{text}' is not a token count or a fraction like 1/8", nameof(spec));
+        }
+        switch (parts[0])
+        {
+            case "dense":
+                return null;
+            case "quest" when parts.Length == 2:
+                return new Decode.QuestPolicy(Tokens(parts[1]));
+            case "streaming" when parts.Length == 2:
+                string[] sw = parts[1].Split(',');
+                if (sw.Length != 2) throw new ArgumentException($"policy '{spec}': streaming takes SINK,WINDOW (e.g. streaming:64,960)", nameof(spec));
+                return new Decode.StreamingPolicy(Tokens(sw[0]), Tokens(sw[1]));
+            default:
+                throw new ArgumentException($"unknown policy '{spec}'; expected dense, streaming:SINK,WINDOW or quest:TOKENS|quest:1/8", nameof(spec));
+        }
+    }
+}
+
+/// <summary>Teacher-forced decoding quality: each step attends through the KV cache under a selection policy.</summary>
+public static class DecodeEvaluation
+{
+    /// <summary>
+    /// For each sequence of <paramref name="context"/> bytes: a dense prefill of all but the last
+    /// <paramref name="decodeSteps"/> bytes fills an f32 KV cache, then every remaining byte is fed one step at a
+    /// time (teacher forcing) with <paramref name="policy"/> choosing the pages each step reads; bits/byte of the
+    /// predictions made from the last prefill position on. <c>null</c> policy: dense decoding.
+    /// </summary>
+    public static EvalResult BitsPerByte(LlamaModel model, ReadOnlySpan<byte> text, int context, int decodeSteps, Decode.IKvSelectionPolicy? policy,
+        long maxBytes = long.MaxValue, KernelTuning? tuning = null, Action<int, int>? progress = null)
+    {
+        ArgumentNullException.ThrowIfNull(model);
+        if (decodeSteps < 1 || decodeSteps >= context) throw new ArgumentOutOfRangeException(nameof(decodeSteps), decodeSteps, $"decodeSteps must be in 1..{context - 1}");
+        int sequences = (int)(Math.Min(text.Length, maxBytes) / context);
+        if (sequences == 0) throw new ArgumentException($"the text holds {text.Length} bytes, fewer than one context of {context}", nameof(text));
+        LlamaConfig c = model.Config;
+        int vocab = c.VocabSize, prefill = context - decodeSteps;
+        double bits = 0, pages = 0;
+        long count = 0, steps = 0;
+        var total = Stopwatch.StartNew();
+        var options = new Decode.DecodeOptions { Policy = policy };
+        for (int sq = 0; sq < sequences; sq++)
+        {
+            progress?.Invoke(sq, sequences);
+            int[] tokens = ByteTokenizer.Encode(text.Slice(sq * context, context));
+            var cache = new Decode.KvCache(c.Layers, c.KvHeads, c.HeadDim, storage: Tensors.DType.Float32);
+            (int seq, float[] logits) = model.Prefill(tokens.AsSpan(0, prefill), cache, tuning);
+            bits += Evaluation.CrossEntropyBits(logits.AsSpan((prefill - 1) * vocab, vocab), tokens[prefill]);
+            count++;
+            for (int t = prefill; t + 1 < context; t++)
+            {
+                float[] next = model.DecodeStep(tokens[t], t, cache, seq, options, tuning, out double fraction);
+                pages += fraction;
+                steps++;
+                bits += Evaluation.CrossEntropyBits(next, tokens[t + 1]);
+                count++;
+            }
+        }
+        // Density here: the mean share of cached pages each step read.
+        return new EvalResult(bits / count, count, steps == 0 ? 1 : pages / steps, total.Elapsed, TimeSpan.Zero, (long)sequences * decodeSteps);
+    }
+}
