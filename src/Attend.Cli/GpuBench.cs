@@ -95,4 +95,29 @@ internal static class GpuBench
         }
         return rows;
     }
+
+    /// <summary>
+    /// <c>attend bench --suite decode --device cuda</c>: one query token per head, GQA 32/8 heads, D = 128, bf16, against
+    /// 32768 and 131072 keys; bandwidth = K+V bytes / time (the issue's measure), CUDA events, median of ≥ 50.
+    /// </summary>
+    public static List<BenchCommand.BenchRow> RunDecode(BenchCommand.BenchPlan plan, Action<string> status)
+    {
+        var rows = new List<BenchCommand.BenchRow>();
+        const int hq = 32, hkv = 8, d = 128;
+        foreach (int skv in new[] { 32768, 131072 })
+        {
+            status($"cuda decode {hq}/{hkv} heads, {skv} keys");
+            using DeviceTensor<BFloat16> q = DeviceTensor<BFloat16>.FromHost(new TensorView<BFloat16>(BenchCommand.RandomView<BFloat16>(1, 1, 1, hq, d).ToArray(), 1, hq, d));
+            using DeviceTensor<BFloat16> k = DeviceTensor<BFloat16>.FromHost(BenchCommand.RandomView<BFloat16>(2, 1, skv, hkv, d));
+            using DeviceTensor<BFloat16> v = DeviceTensor<BFloat16>.FromHost(BenchCommand.RandomView<BFloat16>(3, 1, skv, hkv, d));
+            using DeviceTensor<BFloat16> o = DeviceTensor<BFloat16>.Allocate(1, hq, d);
+            List<double> t = CudaTimer.Measure(() => CudaDecode.Forward(q, k, v, o), Math.Max(50, plan.Reps));
+            double ms = t[t.Count / 2];
+            double tbps = CudaDecode.BytesRead(1, skv, hkv, d) / (ms * 1e-3) / 1e12;
+            rows.Add(new BenchCommand.BenchRow("gpu-decode", $"decode {hq}/{hkv} heads", DType.BFloat16, 1, hq, hkv, skv, d, false, 0, KernelPath.Auto,
+                ms, t[0], t[^1], t.Count, 4.0 * hq * skv * d, NominalPeakGflops)
+            { Backend = "cuda", Note = $"{tbps:F2} TB/s of K+V read (bar >= 2.8 at 131072 keys: {(skv == 131072 ? (tbps >= 2.8 ? "met" : "MISSED") : "n/a")})" });
+        }
+        return rows;
+    }
 }

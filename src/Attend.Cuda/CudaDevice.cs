@@ -70,6 +70,7 @@ public sealed unsafe class CudaDevice
         ComputeMinor = DeviceAttribute(Driver.DeviceAttributeComputeCapabilityMinor);
         Multiprocessors = DeviceAttribute(Driver.DeviceAttributeMultiprocessorCount);
         MaxSharedMemoryPerBlock = DeviceAttribute(Driver.DeviceAttributeMaxSharedMemoryPerBlockOptin);
+        SharedMemoryPerMultiprocessor = DeviceAttribute(Driver.DeviceAttributeMaxSharedMemoryPerMultiprocessor);
         nuint total;
         Driver.Check(Driver.cuDeviceTotalMem(&total, device), "cuDeviceTotalMem");
         TotalMemory = (long)total;
@@ -102,6 +103,9 @@ public sealed unsafe class CudaDevice
 
     /// <summary>Largest opt-in dynamic shared memory per block, bytes.</summary>
     public int MaxSharedMemoryPerBlock { get; }
+
+    /// <summary>Shared memory of one multiprocessor (bytes): with a kernel's per-block need, how many of its blocks fit at once.</summary>
+    public int SharedMemoryPerMultiprocessor { get; }
 
     /// <summary>Device memory, bytes.</summary>
     public long TotalMemory { get; }

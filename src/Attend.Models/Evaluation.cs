@@ -88,14 +88,40 @@ public static class ByteTokenizer
         (uint)token < 256 ? (byte)token : throw new ArgumentOutOfRangeException(nameof(token), token, "a byte token is 0..255");
 }
 
-/// <summary>KV selection policies by name for decoding: <c>dense</c>, <c>streaming:SINK,WINDOW</c>, <c>quest:TOKENS</c> or <c>quest:1/8</c> (a fraction of the context).</summary>
+/// <summary>
+/// KV selection policies by name for decoding: <c>dense</c>, <c>streaming:SINK,WINDOW</c>, <c>quest:TOKENS</c> or
+/// <c>quest:1/8</c> (a fraction of the context), optionally <c>quest:1/8,sink=64,recent=256</c>; a suffix <c>@N</c> keeps the first N layers dense (the Quest paper
+/// leaves its first two layers dense: their attention is diffuse).
+/// </summary>
 public static class PolicySpec
 {
-    /// <summary>Parses a policy spec; fractions are of <paramref name="context"/> tokens.</summary>
-    public static Decode.IKvSelectionPolicy? Parse(string spec, int context)
+    /// <summary>Parses a policy spec for all layers; fractions are of <paramref name="context"/> tokens.</summary>
+    public static Decode.IKvSelectionPolicy? Parse(string spec, int context) => ParseLayers(spec, context, 1)[0].Policy;
+
+    /// <summary>Parses a spec into per-layer decode options (<paramref name="layers"/> entries; a leading dense prefix from <c>@N</c>).</summary>
+    public static IReadOnlyList<Decode.DecodeOptions> ParseLayers(string spec, int context, int layers)
     {
         ArgumentNullException.ThrowIfNull(spec);
-        string[] parts = spec.Trim().Split(':', 2);
+        string body = spec.Trim();
+        int denseLayers = 0;
+        int at = body.IndexOf('@', StringComparison.Ordinal);
+        if (at >= 0)
+        {
+            if (!int.TryParse(body[(at + 1)..], System.Globalization.CultureInfo.InvariantCulture, out denseLayers) || denseLayers < 0)
+            {
+                throw new ArgumentException($"policy '{spec}': '@' takes the number of leading dense layers", nameof(spec));
+            }
+            body = body[..at];
+        }
+        Decode.IKvSelectionPolicy? policy = ParseOne(body, spec, context);
+        var options = new Decode.DecodeOptions[layers];
+        for (int l = 0; l < layers; l++) options[l] = new Decode.DecodeOptions { Policy = l < denseLayers ? null : policy };
+        return options;
+    }
+
+    private static Decode.IKvSelectionPolicy? ParseOne(string body, string spec, int context)
+    {
+        string[] parts = body.Split(':', 2);
         int Tokens(string text)
         {
             string[] frac = text.Split('/');
@@ -109,13 +135,22 @@ public static class PolicySpec
             case "dense":
                 return null;
             case "quest" when parts.Length == 2:
-                return new Decode.QuestPolicy(Tokens(parts[1]));
+                string[] q = parts[1].Split(',');
+                int sink = 0, recent = 0;
+                foreach (string option in q.Skip(1))
+                {
+                    string[] kv = option.Split('=', 2);
+                    if (kv.Length == 2 && kv[0] == "sink") sink = Tokens(kv[1]);
+                    else if (kv.Length == 2 && kv[0] == "recent") recent = Tokens(kv[1]);
+                    else throw new ArgumentException($"policy '{spec}': quest takes sink=N and recent=N after its budget; got '{option}'", nameof(spec));
+                }
+                return new Decode.QuestPolicy(Tokens(q[0]), sink, recent);
             case "streaming" when parts.Length == 2:
                 string[] sw = parts[1].Split(',');
                 if (sw.Length != 2) throw new ArgumentException($"policy '{spec}': streaming takes SINK,WINDOW (e.g. streaming:64,960)", nameof(spec));
                 return new Decode.StreamingPolicy(Tokens(sw[0]), Tokens(sw[1]));
             default:
-                throw new ArgumentException($"unknown policy '{spec}'; expected dense, streaming:SINK,WINDOW or quest:TOKENS|quest:1/8", nameof(spec));
+                throw new ArgumentException($"unknown policy '{spec}'; expected dense, streaming:SINK,WINDOW or quest:TOKENS|quest:1/8, optionally @N", nameof(spec));
         }
     }
 }
@@ -130,7 +165,12 @@ public static class DecodeEvaluation
     /// predictions made from the last prefill position on. <c>null</c> policy: dense decoding.
     /// </summary>
     public static EvalResult BitsPerByte(LlamaModel model, ReadOnlySpan<byte> text, int context, int decodeSteps, Decode.IKvSelectionPolicy? policy,
-        long maxBytes = long.MaxValue, KernelTuning? tuning = null, Action<int, int>? progress = null)
+        long maxBytes = long.MaxValue, KernelTuning? tuning = null, Action<int, int>? progress = null) =>
+        BitsPerByte(model, text, context, decodeSteps, [new Decode.DecodeOptions { Policy = policy }], 64, maxBytes, tuning, progress);
+
+    /// <summary>As the other overload with per-layer options (see <see cref="PolicySpec.ParseLayers"/>) and the cache's page size.</summary>
+    public static EvalResult BitsPerByte(LlamaModel model, ReadOnlySpan<byte> text, int context, int decodeSteps, IReadOnlyList<Decode.DecodeOptions> options,
+        int pageSize, long maxBytes = long.MaxValue, KernelTuning? tuning = null, Action<int, int>? progress = null)
     {
         ArgumentNullException.ThrowIfNull(model);
         if (decodeSteps < 1 || decodeSteps >= context) throw new ArgumentOutOfRangeException(nameof(decodeSteps), decodeSteps, $"decodeSteps must be in 1..{context - 1}");
@@ -141,12 +181,11 @@ public static class DecodeEvaluation
         double bits = 0, pages = 0;
         long count = 0, steps = 0;
         var total = Stopwatch.StartNew();
-        var options = new Decode.DecodeOptions { Policy = policy };
         for (int sq = 0; sq < sequences; sq++)
         {
             progress?.Invoke(sq, sequences);
             int[] tokens = ByteTokenizer.Encode(text.Slice(sq * context, context));
-            var cache = new Decode.KvCache(c.Layers, c.KvHeads, c.HeadDim, storage: Tensors.DType.Float32);
+            var cache = new Decode.KvCache(c.Layers, c.KvHeads, c.HeadDim, storage: Tensors.DType.Float32, pageSize: pageSize);
             (int seq, float[] logits) = model.Prefill(tokens.AsSpan(0, prefill), cache, tuning);
             bits += Evaluation.CrossEntropyBits(logits.AsSpan((prefill - 1) * vocab, vocab), tokens[prefill]);
             count++;

@@ -147,13 +147,17 @@ public sealed class LlamaModel
     /// (its KV selection policy). Returns the next-token logits.
     /// </summary>
     public float[] DecodeStep(int token, int position, Decode.KvCache cache, int sequence, Decode.DecodeOptions options, KernelTuning? tuning = null) =>
-        DecodeStep(token, position, cache, sequence, options, tuning, out _);
+        DecodeStep(token, position, cache, sequence, [options], tuning, out _);
 
-    /// <summary>As the other overload; <paramref name="pageFraction"/> is the share of the cached pages attention read (policy savings).</summary>
-    public float[] DecodeStep(int token, int position, Decode.KvCache cache, int sequence, Decode.DecodeOptions options, KernelTuning? tuning, out double pageFraction)
+    /// <summary>
+    /// As the other overload, with one <see cref="Decode.DecodeOptions"/> per layer (or one for all: e.g. Quest keeps the
+    /// first two layers dense); <paramref name="pageFraction"/> is the share of the cached pages attention read.
+    /// </summary>
+    public float[] DecodeStep(int token, int position, Decode.KvCache cache, int sequence, IReadOnlyList<Decode.DecodeOptions> options, KernelTuning? tuning, out double pageFraction)
     {
         ArgumentNullException.ThrowIfNull(cache);
         ArgumentNullException.ThrowIfNull(options);
+        if (options.Count != 1 && options.Count != Config.Layers) throw new ArgumentException($"options needs one entry or one per layer ({Config.Layers}); got {options.Count}", nameof(options));
         LlamaConfig c = Config;
         if ((uint)token >= (uint)c.VocabSize) throw new ArgumentOutOfRangeException(nameof(token), token, $"token must be in 0..{c.VocabSize - 1}");
         if (position >= c.MaxPositions) throw new ArgumentOutOfRangeException(nameof(position), position, $"position exceeds the model's context of {c.MaxPositions}");
@@ -184,7 +188,7 @@ public sealed class LlamaModel
             Rope(q, 1, c.Heads, d, position);
             Rope(k, 1, c.KvHeads, d, position);
             cache.Append(sequence, l, new TensorView<float>(k, 1, c.KvHeads, d), new TensorView<float>(v, 1, c.KvHeads, d));
-            read += Decode.DecodeAttention.Forward(new TensorView<float>(q, 1, c.Heads, d), cache, sequence, l, new TensorView<float>(attn, 1, c.Heads, d), options);
+            read += Decode.DecodeAttention.Forward(new TensorView<float>(q, 1, c.Heads, d), cache, sequence, l, new TensorView<float>(attn, 1, c.Heads, d), options[options.Count == 1 ? 0 : l]);
             available += (long)c.KvHeads * ((cache.Length(sequence, l) + cache.PageSize - 1) / cache.PageSize);
             MatMul.Multiply(attn, 1, qd, layer.O, proj, threads);
             for (int i = 0; i < h; i++) x[i] += proj[i];

@@ -91,6 +91,30 @@ public sealed class CliTests : IDisposable
     }
 
     [Fact]
+    public void Should_evaluate_and_generate_with_the_shared_model()
+    {
+        string model = Path.Combine(RepoPaths.Shared, "models", "byte-llama-8k");
+        if (!Directory.Exists(model)) return;   // shared/ sits beside every checkout and CI clone
+        string text = Path.Combine(model, "heldout.txt");
+        var (code, _, err) = Cli("lm", "eval", "--model", model, "--text", text, "--context", "256", "--bytes", "512", "--attention", "window:64", "--json", P("e.json"));
+        Assert.True(code == 0, err);
+        JsonNode e = JsonNode.Parse(File.ReadAllText(P("e.json")))!;
+        Assert.Equal(2 * 255, e["predictions"]!.GetValue<long>());
+        Assert.InRange(e["bitsPerByte"]!.GetValue<double>(), 0.3, 4);
+        Assert.InRange(e["density"]!.GetValue<double>(), 0.2, 0.7);
+        File.WriteAllText(P("prompt.py"), "def main():\n    ");
+        (code, _, err) = Cli("lm", "generate", "--model", model, "--prompt-file", P("prompt.py"), "--max-new", "6", "--policy", "quest:128", "--json", P("g.json"));
+        Assert.True(code == 0, err);
+        Assert.Equal(6, JsonNode.Parse(File.ReadAllText(P("g.json")))!["generated"]!.GetValue<int>());
+        (code, _, err) = Cli("lm", "eval", "--model", P("missing"), "--text", text);
+        Assert.Equal(2, code);
+        Assert.Contains("config", err);
+        (code, _, err) = Cli("lm", "eval", "--model", model, "--text", text, "--context", "9000");
+        Assert.Equal(2, code);
+        Assert.Contains("max_position_embeddings", err);
+    }
+
+    [Fact]
     public void Should_read_safetensors_inputs_by_name()
     {
         int s = 9, h = 1, d = 8;

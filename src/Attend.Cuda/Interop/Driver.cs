@@ -48,6 +48,7 @@ internal static unsafe partial class Driver
     public const int DeviceAttributeComputeCapabilityMajor = 75;
     public const int DeviceAttributeComputeCapabilityMinor = 76;
     public const int DeviceAttributeMaxSharedMemoryPerBlockOptin = 97;
+    public const int DeviceAttributeMaxSharedMemoryPerMultiprocessor = 81;
     public const int FunctionAttributeNumRegisters = 4;
     public const int FunctionAttributeLocalSizeBytes = 3;
     public const int FunctionAttributeMaxDynamicSharedSizeBytes = 8;

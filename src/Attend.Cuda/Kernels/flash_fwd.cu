@@ -508,3 +508,208 @@ flash_fwd(const FlashParams p)
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Decoding (flash-decoding, split-K): one query token per sequence against a long K/V. The group's query heads
+// (GQA: Hq / Hkv ≤ 16 of them) are packed as the rows of one m16 tile, so every K/V byte is read once per kv head.
+// One thread block per (key split, kv head, batch): it walks its split in tiles of DEC_TILE keys through the same
+// two-stage cp.async pipeline; warp w owns keys [16w, 16w + 16) of each tile with its own online softmax; at the
+// end the warps' states merge in shared memory and the block writes its split's normalized output and LSE (log2).
+// decode_merge then combines the splits exactly (LSE-weighted).
+// ---------------------------------------------------------------------------------------------------------------
+#define DEC_TILE (16 * WARPS)
+
+struct DecodeParams
+{
+    const u16* q;            // [B, Hq, D]
+    const u16* k;            // [B, Skv, Hkv, D]
+    const u16* v;
+    u16* o;                  // [B, Hq, D]
+    float* lse;              // [B, Hq] natural log, optional
+    float* part_o;           // [B, Hq, splits, HEAD_DIM] f32
+    float* part_lse;         // [B, Hq, splits] log2 units
+    i64 q_batch, q_head;
+    i64 k_batch, k_row, k_head;
+    i64 v_batch, v_row, v_head;
+    i64 o_batch, o_head;
+    i64 lse_batch, lse_head;
+    int seqlen_k, heads, group, head_dim, split_len, splits;
+    float scale_log2;
+};
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+flash_decode(const DecodeParams p)
+{
+    extern __shared__ __align__(128) u16 smem[];
+    u16* sQ = smem;                                 // [16, HEAD_DIM]
+    u16* sK = sQ + 16 * HEAD_DIM;                   // [2][DEC_TILE, HEAD_DIM]
+    u16* sV = sK + 2 * DEC_TILE * HEAD_DIM;         // [2][DEC_TILE, HEAD_DIM]
+
+    const int split = blockIdx.x, kv_head = blockIdx.y, batch = blockIdx.z;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;
+    const int k0 = split * p.split_len, k1 = min(k0 + p.split_len, p.seqlen_k);
+    const int tiles = (k1 - k0 + DEC_TILE - 1) / DEC_TILE;
+    const u16* q = p.q + batch * p.q_batch + (i64)(kv_head * p.group) * p.q_head;
+    const u16* k = p.k + batch * p.k_batch + kv_head * p.k_head + (i64)k0 * p.k_row;
+    const u16* v = p.v + batch * p.v_batch + kv_head * p.v_head + (i64)k0 * p.v_row;
+
+    for (int i = threadIdx.x; i < 16 * CHUNKS; i += WARPS * 32)
+    {
+        int row = i / CHUNKS, c = i % CHUNKS;
+        bool valid = row < p.group && c * 8 < p.head_dim;
+        cp_async16(smem_u32(sQ + swz(row, c)), valid ? q + row * p.q_head + c * 8 : q, valid);
+    }
+    load_tile<DEC_TILE>(sK, k, p.k_row, k1 - k0, p.head_dim);
+    load_tile<DEC_TILE>(sV, v, p.v_row, k1 - k0, p.head_dim);
+    cp_async_commit();
+
+    float acc_o[D_TILES][4];
+#pragma unroll
+    for (int d = 0; d < D_TILES; d++) acc_o[d][0] = acc_o[d][1] = acc_o[d][2] = acc_o[d][3] = 0.f;
+    float row_max[2] = {NEG_INF, NEG_INF}, row_sum[2] = {0.f, 0.f};
+
+    for (int tile = 0; tile < tiles; tile++)
+    {
+        const int stage = tile & 1, n_start = tile * DEC_TILE;
+        cp_async_wait_all();
+        __syncthreads();
+        if (tile + 1 < tiles)
+        {
+            int next = n_start + DEC_TILE;
+            load_tile<DEC_TILE>(sK + (stage ^ 1) * DEC_TILE * HEAD_DIM, k + (i64)next * p.k_row, p.k_row, k1 - k0 - next, p.head_dim);
+            load_tile<DEC_TILE>(sV + (stage ^ 1) * DEC_TILE * HEAD_DIM, v + (i64)next * p.v_row, p.v_row, k1 - k0 - next, p.head_dim);
+            cp_async_commit();
+        }
+        const u16* tK = sK + stage * DEC_TILE * HEAD_DIM;
+        const u16* tV = sV + stage * DEC_TILE * HEAD_DIM;
+
+        float acc_s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+        for (int kk = 0; kk < HEAD_DIM / 16; kk++)
+        {
+            u32 a0, a1, a2, a3, b0, b1, b2, b3;
+            ldmatrix_x4(smem_u32(sQ + swz(lane % 16, kk * 2 + lane / 16)), a0, a1, a2, a3);
+            int key = warp * 16 + (lane % 8) + (lane / 16) * 8;
+            ldmatrix_x4(smem_u32(tK + swz(key, kk * 2 + (lane / 8) % 2)), b0, b1, b2, b3);
+            mma16816(acc_s[0], a0, a1, a2, a3, b0, b1);
+            mma16816(acc_s[1], a0, a1, a2, a3, b2, b3);
+        }
+        // Keys past the split's end are excluded.
+#pragma unroll
+        for (int n = 0; n < 2; n++)
+#pragma unroll
+            for (int e = 0; e < 2; e++)
+                if (k0 + n_start + warp * 16 + n * 8 + 2 * t + e >= k1) acc_s[n][e] = acc_s[n][2 + e] = NEG_INF;
+
+        float alpha[2];
+#pragma unroll
+        for (int half = 0; half < 2; half++)
+        {
+            float mx = fmaxf(fmaxf(acc_s[0][half * 2], acc_s[0][half * 2 + 1]), fmaxf(acc_s[1][half * 2], acc_s[1][half * 2 + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float new_max = fmaxf(row_max[half], mx * p.scale_log2);
+            const float used = new_max == NEG_INF ? 0.f : new_max;
+            alpha[half] = fast_exp2(row_max[half] - used);      // 0 when the old max is -inf
+            row_max[half] = new_max;
+            float sum = 0.f;
+#pragma unroll
+            for (int n = 0; n < 2; n++)
+#pragma unroll
+                for (int e = 0; e < 2; e++)
+                {
+                    float pr = fast_exp2(fmaf(acc_s[n][half * 2 + e], p.scale_log2, -used));
+                    acc_s[n][half * 2 + e] = pr;
+                    sum += pr;
+                }
+            row_sum[half] = row_sum[half] * alpha[half] + sum;
+        }
+#pragma unroll
+        for (int d = 0; d < D_TILES; d++)
+        {
+            acc_o[d][0] *= alpha[0];
+            acc_o[d][1] *= alpha[0];
+            acc_o[d][2] *= alpha[1];
+            acc_o[d][3] *= alpha[1];
+        }
+        const u32 a0 = pack2(acc_s[0][0], acc_s[0][1]), a1 = pack2(acc_s[0][2], acc_s[0][3]);
+        const u32 a2 = pack2(acc_s[1][0], acc_s[1][1]), a3 = pack2(acc_s[1][2], acc_s[1][3]);
+#pragma unroll
+        for (int dp = 0; dp < D_TILES / 2; dp++)
+        {
+            u32 b0, b1, b2, b3;
+            ldmatrix_x4_trans(smem_u32(tV + swz(warp * 16 + (lane % 16), dp * 2 + lane / 16)), b0, b1, b2, b3);
+            mma16816(acc_o[2 * dp], a0, a1, a2, a3, b0, b1);
+            mma16816(acc_o[2 * dp + 1], a0, a1, a2, a3, b2, b3);
+        }
+    }
+
+    // Merge the warps' states: shared memory holds each warp's max, sum and unnormalized rows.
+    cp_async_wait_all();
+    __syncthreads();
+    float* sO = (float*)sK;                          // [WARPS][16][HEAD_DIM]
+    float* sM = sO + WARPS * 16 * HEAD_DIM;          // [WARPS][16]
+    float* sL = sM + WARPS * 16;                     // [WARPS][16]
+#pragma unroll
+    for (int half = 0; half < 2; half++)
+    {
+        float sum = row_sum[half];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        const int row = g + half * 8;
+        if (t == 0)
+        {
+            sM[warp * 16 + row] = row_max[half];
+            sL[warp * 16 + row] = sum;
+        }
+#pragma unroll
+        for (int d = 0; d < D_TILES; d++)
+        {
+            sO[(warp * 16 + row) * HEAD_DIM + d * 8 + 2 * t] = acc_o[d][half * 2];
+            sO[(warp * 16 + row) * HEAD_DIM + d * 8 + 2 * t + 1] = acc_o[d][half * 2 + 1];
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < p.group * HEAD_DIM; i += WARPS * 32)
+    {
+        const int row = i / HEAD_DIM, d = i % HEAD_DIM;
+        float m = NEG_INF;
+        for (int w = 0; w < WARPS; w++) m = fmaxf(m, sM[w * 16 + row]);
+        float l = 0.f, o = 0.f;
+        if (m != NEG_INF)
+        {
+            for (int w = 0; w < WARPS; w++)
+            {
+                float f = fast_exp2(sM[w * 16 + row] - m);
+                l += sL[w * 16 + row] * f;
+                o += sO[(w * 16 + row) * HEAD_DIM + d] * f;
+            }
+        }
+        const i64 slot = ((i64)batch * p.heads + kv_head * p.group + row) * p.splits + split;
+        p.part_o[slot * HEAD_DIM + d] = l > 0.f ? o / l : 0.f;
+        if (d == 0) p.part_lse[slot] = l > 0.f ? m + fast_log2(l) : NEG_INF;
+    }
+}
+
+// Combines the splits of each (batch, query head): o = Σ o_s · 2^(lse_s − lse), lse = log2 Σ 2^lse_s.
+extern "C" __global__ void decode_merge(const DecodeParams p)
+{
+    const int head = blockIdx.x, batch = blockIdx.y;
+    const i64 base = ((i64)batch * p.heads + head) * p.splits;
+    float m = NEG_INF;
+    for (int s = 0; s < p.splits; s++) m = fmaxf(m, p.part_lse[base + s]);
+    float total = 0.f;
+    if (m != NEG_INF)
+        for (int s = 0; s < p.splits; s++) total += fast_exp2(p.part_lse[base + s] - m);
+    for (int d = threadIdx.x; d < p.head_dim; d += blockDim.x)
+    {
+        float acc = 0.f;
+        if (m != NEG_INF)
+            for (int s = 0; s < p.splits; s++) acc += p.part_o[(base + s) * HEAD_DIM + d] * fast_exp2(p.part_lse[base + s] - m);
+        float out = total > 0.f ? acc / total : 0.f;
+        p.o[batch * p.o_batch + head * p.o_head + d] = (u16)(pack2(out, 0.f) & 0xffffu);
+    }
+    if (threadIdx.x == 0 && p.lse != nullptr)
+        p.lse[batch * p.lse_batch + head * p.lse_head] = total > 0.f ? (m + fast_log2(total)) * 0.6931471805599453f : NEG_INF;
+}

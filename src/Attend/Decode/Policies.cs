@@ -59,17 +59,23 @@ public sealed class StreamingPolicy : IKvSelectionPolicy
 /// <summary>
 /// Quest (Tang et al., arXiv:2406.10774): an upper bound of q·k per page from its channel-wise key min/max,
 /// Σ_c max(q_c·min_c, q_c·max_c); the best-scoring pages within <c>tokenBudget</c> tokens are read, the last page always.
-/// With grouped heads a page scores the maximum bound over the group's query rows.
+/// With grouped heads a page scores the maximum bound over the group's query rows. Optionally the pages holding the
+/// first <c>sinkTokens</c> and the last <c>recentTokens</c> tokens are always read (inside the budget), as
+/// StreamingLLM-style systems combine with Quest: byte- and subword-level models lean on the immediate context,
+/// which a page bound can rank below distant pages when the current page has just begun.
 /// </summary>
 public sealed class QuestPolicy : IKvSelectionPolicy
 {
-    private readonly int _budget;
+    private readonly int _budget, _sink, _recent;
 
     /// <summary>Tokens to read per step and kv head (rounded down to whole pages, at least one).</summary>
-    public QuestPolicy(int tokenBudget)
+    public QuestPolicy(int tokenBudget, int sinkTokens = 0, int recentTokens = 0)
     {
         if (tokenBudget < 1) throw new ArgumentOutOfRangeException(nameof(tokenBudget), tokenBudget, "token budget must be ≥ 1");
+        if (sinkTokens < 0 || recentTokens < 0) throw new ArgumentOutOfRangeException(nameof(sinkTokens), "sink and recent tokens must be ≥ 0");
         _budget = tokenBudget;
+        _sink = sinkTokens;
+        _recent = recentTokens;
     }
 
     /// <summary>Σ_c max(q_c·min_c, q_c·max_c): the largest q·k any key inside the per-channel box can give.</summary>
@@ -99,18 +105,25 @@ public sealed class QuestPolicy : IKvSelectionPolicy
         int keep = Math.Max(1, _budget / cache.PageSize);
         if (keep >= pages.Count) return Enumerable.Range(0, pages.Count).ToArray();
         int d = cache.HeadDim;
-        var scores = new float[pages.Count - 1];
-        var index = new int[pages.Count - 1];
-        for (int p = 0; p < pages.Count - 1; p++)
+        // Forced pages: the last one always; those holding the first _sink and the last _recent tokens.
+        var forced = new SortedSet<int> { pages.Count - 1 };
+        for (int p = 0, start = 0; p < pages.Count && start < _sink; start += pages[p].Count, p++) forced.Add(p);
+        for (int p = pages.Count - 1, covered = 0; p >= 0 && covered < _recent; covered += pages[p].Count, p--) forced.Add(p);
+        int free = Math.Max(0, keep - forced.Count);
+        var scores = new List<float>(pages.Count);
+        var index = new List<int>(pages.Count);
+        for (int p = 0; p < pages.Count; p++)
         {
+            if (forced.Contains(p)) continue;
             float best = float.NegativeInfinity;
             ReadOnlySpan<float> min = pages[p].Min.AsSpan(kvHead * d, d), max = pages[p].Max.AsSpan(kvHead * d, d);
             for (int r = 0; r < rows; r++) best = MathF.Max(best, UpperBound(queries.Slice(r * d, d), min, max));
-            scores[p] = -best;                      // ascending sort of −bound = best pages first
-            index[p] = p;
+            scores.Add(-best);                      // ascending sort of −bound = best pages first
+            index.Add(p);
         }
-        Array.Sort(scores, index);
-        int[] order = index[..(keep - 1)];
-        return [.. order.Append(pages.Count - 1).Order()];
+        float[] keys = [.. scores];
+        int[] order = [.. index];
+        Array.Sort(keys, order);
+        return [.. order.Take(free).Concat(forced).Order()];
     }
 }
