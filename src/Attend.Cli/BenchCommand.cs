@@ -89,7 +89,15 @@ internal static class BenchCommand
             bool quiet = jsonPath == "-";
             BenchReport report = Run(suiteName, plan, quiet);
             if (!quiet) Print(report);
-            JsonOutput.Write(jsonPath, report.ToJson());
+            JsonNode results = report.ToJson();
+            JsonOutput.Write(jsonPath, results);
+            if (jsonPath is null && suiteName == "default")
+            {
+                // The main job leaves its results and the HTML report in the working directory.
+                JsonOutput.Write("attend-results.json", results);
+                File.WriteAllText("attend-report.html", Report.Render(results));
+                Console.WriteLine("wrote attend-results.json and attend-report.html");
+            }
             return 0;
         });
         return command;
@@ -147,6 +155,9 @@ internal static class BenchCommand
         /// <summary>Structured inputs with needles: share of needle pairs the plan computes.</summary>
         public double? NeedleHitRate { get; init; }
 
+        /// <summary>A block plan picture ('#' full, '+' partial, '.' skipped; at most 48×48 cells), for the report.</summary>
+        public string[]? PlanPicture { get; init; }
+
         /// <summary>Rows that carry accuracy metrics (approximate methods).</summary>
         public bool IsApproximate => RelativeL2 is not null;
 
@@ -171,6 +182,7 @@ internal static class BenchCommand
                     ["density"] = row.Density, ["speedupVsDense"] = row.SpeedupVsDense, ["note"] = row.Note,
                     ["selectionMs"] = JsonOutput.Number(row.SelectionMs), ["relativeL2"] = JsonOutput.Number(row.RelativeL2),
                     ["cosine"] = JsonOutput.Number(row.Cosine), ["recall"] = JsonOutput.Number(row.Recall), ["needleHitRate"] = JsonOutput.Number(row.NeedleHitRate),
+                    ["planPicture"] = row.PlanPicture is { } pic ? new JsonArray([.. pic.Select(l => (JsonNode)l)]) : null,
                 });
             }
             return new JsonObject
@@ -258,6 +270,7 @@ internal static class BenchCommand
             if (suite == "gpu-decode") rows.AddRange(GpuBench.RunDecode(plan, status));
             if (suite == "masks") rows.AddRange(MaskBench.Run(plan, peak, status, advance));
             if (suite == "sparse") rows.AddRange(SparseBench.Run(plan, peak, status));
+            if (suite == "default") rows.AddRange(SparseBench.RunDefault(plan, peak, status));
             if (suite == "sparse-real") rows.AddRange(SparseBench.RunReal(plan, peak, status));
             if (suite == "linear") rows.AddRange(LinearBench.Run(plan, peak, status, advance));
             if (suite == "decode") rows.AddRange(DecodeBench.Run(plan, copy, status, advance));
@@ -360,28 +373,36 @@ internal static class BenchCommand
         if (Cuda.CudaBackend.IsAvailable && report.Suite is "gpu" or "gpu-masks" or "gpu-decode")
             AnsiConsole.MarkupLine($"GPU: {Markup.Escape(Cuda.CudaBackend.Device.Name)} ({Cuda.CudaBackend.Device.Architecture}, driver {Cuda.CudaBackend.Device.DriverVersion})");
         if (report.Rows.Count == 0) return;
-        bool accuracy = report.Rows.Any(r => r.IsApproximate);
-        Table table = accuracy
-            ? new Table().AddColumns("method", "H", "S", "D", "median ms", "min..max", "density", "vs dense", "select ms", "rel L2", "cosine", "recall", "needles")
-            : new Table().AddColumns("method", "backend", "dtype", "B", "H", "S", "D", "path", "median ms", "min..max ms", "GFLOPS", "% peak", "density", "vs dense");
-        foreach (BenchRow r in report.Rows)
+        // Speed rows in the standard table; sparse-method blocks (approximate rows and their dense baselines) in an
+        // accuracy table of their own.
+        List<BenchRow> accuracyRows = [.. report.Rows.Where(r => r.Suite == "sparse")];
+        List<BenchRow> speedRows = [.. report.Rows.Where(r => r.Suite != "sparse")];
+        if (speedRows.Count > 0)
         {
-            if (accuracy)
+            var table = new Table().AddColumns("method", "backend", "dtype", "B", "H", "S", "D", "path", "median ms", "min..max ms", "GFLOPS", "% peak", "density", "vs dense");
+            foreach (BenchRow r in speedRows)
             {
-                // Accuracy tables are wide: backend, dtype, batch and path are in the header line and the JSON.
+                table.AddRow(Markup.Escape(r.Method), r.Backend, DTypes.Name(r.DType), r.Batch.ToString(), r.Heads == r.KvHeads ? r.Heads.ToString() : $"{r.Heads}/{r.KvHeads}",
+                    r.Length.ToString(), r.HeadDim.ToString(), r.Path.ToString(), $"{r.MedianMs:F2}", $"{r.MinMs:F2}..{r.MaxMs:F2}",
+                    r.UsefulFlops > 0 ? $"{r.Gflops:F1}" : "-", r.UsefulFlops > 0 && r.PeakGflops > 0 ? $"{100 * r.PeakFraction:F1}%" : "-",
+                    r.Density is { } dn ? $"{dn:F3}" : "", r.SpeedupVsDense is { } sp ? $"{sp:F2}x" : "");
+            }
+            AnsiConsole.Write(table);
+        }
+        if (accuracyRows.Count > 0)
+        {
+            // Accuracy tables are wide: backend, dtype, batch and path are in the JSON.
+            var table = new Table().AddColumns("method", "H", "S", "D", "median ms", "min..max", "density", "vs dense", "select ms", "rel L2", "cosine", "recall", "needles");
+            foreach (BenchRow r in accuracyRows)
+            {
                 table.AddRow(Markup.Escape(r.Method), r.Heads == r.KvHeads ? r.Heads.ToString() : $"{r.Heads}/{r.KvHeads}", r.Length.ToString(), r.HeadDim.ToString(),
                     r.MedianMs > 0 ? $"{r.MedianMs:F1}" : "", r.MedianMs > 0 ? $"{r.MinMs:F0}..{r.MaxMs:F0}" : "",
                     r.Density is { } dn2 ? $"{dn2:F3}" : "", r.SpeedupVsDense is { } sp2 ? $"{sp2:F2}x" : "",
                     r.SelectionMs is { } sel ? $"{sel:F1}" : "", r.RelativeL2 is { } e ? $"{e:F4}" : "", r.Cosine is { } cs ? $"{cs:F4}" : "",
                     r.Recall is { } rc ? $"{rc:F3}" : "", r.NeedleHitRate is { } nh ? $"{nh:F2}" : "");
-                continue;
             }
-            table.AddRow(Markup.Escape(r.Method), r.Backend, DTypes.Name(r.DType), r.Batch.ToString(), r.Heads == r.KvHeads ? r.Heads.ToString() : $"{r.Heads}/{r.KvHeads}",
-                r.Length.ToString(), r.HeadDim.ToString(), r.Path.ToString(), $"{r.MedianMs:F2}", $"{r.MinMs:F2}..{r.MaxMs:F2}",
-                r.UsefulFlops > 0 ? $"{r.Gflops:F1}" : "-", r.UsefulFlops > 0 && r.PeakGflops > 0 ? $"{100 * r.PeakFraction:F1}%" : "-",
-                r.Density is { } dn ? $"{dn:F3}" : "", r.SpeedupVsDense is { } sp ? $"{sp:F2}x" : "");
+            AnsiConsole.Write(table);
         }
-        AnsiConsole.Write(table);
         foreach (BenchRow r in report.Rows.Where(r => r.Note is not null))
             AnsiConsole.MarkupLine($"[grey]{Markup.Escape(r.Method)}: {Markup.Escape(r.Note!)}[/]");
         AnsiConsole.MarkupLine("[grey]GFLOPS count useful FLOPs: 4·B·H·S²·D, halved (exactly) for causal. GPU rows: CUDA events; % of a nominal 800 TFLOPS.[/]");

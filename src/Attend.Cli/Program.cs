@@ -9,5 +9,6 @@ RootCommand root = new("attend — efficient attention on CPU and GPU: run, veri
     MaskCommand.Create(),
     GenCommand.Create(),
     LmCommand.Create(),
+    Report.Create(),
 };
 return CliErrors.Invoke(root, args);
