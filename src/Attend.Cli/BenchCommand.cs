@@ -31,6 +31,8 @@ internal static class BenchCommand
         var threads = new Option<int>("--threads") { Description = "worker threads (0: all cores)" };
         var path = new Option<KernelPath>("--path") { Description = "SIMD path (Auto, Scalar, Vector128, Vector256, Vector512)" };
         var blockQ = new Option<int>("--block-q") { Description = "CPU query rows per work item (KernelTuning.BlockQ)", DefaultValueFactory = _ => 128 };
+        var csv = new Option<string?>("--csv") { Description = "also write the rows as CSV (the JSON row fields as columns)" };
+        var peers = new Option<string?>("--peers") { Description = "merge rows of ../shared/peers/torch_attention.py (--json output) into the table, JSON and report, marked as peers" };
         var inputs = new Option<string?>("--inputs") { Description = "--suite sparse: folder with q.npy, k.npy, v.npy [needles.json] (from attend gen) instead of generated inputs" };
         var selectors = new Option<string[]>("--selector") { Description = "--suite sparse/sparse-real: selector spec(s), e.g. xattention:t=0.95 (default: all built-ins)", AllowMultipleArgumentsPerToken = true };
         var data = new Option<string>("--data") { Description = "folder of layer{1,6}_{q,k,v}.npy for --suite decode-real", DefaultValueFactory = _ => "../shared/data/gpt-bytes-8k" };
@@ -38,7 +40,7 @@ internal static class BenchCommand
         var device = new Option<string>("--device") { Description = "cpu or cuda", DefaultValueFactory = _ => "cpu" };
         var json = new Option<string?>("--json") { Description = "write results as JSON to this file ('-' for stdout)" };
         var command = new Command("bench", "benchmark attention kernels against ceilings measured in the same run");
-        foreach (Option o in new Option[] { suite, seq, headDim, heads, kvHeads, batch, causal, dtype, threads, path, blockQ, data, inputs, selectors, reps, device, json }) command.Options.Add(o);
+        foreach (Option o in new Option[] { suite, seq, headDim, heads, kvHeads, batch, causal, dtype, threads, path, blockQ, data, inputs, selectors, reps, device, json, csv, peers }) command.Options.Add(o);
         command.SetAction(r =>
         {
             string deviceName = r.GetValue(device)!;
@@ -88,9 +90,11 @@ internal static class BenchCommand
             string? jsonPath = r.GetValue(json);
             bool quiet = jsonPath == "-";
             BenchReport report = Run(suiteName, plan, quiet);
+            if (r.GetValue(peers) is { } peersPath) report = report with { Rows = [.. report.Rows, .. Peers.Read(peersPath)] };
             if (!quiet) Print(report);
             JsonNode results = report.ToJson();
             JsonOutput.Write(jsonPath, results);
+            if (r.GetValue(csv) is { } csvPath) File.WriteAllText(csvPath, Peers.ToCsv(results));
             if (jsonPath is null && suiteName == "default")
             {
                 // The main job leaves its results and the HTML report in the working directory.

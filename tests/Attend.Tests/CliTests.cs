@@ -115,6 +115,29 @@ public sealed class CliTests : IDisposable
     }
 
     [Fact]
+    public void Should_merge_peer_rows_and_write_csv_and_a_report()
+    {
+        File.WriteAllText(P("peers.json"), """
+            [{"shape": [1, 4096, 32, 32, 128], "mask": "causal", "device": "cuda", "dtype": "bf16", "peer": "sdpa_flash_attention", "ms": 0.5, "ms_min": 0.48, "ms_max": 0.53, "visited_fraction": 0.5},
+             {"shape": [1, 16384, 32, 32, 128], "mask": "causal", "device": "cuda", "dtype": "bf16", "peer": "sdpa_flash_attention", "ms": 6.4, "visited_fraction": 0.5},
+             {"shape": [1, 4096, 32, 32, 128], "mask": "full", "device": "cuda", "peer": "flex", "error": "not built"}]
+            """);
+        var (code, _, err) = Cli("bench", "--suite", "peak", "--peers", P("peers.json"), "--json", P("b.json"), "--csv", P("b.csv"));
+        Assert.True(code == 0, err);
+        JsonArray rows = JsonNode.Parse(File.ReadAllText(P("b.json")))!["rows"]!.AsArray();
+        Assert.Equal(2, rows.Count(r => r!["suite"]!.GetValue<string>() == "peers"));
+        Assert.All(rows.Where(r => r!["suite"]!.GetValue<string>() == "peers"), r => Assert.Equal("peer:cuda", r!["backend"]!.GetValue<string>()));
+        string[] csv = File.ReadAllLines(P("b.csv"));
+        Assert.StartsWith("suite,method,", csv[0]);
+        Assert.Equal(rows.Count + 1, csv.Length);
+        (code, _, err) = Cli("report", P("b.json"), "-o", P("r.html"));
+        Assert.True(code == 0, err);
+        Assert.Contains("sdpa_flash_attention causal", File.ReadAllText(P("r.html")));
+        (code, _, err) = Cli("report", P("missing.json"));
+        Assert.Equal(2, code);
+    }
+
+    [Fact]
     public void Should_read_safetensors_inputs_by_name()
     {
         int s = 9, h = 1, d = 8;
@@ -206,7 +229,10 @@ public sealed class CliTests : IDisposable
         Assert.Equal(1, (int)json["schemaVersion"]!);
         Assert.True((double)json["peak"]!["fmaGflops"]! > 0);
         JsonArray rows = json["rows"]!.AsArray();
-        Assert.Single(rows);
-        Assert.True((double)rows[0]!["gflops"]! > 0);
+        JsonNode dense = Assert.Single(rows, r => r!["suite"]!.GetValue<string>() == "dense")!;
+        Assert.True((double)dense["gflops"]! > 0);
+        // The default suite's sparse block: its dense baseline and three selectors, each with its error metrics.
+        Assert.Equal(4, rows.Count(r => r!["suite"]!.GetValue<string>() == "sparse"));
+        Assert.Equal(3, rows.Count(r => r!["relativeL2"] is not null && r["recall"] is not null && r["planPicture"] is JsonArray));
     }
 }
