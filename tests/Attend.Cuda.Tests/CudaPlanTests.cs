@@ -54,6 +54,15 @@ public sealed class CudaPlanTests
     }
 
     [CudaFact]
+    public void Should_match_the_reference_on_documents_and_strided_neighborhoods()
+    {
+        int[] docs = [.. Enumerable.Range(0, 300).Select(i => i < 70 ? 0 : i < 71 ? 1 : i < 200 ? 2 : 3)];
+        AttentionConformance.Check<BFloat16>(1, 300, 300, 2, 1, 64, new AttentionOptions { Mask = Mask.Document(docs), Causal = true }, "cuda documents", CudaAttentionTests.OnGpu);
+        Mask strided = Mask.Neighborhood([16, 16], [5, 7], [1, 2], [false, true], [3, 2]);
+        AttentionConformance.Check<BFloat16>(1, 256, 256, 2, 2, 128, new AttentionOptions { Mask = strided }, "cuda strided neighborhood", CudaAttentionTests.OnGpu);
+    }
+
+    [CudaFact]
     public void Should_run_selector_plans_like_the_cpu()
     {
         const int s = 1000, h = 2, d = 64;

@@ -25,6 +25,9 @@ public sealed class MaskCodegenTests
         ["global"] = Mask.GlobalTokens(3, 20) | (Mask.Causal & Mask.SlidingWindow(4)),
         ["global_rows"] = Mask.GlobalRows(7) | Mask.SlidingWindow(1, 1),
         ["shifted_groups"] = Mask.ShiftedGroups(8),
+        // Packed documents (runs) and non-contiguous ids, each side with its own ids (Sq = 48, Skv = 64).
+        ["documents"] = Mask.Document([.. Enumerable.Range(0, Sq).Select(i => i / 11)], [.. Enumerable.Range(0, Skv).Select(i => i / 9)]) & Mask.Causal,
+        ["scattered_ids"] = Mask.Document([.. Enumerable.Range(0, Sq).Select(i => (i * 7) % 5)], [.. Enumerable.Range(0, Skv).Select(i => (i * 3) % 5)]),
     };
 
     // Neighborhood masks need Sq = Skv = the grid: checked on their own square extent.
@@ -33,6 +36,7 @@ public sealed class MaskCodegenTests
         ["nbh2d"] = (Mask.Neighborhood([8, 8], [3, 5], [2, 1]), 64),
         ["nbh3d"] = (Mask.Neighborhood([4, 4, 4], [3, 3, 3], [1, 1, 1], [false, true, false]), 64),
         ["nbh1d"] = (Mask.Neighborhood([64], [7], [3]), 64),
+        ["nbh2d_strided"] = (Mask.Neighborhood([8, 8], [5, 3], [1, 2], [false, true], [2, 3]), 64),
     };
 
     public static TheoryData<string> GridNames() => [.. Grids().Keys];

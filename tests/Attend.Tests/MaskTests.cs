@@ -49,6 +49,8 @@ public sealed class MaskTests
             m["nbh2d(8x8,k5,causal-y)"] = Mask.Neighborhood([8, 8], [5, 3], [1, 1], [true, false]);
             m["nbh3d(4x4x4,k3)"] = Mask.Neighborhood([4, 4, 4], [3, 3, 3], [1, 1, 1], [false, false, true]);
             m["nbh2d&causal"] = Mask.Neighborhood([8, 8], [3, 5]) & Mask.Causal;
+            m["nbh2d(8x8,k5x3,stride 2x3)"] = Mask.Neighborhood([8, 8], [5, 3], [1, 1], null, [2, 3]);
+            m["nbh1d(k5,d2,stride 4,causal)"] = Mask.Neighborhood([64], [5], [2], [true], [4]);
         }
         return m;
     }
@@ -194,6 +196,55 @@ public sealed class MaskTests
         for (int q = 0; q < 120; q++)
             for (int kv = 0; kv < 120; kv++)
                 Assert.Equal(dilated.Allows(e, 0, 0, q, kv), dense[q, kv]);
+    }
+
+    /// <summary>
+    /// Strided NA against an independent transcription of NATTEN's per-axis rule (its Flex backend's mask): per
+    /// dilation group, the stride group's leader (centre query, or last query when causal) picks the window; the
+    /// window is clamped inside the axis; a causal window still ends at the query.
+    /// </summary>
+    [Fact]
+    public void Strided_neighborhoods_follow_natten()
+    {
+        static bool Natten(int q, int kv, int length, int k, int s, int d, bool causal)
+        {
+            int qg = q % d, kg = kv % d, qd = q / d, kd = kv / d;
+            if (qg != kg) return false;
+            int padding = 1 - ((qg + (d - (length % d))) / d);
+            int corrected = (length / d) + padding;
+            if (causal)
+            {
+                int leader = Math.Min((qd / s * s) + s - 1, corrected - 1);
+                return qd - kd >= 0 && leader - kd < k;
+            }
+            int lead = Math.Min((qd / s * s) + (s / 2), corrected - 1);
+            int left = k / 2, right = (k / 2) + ((k % 2) - 1);
+            int center = Math.Clamp(lead, left, corrected - 1 - right);
+            int w0 = center - kv / d, w1 = kv / d - center;
+            return (w0 >= 0 && w0 <= left) || (w1 >= 0 && w1 <= right);
+        }
+        int checkedPairs = 0;
+        foreach (int length in new[] { 9, 16, 23 })
+            foreach (int k in new[] { 1, 3, 5, 7 })
+                foreach (int d in new[] { 1, 2, 3 })
+                    foreach (bool causal in new[] { false, true })
+                        for (int s = 1; s <= k; s++)
+                        {
+                            if (k * d > length) continue;
+                            Mask m = Mask.Neighborhood([length], [k], [d], [causal], [s]);
+                            var e = new MaskExtent(1, 1, length, length);
+                            for (int q = 0; q < length; q++)
+                                for (int kv = 0; kv < length; kv++, checkedPairs++)
+                                    Assert.True(Natten(q, kv, length, k, s, d, causal) == m.Allows(e, 0, 0, q, kv), $"L={length} k={k} d={d} s={s} causal={causal} q={q} kv={kv}");
+                        }
+        Assert.True(checkedPairs > 10_000);
+        // Every query of a stride group shares its leader's window (non-causal).
+        Mask strided = Mask.Neighborhood([12], [5], null, null, [4]);
+        var ext = new MaskExtent(1, 1, 12, 12);
+        for (int q = 0; q < 4; q++)
+            Assert.Equal(Enumerable.Range(0, 12).Where(kv => strided.Allows(ext, 0, 0, 2, kv)), Enumerable.Range(0, 12).Where(kv => strided.Allows(ext, 0, 0, q, kv)));
+        Assert.Contains("stride", Assert.Throws<ArgumentException>(() => Mask.Neighborhood([10], [3], null, null, [4])).Message);
+        Assert.Equal(strided.ToString(), MaskExpression.Parse("neighborhood([12], [5], [1], [0], [4])").ToString());
     }
 
     private static int NeighborhoodStart(int index, int length, int kernel, int dilation)

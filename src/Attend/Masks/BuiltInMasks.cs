@@ -168,8 +168,34 @@ internal sealed class DocumentMask : Mask
         return (min, max);
     }
 
-    public override string ToCuda(in MaskExtent extent) =>
-        throw new NotSupportedException("document masks need id arrays on the device; the CUDA mask codegen does not take them yet");
+    /// <summary>
+    /// The ids as constants: each side's ids become runs of equal ids (packed documents are a few runs), and a
+    /// balanced tree of comparisons against the run ends maps a position to its id in O(log runs) steps. Expression
+    /// size is O(runs): fine for packed batches of up to thousands of documents.
+    /// </summary>
+    public override string ToCuda(in MaskExtent extent)
+    {
+        Check(extent);
+        return $"({RunLookup(_queryDocs, "q")} == {RunLookup(_keyDocs, "kv")})";
+    }
+
+    private static string RunLookup(int[] ids, string variable)
+    {
+        var ends = new List<int>();
+        var values = new List<int>();
+        for (int i = 0; i < ids.Length; i++)
+        {
+            if (i + 1 == ids.Length || ids[i + 1] != ids[i])
+            {
+                ends.Add(i + 1);
+                values.Add(ids[i]);
+            }
+        }
+        string Tree(int lo, int hi) => lo == hi
+            ? values[lo].ToString(System.Globalization.CultureInfo.InvariantCulture)
+            : $"({variable} < {ends[(lo + hi) / 2].ToString(System.Globalization.CultureInfo.InvariantCulture)} ? {Tree(lo, (lo + hi) / 2)} : {Tree(((lo + hi) / 2) + 1, hi)})";
+        return Tree(0, values.Count - 1);
+    }
 
     public override string ToString() => "document";
 }

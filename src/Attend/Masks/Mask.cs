@@ -129,10 +129,11 @@ public abstract class Mask
 
     /// <summary>
     /// Neighborhood attention (NATTEN) over a row-major grid of tokens: per axis kernel size (odd unless causal),
-    /// dilation and causality; windows near borders shift inside the grid. Sq = Skv = product of the grid.
+    /// dilation, causality and stride (groups of <c>stride</c> queries share their leader's window; 1 ≤ stride ≤
+    /// kernel); windows near borders shift inside the grid. Sq = Skv = product of the grid.
     /// </summary>
-    public static Mask Neighborhood(int[] grid, int[] kernel, int[]? dilation = null, bool[]? causal = null) =>
-        new NeighborhoodMask(grid, kernel, dilation, causal);
+    public static Mask Neighborhood(int[] grid, int[] kernel, int[]? dilation = null, bool[]? causal = null, int[]? stride = null) =>
+        new NeighborhoodMask(grid, kernel, dilation, causal, stride);
 
     /// <summary>1-D dilated causal window: keys i + Skv − Sq − t·<paramref name="dilation"/> for t &lt; <paramref name="window"/>.</summary>
     public static Mask DilatedWindow(int window, int dilation) => new DilatedWindowMask(window, dilation);

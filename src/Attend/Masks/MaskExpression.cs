@@ -109,8 +109,8 @@ public static class MaskExpression
                     "sink" => Mask.Sink(Scalar(0)),
                     "prefix" => Mask.Prefix(Scalar(0)),
                     "neighborhood" or "nbh" => args.Count >= 2
-                        ? Mask.Neighborhood(args[0], args[1], args.Count > 2 ? args[2] : null, args.Count > 3 ? args[3].Select(x => x != 0).ToArray() : null)
-                        : throw Error("neighborhood([axes], [kernel][, [dilation]][, [causal]])"),
+                        ? Mask.Neighborhood(args[0], args[1], args.Count > 2 ? args[2] : null, args.Count > 3 ? args[3].Select(x => x != 0).ToArray() : null, args.Count > 4 ? args[4] : null)
+                        : throw Error("neighborhood([axes], [kernel][, [dilation]][, [causal]][, [stride]])"),
                     _ => throw Error($"a known mask name, not '{name}'"),
                 };
             }

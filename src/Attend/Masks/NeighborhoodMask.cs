@@ -7,15 +7,19 @@ namespace Attend.Masks;
 /// al., arXiv:2204.07143, dilated: arXiv:2209.15001). Per axis, a query attends a window of <c>kernel</c> positions
 /// of its own dilation group (positions ≡ its own modulo <c>dilation</c>); near a border the window is shifted to
 /// stay inside the grid, not truncated, so every query sees exactly kernel^dims keys. A causal axis instead sees the
-/// <c>kernel</c> positions of its group ending at the query. Requires Sq = Skv = the grid's size.
+/// <c>kernel</c> positions of its group ending at the query. With a <c>stride</c> (strided NA, Hassani et al.,
+/// arXiv:2504.16922, as NATTEN's Flex backend defines it) the queries of an axis fall into groups of <c>stride</c>
+/// consecutive positions (within the dilation group) that share the window of their leader — the centre query of the
+/// group (the right one of the two centres for even strides), or for a causal axis its last query — the leader
+/// clamped to the axis; a causal window still ends at the query itself. Requires Sq = Skv = the grid's size.
 /// </summary>
 internal sealed class NeighborhoodMask : Mask
 {
-    private readonly int[] _grid, _kernel, _dilation;
+    private readonly int[] _grid, _kernel, _dilation, _stride;
     private readonly bool[] _causal;
     private readonly int _tokens;
 
-    public NeighborhoodMask(int[] grid, int[] kernel, int[]? dilation, bool[]? causal)
+    public NeighborhoodMask(int[] grid, int[] kernel, int[]? dilation, bool[]? causal, int[]? stride = null)
     {
         ArgumentNullException.ThrowIfNull(grid);
         ArgumentNullException.ThrowIfNull(kernel);
@@ -23,9 +27,10 @@ internal sealed class NeighborhoodMask : Mask
         if (dims is < 1 or > 3) throw new ArgumentException($"neighborhood attention takes a 1-D, 2-D or 3-D grid; got {dims} axes", nameof(grid));
         dilation ??= Enumerable.Repeat(1, dims).ToArray();
         causal ??= new bool[dims];
-        if (kernel.Length != dims || dilation.Length != dims || causal.Length != dims)
+        stride ??= Enumerable.Repeat(1, dims).ToArray();
+        if (kernel.Length != dims || dilation.Length != dims || causal.Length != dims || stride.Length != dims)
         {
-            throw new ArgumentException($"kernel, dilation and causal need one entry per grid axis ({dims})", nameof(kernel));
+            throw new ArgumentException($"kernel, dilation, causal and stride need one entry per grid axis ({dims})", nameof(kernel));
         }
         for (int a = 0; a < dims; a++)
         {
@@ -33,6 +38,7 @@ internal sealed class NeighborhoodMask : Mask
             if (kernel[a] < 1 || (!causal[a] && kernel[a] % 2 == 0))
                 throw new ArgumentException($"kernel on axis {a} must be ≥ 1 and odd (non-causal); got {kernel[a]}", nameof(kernel));
             if (dilation[a] < 1) throw new ArgumentException($"dilation on axis {a} must be ≥ 1; got {dilation[a]}", nameof(dilation));
+            if (stride[a] < 1 || stride[a] > kernel[a]) throw new ArgumentException($"stride on axis {a} must be in 1..kernel ({kernel[a]}); got {stride[a]}", nameof(stride));
             if ((long)kernel[a] * dilation[a] > grid[a])
                 throw new ArgumentException($"kernel·dilation on axis {a} ({kernel[a]}·{dilation[a]}) exceeds the axis length {grid[a]}", nameof(kernel));
         }
@@ -40,6 +46,7 @@ internal sealed class NeighborhoodMask : Mask
         _kernel = (int[])kernel.Clone();
         _dilation = (int[])dilation.Clone();
         _causal = (bool[])causal.Clone();
+        _stride = (int[])stride.Clone();
         _tokens = grid.Aggregate(1, (p, g) => checked(p * g));
     }
 
@@ -51,20 +58,29 @@ internal sealed class NeighborhoodMask : Mask
         }
     }
 
-    /// <summary>First position of the window of <paramref name="index"/> on one axis (within its dilation group, shifted inside).</summary>
-    internal static int WindowStart(int index, int length, int kernel, int dilation, bool causal)
+    /// <summary>
+    /// First position of the window of <paramref name="index"/> on one axis: within its dilation group, from its stride
+    /// group's leader, shifted inside the axis.
+    /// </summary>
+    internal static int WindowStart(int index, int length, int kernel, int dilation, bool causal, int stride = 1)
     {
         int group = index % dilation, local = index / dilation;
-        if (causal) return Math.Max(local - kernel + 1, 0) * dilation + group;
         int groupLength = (length - group + dilation - 1) / dilation;
-        int start = Math.Clamp(local - kernel / 2, 0, groupLength - kernel);
+        int first = local / stride * stride;
+        if (causal)
+        {
+            int lastLeader = Math.Min(first + stride - 1, groupLength - 1);
+            return Math.Max(lastLeader - kernel + 1, 0) * dilation + group;
+        }
+        int leader = Math.Min(first + (stride / 2), groupLength - 1);
+        int start = Math.Clamp(leader - kernel / 2, 0, groupLength - kernel);
         return start * dilation + group;
     }
 
     private bool AxisAllows(int axis, int q, int k)
     {
         int d = _dilation[axis];
-        int start = WindowStart(q, _grid[axis], _kernel[axis], d, _causal[axis]);
+        int start = WindowStart(q, _grid[axis], _kernel[axis], d, _causal[axis], _stride[axis]);
         int offset = k - start;
         if (offset < 0 || offset % d != 0) return false;
         int step = offset / d;
@@ -87,7 +103,7 @@ internal sealed class NeighborhoodMask : Mask
     private (int Start, int Step, int Count) AxisWindow(int axis, int c)
     {
         int d = _dilation[axis];
-        int start = WindowStart(c, _grid[axis], _kernel[axis], d, _causal[axis]);
+        int start = WindowStart(c, _grid[axis], _kernel[axis], d, _causal[axis], _stride[axis]);
         int count = _causal[axis] ? (c - start) / d + 1 : _kernel[axis];
         return (start, d, count);
     }
@@ -187,15 +203,18 @@ internal sealed class NeighborhoodMask : Mask
         var sb = new System.Text.StringBuilder("([&]() -> bool { int qq = q, kk = kv; ");
         for (int a = _grid.Length - 1; a >= 0; a--)
         {
-            int g = _grid[a], k = _kernel[a], d = _dilation[a];
+            int g = _grid[a], k = _kernel[a], d = _dilation[a], st = _stride[a];
             sb.Append(CultureInfo.InvariantCulture, $"{{ int qc = qq % {g}, kc = kk % {g}; qq /= {g}; kk /= {g}; int grp = qc % {d}, loc = qc / {d}; ");
+            sb.Append(CultureInfo.InvariantCulture, $"int glen = ({g} - grp + {d - 1}) / {d}; int first = loc / {st} * {st}; ");
             if (_causal[a])
             {
-                sb.Append(CultureInfo.InvariantCulture, $"int s = loc - {k - 1}; s = (s < 0 ? 0 : s) * {d} + grp; int off = kc - s; if (off < 0 || off % {d} != 0 || kc > qc) return false; }} ");
+                sb.Append(CultureInfo.InvariantCulture, $"int lead = first + {st - 1}; lead = lead < glen - 1 ? lead : glen - 1; ");
+                sb.Append(CultureInfo.InvariantCulture, $"int s = lead - {k - 1}; s = (s < 0 ? 0 : s) * {d} + grp; int off = kc - s; if (off < 0 || off % {d} != 0 || kc > qc) return false; }} ");
             }
             else
             {
-                sb.Append(CultureInfo.InvariantCulture, $"int hi = ({g} - grp + {d - 1}) / {d} - {k}; int s = loc - {k / 2}; s = s < 0 ? 0 : (s > hi ? hi : s); s = s * {d} + grp; ");
+                sb.Append(CultureInfo.InvariantCulture, $"int lead = first + {st / 2}; lead = lead < glen - 1 ? lead : glen - 1; ");
+                sb.Append(CultureInfo.InvariantCulture, $"int hi = glen - {k}; int s = lead - {k / 2}; s = s < 0 ? 0 : (s > hi ? hi : s); s = s * {d} + grp; ");
                 sb.Append(CultureInfo.InvariantCulture, $"int off = kc - s; if (off < 0 || off % {d} != 0 || off / {d} >= {k}) return false; }} ");
             }
         }
@@ -203,5 +222,5 @@ internal sealed class NeighborhoodMask : Mask
     }
 
     public override string ToString() => string.Create(CultureInfo.InvariantCulture,
-        $"neighborhood(grid=[{string.Join(",", _grid)}], kernel=[{string.Join(",", _kernel)}], dilation=[{string.Join(",", _dilation)}], causal=[{string.Join(",", _causal)}])");
+        $"neighborhood(grid=[{string.Join(",", _grid)}], kernel=[{string.Join(",", _kernel)}], dilation=[{string.Join(",", _dilation)}], causal=[{string.Join(",", _causal)}], stride=[{string.Join(",", _stride)}])");
 }
