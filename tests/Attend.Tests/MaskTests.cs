@@ -310,7 +310,7 @@ public sealed class MaskExpressionTests
     [InlineData("!(causal)", "!causal")]
     [InlineData("full", "full")]
     [InlineData("causal & (window(8, 2) | prefix(3))", "(causal & (window(8, 2) | sink(3)))")]
-    [InlineData("neighborhood([16, 16], [3, 5], [1, 2])", "neighborhood(grid=[16,16], kernel=[3,5], dilation=[1,2], causal=[False,False])")]
+    [InlineData("neighborhood([16, 16], [3, 5], [1, 2])", "neighborhood(grid=[16,16], kernel=[3,5], dilation=[1,2], causal=[False,False], stride=[1,1])")]
     public void Should_parse_and_bind_and_tighter_than_or(string text, string expected) =>
         Assert.Equal(expected, MaskExpression.Parse(text).ToString());
 
