@@ -137,14 +137,16 @@ public static class PolicySpec
             case "quest" when parts.Length == 2:
                 string[] q = parts[1].Split(',');
                 int sink = 0, recent = 0;
+                bool perHead = false;
                 foreach (string option in q.Skip(1))
                 {
                     string[] kv = option.Split('=', 2);
                     if (kv.Length == 2 && kv[0] == "sink") sink = Tokens(kv[1]);
                     else if (kv.Length == 2 && kv[0] == "recent") recent = Tokens(kv[1]);
-                    else throw new ArgumentException($"policy '{spec}': quest takes sink=N and recent=N after its budget; got '{option}'", nameof(spec));
+                    else if (option == "per-head") perHead = true;
+                    else throw new ArgumentException($"policy '{spec}': quest takes sink=N, recent=N and per-head after its budget; got '{option}'", nameof(spec));
                 }
-                return new Decode.QuestPolicy(Tokens(q[0]), sink, recent);
+                return new Decode.QuestPolicy(Tokens(q[0]), sink, recent, perHead);
             case "streaming" when parts.Length == 2:
                 string[] sw = parts[1].Split(',');
                 if (sw.Length != 2) throw new ArgumentException($"policy '{spec}': streaming takes SINK,WINDOW (e.g. streaming:64,960)", nameof(spec));

@@ -53,6 +53,10 @@ public sealed class ModelRunnerTests : IDisposable
         Assert.Equal(prefill, dense.BitsPerByte, 1e-4);
         EvalResult quest = DecodeEvaluation.BitsPerByte(m, text, 640, 64, new Decode.QuestPolicy(100_000));
         Assert.Equal(dense.BitsPerByte, quest.BitsPerByte, 1e-9);
+        EvalResult perHead = DecodeEvaluation.BitsPerByte(m, text, 640, 64, PolicySpec.Parse("quest:100000,per-head", 640));
+        Assert.Equal(dense.BitsPerByte, perHead.BitsPerByte, 1e-9);
+        EvalResult small = DecodeEvaluation.BitsPerByte(m, text, 640, 64, PolicySpec.Parse("quest:128,per-head,recent=64", 640));
+        Assert.InRange(small.Density, 0.1, 0.6);
         EvalResult streaming = DecodeEvaluation.BitsPerByte(m, text, 640, 64, PolicySpec.Parse("streaming:64,192", 640));
         Assert.InRange(streaming.Density, 0.3, 0.6);
     }

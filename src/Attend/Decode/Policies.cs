@@ -67,15 +67,22 @@ public sealed class StreamingPolicy : IKvSelectionPolicy
 public sealed class QuestPolicy : IKvSelectionPolicy
 {
     private readonly int _budget, _sink, _recent;
+    private readonly bool _perQueryHead;
 
-    /// <summary>Tokens to read per step and kv head (rounded down to whole pages, at least one).</summary>
-    public QuestPolicy(int tokenBudget, int sinkTokens = 0, int recentTokens = 0)
+    /// <summary>
+    /// Tokens to read per step and kv head (rounded down to whole pages, at least one). With
+    /// <paramref name="perQueryHead"/>, each query head of a GQA group picks its own best pages (Quest is defined per
+    /// head) from an equal share of the budget and the group reads their union; otherwise a page scores the maximum
+    /// bound over the group.
+    /// </summary>
+    public QuestPolicy(int tokenBudget, int sinkTokens = 0, int recentTokens = 0, bool perQueryHead = false)
     {
         if (tokenBudget < 1) throw new ArgumentOutOfRangeException(nameof(tokenBudget), tokenBudget, "token budget must be ≥ 1");
         if (sinkTokens < 0 || recentTokens < 0) throw new ArgumentOutOfRangeException(nameof(sinkTokens), "sink and recent tokens must be ≥ 0");
         _budget = tokenBudget;
         _sink = sinkTokens;
         _recent = recentTokens;
+        _perQueryHead = perQueryHead;
     }
 
     /// <summary>Σ_c max(q_c·min_c, q_c·max_c): the largest q·k any key inside the per-channel box can give.</summary>
@@ -110,20 +117,44 @@ public sealed class QuestPolicy : IKvSelectionPolicy
         for (int p = 0, start = 0; p < pages.Count && start < _sink; start += pages[p].Count, p++) forced.Add(p);
         for (int p = pages.Count - 1, covered = 0; p >= 0 && covered < _recent; covered += pages[p].Count, p--) forced.Add(p);
         int free = Math.Max(0, keep - forced.Count);
-        var scores = new List<float>(pages.Count);
-        var index = new List<int>(pages.Count);
+        var candidates = new List<int>(pages.Count);
         for (int p = 0; p < pages.Count; p++)
         {
-            if (forced.Contains(p)) continue;
-            float best = float.NegativeInfinity;
-            ReadOnlySpan<float> min = pages[p].Min.AsSpan(kvHead * d, d), max = pages[p].Max.AsSpan(kvHead * d, d);
-            for (int r = 0; r < rows; r++) best = MathF.Max(best, UpperBound(queries.Slice(r * d, d), min, max));
-            scores.Add(-best);                      // ascending sort of −bound = best pages first
-            index.Add(p);
+            if (!forced.Contains(p)) candidates.Add(p);
         }
-        float[] keys = [.. scores];
-        int[] order = [.. index];
-        Array.Sort(keys, order);
-        return [.. order.Take(free).Concat(forced).Order()];
+        if (_perQueryHead && rows > 1)
+        {
+            // Each query head ranks the pages by its own bound; heads take turns adding their next best page.
+            var orders = new int[rows][];
+            for (int r = 0; r < rows; r++)
+            {
+                float[] bounds = new float[candidates.Count];
+                int[] order = [.. candidates];
+                for (int i = 0; i < order.Length; i++)
+                {
+                    int p = order[i];
+                    bounds[i] = -UpperBound(queries.Slice(r * d, d), pages[p].Min.AsSpan(kvHead * d, d), pages[p].Max.AsSpan(kvHead * d, d));
+                }
+                Array.Sort(bounds, order);
+                orders[r] = order;
+            }
+            var chosen = new HashSet<int>(forced);
+            for (int rank = 0; chosen.Count - forced.Count < free && rank < candidates.Count; rank++)
+            {
+                for (int r = 0; r < rows && chosen.Count - forced.Count < free; r++) chosen.Add(orders[r][rank]);
+            }
+            return [.. chosen.Order()];
+        }
+        var keys = new float[candidates.Count];
+        int[] best = [.. candidates];
+        for (int i = 0; i < best.Length; i++)
+        {
+            float top = float.NegativeInfinity;
+            ReadOnlySpan<float> min = pages[best[i]].Min.AsSpan(kvHead * d, d), max = pages[best[i]].Max.AsSpan(kvHead * d, d);
+            for (int r = 0; r < rows; r++) top = MathF.Max(top, UpperBound(queries.Slice(r * d, d), min, max));
+            keys[i] = -top;                      // ascending sort of −bound = best pages first
+        }
+        Array.Sort(keys, best);
+        return [.. best.Take(free).Concat(forced).Order()];
     }
 }
