@@ -141,8 +141,9 @@ internal static class LmCommand
         var steps = new Option<int>("--decode-steps") { Description = "bytes decoded one by one at the end of each context", DefaultValueFactory = _ => 1024 };
         var threads = Threads();
         var json = new Option<string?>("--json") { Description = "write the table as JSON ('-' for stdout)" };
+        var html = new Option<string?>("--html") { Description = "also write the table and a quality-vs-density chart as one HTML file" };
         var cmd = new Command("compare", "the quality table: bits/byte, density and speed vs dense of every attention method and KV policy, one run");
-        foreach (Option o in new Option[] { model, text, context, bytes, attention, policies, steps, threads, json }) cmd.Options.Add(o);
+        foreach (Option o in new Option[] { model, text, context, bytes, attention, policies, steps, threads, json, html }) cmd.Options.Add(o);
         cmd.SetAction(r =>
         {
             LlamaModel m = LlamaModel.Load(r.GetValue(model)!);
@@ -150,6 +151,7 @@ internal static class LmCommand
             int ctx = r.GetValue(context);
             long limit = r.GetValue(bytes) is > 0 and var b ? b : 8L * ctx;
             var tuning = new KernelTuning { Threads = r.GetValue(threads) };
+            string? htmlPath = r.GetValue(html);
             string[] methods = r.GetValue(attention) is { Length: > 0 } a ? a :
                 ["dense", "window:256", "window:1024", "window:2048", "sink:64+window:1024", .. Sparse.Selectors.Names, "auto:err=0.02"];
             string[] policyList = r.GetValue(policies) is { Length: > 0 } p ? p : ["dense", $"streaming:64,{ctx / 8 - 64}", "quest:1/8"];
@@ -179,11 +181,13 @@ internal static class LmCommand
                 rows.Add((JsonNode)row);
                 if (jsonPath != "-") Console.WriteLine($"{"decode " + spec,-36} {e.BitsPerByte:F5} bits/byte  pages read {e.Density:F3}  {e.Elapsed.TotalSeconds,7:F1} s  {denseDecode / e.Elapsed.TotalSeconds:F2}x dense decode");
             }
-            JsonOutput.Write(jsonPath, new JsonObject
+            var result = new JsonObject
             {
                 ["schema"] = "attend.lm-compare", ["schemaVersion"] = 1, ["model"] = r.GetValue(model), ["context"] = ctx, ["bytes"] = limit,
                 ["decodeSteps"] = r.GetValue(steps), ["machine"] = BenchCommand.Machine(), ["rows"] = rows,
-            });
+            };
+            JsonOutput.Write(jsonPath, result);
+            if (htmlPath is not null) File.WriteAllText(htmlPath, Report.RenderLanguageModel(result));
             return 0;
         });
         return cmd;

@@ -15,7 +15,7 @@ internal static class Report
 {
     public static System.CommandLine.Command Create()
     {
-        var input = new System.CommandLine.Argument<string>("results") { Description = "bench JSON (attend bench --json FILE)" };
+        var input = new System.CommandLine.Argument<string>("results") { Description = "bench JSON (attend bench --json FILE) or attend lm compare JSON" };
         var output = new System.CommandLine.Option<string>("--output", "-o") { Description = "HTML file to write", DefaultValueFactory = _ => "attend-report.html" };
         var command = new System.CommandLine.Command("report", "render a bench JSON as a self-contained HTML report with SVG charts");
         command.Arguments.Add(input);
@@ -25,7 +25,7 @@ internal static class Report
             string path = r.GetValue(input)!;
             if (!File.Exists(path)) throw new FileNotFoundException($"results file not found: {path}", path);
             JsonNode results = JsonNode.Parse(File.ReadAllText(path)) ?? throw new InvalidDataException($"{path}: empty JSON");
-            string html = Render(results);
+            string html = results["schema"]?.GetValue<string>() == "attend.lm-compare" ? RenderLanguageModel(results) : Render(results);
             File.WriteAllText(r.GetValue(output)!, html);
             Console.WriteLine($"wrote {r.GetValue(output)} ({html.Length / 1024} KiB, {CountCharts(html)} charts)");
             return 0;
@@ -125,6 +125,30 @@ internal static class Report
         return sb.ToString();
     }
 
+    /// <summary>The <c>attend lm compare</c> table as HTML: bits/byte vs density (prefill methods) and every row.</summary>
+    internal static string RenderLanguageModel(JsonNode compare)
+    {
+        if (compare["schema"]?.GetValue<string>() != "attend.lm-compare") throw new InvalidDataException("not an attend.lm-compare JSON");
+        var rows = compare["rows"]!.AsArray().Select(r => r!).ToList();
+        var sb = new StringBuilder("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>attend lm compare</title><style>")
+            .Append("body{font-family:system-ui,sans-serif;margin:24px}table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}td.l{text-align:left}th{background:#f2f2f2}figcaption{font-size:12px;color:#555}")
+            .Append("</style></head><body>");
+        sb.Append($"<h1>attend lm compare — {E(S(compare["model"]))}</h1><p>context {E(S(compare["context"]))}, {E(S(compare["bytes"]))} bytes</p>");
+        var prefill = rows.Where(r => !S(r["method"]).StartsWith("decode", StringComparison.Ordinal)).ToList();
+        if (prefill.Count > 0)
+        {
+            var points = prefill.Select(r => (Label: S(r["method"]), X: Math.Max(D(r["density"]), 1e-3), Y: D(r["bitsPerByte"]))).ToList();
+            sb.Append(Figure(Scatter(points, "attention density (share of causal pairs computed)", "bits/byte (lower is better)", yFromZero: false), "Quality vs density of every prefill method (same run)"));
+        }
+        sb.Append("<table><tr><th>method</th><th>bits/byte</th><th>over dense</th><th>density / pages read</th><th>seconds</th><th>tokens/s</th><th>speed vs dense</th></tr>");
+        foreach (JsonNode r in rows)
+        {
+            sb.Append($"<tr><td class=\"l\">{E(S(r["method"]))}</td><td>{D(r["bitsPerByte"]):F5}</td><td>{D(r["bitsOverDense"]):+0.00000;-0.00000}</td><td>{D(r["density"]):F3}</td>")
+              .Append($"<td>{D(r["seconds"]):F1}</td><td>{D(r["tokensPerSecond"]):F0}</td><td>{D(r["speedupVsDense"]):F2}×</td></tr>");
+        }
+        return sb.Append("</table></body></html>").ToString();
+    }
+
     private static string Figure(string svg, string caption) => $"<figure>{svg}<figcaption>{caption}</figcaption></figure>";
 
     private static readonly string[] Palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];
@@ -149,9 +173,10 @@ internal static class Report
     }
 
     /// <summary>Labelled points (x log scale): one per method.</summary>
-    internal static string Scatter(IReadOnlyList<(string Label, double X, double Y)> points, string xLabel, string yLabel)
+    internal static string Scatter(IReadOnlyList<(string Label, double X, double Y)> points, string xLabel, string yLabel, bool yFromZero = true)
     {
-        Axis x = Axis.For(points.Select(p => p.X), log: true, L, W - R), y = Axis.For(points.Select(p => p.Y).Append(1), log: false, H - B, T);
+        Axis x = Axis.For(points.Select(p => p.X), log: true, L, W - R);
+        Axis y = yFromZero ? Axis.For(points.Select(p => p.Y).Append(1), log: false, H - B, T) : Axis.For(points.Select(p => p.Y), log: false, H - B, T, includeZero: false);
         var sb = new StringBuilder(Frame(x, y, xLabel, yLabel));
         for (int i = 0; i < points.Count; i++)
         {
@@ -191,7 +216,7 @@ internal static class Report
     /// <summary>A linear or log axis mapping data to pixels.</summary>
     internal readonly record struct Axis(double Min, double Max, bool Log, double P0, double P1)
     {
-        public static Axis For(IEnumerable<double> values, bool log, double p0, double p1)
+        public static Axis For(IEnumerable<double> values, bool log, double p0, double p1, bool includeZero = true)
         {
             double[] v = [.. values.Where(x => double.IsFinite(x) && (!log || x > 0))];
             if (v.Length == 0) v = [1];
@@ -204,8 +229,8 @@ internal static class Report
             }
             else
             {
-                double pad = (max - min) * 0.1;
-                min = Math.Min(0, min - pad);
+                double pad = Math.Max((max - min) * 0.1, 1e-3);
+                min = includeZero ? Math.Min(0, min - pad) : min - pad;
                 max = max + pad;
                 if (max <= min) max = min + 1;
             }

@@ -32,6 +32,18 @@ public sealed class ReportTests : IDisposable
     }
 
     [Fact]
+    public void The_language_model_table_renders_with_its_chart()
+    {
+        JsonNode compare = JsonNode.Parse(File.ReadAllText(Path.Combine(AppContext.BaseDirectory, "Data", "sample-lm-compare.json")))!;
+        string html = Report.RenderLanguageModel(compare);
+        Assert.Equal(1, Report.CountCharts(html));
+        Assert.Contains("vertical-slash", html);
+        Assert.Contains("0.81462", html);
+        Assert.Contains("decode quest:1/8", html);
+        Assert.Throws<InvalidDataException>(() => Report.RenderLanguageModel(Sample()));
+    }
+
+    [Fact]
     public void Schema_violations_are_named()
     {
         JsonNode bad = Sample();
