@@ -11,7 +11,7 @@ namespace Attend.Cli;
 /// </summary>
 internal static class MaskBench
 {
-    public const int Steps = 5;
+    public const int Steps = 6;
 
     public static List<BenchCommand.BenchRow> Run(BenchCommand.BenchPlan plan, double peak, Action<string> status, Action advance)
     {
@@ -70,6 +70,63 @@ internal static class MaskBench
         rows.Add(Row("causal window 1024", sl, hl, dl, windowTime, dMin, dMax, n, 4.0 * hl * windowPairs * dl, peak, threads,
             windowPairs / ((double)sl * sl), causalTime / windowTime, $"bar: >= 10x dense causal: {(causalTime / windowTime >= 10 ? "met" : "MISSED")}"));
         advance();
+
+        rows.AddRange(Patterns(plan, peak, status, tuning));
+        advance();
+        return rows;
+    }
+
+    /// <summary>
+    /// The mask patterns of the Long-Context Attention Benchmark (full, causal, causal document, share-question,
+    /// causal blockwise, prefix-LM causal, sliding window, global + sliding window, block-causal document) and ours
+    /// (dilated, 2-D/3-D neighborhood, per-head strided shards), each timed against dense in the same run at S = 8192,
+    /// B = 1, H = 4, D = 128 (qk-sparse and hash-sparse are content-dependent: they are the sparse suite's selectors).
+    /// </summary>
+    private static List<BenchCommand.BenchRow> Patterns(BenchCommand.BenchPlan plan, double peak, Action<string> status, KernelTuning tuning)
+    {
+        const int s = 8192, h = 4, d = 128;
+        TensorView<float> q = BenchCommand.RandomView<float>(11, 1, s, h, d), k = BenchCommand.RandomView<float>(12, 1, s, h, d), v = BenchCommand.RandomView<float>(13, 1, s, h, d);
+        var o = new TensorView<float>(new float[q.ElementCount], 1, s, h, d);
+        var shape = AttentionShape.Of(q, k, v);
+        var rng = new Random(3);
+        var docs = new int[s];
+        for (int i = 0, id = 0; i < s; id++)
+        {
+            int len = 256 + rng.Next(1792);
+            for (int j = 0; j < len && i < s; j++) docs[i++] = id;
+        }
+        var question = new int[s];   // a 1024-token question (id 0) shared by four answers (ids 1..4)
+        for (int i = 0; i < s; i++) question[i] = i < 1024 ? 0 : 1 + ((i - 1024) * 4 / (s - 1024));
+        int[] globals = [0, 1, 2, 3, 2048, 4096, 6144];
+        (string Name, Mask Mask)[] patterns =
+        [
+            ("pattern full", Mask.Full),
+            ("pattern causal", Mask.Causal),
+            ("pattern causal document", Mask.Causal & Mask.Document(docs)),
+            ("pattern share-question", Mask.Causal & (Mask.Document(question) | Mask.Prefix(1024))),
+            ("pattern causal blockwise (1024)", Mask.BlockCausal(1024)),
+            ("pattern prefix-LM causal (2048)", Mask.Causal | Mask.Prefix(2048)),
+            ("pattern sliding window 1024", Mask.Causal & Mask.SlidingWindow(1023)),
+            ("pattern global + sliding window", (Mask.Causal & Mask.SlidingWindow(1023)) | Mask.GlobalTokens(globals)),
+            ("pattern block-causal document (512)", Mask.BlockCausal(512) & Mask.Document(docs)),
+            ("pattern dilated window 512 x4", Mask.DilatedWindow(512, 4)),
+            ("pattern neighborhood 2-D 64x128 k13", Mask.Neighborhood([64, 128], [13, 13])),
+            ("pattern neighborhood 3-D 16x16x32 k7", Mask.Neighborhood([16, 16, 32], [7, 7, 7])),
+            ("pattern strided shards (S2)", Mask.StridedShards(128, 2, 4)),
+        ];
+        var rows = new List<BenchCommand.BenchRow>();
+        status("patterns: dense baseline, S=8192");
+        double dense = Time(() => Attention.Forward(q, k, v, o, AttentionOptions.Default, tuning: tuning), plan.Reps, out double dMin, out double dMax, out int n);
+        foreach ((string name, Mask mask) in patterns)
+        {
+            status(name);
+            BlockMask blocks = BlockMask.Create(mask, 1, h, s, s, 128, 128);
+            double visited = Metrics.Density(blocks, causal: false);
+            var options = new AttentionOptions { Plan = blocks };
+            double t = Time(() => Attention.Forward(q, k, v, o, options, tuning: tuning), plan.Reps, out double min, out double max, out int count);
+            rows.Add(Row(name, s, h, d, t, min, max, count, shape.DenseFlops * visited, peak, plan.Threads, visited, dense / t,
+                $"density = computed share of all S² pairs; dense {dense:F0} ms in this run"));
+        }
         return rows;
     }
 

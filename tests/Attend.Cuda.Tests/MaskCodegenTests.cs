@@ -25,6 +25,7 @@ public sealed class MaskCodegenTests
         ["global"] = Mask.GlobalTokens(3, 20) | (Mask.Causal & Mask.SlidingWindow(4)),
         ["global_rows"] = Mask.GlobalRows(7) | Mask.SlidingWindow(1, 1),
         ["shifted_groups"] = Mask.ShiftedGroups(8),
+        ["block_causal"] = Mask.BlockCausal(12),
         // Packed documents (runs) and non-contiguous ids, each side with its own ids (Sq = 48, Skv = 64).
         ["documents"] = Mask.Document([.. Enumerable.Range(0, Sq).Select(i => i / 11)], [.. Enumerable.Range(0, Skv).Select(i => i / 9)]) & Mask.Causal,
         ["scattered_ids"] = Mask.Document([.. Enumerable.Range(0, Sq).Select(i => (i * 7) % 5)], [.. Enumerable.Range(0, Skv).Select(i => (i * 3) % 5)]),

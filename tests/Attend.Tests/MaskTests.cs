@@ -37,6 +37,7 @@ public sealed class MaskTests
         {
             int[] d = sq == 64 ? docs : Enumerable.Range(0, sq).Select(i => i * 3 / sq).ToArray();
             m["document"] = Mask.Document(d);
+            m["block_causal(16)&document"] = Mask.BlockCausal(16) & Mask.Document(d);
             m["document&causal"] = Mask.Document(d) & Mask.Causal;
             m["shifted_groups(8)&causal"] = Mask.ShiftedGroups(8) & Mask.Causal;
             m["shifted_groups(6)"] = Mask.ShiftedGroups(6);
@@ -49,6 +50,7 @@ public sealed class MaskTests
             m["nbh2d(8x8,k5,causal-y)"] = Mask.Neighborhood([8, 8], [5, 3], [1, 1], [true, false]);
             m["nbh3d(4x4x4,k3)"] = Mask.Neighborhood([4, 4, 4], [3, 3, 3], [1, 1, 1], [false, false, true]);
             m["nbh2d&causal"] = Mask.Neighborhood([8, 8], [3, 5]) & Mask.Causal;
+            m["block_causal(24)"] = Mask.BlockCausal(24);
             m["nbh2d(8x8,k5x3,stride 2x3)"] = Mask.Neighborhood([8, 8], [5, 3], [1, 1], null, [2, 3]);
             m["nbh1d(k5,d2,stride 4,causal)"] = Mask.Neighborhood([64], [5], [2], [true], [4]);
         }

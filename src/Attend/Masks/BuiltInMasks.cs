@@ -124,6 +124,44 @@ internal sealed class SinkMask : Mask
     public override string ToString() => string.Create(CultureInfo.InvariantCulture, $"sink({_tokens})");
 }
 
+/// <summary>Block-causal: query q sees every key of its own block of <c>blockSize</c> and of the blocks before it (positions aligned bottom-right).</summary>
+internal sealed class BlockCausalMask : Mask
+{
+    private readonly int _block;
+
+    public BlockCausalMask(int blockSize)
+    {
+        if (blockSize < 1) throw new ArgumentOutOfRangeException(nameof(blockSize), blockSize, "block size must be ≥ 1");
+        _block = blockSize;
+    }
+
+    /// <summary>Keys [0, limit) that query <paramref name="q"/> sees.</summary>
+    private long Limit(in MaskExtent extent, int q)
+    {
+        long p = q + extent.CausalOffset;
+        return p < 0 ? 0 : Math.Min(extent.KeyLength, ((p / _block) + 1) * _block);
+    }
+
+    public override bool Allows(in MaskExtent extent, int batch, int head, int q, int kv) => kv < Limit(extent, q);
+
+    public override BlockClass Classify(in MaskExtent extent, int batch, int head, int q0, int q1, int k0, int k1) =>
+        k1 <= Limit(extent, q0) ? BlockClass.Full : k0 >= Limit(extent, q1 - 1) ? BlockClass.Empty : BlockClass.Partial;
+
+    public override (int Start, int End) KeyBounds(in MaskExtent extent, int batch, int head, int q0, int q1) => (0, (int)Limit(extent, q1 - 1));
+
+    public override bool TryRowInterval(in MaskExtent extent, int batch, int head, int q, int k0, int k1, out int start, out int end)
+    {
+        start = k0;
+        end = (int)Math.Clamp(Limit(extent, q), k0, k1);
+        return true;
+    }
+
+    public override string ToCuda(in MaskExtent extent) => string.Create(CultureInfo.InvariantCulture,
+        $"((long long)q + {extent.CausalOffset}LL >= 0 && (long long)kv / {_block} <= ((long long)q + {extent.CausalOffset}LL) / {_block})");
+
+    public override string ToString() => string.Create(CultureInfo.InvariantCulture, $"block_causal({_block})");
+}
+
 internal sealed class DocumentMask : Mask
 {
     private readonly int[] _queryDocs, _keyDocs;

@@ -138,6 +138,12 @@ public abstract class Mask
     /// <summary>1-D dilated causal window: keys i + Skv − Sq − t·<paramref name="dilation"/> for t &lt; <paramref name="window"/>.</summary>
     public static Mask DilatedWindow(int window, int dilation) => new DilatedWindowMask(window, dilation);
 
+    /// <summary>
+    /// Block-causal (blockwise causal, as in the Long-Context Attention Benchmark's "causal blockwise" pattern): query
+    /// i sees all keys of its own block of <paramref name="blockSize"/> and of every earlier block (bottom-right aligned).
+    /// </summary>
+    public static Mask BlockCausal(int blockSize) => new BlockCausalMask(blockSize);
+
     /// <summary>LongLoRA shifted groups (arXiv:2309.12307): groups of <paramref name="groupSize"/> tokens, the second half of the heads shifted by half a group.</summary>
     public static Mask ShiftedGroups(int groupSize) => new ShiftedGroupsMask(groupSize);
 

@@ -108,6 +108,7 @@ public static class MaskExpression
                     "window" => Mask.SlidingWindow(Scalar(0), args.Count > 1 ? Scalar(1) : 0),
                     "sink" => Mask.Sink(Scalar(0)),
                     "prefix" => Mask.Prefix(Scalar(0)),
+                    "block_causal" => Mask.BlockCausal(Scalar(0)),
                     "neighborhood" or "nbh" => args.Count >= 2
                         ? Mask.Neighborhood(args[0], args[1], args.Count > 2 ? args[2] : null, args.Count > 3 ? args[3].Select(x => x != 0).ToArray() : null, args.Count > 4 ? args[4] : null)
                         : throw Error("neighborhood([axes], [kernel][, [dilation]][, [causal]][, [stride]])"),
