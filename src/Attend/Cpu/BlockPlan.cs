@@ -141,14 +141,23 @@ internal sealed unsafe class SparsityPlanAdapter : IBlockPlan
         Masks.Mask? mask = _blocks?.Mask;
         if (mask is null) return;
         Masks.MaskExtent extent = _blocks!.Extent;
+        Span<(int Start, int End)> runs = stackalloc (int, int)[FlashAttentionCpu.BlockKv];
         for (int r = 0; r < rows; r++)
         {
             float* row = scores + (long)r * ld;
-            if (mask.TryRowInterval(extent, batch, head, q0 + r, kv0, kv0 + cols, out int start, out int end))
+            int n = mask.RowRuns(extent, batch, head, q0 + r, kv0, kv0 + cols, runs);
+            if (n >= 0)
             {
-                // Interval masks (causal, windows, sinks and their intersections): two fills per row.
-                new Span<float>(row, start - kv0).Fill(float.NegativeInfinity);
-                new Span<float>(row + (end - kv0), kv0 + cols - end).Fill(float.NegativeInfinity);
+                // Run-form masks (causal, windows, sinks and their intersections; neighborhoods): fill the gaps.
+                // Measured (masks suite, S = 8192): 2-D neighborhood 64×128 k13 ran at 2% of the FMA peak with a
+                // virtual Allows per element.
+                int at = kv0;
+                for (int i = 0; i < n; i++)
+                {
+                    new Span<float>(row + (at - kv0), runs[i].Start - at).Fill(float.NegativeInfinity);
+                    at = runs[i].End;
+                }
+                new Span<float>(row + (at - kv0), kv0 + cols - at).Fill(float.NegativeInfinity);
                 continue;
             }
             for (int c = 0; c < cols; c++)

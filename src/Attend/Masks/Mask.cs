@@ -78,6 +78,20 @@ public abstract class Mask
         return false;
     }
 
+    /// <summary>
+    /// The allowed keys of row <paramref name="q"/> inside [k0, k1) as ascending disjoint runs written to
+    /// <paramref name="runs"/> (count returned), or −1 when the mask has no run form there (the executor then
+    /// evaluates <see cref="Allows"/> per element). The default uses <see cref="TryRowInterval"/>; masks whose rows
+    /// are a few runs (neighborhoods over a grid) override it.
+    /// </summary>
+    public virtual int RowRuns(in MaskExtent extent, int batch, int head, int q, int k0, int k1, Span<(int Start, int End)> runs)
+    {
+        if (!TryRowInterval(extent, batch, head, q, k0, k1, out int start, out int end)) return -1;
+        if (start >= end) return 0;
+        runs[0] = (start, end);
+        return 1;
+    }
+
     /// <summary>A C boolean expression over <c>int b, h, q, kv</c> with the mask's constants inlined, for CUDA kernels.</summary>
     /// <exception cref="NotSupportedException">for masks that exist only on the CPU (predicates).</exception>
     public abstract string ToCuda(in MaskExtent extent);

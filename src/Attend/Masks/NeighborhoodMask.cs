@@ -153,6 +153,36 @@ internal sealed class NeighborhoodMask : Mask
         return Math.Max(0, jMax - jMin + 1);
     }
 
+    /// <summary>
+    /// Per innermost grid row that [k0, k1) touches, at most one run (the innermost window) when the outer axes allow
+    /// that row: a partial block is masked with a few fills instead of a call per element. Needs dilation 1 on the
+    /// innermost axis (else −1).
+    /// </summary>
+    public override int RowRuns(in MaskExtent extent, int batch, int head, int q, int k0, int k1, Span<(int Start, int End)> runs)
+    {
+        int dims = _grid.Length, inner = _grid[dims - 1];
+        if (_dilation[dims - 1] != 1) return -1;
+        var window = AxisWindow(dims - 1, q % inner);
+        int qOuter = q / inner, count = 0;
+        for (int row = k0 / inner; row * inner < k1; row++)
+        {
+            // Outer axes: does the query's window include this key row's outer coordinates?
+            bool allowed = true;
+            for (int a = dims - 2, qo = qOuter, ko = row; a >= 0 && allowed; a--)
+            {
+                allowed = AxisAllows(a, qo % _grid[a], ko % _grid[a]);
+                qo /= _grid[a];
+                ko /= _grid[a];
+            }
+            if (!allowed) continue;
+            int start = Math.Max(k0, (row * inner) + window.Start), end = Math.Min(k1, (row * inner) + window.Start + window.Count);
+            if (start >= end) continue;
+            if (count == runs.Length) return -1;
+            runs[count++] = (start, end);
+        }
+        return count;
+    }
+
     public override BlockClass Classify(in MaskExtent extent, int batch, int head, int q0, int q1, int k0, int k1)
     {
         Check(extent);
