@@ -59,6 +59,39 @@ public sealed class MaskTests
 
     private static readonly (int Sq, int Skv)[] Extents = [(64, 64), (64, 48), (48, 64), (1, 33)];
 
+    /// <summary>Where a mask gives a row as runs, the runs are exactly the keys <c>Allows</c> accepts.</summary>
+    [Theory]
+    [MemberData(nameof(MaskNames))]
+    public void Row_runs_equal_elementwise_allows(string name)
+    {
+        Span<(int Start, int End)> runs = stackalloc (int, int)[64];
+        foreach ((int sq, int skv) in Extents)
+        {
+            if (!Catalog(sq, skv).TryGetValue(name, out Mask? mask)) continue;
+            var e = new MaskExtent(1, 2, sq, skv);
+            foreach (int width in new[] { 5, 16, 64 })
+                for (int h = 0; h < 2; h++)
+                    for (int q = 0; q < sq; q++)
+                        for (int k0 = 0; k0 < skv; k0 += width)
+                        {
+                            int k1 = Math.Min(k0 + width, skv);
+                            int n = mask.RowRuns(e, 0, h, q, k0, k1, runs);
+                            if (n < 0) continue;
+                            var fromRuns = new HashSet<int>();
+                            for (int i = 0; i < n; i++)
+                            {
+                                Assert.True(runs[i].Start >= k0 && runs[i].End <= k1 && runs[i].Start < runs[i].End, $"{name}: run {runs[i]} outside [{k0},{k1})");
+                                if (i > 0) Assert.True(runs[i].Start > runs[i - 1].End - 1, $"{name}: runs not ascending");
+                                for (int kv = runs[i].Start; kv < runs[i].End; kv++) fromRuns.Add(kv);
+                            }
+                            for (int kv = k0; kv < k1; kv++)
+                            {
+                                Assert.True(fromRuns.Contains(kv) == mask.Allows(e, 0, h, q, kv), $"{name} Sq={sq} Skv={skv} h={h} q={q} kv={kv}: runs say {fromRuns.Contains(kv)}");
+                            }
+                        }
+        }
+    }
+
     [Theory]
     [MemberData(nameof(MaskNames))]
     public void Should_classify_blocks_exactly_as_elementwise_allows_says(string name)

@@ -253,6 +253,16 @@ internal sealed class PredicateMask(MaskPredicate predicate, bool dependsOnBatch
 
 internal sealed class AndMask(Mask left, Mask right) : Mask
 {
+    public override int RowRuns(in MaskExtent extent, int batch, int head, int q, int k0, int k1, Span<(int Start, int End)> runs)
+    {
+        Span<(int, int)> a = stackalloc (int, int)[runs.Length], b = stackalloc (int, int)[runs.Length];
+        int na = left.RowRuns(extent, batch, head, q, k0, k1, a);
+        if (na <= 0) return na;
+        int nb = right.RowRuns(extent, batch, head, q, k0, k1, b);
+        if (nb < 0) return -1;
+        return RunLists.Intersect(a[..na], b[..nb], runs);
+    }
+
     public override bool Allows(in MaskExtent extent, int batch, int head, int q, int kv) =>
         left.Allows(extent, batch, head, q, kv) && right.Allows(extent, batch, head, q, kv);
 
@@ -311,6 +321,16 @@ internal sealed class AndMask(Mask left, Mask right) : Mask
 
 internal sealed class OrMask(Mask left, Mask right) : Mask
 {
+    public override int RowRuns(in MaskExtent extent, int batch, int head, int q, int k0, int k1, Span<(int Start, int End)> runs)
+    {
+        Span<(int, int)> a = stackalloc (int, int)[runs.Length], b = stackalloc (int, int)[runs.Length];
+        int na = left.RowRuns(extent, batch, head, q, k0, k1, a);
+        if (na < 0) return -1;
+        int nb = right.RowRuns(extent, batch, head, q, k0, k1, b);
+        if (nb < 0) return -1;
+        return RunLists.Union(a[..na], b[..nb], runs);
+    }
+
     public override bool Allows(in MaskExtent extent, int batch, int head, int q, int kv) =>
         left.Allows(extent, batch, head, q, kv) || right.Allows(extent, batch, head, q, kv);
 
@@ -386,4 +406,44 @@ internal sealed class NotMask(Mask inner) : Mask
     public override bool DependsOnHead => inner.DependsOnHead;
 
     public override string ToString() => $"!{inner}";
+}
+
+/// <summary>Set operations on ascending disjoint runs [Start, End) (the row form of masks).</summary>
+internal static class RunLists
+{
+    /// <summary>Runs in both lists; −1 if they do not fit <paramref name="output"/>.</summary>
+    public static int Intersect(ReadOnlySpan<(int Start, int End)> a, ReadOnlySpan<(int Start, int End)> b, Span<(int Start, int End)> output)
+    {
+        int i = 0, j = 0, n = 0;
+        while (i < a.Length && j < b.Length)
+        {
+            int start = Math.Max(a[i].Start, b[j].Start), end = Math.Min(a[i].End, b[j].End);
+            if (start < end)
+            {
+                if (n == output.Length) return -1;
+                output[n++] = (start, end);
+            }
+            if (a[i].End < b[j].End) i++;
+            else j++;
+        }
+        return n;
+    }
+
+    /// <summary>Runs in either list, merged where they touch; −1 if they do not fit <paramref name="output"/>.</summary>
+    public static int Union(ReadOnlySpan<(int Start, int End)> a, ReadOnlySpan<(int Start, int End)> b, Span<(int Start, int End)> output)
+    {
+        int i = 0, j = 0, n = 0;
+        while (i < a.Length || j < b.Length)
+        {
+            (int start, int end) = j >= b.Length || (i < a.Length && a[i].Start <= b[j].Start) ? a[i++] : b[j++];
+            if (n > 0 && start <= output[n - 1].End)
+            {
+                output[n - 1] = (output[n - 1].Start, Math.Max(output[n - 1].End, end));
+                continue;
+            }
+            if (n == output.Length) return -1;
+            output[n++] = (start, end);
+        }
+        return n;
+    }
 }

@@ -24,6 +24,27 @@ internal sealed class DilatedWindowMask : Mask
         return d >= 0 && d % _dilation == 0 && d / _dilation < _window;
     }
 
+    /// <summary>Keys p − t·dilation (p = q + offset, t &lt; window) inside [k0, k1): one run, or single keys every dilation.</summary>
+    public override int RowRuns(in MaskExtent extent, int batch, int head, int q, int k0, int k1, Span<(int Start, int End)> runs)
+    {
+        long p = q + extent.CausalOffset, lowest = p - ((long)(_window - 1) * _dilation);
+        long lo = Math.Max(k0, lowest), hi = Math.Min(k1 - 1L, p);
+        if (lo > hi) return 0;
+        if (_dilation == 1)
+        {
+            runs[0] = ((int)lo, (int)hi + 1);
+            return 1;
+        }
+        long first = lo + ((((p - lo) % _dilation) + _dilation) % _dilation);   // smallest key ≥ lo with key ≡ p (mod dilation)
+        int n = 0;
+        for (long kv = first; kv <= hi; kv += _dilation)
+        {
+            if (n == runs.Length) return -1;
+            runs[n++] = ((int)kv, (int)kv + 1);
+        }
+        return n;
+    }
+
     public override BlockClass Classify(in MaskExtent extent, int batch, int head, int q0, int q1, int k0, int k1)
     {
         long off = extent.CausalOffset, span = (long)(_window - 1) * _dilation;
@@ -292,6 +313,26 @@ internal sealed class GlobalTokensMask : Mask
 
     public override bool Allows(in MaskExtent extent, int batch, int head, int q, int kv) =>
         (_rows && _set.Contains(q)) || (_columns && _set.Contains(kv));
+
+    /// <summary>A global row is one run; otherwise each global column inside [k0, k1) is a run of one key.</summary>
+    public override int RowRuns(in MaskExtent extent, int batch, int head, int q, int k0, int k1, Span<(int Start, int End)> runs)
+    {
+        if (_rows && _set.Contains(q))
+        {
+            runs[0] = (k0, k1);
+            return 1;
+        }
+        if (!_columns) return 0;
+        int n = 0;
+        int i = Array.BinarySearch(_positions, k0);
+        for (i = i < 0 ? ~i : i; i < _positions.Length && _positions[i] < k1; i++)
+        {
+            if (n > 0 && runs[n - 1].End == _positions[i]) runs[n - 1] = (runs[n - 1].Start, _positions[i] + 1);
+            else if (n == runs.Length) return -1;
+            else runs[n++] = (_positions[i], _positions[i] + 1);
+        }
+        return n;
+    }
 
     private int CountIn(int start, int end)
     {
