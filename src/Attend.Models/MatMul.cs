@@ -37,8 +37,8 @@ internal static unsafe class MatMul
             {
                 for (int j = g * GroupRows; j < Math.Min(n, (g + 1) * GroupRows); j++)
                 {
-                    Convert(w.AsSpan(j * k, k), row);
-                    for (int i = 0; i < m; i++) y[(i * n) + j] = Dot(x.AsSpan(i * k, k), row);
+                    ElementConvert.ToSingle<TW>(w.AsSpan(j * k, k), row);
+                    for (int i = 0; i < m; i++) y[(i * n) + j] = Linear.Vectors.Dot(x.AsSpan(i * k, k), row);
                 }
                 return row;
             }, _ => { });
@@ -53,7 +53,7 @@ internal static unsafe class MatMul
             Array.Clear(panels);
             for (int r = 0; r < rows; r++)
             {
-                Convert(w.AsSpan((j0 + r) * k, k), row);
+                ElementConvert.ToSingle<TW>(w.AsSpan((j0 + r) * k, k), row);
                 int panel = r / width, lane = r % width;
                 int baseIndex = panel * k * width + lane;
                 for (int c = 0; c < k; c++) panels[baseIndex + (c * width)] = row[c];
@@ -69,22 +69,5 @@ internal static unsafe class MatMul
             }
             return buffers;
         }, _ => { });
-    }
-
-    private static void Convert<TW>(ReadOnlySpan<TW> source, Span<float> destination) where TW : unmanaged
-    {
-        if (typeof(TW) == typeof(Half)) ElementConvert.ToSingle(System.Runtime.InteropServices.MemoryMarshal.Cast<TW, Half>(source), destination);
-        else if (typeof(TW) == typeof(BFloat16)) ElementConvert.ToSingle(System.Runtime.InteropServices.MemoryMarshal.Cast<TW, BFloat16>(source), destination);
-        else System.Runtime.InteropServices.MemoryMarshal.Cast<TW, float>(source).CopyTo(destination);
-    }
-
-    internal static float Dot(ReadOnlySpan<float> a, ReadOnlySpan<float> b)
-    {
-        var acc = System.Numerics.Vector<float>.Zero;
-        int i = 0, w = System.Numerics.Vector<float>.Count;
-        for (; i + w <= a.Length; i += w) acc += new System.Numerics.Vector<float>(a[i..]) * new System.Numerics.Vector<float>(b[i..]);
-        float s = System.Numerics.Vector.Sum(acc);
-        for (; i < a.Length; i++) s += a[i] * b[i];
-        return s;
     }
 }

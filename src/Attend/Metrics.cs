@@ -111,14 +111,8 @@ public static class Metrics
         if ((uint)head >= (uint)h) throw new ArgumentOutOfRangeException(nameof(head), head, $"head must be in 0..{h - 1}");
         float sc = scale ?? 1f / MathF.Sqrt(d);
         int rows = Math.Min(lastQueries, s), first = s - rows;
-        var qa = new float[rows * d];
-        for (int i = 0; i < rows; i++)
-        {
-            q.CopyRow(0, first + i, head, qa.AsSpan(i * d, d));
-            for (int c = 0; c < d; c++) qa[(i * d) + c] *= sc;
-        }
-        var ka = new float[(long)skv * d];
-        for (int j = 0; j < skv; j++) k.CopyRow(0, j, head / group, ka.AsSpan(j * d, d));
+        float[] qa = SparsitySelector.Gather(q.Slice(1, first, rows), 0, head, rows, d, sc);
+        float[] ka = SparsitySelector.Gather(k, 0, head / group, skv, d, 1f);
         var scores = new float[(long)rows * skv];
         ScoreGemm.Multiply(qa, rows, d, new PackedPanels(ka, skv, d), 0, skv, scores);
         double total = 0;

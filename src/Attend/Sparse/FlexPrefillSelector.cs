@@ -57,7 +57,7 @@ public sealed class FlexPrefillSelector : SparsitySelector
         }
         float[] pooledKeys = head.PoolRows(head.Keys, head.KeyLength);
         var pooled = new float[kBlocks];
-        for (int kb = 0; kb < kBlocks; kb++) pooled[kb] = Dot(meanQuery, pooledKeys.AsSpan(kb * d, d));
+        for (int kb = 0; kb < kBlocks; kb++) pooled[kb] = Linear.Vectors.Dot(meanQuery, pooledKeys.AsSpan(kb * d, d));
         SelectionMath.Softmax(pooled);
         bool queryAware = SelectionMath.SqrtJensenShannon(pooled, verticalPooled) < Tau;
 
@@ -102,12 +102,5 @@ public sealed class FlexPrefillSelector : SparsitySelector
         var pooled = new float[blocks];
         for (int i = 0; i < x.Length; i++) pooled[i / block] += x[i];
         return pooled;
-    }
-
-    private static float Dot(ReadOnlySpan<float> a, ReadOnlySpan<float> b)
-    {
-        float s = 0;
-        for (int i = 0; i < a.Length; i++) s += a[i] * b[i];
-        return s;
     }
 }

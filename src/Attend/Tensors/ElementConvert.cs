@@ -108,6 +108,18 @@ public static class ElementConvert
         }
     }
 
+    /// <summary>Widens a span of float, Half or BFloat16 (the bulk, vectorized paths above; a copy for float).</summary>
+    internal static void ToSingle<T>(ReadOnlySpan<T> source, Span<float> destination) where T : unmanaged
+    {
+        if (typeof(T) == typeof(float)) MemoryMarshal.Cast<T, float>(source).CopyTo(destination);
+        else if (typeof(T) == typeof(Half)) ToSingle(MemoryMarshal.Cast<T, Half>(source), destination[..source.Length]);
+        else if (typeof(T) == typeof(BFloat16)) ToSingle(MemoryMarshal.Cast<T, BFloat16>(source), destination[..source.Length]);
+        else
+        {
+            for (int i = 0; i < source.Length; i++) destination[i] = ToSingle(source[i]);
+        }
+    }
+
     /// <summary>Converts one element of any supported type to float.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static float ToSingle<T>(T value) where T : unmanaged

@@ -171,10 +171,8 @@ public readonly unsafe struct TensorView<T> where T : unmanaged
         if (stride == 1)
         {
             // Contiguous rows (the common layout): one block copy or one vectorized conversion.
-            ReadOnlySpan<T> row = MemoryMarshal.CreateReadOnlySpan(ref first, n);
-            if (typeof(T) == typeof(float)) { MemoryMarshal.Cast<T, float>(row).CopyTo(destination); return; }
-            if (typeof(T) == typeof(Half)) { ElementConvert.ToSingle(MemoryMarshal.Cast<T, Half>(row), destination[..n]); return; }
-            if (typeof(T) == typeof(BFloat16)) { ElementConvert.ToSingle(MemoryMarshal.Cast<T, BFloat16>(row), destination[..n]); return; }
+            ElementConvert.ToSingle(MemoryMarshal.CreateReadOnlySpan(ref first, n), destination);
+            return;
         }
         for (int c = 0; c < n; c++) destination[c] = ElementConvert.ToSingle(Unsafe.Add(ref first, (nint)(c * stride)));
     }
