@@ -196,7 +196,7 @@ public static class SparseCalibration
 /// and runs the chosen per-head plan. Needs the values to measure the error, so it runs through
 /// <see cref="SparseAttention.Forward"/> (or <see cref="Plan{T}(TensorView{T}, TensorView{T}, TensorView{T}, bool, float?, KernelTuning?)"/>).
 /// </summary>
-public sealed class AutoSelector : ISparsitySelector
+public sealed class AutoSelector : IValueAwareSelector
 {
     /// <summary>An Auto selector keeping each head's relative L2 error (measured on the sample) within <paramref name="maxRelativeError"/>.</summary>
     public AutoSelector(double maxRelativeError, IReadOnlyList<string>? candidates = null, int sampleQueries = 1024)

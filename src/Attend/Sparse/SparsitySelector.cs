@@ -23,6 +23,16 @@ public interface ISparsitySelector
 }
 
 /// <summary>
+/// A selector that also looks at the values (e.g. to measure output error while choosing, as
+/// <see cref="AutoSelector"/> does); <see cref="SparseAttention.Forward"/> hands them over.
+/// </summary>
+public interface IValueAwareSelector : ISparsitySelector
+{
+    /// <summary>Builds the plan from queries, keys and values.</summary>
+    SparsityPlan Plan<T>(TensorView<T> q, TensorView<T> k, TensorView<T> v, bool causal = true, float? scale = null, KernelTuning? tuning = null) where T : unmanaged;
+}
+
+/// <summary>
 /// Base of the built-in selectors: validates shapes, gathers each head's queries (scaled) and keys into contiguous
 /// float rows, runs <see cref="SelectHead"/> for every (batch, head) in parallel, and assembles the chosen key
 /// blocks (and key tokens) into one plan. Blocks are square (<see cref="BlockSize"/> queries × keys); with causal
@@ -113,7 +123,8 @@ public abstract class SparsitySelector : ISparsitySelector
         return k1 - 1 <= q0 + offset ? BlockClass.Full : BlockClass.Partial;
     }
 
-    private static float[] Gather<T>(TensorView<T> x, int b, int h, int length, int d, float scale) where T : unmanaged
+    /// <summary>Rows [length, d] of (batch b, head h), multiplied by <paramref name="scale"/>.</summary>
+    internal static float[] Gather<T>(TensorView<T> x, int b, int h, int length, int d, float scale) where T : unmanaged
     {
         var rows = new float[(long)length * d];
         for (int i = 0; i < length; i++)
@@ -270,8 +281,8 @@ public static class SparseAttention
             throw new ArgumentException("a selector builds the whole plan: options.Mask, Predicate and Plan must be unset", nameof(options));
         }
         long start = Stopwatch.GetTimestamp();
-        SparsityPlan plan = selector is AutoSelector auto
-            ? auto.Plan(q, k, v, options.Causal, options.Scale, tuning)
+        SparsityPlan plan = selector is IValueAwareSelector valueAware
+            ? valueAware.Plan(q, k, v, options.Causal, options.Scale, tuning)
             : selector.Plan(q, k, options.Causal, options.Scale);
         TimeSpan selection = Stopwatch.GetElapsedTime(start);
         start = Stopwatch.GetTimestamp();
