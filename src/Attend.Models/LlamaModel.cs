@@ -9,13 +9,15 @@ namespace Attend.Models;
 /// </summary>
 public sealed class LlamaModel
 {
-    private readonly Tensor _embed, _lmHead, _finalNorm;
+    private readonly Tensor _embed, _lmHead;
+    private readonly float[] _finalNorm;
     private readonly Layer[] _layers;
     private readonly float[] _invFreq;
 
-    private sealed record Layer(Tensor InputNorm, Tensor Q, Tensor K, Tensor V, Tensor O, Tensor PostNorm, Tensor Gate, Tensor Up, Tensor Down);
+    // Norm weights are widened to f32 once at load (a few KiB); the matrices stay in their stored dtype.
+    private sealed record Layer(float[] InputNorm, Tensor Q, Tensor K, Tensor V, Tensor O, float[] PostNorm, Tensor Gate, Tensor Up, Tensor Down);
 
-    private LlamaModel(LlamaConfig config, Tensor embed, Tensor lmHead, Tensor finalNorm, Layer[] layers)
+    private LlamaModel(LlamaConfig config, Tensor embed, Tensor lmHead, float[] finalNorm, Layer[] layers)
     {
         Config = config;
         _embed = embed;
@@ -44,17 +46,17 @@ public sealed class LlamaModel
         {
             string p = $"model.layers.{l}.";
             layers[l] = new Layer(
-                ckpt.Read(p + "input_layernorm.weight", h),
+                Widen(ckpt.Read(p + "input_layernorm.weight", h)),
                 ckpt.Read(p + "self_attn.q_proj.weight", qd, h),
                 ckpt.Read(p + "self_attn.k_proj.weight", kvd, h),
                 ckpt.Read(p + "self_attn.v_proj.weight", kvd, h),
                 ckpt.Read(p + "self_attn.o_proj.weight", h, qd),
-                ckpt.Read(p + "post_attention_layernorm.weight", h),
+                Widen(ckpt.Read(p + "post_attention_layernorm.weight", h)),
                 ckpt.Read(p + "mlp.gate_proj.weight", inter, h),
                 ckpt.Read(p + "mlp.up_proj.weight", inter, h),
                 ckpt.Read(p + "mlp.down_proj.weight", h, inter));
         }
-        return new LlamaModel(c, embed, lmHead, ckpt.Read("model.norm.weight", h), layers);
+        return new LlamaModel(c, embed, lmHead, Widen(ckpt.Read("model.norm.weight", h)), layers);
     }
 
     /// <summary>Statistics of one forward pass.</summary>
@@ -85,57 +87,29 @@ public sealed class LlamaModel
         int threads = tuning.Threads;
         var total = Stopwatch.StartNew();
         TimeSpan attentionTime = TimeSpan.Zero;
-        int h = c.HiddenSize, d = c.HeadDim, qd = c.Heads * d, kvd = c.KvHeads * d, inter = c.IntermediateSize;
+        int h = c.HiddenSize, d = c.HeadDim;
 
-        var x = new float[s * h];
-        var row = new float[h];
+        var a = new Activations(c, s);
         for (int i = 0; i < s; i++)
         {
             int t = tokens[i];
             if ((uint)t >= (uint)c.VocabSize) throw new ArgumentException($"token {t} at position {i} is outside the vocabulary of {c.VocabSize}", nameof(tokens));
-            RowOf(_embed, t, h, x.AsSpan(i * h, h));
+            RowOf(_embed, t, h, a.X.AsSpan(i * h, h));
         }
-        var normed = new float[s * h];
-        var q = new float[s * qd];
-        var k = new float[s * kvd];
-        var v = new float[s * kvd];
-        var attn = new float[s * qd];
-        var proj = new float[s * h];
-        var gate = new float[s * inter];
-        var up = new float[s * inter];
         double density = 0;
         for (int l = 0; l < c.Layers; l++)
         {
             Layer layer = _layers[l];
-            RmsNorm(x, normed, s, h, layer.InputNorm, c.RmsNormEps);
-            MatMul.Multiply(normed, s, h, layer.Q, q, threads);
-            MatMul.Multiply(normed, s, h, layer.K, k, threads);
-            MatMul.Multiply(normed, s, h, layer.V, v, threads);
-            Rope(q, s, c.Heads, d, 0);
-            Rope(k, s, c.KvHeads, d, 0);
-            layerKv?.Invoke(l, k, v);
+            AttentionInputs(layer, a, s, 0, threads);
+            layerKv?.Invoke(l, a.K, a.V);
             var sw = Stopwatch.StartNew();
             density += attention[attention.Count == 1 ? 0 : l].Run(
-                new TensorView<float>(q, 1, s, c.Heads, d), new TensorView<float>(k, 1, s, c.KvHeads, d),
-                new TensorView<float>(v, 1, s, c.KvHeads, d), new TensorView<float>(attn, 1, s, c.Heads, d), tuning);
+                new TensorView<float>(a.Q, 1, s, c.Heads, d), new TensorView<float>(a.K, 1, s, c.KvHeads, d),
+                new TensorView<float>(a.V, 1, s, c.KvHeads, d), new TensorView<float>(a.Attn, 1, s, c.Heads, d), tuning);
             attentionTime += sw.Elapsed;
-            MatMul.Multiply(attn, s, qd, layer.O, proj, threads);
-            for (int i = 0; i < x.Length; i++) x[i] += proj[i];
-
-            RmsNorm(x, normed, s, h, layer.PostNorm, c.RmsNormEps);
-            MatMul.Multiply(normed, s, h, layer.Gate, gate, threads);
-            MatMul.Multiply(normed, s, h, layer.Up, up, threads);
-            for (int i = 0; i < gate.Length; i++)
-            {
-                float g = gate[i];
-                gate[i] = g / (1f + MathF.Exp(-g)) * up[i];   // SiLU(gate) · up
-            }
-            MatMul.Multiply(gate, s, inter, layer.Down, proj, threads);
-            for (int i = 0; i < x.Length; i++) x[i] += proj[i];
+            AttentionOutputAndFeedForward(layer, a, s, threads);
         }
-        RmsNorm(x, normed, s, h, _finalNorm, c.RmsNormEps);
-        var logits = new float[s * c.VocabSize];
-        MatMul.Multiply(normed, s, h, _lmHead, logits, threads);
+        float[] logits = Logits(a, s, threads);
         stats = new ForwardStats(density / c.Layers, attentionTime, total.Elapsed);
         return logits;
     }
@@ -166,46 +140,20 @@ public sealed class LlamaModel
             throw new ArgumentException($"cache must be [layers {c.Layers}, kv heads {c.KvHeads}, head dim {c.HeadDim}]; got [{cache.Layers}, {cache.KvHeads}, {cache.HeadDim}]", nameof(cache));
         }
         int threads = (tuning ?? KernelTuning.Default).Threads;
-        int h = c.HiddenSize, d = c.HeadDim, qd = c.Heads * d, kvd = c.KvHeads * d, inter = c.IntermediateSize;
-        var x = new float[h];
-        RowOf(_embed, token, h, x);
-        var normed = new float[h];
-        var q = new float[qd];
-        var k = new float[kvd];
-        var v = new float[kvd];
-        var attn = new float[qd];
-        var proj = new float[h];
-        var gate = new float[inter];
-        var up = new float[inter];
+        int h = c.HiddenSize, d = c.HeadDim;
+        var a = new Activations(c, 1);
+        RowOf(_embed, token, h, a.X);
         long read = 0, available = 0;
         for (int l = 0; l < c.Layers; l++)
         {
             Layer layer = _layers[l];
-            RmsNorm(x, normed, 1, h, layer.InputNorm, c.RmsNormEps);
-            MatMul.Multiply(normed, 1, h, layer.Q, q, threads);
-            MatMul.Multiply(normed, 1, h, layer.K, k, threads);
-            MatMul.Multiply(normed, 1, h, layer.V, v, threads);
-            Rope(q, 1, c.Heads, d, position);
-            Rope(k, 1, c.KvHeads, d, position);
-            cache.Append(sequence, l, new TensorView<float>(k, 1, c.KvHeads, d), new TensorView<float>(v, 1, c.KvHeads, d));
-            read += Decode.DecodeAttention.Forward(new TensorView<float>(q, 1, c.Heads, d), cache, sequence, l, new TensorView<float>(attn, 1, c.Heads, d), options[options.Count == 1 ? 0 : l]);
+            AttentionInputs(layer, a, 1, position, threads);
+            cache.Append(sequence, l, new TensorView<float>(a.K, 1, c.KvHeads, d), new TensorView<float>(a.V, 1, c.KvHeads, d));
+            read += Decode.DecodeAttention.Forward(new TensorView<float>(a.Q, 1, c.Heads, d), cache, sequence, l, new TensorView<float>(a.Attn, 1, c.Heads, d), options[options.Count == 1 ? 0 : l]);
             available += (long)c.KvHeads * ((cache.Length(sequence, l) + cache.PageSize - 1) / cache.PageSize);
-            MatMul.Multiply(attn, 1, qd, layer.O, proj, threads);
-            for (int i = 0; i < h; i++) x[i] += proj[i];
-            RmsNorm(x, normed, 1, h, layer.PostNorm, c.RmsNormEps);
-            MatMul.Multiply(normed, 1, h, layer.Gate, gate, threads);
-            MatMul.Multiply(normed, 1, h, layer.Up, up, threads);
-            for (int i = 0; i < inter; i++)
-            {
-                float g = gate[i];
-                gate[i] = g / (1f + MathF.Exp(-g)) * up[i];
-            }
-            MatMul.Multiply(gate, 1, inter, layer.Down, proj, threads);
-            for (int i = 0; i < h; i++) x[i] += proj[i];
+            AttentionOutputAndFeedForward(layer, a, 1, threads);
         }
-        RmsNorm(x, normed, 1, h, _finalNorm, c.RmsNormEps);
-        var logits = new float[c.VocabSize];
-        MatMul.Multiply(normed, 1, h, _lmHead, logits, threads);
+        float[] logits = Logits(a, 1, threads);
         pageFraction = available == 0 ? 1 : (double)read / available;
         return logits;
     }
@@ -226,17 +174,70 @@ public sealed class LlamaModel
     {
         switch (t.DType)
         {
-            case DType.Float16: ElementConvert.ToSingle(t.Array<Half>().AsSpan(index * width, width), destination); break;
-            case DType.BFloat16: ElementConvert.ToSingle(t.Array<BFloat16>().AsSpan(index * width, width), destination); break;
-            default: t.Array<float>().AsSpan(index * width, width).CopyTo(destination); break;
+            case DType.Float16: ElementConvert.ToSingle<Half>(t.Array<Half>().AsSpan(index * width, width), destination); break;
+            case DType.BFloat16: ElementConvert.ToSingle<BFloat16>(t.Array<BFloat16>().AsSpan(index * width, width), destination); break;
+            default: ElementConvert.ToSingle<float>(t.Array<float>().AsSpan(index * width, width), destination); break;
         }
     }
 
-    private static void RmsNorm(float[] x, float[] y, int s, int h, Tensor weight, double eps)
+    /// <summary>The per-token buffers of one forward pass (S tokens; S = 1 when decoding).</summary>
+    private sealed class Activations(LlamaConfig c, int s)
     {
-        var w = new float[h];
-        RowOf(weight, 0, h, w);
-        Parallel.For(0, s, i =>
+        public float[] X { get; } = new float[s * c.HiddenSize];
+        public float[] Normed { get; } = new float[s * c.HiddenSize];
+        public float[] Q { get; } = new float[s * c.Heads * c.HeadDim];
+        public float[] K { get; } = new float[s * c.KvHeads * c.HeadDim];
+        public float[] V { get; } = new float[s * c.KvHeads * c.HeadDim];
+        public float[] Attn { get; } = new float[s * c.Heads * c.HeadDim];
+        public float[] Proj { get; } = new float[s * c.HiddenSize];
+        public float[] Gate { get; } = new float[s * c.IntermediateSize];
+        public float[] Up { get; } = new float[s * c.IntermediateSize];
+    }
+
+    /// <summary>Input norm, q/k/v projections and rotary embedding (positions from <paramref name="firstPosition"/>).</summary>
+    private void AttentionInputs(Layer layer, Activations a, int s, int firstPosition, int threads)
+    {
+        LlamaConfig c = Config;
+        RmsNorm(a.X, a.Normed, s, c.HiddenSize, layer.InputNorm, c.RmsNormEps);
+        MatMul.Multiply(a.Normed, s, c.HiddenSize, layer.Q, a.Q, threads);
+        MatMul.Multiply(a.Normed, s, c.HiddenSize, layer.K, a.K, threads);
+        MatMul.Multiply(a.Normed, s, c.HiddenSize, layer.V, a.V, threads);
+        Rope(a.Q, s, c.Heads, c.HeadDim, firstPosition);
+        Rope(a.K, s, c.KvHeads, c.HeadDim, firstPosition);
+    }
+
+    /// <summary>Output projection and residual, then the SwiGLU MLP and its residual.</summary>
+    private void AttentionOutputAndFeedForward(Layer layer, Activations a, int s, int threads)
+    {
+        LlamaConfig c = Config;
+        int h = c.HiddenSize, n = s * h;
+        MatMul.Multiply(a.Attn, s, c.Heads * c.HeadDim, layer.O, a.Proj, threads);
+        for (int i = 0; i < n; i++) a.X[i] += a.Proj[i];
+        RmsNorm(a.X, a.Normed, s, h, layer.PostNorm, c.RmsNormEps);
+        MatMul.Multiply(a.Normed, s, h, layer.Gate, a.Gate, threads);
+        MatMul.Multiply(a.Normed, s, h, layer.Up, a.Up, threads);
+        for (int i = 0; i < s * c.IntermediateSize; i++)
+        {
+            float g = a.Gate[i];
+            a.Gate[i] = g / (1f + MathF.Exp(-g)) * a.Up[i];   // SiLU(gate) · up
+        }
+        MatMul.Multiply(a.Gate, s, c.IntermediateSize, layer.Down, a.Proj, threads);
+        for (int i = 0; i < n; i++) a.X[i] += a.Proj[i];
+    }
+
+    private float[] Logits(Activations a, int s, int threads)
+    {
+        LlamaConfig c = Config;
+        RmsNorm(a.X, a.Normed, s, c.HiddenSize, _finalNorm, c.RmsNormEps);
+        var logits = new float[s * c.VocabSize];
+        MatMul.Multiply(a.Normed, s, c.HiddenSize, _lmHead, logits, threads);
+        return logits;
+    }
+
+    /// <summary>RMSNorm with the weight widened once at load; rows in parallel only when there are enough of them.</summary>
+    private static void RmsNorm(float[] x, float[] y, int s, int h, float[] w, double eps)
+    {
+        void Row(int i)
         {
             ReadOnlySpan<float> r = x.AsSpan(i * h, h);
             Span<float> o = y.AsSpan(i * h, h);
@@ -244,7 +245,22 @@ public sealed class LlamaModel
             foreach (float e in r) ss += (double)e * e;
             float inv = (float)(1.0 / Math.Sqrt((ss / h) + eps));
             for (int c = 0; c < h; c++) o[c] = w[c] * (r[c] * inv);
-        });
+        }
+        if (s < 64)
+        {
+            for (int i = 0; i < s; i++) Row(i);
+        }
+        else
+        {
+            Parallel.For(0, s, Row);
+        }
+    }
+
+    private static float[] Widen(Tensor vector)
+    {
+        var w = new float[vector.Shape[0]];
+        RowOf(vector, 0, w.Length, w);
+        return w;
     }
 
     /// <summary>Rotary embedding in place on [S, heads, D] (transformers' rotate_half pairing: j with j + D/2).</summary>
