@@ -40,6 +40,11 @@ public static class Attention
         {
             throw new ArgumentException("lse must not overlap output", nameof(lse));
         }
+        if (options.Plan?.Permutation is not null)
+        {
+            PermutedExecution.Forward(q, k, v, output, lse, shape, scale, options, tuning);
+            return;
+        }
         FlashAttentionCpu.Forward(q, k, v, output, lse, shape, scale, options, tuning);
     }
 

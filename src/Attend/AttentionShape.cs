@@ -132,6 +132,18 @@ public readonly record struct AttentionShape(int Batch, int QueryLength, int Key
             {
                 throw new ArgumentException($"Plan was built for B={plan.Extent.Batch}, H={plan.Extent.Heads}, Sq={plan.Extent.QueryLength}, Skv={plan.Extent.KeyLength}; the inputs are B={Batch}, H={Heads}, Sq={QueryLength}, Skv={KeyLength}", nameof(options));
             }
+            if (plan.Permutation is { } permutation)
+            {
+                if (permutation.KvHeads != KvHeads)
+                {
+                    throw new ArgumentException($"Plan's permutation orders keys of Hkv={permutation.KvHeads} heads; the inputs have Hkv={KvHeads}", nameof(options));
+                }
+                if (options.AlibiSlopes is not null || !options.Bias.IsDefault)
+                {
+                    // Both are functions of positions; the permuted executor would see permuted ones.
+                    throw new ArgumentException("a Plan with a token permutation cannot be combined with AlibiSlopes or Bias", nameof(options));
+                }
+            }
         }
         TensorView<float> bias = options.Bias;
         if (!bias.IsDefault && (bias.Rank != 4 || bias.Dim(0) != Batch || bias.Dim(1) != Heads || bias.Dim(2) != QueryLength || bias.Dim(3) != KeyLength))

@@ -69,8 +69,11 @@ public sealed class TokenSet : BlockRows
 /// </summary>
 public sealed class SparsityPlan
 {
-    /// <summary>A plan of blocks, tokens or both.</summary>
-    public SparsityPlan(BlockMask? blocks, TokenSet? tokens = null)
+    /// <summary>
+    /// A plan of blocks, tokens or both; with <paramref name="permutation"/> they are expressed over the permuted
+    /// token order (see <see cref="TokenPermutation"/>).
+    /// </summary>
+    public SparsityPlan(BlockMask? blocks, TokenSet? tokens = null, TokenPermutation? permutation = null)
     {
         if (blocks is null && tokens is null) throw new ArgumentException("a plan needs blocks, tokens or both");
         if (blocks is not null && tokens is not null && (blocks.Extent != tokens.Extent || blocks.BlockQ != tokens.BlockQ))
@@ -79,7 +82,19 @@ public sealed class SparsityPlan
         }
         Blocks = blocks;
         Tokens = tokens;
+        if (permutation is not null)
+        {
+            MaskExtent e = Extent;
+            if (permutation.Batch != e.Batch || permutation.Heads != e.Heads || permutation.QueryLength != e.QueryLength || permutation.KeyLength != e.KeyLength)
+            {
+                throw new ArgumentException($"permutation is for B={permutation.Batch}, H={permutation.Heads}, Sq={permutation.QueryLength}, Skv={permutation.KeyLength}; the plan for {e}", nameof(permutation));
+            }
+        }
+        Permutation = permutation;
     }
+
+    /// <summary>The token order the blocks and tokens are expressed in; null: the original order.</summary>
+    public TokenPermutation? Permutation { get; }
 
     /// <summary>The block plan, if any.</summary>
     public BlockMask? Blocks { get; }
@@ -102,9 +117,14 @@ public sealed class SparsityPlan
     /// <summary>Same as the implicit conversion.</summary>
     public static SparsityPlan FromBlockMask(BlockMask blocks) => new(blocks);
 
-    /// <summary>Whether the plan computes (q, kv).</summary>
+    /// <summary>Whether the plan computes (q, kv), in original positions.</summary>
     public bool Allows(int batch, int head, int q, int kv)
     {
+        if (Permutation is { } p)
+        {
+            q = p.PermutedQuery(batch, head, q);
+            kv = p.PermutedKey(batch, head, kv);
+        }
         if (Blocks is not null)
         {
             if (Blocks.Allows(batch, head, q, kv)) return true;

@@ -17,23 +17,28 @@ public static class Selectors
 
     /// <summary>
     /// Like <see cref="Parse"/>, and also <c>auto:err=0.02[,sample=1024]</c> (per-head calibration on the call's own
-    /// last queries, <see cref="AutoSelector"/>).
+    /// last queries, <see cref="AutoSelector"/>) and <c>hash:buckets=8[,seed=0,block=128]</c> (hash-sparse,
+    /// <see cref="HashSparseSelector"/>).
     /// </summary>
     public static ISparsitySelector ParseAny(string spec)
     {
         ArgumentNullException.ThrowIfNull(spec);
         string[] head = spec.Trim().Split(':', 2);
-        if (head[0].Trim() != "auto") return Parse(spec);
-        double error = 0.02;
-        int sample = 1024;
+        string name = head[0].Trim();
+        if (name is not ("auto" or "hash")) return Parse(spec);
+        var args = new Dictionary<string, string>(StringComparer.OrdinalIgnoreCase);
+        string[] known = name == "auto" ? ["err", "sample"] : ["buckets", "seed", "block"];
         foreach (string part in head.Length == 2 ? head[1].Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries) : [])
         {
             string[] kv = part.Split('=', 2, StringSplitOptions.TrimEntries);
-            if (kv.Length == 2 && kv[0] == "err" && double.TryParse(kv[1], NumberStyles.Float, CultureInfo.InvariantCulture, out double e)) error = e;
-            else if (kv.Length == 2 && kv[0] == "sample" && int.TryParse(kv[1], NumberStyles.Integer, CultureInfo.InvariantCulture, out int n)) sample = n;
-            else throw new ArgumentException($"selector '{spec}': auto takes err=NUMBER and sample=INT; got '{part}'", nameof(spec));
+            if (kv.Length != 2 || kv[1].Length == 0 || !known.Contains(kv[0], StringComparer.OrdinalIgnoreCase))
+            {
+                throw new ArgumentException($"selector '{spec}': {name} takes {string.Join(", ", known.Select(k => k + "=VALUE"))}; got '{part}'", nameof(spec));
+            }
+            args[kv[0]] = kv[1];
         }
-        return new AutoSelector(error, sampleQueries: sample);
+        if (name == "auto") return new AutoSelector(Double(args, "err", 0.02, spec), sampleQueries: Int(args, "sample", 1024, spec));
+        return new HashSparseSelector { Buckets = Int(args, "buckets", 8, spec), Seed = Int(args, "seed", 0, spec), BlockSize = Int(args, "block", 128, spec) };
     }
 
     /// <summary>Names <see cref="Parse"/> accepts.</summary>

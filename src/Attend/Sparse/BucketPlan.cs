@@ -1,0 +1,255 @@
+using Attend.Masks;
+using Attend.Tensors;
+
+namespace Attend.Sparse;
+
+/// <summary>
+/// Attention within buckets: query i sees key j when both carry the same bucket id (and, causally, j ≤ i +
+/// Skv − Sq); a negative id drops the token (a dropped query gets output 0 and LSE −∞). This is the shared
+/// mechanism of hash-sparse and QK-sparse attention (Pagliardini et al., "Faster Causal Attention Over Large
+/// Sequences Through Sparse Flash Attention", arXiv:2306.01160) and of clustered attention: tokens are sorted by
+/// (bucket, position), so each bucket is a contiguous run and the scattered pairs become dense blocks on a
+/// <see cref="TokenPermutation"/>. The block plan costs O(blocks) to build (<see cref="SortedBucketMask"/> classifies analytically).
+/// </summary>
+public static class BucketPlan
+{
+    /// <summary>
+    /// Builds the permuted plan. <paramref name="queryBuckets"/>: B·H·Sq ids, (b, h) at (b·H + h)·Sq, in original
+    /// positions; <paramref name="keyBuckets"/>: B·Hkv·Skv ids. Query head h attends key head h / (H / Hkv).
+    /// </summary>
+    public static SparsityPlan Create(int batch, int heads, int kvHeads, int queryLength, int keyLength,
+        int[] queryBuckets, int[] keyBuckets, bool causal, int blockSize = 128)
+    {
+        ArgumentNullException.ThrowIfNull(queryBuckets);
+        ArgumentNullException.ThrowIfNull(keyBuckets);
+        if (batch < 1 || heads < 1 || kvHeads < 1 || queryLength < 1 || keyLength < 1 || heads % kvHeads != 0)
+        {
+            throw new ArgumentException($"BucketPlan needs B, H, Hkv, Sq, Skv ≥ 1 with H a multiple of Hkv; got B={batch}, H={heads}, Hkv={kvHeads}, Sq={queryLength}, Skv={keyLength}");
+        }
+        if (blockSize is not (64 or 128 or 256)) throw new ArgumentOutOfRangeException(nameof(blockSize), blockSize, "blockSize must be 64, 128 or 256");
+        if (queryBuckets.LongLength != (long)batch * heads * queryLength)
+        {
+            throw new ArgumentException($"queryBuckets must hold B·H·Sq = {(long)batch * heads * queryLength} ids; got {queryBuckets.LongLength}", nameof(queryBuckets));
+        }
+        if (keyBuckets.LongLength != (long)batch * kvHeads * keyLength)
+        {
+            throw new ArgumentException($"keyBuckets must hold B·Hkv·Skv = {(long)batch * kvHeads * keyLength} ids; got {keyBuckets.LongLength}", nameof(keyBuckets));
+        }
+        (int[] queryOrder, int[] sortedQuery) = SortByBucket(queryBuckets, queryLength);
+        (int[] keyOrder, int[] sortedKey) = SortByBucket(keyBuckets, keyLength);
+        var permutation = new TokenPermutation(batch, heads, kvHeads, queryLength, keyLength, queryOrder, keyOrder);
+        var mask = new SortedBucketMask(heads, kvHeads, queryLength, keyLength, sortedQuery, sortedKey, queryOrder, keyOrder, causal);
+        BlockMask blocks = BlockMask.Create(mask, batch, heads, queryLength, keyLength, blockSize, blockSize);
+        return new SparsityPlan(blocks, null, permutation);
+    }
+
+    /// <summary>Per segment of <paramref name="length"/>: the stable order by bucket, and the buckets in that order.</summary>
+    private static (int[] Order, int[] Sorted) SortByBucket(int[] buckets, int length)
+    {
+        var order = new int[buckets.Length];
+        var sorted = new int[buckets.Length];
+        var keys = new long[length];
+        for (int start = 0; start < buckets.Length; start += length)
+        {
+            for (int i = 0; i < length; i++) keys[i] = ((long)buckets[start + i] << 32) | (uint)i;
+            Array.Sort(keys);
+            for (int i = 0; i < length; i++)
+            {
+                order[start + i] = (int)(uint)keys[i];
+                sorted[start + i] = (int)(keys[i] >> 32);
+            }
+        }
+        return (order, sorted);
+    }
+}
+
+/// <summary>
+/// The mask of <see cref="BucketPlan"/> in permuted positions: buckets ascend along each (batch, head) and original
+/// positions ascend within a bucket, so a block is Empty when its bucket ranges do not meet, and inside one bucket
+/// the causal test is a staircase decided from the block's corners.
+/// </summary>
+internal sealed class SortedBucketMask : Mask
+{
+    private readonly int _heads, _kvHeads, _sq, _skv;
+    private readonly int[] _qBucket, _kBucket, _qPos, _kPos;
+    private readonly bool _causal;
+
+    public SortedBucketMask(int heads, int kvHeads, int sq, int skv, int[] qBucket, int[] kBucket, int[] qPos, int[] kPos, bool causal)
+    {
+        (_heads, _kvHeads, _sq, _skv, _qBucket, _kBucket, _qPos, _kPos, _causal) = (heads, kvHeads, sq, skv, qBucket, kBucket, qPos, kPos, causal);
+    }
+
+    public override bool DependsOnBatch => true;
+
+    public override bool DependsOnHead => true;
+
+    private int QBase(int b, int h) => (b * _heads + h) * _sq;
+
+    private int KBase(int b, int h) => (b * _kvHeads + h / (_heads / _kvHeads)) * _skv;
+
+    public override bool Allows(in MaskExtent extent, int batch, int head, int q, int kv)
+    {
+        int qi = QBase(batch, head) + q, ki = KBase(batch, head) + kv;
+        return _qBucket[qi] >= 0 && _qBucket[qi] == _kBucket[ki] && (!_causal || _kPos[ki] <= _qPos[qi] + extent.CausalOffset);
+    }
+
+    public override BlockClass Classify(in MaskExtent extent, int batch, int head, int q0, int q1, int k0, int k1)
+    {
+        int qb = QBase(batch, head), kb = KBase(batch, head);
+        int qLo = _qBucket[qb + q0], qHi = _qBucket[qb + q1 - 1], kLo = _kBucket[kb + k0], kHi = _kBucket[kb + k1 - 1];
+        if (qHi < 0 || kHi < 0 || qHi < kLo || kHi < qLo) return BlockClass.Empty;   // dropped tokens, or buckets that never meet
+        if (qLo != qHi || kLo != kHi || qLo != kLo) return BlockClass.Partial;
+        if (!_causal) return BlockClass.Full;
+        long offset = extent.CausalOffset;
+        if (_kPos[kb + k1 - 1] <= _qPos[qb + q0] + offset) return BlockClass.Full;
+        if (_kPos[kb + k0] > _qPos[qb + q1 - 1] + offset) return BlockClass.Empty;
+        return BlockClass.Partial;
+    }
+
+    public override (int Start, int End) KeyBounds(in MaskExtent extent, int batch, int head, int q0, int q1)
+    {
+        int qb = QBase(batch, head), kb = KBase(batch, head);
+        int lo = Math.Max(0, _qBucket[qb + q0]), hi = _qBucket[qb + q1 - 1];
+        if (hi < lo) return (0, 0);
+        ReadOnlySpan<int> keys = _kBucket.AsSpan(kb, _skv);
+        return (LowerBound(keys, lo), LowerBound(keys, hi + 1));
+    }
+
+    public override bool TryRowInterval(in MaskExtent extent, int batch, int head, int q, int k0, int k1, out int start, out int end)
+    {
+        int qi = QBase(batch, head) + q, kb = KBase(batch, head);
+        int bucket = _qBucket[qi];
+        start = end = k0;
+        if (bucket < 0) return true;
+        ReadOnlySpan<int> keys = _kBucket.AsSpan(kb, _skv);
+        int lo = Math.Max(k0, LowerBound(keys, bucket)), hi = Math.Min(k1, LowerBound(keys, bucket + 1));
+        if (_causal && hi > lo)
+        {
+            // Positions ascend within the bucket: the allowed keys are a prefix of [lo, hi).
+            long limit = _qPos[qi] + extent.CausalOffset;
+            int a = lo, b = hi;
+            while (a < b)
+            {
+                int mid = (a + b) >>> 1;
+                if (_kPos[kb + mid] <= limit) a = mid + 1;
+                else b = mid;
+            }
+            hi = a;
+        }
+        if (hi > lo) (start, end) = (lo, hi);
+        return true;
+    }
+
+    public override string ToCuda(in MaskExtent extent) =>
+        throw new NotSupportedException("bucket (hash-sparse / QK-sparse) plans run on the CPU executor only");
+
+    private static int LowerBound(ReadOnlySpan<int> sorted, int value)
+    {
+        int a = 0, b = sorted.Length;
+        while (a < b)
+        {
+            int mid = (a + b) >>> 1;
+            if (sorted[mid] < value) a = mid + 1;
+            else b = mid;
+        }
+        return a;
+    }
+}
+
+/// <summary>
+/// Hash-sparse attention (Pagliardini et al. arXiv:2306.01160, after Reformer's angular LSH arXiv:2001.04451):
+/// queries and keys are hashed with one random rotation per key/value head — bucket = argmax over [x·R, −x·R] of the
+/// unit vector x, R a Gaussian D × (buckets/2) — and each query attends the keys of its own bucket (causally), run
+/// as a <see cref="BucketPlan"/>. Pairs with a large cosine similarity share a bucket more often; a query whose
+/// bucket holds no visible key gets output 0, so the error can be large on inputs without that structure.
+/// </summary>
+public sealed class HashSparseSelector : ISparsitySelector
+{
+    private readonly int _buckets = 8, _blockSize = 128;
+
+    /// <summary>Number of buckets: even, 2..1024 (default 8).</summary>
+    public int Buckets
+    {
+        get => _buckets;
+        init
+        {
+            if (value < 2 || value > 1024 || value % 2 != 0) throw new ArgumentOutOfRangeException(nameof(Buckets), value, "Buckets must be even, 2..1024");
+            _buckets = value;
+        }
+    }
+
+    /// <summary>Seed of the random rotations.</summary>
+    public int Seed { get; init; }
+
+    /// <summary>Block size of the permuted plan: 64, 128 or 256.</summary>
+    public int BlockSize
+    {
+        get => _blockSize;
+        init => _blockSize = value is 64 or 128 or 256 ? value : throw new ArgumentOutOfRangeException(nameof(BlockSize), value, "BlockSize must be 64, 128 or 256");
+    }
+
+    /// <inheritdoc/>
+    public string Name => $"hash(buckets={Buckets})";
+
+    /// <inheritdoc/>
+    public override string ToString() => Name;
+
+    /// <inheritdoc/>
+    public SparsityPlan Plan<T>(TensorView<T> q, TensorView<T> k, bool causal = true, float? scale = null) where T : unmanaged
+    {
+        if (q.Rank != 4) throw new ArgumentException($"q must be [B, Sq, H, D]; got rank {q.Rank}", nameof(q));
+        if (k.Rank != 4) throw new ArgumentException($"k must be [B, Skv, Hkv, D]; got rank {k.Rank}", nameof(k));
+        int batch = q.Dim(0), sq = q.Dim(1), heads = q.Dim(2), d = q.Dim(3), skv = k.Dim(1), kvHeads = k.Dim(2);
+        if (k.Dim(0) != batch || k.Dim(3) != d || kvHeads < 1 || heads % kvHeads != 0)
+        {
+            throw new ArgumentException($"k must be [B={batch}, Skv, Hkv dividing H={heads}, D={d}]; got {k.ShapeString()}", nameof(k));
+        }
+        int half = Buckets / 2;
+        var rotations = new float[kvHeads][];
+        var rng = new Random(Seed);
+        for (int h = 0; h < kvHeads; h++)
+        {
+            rotations[h] = new float[d * half];
+            for (int i = 0; i < rotations[h].Length; i++) rotations[h][i] = (float)(Math.Sqrt(-2 * Math.Log(1 - rng.NextDouble())) * Math.Cos(2 * Math.PI * rng.NextDouble()));
+        }
+        var queryBuckets = new int[batch * heads * sq];
+        var keyBuckets = new int[batch * kvHeads * skv];
+        Parallel.For(0, batch * heads, index =>
+        {
+            int b = index / heads, h = index % heads;
+            Hash(q, b, h, sq, d, rotations[h / (heads / kvHeads)], half, queryBuckets.AsSpan(index * sq, sq));
+        });
+        Parallel.For(0, batch * kvHeads, index =>
+        {
+            int b = index / kvHeads, h = index % kvHeads;
+            Hash(k, b, h, skv, d, rotations[h], half, keyBuckets.AsSpan(index * skv, skv));
+        });
+        return BucketPlan.Create(batch, heads, kvHeads, sq, skv, queryBuckets, keyBuckets, causal, BlockSize);
+    }
+
+    private static void Hash<T>(TensorView<T> x, int b, int h, int length, int d, float[] rotation, int half, Span<int> buckets) where T : unmanaged
+    {
+        var row = new float[d];
+        var projection = new float[half];
+        for (int s = 0; s < length; s++)
+        {
+            x.CopyRow(b, s, h, row);
+            Array.Clear(projection);
+            for (int i = 0; i < d; i++)
+            {
+                float xi = row[i];
+                ReadOnlySpan<float> r = rotation.AsSpan(i * half, half);
+                for (int j = 0; j < half; j++) projection[j] += xi * r[j];
+            }
+            int best = 0;
+            float bestValue = float.NegativeInfinity;
+            for (int j = 0; j < half; j++)
+            {
+                // The argmax over [xR, −xR] does not depend on |x|: no normalisation needed. NaN rows land in bucket 0.
+                if (projection[j] > bestValue) (best, bestValue) = (j, projection[j]);
+                if (-projection[j] > bestValue) (best, bestValue) = (j + half, -projection[j]);
+            }
+            buckets[s] = best;
+        }
+    }
+}

@@ -1,0 +1,124 @@
+using Attend.Masks;
+using Attend.Sparse;
+using Attend.Tensors;
+using Xunit;
+
+namespace Attend.Tests;
+
+/// <summary>Token permutations, bucket plans (hash-sparse / QK-sparse) and the hash selector.</summary>
+public class BucketPlanTests
+{
+    private static int[] RandomBuckets(int count, int buckets, int seed, double dropped)
+    {
+        var rng = new Random(seed);
+        return [.. Enumerable.Range(0, count).Select(_ => rng.NextDouble() < dropped ? -1 : rng.Next(buckets))];
+    }
+
+    /// <summary>The permuted executor against the float64 reference of the same pairs, on awkward sizes, GQA, Sq ≠ Skv and dropped tokens.</summary>
+    [Theory]
+    [InlineData(1, 1, 1, 1, 1, 40, true)]
+    [InlineData(1, 7, 7, 2, 1, 64, true)]
+    [InlineData(2, 97, 97, 4, 2, 80, false)]
+    [InlineData(1, 257, 257, 2, 2, 128, true)]
+    [InlineData(1, 97, 257, 2, 1, 64, true)]
+    [InlineData(1, 257, 97, 2, 2, 256, false)]
+    [InlineData(1, 1025, 1025, 1, 1, 64, true)]
+    public void BucketPlanMatchesTheReference(int b, int sq, int skv, int h, int hkv, int d, bool causal)
+    {
+        foreach ((int buckets, double dropped, int block) in new[] { (1, 0.0, 64), (3, 0.2, 128), (8, 0.0, 64) })
+        {
+            int[] qb = RandomBuckets(b * h * sq, buckets, sq + buckets, dropped);
+            int[] kb = RandomBuckets(b * hkv * skv, buckets, skv + 7 * buckets, dropped);
+            SparsityPlan plan = BucketPlan.Create(b, h, hkv, sq, skv, qb, kb, causal, block);
+            AttentionConformance.Check<float>(b, sq, skv, h, hkv, d, new AttentionOptions { Plan = plan }, $"buckets={buckets} dropped={dropped} causal={causal}",
+                (q, k, v, o, lse, options) => Attention.Forward(q, k, v, o, options, lse));
+        }
+    }
+
+    /// <summary>Every pair of the plan against the rule itself: same bucket, not dropped, causal — so block classes are right.</summary>
+    [Fact]
+    public void BucketPlanAllowsExactlyTheRule()
+    {
+        const int b = 2, h = 4, hkv = 2, sq = 300, skv = 333;
+        int[] qb = RandomBuckets(b * h * sq, 4, 1, 0.1), kb = RandomBuckets(b * hkv * skv, 4, 2, 0.1);
+        foreach (bool causal in new[] { false, true })
+        {
+            SparsityPlan plan = BucketPlan.Create(b, h, hkv, sq, skv, qb, kb, causal, 64);
+            for (int bi = 0; bi < b; bi++)
+                for (int hi = 0; hi < h; hi++)
+                    for (int q = 0; q < sq; q++)
+                        for (int kv = 0; kv < skv; kv++)
+                        {
+                            int qBucket = qb[(bi * h + hi) * sq + q], kBucket = kb[(bi * hkv + hi / 2) * skv + kv];
+                            bool expected = qBucket >= 0 && qBucket == kBucket && (!causal || kv <= q + skv - sq);
+                            Assert.True(expected == plan.Allows(bi, hi, q, kv), $"causal={causal} b={bi} h={hi} q={q} kv={kv}: expected {expected}");
+                        }
+            // One bucket, nothing dropped: the dense (causal) pattern, so most blocks are Full.
+            SparsityPlan one = BucketPlan.Create(1, 1, 1, 512, 512, new int[512], new int[512], causal, 64);
+            Assert.Equal(causal ? 513.0 / 1024 : 1.0, Metrics.Density(one, causal: false), 6);
+        }
+    }
+
+    [Fact]
+    public void DroppedQueriesGiveZeroOutputAndMinusInfinityLse()
+    {
+        const int s = 130, d = 40;
+        TensorView<float> q = TestData.Random<float>(1, 1, s, 1, d), k = TestData.Random<float>(2, 1, s, 1, d), v = TestData.Random<float>(3, 1, s, 1, d);
+        int[] buckets = [.. Enumerable.Range(0, s).Select(i => i % 3 == 0 ? -1 : 0)];
+        SparsityPlan plan = BucketPlan.Create(1, 1, 1, s, s, buckets, buckets, causal: true);
+        var o = new TensorView<float>(new float[s * d], 1, s, 1, d);
+        var lse = new TensorView<float>(new float[s], 1, s, 1);
+        Attention.Forward(q, k, v, o, new AttentionOptions { Plan = plan }, lse);
+        for (int i = 0; i < s; i += 3)
+        {
+            Assert.Equal(float.NegativeInfinity, lse[0, i, 0]);
+            for (int x = 0; x < d; x++) Assert.Equal(0f, o[0, i, 0, x]);
+        }
+        Assert.True(float.IsFinite(lse[0, 1, 0]));
+    }
+
+    /// <summary>Shared-QK hashing (q = k, as Reformer): every query lands in its own key's bucket, so it sees itself.</summary>
+    [Fact]
+    public void HashSelectorPutsEqualVectorsInOneBucket()
+    {
+        const int s = 500, h = 2, d = 64;
+        TensorView<float> x = TestData.Random<float>(5, 1, s, h, d);
+        var selector = (HashSparseSelector)Selectors.ParseAny("hash:buckets=16,seed=3,block=64");
+        SparsityPlan plan = selector.Plan(x, x, causal: true);
+        Assert.NotNull(plan.Permutation);
+        for (int hi = 0; hi < h; hi++)
+            for (int i = 0; i < s; i++)
+            {
+                Assert.True(plan.Allows(0, hi, i, i), $"h={hi} query {i} does not see its own key");
+                if (i + 1 < s) Assert.False(plan.Allows(0, hi, i, i + 1), "future key");
+            }
+        // Sixteen buckets: about 1/16 of the causal pairs.
+        double density = Metrics.Density(plan, causal: true);
+        Assert.InRange(density, 0.02, 0.3);
+        Assert.Equal("hash(buckets=16)", selector.Name);
+
+        // A hash plan runs exactly: the executor against the float64 reference of the plan's pairs.
+        TensorView<float> hq = TestData.Random<float>(6, 1, 257, 2, 64), hk = TestData.Random<float>(7, 1, 257, 1, 64);
+        AttentionConformance.Check<float>(1, 257, 257, 2, 1, 64, new AttentionOptions { Plan = selector.Plan(hq, hk, causal: true) }, "hash plan",
+            (q, k, v, o, lse, options) => Attention.Forward(q, k, v, o, options, lse));
+    }
+
+    [Fact]
+    public void BadInputIsNamed()
+    {
+        Assert.Contains("queryOrder", Assert.Throws<ArgumentException>(() => new TokenPermutation(1, 1, 1, 3, 3, [0, 0, 1], [0, 1, 2])).Message);
+        Assert.Contains("keyOrder must hold", Assert.Throws<ArgumentException>(() => new TokenPermutation(1, 1, 1, 3, 3, [0, 1, 2], [0, 1])).Message);
+        Assert.Contains("keyBuckets", Assert.Throws<ArgumentException>(() => BucketPlan.Create(1, 2, 1, 4, 4, new int[8], new int[3], true)).Message);
+        Assert.Throws<ArgumentOutOfRangeException>(() => BucketPlan.Create(1, 1, 1, 4, 4, new int[4], new int[4], true, blockSize: 100));
+        Assert.Throws<ArgumentOutOfRangeException>(() => new HashSparseSelector { Buckets = 3 });
+        Assert.Contains("hash takes", Assert.Throws<ArgumentException>(() => Selectors.ParseAny("hash:zz=1")).Message);
+
+        SparsityPlan plan = BucketPlan.Create(1, 2, 1, 8, 8, new int[16], new int[8], true, 64);
+        TensorView<float> q = TestData.Random<float>(1, 1, 8, 2, 16), k = TestData.Random<float>(2, 1, 8, 1, 16);
+        var o = new TensorView<float>(new float[8 * 2 * 16], 1, 8, 2, 16);
+        Assert.Contains("AlibiSlopes or Bias", Assert.Throws<ArgumentException>(() =>
+            Attention.Forward(q, k, k, o, new AttentionOptions { Plan = plan, AlibiSlopes = [0.5f, 0.25f] })).Message);
+        TensorView<float> k2 = TestData.Random<float>(2, 1, 8, 2, 16);
+        Assert.Contains("Hkv=1", Assert.Throws<ArgumentException>(() => Attention.Forward(q, k2, k2, o, new AttentionOptions { Plan = plan })).Message);
+    }
+}
