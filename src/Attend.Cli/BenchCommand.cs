@@ -27,8 +27,8 @@ internal static class BenchCommand
         var kvHeads = new Option<int>("--kv-heads") { Description = "key/value heads (default = heads)" };
         var batch = new Option<int>("--batch") { Description = "batch size", DefaultValueFactory = _ => 1 };
         var causal = new Option<string>("--causal") { Description = "both | yes | no", DefaultValueFactory = _ => "both" };
-        var dtype = new Option<string>("--dtype") { Description = "f32 | f16 | bf16 (default: f32 on cpu, bf16 on cuda)" };
-        var threads = new Option<int>("--threads") { Description = "worker threads (0: all cores)" };
+        var dtype = new Option<string[]>("--dtype") { Description = "f32 | f16 | bf16 (default: f32 on cpu, bf16 on cuda); several make an axis of the dense rows", AllowMultipleArgumentsPerToken = true };
+        var threads = new Option<int[]>("--threads") { Description = "worker threads (0: all cores); several make an axis of the dense rows, other suites use the first", AllowMultipleArgumentsPerToken = true };
         var path = new Option<KernelPath>("--path") { Description = "SIMD path (Auto, Scalar, Vector128, Vector256, Vector512)" };
         var blockQ = new Option<int>("--block-q") { Description = "CPU query rows per work item (KernelTuning.BlockQ)", DefaultValueFactory = _ => 128 };
         var csv = new Option<string?>("--csv") { Description = "also write the rows as CSV (the JSON row fields as columns)" };
@@ -62,7 +62,9 @@ internal static class BenchCommand
             if (cuda && suiteName == "masks") suiteName = "gpu-masks";
             if (cuda && suiteName == "decode") suiteName = "gpu-decode";
             if (suiteName == "gpu" && !cuda) throw new ArgumentException("--suite gpu needs --device cuda");
-            int threadCount = r.GetValue(threads) is > 0 and var t ? t : Environment.ProcessorCount;
+            int[] threadCounts = r.GetValue(threads) is { Length: > 0 } ts ? [.. ts.Select(t => t > 0 ? t : Environment.ProcessorCount)] : [Environment.ProcessorCount];
+            DType[] dtypes = r.GetValue(dtype) is { Length: > 0 } dts ? [.. dts.Select(DTypes.Parse)] : [cuda ? DType.BFloat16 : DType.Float32];
+            if (dtypes.Contains(DType.Float64)) throw new ArgumentException("--dtype must be f32, f16 or bf16");
             var plan = new BenchPlan
             {
                 Lengths = r.GetValue(seq) is { Length: > 0 } s ? s : cuda ? [4096, 16384] : suiteName == "sparse" ? [32768] : [1024, 4096, 16384],
@@ -77,8 +79,8 @@ internal static class BenchCommand
                     "no" => [false],
                     var c => throw new ArgumentException($"--causal must be both, yes or no; got '{c}'"),
                 },
-                DType = r.GetValue(dtype) is { } dt ? DTypes.Parse(dt) : cuda ? DType.BFloat16 : DType.Float32,
-                Threads = threadCount,
+                DTypes = dtypes,
+                ThreadCounts = threadCounts,
                 Path = r.GetValue(path),
                 Reps = Math.Max(5, r.GetValue(reps)),
                 BlockQ = r.GetValue(blockQ),
@@ -86,7 +88,6 @@ internal static class BenchCommand
                 Inputs = r.GetValue(inputs),
                 Selectors = r.GetValue(selectors) is { Length: > 0 } sel ? [.. sel.Select(Sparse.Selectors.ParseAny)] : null,
             };
-            if (plan.DType == DType.Float64) throw new ArgumentException("--dtype must be f32, f16 or bf16");
             string? jsonPath = r.GetValue(json);
             bool quiet = jsonPath == "-";
             BenchReport report = Run(suiteName, plan, quiet);
@@ -115,8 +116,14 @@ internal static class BenchCommand
         public int KvHeads { get; init; }
         public int Batch { get; init; } = 1;
         public required bool[] Causal { get; init; }
-        public DType DType { get; init; } = DType.Float32;
-        public int Threads { get; init; }
+        /// <summary>Element types of the dense rows (an axis); other suites use the first.</summary>
+        public DType[] DTypes { get; init; } = [DType.Float32];
+
+        /// <summary>Worker thread counts of the dense rows (an axis); other suites use the first.</summary>
+        public int[] ThreadCounts { get; init; } = [Environment.ProcessorCount];
+
+        public DType DType => DTypes[0];
+        public int Threads => ThreadCounts[0];
         public KernelPath Path { get; init; }
         public int Reps { get; init; } = 5;
         public int BlockQ { get; init; } = 128;
@@ -140,6 +147,15 @@ internal static class BenchCommand
 
         /// <summary>Time of the same run's dense baseline divided by this row's time.</summary>
         public double? SpeedupVsDense { get; init; }
+
+        /// <summary>
+        /// The row's mask in the peers script's vocabulary (full, causal, window:W, blocks:D, decode), so the report can
+        /// set Attend and peer rows of the same mask and shape side by side; null for masks the peers do not run.
+        /// </summary>
+        public string? Mask { get; init; }
+
+        /// <summary>Memory of one call (CPU rows): managed bytes allocated and peak resident growth.</summary>
+        public MemoryUse? Memory { get; init; }
 
         /// <summary>A one-line note (the baseline, the bar).</summary>
         public string? Note { get; init; }
@@ -183,7 +199,8 @@ internal static class BenchCommand
                     ["headDim"] = row.HeadDim, ["causal"] = row.Causal, ["threads"] = row.Threads, ["path"] = row.Path.ToString(),
                     ["medianMs"] = JsonOutput.Number(row.MedianMs), ["minMs"] = JsonOutput.Number(row.MinMs), ["maxMs"] = JsonOutput.Number(row.MaxMs), ["reps"] = row.Reps,
                     ["usefulGflop"] = row.UsefulFlops / 1e9, ["gflops"] = JsonOutput.Number(row.Gflops), ["peakFraction"] = JsonOutput.Number(row.PeakFraction),
-                    ["density"] = row.Density, ["speedupVsDense"] = row.SpeedupVsDense, ["note"] = row.Note,
+                    ["mask"] = row.Mask, ["density"] = row.Density, ["speedupVsDense"] = row.SpeedupVsDense, ["note"] = row.Note,
+                    ["allocatedBytes"] = row.Memory?.AllocatedBytes, ["peakRssGrowthBytes"] = row.Memory?.PeakResidentGrowthBytes,
                     ["selectionMs"] = JsonOutput.Number(row.SelectionMs), ["relativeL2"] = JsonOutput.Number(row.RelativeL2),
                     ["cosine"] = JsonOutput.Number(row.Cosine), ["recall"] = JsonOutput.Number(row.Recall), ["needleHitRate"] = JsonOutput.Number(row.NeedleHitRate),
                     ["planPicture"] = row.PlanPicture is { } pic ? new JsonArray([.. pic.Select(l => (JsonNode)l)]) : null,
@@ -250,6 +267,7 @@ internal static class BenchCommand
     {
         var rows = new List<BenchRow>();
         double peak = 0, peakOne = 0, copy = 0;
+        var peaks = new Dictionary<int, double>();   // FMA peak per thread count of the threads axis
         var cases = suite is "peak" or "gpu" or "gpu-masks" or "gpu-decode" or "masks" or "sparse" or "sparse-real" or "linear" or "decode" or "decode-real" ? [] : DenseCases(plan).ToList();
         int gpuCases = suite == "gpu" ? plan.Lengths.Length * plan.HeadDims.Length * plan.Causal.Length : 0;
         gpuCases += suite == "masks" ? MaskBench.Steps : suite == "linear" ? LinearBench.Steps : suite == "decode" ? DecodeBench.Steps : 0;
@@ -260,13 +278,16 @@ internal static class BenchCommand
                 status("measuring the FMA peak");
                 peak = PeakProbe.FmaGflops(plan.Threads);
                 peakOne = PeakProbe.FmaGflops(1);
+                peaks[plan.Threads] = peak;
+                peaks[1] = peakOne;
+                foreach (int t in plan.ThreadCounts) if (!peaks.ContainsKey(t)) peaks[t] = PeakProbe.FmaGflops(t);
                 copy = PeakProbe.CopyGBps(plan.Threads);
             }
             advance();
             foreach (DenseCase c in cases)
             {
                 status(c.Describe());
-                rows.Add(TimeDense(c, plan, peak));
+                rows.Add(TimeDense(c, plan, peaks.GetValueOrDefault(c.Threads, peak)));
                 advance();
             }
             if (suite == "gpu") rows.AddRange(GpuBench.Run(plan, status, advance));
@@ -297,9 +318,9 @@ internal static class BenchCommand
         return new BenchReport(suite, peak, peakOne, copy, plan.Threads, rows);
     }
 
-    internal sealed record DenseCase(int Batch, int Heads, int KvHeads, int Length, int HeadDim, bool Causal)
+    internal sealed record DenseCase(int Batch, int Heads, int KvHeads, int Length, int HeadDim, bool Causal, DType DType, int Threads)
     {
-        public string Describe() => $"dense S={Length} D={HeadDim}{(Causal ? " causal" : "")}";
+        public string Describe() => $"dense S={Length} D={HeadDim}{(Causal ? " causal" : "")} {Attend.Tensors.DTypes.Name(DType)} {Threads}t";
     }
 
     private static IEnumerable<DenseCase> DenseCases(BenchPlan plan)
@@ -307,13 +328,15 @@ internal static class BenchCommand
         foreach (int s in plan.Lengths)
             foreach (int d in plan.HeadDims)
                 foreach (bool c in plan.Causal)
-                {
-                    int h = plan.Heads > 0 ? plan.Heads : s > 8192 ? 2 : 8;
-                    yield return new DenseCase(plan.Batch, h, plan.KvHeads > 0 ? plan.KvHeads : h, s, d, c);
-                }
+                    foreach (DType dtype in plan.DTypes)
+                        foreach (int threads in plan.ThreadCounts)
+                        {
+                            int h = plan.Heads > 0 ? plan.Heads : s > 8192 ? 2 : 8;
+                            yield return new DenseCase(plan.Batch, h, plan.KvHeads > 0 ? plan.KvHeads : h, s, d, c, dtype, threads);
+                        }
     }
 
-    private static BenchRow TimeDense(DenseCase c, BenchPlan plan, double peak) => plan.DType switch
+    private static BenchRow TimeDense(DenseCase c, BenchPlan plan, double peak) => c.DType switch
     {
         DType.Float16 => TimeDense<Half>(c, plan, peak),
         DType.BFloat16 => TimeDense<BFloat16>(c, plan, peak),
@@ -327,19 +350,28 @@ internal static class BenchCommand
         TensorView<T> v = RandomView<T>(3, c.Batch, c.Length, c.KvHeads, c.HeadDim);
         var o = new TensorView<T>(new T[q.ElementCount], c.Batch, c.Length, c.Heads, c.HeadDim);
         var options = new AttentionOptions { Causal = c.Causal };
-        var tuning = new KernelTuning { Threads = plan.Threads, Path = plan.Path, BlockQ = plan.BlockQ };
-        List<double> times = Measure(() => Attention.Forward(q, k, v, o, options, tuning: tuning), plan.Reps);
+        var tuning = new KernelTuning { Threads = c.Threads, Path = plan.Path, BlockQ = plan.BlockQ };
+        Timing t = Measure(() => Attention.Forward(q, k, v, o, options, tuning: tuning), plan.Reps);
         AttentionShape shape = AttentionShape.Of(q, k, v);
-        return new BenchRow("dense", c.Causal ? "dense-causal" : "dense", plan.DType, c.Batch, c.Heads, c.KvHeads, c.Length, c.HeadDim, c.Causal,
-            plan.Threads, tuning.EffectivePath, times[times.Count / 2], times[0], times[^1], times.Count,
-            c.Causal ? shape.CausalFlops : shape.DenseFlops, peak);
+        // % of peak is against the FMA peak measured with the row's own thread count.
+        return new BenchRow("dense", c.Causal ? "dense-causal" : "dense", c.DType, c.Batch, c.Heads, c.KvHeads, c.Length, c.HeadDim, c.Causal,
+            c.Threads, tuning.EffectivePath, t.MedianMs, t.MinMs, t.MaxMs, t.Count, c.Causal ? shape.CausalFlops : shape.DenseFlops, peak) { Memory = t.Memory, Mask = c.Causal ? "causal" : "full" };
+    }
+
+    /// <summary>Sorted times of the timed calls and the memory of one more call.</summary>
+    internal sealed record Timing(IReadOnlyList<double> SortedMs, MemoryUse Memory)
+    {
+        public double MedianMs => SortedMs[SortedMs.Count / 2];
+        public double MinMs => SortedMs[0];
+        public double MaxMs => SortedMs[^1];
+        public int Count => SortedMs.Count;
     }
 
     /// <summary>
     /// Warm-up (at least 2 calls and 0.2 s, so tiered JIT and caches settle), then at least <paramref name="reps"/>
-    /// timed calls and at least half a second; sorted ms.
+    /// timed calls and at least half a second, then one untimed call observed by <see cref="MemoryProbe"/>.
     /// </summary>
-    internal static List<double> Measure(Action action, int reps)
+    internal static Timing Measure(Action action, int reps)
     {
         var warm = Stopwatch.StartNew();
         for (int i = 0; (i < 2 && warm.Elapsed.TotalSeconds < 1) || (warm.Elapsed.TotalSeconds < 0.2 && i < 50); i++) action();
@@ -352,7 +384,7 @@ internal static class BenchCommand
             times.Add(sw.Elapsed.TotalMilliseconds);
         }
         times.Sort();
-        return times;
+        return new Timing(times, MemoryProbe.Observe(action));
     }
 
     internal static TensorView<T> RandomView<T>(int seed, int b, int s, int h, int d) where T : unmanaged
@@ -383,13 +415,14 @@ internal static class BenchCommand
         List<BenchRow> speedRows = [.. report.Rows.Where(r => r.Suite != "sparse")];
         if (speedRows.Count > 0)
         {
-            var table = new Table().AddColumns("method", "backend", "dtype", "B", "H", "S", "D", "path", "median ms", "min..max ms", "GFLOPS", "% peak", "density", "vs dense");
+            var table = new Table().AddColumns("method", "backend", "dtype", "B", "H", "S", "D", "path", "thr", "median ms", "min..max ms", "GFLOPS", "% peak", "density", "vs dense", "alloc MiB", "peak+ MiB");
             foreach (BenchRow r in speedRows)
             {
                 table.AddRow(Markup.Escape(r.Method), r.Backend, DTypes.Name(r.DType), r.Batch.ToString(), r.Heads == r.KvHeads ? r.Heads.ToString() : $"{r.Heads}/{r.KvHeads}",
-                    r.Length.ToString(), r.HeadDim.ToString(), r.Path.ToString(), $"{r.MedianMs:F2}", $"{r.MinMs:F2}..{r.MaxMs:F2}",
+                    r.Length.ToString(), r.HeadDim.ToString(), r.Path.ToString(), r.Threads > 0 ? r.Threads.ToString() : "", $"{r.MedianMs:F2}", $"{r.MinMs:F2}..{r.MaxMs:F2}",
                     r.UsefulFlops > 0 ? $"{r.Gflops:F1}" : "-", r.UsefulFlops > 0 && r.PeakGflops > 0 ? $"{100 * r.PeakFraction:F1}%" : "-",
-                    r.Density is { } dn ? $"{dn:F3}" : "", r.SpeedupVsDense is { } sp ? $"{sp:F2}x" : "");
+                    r.Density is { } dn ? $"{dn:F3}" : "", r.SpeedupVsDense is { } sp ? $"{sp:F2}x" : "",
+                    r.Memory is { } m ? $"{m.AllocatedBytes / 1048576.0:F2}" : "", r.Memory?.PeakResidentGrowthBytes is { } g ? $"{g / 1048576.0:F1}" : "");
             }
             AnsiConsole.Write(table);
         }
@@ -410,6 +443,7 @@ internal static class BenchCommand
         foreach (BenchRow r in report.Rows.Where(r => r.Note is not null))
             AnsiConsole.MarkupLine($"[grey]{Markup.Escape(r.Method)}: {Markup.Escape(r.Note!)}[/]");
         AnsiConsole.MarkupLine("[grey]GFLOPS count useful FLOPs: 4·B·H·S²·D, halved (exactly) for causal. GPU rows: CUDA events; % of a nominal 800 TFLOPS.[/]");
+        AnsiConsole.MarkupLine("[grey]alloc MiB: managed bytes one call allocates; peak+ MiB: growth of the process's peak resident memory during one call (managed + native).[/]");
         if (Cuda.CudaBackend.IsAvailable && report.Rows.Any(r => r.Backend == "cuda"))
         {
             foreach ((string kernel, Cuda.CudaKernel k) in Cuda.CudaBackend.Device.Kernels)

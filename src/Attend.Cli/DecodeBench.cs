@@ -34,12 +34,13 @@ internal static class DecodeBench
         var rows = new List<BenchCommand.BenchRow>();
 
         status("dense decode step");
-        List<double> t = BenchCommand.Measure(() => DecodeAttention.Forward(q, cache, seq, 0, dense, tuning: tuning), plan.Reps);
-        double denseMs = t[t.Count / 2];
+        BenchCommand.Timing t = BenchCommand.Measure(() => DecodeAttention.Forward(q, cache, seq, 0, dense, tuning: tuning), plan.Reps);
+        double denseMs = t.MedianMs;
         double gbps = bytes / (denseMs * 1e-3) / 1e9;
         rows.Add(new BenchCommand.BenchRow("decode", "dense decode f16", DType.Float16, 1, heads, kvHeads, length, d, false, plan.Threads, KernelPath.Auto,
-            denseMs, t[0], t[^1], t.Count, 4.0 * heads * length * d, 0)
+            denseMs, t.MinMs, t.MaxMs, t.Count, 4.0 * heads * length * d, 0)
         {
+            Memory = t.Memory,
             SpeedupVsDense = 1.0,
             Note = $"{gbps:F1} GB/s of K+V read = {100 * gbps / copyGBps:F0}% of the copy bandwidth measured now ({copyGBps:F1} GB/s); bar >= 70%: {(gbps >= 0.7 * copyGBps ? "met" : "MISSED")}",
         });
@@ -48,13 +49,14 @@ internal static class DecodeBench
         status("Quest 1/16 decode step");
         var quest = new DecodeOptions { Policy = new QuestPolicy(length / 16) };
         var sparse = new TensorView<float>(new float[heads * d], 1, heads, d);
-        List<double> tq = BenchCommand.Measure(() => DecodeAttention.Forward(q, cache, seq, 0, sparse, quest, tuning: tuning), plan.Reps);
-        double questMs = tq[tq.Count / 2];
+        BenchCommand.Timing tq = BenchCommand.Measure(() => DecodeAttention.Forward(q, cache, seq, 0, sparse, quest, tuning: tuning), plan.Reps);
+        double questMs = tq.MedianMs;
         float[] a = dense.ToArray(), b = sparse.ToArray();
         double err = Math.Sqrt(a.Zip(b).Sum(p => (double)(p.First - p.Second) * (p.First - p.Second)) / a.Sum(x => (double)x * x));
         rows.Add(new BenchCommand.BenchRow("decode", "Quest 1/16", DType.Float16, 1, heads, kvHeads, length, d, false, plan.Threads, KernelPath.Auto,
-            questMs, tq[0], tq[^1], tq.Count, 4.0 * heads * length / 16 * d, 0)
+            questMs, tq.MinMs, tq.MaxMs, tq.Count, 4.0 * heads * length / 16 * d, 0)
         {
+            Memory = tq.Memory,
             Density = 1.0 / 16,
             SpeedupVsDense = denseMs / questMs,
             Note = $"{denseMs / questMs:F1}x dense (bar >= 8x: {(denseMs / questMs >= 8 ? "met" : "MISSED")}); relative L2 error {err:F3} on random keys (recall bar needs structured inputs: not measured yet)",

@@ -43,7 +43,7 @@ internal static class GpuBench
         var shape = new AttentionShape(b, s, s, h, hkv, d, d);
         return new BenchCommand.BenchRow("gpu", causal ? "dense-causal" : "dense", plan.DType, b, h, hkv, s, d, causal, 0, KernelPath.Auto,
             times[times.Count / 2], times[0], times[^1], times.Count, causal ? shape.CausalFlops : shape.DenseFlops, NominalPeakGflops)
-        { Backend = "cuda" };
+        { Backend = "cuda", Mask = causal ? "causal" : "full" };
     }
 
     /// <summary>
@@ -64,16 +64,16 @@ internal static class GpuBench
             using DeviceTensor<BFloat16> o = DeviceTensor<BFloat16>.Allocate(1, s, h, d);
             var shape = new AttentionShape(1, s, s, h, h, d, d);
             int reps = Math.Max(20, plan.Reps);
-            BenchCommand.BenchRow Row(string name, AttentionOptions options, double visited, double? baseline, string note)
+            BenchCommand.BenchRow Row(string name, string mask, AttentionOptions options, double visited, double? baseline, string note)
             {
                 status($"cuda {name} S={s}");
                 List<double> t = CudaTimer.Measure(() => CudaAttention.Forward(q, k, v, o, options), reps);
                 double ms = t[t.Count / 2];
                 return new BenchCommand.BenchRow("gpu-masks", name, DType.BFloat16, 1, h, h, s, d, false, 0, KernelPath.Auto,
                     ms, t[0], t[^1], t.Count, shape.DenseFlops * visited, NominalPeakGflops)
-                { Backend = "cuda", Density = visited, SpeedupVsDense = baseline is { } b ? b / ms : 1, Note = note };
+                { Backend = "cuda", Mask = mask, Density = visited, SpeedupVsDense = baseline is { } b ? b / ms : 1, Note = note };
             }
-            BenchCommand.BenchRow dense = Row("dense", AttentionOptions.Default, 1, null, "baseline (non-causal)");
+            BenchCommand.BenchRow dense = Row("dense", "full", AttentionOptions.Default, 1, null, "baseline (non-causal)");
             rows.Add(dense);
             int blocks = (s + 127) / 128;
             var rng = new Random(0);
@@ -83,15 +83,15 @@ internal static class GpuBench
             var random = BlockMask.FromBlocks(1, 1, s, s, 128, 128, (_, _, qb) => Enumerable.Range(0, blocks).Where(j => keep[qb, j]).Select(j => (j, BlockClass.Full)));
             var broadcast = BlockMask.FromBlocks(1, h, s, s, 128, 128, (_, _, qb) => Enumerable.Range(0, blocks).Where(j => keep[qb, j]).Select(j => (j, BlockClass.Full)));
             double visited = 1 - random.Sparsity;
-            BenchCommand.BenchRow sparse = Row("random blocks d=0.1", new AttentionOptions { Plan = broadcast }, visited, dense.MedianMs, "");
+            BenchCommand.BenchRow sparse = Row("random blocks d=0.1", "blocks:0.1", new AttentionOptions { Plan = broadcast }, visited, dense.MedianMs, "");
             rows.Add(sparse with { Note = $"bar: <= 0.13x dense time: {sparse.MedianMs / dense.MedianMs:F3}x {(sparse.MedianMs <= 0.13 * dense.MedianMs ? "met" : "MISSED")}; visited {visited:F3}" });
-            BenchCommand.BenchRow causal = Row("dense causal", new AttentionOptions { Causal = true }, 0.5, dense.MedianMs, "");
+            BenchCommand.BenchRow causal = Row("dense causal", "causal", new AttentionOptions { Causal = true }, 0.5, dense.MedianMs, "");
             rows.Add(causal);
             double windowPairs = (1024.0 * s) - (1024.0 * 1023 / 2);
-            rows.Add(Row("causal window 1024", new AttentionOptions { Mask = Mask.Causal & Mask.SlidingWindow(1023) }, windowPairs / ((double)s * s), dense.MedianMs,
+            rows.Add(Row("causal window 1024", "window:1024", new AttentionOptions { Mask = Mask.Causal & Mask.SlidingWindow(1023) }, windowPairs / ((double)s * s), dense.MedianMs,
                 "mask planned per call (host, analytic) and its plan uploaded per call"));
             BlockMask windowPlan = BlockMask.Create(Mask.Causal & Mask.SlidingWindow(1023), 1, h, s, s, 128, 128);
-            rows.Add(Row("causal window 1024 (plan)", new AttentionOptions { Plan = windowPlan }, windowPairs / ((double)s * s), dense.MedianMs, "plan built once, as FlexAttention's block mask"));
+            rows.Add(Row("causal window 1024 (plan)", "window:1024", new AttentionOptions { Plan = windowPlan }, windowPairs / ((double)s * s), dense.MedianMs, "plan built once, as FlexAttention's block mask"));
         }
         return rows;
     }
@@ -116,7 +116,7 @@ internal static class GpuBench
             double tbps = CudaDecode.BytesRead(1, skv, hkv, d) / (ms * 1e-3) / 1e12;
             rows.Add(new BenchCommand.BenchRow("gpu-decode", $"decode {hq}/{hkv} heads", DType.BFloat16, 1, hq, hkv, skv, d, false, 0, KernelPath.Auto,
                 ms, t[0], t[^1], t.Count, 4.0 * hq * skv * d, NominalPeakGflops)
-            { Backend = "cuda", Note = $"{tbps:F2} TB/s of K+V read (bar >= 2.8 at 131072 keys: {(skv == 131072 ? (tbps >= 2.8 ? "met" : "MISSED") : "n/a")})" });
+            { Backend = "cuda", Mask = "decode", Note = $"{tbps:F2} TB/s of K+V read (bar >= 2.8 at 131072 keys: {(skv == 131072 ? (tbps >= 2.8 ? "met" : "MISSED") : "n/a")})" });
         }
         return rows;
     }

@@ -23,14 +23,15 @@ internal static class LinearBench
             status($"linear elu+1 causal S={s}");
             TensorView<float> q = BenchCommand.RandomView<float>(1, 1, s, h, d), k = BenchCommand.RandomView<float>(2, 1, s, h, d), v = BenchCommand.RandomView<float>(3, 1, s, h, d);
             var o = new TensorView<float>(new float[q.ElementCount], 1, s, h, d);
-            List<double> times = BenchCommand.Measure(() => LinearAttention.Forward(q, k, v, o, options, tuning), plan.Reps);
-            double ms = times[times.Count / 2];
+            BenchCommand.Timing times = BenchCommand.Measure(() => LinearAttention.Forward(q, k, v, o, options, tuning), plan.Reps);
+            double ms = times.MedianMs;
             if (s == 16384) t16 = ms; else t64 = ms;
             // Useful FLOPs of the chunked form per token: intra (C·F + C·Dv), inter and update (2·F·Dv), twice for FMA.
             double flops = 2.0 * h * s * ((64.0 * (d + d)) + 2.0 * d * d);
             rows.Add(new BenchCommand.BenchRow("linear", "linear elu+1 causal", DType.Float32, 1, h, h, s, d, true, plan.Threads, plan.Path,
-                ms, times[0], times[^1], times.Count, flops, peak)
+                ms, times.MinMs, times.MaxMs, times.Count, flops, peak)
             {
+                Memory = times.Memory,
                 Note = s == 65536 ? $"time(65536)/time(16384) = {t64 / t16:F2}; bar <= 4.4: {(t64 / t16 <= 4.4 ? "met" : "MISSED")}" : null,
             });
             advance();
@@ -39,12 +40,13 @@ internal static class LinearBench
         int sl = 65536;
         TensorView<float> qd = BenchCommand.RandomView<float>(4, 1, sl, h, d), kd = BenchCommand.RandomView<float>(5, 1, sl, h, d), vd = BenchCommand.RandomView<float>(6, 1, sl, h, d);
         var od = new TensorView<float>(new float[qd.ElementCount], 1, sl, h, d);
-        List<double> dense = BenchCommand.Measure(() => Attention.Forward(qd, kd, vd, od, new AttentionOptions { Causal = true }, tuning: tuning), Math.Min(plan.Reps, 3));
-        double dms = dense[dense.Count / 2];
+        BenchCommand.Timing dense = BenchCommand.Measure(() => Attention.Forward(qd, kd, vd, od, new AttentionOptions { Causal = true }, tuning: tuning), Math.Min(plan.Reps, 3));
+        double dms = dense.MedianMs;
         var shape = AttentionShape.Of(qd, kd, vd);
         rows.Add(new BenchCommand.BenchRow("linear", "dense causal softmax", DType.Float32, 1, h, h, sl, d, true, plan.Threads, plan.Path,
-            dms, dense[0], dense[^1], dense.Count, shape.CausalFlops, peak)
+            dms, dense.MinMs, dense.MaxMs, dense.Count, shape.CausalFlops, peak)
         {
+            Memory = dense.Memory,
             SpeedupVsDense = 1.0,
             Note = $"linear is {dms / t64:F1}x faster at S=65536; bar >= 20x: {(dms / t64 >= 20 ? "met" : "MISSED")}",
         });

@@ -42,7 +42,7 @@ internal static class Peers
             rows.Add(new BenchCommand.BenchRow("peers", $"{n["peer"]?.GetValue<string>()} {mask}", ParseDType(n["dtype"]?.GetValue<string>()), b, h, hkv, s, d, mask == "causal",
                 0, KernelPath.Auto, ms, n["ms_min"]?.GetValue<double>() ?? ms, n["ms_max"]?.GetValue<double>() ?? ms, 0, flops, GpuBench.NominalPeakGflops)
             {
-                Backend = "peer:" + (n["device"]?.GetValue<string>() ?? "cuda"), Density = fraction, Note = "PyTorch peer (torch_attention.py), measured in its own process",
+                Backend = "peer:" + (n["device"]?.GetValue<string>() ?? "cuda"), Mask = mask, Density = fraction, Note = "PyTorch peer (torch_attention.py), measured in its own process",
             });
         }
         return rows;

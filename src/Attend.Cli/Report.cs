@@ -98,6 +98,14 @@ internal static class Report
             var points = group.Select(r => (Label: S(r["method"]), X: Math.Max(D(r["relativeL2"]), 1e-6), Y: D(r["speedupVsDense"]))).ToList();
             sb.Append(Figure(Scatter(points, "relative L2 error vs dense", "speed-up vs dense (same run)"), $"Speed-up vs error, S = {E(group.Key)} (up and left is better)"));
         }
+        // Attend and peers side by side: every (mask, shape) that both measured.
+        foreach (var group in timed.Where(r => r["mask"] is not null)
+            .GroupBy(r => $"mask {S(r["mask"])}, S = {S(r["seqLen"])}, H = {S(r["heads"])}/{S(r["kvHeads"])}, D = {S(r["headDim"])}")
+            .Where(g => g.Any(IsPeer) && g.Any(r => !IsPeer(r))))
+        {
+            var bars = group.OrderBy(IsPeer).Select(r => (Label: $"{S(r["method"])} ({S(r["backend"])}, {S(r["dtype"])})", Value: D(r["medianMs"]), Peer: IsPeer(r))).ToList();
+            sb.Append(Figure(BarChart(bars, "median ms (shorter is faster)"), $"Attend vs peers: {E(group.Key)} (peers in grey)"));
+        }
         foreach (JsonNode row in rows.Where(r => r["planPicture"] is JsonArray))
         {
             string[] lines = [.. row["planPicture"]!.AsArray().Select(x => S(x))];
@@ -107,7 +115,7 @@ internal static class Report
 
         // Table.
         sb.Append("<h2>Rows</h2><table><tr>");
-        string[] columns = ["method", "backend", "dtype", "batch", "heads", "kvHeads", "seqLen", "headDim", "causal", "medianMs", "minMs", "maxMs", "gflops", "peakFraction", "density", "speedupVsDense", "selectionMs", "relativeL2", "cosine", "recall", "needleHitRate", "note"];
+        string[] columns = ["method", "backend", "dtype", "batch", "heads", "kvHeads", "seqLen", "headDim", "causal", "threads", "medianMs", "minMs", "maxMs", "gflops", "peakFraction", "density", "speedupVsDense", "allocatedBytes", "peakRssGrowthBytes", "selectionMs", "relativeL2", "cosine", "recall", "needleHitRate", "note"];
         foreach (string c in columns) sb.Append($"<th>{E(c)}</th>");
         sb.Append("</tr>");
         foreach (JsonNode row in rows)
@@ -169,6 +177,32 @@ internal static class Report
             foreach ((double px, double py) in series[i].Points) sb.Append($"<circle cx=\"{F(x.Map(px))}\" cy=\"{F(y.Map(py))}\" r=\"3\" fill=\"{color}\"/>");
             sb.Append($"<text x=\"{W - R + 10}\" y=\"{T + 12 + (i * 15)}\" font-size=\"11\" fill=\"{color}\">{E(series[i].Name)}</text>");
         }
+        return sb.Append("</svg>").ToString();
+    }
+
+    private static bool IsPeer(JsonNode row) => S(row["backend"]).StartsWith("peer", StringComparison.Ordinal);
+
+    /// <summary>Horizontal bars from zero, one per labelled value; peer bars grey, Attend's blue; the value printed at the end.</summary>
+    internal static string BarChart(IReadOnlyList<(string Label, double Value, bool Peer)> bars, string xLabel)
+    {
+        const int labelWidth = 240, barHeight = 18, gap = 6, width = W;
+        int height = T + (bars.Count * (barHeight + gap)) + B;
+        double max = bars.Select(b => b.Value).Where(double.IsFinite).DefaultIfEmpty(1).Max();
+        Axis x = Axis.For([0, max], log: false, labelWidth, width - 40);
+        var sb = new StringBuilder($"<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\"><rect width=\"100%\" height=\"100%\" fill=\"#fff\"/>");
+        for (int i = 0; i < bars.Count; i++)
+        {
+            double y = T + (i * (barHeight + gap));
+            double end = x.Map(double.IsFinite(bars[i].Value) ? bars[i].Value : 0);
+            string fill = bars[i].Peer ? "#9a9a9a" : Palette[0];
+            sb.Append($"<text x=\"{labelWidth - 6}\" y=\"{F(y + 13)}\" font-size=\"11\" text-anchor=\"end\">{E(bars[i].Label)}</text>");
+            sb.Append($"<rect x=\"{labelWidth}\" y=\"{F(y)}\" width=\"{F(Math.Max(1, end - labelWidth))}\" height=\"{barHeight}\" fill=\"{fill}\"/>");
+            sb.Append($"<text x=\"{F(end + 4)}\" y=\"{F(y + 13)}\" font-size=\"10\">{E(Tick(bars[i].Value))}</text>");
+        }
+        double axisY = T + (bars.Count * (barHeight + gap));
+        sb.Append($"<line x1=\"{labelWidth}\" y1=\"{F(axisY)}\" x2=\"{width - 40}\" y2=\"{F(axisY)}\" stroke=\"#333\"/>");
+        foreach (double t in x.Ticks().Where(t => t >= 0)) sb.Append($"<text x=\"{F(x.Map(t))}\" y=\"{F(axisY + 14)}\" font-size=\"10\" text-anchor=\"middle\">{E(Tick(t))}</text>");
+        sb.Append($"<text x=\"{(labelWidth + width - 40) / 2}\" y=\"{F(axisY + 32)}\" font-size=\"12\" text-anchor=\"middle\">{E(xLabel)}</text>");
         return sb.Append("</svg>").ToString();
     }
 

@@ -135,10 +135,12 @@ internal static class SparseBench
         }
         denseTimes.Sort();
         double denseMs = denseTimes[denseTimes.Count / 2];
+        MemoryUse denseMemory = MemoryProbe.Observe(() => Attention.Forward(q, k, v, dense, causal, denseLse, tuning));
+        MemoryUse[] memory = [.. selectors.Select(selector => MemoryProbe.Observe(() => SparseAttention.Forward(selector, q, k, v, output, causal, lse, tuning)))];
         var rows = new List<BenchCommand.BenchRow>
         {
             new("sparse", prefix + "dense causal", DType.Float32, b, h, hkv, s, d, true, plan.Threads, tuning.EffectivePath,
-                denseMs, denseTimes[0], denseTimes[^1], denseTimes.Count, flops, peak) { Density = 1, SpeedupVsDense = 1, Note = "baseline of this block (same inputs, interleaved)" },
+                denseMs, denseTimes[0], denseTimes[^1], denseTimes.Count, flops, peak) { Memory = denseMemory, Density = 1, SpeedupVsDense = 1, Note = "baseline of this block (same inputs, interleaved)" },
         };
         for (int i = 0; i < selectors.Count; i++)
         {
@@ -156,7 +158,7 @@ internal static class SparseBench
             rows.Add(new BenchCommand.BenchRow("sparse", prefix + selectors[i].Name, DType.Float32, b, h, hkv, s, d, true, plan.Threads, tuning.EffectivePath,
                 total, totals[i][0], totals[i][^1], totals[i].Count, flops * density, peak)
             {
-                Density = density, SpeedupVsDense = speedup, SelectionMs = selection, RelativeL2 = l2, Cosine = cos, Recall = recall,
+                Memory = memory[i], Density = density, SpeedupVsDense = speedup, SelectionMs = selection, RelativeL2 = l2, Cosine = cos, Recall = recall,
                 NeedleHitRate = needles.Count > 0 ? Metrics.NeedleHitRate(plans[i], needles) : null, Note = bars,
                 PlanPicture = plans[i].Blocks is { } blocks ? Picture(blocks) : null,
             });

@@ -223,14 +223,22 @@ public sealed class CliTests : IDisposable
     [Fact]
     public void Should_bench_a_small_suite_as_json()
     {
-        var (code, _, err) = Cli("bench", "--seq", "128", "--head-dim", "32", "--causal", "yes", "--json", P("b.json"));
+        var (code, _, err) = Cli("bench", "--seq", "128", "--head-dim", "32", "--causal", "yes", "--threads", "1", "2", "--dtype", "f32", "bf16", "--json", P("b.json"));
         Assert.True(code == 0, err);
         JsonNode json = JsonNode.Parse(File.ReadAllText(P("b.json")))!;
         Assert.Equal(1, (int)json["schemaVersion"]!);
         Assert.True((double)json["peak"]!["fmaGflops"]! > 0);
         JsonArray rows = json["rows"]!.AsArray();
-        JsonNode dense = Assert.Single(rows, r => r!["suite"]!.GetValue<string>() == "dense")!;
-        Assert.True((double)dense["gflops"]! > 0);
+        // The threads and dtype axes: one dense row per (dtype, threads), each with its memory and its peer mask key.
+        List<JsonNode> dense = [.. rows.Where(r => r!["suite"]!.GetValue<string>() == "dense").Select(r => r!)];
+        Assert.Equal(["f32/1", "f32/2", "bf16/1", "bf16/2"], dense.Select(r => $"{r["dtype"]}/{r["threads"]}"));
+        Assert.All(dense, r =>
+        {
+            Assert.True((double)r["gflops"]! > 0);
+            Assert.Equal("causal", (string)r["mask"]!);
+            Assert.True((long)r["allocatedBytes"]! >= 0);
+            if (OperatingSystem.IsLinux()) Assert.True((long)r["peakRssGrowthBytes"]! >= 0);
+        });
         // The default suite's sparse block: its dense baseline and three selectors, each with its error metrics.
         Assert.Equal(4, rows.Count(r => r!["suite"]!.GetValue<string>() == "sparse"));
         Assert.Equal(3, rows.Count(r => r!["relativeL2"] is not null && r["recall"] is not null && r["planPicture"] is JsonArray));

@@ -21,8 +21,10 @@ public sealed class ReportTests : IDisposable
         JsonNode sample = Sample();
         Report.Validate(sample);
         string html = Report.Render(sample);
-        // Time vs length, one speed/error chart (S = 4096), three plan pictures.
-        Assert.Equal(5, Report.CountCharts(html));
+        // Time vs length, one speed/error chart (S = 4096), Attend vs the CPU peer for two masks, three plan pictures.
+        Assert.Equal(7, Report.CountCharts(html));
+        Assert.Contains("Attend vs peers: mask causal, S = 4096, H = 8/8, D = 128", html);
+        Assert.Contains("peakRssGrowthBytes", html);
         Assert.Contains("Time vs sequence length", html);
         Assert.Contains("Speed-up vs error, S = 4096", html);
         Assert.DoesNotContain("NaN", html);
