@@ -182,6 +182,21 @@ internal static class BenchCommand
         public bool IsApproximate => RelativeL2 is not null;
 
         public double Gflops => UsefulFlops / (MedianMs * 1e-3) / 1e9;
+
+        /// <summary>
+        /// Effective rate: the FLOPs of unmasked dense attention of the row's shape (4·B·H·Sq·Skv·D; Sq = 1 for decode
+        /// rows) over this row's time — what dense attention would need to run as fast. Null for rows without a shape.
+        /// </summary>
+        public double? EffectiveGflops
+        {
+            get
+            {
+                if (MedianMs <= 0 || Length <= 0 || HeadDim <= 0 || Heads <= 0) return null;
+                bool decode = Suite.Contains("decode", StringComparison.Ordinal) || Mask == "decode";
+                double flops = 4.0 * Batch * Heads * (decode ? 1.0 : Length) * Length * HeadDim;
+                return flops / (MedianMs * 1e-3) / 1e9;
+            }
+        }
         public double PeakFraction => Gflops / PeakGflops;
     }
 
@@ -198,7 +213,7 @@ internal static class BenchCommand
                     ["batch"] = row.Batch, ["heads"] = row.Heads, ["kvHeads"] = row.KvHeads, ["seqLen"] = row.Length,
                     ["headDim"] = row.HeadDim, ["causal"] = row.Causal, ["threads"] = row.Threads, ["path"] = row.Path.ToString(),
                     ["medianMs"] = JsonOutput.Number(row.MedianMs), ["minMs"] = JsonOutput.Number(row.MinMs), ["maxMs"] = JsonOutput.Number(row.MaxMs), ["reps"] = row.Reps,
-                    ["usefulGflop"] = row.UsefulFlops / 1e9, ["gflops"] = JsonOutput.Number(row.Gflops), ["peakFraction"] = JsonOutput.Number(row.PeakFraction),
+                    ["usefulGflop"] = row.UsefulFlops / 1e9, ["gflops"] = JsonOutput.Number(row.Gflops), ["effectiveGflops"] = JsonOutput.Number(row.EffectiveGflops), ["peakFraction"] = JsonOutput.Number(row.PeakFraction),
                     ["mask"] = row.Mask, ["density"] = row.Density, ["speedupVsDense"] = row.SpeedupVsDense, ["note"] = row.Note,
                     ["allocatedBytes"] = row.Memory?.AllocatedBytes, ["peakRssGrowthBytes"] = row.Memory?.PeakResidentGrowthBytes,
                     ["selectionMs"] = JsonOutput.Number(row.SelectionMs), ["relativeL2"] = JsonOutput.Number(row.RelativeL2),

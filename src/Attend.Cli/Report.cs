@@ -115,7 +115,7 @@ internal static class Report
 
         // Table.
         sb.Append("<h2>Rows</h2><table><tr>");
-        string[] columns = ["method", "backend", "dtype", "batch", "heads", "kvHeads", "seqLen", "headDim", "causal", "threads", "medianMs", "minMs", "maxMs", "gflops", "peakFraction", "density", "speedupVsDense", "allocatedBytes", "peakRssGrowthBytes", "selectionMs", "relativeL2", "cosine", "recall", "needleHitRate", "note"];
+        string[] columns = ["method", "backend", "dtype", "batch", "heads", "kvHeads", "seqLen", "headDim", "causal", "threads", "medianMs", "minMs", "maxMs", "gflops", "effectiveGflops", "peakFraction", "density", "speedupVsDense", "allocatedBytes", "peakRssGrowthBytes", "selectionMs", "relativeL2", "cosine", "recall", "needleHitRate", "note"];
         foreach (string c in columns) sb.Append($"<th>{E(c)}</th>");
         sb.Append("</tr>");
         foreach (JsonNode row in rows)

@@ -103,6 +103,64 @@ public class BucketPlanTests
             (q, k, v, o, lse, options) => Attention.Forward(q, k, v, o, options, lse));
     }
 
+    /// <summary>TopP = 1 keeps every cluster pair: dense attention within the dense tolerance, causal or not, GQA, Sq ≠ Skv.</summary>
+    [Theory]
+    [InlineData(1, 97, 97, 2, 1, 64, true)]
+    [InlineData(1, 257, 257, 2, 2, 40, false)]
+    [InlineData(2, 70, 200, 4, 2, 80, true)]
+    [InlineData(1, 1, 1, 1, 1, 64, false)]
+    public void ClusterSelectorWithFullBudgetIsDense(int b, int sq, int skv, int h, int hkv, int d, bool causal)
+    {
+        var selector = (ClusterSelector)Selectors.ParseAny("cluster:q=8,k=16,p=1,block=64");
+        AttentionConformance.Check<float>(b, sq, skv, h, hkv, d, new AttentionOptions { Causal = causal }, selector.Name,
+            (q, k, v, o, lse, options) => SparseAttention.Forward(selector, q, k, v, o, options, lse));
+    }
+
+    /// <summary>
+    /// Cluster pairs: every block class agrees with the pair rule element by element (Full blocks allow every pair,
+    /// skipped blocks none), and on inputs made of aligned clusters the plan keeps most of the attention mass.
+    /// </summary>
+    [Fact]
+    public void ClusterPlansAreConsistentAndKeepTheMassOfClusteredInputs()
+    {
+        const int s = 1024, h = 2, d = 32, groups = 8;
+        var rng = new Random(11);
+        float[][] centers = [.. Enumerable.Range(0, groups).Select(_ => TestData.Normal(d, rng.Next(), std: 1.2f))];
+        TensorView<float> Clustered(int seed)
+        {
+            var r = new Random(seed);
+            float[] noise = TestData.Normal((long)s * h * d, seed, std: 0.4f);
+            for (int t = 0; t < s; t++)
+                for (int hi = 0; hi < h; hi++)
+                {
+                    float[] c = centers[r.Next(groups)];
+                    for (int x = 0; x < d; x++) noise[((t * h) + hi) * d + x] += c[x];
+                }
+            return new TensorView<float>(noise, 1, s, h, d);
+        }
+        TensorView<float> q = Clustered(1), k = Clustered(2), v = TestData.Random<float>(3, 1, s, h, d);
+        foreach (bool causal in new[] { false, true })
+        {
+            var selector = new ClusterSelector { QueryClusters = 8, KeyClusters = 8, TopP = 0.9, BlockSize = 64 };
+            SparsityPlan plan = selector.Plan(q, k, causal);
+            BlockMask blocks = plan.Blocks!;
+            var extent = blocks.Extent;
+            for (int hi = 0; hi < h; hi++)
+                for (int i = 0; i < s; i += 3)
+                    for (int j = 0; j < s; j++)
+                        Assert.True(blocks.Allows(0, hi, i, j) == blocks.Mask!.Allows(extent, 0, hi, i, j), $"causal={causal} h={hi} permuted ({i}, {j})");
+            Assert.True(Metrics.Density(plan, causal) < 0.8, $"density {Metrics.Density(plan, causal)}");
+
+            var dense = new TensorView<float>(new float[s * h * d], 1, s, h, d);
+            var o = new TensorView<float>(new float[s * h * d], 1, s, h, d);
+            var denseLse = new TensorView<float>(new float[s * h], 1, s, h);
+            var lse = new TensorView<float>(new float[s * h], 1, s, h);
+            Attention.Forward(q, k, v, dense, new AttentionOptions { Causal = causal }, denseLse);
+            Attention.Forward(q, k, v, o, new AttentionOptions { Plan = plan }, lse);
+            if (!causal) Assert.True(Metrics.AttentionRecall(lse, denseLse) >= 0.85, $"recall {Metrics.AttentionRecall(lse, denseLse):F3}");
+        }
+    }
+
     [Fact]
     public void BadInputIsNamed()
     {
@@ -112,6 +170,9 @@ public class BucketPlanTests
         Assert.Throws<ArgumentOutOfRangeException>(() => BucketPlan.Create(1, 1, 1, 4, 4, new int[4], new int[4], true, blockSize: 100));
         Assert.Throws<ArgumentOutOfRangeException>(() => new HashSparseSelector { Buckets = 3 });
         Assert.Contains("hash takes", Assert.Throws<ArgumentException>(() => Selectors.ParseAny("hash:zz=1")).Message);
+        Assert.Contains("cluster takes", Assert.Throws<ArgumentException>(() => Selectors.ParseAny("cluster:buckets=1")).Message);
+        Assert.Throws<ArgumentOutOfRangeException>(() => new ClusterSelector { TopP = 0 });
+        Assert.Throws<ArgumentOutOfRangeException>(() => new ClusterSelector { QueryClusters = 0 });
 
         SparsityPlan plan = BucketPlan.Create(1, 2, 1, 8, 8, new int[16], new int[8], true, 64);
         TensorView<float> q = TestData.Random<float>(1, 1, 8, 2, 16), k = TestData.Random<float>(2, 1, 8, 1, 16);

@@ -35,10 +35,21 @@ public static class BucketPlan
         {
             throw new ArgumentException($"keyBuckets must hold B·Hkv·Skv = {(long)batch * kvHeads * keyLength} ids; got {keyBuckets.LongLength}", nameof(keyBuckets));
         }
+        return Build(batch, heads, kvHeads, queryLength, keyLength, queryBuckets, keyBuckets, causal, blockSize, null);
+    }
+
+    /// <summary>
+    /// Like <see cref="Create"/> with a chosen set of (query bucket, key bucket) pairs instead of equal buckets:
+    /// <paramref name="pairs"/> holds, per (b, h), a row-major <c>queryClusters × keyClusters</c> table; bucket ids
+    /// must be below those counts.
+    /// </summary>
+    internal static SparsityPlan Build(int batch, int heads, int kvHeads, int queryLength, int keyLength,
+        int[] queryBuckets, int[] keyBuckets, bool causal, int blockSize, ClusterPairs? pairs)
+    {
         (int[] queryOrder, int[] sortedQuery) = SortByBucket(queryBuckets, queryLength);
         (int[] keyOrder, int[] sortedKey) = SortByBucket(keyBuckets, keyLength);
         var permutation = new TokenPermutation(batch, heads, kvHeads, queryLength, keyLength, queryOrder, keyOrder);
-        var mask = new SortedBucketMask(heads, kvHeads, queryLength, keyLength, sortedQuery, sortedKey, queryOrder, keyOrder, causal);
+        var mask = new SortedBucketMask(heads, kvHeads, queryLength, keyLength, sortedQuery, sortedKey, queryOrder, keyOrder, causal, pairs);
         BlockMask blocks = BlockMask.Create(mask, batch, heads, queryLength, keyLength, blockSize, blockSize);
         return new SparsityPlan(blocks, null, permutation);
     }
@@ -63,20 +74,29 @@ public static class BucketPlan
     }
 }
 
+/// <summary>Which (query cluster, key cluster) pairs attend each other, per (batch, head): a row-major table.</summary>
+internal sealed record ClusterPairs(int QueryClusters, int KeyClusters, bool[] Allowed)
+{
+    public bool Allows(int planIndex, int queryCluster, int keyCluster) =>
+        Allowed[((long)planIndex * QueryClusters + queryCluster) * KeyClusters + keyCluster];
+}
+
 /// <summary>
 /// The mask of <see cref="BucketPlan"/> in permuted positions: buckets ascend along each (batch, head) and original
-/// positions ascend within a bucket, so a block is Empty when its bucket ranges do not meet, and inside one bucket
-/// the causal test is a staircase decided from the block's corners.
+/// positions ascend within a bucket, so a block is Empty when no allowed bucket pair meets in it, and inside one
+/// pair of buckets the causal test is a staircase decided from the block's corners. Rows are runs: one per allowed
+/// key bucket, cut causally to a prefix.
 /// </summary>
 internal sealed class SortedBucketMask : Mask
 {
     private readonly int _heads, _kvHeads, _sq, _skv;
     private readonly int[] _qBucket, _kBucket, _qPos, _kPos;
     private readonly bool _causal;
+    private readonly ClusterPairs? _pairs;
 
-    public SortedBucketMask(int heads, int kvHeads, int sq, int skv, int[] qBucket, int[] kBucket, int[] qPos, int[] kPos, bool causal)
+    public SortedBucketMask(int heads, int kvHeads, int sq, int skv, int[] qBucket, int[] kBucket, int[] qPos, int[] kPos, bool causal, ClusterPairs? pairs)
     {
-        (_heads, _kvHeads, _sq, _skv, _qBucket, _kBucket, _qPos, _kPos, _causal) = (heads, kvHeads, sq, skv, qBucket, kBucket, qPos, kPos, causal);
+        (_heads, _kvHeads, _sq, _skv, _qBucket, _kBucket, _qPos, _kPos, _causal, _pairs) = (heads, kvHeads, sq, skv, qBucket, kBucket, qPos, kPos, causal, pairs);
     }
 
     public override bool DependsOnBatch => true;
@@ -87,18 +107,21 @@ internal sealed class SortedBucketMask : Mask
 
     private int KBase(int b, int h) => (b * _kvHeads + h / (_heads / _kvHeads)) * _skv;
 
+    private bool Pair(int b, int h, int qc, int kc) => qc >= 0 && kc >= 0 && (_pairs is null ? qc == kc : _pairs.Allows(b * _heads + h, qc, kc));
+
     public override bool Allows(in MaskExtent extent, int batch, int head, int q, int kv)
     {
         int qi = QBase(batch, head) + q, ki = KBase(batch, head) + kv;
-        return _qBucket[qi] >= 0 && _qBucket[qi] == _kBucket[ki] && (!_causal || _kPos[ki] <= _qPos[qi] + extent.CausalOffset);
+        return Pair(batch, head, _qBucket[qi], _kBucket[ki]) && (!_causal || _kPos[ki] <= _qPos[qi] + extent.CausalOffset);
     }
 
     public override BlockClass Classify(in MaskExtent extent, int batch, int head, int q0, int q1, int k0, int k1)
     {
         int qb = QBase(batch, head), kb = KBase(batch, head);
         int qLo = _qBucket[qb + q0], qHi = _qBucket[qb + q1 - 1], kLo = _kBucket[kb + k0], kHi = _kBucket[kb + k1 - 1];
-        if (qHi < 0 || kHi < 0 || qHi < kLo || kHi < qLo) return BlockClass.Empty;   // dropped tokens, or buckets that never meet
-        if (qLo != qHi || kLo != kHi || qLo != kLo) return BlockClass.Partial;
+        if (qHi < 0 || kHi < 0) return BlockClass.Empty;   // only dropped tokens on one side
+        if (_pairs is null ? qHi < kLo || kHi < qLo : !AnyPair(batch, head, Math.Max(0, qLo), qHi, Math.Max(0, kLo), kHi)) return BlockClass.Empty;
+        if (qLo != qHi || kLo != kHi || !Pair(batch, head, qLo, kLo)) return BlockClass.Partial;
         if (!_causal) return BlockClass.Full;
         long offset = extent.CausalOffset;
         if (_kPos[kb + k1 - 1] <= _qPos[qb + q0] + offset) return BlockClass.Full;
@@ -106,42 +129,88 @@ internal sealed class SortedBucketMask : Mask
         return BlockClass.Partial;
     }
 
-    public override (int Start, int End) KeyBounds(in MaskExtent extent, int batch, int head, int q0, int q1)
+    private bool AnyPair(int batch, int head, int q0, int q1, int k0, int k1)
     {
-        int qb = QBase(batch, head), kb = KBase(batch, head);
-        int lo = Math.Max(0, _qBucket[qb + q0]), hi = _qBucket[qb + q1 - 1];
-        if (hi < lo) return (0, 0);
-        ReadOnlySpan<int> keys = _kBucket.AsSpan(kb, _skv);
-        return (LowerBound(keys, lo), LowerBound(keys, hi + 1));
+        for (int qc = q0; qc <= q1; qc++)
+            for (int kc = k0; kc <= k1; kc++)
+                if (_pairs!.Allows(batch * _heads + head, qc, kc)) return true;
+        return false;
     }
 
-    public override bool TryRowInterval(in MaskExtent extent, int batch, int head, int q, int k0, int k1, out int start, out int end)
+    public override void KeyRanges(in MaskExtent extent, int batch, int head, int q0, int q1, List<(int Start, int End)> ranges)
+    {
+        ArgumentNullException.ThrowIfNull(ranges);
+        int qb = QBase(batch, head), kb = KBase(batch, head);
+        int lo = Math.Max(0, _qBucket[qb + q0]), hi = _qBucket[qb + q1 - 1];
+        if (hi < lo) return;
+        ReadOnlySpan<int> keys = _kBucket.AsSpan(kb, _skv);
+        if (_pairs is null)
+        {
+            int start = LowerBound(keys, lo), end = LowerBound(keys, hi + 1);
+            if (end > start) ranges.Add((start, end));
+            return;
+        }
+        // Key buckets some query bucket of the block pairs with, merged into sorted ranges.
+        for (int kc = 0; kc < _pairs.KeyClusters; kc++)
+        {
+            bool any = false;
+            for (int qc = lo; qc <= hi && !any; qc++) any = _pairs.Allows(batch * _heads + head, qc, kc);
+            if (!any) continue;
+            int start = LowerBound(keys, kc), end = LowerBound(keys, kc + 1);
+            if (end <= start) continue;
+            if (ranges.Count > 0 && ranges[^1].End == start) ranges[^1] = (ranges[^1].Start, end);
+            else ranges.Add((start, end));
+        }
+    }
+
+    public override (int Start, int End) KeyBounds(in MaskExtent extent, int batch, int head, int q0, int q1)
+    {
+        var ranges = new List<(int Start, int End)>();
+        KeyRanges(extent, batch, head, q0, q1, ranges);
+        return ranges.Count == 0 ? (0, 0) : (ranges[0].Start, ranges[^1].End);
+    }
+
+    public override int RowRuns(in MaskExtent extent, int batch, int head, int q, int k0, int k1, Span<(int Start, int End)> runs)
     {
         int qi = QBase(batch, head) + q, kb = KBase(batch, head);
         int bucket = _qBucket[qi];
-        start = end = k0;
-        if (bucket < 0) return true;
+        if (bucket < 0) return 0;
         ReadOnlySpan<int> keys = _kBucket.AsSpan(kb, _skv);
-        int lo = Math.Max(k0, LowerBound(keys, bucket)), hi = Math.Min(k1, LowerBound(keys, bucket + 1));
-        if (_causal && hi > lo)
+        long limit = _qPos[qi] + extent.CausalOffset;
+        int count = 0;
+        // Key buckets present in [k0, k1), each a run; only the allowed ones, cut to their causal prefix.
+        for (int at = k0; at < k1;)
         {
-            // Positions ascend within the bucket: the allowed keys are a prefix of [lo, hi).
-            long limit = _qPos[qi] + extent.CausalOffset;
-            int a = lo, b = hi;
-            while (a < b)
+            int kc = keys[at];
+            int end = Math.Min(k1, LowerBound(keys, kc + 1));
+            if (Pair(batch, head, bucket, kc))
             {
-                int mid = (a + b) >>> 1;
-                if (_kPos[kb + mid] <= limit) a = mid + 1;
-                else b = mid;
+                int hi = end;
+                if (_causal)
+                {
+                    // Positions ascend within the bucket: the allowed keys are a prefix of [at, end).
+                    int a = at, b = end;
+                    while (a < b)
+                    {
+                        int mid = (a + b) >>> 1;
+                        if (_kPos[kb + mid] <= limit) a = mid + 1;
+                        else b = mid;
+                    }
+                    hi = a;
+                }
+                if (hi > at)
+                {
+                    if (count == runs.Length) return -1;   // more runs than room: fall back to Allows per element
+                    runs[count++] = (at, hi);
+                }
             }
-            hi = a;
+            at = end;
         }
-        if (hi > lo) (start, end) = (lo, hi);
-        return true;
+        return count;
     }
 
     public override string ToCuda(in MaskExtent extent) =>
-        throw new NotSupportedException("bucket (hash-sparse / QK-sparse) plans run on the CPU executor only");
+        throw new NotSupportedException("bucket (hash-sparse / QK-sparse / cluster) plans run on the CPU executor only");
 
     private static int LowerBound(ReadOnlySpan<int> sorted, int value)
     {

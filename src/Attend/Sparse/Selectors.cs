@@ -17,17 +17,23 @@ public static class Selectors
 
     /// <summary>
     /// Like <see cref="Parse"/>, and also <c>auto:err=0.02[,sample=1024]</c> (per-head calibration on the call's own
-    /// last queries, <see cref="AutoSelector"/>) and <c>hash:buckets=8[,seed=0,block=128]</c> (hash-sparse,
-    /// <see cref="HashSparseSelector"/>).
+    /// last queries, <see cref="AutoSelector"/>), <c>hash:buckets=8[,seed=0,block=128]</c> (hash-sparse,
+    /// <see cref="HashSparseSelector"/>) and <c>cluster:q=32,k=64,p=0.9[,iters=4,seed=0,block=128]</c> (k-means
+    /// semantic permutation, <see cref="ClusterSelector"/>).
     /// </summary>
     public static ISparsitySelector ParseAny(string spec)
     {
         ArgumentNullException.ThrowIfNull(spec);
         string[] head = spec.Trim().Split(':', 2);
         string name = head[0].Trim();
-        if (name is not ("auto" or "hash")) return Parse(spec);
+        if (name is not ("auto" or "hash" or "cluster")) return Parse(spec);
         var args = new Dictionary<string, string>(StringComparer.OrdinalIgnoreCase);
-        string[] known = name == "auto" ? ["err", "sample"] : ["buckets", "seed", "block"];
+        string[] known = name switch
+        {
+            "auto" => ["err", "sample"],
+            "hash" => ["buckets", "seed", "block"],
+            _ => ["q", "k", "p", "iters", "seed", "block"],
+        };
         foreach (string part in head.Length == 2 ? head[1].Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries) : [])
         {
             string[] kv = part.Split('=', 2, StringSplitOptions.TrimEntries);
@@ -38,7 +44,12 @@ public static class Selectors
             args[kv[0]] = kv[1];
         }
         if (name == "auto") return new AutoSelector(Double(args, "err", 0.02, spec), sampleQueries: Int(args, "sample", 1024, spec));
-        return new HashSparseSelector { Buckets = Int(args, "buckets", 8, spec), Seed = Int(args, "seed", 0, spec), BlockSize = Int(args, "block", 128, spec) };
+        if (name == "hash") return new HashSparseSelector { Buckets = Int(args, "buckets", 8, spec), Seed = Int(args, "seed", 0, spec), BlockSize = Int(args, "block", 128, spec) };
+        return new ClusterSelector
+        {
+            QueryClusters = Int(args, "q", 32, spec), KeyClusters = Int(args, "k", 64, spec), TopP = Double(args, "p", 0.9, spec),
+            Iterations = Int(args, "iters", 4, spec), Seed = Int(args, "seed", 0, spec), BlockSize = Int(args, "block", 128, spec),
+        };
     }
 
     /// <summary>Names <see cref="Parse"/> accepts.</summary>
