@@ -21,7 +21,8 @@ internal static class Peers
         foreach (JsonNode? n in nodes)
         {
             index++;
-            if (n is null || n["ms"] is null) continue;   // errors and first-call build times carry no timing row
+            if (n is null || n["ms"] is null) continue;   // errors carry no timing
+            if (n["peer"]?.GetValue<string>() is { } name && name.EndsWith("_first_call", StringComparison.Ordinal)) continue;   // compile + mask build, not a kernel time
             int b, s, h, hkv, d;
             if (n["shape"] is JsonArray shape && shape.Count == 5)
             {

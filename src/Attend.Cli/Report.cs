@@ -124,7 +124,9 @@ internal static class Report
             foreach (string c in columns)
             {
                 JsonNode? v = row[c];
-                string text = v is JsonValue jv && jv.TryGetValue(out double x) ? x.ToString(Math.Abs(x) >= 100 ? "F1" : "G4", CultureInfo.InvariantCulture) : v?.ToString() ?? "";
+                string text = v is JsonValue jv && jv.TryGetValue(out double x)
+                    ? x.ToString(x == Math.Floor(x) && Math.Abs(x) < 1e15 ? "0" : Math.Abs(x) >= 100 ? "F1" : "G4", CultureInfo.InvariantCulture)
+                    : v?.ToString() ?? "";
                 sb.Append(c == "method" ? $"<td class=\"l\">{E(text)}</td>" : c == "note" ? $"<td class=\"n\">{E(text)}</td>" : $"<td>{E(text)}</td>");
             }
             sb.Append("</tr>");
@@ -188,7 +190,7 @@ internal static class Report
         const int labelWidth = 240, barHeight = 18, gap = 6, width = W;
         int height = T + (bars.Count * (barHeight + gap)) + B;
         double max = bars.Select(b => b.Value).Where(double.IsFinite).DefaultIfEmpty(1).Max();
-        Axis x = Axis.For([0, max], log: false, labelWidth, width - 40);
+        var x = new Axis(0, max > 0 ? max * 1.15 : 1, Log: false, labelWidth, width - 40);   // bars start at zero, room for the value label
         var sb = new StringBuilder($"<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\"><rect width=\"100%\" height=\"100%\" fill=\"#fff\"/>");
         for (int i = 0; i < bars.Count; i++)
         {
