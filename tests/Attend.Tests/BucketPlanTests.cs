@@ -161,6 +161,66 @@ public class BucketPlanTests
         }
     }
 
+    /// <summary>
+    /// Keys constant within each skipped block make the centroid exact (exp(q·k̄) = mean exp(q·k)): a diagonal-only
+    /// plan plus compensation then equals dense causal attention, for Sq = Skv and Sq &lt; Skv.
+    /// </summary>
+    [Theory]
+    [InlineData(256, 256, 64, 2, 1)]
+    [InlineData(100, 300, 128, 2, 2)]
+    public void CentroidCompensationIsExactForConstantKeyBlocks(int sq, int skv, int d, int h, int hkv)
+    {
+        const int block = 64;
+        TensorView<float> q = TestData.Random<float>(1, 1, sq, h, d), v = TestData.Random<float>(3, 1, skv, hkv, d);
+        float[] blockKeys = TestData.Normal((long)((skv + block - 1) / block) * hkv * d, 2, std: 0.5f);
+        var kData = new float[skv * hkv * d];
+        for (int j = 0; j < skv; j++)
+            for (int hi = 0; hi < hkv; hi++)
+                Array.Copy(blockKeys, ((j / block) * hkv + hi) * d, kData, (j * hkv + hi) * d, d);
+        var k = new TensorView<float>(kData, 1, skv, hkv, d);
+        long offset = skv - sq;
+        BlockMask diagonal = BlockMask.FromBlocks(1, h, sq, skv, block, block,
+            (_, _, qb) => Enumerable.Range(0, (skv + block - 1) / block)
+                .Where(kb => kb * block <= qb * block + block - 1 + offset && (kb + 1) * block - 1 > qb * block + offset)
+                .Select(kb => (kb, BlockClass.Partial)), Mask.Causal);
+
+        var dense = new TensorView<float>(new float[sq * h * d], 1, sq, h, d);
+        var denseLse = new TensorView<float>(new float[sq * h], 1, sq, h);
+        Attention.Forward(q, k, v, dense, new AttentionOptions { Causal = true }, denseLse);
+        var o = new TensorView<float>(new float[sq * h * d], 1, sq, h, d);
+        var lse = new TensorView<float>(new float[sq * h], 1, sq, h);
+        Attention.Forward(q, k, v, o, new AttentionOptions { Plan = diagonal }, lse);
+        double before = Metrics.RelativeL2(o, dense);
+        CentroidCompensation.Apply(q, k, v, diagonal, causal: true, scale: null, o, lse);
+        double after = Metrics.RelativeL2(o, dense);
+        Assert.True(before > 0.1, $"the diagonal alone should be far from dense: {before}");
+        Assert.True(after < 1e-5, $"relative L2 after compensation {after:E2} (before {before:F3})");
+        for (int i = 0; i < sq; i++)
+            for (int hi = 0; hi < h; hi++) Assert.Equal(denseLse[0, i, hi], lse[0, i, hi], 3);
+    }
+
+    [Fact]
+    public void CompensatedSelectorsRunThroughSparseAttention()
+    {
+        var selector = Selectors.ParseAny("pooled:budget=top2,block=64+centroid");
+        Assert.Equal("pooled(top2)+centroid", selector.Name);
+        const int s = 512, h = 2, d = 64;
+        (TensorView<float> q, TensorView<float> k, TensorView<float> v, _) = StructuredInputs.Generate(1, s, h, h, d, StructureOptions.Default with { Seed = 4 });
+        var dense = new TensorView<float>(new float[s * h * d], 1, s, h, d);
+        Attention.Forward(q, k, v, dense, new AttentionOptions { Causal = true });
+        var plain = new TensorView<float>(new float[s * h * d], 1, s, h, d);
+        SparseAttention.Forward(((CompensatedSelector)selector).Inner, q, k, v, plain, new AttentionOptions { Causal = true });
+        var compensated = new TensorView<float>(new float[s * h * d], 1, s, h, d);
+        SparseAttention.Forward(selector, q, k, v, compensated, new AttentionOptions { Causal = true });
+        double before = Metrics.RelativeL2(plain, dense), after = Metrics.RelativeL2(compensated, dense);
+        Assert.True(after < before, $"compensation should reduce the error here: {before:F4} -> {after:F4}");
+        // A covering budget skips nothing: compensation changes nothing.
+        AttentionConformance.Check<float>(1, 130, 130, 2, 1, 64, new AttentionOptions { Causal = true }, "covering + centroid",
+            (q2, k2, v2, o2, lse2, options) => SparseAttention.Forward(Selectors.ParseAny("pooled:budget=p1,block=64+centroid"), q2, k2, v2, o2, options, lse2));
+        Assert.Contains("Softcap", Assert.Throws<ArgumentException>(() =>
+            SparseAttention.Forward(selector, q, k, v, compensated, new AttentionOptions { Causal = true, Softcap = 30 })).Message);
+    }
+
     [Fact]
     public void BadInputIsNamed()
     {

@@ -19,11 +19,16 @@ public static class Selectors
     /// Like <see cref="Parse"/>, and also <c>auto:err=0.02[,sample=1024]</c> (per-head calibration on the call's own
     /// last queries, <see cref="AutoSelector"/>), <c>hash:buckets=8[,seed=0,block=128]</c> (hash-sparse,
     /// <see cref="HashSparseSelector"/>) and <c>cluster:q=32,k=64,p=0.9[,iters=4,seed=0,block=128]</c> (k-means
-    /// semantic permutation, <see cref="ClusterSelector"/>).
+    /// semantic permutation, <see cref="ClusterSelector"/>); any spec + <c>+centroid</c> compensates the skipped
+    /// blocks (<see cref="CentroidCompensation"/>).
     /// </summary>
     public static ISparsitySelector ParseAny(string spec)
     {
         ArgumentNullException.ThrowIfNull(spec);
+        if (spec.TrimEnd().EndsWith("+centroid", StringComparison.OrdinalIgnoreCase))
+        {
+            return new CompensatedSelector(ParseAny(spec.TrimEnd()[..^"+centroid".Length]));
+        }
         string[] head = spec.Trim().Split(':', 2);
         string name = head[0].Trim();
         if (name is not ("auto" or "hash" or "cluster")) return Parse(spec);

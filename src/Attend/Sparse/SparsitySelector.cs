@@ -286,7 +286,16 @@ public static class SparseAttention
             : selector.Plan(q, k, options.Causal, options.Scale);
         TimeSpan selection = Stopwatch.GetElapsedTime(start);
         start = Stopwatch.GetTimestamp();
+        if (selector is CompensatedSelector)
+        {
+            if (options.Softcap != 0 || options.AlibiSlopes is not null || !options.Bias.IsDefault)
+            {
+                throw new ArgumentException("centroid compensation does not model Softcap, ALiBi or a bias; leave them unset", nameof(options));
+            }
+            if (lse.IsDefault) lse = new TensorView<float>(new float[(long)q.Dim(0) * q.Dim(1) * q.Dim(2)], q.Dim(0), q.Dim(1), q.Dim(2));
+        }
         Attention.Forward(q, k, v, output, options with { Causal = false, Plan = plan }, lse, tuning);
+        if (selector is CompensatedSelector) CentroidCompensation.Apply(q, k, v, plan, options.Causal, options.Scale, output, lse, tuning);
         return (plan, new SparseRunTimes(selection, Stopwatch.GetElapsedTime(start)));
     }
 }
