@@ -35,7 +35,7 @@ public static class CentroidCompensation
 
         // Block means of keys and values per (batch, kv head).
         var keyMeans = new PackedPanels[b * hkv];
-        var valueMeans = new float[b * hkv][];
+        var valueMeans = new PackedPanels[b * hkv];
         var parallel = new ParallelOptions { MaxDegreeOfParallelism = tuning?.Threads is > 0 and var t ? t : Environment.ProcessorCount };
         Parallel.For(0, b * hkv, parallel, index =>
         {
@@ -57,8 +57,14 @@ public static class CentroidCompensation
                 Linear.Vectors.Scale(vm.AsSpan(j * dv, dv), inv);
             }
             keyMeans[index] = new PackedPanels(km, keyBlocks, d);
-            valueMeans[index] = vm;
+            // Value means transposed ([Dv, blocks]) and packed: the weighted sum is then one more ScoreGemm product.
+            var vt = new float[dv * keyBlocks];
+            for (int j = 0; j < keyBlocks; j++)
+                for (int x = 0; x < dv; x++) vt[(x * keyBlocks) + j] = vm[(j * dv) + x];
+            valueMeans[index] = new PackedPanels(vt, dv, keyBlocks);
         });
+        var logSizes = new float[keyBlocks];
+        for (int j = 0; j < keyBlocks; j++) logSizes[j] = MathF.Log(Math.Min(skv, (j + 1) * bk) - (j * bk));
 
         int queryBlocks = (sq + bq - 1) / bq;
         Parallel.For(0, b * h * queryBlocks, parallel, work =>
@@ -80,39 +86,44 @@ public static class CentroidCompensation
             }
             var scores = new float[rows * keyBlocks];
             ScoreGemm.Multiply(queries, rows, d, keyMeans[kvIndex], 0, keyBlocks, scores);
-            float[] vm = valueMeans[kvIndex];
-            var compensation = new float[dv];
-            var current = new float[dv];
+            var lseC = new double[rows];
             for (int r = 0; r < rows; r++)
             {
-                int i = q0 + r;
-                long limit = i + offset;   // last key this row may see
+                long limit = q0 + r + offset;   // last key this row may see
                 Span<float> rowScores = scores.AsSpan(r * keyBlocks, keyBlocks);
                 float max = float.NegativeInfinity;
                 for (int j = 0; j < keyBlocks; j++)
                 {
-                    int end = Math.Min(skv, (j + 1) * bk);
-                    bool use = !visited[j] && end - 1 <= limit;
-                    rowScores[j] = use ? rowScores[j] + MathF.Log(end - (j * bk)) : float.NegativeInfinity;
+                    bool use = !visited[j] && Math.Min(skv, (j + 1) * bk) - 1 <= limit;
+                    rowScores[j] = use ? rowScores[j] + logSizes[j] : float.NegativeInfinity;
                     if (rowScores[j] > max) max = rowScores[j];
                 }
-                if (!(max > float.NegativeInfinity)) continue;   // nothing skipped that this row may see
-                Array.Clear(compensation);
-                double total = 0;
-                for (int j = 0; j < keyBlocks; j++)
+                if (!(max > float.NegativeInfinity))
                 {
-                    if (rowScores[j] == float.NegativeInfinity) continue;
-                    float w = MathF.Exp(rowScores[j] - max);
-                    total += w;
-                    Linear.Vectors.Axpy(w, vm.AsSpan(j * dv, dv), compensation);
+                    lseC[r] = double.NegativeInfinity;   // nothing skipped that this row may see
+                    rowScores.Clear();
+                    continue;
                 }
-                double lseC = max + Math.Log(total);
+                double total = 0;
+                for (int j = 0; j < keyBlocks; j++) total += rowScores[j] = rowScores[j] == float.NegativeInfinity ? 0 : MathF.Exp(rowScores[j] - max);
+                Linear.Vectors.Scale(rowScores, (float)(1 / total));
+                lseC[r] = max + Math.Log(total);
+            }
+            // Normalized weights [rows, blocks] × value means [blocks, Dv].
+            var compensation = new float[rows * dv];
+            ScoreGemm.Multiply(scores, rows, keyBlocks, valueMeans[kvIndex], 0, dv, compensation);
+            var current = new float[dv];
+            for (int r = 0; r < rows; r++)
+            {
+                if (double.IsNegativeInfinity(lseC[r])) continue;
+                int i = q0 + r;
                 double lseS = lse[bi, i, hi];
-                double m = Math.Max(lseS, lseC);
-                double wS = double.IsNegativeInfinity(lseS) ? 0 : Math.Exp(lseS - m), wC = Math.Exp(lseC - m);
+                double m = Math.Max(lseS, lseC[r]);
+                double wS = double.IsNegativeInfinity(lseS) ? 0 : Math.Exp(lseS - m), wC = Math.Exp(lseC[r] - m);
                 output.CopyRow(bi, i, hi, current);
-                float a = (float)(wS / (wS + wC)), c = (float)(wC / (wS + wC) / total);
-                for (int x = 0; x < dv; x++) output[bi, i, hi, x] = ElementConvert.FromSingle<T>((a * current[x]) + (c * compensation[x]));
+                float a = (float)(wS / (wS + wC)), c = (float)(wC / (wS + wC));
+                ReadOnlySpan<float> comp = compensation.AsSpan(r * dv, dv);
+                for (int x = 0; x < dv; x++) output[bi, i, hi, x] = ElementConvert.FromSingle<T>((a * current[x]) + (c * comp[x]));
                 lse[bi, i, hi] = (float)(m + Math.Log(wS + wC));
             }
         });
