@@ -43,7 +43,7 @@ internal static class GpuBench
         var shape = new AttentionShape(b, s, s, h, hkv, d, d);
         return new BenchCommand.BenchRow("gpu", causal ? "dense-causal" : "dense", plan.DType, b, h, hkv, s, d, causal, 0, KernelPath.Auto,
             times[times.Count / 2], times[0], times[^1], times.Count, causal ? shape.CausalFlops : shape.DenseFlops, NominalPeakGflops)
-        { Backend = "cuda", Mask = causal ? "causal" : "full" };
+        { Backend = "cuda", Mask = causal ? "causal" : "full", Memory = MemoryProbe.Observe(() => CudaAttention.Forward(q, k, v, o, options)) };
     }
 
     /// <summary>
@@ -71,7 +71,7 @@ internal static class GpuBench
                 double ms = t[t.Count / 2];
                 return new BenchCommand.BenchRow("gpu-masks", name, DType.BFloat16, 1, h, h, s, d, false, 0, KernelPath.Auto,
                     ms, t[0], t[^1], t.Count, shape.DenseFlops * visited, NominalPeakGflops)
-                { Backend = "cuda", Mask = mask, Density = visited, SpeedupVsDense = baseline is { } b ? b / ms : 1, Note = note };
+                { Backend = "cuda", Mask = mask, Memory = MemoryProbe.Observe(() => CudaAttention.Forward(q, k, v, o, options)), Density = visited, SpeedupVsDense = baseline is { } b ? b / ms : 1, Note = note };
             }
             BenchCommand.BenchRow dense = Row("dense", "full", AttentionOptions.Default, 1, null, "baseline (non-causal)");
             rows.Add(dense);
@@ -116,7 +116,7 @@ internal static class GpuBench
             double tbps = CudaDecode.BytesRead(1, skv, hkv, d) / (ms * 1e-3) / 1e12;
             rows.Add(new BenchCommand.BenchRow("gpu-decode", $"decode {hq}/{hkv} heads", DType.BFloat16, 1, hq, hkv, skv, d, false, 0, KernelPath.Auto,
                 ms, t[0], t[^1], t.Count, 4.0 * hq * skv * d, NominalPeakGflops)
-            { Backend = "cuda", Mask = "decode", Note = $"{tbps:F2} TB/s of K+V read (bar >= 2.8 at 131072 keys: {(skv == 131072 ? (tbps >= 2.8 ? "met" : "MISSED") : "n/a")})" });
+            { Backend = "cuda", Mask = "decode", Memory = MemoryProbe.Observe(() => CudaDecode.Forward(q, k, v, o)), Note = $"{tbps:F2} TB/s of K+V read (bar >= 2.8 at 131072 keys: {(skv == 131072 ? (tbps >= 2.8 ? "met" : "MISSED") : "n/a")})" });
         }
         return rows;
     }
