@@ -52,6 +52,10 @@ public static unsafe class CudaAttention
         {
             throw new NotSupportedException("ALiBi, bias tensors and predicates run on the CPU only for now");
         }
+        if (options.Plan is { Compensation: not Masks.Compensation.None })
+        {
+            throw new NotSupportedException("compensated plans run on the CPU only for now");
+        }
         if (options.Plan?.Permutation is not null)
         {
             throw new NotSupportedException("plans over a token permutation (bucket / hash-sparse plans) run on the CPU only for now");

@@ -45,6 +45,14 @@ public static class Attention
             PermutedExecution.Forward(q, k, v, output, lse, shape, scale, options, tuning);
             return;
         }
+        if (options.Plan?.Compensation is Masks.Compensation.Centroid)
+        {
+            // The merge needs the plan's LSE even when the caller does not ask for it.
+            if (lse.IsDefault) lse = new TensorView<float>(new float[(long)shape.Batch * shape.QueryLength * shape.Heads], shape.Batch, shape.QueryLength, shape.Heads);
+            FlashAttentionCpu.Forward(q, k, v, output, lse, shape, scale, options, tuning);
+            Sparse.CentroidCompensation.Apply(q, k, v, options.Plan, scale, output, lse, tuning);
+            return;
+        }
         FlashAttentionCpu.Forward(q, k, v, output, lse, shape, scale, options, tuning);
     }
 

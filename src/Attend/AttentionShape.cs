@@ -132,6 +132,10 @@ public readonly record struct AttentionShape(int Batch, int QueryLength, int Key
             {
                 throw new ArgumentException($"Plan was built for B={plan.Extent.Batch}, H={plan.Extent.Heads}, Sq={plan.Extent.QueryLength}, Skv={plan.Extent.KeyLength}; the inputs are B={Batch}, H={Heads}, Sq={QueryLength}, Skv={KeyLength}", nameof(options));
             }
+            if (plan.Compensation != Masks.Compensation.None && (options.Softcap != 0 || options.AlibiSlopes is not null || !options.Bias.IsDefault))
+            {
+                throw new ArgumentException("centroid compensation does not model Softcap, ALiBi or a bias; leave them unset", nameof(options));
+            }
             if (plan.Permutation is { } permutation)
             {
                 if (permutation.KvHeads != KvHeads)

@@ -191,12 +191,17 @@ public class BucketPlanTests
         var lse = new TensorView<float>(new float[sq * h], 1, sq, h);
         Attention.Forward(q, k, v, o, new AttentionOptions { Plan = diagonal }, lse);
         double before = Metrics.RelativeL2(o, dense);
-        CentroidCompensation.Apply(q, k, v, diagonal, causal: true, scale: null, o, lse);
+        CentroidCompensation.Apply(q, k, v, diagonal, scale: null, o, lse);
         double after = Metrics.RelativeL2(o, dense);
         Assert.True(before > 0.1, $"the diagonal alone should be far from dense: {before}");
         Assert.True(after < 1e-5, $"relative L2 after compensation {after:E2} (before {before:F3})");
         for (int i = 0; i < sq; i++)
             for (int hi = 0; hi < h; hi++) Assert.Equal(denseLse[0, i, hi], lse[0, i, hi], 3);
+
+        // The same through the executor: a plan that carries the compensation, without asking for the LSE.
+        var viaPlan = new TensorView<float>(new float[sq * h * d], 1, sq, h, d);
+        Attention.Forward(q, k, v, viaPlan, new AttentionOptions { Plan = new SparsityPlan(diagonal).WithCompensation(Compensation.Centroid) });
+        Assert.True(Metrics.RelativeL2(viaPlan, dense) < 1e-5, $"relative L2 via the plan {Metrics.RelativeL2(viaPlan, dense):E2}");
     }
 
     [Fact]
@@ -233,6 +238,13 @@ public class BucketPlanTests
         Assert.Contains("cluster takes", Assert.Throws<ArgumentException>(() => Selectors.ParseAny("cluster:buckets=1")).Message);
         Assert.Throws<ArgumentOutOfRangeException>(() => new ClusterSelector { TopP = 0 });
         Assert.Throws<ArgumentOutOfRangeException>(() => new ClusterSelector { QueryClusters = 0 });
+        Assert.Throws<ArgumentOutOfRangeException>(() => new ClusterSelector { KeyClusters = 2000 });
+        Assert.Throws<ArgumentOutOfRangeException>(() => new ClusterSelector { Iterations = 0 });
+        Assert.Throws<ArgumentOutOfRangeException>(() => new ClusterSelector { BlockSize = 100 });
+        Assert.Throws<ArgumentOutOfRangeException>(() => new HashSparseSelector { BlockSize = 32 });
+        TensorView<float> q3 = TestData.Random<float>(1, 1, 8, 3, 16), k2h = TestData.Random<float>(2, 1, 8, 2, 16);
+        Assert.Contains("Hkv dividing H=3", Assert.Throws<ArgumentException>(() => new HashSparseSelector().Plan(q3, k2h)).Message);
+        Assert.Contains("Hkv dividing H=3", Assert.Throws<ArgumentException>(() => new ClusterSelector().Plan(q3, k2h)).Message);
 
         SparsityPlan plan = BucketPlan.Create(1, 2, 1, 8, 8, new int[16], new int[8], true, 64);
         TensorView<float> q = TestData.Random<float>(1, 1, 8, 2, 16), k = TestData.Random<float>(2, 1, 8, 1, 16);
@@ -241,5 +253,16 @@ public class BucketPlanTests
             Attention.Forward(q, k, k, o, new AttentionOptions { Plan = plan, AlibiSlopes = [0.5f, 0.25f] })).Message);
         TensorView<float> k2 = TestData.Random<float>(2, 1, 8, 2, 16);
         Assert.Contains("Hkv=1", Assert.Throws<ArgumentException>(() => Attention.Forward(q, k2, k2, o, new AttentionOptions { Plan = plan })).Message);
+
+        // Compensation needs blocks in the original order; Apply checks its plan and shapes.
+        Assert.Contains("compensation", Assert.Throws<ArgumentException>(() => plan.WithCompensation(Compensation.Centroid)).Message);
+        TokenSet tokens = TokenSet.Create(1, 2, 8, 8, 4, (_, _, _) => [0]);
+        Assert.Contains("compensation", Assert.Throws<ArgumentException>(() => new SparsityPlan(null, tokens, null, Compensation.Centroid)).Message);
+        SparsityPlan blocks = BlockMask.Create(Mask.Causal, 1, 2, 8, 8, 4, 4);
+        var lse = new TensorView<float>(new float[16], 1, 8, 2);
+        Assert.Contains("lse", Assert.Throws<ArgumentException>(() => CentroidCompensation.Apply(q, k, k, blocks, null, o, new TensorView<float>(new float[8], 1, 8, 1))).Message);
+        Assert.Contains("plan was built for", Assert.Throws<ArgumentException>(() =>
+            CentroidCompensation.Apply(q, k, k, (SparsityPlan)BlockMask.Create(Mask.Causal, 1, 2, 8, 9, 4, 4), null, o, lse)).Message);
+        Assert.Contains("permuted", Assert.Throws<ArgumentException>(() => CentroidCompensation.Apply(q, k, k, plan, null, o, lse)).Message);
     }
 }

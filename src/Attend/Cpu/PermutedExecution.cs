@@ -15,10 +15,10 @@ internal static class PermutedExecution
     {
         SparsityPlan plan = options.Plan!;
         TokenPermutation p = plan.Permutation!;
-        int b = shape.Batch, h = shape.Heads, hkv = shape.KvHeads, sq = shape.QueryLength, skv = shape.KeyLength;
-        TensorView<T> qp = Gather(q, b, sq, h, (bi, hi) => p.QueryOrder(bi, hi).ToArray(), tuning);
-        TensorView<T> kp = Gather(k, b, skv, hkv, (bi, hi) => p.KeyOrder(bi, hi).ToArray(), tuning);
-        TensorView<T> vp = Gather(v, b, skv, hkv, (bi, hi) => p.KeyOrder(bi, hi).ToArray(), tuning);
+        int b = shape.Batch, h = shape.Heads, sq = shape.QueryLength;
+        TensorView<T> qp = Gather(q, p, keys: false, tuning);
+        TensorView<T> kp = Gather(k, p, keys: true, tuning);
+        TensorView<T> vp = Gather(v, p, keys: true, tuning);
         var op = new TensorView<T>(new T[output.ElementCount], b, sq, h, shape.ValueDim);
         TensorView<float> lp = lse.IsDefault ? default : new TensorView<float>(new float[lse.ElementCount], b, sq, h);
         var inner = options with { Plan = new SparsityPlan(plan.Blocks, plan.Tokens), Scale = scale };
@@ -38,15 +38,15 @@ internal static class PermutedExecution
     private static ParallelOptions Options(KernelTuning tuning) =>
         new() { MaxDegreeOfParallelism = tuning.Threads > 0 ? tuning.Threads : Environment.ProcessorCount };
 
-    /// <summary>A contiguous [B, S, heads, D] copy with row (b, i, h) = source row (b, order(b, h)[i], h).</summary>
-    private static TensorView<T> Gather<T>(TensorView<T> source, int batch, int length, int heads, Func<int, int, int[]> order, KernelTuning tuning) where T : unmanaged
+    /// <summary>A contiguous [B, S, heads, D] copy of q (or of k/v with <paramref name="keys"/>) in the permutation's order.</summary>
+    private static TensorView<T> Gather<T>(TensorView<T> source, TokenPermutation p, bool keys, KernelTuning tuning) where T : unmanaged
     {
-        int d = source.Dim(3);
+        int batch = source.Dim(0), length = source.Dim(1), heads = source.Dim(2), d = source.Dim(3);
         var gathered = new TensorView<T>(new T[(long)batch * length * heads * d], batch, length, heads, d);
         Parallel.For(0, batch * heads, Options(tuning), bh =>
         {
             int bi = bh / heads, hi = bh % heads;
-            int[] positions = order(bi, hi);
+            ReadOnlySpan<int> positions = keys ? p.KeyOrder(bi, hi) : p.QueryOrder(bi, hi);
             for (int i = 0; i < length; i++) CopyRow(source, bi, positions[i], hi, gathered, bi, i, hi);
         });
         return gathered;

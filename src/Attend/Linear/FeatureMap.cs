@@ -117,11 +117,7 @@ internal sealed class RandomFeatureMap : FeatureMap
         if (w is not null && _wDim == d) return w;
         var rng = new Random(_seed);
         w = new double[_features * d];
-        for (int i = 0; i < w.Length; i++)
-        {
-            double u1 = 1.0 - rng.NextDouble(), u2 = rng.NextDouble();
-            w[i] = Math.Sqrt(-2 * Math.Log(u1)) * Math.Cos(2 * Math.PI * u2);
-        }
+        for (int i = 0; i < w.Length; i++) w[i] = Gaussian.Next(rng);
         _wDim = d;
         _w = w;
         return w;

@@ -62,6 +62,19 @@ public sealed class TokenSet : BlockRows
         Row(batch, head, q / BlockQ).BinarySearch(kv) >= 0 && (Mask?.Allows(Extent, batch, head, q, kv) ?? true);
 }
 
+/// <summary>What a plan does about the key blocks it skips.</summary>
+public enum Compensation
+{
+    /// <summary>Skipped blocks contribute nothing (the plan's pairs only).</summary>
+    None,
+
+    /// <summary>
+    /// Each skipped block a row may wholly see joins as one centroid, merged in LSE space
+    /// (<see cref="Sparse.CentroidCompensation"/>).
+    /// </summary>
+    Centroid,
+}
+
 /// <summary>
 /// What the executor runs: a <see cref="BlockMask"/> and/or a <see cref="TokenSet"/> over the same extent and
 /// query blocks. A pair is computed when the block plan computes it, or when its key is listed in the token set
@@ -71,9 +84,10 @@ public sealed class SparsityPlan
 {
     /// <summary>
     /// A plan of blocks, tokens or both; with <paramref name="permutation"/> they are expressed over the permuted
-    /// token order (see <see cref="TokenPermutation"/>).
+    /// token order (see <see cref="TokenPermutation"/>); <paramref name="compensation"/> says what the executor adds
+    /// for the skipped blocks (needs blocks and no permutation).
     /// </summary>
-    public SparsityPlan(BlockMask? blocks, TokenSet? tokens = null, TokenPermutation? permutation = null)
+    public SparsityPlan(BlockMask? blocks, TokenSet? tokens = null, TokenPermutation? permutation = null, Compensation compensation = Compensation.None)
     {
         if (blocks is null && tokens is null) throw new ArgumentException("a plan needs blocks, tokens or both");
         if (blocks is not null && tokens is not null && (blocks.Extent != tokens.Extent || blocks.BlockQ != tokens.BlockQ))
@@ -91,7 +105,18 @@ public sealed class SparsityPlan
             }
         }
         Permutation = permutation;
+        if (compensation != Compensation.None && (blocks is null || permutation is not null || !Enum.IsDefined(compensation)))
+        {
+            throw new ArgumentException($"compensation {compensation} needs a plan with blocks and no permutation", nameof(compensation));
+        }
+        Compensation = compensation;
     }
+
+    /// <summary>What the executor adds for the skipped blocks.</summary>
+    public Compensation Compensation { get; }
+
+    /// <summary>The same plan with another <see cref="Compensation"/>.</summary>
+    public SparsityPlan WithCompensation(Compensation compensation) => new(Blocks, Tokens, Permutation, compensation);
 
     /// <summary>The token order the blocks and tokens are expressed in; null: the original order.</summary>
     public TokenPermutation? Permutation { get; }

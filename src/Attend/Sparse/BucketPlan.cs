@@ -266,59 +266,56 @@ public sealed class HashSparseSelector : ISparsitySelector
     /// <inheritdoc/>
     public SparsityPlan Plan<T>(TensorView<T> q, TensorView<T> k, bool causal = true, float? scale = null) where T : unmanaged
     {
-        if (q.Rank != 4) throw new ArgumentException($"q must be [B, Sq, H, D]; got rank {q.Rank}", nameof(q));
-        if (k.Rank != 4) throw new ArgumentException($"k must be [B, Skv, Hkv, D]; got rank {k.Rank}", nameof(k));
-        int batch = q.Dim(0), sq = q.Dim(1), heads = q.Dim(2), d = q.Dim(3), skv = k.Dim(1), kvHeads = k.Dim(2);
-        if (k.Dim(0) != batch || k.Dim(3) != d || kvHeads < 1 || heads % kvHeads != 0)
-        {
-            throw new ArgumentException($"k must be [B={batch}, Skv, Hkv dividing H={heads}, D={d}]; got {k.ShapeString()}", nameof(k));
-        }
+        (int batch, int sq, int heads, int d, int skv, int kvHeads, _) = SparsitySelector.CheckInputs(q, k, scale);
         int half = Buckets / 2;
-        var rotations = new float[kvHeads][];
+        // One random rotation R [D, buckets/2] per kv head, drawn row by row and stored transposed (a row per
+        // projection direction) as the keys operand of the selectors' matrix product.
+        var rotations = new PackedPanels[kvHeads];
         var rng = new Random(Seed);
         for (int h = 0; h < kvHeads; h++)
         {
-            rotations[h] = new float[d * half];
-            for (int i = 0; i < rotations[h].Length; i++) rotations[h][i] = (float)(Math.Sqrt(-2 * Math.Log(1 - rng.NextDouble())) * Math.Cos(2 * Math.PI * rng.NextDouble()));
+            var transposed = new float[half * d];
+            for (int i = 0; i < d; i++)
+                for (int j = 0; j < half; j++) transposed[(j * d) + i] = (float)Gaussian.Next(rng);
+            rotations[h] = new PackedPanels(transposed, half, d);
         }
         var queryBuckets = new int[batch * heads * sq];
         var keyBuckets = new int[batch * kvHeads * skv];
         Parallel.For(0, batch * heads, index =>
         {
             int b = index / heads, h = index % heads;
-            Hash(q, b, h, sq, d, rotations[h / (heads / kvHeads)], half, queryBuckets.AsSpan(index * sq, sq));
+            Hash(SparsitySelector.Gather(q, b, h, sq, d, 1f), sq, d, rotations[h / (heads / kvHeads)], queryBuckets.AsSpan(index * sq, sq));
         });
         Parallel.For(0, batch * kvHeads, index =>
         {
             int b = index / kvHeads, h = index % kvHeads;
-            Hash(k, b, h, skv, d, rotations[h], half, keyBuckets.AsSpan(index * skv, skv));
+            Hash(SparsitySelector.Gather(k, b, h, skv, d, 1f), skv, d, rotations[h], keyBuckets.AsSpan(index * skv, skv));
         });
         return BucketPlan.Create(batch, heads, kvHeads, sq, skv, queryBuckets, keyBuckets, causal, BlockSize);
     }
 
-    private static void Hash<T>(TensorView<T> x, int b, int h, int length, int d, float[] rotation, int half, Span<int> buckets) where T : unmanaged
+    private static void Hash(float[] rows, int length, int d, PackedPanels rotation, Span<int> buckets)
     {
-        var row = new float[d];
-        var projection = new float[half];
-        for (int s = 0; s < length; s++)
+        const int chunk = 256;   // rows per product: bounds the projection buffer at 256 × buckets/2
+        int half = rotation.N;
+        var projections = new float[chunk * half];
+        for (int s0 = 0; s0 < length; s0 += chunk)
         {
-            x.CopyRow(b, s, h, row);
-            Array.Clear(projection);
-            for (int i = 0; i < d; i++)
+            int n = Math.Min(chunk, length - s0);
+            ScoreGemm.Multiply(rows.AsSpan(s0 * d, n * d), n, d, rotation, 0, half, projections);
+            for (int r = 0; r < n; r++)
             {
-                float xi = row[i];
-                ReadOnlySpan<float> r = rotation.AsSpan(i * half, half);
-                for (int j = 0; j < half; j++) projection[j] += xi * r[j];
+                ReadOnlySpan<float> projection = projections.AsSpan(r * half, half);
+                int best = 0;
+                float bestValue = float.NegativeInfinity;
+                for (int j = 0; j < half; j++)
+                {
+                    // The argmax over [xR, −xR] does not depend on |x|: no normalisation needed. NaN rows land in bucket 0.
+                    if (projection[j] > bestValue) (best, bestValue) = (j, projection[j]);
+                    if (-projection[j] > bestValue) (best, bestValue) = (j + half, -projection[j]);
+                }
+                buckets[s0 + r] = best;
             }
-            int best = 0;
-            float bestValue = float.NegativeInfinity;
-            for (int j = 0; j < half; j++)
-            {
-                // The argmax over [xR, −xR] does not depend on |x|: no normalisation needed. NaN rows land in bucket 0.
-                if (projection[j] > bestValue) (best, bestValue) = (j, projection[j]);
-                if (-projection[j] > bestValue) (best, bestValue) = (j + half, -projection[j]);
-            }
-            buckets[s] = best;
         }
     }
 }

@@ -15,10 +15,12 @@ public static class CentroidCompensation
 {
     /// <summary>
     /// Adds the centroid estimate of <paramref name="plan"/>'s skipped blocks to <paramref name="output"/> and
-    /// <paramref name="lse"/> (both from running that plan; float32 LSE in natural log). The plan must have blocks
-    /// and no permutation.
+    /// <paramref name="lse"/> (both from running that plan; float32 LSE in natural log). A skipped block counts for a
+    /// row when the plan's element mask allows the row every key of it (e.g. below the causal diagonal). The plan
+    /// must have blocks and no permutation. <see cref="Attention.Forward"/> calls this for plans with
+    /// <see cref="Compensation.Centroid"/>.
     /// </summary>
-    public static void Apply<T>(TensorView<T> q, TensorView<T> k, TensorView<T> v, SparsityPlan plan, bool causal, float? scale,
+    public static void Apply<T>(TensorView<T> q, TensorView<T> k, TensorView<T> v, SparsityPlan plan, float? scale,
         TensorView<T> output, TensorView<float> lse, KernelTuning? tuning = null) where T : unmanaged
     {
         ArgumentNullException.ThrowIfNull(plan);
@@ -31,37 +33,19 @@ public static class CentroidCompensation
         float s = scale ?? 1f / MathF.Sqrt(shape.HeadDim);
         int b = shape.Batch, h = shape.Heads, hkv = shape.KvHeads, sq = shape.QueryLength, skv = shape.KeyLength, d = shape.HeadDim, dv = shape.ValueDim;
         int bk = blocks.BlockK, bq = blocks.BlockQ, keyBlocks = (skv + bk - 1) / bk;
-        long offset = causal ? (long)skv - sq : long.MaxValue / 2;
+        Mask? mask = blocks.Mask;
+        MaskExtent extent = blocks.Extent;
 
-        // Block means of keys and values per (batch, kv head).
+        // Block means of keys (packed as the product's keys) and of values (transposed, packed: the weighted sum is
+        // then a second product) per (batch, kv head).
         var keyMeans = new PackedPanels[b * hkv];
         var valueMeans = new PackedPanels[b * hkv];
         var parallel = new ParallelOptions { MaxDegreeOfParallelism = tuning?.Threads is > 0 and var t ? t : Environment.ProcessorCount };
         Parallel.For(0, b * hkv, parallel, index =>
         {
             int bi = index / hkv, hi = index % hkv;
-            var km = new float[keyBlocks * d];
-            var vm = new float[keyBlocks * dv];
-            var row = new float[Math.Max(d, dv)];
-            for (int j = 0; j < skv; j++)
-            {
-                k.CopyRow(bi, j, hi, row.AsSpan(0, d));
-                Linear.Vectors.Axpy(1f, row.AsSpan(0, d), km.AsSpan((j / bk) * d, d));
-                v.CopyRow(bi, j, hi, row.AsSpan(0, dv));
-                Linear.Vectors.Axpy(1f, row.AsSpan(0, dv), vm.AsSpan((j / bk) * dv, dv));
-            }
-            for (int j = 0; j < keyBlocks; j++)
-            {
-                float inv = 1f / (Math.Min(skv, (j + 1) * bk) - (j * bk));
-                Linear.Vectors.Scale(km.AsSpan(j * d, d), inv);
-                Linear.Vectors.Scale(vm.AsSpan(j * dv, dv), inv);
-            }
-            keyMeans[index] = new PackedPanels(km, keyBlocks, d);
-            // Value means transposed ([Dv, blocks]) and packed: the weighted sum is then one more ScoreGemm product.
-            var vt = new float[dv * keyBlocks];
-            for (int j = 0; j < keyBlocks; j++)
-                for (int x = 0; x < dv; x++) vt[(x * keyBlocks) + j] = vm[(j * dv) + x];
-            valueMeans[index] = new PackedPanels(vt, dv, keyBlocks);
+            keyMeans[index] = new PackedPanels(BlockMeans(SparsitySelector.Gather(k, bi, hi, skv, d, 1f), skv, d, bk, transpose: false), keyBlocks, d);
+            valueMeans[index] = new PackedPanels(BlockMeans(SparsitySelector.Gather(v, bi, hi, skv, dv, 1f), skv, dv, bk, transpose: true), dv, keyBlocks);
         });
         var logSizes = new float[keyBlocks];
         for (int j = 0; j < keyBlocks; j++) logSizes[j] = MathF.Log(Math.Min(skv, (j + 1) * bk) - (j * bk));
@@ -72,29 +56,31 @@ public static class CentroidCompensation
             int bi = work / (h * queryBlocks), hi = work / queryBlocks % h, qb = work % queryBlocks;
             int kvIndex = bi * hkv + hi / (h / hkv);
             int q0 = qb * bq, rows = Math.Min(bq, sq - q0);
-            var visited = new bool[keyBlocks];
-            foreach (int col in blocks.Row(bi, hi, qb, out _)) visited[col] = true;
+
+            // Per skipped key block: Full = every row of the block sees all its keys, Partial = decide per row.
+            var kinds = new BlockClass[keyBlocks];
+            for (int j = 0; j < keyBlocks; j++)
+            {
+                kinds[j] = mask?.Classify(extent, bi, hi, q0, q0 + rows, j * bk, Math.Min(skv, (j + 1) * bk)) ?? BlockClass.Full;
+            }
+            foreach (int col in blocks.Row(bi, hi, qb, out _)) kinds[col] = BlockClass.Empty;   // visited: computed exactly
             if (plan.Tokens is { } tokens)
             {
-                foreach (int token in tokens.Row(bi, hi, qb)) visited[token / bk] = true;
+                foreach (int token in tokens.Row(bi, hi, qb)) kinds[token / bk] = BlockClass.Empty;
             }
-            var queries = new float[rows * d];
-            for (int r = 0; r < rows; r++)
-            {
-                q.CopyRow(bi, q0 + r, hi, queries.AsSpan(r * d, d));
-                Linear.Vectors.Scale(queries.AsSpan(r * d, d), s);
-            }
+
+            float[] queries = SparsitySelector.Gather(q.Slice(1, q0, rows), bi, hi, rows, d, s);
             var scores = new float[rows * keyBlocks];
             ScoreGemm.Multiply(queries, rows, d, keyMeans[kvIndex], 0, keyBlocks, scores);
             var lseC = new double[rows];
+            Span<(int Start, int End)> runs = stackalloc (int, int)[2];
             for (int r = 0; r < rows; r++)
             {
-                long limit = q0 + r + offset;   // last key this row may see
                 Span<float> rowScores = scores.AsSpan(r * keyBlocks, keyBlocks);
                 float max = float.NegativeInfinity;
                 for (int j = 0; j < keyBlocks; j++)
                 {
-                    bool use = !visited[j] && Math.Min(skv, (j + 1) * bk) - 1 <= limit;
+                    bool use = kinds[j] == BlockClass.Full || (kinds[j] == BlockClass.Partial && WhollyVisible(mask!, extent, bi, hi, q0 + r, j * bk, Math.Min(skv, (j + 1) * bk), runs));
                     rowScores[j] = use ? rowScores[j] + logSizes[j] : float.NegativeInfinity;
                     if (rowScores[j] > max) max = rowScores[j];
                 }
@@ -120,19 +106,43 @@ public static class CentroidCompensation
                 double lseS = lse[bi, i, hi];
                 double m = Math.Max(lseS, lseC[r]);
                 double wS = double.IsNegativeInfinity(lseS) ? 0 : Math.Exp(lseS - m), wC = Math.Exp(lseC[r] - m);
-                output.CopyRow(bi, i, hi, current);
                 float a = (float)(wS / (wS + wC)), c = (float)(wC / (wS + wC));
-                ReadOnlySpan<float> comp = compensation.AsSpan(r * dv, dv);
-                for (int x = 0; x < dv; x++) output[bi, i, hi, x] = ElementConvert.FromSingle<T>((a * current[x]) + (c * comp[x]));
+                output.CopyRow(bi, i, hi, current);
+                Linear.Vectors.Scale(current, a);
+                Linear.Vectors.Axpy(c, compensation.AsSpan(r * dv, dv), current);
+                output.WriteRow(bi, i, hi, current, 1f);
                 lse[bi, i, hi] = (float)(m + Math.Log(wS + wC));
             }
         });
     }
+
+    /// <summary>Whether the mask lets row <paramref name="q"/> see every key of [k0, k1) (no run form: not counted).</summary>
+    private static bool WhollyVisible(Mask mask, in MaskExtent extent, int b, int h, int q, int k0, int k1, Span<(int Start, int End)> runs) =>
+        mask.RowRuns(extent, b, h, q, k0, k1, runs) == 1 && runs[0] == (k0, k1);
+
+    /// <summary>Means of consecutive blocks of <paramref name="blockSize"/> rows: [blocks, d], or [d, blocks] with <paramref name="transpose"/>.</summary>
+    private static float[] BlockMeans(float[] rows, int length, int d, int blockSize, bool transpose)
+    {
+        int blocks = (length + blockSize - 1) / blockSize;
+        var means = new float[blocks * d];
+        for (int j = 0; j < blocks; j++)
+        {
+            Span<float> mean = means.AsSpan(j * d, d);
+            int end = Math.Min(length, (j + 1) * blockSize);
+            for (int i = j * blockSize; i < end; i++) Linear.Vectors.Axpy(1f, rows.AsSpan(i * d, d), mean);
+            Linear.Vectors.Scale(mean, 1f / (end - (j * blockSize)));
+        }
+        if (!transpose) return means;
+        var transposed = new float[d * blocks];
+        for (int j = 0; j < blocks; j++)
+            for (int x = 0; x < d; x++) transposed[(x * blocks) + j] = means[(j * d) + x];
+        return transposed;
+    }
 }
 
 /// <summary>
-/// A selector whose skipped blocks are compensated by <see cref="CentroidCompensation"/> when run through
-/// <see cref="SparseAttention.Forward"/> (spec suffix <c>+centroid</c>, e.g. <c>pooled:budget=top8+centroid</c>).
+/// A selector whose plans carry <see cref="Compensation.Centroid"/>, so the executor compensates their skipped blocks
+/// (spec suffix <c>+centroid</c>, e.g. <c>pooled:budget=top8+centroid</c>).
 /// </summary>
 public sealed class CompensatedSelector(ISparsitySelector inner) : IValueAwareSelector
 {
@@ -147,9 +157,10 @@ public sealed class CompensatedSelector(ISparsitySelector inner) : IValueAwareSe
 
     /// <inheritdoc/>
     public SparsityPlan Plan<T>(TensorView<T> q, TensorView<T> k, bool causal = true, float? scale = null) where T : unmanaged =>
-        Inner.Plan(q, k, causal, scale);
+        Inner.Plan(q, k, causal, scale).WithCompensation(Compensation.Centroid);
 
     /// <inheritdoc/>
     public SparsityPlan Plan<T>(TensorView<T> q, TensorView<T> k, TensorView<T> v, bool causal = true, float? scale = null, KernelTuning? tuning = null) where T : unmanaged =>
-        Inner is IValueAwareSelector valueAware ? valueAware.Plan(q, k, v, causal, scale, tuning) : Inner.Plan(q, k, causal, scale);
+        (Inner is IValueAwareSelector valueAware ? valueAware.Plan(q, k, v, causal, scale, tuning) : Inner.Plan(q, k, causal, scale))
+            .WithCompensation(Compensation.Centroid);
 }

@@ -45,15 +45,7 @@ public sealed class ClusterSelector : ISparsitySelector
     /// <inheritdoc/>
     public SparsityPlan Plan<T>(TensorView<T> q, TensorView<T> k, bool causal = true, float? scale = null) where T : unmanaged
     {
-        if (q.Rank != 4) throw new ArgumentException($"q must be [B, Sq, H, D]; got rank {q.Rank}", nameof(q));
-        if (k.Rank != 4) throw new ArgumentException($"k must be [B, Skv, Hkv, D]; got rank {k.Rank}", nameof(k));
-        int batch = q.Dim(0), sq = q.Dim(1), heads = q.Dim(2), d = q.Dim(3), skv = k.Dim(1), kvHeads = k.Dim(2);
-        if (k.Dim(0) != batch || k.Dim(3) != d || kvHeads < 1 || heads % kvHeads != 0)
-        {
-            throw new ArgumentException($"k must be [B={batch}, Skv, Hkv dividing H={heads}, D={d}]; got {k.ShapeString()}", nameof(k));
-        }
-        float s = scale ?? 1f / MathF.Sqrt(d);
-        if (!float.IsFinite(s) || s < 0) throw new ArgumentException($"scale must be finite and ≥ 0; got {s}", nameof(scale));
+        (int batch, int sq, int heads, int d, int skv, int kvHeads, float s) = SparsitySelector.CheckInputs(q, k, scale);
         int cq = Math.Min(QueryClusters, sq), ck = Math.Min(KeyClusters, skv);
         var queryBuckets = new int[batch * heads * sq];
         var keyBuckets = new int[batch * kvHeads * skv];
@@ -62,12 +54,12 @@ public sealed class ClusterSelector : ISparsitySelector
         var keyCounts = new int[batch * kvHeads][];
         Parallel.For(0, batch * kvHeads, index =>
         {
-            float[] rows = Rows(k, index / kvHeads, index % kvHeads, skv, d);
+            float[] rows = SparsitySelector.Gather(k, index / kvHeads, index % kvHeads, skv, d, 1f);
             (keyCentroids[index], keyCounts[index]) = KMeans(rows, skv, d, ck, Iterations, Seed + index, keyBuckets.AsSpan(index * skv, skv));
         });
         Parallel.For(0, batch * heads, index =>
         {
-            float[] rows = Rows(q, index / heads, index % heads, sq, d);
+            float[] rows = SparsitySelector.Gather(q, index / heads, index % heads, sq, d, 1f);
             (queryCentroids[index], _) = KMeans(rows, sq, d, cq, Iterations, Seed + 7919 + index, queryBuckets.AsSpan(index * sq, sq));
         });
 
@@ -103,13 +95,6 @@ public sealed class ClusterSelector : ISparsitySelector
             }
         });
         return BucketPlan.Build(batch, heads, kvHeads, sq, skv, queryBuckets, keyBuckets, causal, BlockSize, new ClusterPairs(cq, ck, allowed));
-    }
-
-    private static float[] Rows<T>(TensorView<T> x, int b, int h, int length, int d) where T : unmanaged
-    {
-        var rows = new float[length * d];
-        for (int s = 0; s < length; s++) x.CopyRow(b, s, h, rows.AsSpan(s * d, d));
-        return rows;
     }
 
     /// <summary>Lloyd's k-means (squared Euclidean): centroids initialised from distinct random rows; returns centroids and cluster sizes.</summary>

@@ -65,20 +65,7 @@ public abstract class SparsitySelector : ISparsitySelector
     /// <inheritdoc/>
     public SparsityPlan Plan<T>(TensorView<T> q, TensorView<T> k, bool causal = true, float? scale = null) where T : unmanaged
     {
-        if (q.Rank != 4) throw new ArgumentException($"q must be [B, Sq, H, D]; got rank {q.Rank}", nameof(q));
-        if (k.Rank != 4) throw new ArgumentException($"k must be [B, Skv, Hkv, D]; got rank {k.Rank}", nameof(k));
-        int batch = q.Shape[0], sq = q.Shape[1], heads = q.Shape[2], d = q.Shape[3];
-        int skv = k.Shape[1], kvHeads = k.Shape[2];
-        if (k.Shape[0] != batch || k.Shape[3] != d || kvHeads < 1 || heads % kvHeads != 0)
-        {
-            throw new ArgumentException($"k must be [B={batch}, Skv, Hkv dividing H={heads}, D={d}]; got [{string.Join(", ", k.Shape.ToArray())}]", nameof(k));
-        }
-        if (batch < 1 || sq < 1 || skv < 1 || heads < 1 || d < 1)
-        {
-            throw new ArgumentException($"q and k need every extent ≥ 1; got q [{string.Join(", ", q.Shape.ToArray())}], k [{string.Join(", ", k.Shape.ToArray())}]", nameof(q));
-        }
-        float s = scale ?? 1f / MathF.Sqrt(d);
-        if (!float.IsFinite(s) || s < 0) throw new ArgumentException($"scale must be finite and ≥ 0; got {s}", nameof(scale));
+        (int batch, int sq, int heads, int d, int skv, int kvHeads, float s) = CheckInputs(q, k, scale);
         Validate(sq, skv);
 
         var rows = new HeadRows[batch * heads];
@@ -100,6 +87,30 @@ public abstract class SparsitySelector : ISparsitySelector
             ? TokenSet.Create(batch, heads, sq, skv, bs, (b, h, qb) => rows[b * heads + h].Tokens?[qb] ?? [], causalMask)
             : null;
         return new SparsityPlan(blocks, tokens);
+    }
+
+    /// <summary>
+    /// Checks q [B, Sq, H, D] and k [B, Skv, Hkv, D] (Hkv dividing H, every extent ≥ 1) and the scale; returns the
+    /// sizes and the effective scale. Shared by every selector, built-in or not.
+    /// </summary>
+    internal static (int Batch, int QueryLength, int Heads, int HeadDim, int KeyLength, int KvHeads, float Scale) CheckInputs<T>(
+        TensorView<T> q, TensorView<T> k, float? scale) where T : unmanaged
+    {
+        if (q.Rank != 4) throw new ArgumentException($"q must be [B, Sq, H, D]; got rank {q.Rank}", nameof(q));
+        if (k.Rank != 4) throw new ArgumentException($"k must be [B, Skv, Hkv, D]; got rank {k.Rank}", nameof(k));
+        int batch = q.Shape[0], sq = q.Shape[1], heads = q.Shape[2], d = q.Shape[3];
+        int skv = k.Shape[1], kvHeads = k.Shape[2];
+        if (k.Shape[0] != batch || k.Shape[3] != d || kvHeads < 1 || heads % kvHeads != 0)
+        {
+            throw new ArgumentException($"k must be [B={batch}, Skv, Hkv dividing H={heads}, D={d}]; got [{string.Join(", ", k.Shape.ToArray())}]", nameof(k));
+        }
+        if (batch < 1 || sq < 1 || skv < 1 || heads < 1 || d < 1)
+        {
+            throw new ArgumentException($"q and k need every extent ≥ 1; got q [{string.Join(", ", q.Shape.ToArray())}], k [{string.Join(", ", k.Shape.ToArray())}]", nameof(q));
+        }
+        float s = scale ?? 1f / MathF.Sqrt(d);
+        if (!float.IsFinite(s) || s < 0) throw new ArgumentException($"scale must be finite and ≥ 0; got {s}", nameof(scale));
+        return (batch, sq, heads, d, skv, kvHeads, s);
     }
 
     /// <summary>Rejects parameters that do not fit the sequence lengths (overridden by selectors with such parameters).</summary>
@@ -286,16 +297,7 @@ public static class SparseAttention
             : selector.Plan(q, k, options.Causal, options.Scale);
         TimeSpan selection = Stopwatch.GetElapsedTime(start);
         start = Stopwatch.GetTimestamp();
-        if (selector is CompensatedSelector)
-        {
-            if (options.Softcap != 0 || options.AlibiSlopes is not null || !options.Bias.IsDefault)
-            {
-                throw new ArgumentException("centroid compensation does not model Softcap, ALiBi or a bias; leave them unset", nameof(options));
-            }
-            if (lse.IsDefault) lse = new TensorView<float>(new float[(long)q.Dim(0) * q.Dim(1) * q.Dim(2)], q.Dim(0), q.Dim(1), q.Dim(2));
-        }
         Attention.Forward(q, k, v, output, options with { Causal = false, Plan = plan }, lse, tuning);
-        if (selector is CompensatedSelector) CentroidCompensation.Apply(q, k, v, plan, options.Causal, options.Scale, output, lse, tuning);
         return (plan, new SparseRunTimes(selection, Stopwatch.GetElapsedTime(start)));
     }
 }

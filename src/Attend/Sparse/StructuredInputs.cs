@@ -134,7 +134,7 @@ public static class StructuredInputs
                 {
                     plan.Key(j, rng, Row(k, b, j, g, length, kvHeads, headDim));
                     Span<float> vr = Row(v, b, j, g, length, kvHeads, headDim);
-                    for (int c = 0; c < headDim; c++) vr[c] = (float)Gaussian(rng);
+                    for (int c = 0; c < headDim; c++) vr[c] = (float)Gaussian.Next(rng);
                 }
                 for (int hq = 0; hq < group; hq++)
                 {
@@ -150,9 +150,6 @@ public static class StructuredInputs
 
     private static Span<float> Row(float[] x, int b, int s, int h, int length, int heads, int d) =>
         x.AsSpan((int)((((long)b * length + s) * heads + h) * d), d);
-
-    private static double Gaussian(Random rng) =>
-        Math.Sqrt(-2 * Math.Log(1 - rng.NextDouble())) * Math.Cos(2 * Math.PI * rng.NextDouble());
 
     /// <summary>Which coordinates each component owns.</summary>
     private sealed class Layout
@@ -272,7 +269,7 @@ public static class StructuredInputs
             }
             float[] centroid = _centroids[_segmentCluster[t / _segment]];
             for (int c = 0; c < centroid.Length; c++) row[_l.ClusterStart + c] = (float)(_cluster * centroid[c]);
-            for (int c = _l.NoiseStart; c < row.Length; c++) row[c] = (float)(_noise * Gaussian(rng));
+            for (int c = _l.NoiseStart; c < row.Length; c++) row[c] = (float)(_noise * Gaussian.Next(rng));
         }
 
         private double Amp(double logit) => Math.Sqrt(Math.Max(logit, 0)) * _root;
@@ -290,7 +287,7 @@ public static class StructuredInputs
             double norm = 0;
             for (int c = 0; c < dims; c++)
             {
-                u[c] = (float)Gaussian(rng);
+                u[c] = (float)Gaussian.Next(rng);
                 norm += u[c] * u[c];
             }
             float inv = (float)(1 / Math.Sqrt(norm));
