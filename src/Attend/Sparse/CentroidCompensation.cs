@@ -44,8 +44,8 @@ public static class CentroidCompensation
         Parallel.For(0, b * hkv, parallel, index =>
         {
             int bi = index / hkv, hi = index % hkv;
-            keyMeans[index] = new PackedPanels(BlockMeans(SparsitySelector.Gather(k, bi, hi, skv, d, 1f), skv, d, bk, transpose: false), keyBlocks, d);
-            valueMeans[index] = new PackedPanels(BlockMeans(SparsitySelector.Gather(v, bi, hi, skv, dv, 1f), skv, dv, bk, transpose: true), dv, keyBlocks);
+            keyMeans[index] = new PackedPanels(BlockMeans(k, bi, hi, bk, transpose: false), keyBlocks, d);
+            valueMeans[index] = new PackedPanels(BlockMeans(v, bi, hi, bk, transpose: true), dv, keyBlocks);
         });
         var logSizes = new float[keyBlocks];
         for (int j = 0; j < keyBlocks; j++) logSizes[j] = MathF.Log(Math.Min(skv, (j + 1) * bk) - (j * bk));
@@ -69,6 +69,18 @@ public static class CentroidCompensation
                 foreach (int token in tokens.Row(bi, hi, qb)) kinds[token / bk] = BlockClass.Empty;
             }
 
+            // Candidate blocks: skipped, and wholly visible to some row of the block.
+            int candidateCount = 0;
+            Span<int> candidates = stackalloc int[keyBlocks <= 1024 ? keyBlocks : 0];
+            int[]? heap = keyBlocks <= 1024 ? null : new int[keyBlocks];
+            if (heap is not null) candidates = heap;
+            for (int j = 0; j < keyBlocks; j++)
+            {
+                if (kinds[j] != BlockClass.Empty) candidates[candidateCount++] = j;
+            }
+            if (candidateCount == 0) return;   // nothing skipped that this query block may see
+            candidates = candidates[..candidateCount];
+
             float[] queries = SparsitySelector.Gather(q.Slice(1, q0, rows), bi, hi, rows, d, s);
             var scores = new float[rows * keyBlocks];
             ScoreGemm.Multiply(queries, rows, d, keyMeans[kvIndex], 0, keyBlocks, scores);
@@ -76,13 +88,15 @@ public static class CentroidCompensation
             Span<(int Start, int End)> runs = stackalloc (int, int)[2];
             for (int r = 0; r < rows; r++)
             {
+                // The row's scores become its normalized weights over the candidates it may see (0 elsewhere).
                 Span<float> rowScores = scores.AsSpan(r * keyBlocks, keyBlocks);
                 float max = float.NegativeInfinity;
-                for (int j = 0; j < keyBlocks; j++)
+                foreach (int j in candidates)
                 {
-                    bool use = kinds[j] == BlockClass.Full || (kinds[j] == BlockClass.Partial && WhollyVisible(mask!, extent, bi, hi, q0 + r, j * bk, Math.Min(skv, (j + 1) * bk), runs));
-                    rowScores[j] = use ? rowScores[j] + logSizes[j] : float.NegativeInfinity;
-                    if (rowScores[j] > max) max = rowScores[j];
+                    bool use = kinds[j] == BlockClass.Full || WhollyVisible(mask!, extent, bi, hi, q0 + r, j * bk, Math.Min(skv, (j + 1) * bk), runs);
+                    float score = use ? rowScores[j] + logSizes[j] : float.NegativeInfinity;
+                    rowScores[j] = score;
+                    if (score > max) max = score;
                 }
                 if (!(max > float.NegativeInfinity))
                 {
@@ -91,8 +105,15 @@ public static class CentroidCompensation
                     continue;
                 }
                 double total = 0;
-                for (int j = 0; j < keyBlocks; j++) total += rowScores[j] = rowScores[j] == float.NegativeInfinity ? 0 : MathF.Exp(rowScores[j] - max);
-                Linear.Vectors.Scale(rowScores, (float)(1 / total));
+                foreach (int j in candidates) total += rowScores[j] = rowScores[j] == float.NegativeInfinity ? 0 : MathF.Exp(rowScores[j] - max);
+                float inverse = (float)(1 / total);
+                int next = 0;
+                for (int j = 0; j < keyBlocks; j++)
+                {
+                    bool candidate = next < candidates.Length && candidates[next] == j;
+                    if (candidate) next++;
+                    rowScores[j] = candidate ? rowScores[j] * inverse : 0;
+                }
                 lseC[r] = max + Math.Log(total);
             }
             // Normalized weights [rows, blocks] × value means [blocks, Dv].
@@ -120,22 +141,31 @@ public static class CentroidCompensation
     private static bool WhollyVisible(Mask mask, in MaskExtent extent, int b, int h, int q, int k0, int k1, Span<(int Start, int End)> runs) =>
         mask.RowRuns(extent, b, h, q, k0, k1, runs) == 1 && runs[0] == (k0, k1);
 
-    /// <summary>Means of consecutive blocks of <paramref name="blockSize"/> rows: [blocks, d], or [d, blocks] with <paramref name="transpose"/>.</summary>
-    private static float[] BlockMeans(float[] rows, int length, int d, int blockSize, bool transpose)
+    /// <summary>
+    /// Means of consecutive blocks of <paramref name="blockSize"/> rows of (b, h): [blocks, d], or [d, blocks] with
+    /// <paramref name="transpose"/>. Streams one row at a time (a gathered copy of the head cost more in fresh pages
+    /// than the sums).
+    /// </summary>
+    private static float[] BlockMeans<T>(TensorView<T> x, int b, int h, int blockSize, bool transpose) where T : unmanaged
     {
-        int blocks = (length + blockSize - 1) / blockSize;
+        int length = x.Dim(1), d = x.Dim(3), blocks = (length + blockSize - 1) / blockSize;
         var means = new float[blocks * d];
+        var row = new float[d];
         for (int j = 0; j < blocks; j++)
         {
             Span<float> mean = means.AsSpan(j * d, d);
             int end = Math.Min(length, (j + 1) * blockSize);
-            for (int i = j * blockSize; i < end; i++) Linear.Vectors.Axpy(1f, rows.AsSpan(i * d, d), mean);
+            for (int i = j * blockSize; i < end; i++)
+            {
+                x.CopyRow(b, i, h, row);
+                Linear.Vectors.Axpy(1f, row, mean);
+            }
             Linear.Vectors.Scale(mean, 1f / (end - (j * blockSize)));
         }
         if (!transpose) return means;
         var transposed = new float[d * blocks];
         for (int j = 0; j < blocks; j++)
-            for (int x = 0; x < d; x++) transposed[(x * blocks) + j] = means[(j * d) + x];
+            for (int x0 = 0; x0 < d; x0++) transposed[(x0 * blocks) + j] = means[(j * d) + x0];
         return transposed;
     }
 }

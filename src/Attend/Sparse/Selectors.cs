@@ -29,25 +29,14 @@ public static class Selectors
         {
             return new CompensatedSelector(ParseAny(spec.TrimEnd()[..^"+centroid".Length]));
         }
-        string[] head = spec.Trim().Split(':', 2);
-        string name = head[0].Trim();
+        (string name, Dictionary<string, string> args) = Split(spec);
         if (name is not ("auto" or "hash" or "cluster")) return Parse(spec);
-        var args = new Dictionary<string, string>(StringComparer.OrdinalIgnoreCase);
-        string[] known = name switch
+        RequireKnown(name, args, spec, name switch
         {
             "auto" => ["err", "sample"],
             "hash" => ["buckets", "seed", "block"],
             _ => ["q", "k", "p", "iters", "seed", "block"],
-        };
-        foreach (string part in head.Length == 2 ? head[1].Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries) : [])
-        {
-            string[] kv = part.Split('=', 2, StringSplitOptions.TrimEntries);
-            if (kv.Length != 2 || kv[1].Length == 0 || !known.Contains(kv[0], StringComparer.OrdinalIgnoreCase))
-            {
-                throw new ArgumentException($"selector '{spec}': {name} takes {string.Join(", ", known.Select(k => k + "=VALUE"))}; got '{part}'", nameof(spec));
-            }
-            args[kv[0]] = kv[1];
-        }
+        });
         if (name == "auto") return new AutoSelector(Double(args, "err", 0.02, spec), sampleQueries: Int(args, "sample", 1024, spec));
         if (name == "hash") return new HashSparseSelector { Buckets = Int(args, "buckets", 8, spec), Seed = Int(args, "seed", 0, spec), BlockSize = Int(args, "block", 128, spec) };
         return new ClusterSelector
@@ -68,18 +57,7 @@ public static class Selectors
     public static SparsitySelector Parse(string spec)
     {
         ArgumentNullException.ThrowIfNull(spec);
-        string[] head = spec.Trim().Split(':', 2);
-        string name = head[0].Trim();
-        var args = new Dictionary<string, string>(StringComparer.OrdinalIgnoreCase);
-        if (head.Length == 2)
-        {
-            foreach (string part in head[1].Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries))
-            {
-                string[] kv = part.Split('=', 2, StringSplitOptions.TrimEntries);
-                if (kv.Length != 2 || kv[1].Length == 0) throw new ArgumentException($"selector '{spec}': expected key=value, got '{part}'", nameof(spec));
-                args[kv[0]] = kv[1];
-            }
-        }
+        (string name, Dictionary<string, string> args) = Split(spec);
         int block = Int(args, "block", 128, spec);
         SparsitySelector selector = name switch
         {
@@ -96,22 +74,40 @@ public static class Selectors
             "anchor" => new AnchorSelector { BlockSize = block, Theta = Double(args, "theta", 10, spec) },
             _ => throw new ArgumentException($"unknown selector '{name}'; expected one of {string.Join(", ", Names)}", nameof(spec)),
         };
-        string[] known = name switch
+        RequireKnown(name, args, spec, name switch
         {
             "pooled" => ["block", "budget"],
             "vertical-slash" => ["block", "v", "s", "last"],
             "flexprefill" => ["block", "gamma", "tau", "min"],
             "xattention" => ["block", "t", "stride"],
             _ => ["block", "theta"],
-        };
+        });
+        return selector;
+    }
+
+    /// <summary>Splits <c>name[:key=value,...]</c> into the name and its arguments.</summary>
+    private static (string Name, Dictionary<string, string> Args) Split(string spec)
+    {
+        string[] head = spec.Trim().Split(':', 2);
+        var args = new Dictionary<string, string>(StringComparer.OrdinalIgnoreCase);
+        foreach (string part in head.Length == 2 ? head[1].Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries) : [])
+        {
+            string[] kv = part.Split('=', 2, StringSplitOptions.TrimEntries);
+            if (kv.Length != 2 || kv[1].Length == 0) throw new ArgumentException($"selector '{spec}': expected key=value, got '{part}'", nameof(spec));
+            args[kv[0]] = kv[1];
+        }
+        return (head[0].Trim(), args);
+    }
+
+    private static void RequireKnown(string name, Dictionary<string, string> args, string spec, string[] known)
+    {
         foreach (string key in args.Keys)
         {
             if (!known.Contains(key, StringComparer.OrdinalIgnoreCase))
             {
-                throw new ArgumentException($"selector '{name}' has no parameter '{key}'; it takes {string.Join(", ", known)}", nameof(spec));
+                throw new ArgumentException($"selector '{spec}' has no parameter '{key}'; {name} takes {string.Join(", ", known)}", nameof(spec));
             }
         }
-        return selector;
     }
 
     private static BlockBudget Budget(string text, string spec)
