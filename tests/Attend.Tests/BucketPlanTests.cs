@@ -232,6 +232,12 @@ public class BucketPlanTests
         Assert.Contains("queryOrder", Assert.Throws<ArgumentException>(() => new TokenPermutation(1, 1, 1, 3, 3, [0, 0, 1], [0, 1, 2])).Message);
         Assert.Contains("keyOrder must hold", Assert.Throws<ArgumentException>(() => new TokenPermutation(1, 1, 1, 3, 3, [0, 1, 2], [0, 1])).Message);
         Assert.Contains("keyBuckets", Assert.Throws<ArgumentException>(() => BucketPlan.Create(1, 2, 1, 4, 4, new int[8], new int[3], true)).Message);
+        Assert.Contains("queryBuckets", Assert.Throws<ArgumentException>(() => BucketPlan.Create(1, 2, 1, 4, 4, new int[7], new int[4], true)).Message);
+        Assert.Contains("H a multiple of Hkv", Assert.Throws<ArgumentException>(() => BucketPlan.Create(1, 3, 2, 4, 4, new int[12], new int[8], true)).Message);
+        Assert.Contains("H a multiple of Hkv", Assert.Throws<ArgumentException>(() => new TokenPermutation(1, 3, 2, 2, 2, [0, 1, 0, 1, 0, 1], [0, 1, 0, 1])).Message);
+        var wrongExtent = new TokenPermutation(1, 1, 1, 4, 4, [0, 1, 2, 3], [3, 2, 1, 0]);
+        Assert.Contains("permutation is for", Assert.Throws<ArgumentException>(() => new SparsityPlan(BlockMask.Create(Mask.Causal, 1, 1, 8, 8, 4, 4), null, wrongExtent)).Message);
+        Assert.Throws<ArgumentNullException>(() => new CompensatedSelector(null!));
         Assert.Throws<ArgumentOutOfRangeException>(() => BucketPlan.Create(1, 1, 1, 4, 4, new int[4], new int[4], true, blockSize: 100));
         Assert.Throws<ArgumentOutOfRangeException>(() => new HashSparseSelector { Buckets = 3 });
         Assert.Contains("hash takes", Assert.Throws<ArgumentException>(() => Selectors.ParseAny("hash:zz=1")).Message);
