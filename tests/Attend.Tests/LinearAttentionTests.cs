@@ -6,7 +6,14 @@ namespace Attend.Tests;
 
 public sealed class LinearAttentionTests
 {
-    public static TheoryData<string> Maps() => ["elu", "relu", "identity", "taylor", "random", "hashing"];
+    public static TheoryData<string> Maps() => ["elu", "relu", "identity", "taylor", "random", "wavelet", "wavelet-weighted", "hashing", "hashing-given", "relu+conv"];
+
+    // A fixed "learned" hash: 12 projections of D = 16 (d = 8 in the recurrent test takes the first half of each row).
+    private static float[] GivenProjections(int d) => Enumerable.Range(0, 12 * d).Select(i => MathF.Sin(i * 0.7f + 0.3f)).ToArray();
+
+    // SLAB's convolution over the values: K taps per channel, centred when non-causal (odd K).
+    private static DepthwiseConv Conv(int dv, int kernel) =>
+        new(Enumerable.Range(0, dv * kernel).Select(i => MathF.Cos(i * 0.37f) * 0.4f).ToArray(), kernel, Enumerable.Range(0, dv).Select(c => 0.01f * c).ToArray());
 
     private static LinearOptions Options(string map, bool causal) => map switch
     {
@@ -15,7 +22,11 @@ public sealed class LinearAttentionTests
         "identity" => new LinearOptions { FeatureMap = FeatureMap.Identity, Causal = causal, Normalize = false },
         "taylor" => new LinearOptions { FeatureMap = FeatureMap.Taylor, Causal = causal },
         "random" => new LinearOptions { FeatureMap = FeatureMap.RandomFeatures(48, seed: 3), Causal = causal },
-        _ => new LinearOptions { FeatureMap = FeatureMap.Hashing(24, seed: 5), Causal = causal },
+        "wavelet" => new LinearOptions { FeatureMap = FeatureMap.WaveletRandomFeatures(40, seed: 2), Causal = causal },
+        "wavelet-weighted" => new LinearOptions { FeatureMap = FeatureMap.WaveletRandomFeatures(40, [1.2, 0.5, 0.8, 1.0, 0.3], seed: 2), Causal = causal },
+        "hashing" => new LinearOptions { FeatureMap = FeatureMap.Hashing(24, seed: 5), Causal = causal },
+        "hashing-given" => new LinearOptions { FeatureMap = FeatureMap.Hashing(GivenProjections(16), 12), Causal = causal },
+        _ => new LinearOptions { FeatureMap = FeatureMap.Relu, Causal = causal, ValueConv = Conv(24, 5) },
     };
 
     private static double MaxRelativeError(TensorView<float> actual, double[] expected)
@@ -65,7 +76,14 @@ public sealed class LinearAttentionTests
     public void Should_step_recurrently_to_the_chunked_result_and_survive_a_save(string map)
     {
         int s = 50, h = 2, d = 8, dv = 12;
-        LinearOptions options = Options(map, causal: true) with { Decay = [1f, 0.8f] };
+        LinearOptions options = map switch
+        {
+            "wavelet-weighted" => new LinearOptions { FeatureMap = FeatureMap.WaveletRandomFeatures(40, [1.2, 0.5, 0.8, 0.3], seed: 2) },
+            "hashing-given" => new LinearOptions { FeatureMap = FeatureMap.Hashing(GivenProjections(8), 12) },
+            "relu+conv" => new LinearOptions { FeatureMap = FeatureMap.Relu, ValueConv = Conv(dv, 4) },
+            _ => Options(map, causal: true),
+        };
+        options = options with { Causal = true, Decay = [1f, 0.8f] };
         TensorView<float> q = TestData.Random<float>(7, 1, s, h, d, 0.5f), k = TestData.Random<float>(8, 1, s, h, d, 0.5f), v = TestData.Random<float>(9, 1, s, h, dv);
         var o = new TensorView<float>(new float[s * h * dv], 1, s, h, dv);
         LinearAttention.Forward(q, k, v, o, options, new KernelTuning { ChunkSize = 16 });
@@ -108,6 +126,88 @@ public sealed class LinearAttentionTests
         state.Save(ms);
         var truncated = new MemoryStream(ms.ToArray()[..20]);
         Assert.Throws<InvalidDataException>(() => LinearState.Load(truncated, new LinearOptions { Causal = true }));
+        ms.Position = 0;
+        Assert.Contains("value convolution", Assert.Throws<InvalidDataException>(() => LinearState.Load(ms, new LinearOptions { ValueConv = Conv(4, 3) })).Message);
+
+        // SLAB's convolution: weights [Dv, K], bias [Dv], odd kernel when centred, Sq = Skv.
+        Assert.Contains("[Dv=4, K=3]", Assert.Throws<ArgumentException>(() => LinearAttention.Forward(x, x, x, o, new LinearOptions { ValueConv = new DepthwiseConv(new float[11], 3) })).Message);
+        Assert.Contains("odd kernel", Assert.Throws<ArgumentException>(() => LinearAttention.Forward(x, x, x, o, new LinearOptions { ValueConv = Conv(4, 2) })).Message);
+        Assert.Contains("Bias", Assert.Throws<ArgumentException>(() => LinearAttention.Forward(x, x, x, o, new LinearOptions { ValueConv = new DepthwiseConv(new float[12], 3, new float[3]) })).Message);
+        Assert.Contains("Kernel", Assert.Throws<ArgumentException>(() => LinearAttention.Forward(x, x, x, o, new LinearOptions { Causal = true, ValueConv = new DepthwiseConv([], 0) })).Message);
+        TensorView<float> shortKv = TestData.Random<float>(2, 1, 6, 2, 4);
+        Assert.Contains("Sq = Skv", Assert.Throws<ArgumentException>(() => LinearAttention.Forward(x, shortKv, shortKv, o, new LinearOptions { ValueConv = Conv(4, 3) })).Message);
+        // Maps that cannot take this head dim say so.
+        Assert.Contains("3 weights are needed", Assert.Throws<ArgumentException>(() => LinearAttention.Forward(x, x, x, o, new LinearOptions { FeatureMap = FeatureMap.WaveletRandomFeatures(8, [1.0, 1.0]) })).Message);
+        Assert.Throws<ArgumentException>(() => FeatureMap.WaveletRandomFeatures(8, [double.NaN]));
+        Assert.Contains("head dim is 4", Assert.Throws<ArgumentException>(() => LinearAttention.Forward(x, x, x, o, new LinearOptions { FeatureMap = FeatureMap.Hashing(new float[10], 2) })).Message);
+        Assert.Throws<ArgumentException>(() => FeatureMap.Hashing(new float[7], 2));
+    }
+
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void Should_add_the_convolved_values_to_the_attention_output(bool causal)
+    {
+        // K = 3 with only the tap on the current token (centred: index 1; causal: index 2) set to 2: o = attention + 2·v_t.
+        int s = 33, h = 2, d = 8, dv = 5;
+        TensorView<float> q = TestData.Random<float>(1, 1, s, h, d), k = TestData.Random<float>(2, 1, s, 1, d), v = TestData.Random<float>(3, 1, s, 1, dv);
+        var weights = new float[dv * 3];
+        for (int c = 0; c < dv; c++) weights[c * 3 + (causal ? 2 : 1)] = 2f;
+        var plain = new TensorView<float>(new float[s * h * dv], 1, s, h, dv);
+        var withConv = new TensorView<float>(new float[s * h * dv], 1, s, h, dv);
+        LinearAttention.Forward(q, k, v, plain, new LinearOptions { FeatureMap = FeatureMap.Relu, Causal = causal });
+        LinearAttention.Forward(q, k, v, withConv, new LinearOptions { FeatureMap = FeatureMap.Relu, Causal = causal, ValueConv = new DepthwiseConv(weights, 3) });
+        for (int t = 0; t < s; t++)
+            for (int hh = 0; hh < h; hh++)
+                for (int c = 0; c < dv; c++) Assert.Equal(plain[0, t, hh, c] + 2 * v[0, t, 0, c], withConv[0, t, hh, c], 5);
+    }
+
+    [Theory]
+    [InlineData("random")]
+    [InlineData("wavelet")]
+    public void Should_estimate_the_softmax_kernel_without_bias(string map)
+    {
+        // Positive random features promise E[φ(q)·φ(k)] = exp(q·k/√D); with m = 16384 features the estimate of one pair
+        // has a relative standard deviation of about √((e^{|q+k|²/√D}·… ) / m) ≈ 1–2% for these norms: assert 6%.
+        int d = 16;
+        FeatureMap f = map == "random" ? FeatureMap.RandomFeatures(16384, seed: 11) : FeatureMap.WaveletRandomFeatures(16384, seed: 11);
+        var rng = new Random(4);
+        for (int trial = 0; trial < 5; trial++)
+        {
+            float[] qv = Enumerable.Range(0, d).Select(_ => (float)(rng.NextDouble() - 0.5)).ToArray();
+            float[] kv = Enumerable.Range(0, d).Select(_ => (float)(rng.NextDouble() - 0.5)).ToArray();
+            var pq = new float[16384];
+            var pk = new float[16384];
+            f.Apply(qv, pq, true);
+            f.Apply(kv, pk, false);
+            double estimate = pq.Zip(pk).Sum(p => (double)p.First * p.Second);
+            double exact = Math.Exp(qv.Zip(kv).Sum(p => (double)p.First * p.Second) / Math.Sqrt(d));
+            Assert.True(Math.Abs(estimate / exact - 1) < 0.06, $"{map} trial {trial}: {estimate} vs {exact}");
+        }
+    }
+
+    [Fact]
+    public void Should_weight_haar_scales_and_hash_with_given_projections()
+    {
+        // One Haar level on D = 2: coefficients ((a+b)/√2 · w_approx, (a−b)/√2 · w_detail). Weights (detail 0, approximation
+        // 1) make φ depend only on a + b.
+        FeatureMap gated = FeatureMap.WaveletRandomFeatures(64, [0.0, 1.0], seed: 1);
+        var p1 = new float[64];
+        var p2 = new float[64];
+        gated.Apply([0.3f, 0.5f], p1, true);
+        gated.Apply([0.5f, 0.3f], p2, true);
+        for (int i = 0; i < 64; i++) Assert.Equal(p1[i], p2[i], 6);
+        gated.Apply([0.1f, 0.5f], p2, true);
+        Assert.NotEqual(p1[0], p2[0]);
+
+        // Given projections = the coordinate axes: bits are the signs of x, φ(q)·φ(k) = share of agreeing signs.
+        float[] axes = [1, 0, 0, 0, 1, 0, 0, 0, 1];
+        FeatureMap hash = FeatureMap.Hashing(axes, 3);
+        var hq = new double[4];
+        var hk = new double[4];
+        hash.Apply<double>([0.5, -2, 1], hq, true);
+        hash.Apply<double>([3, -1, -1], hk, false);
+        Assert.Equal(2.0 / 3.0, hq.Zip(hk).Sum(p => p.First * p.Second), 12);
     }
 }
 
@@ -321,6 +421,80 @@ public sealed class MossFormerTests
     }
 }
 
+public sealed class LinearInfSATests
+{
+    /// <summary>The authors' formula in float64: q̄ from |q|-weighted queries, a = ReLU(q̄·K/√D)/Σ, output ρ·Σ a v on every row.</summary>
+    private static double[,] Pooled(TensorView<float> q, TensorView<float> k, TensorView<float> v, int h, int hk, double rho, out double[] a)
+    {
+        int sq = q.Shape[1], skv = k.Shape[1], d = q.Shape[3], dv = v.Shape[3];
+        double scale = 1 / Math.Sqrt(d), energySum = 0;
+        var qBar = new double[d];
+        for (int t = 0; t < sq; t++)
+        {
+            double e = Math.Sqrt(Enumerable.Range(0, d).Sum(c => (double)q[0, t, h, c] * q[0, t, h, c])) * scale;
+            energySum += e;
+            for (int c = 0; c < d; c++) qBar[c] += e * q[0, t, h, c] * scale;
+        }
+        for (int c = 0; c < d; c++) qBar[c] /= energySum + 1e-6;
+        double[] w = Enumerable.Range(0, skv).Select(j => Math.Max(0, Enumerable.Range(0, d).Sum(c => qBar[c] * k[0, j, hk, c] * scale))).ToArray();
+        double mass = w.Sum() + 1e-6;
+        for (int j = 0; j < skv; j++) w[j] /= mass;
+        var o = new double[1, dv];
+        for (int c = 0; c < dv; c++) o[0, c] = rho * Enumerable.Range(0, skv).Sum(j => w[j] * v[0, j, hk, c]);
+        a = w;
+        return o;
+    }
+
+    [Fact]
+    public void Should_pool_values_by_the_approximate_principal_eigenvector()
+    {
+        int sq = 57, skv = 97, h = 4, hkv = 2, d = 40, dv = 24;
+        TensorView<float> q = TestData.Random<float>(1, 1, sq, h, d), k = TestData.Random<float>(2, 1, skv, hkv, d), v = TestData.Random<float>(3, 1, skv, hkv, dv);
+        var o = new TensorView<float>(new float[sq * h * dv], 1, sq, h, dv);
+        Hybrids.LinearInfSA(q, k, v, o, rho: 0.9);
+        for (int hh = 0; hh < h; hh++)
+        {
+            double[,] expected = Pooled(q, k, v, hh, hh / 2, 0.9, out _);
+            for (int i = 0; i < sq; i++)
+                for (int c = 0; c < dv; c++) Assert.True(Math.Abs(o[0, i, hh, c] - expected[0, c]) < 1e-5, $"h={hh} i={i} c={c}: {o[0, i, hh, c]} vs {expected[0, c]}");
+        }
+    }
+
+    [Fact]
+    public void Should_track_the_centrality_of_tokens_sharing_a_direction()
+    {
+        // Tokens around a shared direction (the regime the paper reports, cosine 0.985 on a trained ViT): the weights a
+        // are one power-iteration step of the left Perron vector of A = ReLU(Q·Kᵀ/D); compare with the converged vector.
+        int s = 128, d = 32;
+        var rng = new Random(9);
+        float[] mu = Enumerable.Range(0, d).Select(_ => (float)Gaussian(rng)).ToArray();
+        TensorView<float> Make(int seed)
+        {
+            var r = new Random(seed);
+            var data = new float[s * d];
+            for (int t = 0; t < s; t++) for (int c = 0; c < d; c++) data[t * d + c] = mu[c] + (float)Gaussian(r) * 0.8f;
+            return new TensorView<float>(data, 1, s, 1, d);
+        }
+        TensorView<float> q = Make(1), k = Make(2), v = TestData.Random<float>(3, 1, s, 1, 8);
+        Pooled(q, k, v, 0, 0, 1, out double[] a);
+        var A = new double[s, s];
+        for (int i = 0; i < s; i++)
+            for (int j = 0; j < s; j++) A[i, j] = Math.Max(0, Enumerable.Range(0, d).Sum(c => (double)q[0, i, 0, c] * k[0, j, 0, c]) / d);
+        var x = Enumerable.Repeat(1.0, s).ToArray();
+        for (int it = 0; it < 200; it++)
+        {
+            var y = new double[s];
+            for (int i = 0; i < s; i++) for (int j = 0; j < s; j++) y[j] += x[i] * A[i, j];
+            double norm = Math.Sqrt(y.Sum(z => z * z));
+            x = y.Select(z => z / norm).ToArray();
+        }
+        double cosine = a.Zip(x).Sum(p => p.First * p.Second) / Math.Sqrt(a.Sum(z => z * z) * x.Sum(z => z * z));
+        Assert.True(cosine > 0.98, $"cosine to the Perron vector {cosine:F4}");
+    }
+
+    private static double Gaussian(Random r) => Math.Sqrt(-2 * Math.Log(1 - r.NextDouble())) * Math.Cos(2 * Math.PI * r.NextDouble());
+}
+
 public sealed class HybridBadInputTests
 {
     [Fact]
@@ -337,5 +511,7 @@ public sealed class HybridBadInputTests
         var wrongOut = new TensorView<float>(new float[16 * 2 * 7], 1, 16, 2, 7);
         Assert.Equal("output", Assert.ThrowsAny<ArgumentException>(() => Hybrids.MossFormer(x, x, x, wrongOut, 4)).ParamName);
         Assert.Equal("output", Assert.ThrowsAny<ArgumentException>(() => Hybrids.AgentAttention(x, x, x, wrongOut, 4)).ParamName);
+        Assert.Equal("output", Assert.ThrowsAny<ArgumentException>(() => Hybrids.LinearInfSA(x, x, x, wrongOut)).ParamName);
+        Assert.Throws<ArgumentOutOfRangeException>(() => Hybrids.LinearInfSA(x, x, x, o, rho: double.NaN));
     }
 }

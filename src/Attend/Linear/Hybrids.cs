@@ -38,7 +38,7 @@ public static class Hybrids
                 if (older >= 0)
                 {
                     k.CopyRow(b, older, hk, w.X);
-                    map.Apply<float>(w.X, w.Phi, isQuery: false);
+                    map.Apply(w.X, w.Phi, isQuery: false);
                     v.CopyRow(b, older, hk, w.V);
                     for (int r = 0; r < f; r++)
                     {
@@ -53,7 +53,7 @@ public static class Hybrids
                     continue;
                 }
                 q.CopyRow(b, t, h, w.X);
-                map.Apply<float>(w.X, w.Phi, isQuery: true);
+                map.Apply(w.X, w.Phi, isQuery: true);
                 // Combine in float64 relative to the window's log-sum-exp L: o = (O_w + N·e^{−L}) / (1 + D·e^{−L}).
                 double l = lse[b, t, h], scale = Math.Exp(-l);
                 double den = 1 + Vectors.Dot(w.Phi, w.Z) * scale;
@@ -212,5 +212,52 @@ public static class Hybrids
                     for (int c = 0; c < a.Length; c++) a[c] += g[c];
                     output.WriteRow(b, i, h, a, 1f);
                 }
+    }
+
+    /// <summary>
+    /// Linear-InfSA (Roffo et al., "Infinite Self-Attention", arXiv:2603.00175): every token receives the same pooled
+    /// value ρ·Σⱼ aⱼ vⱼ, where a approximates the principal eigenvector (token centrality) of the implicit attention
+    /// operator ReLU(Q·Kᵀ/D) by one power-iteration step from an energy-weighted query summary:
+    /// q̄ = Σₜ wₜ qₜ/√D with wₜ ∝ |qₜ|/√D, aⱼ = ReLU(q̄·kⱼ/√D) normalized to sum 1 (ε = 1e-6 in both
+    /// normalizers, as the authors' code). O(S·D) time and O(D) state per head. Non-causal (the method pools all queries,
+    /// so a NaN in one query reaches every row of its head); GQA; Sq ≠ Skv allowed.
+    /// </summary>
+    public static void LinearInfSA(TensorView<float> q, TensorView<float> k, TensorView<float> v, TensorView<float> output, double rho = 0.95, KernelTuning? tuning = null)
+    {
+        tuning ??= KernelTuning.Default;
+        AttentionShape s = AttentionShape.Of(q, k, v);
+        s.RequireOutput(output, nameof(output));
+        if (!double.IsFinite(rho)) throw new ArgumentOutOfRangeException(nameof(rho), rho, "rho must be finite");
+        const double eps = 1e-6;
+        double scale = 1 / Math.Sqrt(s.HeadDim);
+        Cpu.WorkQueue.Run(s.Batch * s.Heads, tuning.EffectiveThreads, () => (X: new float[s.HeadDim], QBar: new double[s.HeadDim], V: new float[s.ValueDim], Pooled: new double[s.ValueDim], Out: new float[s.ValueDim]), (i, w) =>
+        {
+            int b = i / s.Heads, h = i % s.Heads, hk = h / s.GroupSize;
+            Array.Clear(w.QBar);
+            Array.Clear(w.Pooled);
+            double energySum = 0;
+            for (int t = 0; t < s.QueryLength; t++)
+            {
+                q.CopyRow(b, t, h, w.X);
+                double energy = Math.Sqrt(Vectors.Dot(w.X, w.X)) * scale;
+                energySum += energy;
+                for (int c = 0; c < w.X.Length; c++) w.QBar[c] += energy * w.X[c] * scale;
+            }
+            double inv = 1 / (energySum + eps), mass = 0;
+            for (int j = 0; j < s.KeyLength; j++)
+            {
+                k.CopyRow(b, j, hk, w.X);
+                double a = 0;
+                for (int c = 0; c < w.X.Length; c++) a += w.QBar[c] * w.X[c];
+                a = Math.Max(0, a * inv * scale);
+                if (a == 0) continue;
+                mass += a;
+                v.CopyRow(b, j, hk, w.V);
+                for (int c = 0; c < w.V.Length; c++) w.Pooled[c] += a * w.V[c];
+            }
+            double norm = rho / (mass + eps);
+            for (int c = 0; c < w.Out.Length; c++) w.Out[c] = (float)(w.Pooled[c] * norm);
+            for (int t = 0; t < s.QueryLength; t++) output.WriteRow(b, t, h, w.Out, 1f);
+        });
     }
 }

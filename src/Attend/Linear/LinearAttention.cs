@@ -17,6 +17,37 @@ public sealed record LinearOptions
 
     /// <summary>Per-head decay γ ∈ (0, 1] (RetNet, arXiv:2307.08621), causal only; null: no decay.</summary>
     public IReadOnlyList<float>? Decay { get; init; }
+
+    /// <summary>
+    /// SLAB's depthwise-convolution term (Guo et al., arXiv:2405.11582, after FLatten Transformer): a depthwise
+    /// convolution of the values along the sequence, added to the attention output; Sq = Skv. Null: none.
+    /// </summary>
+    public DepthwiseConv? ValueConv { get; init; }
+}
+
+/// <summary>
+/// A depthwise 1-D convolution over the sequence, shared by all heads: per value channel c,
+/// conv_t[c] = bias[c] + Σᵢ W[c, i]·v_{t − a + i}[c] with zero padding, where a = K − 1 for causal attention (taps
+/// end at the current token) and a = (K − 1)/2 otherwise (centred; K odd).
+/// </summary>
+/// <param name="Weights">W, [Dv, K] row-major.</param>
+/// <param name="Kernel">K ≥ 1.</param>
+/// <param name="Bias">[Dv] or null.</param>
+public sealed record DepthwiseConv(float[] Weights, int Kernel, float[]? Bias = null)
+{
+    /// <summary>Offset a of the first tap relative to the current token.</summary>
+    internal int Anchor(bool causal) => causal ? Kernel - 1 : (Kernel - 1) / 2;
+
+    internal void Validate(int valueDim, bool causal)
+    {
+        if (Kernel < 1) throw new ArgumentException($"ValueConv.Kernel must be ≥ 1; got {Kernel}", "options");
+        if (!causal && Kernel % 2 == 0) throw new ArgumentException($"a centred (non-causal) ValueConv needs an odd kernel; got {Kernel}", "options");
+        if (Weights is null || Weights.Length != valueDim * Kernel)
+        {
+            throw new ArgumentException($"ValueConv.Weights must be [Dv={valueDim}, K={Kernel}] = {valueDim * Kernel} values; got {Weights?.Length ?? 0}", "options");
+        }
+        if (Bias is not null && Bias.Length != valueDim) throw new ArgumentException($"ValueConv.Bias must hold Dv={valueDim} values; got {Bias.Length}", "options");
+    }
 }
 
 /// <summary>
@@ -48,7 +79,28 @@ public static class LinearAttention
             float decay = options.Decay?[h] ?? 1f;
             if (options.Causal) CausalHead(qv, kv, vv, ov, b, h, h / s.GroupSize, s, options, decay, chunk, w);
             else NonCausalHead(qv, kv, vv, ov, b, h, h / s.GroupSize, s, options, w);
+            if (options.ValueConv is { } conv) AddValueConv(vv, ov, b, h, h / s.GroupSize, s.QueryLength, conv, conv.Anchor(options.Causal), w.Out, w.V.AsSpan(0, s.ValueDim));
         });
+    }
+
+    /// <summary>o_t += conv_t of the value sequence of kv head <paramref name="hk"/> (SLAB's term), row by row.</summary>
+    private static void AddValueConv(TensorView<float> v, TensorView<float> o, int b, int h, int hk, int n, DepthwiseConv conv, int anchor,
+        Span<float> acc, Span<float> value)
+    {
+        int dv = acc.Length, kernel = conv.Kernel;
+        for (int t = 0; t < n; t++)
+        {
+            o.CopyRow(b, t, h, acc);
+            if (conv.Bias is { } bias) Vectors.Axpy(1f, bias, acc);
+            for (int i = 0; i < kernel; i++)
+            {
+                int j = t - anchor + i;
+                if (j < 0 || j >= n) continue;
+                v.CopyRow(b, j, hk, value);
+                for (int c = 0; c < dv; c++) acc[c] += conv.Weights[(c * kernel) + i] * value[c];
+            }
+            o.WriteRow(b, t, h, acc, 1f);
+        }
     }
 
     internal static void Validate(AttentionShape s, LinearOptions options, KernelTuning tuning)
@@ -69,6 +121,11 @@ public static class LinearAttention
             if (!options.Causal) throw new ArgumentException("Decay applies to causal linear attention only", nameof(options));
         }
         if (tuning.ChunkSize < 1) throw new ArgumentException($"ChunkSize must be ≥ 1; got {tuning.ChunkSize}", nameof(tuning));
+        if (options.ValueConv is { } conv)
+        {
+            conv.Validate(s.ValueDim, options.Causal);
+            if (s.QueryLength != s.KeyLength) throw new ArgumentException($"ValueConv needs Sq = Skv; got Sq={s.QueryLength}, Skv={s.KeyLength}", nameof(options));
+        }
     }
 
     /// <summary>Per-worker buffers for one chunk.</summary>
@@ -97,7 +154,7 @@ public static class LinearAttention
         for (int j = 0; j < s.KeyLength; j++)
         {
             k.CopyRow(b, j, hk, w.X);
-            options.FeatureMap.Apply<float>(w.X, w.PhiK, isQuery: false);
+            options.FeatureMap.Apply(w.X, w.PhiK, isQuery: false);
             v.CopyRow(b, j, hk, value);
             for (int r = 0; r < f; r++)
             {
@@ -109,7 +166,7 @@ public static class LinearAttention
         for (int i = 0; i < s.QueryLength; i++)
         {
             q.CopyRow(b, i, h, w.X);
-            options.FeatureMap.Apply<float>(w.X, phiQ, isQuery: true);
+            options.FeatureMap.Apply(w.X, phiQ, isQuery: true);
             Array.Clear(w.Out);
             for (int r = 0; r < f; r++) Vectors.Axpy(phiQ[r], w.State.AsSpan(r * dv, dv), w.Out);
             float den = options.Normalize ? Vectors.Dot(phiQ, w.Z) : 1f;
@@ -135,9 +192,9 @@ public static class LinearAttention
                 for (int t = 0; t < len; t++)
                 {
                     q.CopyRow(b, c0 + t, h, w.X);
-                    options.FeatureMap.Apply<float>(w.X, w.PhiQ.AsSpan(t * f, f), isQuery: true);
+                    options.FeatureMap.Apply(w.X, w.PhiQ.AsSpan(t * f, f), isQuery: true);
                     k.CopyRow(b, c0 + t, hk, w.X);
-                    options.FeatureMap.Apply<float>(w.X, w.PhiK, isQuery: false);
+                    options.FeatureMap.Apply(w.X, w.PhiK, isQuery: false);
                     for (int r = 0; r < f; r++) phiKT[r * chunk + t] = w.PhiK[r];
                     v.CopyRow(b, c0 + t, hk, w.V.AsSpan(t * dv, dv));
                 }
@@ -234,8 +291,31 @@ internal static class Vectors
         for (; i < x.Length; i++) y[i] += a * x[i];
     }
 
-    public static void Scale(Span<float> y, float a)
+    public static void Scale(Span<float> y, float a) => Multiply(y, a, y);
+
+    /// <summary>y = a·x (y may be x).</summary>
+    public static void Multiply(ReadOnlySpan<float> x, float a, Span<float> y)
     {
-        for (int i = 0; i < y.Length; i++) y[i] *= a;
+        int i = 0;
+        var va = new Vector<float>(a);
+        for (; i <= x.Length - Vector<float>.Count; i += Vector<float>.Count) (new Vector<float>(x[i..]) * va).CopyTo(y[i..]);
+        for (; i < x.Length; i++) y[i] = x[i] * a;
+    }
+
+    /// <summary>y = max(x, 0).</summary>
+    public static void Relu(ReadOnlySpan<float> x, Span<float> y)
+    {
+        int i = 0;
+        for (; i <= x.Length - Vector<float>.Count; i += Vector<float>.Count) Vector.Max(new Vector<float>(x[i..]), Vector<float>.Zero).CopyTo(y[i..]);
+        for (; i < x.Length; i++) y[i] = MathF.Max(x[i], 0f);
+    }
+
+    /// <summary>y = a·e^y in place.</summary>
+    public static void ExpScaled(Span<float> y, float a)
+    {
+        int i = 0;
+        var va = new Vector<float>(a);
+        for (; i <= y.Length - Vector<float>.Count; i += Vector<float>.Count) (Vector.Exp(new Vector<float>(y[i..])) * va).CopyTo(y[i..]);
+        for (; i < y.Length; i++) y[i] = MathF.Exp(y[i]) * a;
     }
 }

@@ -4,7 +4,8 @@ namespace Attend.Linear;
 
 /// <summary>
 /// Float64 specification of linear attention: the quadratic masked form o_i = Σ_j w_ij v_j (/ Σ_j w_ij) with
-/// w_ij = γ^(i−j)·φ(q_i)·φ(k_j) over all j (non-causal) or j ≤ i (causal), φ applied in float64.
+/// w_ij = γ^(i−j)·φ(q_i)·φ(k_j) over all j (non-causal) or j ≤ i (causal), φ applied in float64, plus the value
+/// convolution when the options carry one.
 /// </summary>
 public static class LinearReference
 {
@@ -47,6 +48,20 @@ public static class LinearReference
                 double inv = !options.Normalize ? 1 : den == 0 ? 0 : 1 / den;
                 long row = (((long)b * s.QueryLength) + i) * s.Heads + h;
                 for (int c = 0; c < s.ValueDim; c++) output[row * s.ValueDim + c] = acc[c] * inv;
+                if (options.ValueConv is { } conv)
+                {
+                    int anchor = conv.Anchor(options.Causal);
+                    for (int c = 0; c < s.ValueDim; c++)
+                    {
+                        double sum = conv.Bias?[c] ?? 0;
+                        for (int t = 0; t < conv.Kernel; t++)
+                        {
+                            int j = i - anchor + t;
+                            if (j >= 0 && j < s.KeyLength) sum += (double)conv.Weights[(c * conv.Kernel) + t] * v[b, j, hk, c];
+                        }
+                        output[row * s.ValueDim + c] += sum;
+                    }
+                }
             }
         });
         return output;

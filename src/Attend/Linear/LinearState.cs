@@ -13,6 +13,8 @@ public sealed class LinearState
     private readonly float[] _decay;   // [H]
     private readonly float[] _phi;
     private readonly float[] _phiQ;
+    private readonly float[] _history; // [H, K − 1, Dv]: the last K − 1 values for the value convolution, ring by token
+    private readonly int _taps;        // K − 1, or 0 without a value convolution
 
     /// <summary>An empty state for <paramref name="heads"/> heads of dimension <paramref name="headDim"/> and values of <paramref name="valueDim"/>.</summary>
     public LinearState(int heads, int headDim, int valueDim, LinearOptions? options = null)
@@ -33,6 +35,8 @@ public sealed class LinearState
         _decay = Enumerable.Range(0, heads).Select(h => options.Decay?[h] ?? 1f).ToArray();
         _phi = new float[FeatureDim];
         _phiQ = new float[FeatureDim];
+        _taps = options.ValueConv is { } conv ? conv.Kernel - 1 : 0;
+        _history = new float[(long)heads * _taps * valueDim];
     }
 
     /// <summary>The options (feature map, normalization, decay).</summary>
@@ -68,30 +72,50 @@ public sealed class LinearState
                 Vectors.Scale(state, _decay[h]);
                 Vectors.Scale(z, _decay[h]);
             }
-            Options.FeatureMap.Apply<float>(k.Slice(h * d, d), _phi, isQuery: false);
+            Options.FeatureMap.Apply(k.Slice(h * d, d), _phi, isQuery: false);
             ReadOnlySpan<float> vh = v.Slice(h * dv, dv);
             for (int r = 0; r < f; r++)
             {
                 if (_phi[r] != 0f) Vectors.Axpy(_phi[r], vh, state.Slice(r * dv, dv));
                 z[r] += _phi[r];
             }
-            Options.FeatureMap.Apply<float>(q.Slice(h * d, d), _phiQ, isQuery: true);
+            Options.FeatureMap.Apply(q.Slice(h * d, d), _phiQ, isQuery: true);
             Span<float> o = output.Slice(h * dv, dv);
             o.Clear();
             for (int r = 0; r < f; r++) Vectors.Axpy(_phiQ[r], state.Slice(r * dv, dv), o);
             float den = Options.Normalize ? Vectors.Dot(_phiQ, z) : 1f;
             float inv = den == 0f ? 0f : 1f / den;
             for (int c = 0; c < dv; c++) o[c] *= inv;
+            if (Options.ValueConv is { } conv) AddValueConv(conv, h, vh, o);
         }
         Tokens++;
     }
 
-    /// <summary>Writes the state (sizes, token count and values; not the feature map, which the loader supplies).</summary>
+    /// <summary>SLAB's causal value convolution at the current token: taps on the last K − 1 values and this one.</summary>
+    private void AddValueConv(DepthwiseConv conv, int h, ReadOnlySpan<float> v, Span<float> o)
+    {
+        int dv = ValueDim, kernel = conv.Kernel;
+        Span<float> history = _history.AsSpan(h * _taps * dv, _taps * dv);
+        for (int c = 0; c < dv; c++)
+        {
+            float sum = (conv.Bias?[c] ?? 0f) + (conv.Weights[(c * kernel) + kernel - 1] * v[c]);
+            for (int i = 0; i < _taps; i++)
+            {
+                long j = Tokens - _taps + i;
+                if (j >= 0) sum += conv.Weights[(c * kernel) + i] * history[(int)(j % _taps) * dv + c];
+            }
+            o[c] += sum;
+        }
+        if (_taps > 0) v.CopyTo(history.Slice((int)(Tokens % _taps) * dv, dv));
+    }
+
+    /// <summary>Writes the state (sizes, token count, values and the value-convolution history; not the feature map or
+    /// the convolution weights, which the loader's options supply).</summary>
     public void Save(Stream stream)
     {
         ArgumentNullException.ThrowIfNull(stream);
         using var w = new BinaryWriter(stream, System.Text.Encoding.UTF8, leaveOpen: true);
-        w.Write("attend.linear-state/1");
+        w.Write("attend.linear-state/2");
         w.Write(Heads);
         w.Write(HeadDim);
         w.Write(ValueDim);
@@ -99,6 +123,8 @@ public sealed class LinearState
         w.Write(Tokens);
         foreach (float x in _state) w.Write(x);
         foreach (float x in _z) w.Write(x);
+        w.Write(_taps);
+        foreach (float x in _history) w.Write(x);
     }
 
     /// <summary>Reads a state written by <see cref="Save"/>; <paramref name="options"/> must describe the same map.</summary>
@@ -110,13 +136,16 @@ public sealed class LinearState
         using var r = new BinaryReader(stream, System.Text.Encoding.UTF8, leaveOpen: true);
         try
         {
-            if (r.ReadString() != "attend.linear-state/1") throw new InvalidDataException("not an Attend linear state");
+            if (r.ReadString() != "attend.linear-state/2") throw new InvalidDataException("not an Attend linear state");
             int heads = r.ReadInt32(), d = r.ReadInt32(), dv = r.ReadInt32(), f = r.ReadInt32();
             var state = new LinearState(heads, d, dv, options);
             if (state.FeatureDim != f) throw new InvalidDataException($"the state has feature dim {f}; the options' map gives {state.FeatureDim}");
             state.Tokens = r.ReadInt64();
             for (int i = 0; i < state._state.Length; i++) state._state[i] = r.ReadSingle();
             for (int i = 0; i < state._z.Length; i++) state._z[i] = r.ReadSingle();
+            int taps = r.ReadInt32();
+            if (taps != state._taps) throw new InvalidDataException($"the state was saved with a value convolution of {taps + 1} taps; the options give {state._taps + 1}");
+            for (int i = 0; i < state._history.Length; i++) state._history[i] = r.ReadSingle();
             return state;
         }
         catch (EndOfStreamException e)
