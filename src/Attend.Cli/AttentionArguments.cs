@@ -14,7 +14,9 @@ internal sealed class AttentionArguments
     public Option<float> Softcap { get; } = new("--softcap") { Description = "tanh soft-cap of the scores (0: off)" };
     public Option<string?> Mask { get; } = new("--mask") { Description = "mask expression, e.g. \"causal & window(1024) | sink(64)\" (see README)" };
     public Option<string?> Selector { get; } = new("--selector") { Description = "content-based sparse attention: pooled, vertical-slash, flexprefill, xattention, anchor [:key=value,...] (see README)" };
-    public Option<string?> Linear { get; } = new("--linear") { Description = "linear attention with this feature map: elu, relu, identity, taylor, random:N, hashing:N (with --causal: chunked causal)" };
+    public Option<string?> Linear { get; } = new("--linear") { Description = "linear attention with this feature map: elu, relu, identity, taylor, random:N, wavelet:N, hashing:N (with --causal: chunked causal)" };
+    public Option<string?> ValueConv { get; } = new("--value-conv") { Description = "with --linear: SLAB's depthwise convolution of the values, weights [Dv, K] in FILE.npy (K odd unless --causal)" };
+    public Option<string?> Hybrid { get; } = new("--hybrid") { Description = "hybrid attention: based:WINDOW, mossformer:CHUNK, scout:WINDOW,SEGMENT, agent:N, infsa[:RHO] (see README)" };
     public Option<string> Device { get; } = new("--device") { Description = "cpu or cuda", DefaultValueFactory = _ => "cpu" };
     public Option<int> Threads { get; } = new("--threads") { Description = "worker threads (0: all cores)" };
     public Option<KernelPath> Path { get; } = new("--path") { Description = "SIMD path: Auto, Scalar, Vector128, Vector256, Vector512" };
@@ -22,7 +24,7 @@ internal sealed class AttentionArguments
 
     public void AddTo(Command command)
     {
-        foreach (Option o in new Option[] { Q, K, V, Causal, Scale, Softcap, Mask, Selector, Linear, Device, Threads, Path, Json }) command.Options.Add(o);
+        foreach (Option o in new Option[] { Q, K, V, Causal, Scale, Softcap, Mask, Selector, Linear, ValueConv, Hybrid, Device, Threads, Path, Json }) command.Options.Add(o);
     }
 
     public (Tensor Q, Tensor K, Tensor V) LoadInputs(ParseResult r)
@@ -80,10 +82,70 @@ internal sealed class AttentionArguments
             "identity" => Attend.Linear.FeatureMap.Identity,
             "taylor" => Attend.Linear.FeatureMap.Taylor,
             "random" => Attend.Linear.FeatureMap.RandomFeatures(Count()),
+            "wavelet" => Attend.Linear.FeatureMap.WaveletRandomFeatures(Count()),
             "hashing" => Attend.Linear.FeatureMap.Hashing(Count()),
-            _ => throw new ArgumentException($"--linear must be elu, relu, identity, taylor, random:N or hashing:N; got '{name}'"),
+            _ => throw new ArgumentException($"--linear must be elu, relu, identity, taylor, random:N, wavelet:N or hashing:N; got '{name}'"),
         };
     }
+
+    /// <summary>The linear-attention options of --linear, --causal and --value-conv, or null without --linear.</summary>
+    public Linear.LinearOptions? LinearOptions(ParseResult r)
+    {
+        if (ParseFeatureMap(r.GetValue(Linear)) is not { } map)
+        {
+            if (r.GetValue(ValueConv) is not null) throw new ArgumentException("--value-conv needs --linear");
+            return null;
+        }
+        Linear.DepthwiseConv? conv = null;
+        if (r.GetValue(ValueConv) is { } path)
+        {
+            Tensor w = TensorFiles.LoadAny(path, "value-conv").ConvertTo(DType.Float32);
+            if (w.Shape.Count != 2) throw new ArgumentException($"--value-conv must be a [Dv, K] tensor; got {w}");
+            conv = new Linear.DepthwiseConv(w.AsView<float>().ToArray(), (int)w.Shape[1]);
+        }
+        return new Linear.LinearOptions { FeatureMap = map, Causal = r.GetValue(Causal), ValueConv = conv };
+    }
+
+    /// <summary>
+    /// Runs the hybrid named by <paramref name="spec"/> (based:W, mossformer:C, scout:W,S, agent:N, infsa[:RHO]) on file
+    /// tensors in f32; output in the input dtype.
+    /// </summary>
+    public static Tensor ComputeHybrid(Tensor q, Tensor k, Tensor v, string spec, bool causal, KernelTuning tuning)
+    {
+        string[] parts = spec.Split(':', 2);
+        string[] args = parts.Length == 2 ? parts[1].Split(',') : [];
+        double Arg(int i, string what, double? fallback = null) =>
+            i < args.Length && double.TryParse(args[i], System.Globalization.NumberStyles.Float, System.Globalization.CultureInfo.InvariantCulture, out double x) ? x
+            : fallback ?? throw new ArgumentException($"--hybrid {parts[0]} needs {what}, e.g. {Example(parts[0])}");
+        int Int(int i, string what) => (int)Arg(i, what);
+        Tensor qf = q.ConvertTo(DType.Float32), kf = k.ConvertTo(DType.Float32), vf = v.ConvertTo(DType.Float32);
+        TensorView<float> qv = qf.AsView<float>(), kv = kf.AsView<float>(), vv = vf.AsView<float>();
+        AttentionShape s = AttentionShape.Of(qv, kv, vv);
+        Tensor output = Tensor.Zeros(DType.Float32, s.Batch, s.QueryLength, s.Heads, s.ValueDim);
+        TensorView<float> o = output.AsView<float>();
+        string name = parts[0].ToLowerInvariant();
+        if (causal && name is "agent" or "infsa") throw new ArgumentException($"--hybrid {name} is non-causal; drop --causal");
+        if (!causal && name is "based" or "scout") throw new ArgumentException($"--hybrid {name} is causal; add --causal");
+        switch (name)
+        {
+            case "based": Attend.Linear.Hybrids.Based(qv, kv, vv, o, Int(0, "a window"), tuning); break;
+            case "mossformer": Attend.Linear.Hybrids.MossFormer(qv, kv, vv, o, Int(0, "a chunk size"), causal, tuning: tuning); break;
+            case "scout": Attend.Linear.Hybrids.Scout(qv, kv, vv, o, Int(0, "a window and a segment"), Int(1, "a window and a segment"), tuning: tuning); break;
+            case "agent": Attend.Linear.Hybrids.AgentAttention(qv, kv, vv, o, Int(0, "an agent count"), tuning); break;
+            case "infsa": Attend.Linear.Hybrids.LinearInfSA(qv, kv, vv, o, Arg(0, "rho", 0.95), tuning); break;
+            default: throw new ArgumentException($"--hybrid must be based:W, mossformer:C, scout:W,S, agent:N or infsa[:RHO]; got '{spec}'");
+        }
+        return q.DType == DType.Float32 ? output : output.ConvertTo(q.DType);
+    }
+
+    private static string Example(string name) => name switch
+    {
+        "based" => "based:64",
+        "mossformer" => "mossformer:128",
+        "scout" => "scout:256,64",
+        "agent" => "agent:49",
+        _ => "infsa:0.95",
+    };
 
     /// <summary>Linear attention on file tensors (computed in f32; output in the input dtype).</summary>
     public static Tensor ComputeLinear(Tensor q, Tensor k, Tensor v, Linear.LinearOptions options, KernelTuning tuning)

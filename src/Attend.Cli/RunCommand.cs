@@ -23,10 +23,15 @@ internal static class RunCommand
             var sw = Stopwatch.StartNew();
             Tensor o;
             Tensor? l = null;
-            if (AttentionArguments.ParseFeatureMap(r.GetValue(args.Linear)) is { } map)
+            if (args.LinearOptions(r) is { } linear)
             {
                 if (args.DeviceName(r) != "cpu") throw new NotSupportedException("--linear runs on the CPU for now");
-                o = AttentionArguments.ComputeLinear(q, k, v, new Attend.Linear.LinearOptions { FeatureMap = map, Causal = r.GetValue(args.Causal) }, args.Tuning(r));
+                o = AttentionArguments.ComputeLinear(q, k, v, linear, args.Tuning(r));
+            }
+            else if (r.GetValue(args.Hybrid) is { } hybrid)
+            {
+                if (args.DeviceName(r) != "cpu") throw new NotSupportedException("--hybrid runs on the CPU for now");
+                o = AttentionArguments.ComputeHybrid(q, k, v, hybrid, r.GetValue(args.Causal), args.Tuning(r));
             }
             else
             {
@@ -36,7 +41,7 @@ internal static class RunCommand
             TensorFiles.Save(r.GetValue(output)!, o);
             if (r.GetValue(lse) is { } lsePath)
             {
-                if (l is null) throw new ArgumentException("--lse is not defined for linear attention");
+                if (l is null) throw new ArgumentException("--lse is not defined for linear or hybrid attention");
                 TensorFiles.Save(lsePath, l);
             }
             string? json = r.GetValue(args.Json);

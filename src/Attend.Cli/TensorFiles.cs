@@ -5,7 +5,23 @@ namespace Attend.Cli;
 /// <summary>Command-line tensor arguments: <c>file.npy</c> or <c>file.safetensors:name</c>.</summary>
 internal static class TensorFiles
 {
+    /// <summary>An attention operand: [B, S, H, D], or [S, H, D] as batch 1.</summary>
     public static Tensor Load(string spec, string argument)
+    {
+        Tensor t = LoadAny(spec, argument);
+        if (t.Shape.Count == 3)
+        {
+            t = Reshape(t, [1, .. t.Shape]);  // [S, H, D] means batch 1
+        }
+        if (t.Shape.Count != 4)
+        {
+            throw new ArgumentException($"--{argument}: expected a tensor of shape [B, S, H, D] (or [S, H, D]); got {t}");
+        }
+        return t;
+    }
+
+    /// <summary>A tensor of any shape; float64 read as float32.</summary>
+    public static Tensor LoadAny(string spec, string argument)
     {
         int colon = spec.LastIndexOf(':');
         Tensor t;
@@ -29,14 +45,6 @@ internal static class TensorFiles
         else
         {
             throw new ArgumentException($"--{argument}: expected FILE.npy or FILE.safetensors[:NAME]; got '{spec}'");
-        }
-        if (t.Shape.Count == 3)
-        {
-            t = Reshape(t, [1, .. t.Shape]);  // [S, H, D] means batch 1
-        }
-        if (t.Shape.Count != 4)
-        {
-            throw new ArgumentException($"--{argument}: expected a tensor of shape [B, S, H, D] (or [S, H, D]); got {t}");
         }
         return t.DType == DType.Float64 ? t.ConvertTo(DType.Float32) : t;
     }

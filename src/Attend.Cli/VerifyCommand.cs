@@ -19,6 +19,10 @@ internal static class VerifyCommand
             {
                 throw new ArgumentException("--selector: verify checks exact kernels against float64; a selector's error vs dense is reported by attend bench --suite sparse --inputs DIR");
             }
+            if (r.GetValue(args.Linear) is not null || r.GetValue(args.Hybrid) is not null || r.GetValue(args.ValueConv) is not null)
+            {
+                throw new ArgumentException("--linear/--hybrid/--value-conv: verify checks softmax attention against float64; linear attention and the hybrids are checked against their float64 forms (LinearReference) by the test suite");
+            }
             (Tensor q, Tensor k, Tensor v) = args.LoadInputs(r);
             AttentionOptions options = args.Options(r);
             (Tensor o, Tensor l) = AttentionArguments.Compute(q, k, v, options, args.Tuning(r), args.DeviceName(r));

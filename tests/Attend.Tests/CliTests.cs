@@ -219,6 +219,46 @@ public sealed class CliTests : IDisposable
         (code, _, err) = Cli("run", "--q", P("q.npy"), "--k", P("k.npy"), "--v", P("v.npy"), "--out", P("lin.npy"), "--linear", "random");
         Assert.Equal(2, code);
         Assert.Contains("random:64", err);
+
+        // SLAB's value convolution from a [Dv, K] file equals the library call.
+        Tensor w = Tensor.FromArray(Enumerable.Range(0, 48).Select(i => 0.1f * (i % 5)).ToArray(), 16, 3);
+        Npy.Write(P("conv.npy"), w);
+        (code, _, err) = Cli("run", "--q", P("q.npy"), "--k", P("k.npy"), "--v", P("v.npy"), "--out", P("slab.npy"), "--linear", "relu", "--value-conv", P("conv.npy"));
+        Assert.True(code == 0, err);
+        TensorView<float> q = Npy.Read(P("q.npy")).ConvertTo(DType.Float32).AsView<float>(), k = Npy.Read(P("k.npy")).ConvertTo(DType.Float32).AsView<float>();
+        TensorView<float> v = Npy.Read(P("v.npy")).ConvertTo(DType.Float32).AsView<float>();
+        var expected = new TensorView<float>(new float[33 * 2 * 16], 1, 33, 2, 16);
+        Attend.Linear.LinearAttention.Forward(q, k, v, expected, new Attend.Linear.LinearOptions { FeatureMap = Attend.Linear.FeatureMap.Relu, ValueConv = new Attend.Linear.DepthwiseConv(w.AsView<float>().ToArray(), 3) });
+        float[] slab = Npy.Read(P("slab.npy")).ConvertTo(DType.Float32).Array<float>();
+        float[] exp = expected.ToArray();
+        for (int i = 0; i < exp.Length; i++) Assert.Equal((float)(BFloat16)exp[i], slab[i], 2);
+        (code, _, err) = Cli("run", "--q", P("q.npy"), "--k", P("k.npy"), "--v", P("v.npy"), "--out", P("lin.npy"), "--value-conv", P("conv.npy"));
+        Assert.Equal(2, code);
+        Assert.Contains("needs --linear", err);
+    }
+
+    [Fact]
+    public void Should_run_the_hybrids_on_files()
+    {
+        WriteInputs(DType.Float32, s: 40);
+        foreach (string[] hybrid in new[] { new[] { "based:8", "--causal" }, ["mossformer:16"], ["mossformer:16", "--causal"], ["scout:8,4", "--causal"], ["agent:5"], ["infsa"], ["infsa:0.5"] })
+        {
+            var (code, _, err) = Cli(["run", "--q", P("q.npy"), "--k", P("k.npy"), "--v", P("v.npy"), "--out", P("h.npy"), "--hybrid", .. hybrid]);
+            Assert.True(code == 0, $"{string.Join(' ', hybrid)}: {err}");
+            Assert.Equal([1, 40, 2, 16], Npy.Read(P("h.npy")).Shape);
+        }
+        var (c, _, e) = Cli("run", "--q", P("q.npy"), "--k", P("k.npy"), "--v", P("v.npy"), "--out", P("h.npy"), "--hybrid", "based:8");
+        Assert.Equal(2, c);
+        Assert.Contains("add --causal", e);
+        (c, _, e) = Cli("run", "--q", P("q.npy"), "--k", P("k.npy"), "--v", P("v.npy"), "--out", P("h.npy"), "--hybrid", "scout:8", "--causal");
+        Assert.Equal(2, c);
+        Assert.Contains("scout:256,64", e);
+        (c, _, e) = Cli("run", "--q", P("q.npy"), "--k", P("k.npy"), "--v", P("v.npy"), "--out", P("h.npy"), "--hybrid", "nope:1");
+        Assert.Equal(2, c);
+        Assert.Contains("--hybrid must be", e);
+        (c, _, e) = Cli("verify", "--q", P("q.npy"), "--k", P("k.npy"), "--v", P("v.npy"), "--hybrid", "infsa");
+        Assert.Equal(2, c);
+        Assert.Contains("LinearReference", e);
     }
 
     [Fact]
