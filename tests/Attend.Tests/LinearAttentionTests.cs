@@ -59,6 +59,24 @@ public sealed class LinearAttentionTests
         }
     }
 
+    [Theory]
+    [InlineData(1, 1, 1)]
+    [InlineData(4, 64, 64)]
+    [InlineData(7, 13, 97)]
+    [InlineData(65, 40, 33)]
+    public unsafe void Should_multiply_add_small_matrices_at_any_size(int m, int kk, int n)
+    {
+        // C += A·B with leading dimensions wider than the matrices, as the chunked kernel calls it.
+        int lda = kk + 3, ldb = n + 5, ldc = n + 2;
+        float[] a = TestData.Normal(m * lda, 1), b = TestData.Normal(kk * ldb, 2), c = TestData.Normal(m * ldc, 3);
+        double[] expected = c.Select(x => (double)x).ToArray();
+        for (int i = 0; i < m; i++)
+            for (int j = 0; j < n; j++)
+                for (int p = 0; p < kk; p++) expected[i * ldc + j] += (double)a[i * lda + p] * b[p * ldb + j];
+        fixed (float* pa = a, pb = b, pc = c) Attend.Sparse.SmallGemm.MultiplyAdd(pa, lda, pb, ldb, pc, ldc, m, kk, n);
+        for (int i = 0; i < c.Length; i++) Assert.True(Math.Abs(c[i] - expected[i]) < 1e-4 * Math.Sqrt(kk + 1), $"[{i / ldc}, {i % ldc}]: {c[i]} vs {expected[i]}");
+    }
+
     [Fact]
     public void Should_apply_per_head_decay()
     {
@@ -283,8 +301,17 @@ public sealed class BasedTests
     {
         int s = 60, h = 2, d = 8, window = 9;
         TensorView<float> q = TestData.Random<float>(4, 1, s, h, d, 0.7f), k = TestData.Random<float>(5, 1, s, h, d, 0.7f), v = TestData.Random<float>(6, 1, s, h, d);
-        var o = new TensorView<float>(new float[s * h * d], 1, s, h, d);
-        Hybrids.Based(q, k, v, o, window);
+        foreach (int chunk in new[] { 7, 64 })
+        {
+            var o = new TensorView<float>(new float[s * h * d], 1, s, h, d);
+            Hybrids.Based(q, k, v, o, window, new KernelTuning { ChunkSize = chunk });
+            CheckBased(q, k, v, o, window);
+        }
+    }
+
+    private static void CheckBased(TensorView<float> q, TensorView<float> k, TensorView<float> v, TensorView<float> o, int window)
+    {
+        int s = q.Shape[1], h = q.Shape[2], d = q.Shape[3];
         double scale = 1 / Math.Sqrt(d);
         for (int hh = 0; hh < h; hh++)
             for (int i = 0; i < s; i++)

@@ -12,7 +12,8 @@ public static class Hybrids
     /// approximates exp(q·k/√D); both parts share one normalizer:
     /// o_i = (Σ_{window} e^{s_ij} v_j + Σ_{older} φ(q_i)·φ(k_j) v_j) / (Σ_{window} e^{s_ij} + Σ_{older} φ(q_i)·φ(k_j)).
     /// With a window covering the sequence it is exact causal softmax attention. Causal, Sq = Skv.
-    /// The exact part runs on the block-sparse executor (with LSE); the linear part is a lagged running state.
+    /// The exact part runs on the block-sparse executor (with LSE); the linear part is chunked causal linear attention with
+    /// a lag of one window (keys j ≤ i − window), merged row by row.
     /// </summary>
     public static void Based(TensorView<float> q, TensorView<float> k, TensorView<float> v, TensorView<float> output, int window, KernelTuning? tuning = null)
     {
@@ -25,45 +26,28 @@ public static class Hybrids
         var lse = new TensorView<float>(new float[(long)s.Batch * s.QueryLength * s.Heads], s.Batch, s.QueryLength, s.Heads);
         Attention.Forward(q, k, v, windowOut, new AttentionOptions { Mask = Mask.Causal & Mask.SlidingWindow(window - 1) }, lse, tuning);
 
-        FeatureMap map = FeatureMap.Taylor;
-        int f = map.FeatureDim(s.HeadDim), dv = s.ValueDim;
-        Cpu.WorkQueue.Run(s.Batch * s.Heads, tuning.EffectiveThreads, () => (X: new float[s.HeadDim], Phi: new float[f], V: new float[dv], State: new float[f * dv], Z: new float[f], Out: new float[dv]), (i, w) =>
+        // The linear part: keys at least `window` older than the query, chunked (Lightning) with a lag, unnormalized.
+        var numerators = new TensorView<float>(new float[(long)s.Batch * s.QueryLength * s.Heads * s.ValueDim], s.Batch, s.QueryLength, s.Heads, s.ValueDim);
+        var denominators = new TensorView<float>(new float[(long)s.Batch * s.QueryLength * s.Heads], s.Batch, s.QueryLength, s.Heads);
+        LinearAttention.ForwardLagged(q, k, v, numerators, denominators, FeatureMap.Taylor, window, tuning);
+        int dv = s.ValueDim;
+        Cpu.WorkQueue.Run(s.Batch * s.Heads, tuning.EffectiveThreads, () => (Window: new float[dv], Linear: new float[dv]), (i, w) =>
         {
-            int b = i / s.Heads, h = i % s.Heads, hk = h / s.GroupSize;
-            Array.Clear(w.State);
-            Array.Clear(w.Z);
+            int b = i / s.Heads, h = i % s.Heads;
             for (int t = 0; t < s.QueryLength; t++)
             {
-                int older = t - window;                 // the key leaving the window joins the linear state
-                if (older >= 0)
+                windowOut.CopyRow(b, t, h, w.Window);
+                if (t < window)
                 {
-                    k.CopyRow(b, older, hk, w.X);
-                    map.Apply(w.X, w.Phi, isQuery: false);
-                    v.CopyRow(b, older, hk, w.V);
-                    for (int r = 0; r < f; r++)
-                    {
-                        if (w.Phi[r] != 0f) Vectors.Axpy(w.Phi[r], w.V, w.State.AsSpan(r * dv, dv));
-                        w.Z[r] += w.Phi[r];
-                    }
-                }
-                windowOut.CopyRow(b, t, h, w.Out);
-                if (older < 0)
-                {
-                    output.WriteRow(b, t, h, w.Out, 1f);
+                    output.WriteRow(b, t, h, w.Window, 1f);
                     continue;
                 }
-                q.CopyRow(b, t, h, w.X);
-                map.Apply(w.X, w.Phi, isQuery: true);
-                // Combine in float64 relative to the window's log-sum-exp L: o = (O_w + N·e^{−L}) / (1 + D·e^{−L}).
-                double l = lse[b, t, h], scale = Math.Exp(-l);
-                double den = 1 + Vectors.Dot(w.Phi, w.Z) * scale;
-                for (int c = 0; c < dv; c++)
-                {
-                    double num = 0;
-                    for (int r = 0; r < f; r++) num += w.Phi[r] * w.State[r * dv + c];
-                    w.V[c] = (float)((w.Out[c] + num * scale) / den);
-                }
-                output.WriteRow(b, t, h, w.V, 1f);
+                numerators.CopyRow(b, t, h, w.Linear);
+                // One normalizer, relative to the window's log-sum-exp L: o = (O_w + N·e^{−L}) / (1 + D·e^{−L}).
+                double scale = Math.Exp(-lse[b, t, h]);
+                double inv = 1 / (1 + (denominators[b, t, h] * scale));
+                for (int c = 0; c < dv; c++) w.Linear[c] = (float)((w.Window[c] + (w.Linear[c] * scale)) * inv);
+                output.WriteRow(b, t, h, w.Linear, 1f);
             }
         });
     }

@@ -103,6 +103,22 @@ public static class LinearAttention
         }
     }
 
+    /// <summary>
+    /// Causal linear attention over keys at least <paramref name="lag"/> positions older than the query (j ≤ i − lag),
+    /// unnormalized: <paramref name="numerators"/> [B, S, H, Dv] gets Σ w_ij v_j and <paramref name="denominators"/>
+    /// [B, S, H] gets Σ w_ij — the linear half of BASED, whose exact window covers the younger keys.
+    /// </summary>
+    internal static void ForwardLagged(TensorView<float> q, TensorView<float> k, TensorView<float> v, TensorView<float> numerators,
+        TensorView<float> denominators, FeatureMap map, int lag, KernelTuning tuning)
+    {
+        AttentionShape s = AttentionShape.Of(q, k, v);
+        var options = new LinearOptions { FeatureMap = map, Causal = true, Normalize = false };
+        Validate(s, options, tuning);
+        int f = map.FeatureDim(s.HeadDim), chunk = tuning.ChunkSize;
+        Cpu.WorkQueue.Run(s.Batch * s.Heads, tuning.EffectiveThreads, () => new Workspace(chunk, s.HeadDim, f, s.ValueDim), (i, w) =>
+            CausalHead(q, k, v, numerators, i / s.Heads, i % s.Heads, (i % s.Heads) / s.GroupSize, s, options, 1f, chunk, w, lag, denominators));
+    }
+
     internal static void Validate(AttentionShape s, LinearOptions options, KernelTuning tuning)
     {
         ArgumentNullException.ThrowIfNull(options.FeatureMap, nameof(options));
@@ -144,33 +160,48 @@ public static class LinearAttention
         public readonly float[] Out = new float[dv];
     }
 
-    private static void NonCausalHead(TensorView<float> q, TensorView<float> k, TensorView<float> v, TensorView<float> o,
+    private static unsafe void NonCausalHead(TensorView<float> q, TensorView<float> k, TensorView<float> v, TensorView<float> o,
         int b, int h, int hk, AttentionShape s, LinearOptions options, Workspace w)
     {
-        int f = w.Z.Length, dv = w.Out.Length;
+        int f = w.Z.Length, dv = w.Out.Length, chunk = w.Den.Length;
         Array.Clear(w.State);
         Array.Clear(w.Z);
-        Span<float> value = w.V.AsSpan(0, dv);
-        for (int j = 0; j < s.KeyLength; j++)
+        fixed (float* phiQ = w.PhiQ, phiKT = w.PhiKT, vals = w.V, outp = w.O, state = w.State)
         {
-            k.CopyRow(b, j, hk, w.X);
-            options.FeatureMap.Apply(w.X, w.PhiK, isQuery: false);
-            v.CopyRow(b, j, hk, value);
-            for (int r = 0; r < f; r++)
+            // State = Σ φ(k_j) v_jᵀ, a chunk of keys per product.
+            for (int c0 = 0; c0 < s.KeyLength; c0 += chunk)
             {
-                if (w.PhiK[r] != 0f) Vectors.Axpy(w.PhiK[r], value, w.State.AsSpan(r * dv, dv));
-                w.Z[r] += w.PhiK[r];
+                int len = Math.Min(chunk, s.KeyLength - c0);
+                for (int t = 0; t < len; t++)
+                {
+                    k.CopyRow(b, c0 + t, hk, w.X);
+                    options.FeatureMap.Apply(w.X, w.PhiK, isQuery: false);
+                    for (int r = 0; r < f; r++)
+                    {
+                        phiKT[r * chunk + t] = w.PhiK[r];
+                        w.Z[r] += w.PhiK[r];
+                    }
+                    v.CopyRow(b, c0 + t, hk, w.V.AsSpan(t * dv, dv));
+                }
+                MatMulAdd(phiKT, chunk, vals, dv, state, dv, f, len, dv);
             }
-        }
-        Span<float> phiQ = w.PhiQ.AsSpan(0, f);
-        for (int i = 0; i < s.QueryLength; i++)
-        {
-            q.CopyRow(b, i, h, w.X);
-            options.FeatureMap.Apply(w.X, phiQ, isQuery: true);
-            Array.Clear(w.Out);
-            for (int r = 0; r < f; r++) Vectors.Axpy(phiQ[r], w.State.AsSpan(r * dv, dv), w.Out);
-            float den = options.Normalize ? Vectors.Dot(phiQ, w.Z) : 1f;
-            o.WriteRow(b, i, h, w.Out, den == 0f ? 0f : 1f / den);
+            // O = φQ·State, a chunk of queries per product.
+            for (int c0 = 0; c0 < s.QueryLength; c0 += chunk)
+            {
+                int len = Math.Min(chunk, s.QueryLength - c0);
+                for (int t = 0; t < len; t++)
+                {
+                    q.CopyRow(b, c0 + t, h, w.X);
+                    options.FeatureMap.Apply(w.X, w.PhiQ.AsSpan(t * f, f), isQuery: true);
+                }
+                new Span<float>(outp, len * dv).Clear();
+                MatMulAdd(phiQ, f, state, dv, outp, dv, len, f, dv);
+                for (int t = 0; t < len; t++)
+                {
+                    float den = options.Normalize ? Vectors.Dot(w.PhiQ.AsSpan(t * f, f), w.Z) : 1f;
+                    o.WriteRow(b, c0 + t, h, new ReadOnlySpan<float>(outp + t * dv, dv), den == 0f ? 0f : 1f / den);
+                }
+            }
         }
     }
 
@@ -179,7 +210,8 @@ public static class LinearAttention
     /// A = φQ·φKᵀ, then State ← γ^C·State + φKᵀ·(decayed V).
     /// </summary>
     private static unsafe void CausalHead(TensorView<float> q, TensorView<float> k, TensorView<float> v, TensorView<float> o,
-        int b, int h, int hk, AttentionShape s, LinearOptions options, float decay, int chunk, Workspace w)
+        int b, int h, int hk, AttentionShape s, LinearOptions options, float decay, int chunk, Workspace w,
+        int lag = 0, TensorView<float> denominators = default)
     {
         int f = w.Z.Length, dv = w.Out.Length, n = s.QueryLength;
         Array.Clear(w.State);
@@ -193,10 +225,18 @@ public static class LinearAttention
                 {
                     q.CopyRow(b, c0 + t, h, w.X);
                     options.FeatureMap.Apply(w.X, w.PhiQ.AsSpan(t * f, f), isQuery: true);
-                    k.CopyRow(b, c0 + t, hk, w.X);
+                    // Lagged (BASED): position t of the chunk holds key c0 + t − lag; keys before the sequence add nothing.
+                    int j = c0 + t - lag;
+                    if (j < 0)
+                    {
+                        for (int r = 0; r < f; r++) phiKT[r * chunk + t] = 0f;
+                        w.V.AsSpan(t * dv, dv).Clear();
+                        continue;
+                    }
+                    k.CopyRow(b, j, hk, w.X);
                     options.FeatureMap.Apply(w.X, w.PhiK, isQuery: false);
                     for (int r = 0; r < f; r++) phiKT[r * chunk + t] = w.PhiK[r];
-                    v.CopyRow(b, c0 + t, hk, w.V.AsSpan(t * dv, dv));
+                    v.CopyRow(b, j, hk, w.V.AsSpan(t * dv, dv));
                 }
                 // Inter-chunk: O = φQ·State scaled by γ^(t+1) per row; normalizer γ^(t+1)·φ(q_t)·z.
                 new Span<float>(outp, len * dv).Clear();
@@ -228,6 +268,7 @@ public static class LinearAttention
                 {
                     float den = options.Normalize ? w.Den[t] : 1f;
                     o.WriteRow(b, c0 + t, h, new ReadOnlySpan<float>(outp + t * dv, dv), den == 0f ? 0f : 1f / den);
+                    if (!denominators.IsDefault) denominators[b, c0 + t, h] = w.Den[t];
                 }
                 // State ← γ^len·State + φKᵀ·(γ^(len−1−u)·v_u); z likewise.
                 if (decay != 1f)
@@ -247,20 +288,9 @@ public static class LinearAttention
         }
     }
 
-    /// <summary>C[m×n] += A[m×kk]·B[kk×n] (row-major, leading dimensions given): i-k-j order, rows of B streamed as vectors.</summary>
-    private static unsafe void MatMulAdd(float* aM, int lda, float* bM, int ldb, float* cM, int ldc, int m, int kk, int n)
-    {
-        for (int i = 0; i < m; i++)
-        {
-            var c = new Span<float>(cM + (long)i * ldc, n);
-            float* ai = aM + (long)i * lda;
-            for (int p = 0; p < kk; p++)
-            {
-                float x = ai[p];
-                if (x != 0f) Vectors.Axpy(x, new ReadOnlySpan<float>(bM + (long)p * ldb, n), c);
-            }
-        }
-    }
+    /// <summary>C[m×n] += A[m×kk]·B[kk×n] (row-major, leading dimensions given).</summary>
+    private static unsafe void MatMulAdd(float* aM, int lda, float* bM, int ldb, float* cM, int ldc, int m, int kk, int n) =>
+        Sparse.SmallGemm.MultiplyAdd(aM, lda, bM, ldb, cM, ldc, m, kk, n);
 }
 
 /// <summary>Small vectorized span kernels for the linear-attention loops.</summary>

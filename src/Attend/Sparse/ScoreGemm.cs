@@ -114,3 +114,78 @@ internal static unsafe class ScoreGemm
         }
     }
 }
+
+/// <summary>
+/// C [m, n] += A [m, kk] · B [kk, n], all row-major with leading dimensions: the small dense products of chunked
+/// linear attention. The same outer-product kernel as <see cref="ScoreGemm"/> (4 rows × 2 vectors of C in registers,
+/// B rows streamed), with B read in place at its row stride instead of packed panels. Replaced an i-k-j
+/// loop of span Axpy calls that ran at ≈ 6 GFLOPS per core (call overhead per 64-float row; docs/perf/linear.md).
+/// </summary>
+internal static unsafe class SmallGemm
+{
+    public static void MultiplyAdd(float* a, int lda, float* b, int ldb, float* c, int ldc, int m, int kk, int n)
+    {
+        if (m == 0 || n == 0 || kk == 0) return;
+        if (Vector512.IsHardwareAccelerated) Run<Vector512<float>, V512Ops>(a, lda, b, ldb, c, ldc, m, kk, n);
+        else if (Vector256.IsHardwareAccelerated) Run<Vector256<float>, V256Ops>(a, lda, b, ldb, c, ldc, m, kk, n);
+        else Run<float, ScalarOps>(a, lda, b, ldb, c, ldc, m, kk, n);
+    }
+
+    private static void Run<TV, TOps>(float* a, int lda, float* b, int ldb, float* c, int ldc, int m, int kk, int n)
+        where TV : unmanaged where TOps : ISimd<TV>
+    {
+        int w = TOps.Count, step = 2 * w;
+        int nFull = n / step * step;
+        int i = 0;
+        for (; i + 4 <= m; i += 4)
+        {
+            float* a0 = a + (long)i * lda, a1 = a0 + lda, a2 = a1 + lda, a3 = a2 + lda;
+            for (int j = 0; j < nFull; j += step)
+            {
+                float* o = c + (long)i * ldc + j;
+                TV c00 = TOps.Load(o), c01 = TOps.Load(o + w);
+                TV c10 = TOps.Load(o + ldc), c11 = TOps.Load(o + ldc + w);
+                TV c20 = TOps.Load(o + (2 * ldc)), c21 = TOps.Load(o + (2 * ldc) + w);
+                TV c30 = TOps.Load(o + (3 * ldc)), c31 = TOps.Load(o + (3 * ldc) + w);
+                float* bk = b + j;
+                for (int k = 0; k < kk; k++, bk += ldb)
+                {
+                    TV b0 = TOps.Load(bk), b1 = TOps.Load(bk + w);
+                    TV x = TOps.Broadcast(a0[k]);
+                    c00 = TOps.Fma(x, b0, c00); c01 = TOps.Fma(x, b1, c01);
+                    x = TOps.Broadcast(a1[k]);
+                    c10 = TOps.Fma(x, b0, c10); c11 = TOps.Fma(x, b1, c11);
+                    x = TOps.Broadcast(a2[k]);
+                    c20 = TOps.Fma(x, b0, c20); c21 = TOps.Fma(x, b1, c21);
+                    x = TOps.Broadcast(a3[k]);
+                    c30 = TOps.Fma(x, b0, c30); c31 = TOps.Fma(x, b1, c31);
+                }
+                TOps.Store(o, c00); TOps.Store(o + w, c01); o += ldc;
+                TOps.Store(o, c10); TOps.Store(o + w, c11); o += ldc;
+                TOps.Store(o, c20); TOps.Store(o + w, c21); o += ldc;
+                TOps.Store(o, c30); TOps.Store(o + w, c31);
+            }
+            if (nFull < n) for (int r = 0; r < 4; r++) RowTail(a + (long)(i + r) * lda, b, ldb, c + (long)(i + r) * ldc, kk, nFull, n);
+        }
+        for (; i < m; i++) RowTail(a + (long)i * lda, b, ldb, c + (long)i * ldc, kk, 0, n);
+    }
+
+    /// <summary>Columns [from, n) of one row: i-k-j with vectors of Vector&lt;float&gt; width.</summary>
+    private static void RowTail(float* row, float* b, int ldb, float* c, int kk, int from, int n)
+    {
+        for (int k = 0; k < kk; k++)
+        {
+            float x = row[k];
+            float* bk = b + (long)k * ldb;
+            int j = from;
+            var vx = new System.Numerics.Vector<float>(x);
+            for (; j + System.Numerics.Vector<float>.Count <= n; j += System.Numerics.Vector<float>.Count)
+            {
+                var cv = System.Runtime.CompilerServices.Unsafe.ReadUnaligned<System.Numerics.Vector<float>>(c + j);
+                var bv = System.Runtime.CompilerServices.Unsafe.ReadUnaligned<System.Numerics.Vector<float>>(bk + j);
+                System.Runtime.CompilerServices.Unsafe.WriteUnaligned(c + j, cv + (vx * bv));
+            }
+            for (; j < n; j++) c[j] = MathF.FusedMultiplyAdd(x, bk[j], c[j]);
+        }
+    }
+}
