@@ -23,11 +23,19 @@ internal readonly record struct FlashConfig(int HeadDim, int BlockM, int BlockN,
         return padded <= 128 ? new FlashConfig(padded, 128, 64, 4) : new FlashConfig(padded, 64, 32, 4);
     }
 
+    /// <summary>
+    /// Whether S = Q·Kᵀ runs on Hopper's warpgroup MMA (<c>USE_WGMMA</c>): on sm_90a, for the 4-warp 128×64
+    /// configuration; <c>ATTEND_CUDA_WGMMA=0</c> turns it off (to measure both in one process tree).
+    /// </summary>
+    public bool UsesWgmma(string architecture) =>
+        architecture == "sm_90a" && Warps == 4 && BlockM == 128 && BlockN == 64 && Environment.GetEnvironmentVariable("ATTEND_CUDA_WGMMA") != "0";
+
     /// <summary>Dynamic shared memory: Q tile plus two stages of K and V tiles, 2-byte elements.</summary>
     public int SharedBytes => (BlockM + 4 * BlockN) * HeadDim * 2;
 
-    public Dictionary<string, string> Defines(bool bf16, bool causal, bool softcap) => new()
+    public Dictionary<string, string> Defines(bool bf16, bool causal, bool softcap, bool wgmma = false) => new()
     {
+        ["USE_WGMMA"] = wgmma ? "1" : "0",
         ["HEAD_DIM"] = HeadDim.ToString(System.Globalization.CultureInfo.InvariantCulture),
         ["BLOCK_M"] = BlockM.ToString(System.Globalization.CultureInfo.InvariantCulture),
         ["BLOCK_N"] = BlockN.ToString(System.Globalization.CultureInfo.InvariantCulture),
@@ -48,16 +56,20 @@ public static class KernelVariants
             foreach (bool bf16 in new[] { true, false })
                 foreach (bool causal in new[] { false, true })
                     foreach (bool softcap in new[] { false, true })
-                        yield return ("flash_fwd.cu", FlashConfig.For(d).Defines(bf16, causal, softcap));
+                        foreach (bool wgmma in FlashConfig.For(d).UsesWgmma("sm_90a") ? new[] { false, true } : [false])
+                            yield return ("flash_fwd.cu", FlashConfig.For(d).Defines(bf16, causal, softcap, wgmma));
         // Block-sparse plans: the causal expression (what selectors' plans and causal masks use) per head dim and dtype.
         string causalExpression = Masks.Mask.Causal.ToCuda(new Masks.MaskExtent(1, 1, 4096, 4096));
         foreach (int d in new[] { 64, 128, 256 })
             foreach (bool bf16 in new[] { true, false })
             {
-                Dictionary<string, string> defines = FlashConfig.For(d).Defines(bf16, false, false);
-                defines["HAS_PLAN"] = "1";
-                defines["MASK_EXPR"] = causalExpression;
-                yield return ("flash_fwd.cu", defines);
+                foreach (bool wgmma in FlashConfig.For(d).UsesWgmma("sm_90a") ? new[] { false, true } : [false])
+                {
+                    Dictionary<string, string> defines = FlashConfig.For(d).Defines(bf16, false, false, wgmma);
+                    defines["HAS_PLAN"] = "1";
+                    defines["MASK_EXPR"] = causalExpression;
+                    yield return ("flash_fwd.cu", defines);
+                }
             }
         for (int src = 0; src < 3; src++)
             for (int dst = 0; dst < 3; dst++)

@@ -12,6 +12,10 @@
 //   HAS_PLAN   1: walk the key blocks of a block-sparse plan (CSR rows per (batch, head, query block), each block
 //              Full or Partial) instead of all of them; Partial blocks keep the pairs where MASK_EXPR — a C
 //              expression over ints b, h, q, kv (Mask.ToCuda) — is true. IS_CAUSAL is 0 then (causal is in the mask).
+//   USE_WGMMA  1 (sm_90a only; WARPS 4, BLOCK_M 128, BLOCK_N 64): S = Q·Kᵀ by Hopper's warpgroup MMA
+//              (wgmma.mma_async m64n64k16, Q and K read by the tensor cores straight from shared memory in the
+//              128-byte-swizzle K-major layout) instead of ldmatrix + mma.sync; P·V stays on mma.sync. The four warps
+//              are one warpgroup; warp w owns rows 16w.. of each of the two m64 tiles.
 // Layout: q [B, Sq, H, D], k/v [B, Skv, Hkv, D], o [B, Sq, H, D] with D contiguous and the other strides in
 // elements (multiples of 8, 16-byte aligned rows); lse [B, Sq, H] f32 (optional).
 
@@ -42,6 +46,9 @@
 #ifndef MASK_EXPR
 #define MASK_EXPR true
 #endif
+#ifndef USE_WGMMA
+#define USE_WGMMA 0
+#endif
 
 #define ROWS (BLOCK_M / WARPS)          // query rows per warp
 #define M_TILES (ROWS / 16)             // m16 tiles per warp
@@ -52,6 +59,14 @@
 static_assert(HEAD_DIM % 64 == 0, "HEAD_DIM must be a multiple of 64 (swizzle of 8 chunks)");
 static_assert(ROWS % 16 == 0, "each warp needs whole m16 tiles");
 static_assert(BLOCK_N % 16 == 0, "BLOCK_N must be a multiple of 16");
+#if USE_WGMMA
+static_assert(WARPS == 4 && BLOCK_M == 128 && BLOCK_N == 64, "the wgmma path is one warpgroup over two m64 tiles and n64 key blocks");
+// Warp w's m16 tile mt: rows 64·mt + 16·w of the block (the wgmma accumulator layout).
+#define MT_ROW(warp, mt) ((mt) * 64 + (warp) * 16)
+#else
+// Warp w's m16 tile mt: rows ROWS·w + 16·mt of the block.
+#define MT_ROW(warp, mt) ((warp) * ROWS + (mt) * 16)
+#endif
 
 #define NEG_INF __int_as_float(0xff800000)
 
@@ -95,6 +110,15 @@ __device__ __forceinline__ u32 smem_u32(const void* p)
 __device__ __forceinline__ int swz(int row, int chunk)
 {
     return row * HEAD_DIM + ((chunk ^ (row & 7)) << 3);
+}
+
+// wgmma's 128-byte-swizzle K-major layout of a [TILE_ROWS, HEAD_DIM] tile: the 64-column halves one after the
+// other, each [TILE_ROWS, 64] with 128-byte rows, 16-byte chunk c of row r stored at chunk c ^ (r % 8) — what the
+// hardware's swizzle does on address bits [4:6] ^ [7:9], so each half must start 1024-byte aligned.
+template <int TILE_ROWS>
+__device__ __forceinline__ int swz_kmajor(int row, int chunk)
+{
+    return (chunk >> 3) * (TILE_ROWS * 64) + row * 64 + (((chunk & 7) ^ (row & 7)) << 3);
 }
 
 __device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool valid)
@@ -165,9 +189,49 @@ __device__ __forceinline__ float fast_tanh(float x)
     return y;
 }
 
+#if USE_WGMMA
+// Shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor Format"): start address >> 4 in bits 0-13, leading
+// byte offset >> 4 in 16-29 (unused by K-major swizzled operands whose k16 slice fits the 128-byte row: 1), stride
+// byte offset >> 4 in 32-45 (1024: from one 8-row group to the next), swizzle mode in 62-63 (1 = 128-byte).
+__device__ __forceinline__ unsigned long long wgmma_desc(const u16* tile)
+{
+    const unsigned long long addr = smem_u32(tile);
+    return ((addr & 0x3FFFFull) >> 4) | (1ull << 16) | ((1024ull >> 4) << 32) | (1ull << 62);
+}
+
+// Orders the accumulators around the asynchronous MMA: the compiler must not read or move them across this point.
+__device__ __forceinline__ void wgmma_fence_operands(float (&d)[N_TILES][4])
+{
+#pragma unroll
+    for (int n = 0; n < N_TILES; n++)
+#pragma unroll
+        for (int r = 0; r < 4; r++) asm volatile("" : "+f"(d[n][r]) :: "memory");
+}
+
+// D[64×64] += A[64×16]·B[16×64]: A (queries) and B (keys, K-major) from shared memory through their descriptors.
+__device__ __forceinline__ void wgmma_m64n64k16(float (&d)[N_TILES][4], unsigned long long desc_a, unsigned long long desc_b)
+{
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+#if IS_BF16
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+#else
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+#endif
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "%32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+          "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+          "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+          "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+        : "l"(desc_a), "l"(desc_b), "r"(1));
+}
+#endif
+
 // Copies `rows` valid rows (of BLOCK rows) of a [rows, D] global tile into a swizzled shared tile; rows past the
 // end and chunks past D are zero-filled.
-template <int BLOCK>
+template <int BLOCK, bool KMAJOR = false>
 __device__ __forceinline__ void load_tile(u16* smem, const u16* gmem, i64 row_stride, int valid_rows, int head_dim)
 {
     // Thread i copies chunk i % CHUNKS of rows i / CHUNKS + k·ROWS_PER_PASS: a constant trip count, so the loop
@@ -181,27 +245,28 @@ __device__ __forceinline__ void load_tile(u16* smem, const u16* gmem, i64 row_st
         {
             int row = i / CHUNKS, c = i % CHUNKS;
             bool valid = row < valid_rows && c * 8 < head_dim;
-            cp_async16(smem_u32(smem + swz(row, c)), valid ? gmem + row * row_stride + c * 8 : gmem, valid);
+            cp_async16(smem_u32(smem + (KMAJOR ? swz_kmajor<BLOCK>(row, c) : swz(row, c))), valid ? gmem + row * row_stride + c * 8 : gmem, valid);
         }
         return;
     }
     constexpr int ROWS_PER_PASS = THREADS / CHUNKS > 0 ? THREADS / CHUNKS : 1;
     const int chunk = threadIdx.x % CHUNKS, row0 = threadIdx.x / CHUNKS;
     const bool chunk_valid = chunk * 8 < head_dim;
-    const u32 dst0 = smem_u32(smem + swz(row0, chunk));
+    const u32 dst0 = smem_u32(smem + (KMAJOR ? swz_kmajor<BLOCK>(row0, chunk) : swz(row0, chunk)));
+    constexpr int SMEM_ROW = KMAJOR ? 64 : HEAD_DIM;   // elements from one row to the next in shared memory
     const u16* src0 = gmem + row0 * row_stride + chunk * 8;
 #pragma unroll
     for (int k = 0; k < BLOCK / ROWS_PER_PASS; k++)
     {
         const int row = row0 + k * ROWS_PER_PASS;
         const bool valid = chunk_valid && row < valid_rows;
-        cp_async16(dst0 + k * ROWS_PER_PASS * HEAD_DIM * 2, valid ? src0 + k * ROWS_PER_PASS * row_stride : gmem, valid);
+        cp_async16(dst0 + k * ROWS_PER_PASS * SMEM_ROW * 2, valid ? src0 + k * ROWS_PER_PASS * row_stride : gmem, valid);
     }
 }
 
 // Sets excluded (row, key) scores to -inf: keys past the end, and above the causal diagonal. Per row only a
 // limit is computed (keys n_start + [0, limit) are allowed), compared with each element's constant column.
-__device__ __forceinline__ void mask_scores(float (&acc_s)[M_TILES][N_TILES][4], const FlashParams& p, int warp_row0, int n_start, int g, int t)
+__device__ __forceinline__ void mask_scores(float (&acc_s)[M_TILES][N_TILES][4], const FlashParams& p, int m_start, int warp, int n_start, int g, int t)
 {
 #pragma unroll
     for (int mt = 0; mt < M_TILES; mt++)
@@ -209,7 +274,7 @@ __device__ __forceinline__ void mask_scores(float (&acc_s)[M_TILES][N_TILES][4],
         for (int half = 0; half < 2; half++)
         {
             int limit = p.seqlen_k - n_start;
-            if (IS_CAUSAL) limit = min(limit, warp_row0 + mt * 16 + g + half * 8 + p.causal_offset - n_start + 1);
+            if (IS_CAUSAL) limit = min(limit, m_start + MT_ROW(warp, mt) + g + half * 8 + p.causal_offset - n_start + 1);
             limit -= 2 * t;
 #pragma unroll
             for (int n = 0; n < N_TILES; n++)
@@ -222,7 +287,7 @@ __device__ __forceinline__ void mask_scores(float (&acc_s)[M_TILES][N_TILES][4],
 
 // Partial plan blocks: keeps the pairs MASK_EXPR allows (and keys before the end), element by element.
 __device__ __forceinline__ void mask_scores_expr(float (&acc_s)[M_TILES][N_TILES][4], const FlashParams& p, int batch, int head,
-    int warp_row0, int n_start, int g, int t)
+    int m_start, int warp, int n_start, int g, int t)
 {
     const int b = batch, h = head;
     (void)b; (void)h;
@@ -231,7 +296,7 @@ __device__ __forceinline__ void mask_scores_expr(float (&acc_s)[M_TILES][N_TILES
 #pragma unroll
         for (int half = 0; half < 2; half++)
         {
-            const int q = warp_row0 + mt * 16 + g + half * 8;
+            const int q = m_start + MT_ROW(warp, mt) + g + half * 8;
             (void)q;
 #pragma unroll
             for (int n = 0; n < N_TILES; n++)
@@ -325,7 +390,8 @@ __device__ __forceinline__ void online_softmax(float (&acc_s)[M_TILES][N_TILES][
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 flash_fwd(const FlashParams p)
 {
-    extern __shared__ __align__(128) u16 smem[];
+    extern __shared__ __align__(1024) u16 smem[];      // 1024: the wgmma swizzle atoms
+    constexpr bool KMAJOR = USE_WGMMA != 0;             // Q and K tiles in wgmma's layout
     u16* sQ = smem;                                 // [BLOCK_M, HEAD_DIM]
     u16* sK = sQ + BLOCK_M * HEAD_DIM;              // [2][BLOCK_N, HEAD_DIM]
     u16* sV = sK + 2 * BLOCK_N * HEAD_DIM;          // [2][BLOCK_N, HEAD_DIM]
@@ -373,9 +439,9 @@ flash_fwd(const FlashParams p)
 
     if (n_end > 0)
     {
-        load_tile<BLOCK_M>(sQ, q, p.q_row, p.seqlen_q - m_start, p.head_dim);
+        load_tile<BLOCK_M, KMAJOR>(sQ, q, p.q_row, p.seqlen_q - m_start, p.head_dim);
         const int first = KEY_BLOCK(0) * BLOCK_N;
-        load_tile<BLOCK_N>(sK, k + (i64)first * p.k_row, p.k_row, p.seqlen_k - first, p.head_dim);
+        load_tile<BLOCK_N, KMAJOR>(sK, k + (i64)first * p.k_row, p.k_row, p.seqlen_k - first, p.head_dim);
         load_tile<BLOCK_N>(sV, v + (i64)first * p.v_row, p.v_row, p.seqlen_k - first, p.head_dim);
         cp_async_commit();
     }
@@ -385,11 +451,14 @@ flash_fwd(const FlashParams p)
         const int stage = n_block & 1;
         const int n_start = KEY_BLOCK(n_block) * BLOCK_N;
         cp_async_wait_all();
+#if USE_WGMMA
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");   // cp.async writes, read next by the tensor cores
+#endif
         __syncthreads();                            // tile n_block visible to all; every warp is done with n_block - 1
         if (n_block + 1 < n_end)
         {
             int next = KEY_BLOCK(n_block + 1) * BLOCK_N;
-            load_tile<BLOCK_N>(sK + (stage ^ 1) * BLOCK_N * HEAD_DIM, k + (i64)next * p.k_row, p.k_row, p.seqlen_k - next, p.head_dim);
+            load_tile<BLOCK_N, KMAJOR>(sK + (stage ^ 1) * BLOCK_N * HEAD_DIM, k + (i64)next * p.k_row, p.k_row, p.seqlen_k - next, p.head_dim);
             load_tile<BLOCK_N>(sV + (stage ^ 1) * BLOCK_N * HEAD_DIM, v + (i64)next * p.v_row, p.v_row, p.seqlen_k - next, p.head_dim);
             cp_async_commit();
         }
@@ -402,6 +471,24 @@ flash_fwd(const FlashParams p)
         for (int mt = 0; mt < M_TILES; mt++)
 #pragma unroll
             for (int n = 0; n < N_TILES; n++) acc_s[mt][n][0] = acc_s[mt][n][1] = acc_s[mt][n][2] = acc_s[mt][n][3] = 0.f;
+#if USE_WGMMA
+#pragma unroll
+        for (int mt = 0; mt < M_TILES; mt++) wgmma_fence_operands(acc_s[mt]);
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+        for (int kk = 0; kk < HEAD_DIM / 16; kk++)
+        {
+            // k16 slice kk: half kk / 4 of the tile, 32 bytes in per slice (the swizzle acts on the final address).
+            const unsigned long long desc_k = wgmma_desc(tK + (kk / 4) * (BLOCK_N * 64) + (kk % 4) * 16);
+#pragma unroll
+            for (int mt = 0; mt < M_TILES; mt++)
+                wgmma_m64n64k16(acc_s[mt], wgmma_desc(sQ + (kk / 4) * (BLOCK_M * 64) + mt * 64 * 64 + (kk % 4) * 16), desc_k);
+        }
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#pragma unroll
+        for (int mt = 0; mt < M_TILES; mt++) wgmma_fence_operands(acc_s[mt]);
+#else
 #pragma unroll
         for (int kk = 0; kk < HEAD_DIM / 16; kk++)
         {
@@ -409,7 +496,7 @@ flash_fwd(const FlashParams p)
 #pragma unroll
             for (int mt = 0; mt < M_TILES; mt++)
             {
-                int row = warp * ROWS + mt * 16 + (lane % 16);
+                int row = MT_ROW(warp, mt) + (lane % 16);
                 ldmatrix_x4(smem_u32(sQ + swz(row, kk * 2 + lane / 16)), a[mt][0], a[mt][1], a[mt][2], a[mt][3]);
             }
 #pragma unroll
@@ -426,6 +513,7 @@ flash_fwd(const FlashParams p)
                 }
             }
         }
+#endif
 
         // Masks, online softmax: scores stay raw (q·k) so the scale folds into one FFMA per element,
         // p = 2^(s·scale·log2e − max·scale·log2e) (FlashAttention's scale_softmax_log2).
@@ -441,10 +529,10 @@ flash_fwd(const FlashParams p)
                 for (int r = 0; r < 4; r++) acc_s[mt][n][r] = p.softcap_post * fast_tanh(acc_s[mt][n][r] * p.softcap_pre);
 #endif
 #if HAS_PLAN
-        if (p.plan_kinds[plan_first + n_block / p.plan_expand] != 1) mask_scores_expr(acc_s, p, batch, head, m_start + warp * ROWS, n_start, g, t);
-        else if (needs_mask) mask_scores(acc_s, p, m_start + warp * ROWS, n_start, g, t);
+        if (p.plan_kinds[plan_first + n_block / p.plan_expand] != 1) mask_scores_expr(acc_s, p, batch, head, m_start, warp, n_start, g, t);
+        else if (needs_mask) mask_scores(acc_s, p, m_start, warp, n_start, g, t);
 #else
-        if (needs_mask) mask_scores(acc_s, p, m_start + warp * ROWS, n_start, g, t);
+        if (needs_mask) mask_scores(acc_s, p, m_start, warp, n_start, g, t);
 #endif
         online_softmax(acc_s, acc_o, row_max, row_sum, p);
 
@@ -487,7 +575,7 @@ flash_fwd(const FlashParams p)
             float sum = row_sum[mt][half];
             sum += __shfl_xor_sync(0xffffffffu, sum, 1);
             sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-            const int row = m_start + warp * ROWS + mt * 16 + g + half * 8;
+            const int row = m_start + MT_ROW(warp, mt) + g + half * 8;
             if (row >= p.seqlen_q) continue;
             const float inv = sum == 0.f ? 0.f : 1.f / sum;
             u16* o = p.o + batch * p.o_batch + head * p.o_head + (i64)row * p.o_row;
