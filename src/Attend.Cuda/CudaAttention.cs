@@ -90,7 +90,7 @@ public static unsafe class CudaAttention
             Masks.Mask mask = options.Causal ? Masks.Mask.Causal & options.Mask : options.Mask;
             blocks = Masks.BlockMask.Create(mask, s.Batch, s.Heads, s.QueryLength, s.KeyLength, Math.Max(config.BlockM, 128), 128);
         }
-        Dictionary<string, string> defines = config.Defines(bf16, options.Causal && blocks is null, options.Softcap > 0, config.UsesWgmma(device.Architecture));
+        Dictionary<string, string> defines = config.Defines(bf16, options.Causal && blocks is null, options.Softcap > 0, config.WgmmaLevel(device.Architecture));
         DevicePlan? devicePlan = null;
         if (blocks is not null)
         {

@@ -24,18 +24,29 @@ internal readonly record struct FlashConfig(int HeadDim, int BlockM, int BlockN,
     }
 
     /// <summary>
-    /// Whether S = Q·Kᵀ runs on Hopper's warpgroup MMA (<c>USE_WGMMA</c>): on sm_90a, for the 4-warp 128×64
-    /// configuration; <c>ATTEND_CUDA_WGMMA=0</c> turns it off (to measure both in one process tree).
+    /// How much of the kernel runs on Hopper's warpgroup MMA (<c>USE_WGMMA</c>): 0 none, 1 S = Q·Kᵀ, 2 both products.
+    /// On sm_90a for the 4-warp 128×64 configuration (D ≤ 128): 2; <c>ATTEND_CUDA_WGMMA=0|1|2</c> overrides it (to
+    /// measure the steps against each other in one device call).
     /// </summary>
-    public bool UsesWgmma(string architecture) =>
-        architecture == "sm_90a" && Warps == 4 && BlockM == 128 && BlockN == 64 && Environment.GetEnvironmentVariable("ATTEND_CUDA_WGMMA") != "0";
+    public int WgmmaLevel(string architecture)
+    {
+        if (!SupportsWgmma(architecture)) return 0;
+        if (ForcedWgmmaLevel.Value is { } forced) return forced;
+        return Environment.GetEnvironmentVariable("ATTEND_CUDA_WGMMA") switch { "0" => 0, "1" => 1, _ => 2 };
+    }
+
+    /// <summary>Whether this configuration has wgmma variants on <paramref name="architecture"/>.</summary>
+    public bool SupportsWgmma(string architecture) => architecture == "sm_90a" && Warps == 4 && BlockM == 128 && BlockN == 64;
+
+    /// <summary>Tests pin the level for the calls of one flow (each level is checked against the reference).</summary>
+    internal static readonly AsyncLocal<int?> ForcedWgmmaLevel = new();
 
     /// <summary>Dynamic shared memory: Q tile plus two stages of K and V tiles, 2-byte elements.</summary>
     public int SharedBytes => (BlockM + 4 * BlockN) * HeadDim * 2;
 
-    public Dictionary<string, string> Defines(bool bf16, bool causal, bool softcap, bool wgmma = false) => new()
+    public Dictionary<string, string> Defines(bool bf16, bool causal, bool softcap, int wgmma = 0) => new()
     {
-        ["USE_WGMMA"] = wgmma ? "1" : "0",
+        ["USE_WGMMA"] = wgmma.ToString(System.Globalization.CultureInfo.InvariantCulture),
         ["HEAD_DIM"] = HeadDim.ToString(System.Globalization.CultureInfo.InvariantCulture),
         ["BLOCK_M"] = BlockM.ToString(System.Globalization.CultureInfo.InvariantCulture),
         ["BLOCK_N"] = BlockN.ToString(System.Globalization.CultureInfo.InvariantCulture),
@@ -56,14 +67,14 @@ public static class KernelVariants
             foreach (bool bf16 in new[] { true, false })
                 foreach (bool causal in new[] { false, true })
                     foreach (bool softcap in new[] { false, true })
-                        foreach (bool wgmma in FlashConfig.For(d).UsesWgmma("sm_90a") ? new[] { false, true } : [false])
+                        foreach (int wgmma in FlashConfig.For(d).SupportsWgmma("sm_90a") ? new[] { 0, 1, 2 } : [0])
                             yield return ("flash_fwd.cu", FlashConfig.For(d).Defines(bf16, causal, softcap, wgmma));
         // Block-sparse plans: the causal expression (what selectors' plans and causal masks use) per head dim and dtype.
         string causalExpression = Masks.Mask.Causal.ToCuda(new Masks.MaskExtent(1, 1, 4096, 4096));
         foreach (int d in new[] { 64, 128, 256 })
             foreach (bool bf16 in new[] { true, false })
             {
-                foreach (bool wgmma in FlashConfig.For(d).UsesWgmma("sm_90a") ? new[] { false, true } : [false])
+                foreach (int wgmma in FlashConfig.For(d).SupportsWgmma("sm_90a") ? new[] { 0, 1, 2 } : [0])
                 {
                     Dictionary<string, string> defines = FlashConfig.For(d).Defines(bf16, false, false, wgmma);
                     defines["HAS_PLAN"] = "1";

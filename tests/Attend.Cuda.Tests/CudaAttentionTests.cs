@@ -41,6 +41,31 @@ public sealed class CudaAttentionTests
     public void Should_match_reference_in_f32_through_bf16(int b, int sq, int skv, int h, int hkv, int d, bool causal) =>
         AttentionConformance.Check<float>(b, sq, skv, h, hkv, d, new AttentionOptions { Causal = causal }, "cuda", OnGpu, DType.BFloat16);
 
+    /// <summary>
+    /// Each kernel path on the H100 — mma.sync only (0), wgmma for Q·Kᵀ (1), wgmma for both products (2, the default) —
+    /// on awkward shapes of the two head dims that have wgmma variants, with causal, GQA, Sq ≠ Skv and softcap.
+    /// </summary>
+    [CudaTheory]
+    [InlineData(0)]
+    [InlineData(1)]
+    [InlineData(2)]
+    public void Should_match_reference_on_every_wgmma_level(int level)
+    {
+        FlashConfig.ForcedWgmmaLevel.Value = level;
+        try
+        {
+            foreach ((int sq, int skv, int h, int hkv, int d, bool causal) in new[] { (1, 1, 1, 1, 64, false), (97, 257, 4, 2, 64, true), (257, 97, 2, 1, 128, false), (130, 130, 4, 4, 128, true), (1025, 1025, 2, 1, 80, true) })
+            {
+                AttentionConformance.Check<BFloat16>(1, sq, skv, h, hkv, d, new AttentionOptions { Causal = causal }, $"cuda wgmma={level}", OnGpu);
+                AttentionConformance.Check<Half>(1, sq, skv, h, hkv, d, new AttentionOptions { Causal = causal, Softcap = 3f }, $"cuda wgmma={level}", OnGpu);
+            }
+        }
+        finally
+        {
+            FlashConfig.ForcedWgmmaLevel.Value = null;
+        }
+    }
+
     [CudaTheory]
     [InlineData(false)]
     [InlineData(true)]

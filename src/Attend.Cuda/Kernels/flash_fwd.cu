@@ -12,10 +12,11 @@
 //   HAS_PLAN   1: walk the key blocks of a block-sparse plan (CSR rows per (batch, head, query block), each block
 //              Full or Partial) instead of all of them; Partial blocks keep the pairs where MASK_EXPR — a C
 //              expression over ints b, h, q, kv (Mask.ToCuda) — is true. IS_CAUSAL is 0 then (causal is in the mask).
-//   USE_WGMMA  1 (sm_90a only; WARPS 4, BLOCK_M 128, BLOCK_N 64): S = Q·Kᵀ by Hopper's warpgroup MMA
-//              (wgmma.mma_async m64n64k16, Q and K read by the tensor cores straight from shared memory in the
-//              128-byte-swizzle K-major layout) instead of ldmatrix + mma.sync; P·V stays on mma.sync. The four warps
-//              are one warpgroup; warp w owns rows 16w.. of each of the two m64 tiles.
+//   USE_WGMMA  (sm_90a only; WARPS 4, BLOCK_M 128, BLOCK_N 64, HEAD_DIM 64 or 128) Hopper's warpgroup MMA instead
+//              of ldmatrix + mma.sync: 1 — S = Q·Kᵀ (wgmma m64n64k16, Q and K read by the tensor cores from shared
+//              memory in the 128-byte-swizzle K-major layout); 2 — also O += P·V (wgmma m64nDk16, P from registers,
+//              V as an MN-major shared operand). The four warps are one warpgroup; warp w owns rows
+//              16w.. of each of the two m64 tiles.
 // Layout: q [B, Sq, H, D], k/v [B, Skv, Hkv, D], o [B, Sq, H, D] with D contiguous and the other strides in
 // elements (multiples of 8, 16-byte aligned rows); lse [B, Sq, H] f32 (optional).
 
@@ -193,17 +194,20 @@ __device__ __forceinline__ float fast_tanh(float x)
 // Shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor Format"): start address >> 4 in bits 0-13, leading
 // byte offset >> 4 in 16-29 (unused by K-major swizzled operands whose k16 slice fits the 128-byte row: 1), stride
 // byte offset >> 4 in 32-45 (1024: from one 8-row group to the next), swizzle mode in 62-63 (1 = 128-byte).
-__device__ __forceinline__ unsigned long long wgmma_desc(const u16* tile)
+// For an MN-major operand (V: N = the head dim contiguous) the leading byte offset is the distance between 64-column
+// halves (CUTLASS's canonical SW128 MN-major layout ((64, m), (8, k)) : ((1, LBO), (64, SBO))).
+__device__ __forceinline__ unsigned long long wgmma_desc(const u16* tile, unsigned long long leading_bytes = 16)
 {
     const unsigned long long addr = smem_u32(tile);
-    return ((addr & 0x3FFFFull) >> 4) | (1ull << 16) | ((1024ull >> 4) << 32) | (1ull << 62);
+    return ((addr & 0x3FFFFull) >> 4) | ((leading_bytes >> 4) << 16) | ((1024ull >> 4) << 32) | (1ull << 62);
 }
 
 // Orders the accumulators around the asynchronous MMA: the compiler must not read or move them across this point.
-__device__ __forceinline__ void wgmma_fence_operands(float (&d)[N_TILES][4])
+template <int TILES>
+__device__ __forceinline__ void wgmma_fence_operands(float (&d)[TILES][4])
 {
 #pragma unroll
-    for (int n = 0; n < N_TILES; n++)
+    for (int n = 0; n < TILES; n++)
 #pragma unroll
         for (int r = 0; r < 4; r++) asm volatile("" : "+f"(d[n][r]) :: "memory");
 }
@@ -226,6 +230,51 @@ __device__ __forceinline__ void wgmma_m64n64k16(float (&d)[N_TILES][4], unsigned
           "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
           "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
         : "l"(desc_a), "l"(desc_b), "r"(1));
+}
+
+// O[64×HEAD_DIM] += P[64×16]·V[16×HEAD_DIM]: P from registers (the mma.sync A-fragment layout, which wgmma's register
+// operand shares), V from shared memory as an MN-major operand (imm-trans-b = 1): rows of V are the K dimension.
+__device__ __forceinline__ void wgmma_pv(float (&d)[D_TILES][4], const u32 (&a)[4], unsigned long long desc_b)
+{
+#if HEAD_DIM == 128
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+#if IS_BF16
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+#else
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+#endif
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+        :
+          "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+          "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+          "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+          "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
+          "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
+          "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
+          "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),
+          "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+#elif HEAD_DIM == 64
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+#if IS_BF16
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+#else
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+#endif
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+        :
+          "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+          "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+          "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+          "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+#else
+#error "the wgmma P·V path covers HEAD_DIM 64 and 128"
+#endif
 }
 #endif
 
@@ -391,7 +440,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32)
 flash_fwd(const FlashParams p)
 {
     extern __shared__ __align__(1024) u16 smem[];      // 1024: the wgmma swizzle atoms
-    constexpr bool KMAJOR = USE_WGMMA != 0;             // Q and K tiles in wgmma's layout
+    constexpr bool KMAJOR = USE_WGMMA >= 1;             // Q and K tiles in wgmma's layout
+    constexpr bool VMAJOR = USE_WGMMA >= 2;             // V too
     u16* sQ = smem;                                 // [BLOCK_M, HEAD_DIM]
     u16* sK = sQ + BLOCK_M * HEAD_DIM;              // [2][BLOCK_N, HEAD_DIM]
     u16* sV = sK + 2 * BLOCK_N * HEAD_DIM;          // [2][BLOCK_N, HEAD_DIM]
@@ -442,7 +492,7 @@ flash_fwd(const FlashParams p)
         load_tile<BLOCK_M, KMAJOR>(sQ, q, p.q_row, p.seqlen_q - m_start, p.head_dim);
         const int first = KEY_BLOCK(0) * BLOCK_N;
         load_tile<BLOCK_N, KMAJOR>(sK, k + (i64)first * p.k_row, p.k_row, p.seqlen_k - first, p.head_dim);
-        load_tile<BLOCK_N>(sV, v + (i64)first * p.v_row, p.v_row, p.seqlen_k - first, p.head_dim);
+        load_tile<BLOCK_N, VMAJOR>(sV, v + (i64)first * p.v_row, p.v_row, p.seqlen_k - first, p.head_dim);
         cp_async_commit();
     }
 
@@ -459,7 +509,7 @@ flash_fwd(const FlashParams p)
         {
             int next = KEY_BLOCK(n_block + 1) * BLOCK_N;
             load_tile<BLOCK_N, KMAJOR>(sK + (stage ^ 1) * BLOCK_N * HEAD_DIM, k + (i64)next * p.k_row, p.k_row, p.seqlen_k - next, p.head_dim);
-            load_tile<BLOCK_N>(sV + (stage ^ 1) * BLOCK_N * HEAD_DIM, v + (i64)next * p.v_row, p.v_row, p.seqlen_k - next, p.head_dim);
+            load_tile<BLOCK_N, VMAJOR>(sV + (stage ^ 1) * BLOCK_N * HEAD_DIM, v + (i64)next * p.v_row, p.v_row, p.seqlen_k - next, p.head_dim);
             cp_async_commit();
         }
         const u16* tK = sK + stage * BLOCK_N * HEAD_DIM;
@@ -537,6 +587,36 @@ flash_fwd(const FlashParams p)
         online_softmax(acc_s, acc_o, row_max, row_sum, p);
 
         // O += P·V: the C fragments of two n8 tiles are exactly the A fragment of one k16 step.
+#if USE_WGMMA >= 2
+        {
+            u32 pa[M_TILES][BLOCK_N / 16][4];
+#pragma unroll
+            for (int mt = 0; mt < M_TILES; mt++)
+#pragma unroll
+                for (int kk = 0; kk < BLOCK_N / 16; kk++)
+                {
+                    pa[mt][kk][0] = pack2(acc_s[mt][2 * kk][0], acc_s[mt][2 * kk][1]);
+                    pa[mt][kk][1] = pack2(acc_s[mt][2 * kk][2], acc_s[mt][2 * kk][3]);
+                    pa[mt][kk][2] = pack2(acc_s[mt][2 * kk + 1][0], acc_s[mt][2 * kk + 1][1]);
+                    pa[mt][kk][3] = pack2(acc_s[mt][2 * kk + 1][2], acc_s[mt][2 * kk + 1][3]);
+                }
+#pragma unroll
+            for (int mt = 0; mt < M_TILES; mt++) wgmma_fence_operands(acc_o[mt]);
+            asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+            for (int kk = 0; kk < BLOCK_N / 16; kk++)
+            {
+                // Keys 16·kk.. of the tile: two 1024-byte row groups in; the halves of D are BLOCK_N·128 bytes apart.
+                const unsigned long long desc_v = wgmma_desc(tV + kk * 16 * 64, BLOCK_N * 128ull);
+#pragma unroll
+                for (int mt = 0; mt < M_TILES; mt++) wgmma_pv(acc_o[mt], pa[mt][kk], desc_v);
+            }
+            asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+            asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#pragma unroll
+            for (int mt = 0; mt < M_TILES; mt++) wgmma_fence_operands(acc_o[mt]);
+        }
+#else
 #pragma unroll
         for (int kk = 0; kk < BLOCK_N / 16; kk++)
         {
@@ -563,6 +643,7 @@ flash_fwd(const FlashParams p)
                 }
             }
         }
+#endif
     }
 
     // Normalize and store. A row without keys has sum 0: output 0, LSE -inf.
