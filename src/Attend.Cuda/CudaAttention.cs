@@ -27,8 +27,8 @@ public static unsafe class CudaAttention
     /// [B, Sq, H, D], optional lse [B, Sq, H]. Supports causal (bottom-right), GQA/MQA, softcap, scale, D ≤ 256
     /// (Dv = D), masks (<see cref="AttentionOptions.Mask"/>: planned on the host, partial blocks evaluate the mask's
     /// <c>ToCuda</c> expression compiled into the kernel) and block plans (<see cref="AttentionOptions.Plan"/> with
-    /// a <see cref="Masks.BlockMask"/>; uploaded once per plan object). ALiBi, bias tensors, predicates and
-    /// gathered-token plans are CPU-only for now (NotSupportedException).
+    /// a <see cref="Masks.BlockMask"/> and/or a <see cref="Masks.TokenSet"/> of gathered key rows; uploaded once per plan
+    /// object). ALiBi, bias tensors, predicates, permuted and compensated plans are CPU-only for now (NotSupportedException).
     /// </summary>
     public static void Forward<T>(DeviceTensor<T> q, DeviceTensor<T> k, DeviceTensor<T> v, DeviceTensor<T> output,
         AttentionOptions? options = null, DeviceTensor<float>? lse = null) where T : unmanaged
@@ -60,10 +60,6 @@ public static unsafe class CudaAttention
         {
             throw new NotSupportedException("plans over a token permutation (bucket / hash-sparse plans) run on the CPU only for now");
         }
-        if (options.Plan?.Tokens is not null)
-        {
-            throw new NotSupportedException("plans with gathered key tokens (TokenSet) run on the CPU only for now; block plans run on the GPU");
-        }
         if (scale == 0) throw new NotSupportedException("the CUDA kernel needs Scale > 0 (0 would make masked scores NaN)");
         if (ReferenceEquals(output.Buffer, q.Buffer) || ReferenceEquals(output.Buffer, k.Buffer) || ReferenceEquals(output.Buffer, v.Buffer))
         {
@@ -84,25 +80,39 @@ public static unsafe class CudaAttention
             throw new NotSupportedException($"head dim {s.HeadDim} needs {config.SharedBytes} bytes of shared memory; {device.Name} allows {device.MaxSharedMemoryPerBlock}");
         }
         Masks.BlockMask? blocks = options.Plan?.Blocks;
-        if (blocks is null && options.Mask is not null)
+        Masks.TokenSet? tokens = options.Plan?.Tokens;
+        if (blocks is null && tokens is null && options.Mask is not null)
         {
             // Planned on the host with the kernel's query block and 128-key blocks (analytic: O(non-empty blocks)).
             Masks.Mask mask = options.Causal ? Masks.Mask.Causal & options.Mask : options.Mask;
             blocks = Masks.BlockMask.Create(mask, s.Batch, s.Heads, s.QueryLength, s.KeyLength, Math.Max(config.BlockM, 128), 128);
         }
-        Dictionary<string, string> defines = config.Defines(bf16, options.Causal && blocks is null, options.Softcap > 0, config.WgmmaLevel(device.Architecture));
+        bool planned = blocks is not null || tokens is not null;
+        Dictionary<string, string> defines = config.Defines(bf16, options.Causal && !planned, options.Softcap > 0, config.WgmmaLevel(device.Architecture));
         DevicePlan? devicePlan = null;
-        if (blocks is not null)
+        DeviceTokens? deviceTokens = null;
+        var extent = new Masks.MaskExtent(s.Batch, s.Heads, s.QueryLength, s.KeyLength);
+        if (planned)
         {
-            if (blocks.BlockQ % config.BlockM != 0 || blocks.BlockK % config.BlockN != 0)
+            Masks.BlockRows rows = (Masks.BlockRows?)blocks ?? tokens!;
+            if (rows.Extent != extent)
             {
-                throw new NotSupportedException($"the CUDA kernel for D={s.HeadDim} needs plan blocks that are multiples of {config.BlockM} queries × {config.BlockN} keys; the plan has {blocks.BlockQ}×{blocks.BlockK}");
+                throw new ArgumentException($"the plan was built for {rows.Extent}; the call is {extent}", nameof(options));
             }
-            var extent = new Masks.MaskExtent(s.Batch, s.Heads, s.QueryLength, s.KeyLength);
+            if (rows.BlockQ % config.BlockM != 0 || (blocks is not null && blocks.BlockK % config.BlockN != 0))
+            {
+                throw new NotSupportedException($"the CUDA kernel for D={s.HeadDim} needs plan blocks that are multiples of {config.BlockM} queries × {config.BlockN} keys; the plan has {rows.BlockQ}×{blocks?.BlockK.ToString(System.Globalization.CultureInfo.InvariantCulture) ?? "tokens"}");
+            }
             defines["HAS_PLAN"] = "1";
-            defines["MASK_EXPR"] = blocks.Mask?.ToCuda(extent) ?? "true";
+            defines["MASK_EXPR"] = blocks?.Mask?.ToCuda(extent) ?? "true";
             // A caller's plan is uploaded once and kept with it; a plan built here from options.Mask is freed after the launch.
-            devicePlan = options.Plan is null ? new DevicePlan(blocks) : DevicePlan.For(blocks);
+            devicePlan = blocks is null ? DevicePlan.Empty(tokens!) : options.Plan is null ? new DevicePlan(blocks) : DevicePlan.For(blocks);
+            if (tokens is not null)
+            {
+                defines["HAS_TOKENS"] = "1";
+                defines["TOKEN_MASK_EXPR"] = tokens.Mask?.ToCuda(extent) ?? "true";
+                deviceTokens = DeviceTokens.For(options.Plan!);
+            }
         }
         CudaKernel kernel = device.Kernel("flash_fwd.cu", "flash_fwd", defines);
         const float log2e = 1.4426950408889634f;
@@ -125,17 +135,26 @@ public static unsafe class CudaAttention
             p.PlanRowStart = devicePlan.RowStart.Pointer;
             p.PlanCols = devicePlan.Columns.Pointer;
             p.PlanKinds = devicePlan.Kinds.Pointer;
-            p.PlanBatch = blocks!.PlanBatch;
-            p.PlanHeads = blocks.PlanHeads;
-            p.PlanQBlocks = blocks.QueryBlocks;
-            p.PlanBlockQ = blocks.BlockQ;
-            p.PlanExpand = blocks.BlockK / config.BlockN;
+            p.PlanBatch = devicePlan.Batch;
+            p.PlanHeads = devicePlan.Heads;
+            p.PlanQBlocks = devicePlan.QueryBlocks;
+            p.PlanBlockQ = devicePlan.BlockQ;
+            p.PlanExpand = blocks is null ? 1 : blocks.BlockK / config.BlockN;
+        }
+        if (deviceTokens is not null)
+        {
+            p.TokenRowStart = deviceTokens.RowStart.Pointer;
+            p.Tokens = deviceTokens.Tokens.Pointer;
+            p.TokenBatch = deviceTokens.Batch;
+            p.TokenHeads = deviceTokens.Heads;
+            p.TokenQBlocks = deviceTokens.QueryBlocks;
+            p.TokenBlockQ = deviceTokens.BlockQ;
         }
         void* arg = &p;
         uint mBlocks = (uint)((s.QueryLength + config.BlockM - 1) / config.BlockM);
         kernel.Launch(mBlocks, (uint)s.Heads, (uint)s.Batch, (uint)(config.Warps * 32), config.SharedBytes, &arg);
         oo.WriteBack(output);
-        if (options.Plan is null) devicePlan?.Dispose();
+        if (options.Plan is null || blocks is null) devicePlan?.Dispose();
     }
 
     /// <summary>A block plan's CSR arrays on the device, uploaded once per plan object and freed with it.</summary>
@@ -144,8 +163,20 @@ public static unsafe class CudaAttention
         private static readonly System.Runtime.CompilerServices.ConditionalWeakTable<Masks.BlockMask, DevicePlan> Cache = new();
 
         public DevicePlan(Masks.BlockMask plan)
+            : this(plan.Csr.RowStart, plan.Csr.Columns, plan.Csr.Kinds, plan.PlanBatch, plan.PlanHeads, plan.QueryBlocks, plan.BlockQ)
         {
-            (int[] rowStart, int[] columns, Masks.BlockClass[] kinds) = plan.Csr;
+        }
+
+        /// <summary>No blocks in any row: the block walk of a token-only plan.</summary>
+        public static DevicePlan Empty(Masks.TokenSet tokens) =>
+            new(new int[(tokens.PlanBatch * tokens.PlanHeads * tokens.QueryBlocks) + 1], [], [], tokens.PlanBatch, tokens.PlanHeads, tokens.QueryBlocks, tokens.BlockQ);
+
+        private DevicePlan(int[] rowStart, int[] columns, Masks.BlockClass[] kinds, int batch, int heads, int queryBlocks, int blockQ)
+        {
+            Batch = batch;
+            Heads = heads;
+            QueryBlocks = queryBlocks;
+            BlockQ = blockQ;
             RowStart = DeviceBuffer<int>.Allocate(rowStart.Length);
             RowStart.CopyFrom(rowStart);
             Columns = DeviceBuffer<int>.Allocate(Math.Max(columns.Length, 1));
@@ -157,6 +188,10 @@ public static unsafe class CudaAttention
         public DeviceBuffer<int> RowStart { get; }
         public DeviceBuffer<int> Columns { get; }
         public DeviceBuffer<byte> Kinds { get; }
+        public int Batch { get; }
+        public int Heads { get; }
+        public int QueryBlocks { get; }
+        public int BlockQ { get; }
 
         public static DevicePlan For(Masks.BlockMask plan) => Cache.GetValue(plan, p => new DevicePlan(p));
 
@@ -165,6 +200,60 @@ public static unsafe class CudaAttention
             RowStart.Dispose();
             Columns.Dispose();
             Kinds.Dispose();
+        }
+    }
+
+    /// <summary>
+    /// A token plan's gathered key rows on the device, uploaded once per plan object: per (batch, head, query block)
+    /// the listed keys whose block the plan's block rows do not visit (tokens inside visited blocks belong to those
+    /// blocks, as <see cref="Masks.SparsityPlan.Allows"/> defines).
+    /// </summary>
+    private sealed class DeviceTokens : IDisposable
+    {
+        private static readonly System.Runtime.CompilerServices.ConditionalWeakTable<Masks.SparsityPlan, DeviceTokens> Cache = new();
+
+        private DeviceTokens(Masks.SparsityPlan plan)
+        {
+            Masks.TokenSet tokens = plan.Tokens!;
+            Masks.BlockMask? blocks = plan.Blocks;
+            Batch = blocks is null ? tokens.PlanBatch : Math.Max(tokens.PlanBatch, blocks.PlanBatch);
+            Heads = blocks is null ? tokens.PlanHeads : Math.Max(tokens.PlanHeads, blocks.PlanHeads);
+            QueryBlocks = tokens.QueryBlocks;
+            BlockQ = tokens.BlockQ;
+            var rowStart = new int[(Batch * Heads * QueryBlocks) + 1];
+            var list = new List<int>();
+            int r = 0;
+            for (int b = 0; b < Batch; b++)
+                for (int h = 0; h < Heads; h++)
+                    for (int qb = 0; qb < QueryBlocks; qb++)
+                    {
+                        rowStart[r++] = list.Count;
+                        ReadOnlySpan<int> visited = blocks is null ? [] : blocks.Row(b, h, qb, out _);
+                        foreach (int t in tokens.Row(b, h, qb))
+                        {
+                            if (blocks is null || visited.BinarySearch(t / blocks.BlockK) < 0) list.Add(t);
+                        }
+                    }
+            rowStart[r] = list.Count;
+            RowStart = DeviceBuffer<int>.Allocate(rowStart.Length);
+            RowStart.CopyFrom(rowStart);
+            Tokens = DeviceBuffer<int>.Allocate(Math.Max(list.Count, 1));
+            if (list.Count > 0) Tokens.CopyFrom([.. list]);
+        }
+
+        public DeviceBuffer<int> RowStart { get; }
+        public DeviceBuffer<int> Tokens { get; }
+        public int Batch { get; }
+        public int Heads { get; }
+        public int QueryBlocks { get; }
+        public int BlockQ { get; }
+
+        public static DeviceTokens For(Masks.SparsityPlan plan) => Cache.GetValue(plan, p => new DeviceTokens(p));
+
+        public void Dispose()
+        {
+            RowStart.Dispose();
+            Tokens.Dispose();
         }
     }
 
@@ -177,6 +266,8 @@ public static unsafe class CudaAttention
         public float ScaleLog2, SoftcapPre, SoftcapPost;
         public ulong PlanRowStart, PlanCols, PlanKinds;
         public int PlanBatch, PlanHeads, PlanQBlocks, PlanBlockQ, PlanExpand;
+        public ulong TokenRowStart, Tokens;
+        public int TokenBatch, TokenHeads, TokenQBlocks, TokenBlockQ;
     }
 
     /// <summary>A kernel operand: the caller's tensor when its layout fits, else a converted packed copy.</summary>

@@ -41,8 +41,9 @@ internal readonly record struct FlashConfig(int HeadDim, int BlockM, int BlockN,
     /// <summary>Tests pin the level for the calls of one flow (each level is checked against the reference).</summary>
     internal static readonly AsyncLocal<int?> ForcedWgmmaLevel = new();
 
-    /// <summary>Dynamic shared memory: Q tile plus two stages of K and V tiles, 2-byte elements.</summary>
-    public int SharedBytes => (BlockM + 4 * BlockN) * HeadDim * 2;
+    /// <summary>Dynamic shared memory: Q tile plus two stages of K and V tiles (2-byte elements), then two stages of
+    /// gathered key indices (4-byte, used by token plans).</summary>
+    public int SharedBytes => ((BlockM + 4 * BlockN) * HeadDim * 2) + (2 * BlockN * 4);
 
     public Dictionary<string, string> Defines(bool bf16, bool causal, bool softcap, int wgmma = 0) => new()
     {
@@ -81,6 +82,17 @@ public static class KernelVariants
                     defines["MASK_EXPR"] = causalExpression;
                     yield return ("flash_fwd.cu", defines);
                 }
+            }
+        // Gathered tokens (TokenSet plans): with and without a block plan's causal partial blocks, tokens masked causally.
+        foreach (int d in new[] { 64, 128, 256 })
+            foreach (int wgmma in FlashConfig.For(d).SupportsWgmma("sm_90a") ? new[] { 0, 2 } : [0])
+            {
+                Dictionary<string, string> defines = FlashConfig.For(d).Defines(true, false, false, wgmma);
+                defines["HAS_PLAN"] = "1";
+                defines["MASK_EXPR"] = causalExpression;
+                defines["HAS_TOKENS"] = "1";
+                defines["TOKEN_MASK_EXPR"] = causalExpression;
+                yield return ("flash_fwd.cu", defines);
             }
         for (int src = 0; src < 3; src++)
             for (int dst = 0; dst < 3; dst++)

@@ -76,11 +76,57 @@ public sealed class CudaPlanTests
     }
 
     [CudaFact]
+    public void Should_match_the_reference_on_gathered_tokens()
+    {
+        // Token-only plans (per head, some rows empty, the last key, tokens beyond one gathered tile), with and without
+        // a causal element mask, D 64/128/256, GQA, Sq < Skv.
+        var rng = new Random(5);
+        foreach ((int sq, int skv, int d) in new[] { (300, 300, 64), (200, 450, 128), (257, 257, 256) })
+        {
+            foreach (Mask? mask in new Mask?[] { null, Mask.Causal })
+            {
+                int[][][] chosen = [.. Enumerable.Range(0, 4).Select(_ => Enumerable.Range(0, (sq + 127) / 128).Select(qb =>
+                    qb == 1 ? Array.Empty<int>() : Enumerable.Range(0, skv).Where(_ => rng.NextDouble() < 0.35).Append(skv - 1).ToArray()).ToArray())];
+                TokenSet tokens = TokenSet.Create(1, 4, sq, skv, 128, (_, h, qb) => chosen[h][qb], mask);
+                AttentionConformance.Check<BFloat16>(1, sq, skv, 4, 2, d, new AttentionOptions { Plan = tokens }, $"cuda tokens {sq}x{skv} d{d} {mask}", CudaAttentionTests.OnGpu);
+            }
+        }
+        // Blocks and tokens together: tokens inside visited blocks belong to the blocks (the host drops them from the
+        // gathered rows), the others are gathered; causal partial blocks, causal tokens; f16 too.
+        const int s = 640;
+        BlockMask blocks = BlockMask.FromBlocks(1, 2, s, s, 128, 128, (_, h, qb) =>
+            new[] { 0, qb }.Distinct().Select(kb => (kb, kb < qb ? BlockClass.Full : BlockClass.Partial)), Mask.Causal);
+        TokenSet stripes = TokenSet.Create(1, 2, s, s, 128, (_, h, qb) => Enumerable.Range(0, s).Where(t => t % (7 + h) == 3), Mask.Causal);
+        var plan = new SparsityPlan(blocks, stripes);
+        foreach (int d in new[] { 64, 128 })
+        {
+            AttentionConformance.Check<BFloat16>(1, s, s, 2, 1, d, new AttentionOptions { Plan = plan }, $"cuda blocks+tokens d{d}", CudaAttentionTests.OnGpu);
+            AttentionConformance.Check<Half>(1, s, s, 2, 1, d, new AttentionOptions { Plan = plan }, $"cuda blocks+tokens f16 d{d}", CudaAttentionTests.OnGpu);
+        }
+    }
+
+    [CudaFact]
+    public void Should_run_token_selector_plans_like_the_cpu()
+    {
+        // Vertical-slash (columns as tokens + diagonal bands as blocks) and AnchorAttention (stripes as tokens).
+        const int s = 1000, h = 2, d = 64;
+        (TensorView<float> q, TensorView<float> k, TensorView<float> _, _) = StructuredInputs.Generate(1, s, h, 1, d);
+        foreach (SparsitySelector selector in new SparsitySelector[] { new VerticalSlashSelector { BlockSize = 128 }, new AnchorSelector { BlockSize = 128 } })
+        {
+            SparsityPlan plan = selector.Plan(q, k, causal: true);
+            Assert.NotNull(plan.Tokens);
+            AttentionConformance.Check<BFloat16>(1, s, s, h, 1, d, new AttentionOptions { Plan = plan }, $"cuda {selector.Name}", CudaAttentionTests.OnGpu);
+        }
+    }
+
+    [CudaFact]
     public void Should_name_what_the_gpu_does_not_run()
     {
         using DeviceTensor<BFloat16> x = DeviceTensor<BFloat16>.Allocate(1, 256, 2, 128), o = DeviceTensor<BFloat16>.Allocate(1, 256, 2, 128);
-        TokenSet tokens = TokenSet.Create(1, 2, 256, 256, 128, (_, _, _) => [0, 5]);
-        Assert.Contains("TokenSet", Assert.Throws<NotSupportedException>(() => Attention.Forward(x, x, x, o, new AttentionOptions { Plan = tokens })).Message);
+        TokenSet small64 = TokenSet.Create(1, 2, 256, 256, 64, (_, _, _) => [0, 5]);
+        Assert.Contains("multiples of 128", Assert.Throws<NotSupportedException>(() => Attention.Forward(x, x, x, o, new AttentionOptions { Plan = small64 })).Message);
+        TokenSet otherShape = TokenSet.Create(1, 2, 256, 300, 128, (_, _, _) => [0, 5]);
+        Assert.ThrowsAny<ArgumentException>(() => Attention.Forward(x, x, x, o, new AttentionOptions { Plan = otherShape }));
         BlockMask small = BlockMask.Create(Mask.Causal, 1, 2, 256, 256, 64, 64);
         Assert.Contains("multiples of 128", Assert.Throws<NotSupportedException>(() => Attention.Forward(x, x, x, o, new AttentionOptions { Plan = small })).Message);
         Mask predicate = Mask.FromPredicate((_, _, q, kv) => q >= kv);

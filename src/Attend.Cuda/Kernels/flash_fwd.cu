@@ -12,6 +12,9 @@
 //   HAS_PLAN   1: walk the key blocks of a block-sparse plan (CSR rows per (batch, head, query block), each block
 //              Full or Partial) instead of all of them; Partial blocks keep the pairs where MASK_EXPR — a C
 //              expression over ints b, h, q, kv (Mask.ToCuda) — is true. IS_CAUSAL is 0 then (causal is in the mask).
+//   HAS_TOKENS 1: after its plan blocks, each query block also attends gathered key rows (a TokenSet: CSR rows of key
+//              indices per (batch, head, query block), the tokens inside visited blocks already removed on the host)
+//              in tiles of BLOCK_N gathered rows; pairs where TOKEN_MASK_EXPR (over b, h, q, kv) is false are skipped.
 //   USE_WGMMA  (sm_90a only; WARPS 4, BLOCK_M 128, BLOCK_N 64, HEAD_DIM 64 or 128) Hopper's warpgroup MMA instead
 //              of ldmatrix + mma.sync: 1 — S = Q·Kᵀ (wgmma m64n64k16, Q and K read by the tensor cores from shared
 //              memory in the 128-byte-swizzle K-major layout); 2 — also O += P·V (wgmma m64nDk16, P from registers,
@@ -49,6 +52,15 @@
 #endif
 #ifndef USE_WGMMA
 #define USE_WGMMA 0
+#endif
+#ifndef HAS_TOKENS
+#define HAS_TOKENS 0
+#endif
+#ifndef TOKEN_MASK_EXPR
+#define TOKEN_MASK_EXPR true
+#endif
+#if HAS_TOKENS && !HAS_PLAN
+#error "HAS_TOKENS runs with HAS_PLAN (a token-only plan comes with an empty block plan)"
 #endif
 
 #define ROWS (BLOCK_M / WARPS)          // query rows per warp
@@ -99,6 +111,10 @@ struct FlashParams
     const int* plan_cols;
     const unsigned char* plan_kinds;
     int plan_batch, plan_heads, plan_q_blocks, plan_block_q, plan_expand;
+    // Gathered tokens (HAS_TOKENS): CSR rows r = ((tb · token_heads) + th) · token_q_blocks + qb of key indices.
+    const int* token_row_start;
+    const int* tokens;
+    int token_batch, token_heads, token_q_blocks, token_block_q;
 };
 
 __device__ __forceinline__ u32 smem_u32(const void* p)
@@ -313,6 +329,18 @@ __device__ __forceinline__ void load_tile(u16* smem, const u16* gmem, i64 row_st
     }
 }
 
+// Gathered rows: row r of the tile is global row idx[r] (r < count); the rest and chunks past D are zero-filled.
+template <int BLOCK, bool KMAJOR = false>
+__device__ __forceinline__ void load_tile_gather(u16* smem, const u16* gmem, i64 row_stride, const int* idx, int count, int head_dim)
+{
+    for (int i = threadIdx.x; i < BLOCK * CHUNKS; i += WARPS * 32)
+    {
+        const int row = i / CHUNKS, c = i % CHUNKS;
+        const bool valid = row < count && c * 8 < head_dim;
+        cp_async16(smem_u32(smem + (KMAJOR ? swz_kmajor<BLOCK>(row, c) : swz(row, c))), valid ? gmem + (i64)idx[row] * row_stride + c * 8 : gmem, valid);
+    }
+}
+
 // Sets excluded (row, key) scores to -inf: keys past the end, and above the causal diagonal. Per row only a
 // limit is computed (keys n_start + [0, limit) are allowed), compared with each element's constant column.
 __device__ __forceinline__ void mask_scores(float (&acc_s)[M_TILES][N_TILES][4], const FlashParams& p, int m_start, int warp, int n_start, int g, int t)
@@ -354,6 +382,30 @@ __device__ __forceinline__ void mask_scores_expr(float (&acc_s)[M_TILES][N_TILES
                 {
                     const int kv = n_start + n * 8 + 2 * t + e;
                     if (kv >= p.seqlen_k || !(MASK_EXPR)) acc_s[mt][n][half * 2 + e] = NEG_INF;
+                }
+        }
+}
+
+// Gathered tiles: column j holds key cols[j] (-1 past the tile's tokens); keeps the pairs TOKEN_MASK_EXPR allows.
+__device__ __forceinline__ void mask_scores_tokens(float (&acc_s)[M_TILES][N_TILES][4], const FlashParams& p, int batch, int head,
+    int m_start, int warp, const int* cols, int g, int t)
+{
+    const int b = batch, h = head;
+    (void)b; (void)h; (void)p;
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; mt++)
+#pragma unroll
+        for (int half = 0; half < 2; half++)
+        {
+            const int q = m_start + MT_ROW(warp, mt) + g + half * 8;
+            (void)q;
+#pragma unroll
+            for (int n = 0; n < N_TILES; n++)
+#pragma unroll
+                for (int e = 0; e < 2; e++)
+                {
+                    const int kv = cols[n * 8 + 2 * t + e];
+                    if (kv < 0 || !(TOKEN_MASK_EXPR)) acc_s[mt][n][half * 2 + e] = NEG_INF;
                 }
         }
 }
@@ -487,31 +539,56 @@ flash_fwd(const FlashParams p)
         row_sum[mt][0] = row_sum[mt][1] = 0.f;
     }
 
-    if (n_end > 0)
+    int n_total = n_end;                             // key blocks, then gathered tiles
+#if HAS_TOKENS
+    const int tok_row = ((p.token_batch == 1 ? 0 : batch) * p.token_heads + (p.token_heads == 1 ? 0 : head)) * p.token_q_blocks
+        + m_start / p.token_block_q;
+    const int tok_first = p.token_row_start[tok_row];
+    const int tok_count = p.token_row_start[tok_row + 1] - tok_first;
+    n_total += (tok_count + BLOCK_N - 1) / BLOCK_N;
+    int* s_tok = (int*)(sV + 2 * BLOCK_N * HEAD_DIM);   // [2][BLOCK_N]: the key index of each gathered column, -1 past the end
+#endif
+    // Issues the loads of walk entry j (a key block, or a tile of gathered tokens) into pipeline stage st.
+    auto issue = [&](int j, int st)
+    {
+        u16* dK = sK + st * BLOCK_N * HEAD_DIM;
+        u16* dV = sV + st * BLOCK_N * HEAD_DIM;
+        if (j < n_end)
+        {
+            const int first = KEY_BLOCK(j) * BLOCK_N;
+            load_tile<BLOCK_N, KMAJOR>(dK, k + (i64)first * p.k_row, p.k_row, p.seqlen_k - first, p.head_dim);
+            load_tile<BLOCK_N, VMAJOR>(dV, v + (i64)first * p.v_row, p.v_row, p.seqlen_k - first, p.head_dim);
+        }
+#if HAS_TOKENS
+        else
+        {
+            const int t0 = (j - n_end) * BLOCK_N, count = min(BLOCK_N, tok_count - t0);
+            const int* idx = p.tokens + tok_first + t0;
+            load_tile_gather<BLOCK_N, KMAJOR>(dK, k, p.k_row, idx, count, p.head_dim);
+            load_tile_gather<BLOCK_N, VMAJOR>(dV, v, p.v_row, idx, count, p.head_dim);
+            for (int i = threadIdx.x; i < BLOCK_N; i += WARPS * 32) s_tok[st * BLOCK_N + i] = i < count ? idx[i] : -1;
+        }
+#endif
+        cp_async_commit();
+    };
+
+    if (n_total > 0)
     {
         load_tile<BLOCK_M, KMAJOR>(sQ, q, p.q_row, p.seqlen_q - m_start, p.head_dim);
-        const int first = KEY_BLOCK(0) * BLOCK_N;
-        load_tile<BLOCK_N, KMAJOR>(sK, k + (i64)first * p.k_row, p.k_row, p.seqlen_k - first, p.head_dim);
-        load_tile<BLOCK_N, VMAJOR>(sV, v + (i64)first * p.v_row, p.v_row, p.seqlen_k - first, p.head_dim);
-        cp_async_commit();
+        issue(0, 0);
     }
 
-    for (int n_block = 0; n_block < n_end; n_block++)
+    for (int n_block = 0; n_block < n_total; n_block++)
     {
         const int stage = n_block & 1;
-        const int n_start = KEY_BLOCK(n_block) * BLOCK_N;
+        const bool gathered = n_block >= n_end;
+        const int n_start = gathered ? 0 : KEY_BLOCK(n_block) * BLOCK_N;
         cp_async_wait_all();
 #if USE_WGMMA
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");   // cp.async writes, read next by the tensor cores
 #endif
         __syncthreads();                            // tile n_block visible to all; every warp is done with n_block - 1
-        if (n_block + 1 < n_end)
-        {
-            int next = KEY_BLOCK(n_block + 1) * BLOCK_N;
-            load_tile<BLOCK_N, KMAJOR>(sK + (stage ^ 1) * BLOCK_N * HEAD_DIM, k + (i64)next * p.k_row, p.k_row, p.seqlen_k - next, p.head_dim);
-            load_tile<BLOCK_N, VMAJOR>(sV + (stage ^ 1) * BLOCK_N * HEAD_DIM, v + (i64)next * p.v_row, p.v_row, p.seqlen_k - next, p.head_dim);
-            cp_async_commit();
-        }
+        if (n_block + 1 < n_total) issue(n_block + 1, stage ^ 1);
         const u16* tK = sK + stage * BLOCK_N * HEAD_DIM;
         const u16* tV = sV + stage * BLOCK_N * HEAD_DIM;
 
@@ -577,6 +654,10 @@ flash_fwd(const FlashParams p)
             for (int n = 0; n < N_TILES; n++)
 #pragma unroll
                 for (int r = 0; r < 4; r++) acc_s[mt][n][r] = p.softcap_post * fast_tanh(acc_s[mt][n][r] * p.softcap_pre);
+#endif
+#if HAS_TOKENS
+        if (gathered) mask_scores_tokens(acc_s, p, batch, head, m_start, warp, s_tok + stage * BLOCK_N, g, t);
+        else
 #endif
 #if HAS_PLAN
         if (p.plan_kinds[plan_first + n_block / p.plan_expand] != 1) mask_scores_expr(acc_s, p, batch, head, m_start, warp, n_start, g, t);
