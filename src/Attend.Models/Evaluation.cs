@@ -147,12 +147,34 @@ public static class PolicySpec
                     else throw new ArgumentException($"policy '{spec}': quest takes sink=N, recent=N and per-head after its budget; got '{option}'", nameof(spec));
                 }
                 return new Decode.QuestPolicy(Tokens(q[0]), sink, recent, perHead);
+            case "landmark" when parts.Length == 2:
+                string[] lm = parts[1].Split(',');
+                int lsink = 0, lrecent = 0;
+                foreach (string option in lm.Skip(1))
+                {
+                    string[] kv = option.Split('=', 2);
+                    if (kv.Length == 2 && kv[0] == "sink") lsink = Tokens(kv[1]);
+                    else if (kv.Length == 2 && kv[0] == "recent") lrecent = Tokens(kv[1]);
+                    else throw new ArgumentException($"policy '{spec}': landmark takes sink=N and recent=N after its budget; got '{option}'", nameof(spec));
+                }
+                return new Decode.LandmarkPolicy(Tokens(lm[0]), lsink, lrecent);
+            case "h2o" when parts.Length == 2:
+                string[] hh = parts[1].Split(',');
+                if (hh.Length != 2) throw new ArgumentException($"policy '{spec}': h2o takes HEAVY,RECENT (e.g. h2o:1/16,1/16)", nameof(spec));
+                return new Decode.HeavyHitterPolicy(Tokens(hh[0]), Tokens(hh[1]));
+            case "recycled" when parts.Length == 2:
+                string[] rc = parts[1].Split(',');
+                if (rc.Length != 2 || !int.TryParse(rc[0], System.Globalization.CultureInfo.InvariantCulture, out int period))
+                {
+                    throw new ArgumentException($"policy '{spec}': recycled takes PERIOD,TOKENS (e.g. recycled:8,1/8)", nameof(spec));
+                }
+                return new Decode.RecycledPolicy(period, Tokens(rc[1]));
             case "streaming" when parts.Length == 2:
                 string[] sw = parts[1].Split(',');
                 if (sw.Length != 2) throw new ArgumentException($"policy '{spec}': streaming takes SINK,WINDOW (e.g. streaming:64,960)", nameof(spec));
                 return new Decode.StreamingPolicy(Tokens(sw[0]), Tokens(sw[1]));
             default:
-                throw new ArgumentException($"unknown policy '{spec}'; expected dense, streaming:SINK,WINDOW or quest:TOKENS|quest:1/8, optionally @N", nameof(spec));
+                throw new ArgumentException($"unknown policy '{spec}'; expected dense, streaming:SINK,WINDOW, quest:TOKENS|quest:1/8, landmark:TOKENS, h2o:HEAVY,RECENT or recycled:PERIOD,TOKENS, optionally @N", nameof(spec));
         }
     }
 }

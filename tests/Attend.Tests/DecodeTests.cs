@@ -111,7 +111,8 @@ public sealed class DecodeTests
         var dense = new TensorView<float>(new float[4 * 16], 1, 4, 16);
         long densePages = DecodeAttention.Forward(q, cache, seq, 0, dense);
         Assert.Equal(2 * 13, densePages);
-        foreach (IKvSelectionPolicy policy in new IKvSelectionPolicy[] { new QuestPolicy(10_000), new StreamingPolicy(0, 200) })
+        foreach (IKvSelectionPolicy policy in new IKvSelectionPolicy[] { new QuestPolicy(10_000), new StreamingPolicy(0, 200), new LandmarkPolicy(10_000),
+            new HeavyHitterPolicy(10_000, 16), new RecycledPolicy(3, 10_000) })
         {
             var o = new TensorView<float>(new float[4 * 16], 1, 4, 16);
             Assert.Equal(densePages, DecodeAttention.Forward(q, cache, seq, 0, o, new DecodeOptions { Policy = policy }));
@@ -148,5 +149,133 @@ public sealed class DecodeTests
         Assert.Equal([0, 1, 28, 29, 30, 31], streaming);
         Assert.Throws<ArgumentOutOfRangeException>(() => new QuestPolicy(0));
         Assert.Throws<ArgumentOutOfRangeException>(() => new StreamingPolicy(0, 0));
+    }
+
+    /// <summary>A cache whose key <paramref name="needle"/> points along the returned query direction (6× its norm).</summary>
+    private static (KvCache Cache, int Seq, float[] Direction) NeedleCache(int length, int d, int ps, int needle)
+    {
+        float[] dir = TestData.Normal(d, 12);
+        var cache = new KvCache(1, 1, d, storage: DType.Float32, pageSize: ps);
+        int seq = cache.AddSequence();
+        float[] keys = TestData.Normal(length * d, 11);
+        for (int c = 0; c < d; c++) keys[needle * d + c] = 6 * dir[c];
+        cache.Append(seq, 0, new TensorView<float>(keys, length, 1, d), new TensorView<float>(TestData.Normal(length * d, 13), length, 1, d));
+        return (cache, seq, dir);
+    }
+
+    [Fact]
+    public void Should_report_page_masses_that_sum_to_one_and_match_the_softmax()
+    {
+        (KvCache cache, int seq) = RandomCache(300, 2, 16, 32, 21);
+        var q = new TensorView<float>(TestData.Normal(2 * 4 * 16, 22), 2, 4, 16);          // 2 query tokens, groups of 2
+        var recorder = new MassRecorder();
+        var o = new TensorView<float>(new float[2 * 4 * 16], 2, 4, 16);
+        DecodeAttention.Forward(q, cache, seq, 0, o, new DecodeOptions { Policy = recorder }, tuning: new KernelTuning { Threads = 2 });
+        Assert.Equal(2, recorder.Seen.Count);
+        foreach ((int hk, IReadOnlyList<int> pages, float[] mass) in recorder.Seen)
+        {
+            Assert.Equal(10, pages.Count);
+            Assert.Equal(1.0, mass.Sum(), 4);
+            // Against the float64 softmax of the same step: mean over the group's 4 rows (2 tokens × 2 heads) of each page's share.
+            var expected = new double[10];
+            for (int t = 0; t < 2; t++)
+                for (int g = 0; g < 2; g++)
+                {
+                    int h = hk * 2 + g, visible = 300 - 2 + t + 1;
+                    double[] scores = Enumerable.Range(0, visible).Select(j =>
+                    {
+                        var key = new float[16];
+                        cache.Pages(seq, 0)[j / 32].ReadKey(hk, j % 32, key);
+                        return Enumerable.Range(0, 16).Sum(c => (double)q[t, h, c] * key[c]) / 4.0;
+                    }).ToArray();
+                    double max = scores.Max(), total = scores.Sum(x => Math.Exp(x - max));
+                    for (int j = 0; j < visible; j++) expected[j / 32] += Math.Exp(scores[j] - max) / total / 4;
+                }
+            for (int i = 0; i < 10; i++) Assert.True(Math.Abs(mass[i] - expected[i]) < 1e-4, $"kv head {hk} page {i}: {mass[i]} vs {expected[i]}");
+        }
+    }
+
+    private sealed class MassRecorder : IKvSelectionPolicy, IAttentionFeedback
+    {
+        public readonly List<(int KvHead, IReadOnlyList<int> Pages, float[] Mass)> Seen = [];
+
+        public IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows) =>
+            DensePolicy.Instance.SelectPages(cache, sequence, layer, kvHead, queries, rows);
+
+        public void Observe(KvCache cache, int sequence, int layer, int kvHead, IReadOnlyList<int> pages, ReadOnlySpan<float> mass) =>
+            Seen.Add((kvHead, pages, mass.ToArray()));
+    }
+
+    [Fact]
+    public void Should_retrieve_the_needle_page_by_its_mean_key()
+    {
+        (KvCache cache, int seq, float[] dir) = NeedleCache(1024, 32, 32, 300);
+        IReadOnlyList<int> pages = new LandmarkPolicy(4 * 32).SelectPages(cache, seq, 0, 0, dir, 1);
+        Assert.Contains(300 / 32, pages);
+        Assert.Contains(1024 / 32 - 1, pages);
+        Assert.Equal(4, pages.Count);
+        Assert.Throws<ArgumentOutOfRangeException>(() => new LandmarkPolicy(0));
+    }
+
+    [Fact]
+    public void Should_keep_heavy_hitters_and_the_recent_window_and_never_return_evicted_pages()
+    {
+        // 1024 tokens, pages of 32: the needle's page (9) takes most of the mass on the first step and stays heavy.
+        (KvCache cache, int seq, float[] dir) = NeedleCache(1024, 32, 32, 300);
+        var h2o = new HeavyHitterPolicy(heavyTokens: 64, recentTokens: 64);
+        var q = new TensorView<float>(dir.ToArray(), 1, 1, 32);
+        var o = new TensorView<float>(new float[32], 1, 1, 32);
+        var reads = new List<IReadOnlyList<int>>();
+        var options = new DecodeOptions { Policy = h2o, OnPagesSelected = (_, p) => reads.Add(p) };
+        DecodeAttention.Forward(q, cache, seq, 0, o, options);
+        // Step 1: no page judged yet → every page is read once (as H2O's prefill scores the prompt).
+        Assert.Equal(32, reads[0].Count);
+        for (int step = 0; step < 40; step++)
+        {
+            cache.Append(seq, 0, new TensorView<float>(TestData.Normal(32, 100 + step), 1, 1, 32), new TensorView<float>(TestData.Normal(32, 200 + step), 1, 1, 32));
+            DecodeAttention.Forward(q, cache, seq, 0, o, options);
+        }
+        var evicted = new HashSet<int>();
+        for (int i = 1; i < reads.Count; i++)
+        {
+            Assert.DoesNotContain(reads[i], evicted.Contains);
+            Assert.True(reads[i].Count <= 4, $"step {i}: {reads[i].Count} pages");
+            Assert.Contains(300 / 32, reads[i]);                                              // the heavy hitter stays
+            foreach (int p in reads[i - 1].Where(p => !reads[i].Contains(p))) evicted.Add(p);
+        }
+        Assert.NotEmpty(evicted);
+        Assert.Throws<ArgumentOutOfRangeException>(() => new HeavyHitterPolicy(-1, 64));
+        Assert.Throws<ArgumentOutOfRangeException>(() => new HeavyHitterPolicy(64, 0));
+    }
+
+    [Fact]
+    public void Should_read_everything_every_period_and_recycle_the_heaviest_pages_in_between()
+    {
+        (KvCache cache, int seq, float[] dir) = NeedleCache(1024, 32, 32, 300);
+        var recycled = new RecycledPolicy(period: 4, tokenBudget: 64);
+        var q = new TensorView<float>(dir.ToArray(), 1, 1, 32);
+        var o = new TensorView<float>(new float[32], 1, 1, 32);
+        var reads = new List<IReadOnlyList<int>>();
+        var options = new DecodeOptions { Policy = recycled, OnPagesSelected = (_, p) => reads.Add(p) };
+        for (int step = 0; step < 9; step++)
+        {
+            if (step > 0) cache.Append(seq, 0, new TensorView<float>(TestData.Normal(32 * 16, 300 + step), 16, 1, 32), new TensorView<float>(TestData.Normal(32 * 16, 400 + step), 16, 1, 32));
+            DecodeAttention.Forward(q, cache, seq, 0, o, options);
+        }
+        for (int step = 0; step < 9; step++)
+        {
+            int pages = (1024 + (16 * step) + 31) / 32;
+            if (step % 4 == 0) Assert.Equal(pages, reads[step].Count);                         // full steps
+            else
+            {
+                Assert.Contains(300 / 32, reads[step]);                                        // the needle's page is recycled
+                int fullPages = (1024 + (16 * (step / 4 * 4)) + 31) / 32;
+                // The pages written since the full step (its last page, grown, and the new ones) are always read.
+                for (int p = fullPages - 1; p < pages; p++) Assert.Contains(p, reads[step]);
+                Assert.True(reads[step].Count <= 2 + (pages - fullPages + 1));
+            }
+        }
+        Assert.Throws<ArgumentOutOfRangeException>(() => new RecycledPolicy(0, 64));
+        Assert.Throws<ArgumentOutOfRangeException>(() => new RecycledPolicy(2, 0));
     }
 }

@@ -12,8 +12,12 @@ public sealed record DecodeOptions
     /// <summary>With several query tokens, token t (of nq) sees keys up to L − nq + t (bottom-right, as in prefill). Default true.</summary>
     public bool Causal { get; init; } = true;
 
-    /// <summary>Which pages each step reads (Quest, StreamingLLM, …); null reads them all.</summary>
+    /// <summary>Which pages each step reads (Quest, StreamingLLM, …); null reads them all. A policy that also implements
+    /// <see cref="IAttentionFeedback"/> is told after the step how much attention each page it chose received.</summary>
     public IKvSelectionPolicy? Policy { get; init; }
+
+    /// <summary>Called with (kv head, pages) once the policy has chosen, before the step reads them (for measuring).</summary>
+    public Action<int, IReadOnlyList<int>>? OnPagesSelected { get; init; }
 }
 
 /// <summary>
@@ -58,7 +62,16 @@ public static class DecodeAttention
                 for (int c = 0; c < d; c++) scaled[r * d + c] = q[r / group, hk * group + r % group, c] * scale;
             selected[hk] = (options.Policy ?? DensePolicy.Instance).SelectPages(cache, sequence, layer, hk, scaled, rows);
             if (selected[hk].Any(p => p < 0 || p >= pages.Count)) throw new InvalidOperationException($"the policy selected a page outside 0..{pages.Count - 1}");
+            options.OnPagesSelected?.Invoke(hk, selected[hk]);
         }
+        // Per page read and query row, log2 of its softmax mass before normalization (for IAttentionFeedback).
+        var feedback = options.Policy as IAttentionFeedback;
+        float[][]? pageLog2 = feedback is null ? null : [.. selected.Select(x =>
+        {
+            var a = new float[x.Count * rows];
+            Array.Fill(a, float.NegativeInfinity);
+            return a;
+        })];
         long pagesRead = selected.Sum(x => (long)x.Count);
         // Split the selected pages so every thread has work even for one sequence and a few heads.
         int threads = tuning.EffectiveThreads;
@@ -110,6 +123,7 @@ public static class DecodeAttention
                     }
                     float alpha = float.IsNegativeInfinity(m[r]) ? 0f : float.Exp2(m[r] - newMax);
                     float sum = Exp2Rows(srow, newMax);
+                    if (pageLog2 is not null) pageLog2[hk][(i * rows) + r] = sum > 0 ? newMax + MathF.Log2(sum) : float.NegativeInfinity;
                     l[r] = l[r] * alpha + sum;
                     m[r] = newMax;
                     w.Alpha[r] = alpha;
@@ -120,6 +134,7 @@ public static class DecodeAttention
 
         // Merge the splits exactly in log-sum-exp space.
         var acc = new float[dv];
+        var rowLog2 = new float[cache.KvHeads * rows];
         for (int hk = 0; hk < cache.KvHeads; hk++)
             for (int r = 0; r < rows; r++)
             {
@@ -141,8 +156,26 @@ public static class DecodeAttention
                 int t = r / group, h = hk * group + r % group;
                 float inv = total == 0 ? 0 : 1 / total;
                 for (int c = 0; c < dv; c++) output[t, h, c] = acc[c] * inv;
-                if (!lse.IsDefault) lse[t, h] = total == 0 ? float.NegativeInfinity : (max + MathF.Log2(total)) * 0.6931471805599453f;
+                rowLog2[hk * rows + r] = total == 0 ? float.NegativeInfinity : max + MathF.Log2(total);
+                if (!lse.IsDefault) lse[t, h] = rowLog2[hk * rows + r] * 0.6931471805599453f;
             }
+        if (feedback is not null)
+        {
+            for (int hk = 0; hk < cache.KvHeads; hk++)
+            {
+                var mass = new float[selected[hk].Count];
+                int live = 0;
+                for (int r = 0; r < rows; r++)
+                {
+                    float total = rowLog2[hk * rows + r];
+                    if (float.IsNegativeInfinity(total) || float.IsNaN(total)) continue;
+                    live++;
+                    for (int i = 0; i < mass.Length; i++) mass[i] += float.Exp2(pageLog2![hk][(i * rows) + r] - total);
+                }
+                if (live > 1) for (int i = 0; i < mass.Length; i++) mass[i] /= live;
+                feedback.Observe(cache, sequence, layer, hk, selected[hk], mass);
+            }
+        }
         return pagesRead;
     }
 

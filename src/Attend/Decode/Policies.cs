@@ -57,25 +57,23 @@ public sealed class StreamingPolicy : IKvSelectionPolicy
 }
 
 /// <summary>
-/// Quest (Tang et al., arXiv:2406.10774): an upper bound of q·k per page from its channel-wise key min/max,
-/// Σ_c max(q_c·min_c, q_c·max_c); the best-scoring pages within <c>tokenBudget</c> tokens are read, the last page always.
-/// With grouped heads a page scores the maximum bound over the group's query rows. Optionally the pages holding the
-/// first <c>sinkTokens</c> and the last <c>recentTokens</c> tokens are always read (inside the budget), as
-/// StreamingLLM-style systems combine with Quest: byte- and subword-level models lean on the immediate context,
-/// which a page bound can rank below distant pages when the current page has just begun.
+/// The shared shape of page-scoring policies (Quest, Landmark): every page gets a score from the group's query rows;
+/// the best pages within <c>tokenBudget</c> tokens are read, the last page always, and optionally the pages holding
+/// the first <c>sinkTokens</c> and the last <c>recentTokens</c> tokens (inside the budget), as StreamingLLM-style
+/// systems combine with page selection: byte- and subword-level models lean on the immediate context, which a page
+/// score can rank below distant pages when the current page has just begun.
 /// </summary>
-public sealed class QuestPolicy : IKvSelectionPolicy
+public abstract class PageScoringPolicy : IKvSelectionPolicy
 {
     private readonly int _budget, _sink, _recent;
     private readonly bool _perQueryHead;
 
     /// <summary>
     /// Tokens to read per step and kv head (rounded down to whole pages, at least one). With
-    /// <paramref name="perQueryHead"/>, each query head of a GQA group picks its own best pages (Quest is defined per
-    /// head) from an equal share of the budget and the group reads their union; otherwise a page scores the maximum
-    /// bound over the group.
+    /// <paramref name="perQueryHead"/>, each query head of a GQA group picks its own best pages from an equal share of
+    /// the budget and the group reads their union; otherwise a page scores the maximum over the group.
     /// </summary>
-    public QuestPolicy(int tokenBudget, int sinkTokens = 0, int recentTokens = 0, bool perQueryHead = false)
+    protected PageScoringPolicy(int tokenBudget, int sinkTokens, int recentTokens, bool perQueryHead)
     {
         if (tokenBudget < 1) throw new ArgumentOutOfRangeException(nameof(tokenBudget), tokenBudget, "token budget must be ≥ 1");
         if (sinkTokens < 0 || recentTokens < 0) throw new ArgumentOutOfRangeException(nameof(sinkTokens), "sink and recent tokens must be ≥ 0");
@@ -85,24 +83,8 @@ public sealed class QuestPolicy : IKvSelectionPolicy
         _perQueryHead = perQueryHead;
     }
 
-    /// <summary>Σ_c max(q_c·min_c, q_c·max_c): the largest q·k any key inside the per-channel box can give.</summary>
-    private static float UpperBound(ReadOnlySpan<float> q, ReadOnlySpan<float> min, ReadOnlySpan<float> max)
-    {
-        int c = 0;
-        float sum = 0;
-        if (System.Runtime.Intrinsics.Vector256.IsHardwareAccelerated)
-        {
-            var acc = System.Runtime.Intrinsics.Vector256<float>.Zero;
-            for (; c <= q.Length - 8; c += 8)
-            {
-                var qv = System.Runtime.Intrinsics.Vector256.Create(q.Slice(c, 8));
-                acc += System.Runtime.Intrinsics.Vector256.Max(qv * System.Runtime.Intrinsics.Vector256.Create(min.Slice(c, 8)), qv * System.Runtime.Intrinsics.Vector256.Create(max.Slice(c, 8)));
-            }
-            sum = System.Runtime.Intrinsics.Vector256.Sum(acc);
-        }
-        for (; c < q.Length; c++) sum += MathF.Max(q[c] * min[c], q[c] * max[c]);
-        return sum;
-    }
+    /// <summary>The score of <paramref name="page"/> for one scaled query row (higher is read first).</summary>
+    private protected abstract float Score(ReadOnlySpan<float> query, KvCache.Page page, int kvHead, int d);
 
     /// <inheritdoc/>
     public IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows)
@@ -124,18 +106,14 @@ public sealed class QuestPolicy : IKvSelectionPolicy
         }
         if (_perQueryHead && rows > 1)
         {
-            // Each query head ranks the pages by its own bound; heads take turns adding their next best page.
+            // Each query head ranks the pages by its own score; heads take turns adding their next best page.
             var orders = new int[rows][];
             for (int r = 0; r < rows; r++)
             {
-                float[] bounds = new float[candidates.Count];
+                float[] scores = new float[candidates.Count];
                 int[] order = [.. candidates];
-                for (int i = 0; i < order.Length; i++)
-                {
-                    int p = order[i];
-                    bounds[i] = -UpperBound(queries.Slice(r * d, d), pages[p].Min.AsSpan(kvHead * d, d), pages[p].Max.AsSpan(kvHead * d, d));
-                }
-                Array.Sort(bounds, order);
+                for (int i = 0; i < order.Length; i++) scores[i] = -Score(queries.Slice(r * d, d), pages[order[i]], kvHead, d);
+                Array.Sort(scores, order);
                 orders[r] = order;
             }
             var chosen = new HashSet<int>(forced);
@@ -150,11 +128,204 @@ public sealed class QuestPolicy : IKvSelectionPolicy
         for (int i = 0; i < best.Length; i++)
         {
             float top = float.NegativeInfinity;
-            ReadOnlySpan<float> min = pages[best[i]].Min.AsSpan(kvHead * d, d), max = pages[best[i]].Max.AsSpan(kvHead * d, d);
-            for (int r = 0; r < rows; r++) top = MathF.Max(top, UpperBound(queries.Slice(r * d, d), min, max));
-            keys[i] = -top;                      // ascending sort of −bound = best pages first
+            for (int r = 0; r < rows; r++) top = MathF.Max(top, Score(queries.Slice(r * d, d), pages[best[i]], kvHead, d));
+            keys[i] = -top;                      // ascending sort of −score = best pages first
         }
         Array.Sort(keys, best);
         return [.. best.Take(free).Concat(forced).Order()];
+    }
+}
+
+/// <summary>
+/// Quest (Tang et al., arXiv:2406.10774): an upper bound of q·k per page from its channel-wise key min/max,
+/// Σ_c max(q_c·min_c, q_c·max_c); the best-scoring pages within <c>tokenBudget</c> tokens are read (see
+/// <see cref="PageScoringPolicy"/> for the forced sink/recent pages and GQA).
+/// </summary>
+public sealed class QuestPolicy(int tokenBudget, int sinkTokens = 0, int recentTokens = 0, bool perQueryHead = false)
+    : PageScoringPolicy(tokenBudget, sinkTokens, recentTokens, perQueryHead)
+{
+    /// <summary>Σ_c max(q_c·min_c, q_c·max_c): the largest q·k any key inside the per-channel box can give.</summary>
+    private protected override float Score(ReadOnlySpan<float> query, KvCache.Page page, int kvHead, int d) =>
+        UpperBound(query, page.Min.AsSpan(kvHead * d, d), page.Max.AsSpan(kvHead * d, d));
+
+    private static float UpperBound(ReadOnlySpan<float> q, ReadOnlySpan<float> min, ReadOnlySpan<float> max)
+    {
+        int c = 0;
+        float sum = 0;
+        if (System.Runtime.Intrinsics.Vector256.IsHardwareAccelerated)
+        {
+            var acc = System.Runtime.Intrinsics.Vector256<float>.Zero;
+            for (; c <= q.Length - 8; c += 8)
+            {
+                var qv = System.Runtime.Intrinsics.Vector256.Create(q.Slice(c, 8));
+                acc += System.Runtime.Intrinsics.Vector256.Max(qv * System.Runtime.Intrinsics.Vector256.Create(min.Slice(c, 8)), qv * System.Runtime.Intrinsics.Vector256.Create(max.Slice(c, 8)));
+            }
+            sum = System.Runtime.Intrinsics.Vector256.Sum(acc);
+        }
+        for (; c < q.Length; c++) sum += MathF.Max(q[c] * min[c], q[c] * max[c]);
+        return sum;
+    }
+}
+
+/// <summary>
+/// Landmark attention's retrieval (Mohtashami &amp; Jaggi, arXiv:2305.16300) without its trained landmark tokens: each
+/// page's representative is the mean of its keys (kept on append), scored by q·mean; the best pages within
+/// <c>tokenBudget</c> tokens are read (forced sink/recent pages and GQA as <see cref="PageScoringPolicy"/>). The paper
+/// trains a landmark token per block to make this score sharp; with a pretrained model the mean key is the stand-in.
+/// </summary>
+public sealed class LandmarkPolicy(int tokenBudget, int sinkTokens = 0, int recentTokens = 0, bool perQueryHead = false)
+    : PageScoringPolicy(tokenBudget, sinkTokens, recentTokens, perQueryHead)
+{
+    private protected override float Score(ReadOnlySpan<float> query, KvCache.Page page, int kvHead, int d) =>
+        Linear.Vectors.Dot(query, page.Mean.AsSpan(kvHead * d, d));
+}
+
+/// <summary>Per (cache, sequence, layer, kv head) state of a stateful policy; a new cache starts fresh.</summary>
+internal sealed class PolicyStates<T> where T : new()
+{
+    private readonly System.Runtime.CompilerServices.ConditionalWeakTable<KvCache, Dictionary<(int, int, int), T>> _states = new();
+
+    public T For(KvCache cache, int sequence, int layer, int kvHead)
+    {
+        Dictionary<(int, int, int), T> map = _states.GetValue(cache, _ => []);
+        lock (map)
+        {
+            if (!map.TryGetValue((sequence, layer, kvHead), out T? state)) map[(sequence, layer, kvHead)] = state = new T();
+            return state;
+        }
+    }
+}
+
+/// <summary>
+/// A policy that learns from what each step attended: after the step, <see cref="DecodeAttention"/> reports for every
+/// kv head the pages it read and the share of the step's softmax mass on each (averaged over the group's query rows;
+/// the shares of a head sum to 1).
+/// </summary>
+public interface IAttentionFeedback
+{
+    /// <summary>What one step attended for (sequence, layer, kv head).</summary>
+    void Observe(KvCache cache, int sequence, int layer, int kvHead, IReadOnlyList<int> pages, ReadOnlySpan<float> mass);
+}
+
+/// <summary>
+/// Heavy-hitter retention, H2O (Zhang et al., arXiv:2306.14048) and SpAtten's cascade token pruning (Wang et al.,
+/// arXiv:2012.09852) at page granularity: each page accumulates the attention mass it received over the steps; a step
+/// reads the pages holding the last <c>recentTokens</c> tokens plus the retained pages of highest accumulated mass
+/// within <c>heavyTokens</c>; a page that falls out of both is evicted for good (as H2O drops tokens from the cache —
+/// it is never read again). A page is read once before it can be judged (the first step after a prompt is dense, as
+/// H2O scores the prompt during prefill); later pages enter through the recent window. Per (sequence, layer, kv head) state; not
+/// thread-safe across concurrent steps of one sequence.
+/// </summary>
+public sealed class HeavyHitterPolicy : IKvSelectionPolicy, IAttentionFeedback
+{
+    private readonly int _heavy, _recent;
+    private readonly PolicyStates<State> _states = new();
+
+    private sealed class State
+    {
+        public readonly List<float> Score = [];      // accumulated mass per page
+        public readonly HashSet<int> Evicted = [];
+        public readonly HashSet<int> Observed = [];   // pages read at least once: only they can be judged
+    }
+
+    /// <summary>Heavy-hitter and recent budgets in tokens (each rounded up to whole pages; recent ≥ 1).</summary>
+    public HeavyHitterPolicy(int heavyTokens, int recentTokens)
+    {
+        if (heavyTokens < 0) throw new ArgumentOutOfRangeException(nameof(heavyTokens), heavyTokens, "heavy-hitter tokens must be ≥ 0");
+        if (recentTokens < 1) throw new ArgumentOutOfRangeException(nameof(recentTokens), recentTokens, "recent tokens must be ≥ 1");
+        _heavy = heavyTokens;
+        _recent = recentTokens;
+    }
+
+    /// <inheritdoc/>
+    public IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows)
+    {
+        ArgumentNullException.ThrowIfNull(cache);
+        List<KvCache.Page> pages = cache.Pages(sequence, layer);
+        State state = _states.For(cache, sequence, layer, kvHead);
+        while (state.Score.Count < pages.Count) state.Score.Add(0f);
+        int ps = cache.PageSize, recentPages = (_recent + ps - 1) / ps, heavyPages = (_heavy + ps - 1) / ps;
+        int firstRecent = Math.Max(0, pages.Count - recentPages);
+        // Pages never read have no score yet (H2O scores the prompt's tokens during prefill): read them once first.
+        var unseen = Enumerable.Range(0, firstRecent).Where(p => !state.Evicted.Contains(p) && !state.Observed.Contains(p)).ToList();
+        var heavy = Enumerable.Range(0, firstRecent).Where(p => !state.Evicted.Contains(p) && state.Observed.Contains(p))
+            .OrderByDescending(p => state.Score[p]).ThenBy(p => p).Take(heavyPages).ToHashSet();
+        // Judged pages outside the window that did not make the heavy set leave for good.
+        for (int p = 0; p < firstRecent; p++)
+        {
+            if (state.Observed.Contains(p) && !heavy.Contains(p)) state.Evicted.Add(p);
+        }
+        return [.. heavy.Concat(unseen).Concat(Enumerable.Range(firstRecent, pages.Count - firstRecent)).Order()];
+    }
+
+    /// <inheritdoc/>
+    public void Observe(KvCache cache, int sequence, int layer, int kvHead, IReadOnlyList<int> pages, ReadOnlySpan<float> mass)
+    {
+        ArgumentNullException.ThrowIfNull(pages);
+        State state = _states.For(cache, sequence, layer, kvHead);
+        for (int i = 0; i < pages.Count; i++)
+        {
+            while (state.Score.Count <= pages[i]) state.Score.Add(0f);
+            state.Score[pages[i]] += mass[i];
+            state.Observed.Add(pages[i]);
+        }
+    }
+}
+
+/// <summary>
+/// Recycled Attention (Xu et al., arXiv:2411.05787) at page granularity: every <c>period</c> steps a full step reads the
+/// whole cache and records each page's attention mass; the steps in between read the pages of highest recorded mass
+/// within <c>tokenBudget</c> tokens plus every page written since the full step (the paper recycles the top-K tokens of
+/// the last full step; pages are this cache's unit of reading).
+/// </summary>
+public sealed class RecycledPolicy : IKvSelectionPolicy, IAttentionFeedback
+{
+    private readonly int _period, _budget;
+    private readonly PolicyStates<State> _states = new();
+
+    private sealed class State
+    {
+        public int Step;
+        public int PagesAtFull;
+        public float[] Mass = [];
+    }
+
+    /// <summary>A full step every <paramref name="period"/> steps (≥ 1; 1 = always dense), <paramref name="tokenBudget"/> tokens in between.</summary>
+    public RecycledPolicy(int period, int tokenBudget)
+    {
+        if (period < 1) throw new ArgumentOutOfRangeException(nameof(period), period, "period must be ≥ 1");
+        if (tokenBudget < 1) throw new ArgumentOutOfRangeException(nameof(tokenBudget), tokenBudget, "token budget must be ≥ 1");
+        _period = period;
+        _budget = tokenBudget;
+    }
+
+    /// <inheritdoc/>
+    public IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows)
+    {
+        ArgumentNullException.ThrowIfNull(cache);
+        int count = cache.Pages(sequence, layer).Count;
+        State state = _states.For(cache, sequence, layer, kvHead);
+        bool full = state.Step++ % _period == 0 || state.Mass.Length == 0;
+        if (full)
+        {
+            state.PagesAtFull = count;
+            state.Mass = new float[count];
+            return Enumerable.Range(0, count).ToArray();
+        }
+        int keep = Math.Max(1, _budget / cache.PageSize);
+        int known = Math.Min(state.PagesAtFull, count);
+        var chosen = Enumerable.Range(0, known).OrderByDescending(p => state.Mass[p]).ThenBy(p => p).Take(keep);
+        // Everything written since the full step: the pages added and the last page then (it may have grown).
+        int since = Math.Max(0, known - 1);
+        return [.. chosen.Concat(Enumerable.Range(since, count - since)).Distinct().Order()];
+    }
+
+    /// <inheritdoc/>
+    public void Observe(KvCache cache, int sequence, int layer, int kvHead, IReadOnlyList<int> pages, ReadOnlySpan<float> mass)
+    {
+        ArgumentNullException.ThrowIfNull(pages);
+        State state = _states.For(cache, sequence, layer, kvHead);
+        if (pages.Count != state.PagesAtFull || state.Mass.Length != pages.Count || (state.Step - 1) % _period != 0) return;   // record full steps only
+        for (int i = 0; i < pages.Count; i++) state.Mass[pages[i]] = mass[i];
     }
 }
