@@ -29,6 +29,7 @@ internal static class DecodeRealBench
                 ("landmark 1/8", new LandmarkPolicy(s / 8)),
                 ("h2o 1/16 heavy + 1/16 recent", new HeavyHitterPolicy(s / 16, s / 16)),
                 ("recycled every 8, 1/8", new RecycledPolicy(8, s / 8)),
+                ("tokenselect 1/8 tokens", new TokenSelectPolicy(s / 8)),
             };
             foreach ((string name, IKvSelectionPolicy policy) in policies)
             {
@@ -49,12 +50,24 @@ internal static class DecodeRealBench
                     var options = new DecodeOptions { Scale = 0.125f };
                     DecodeAttention.Forward(qt, cache, seq, 0, dense, options);
                     var read = new IReadOnlyList<int>[h];
+                    var tokenRead = new HashSet<int>[h];
+                    if (policy is TokenSelectPolicy tsp)
+                    {
+                        // The tokens the step will read: the policy's (cached) choice for each head's scaled query.
+                        for (int head = 0; head < h; head++)
+                        {
+                            float[] sq = qa.AsSpan((t * h + head) * d, d).ToArray().Select(x => x * 0.125f).ToArray();
+                            tokenRead[head] = [.. tsp.SelectTokens(cache, seq, 0, head, sq, 1)];
+                        }
+                    }
                     DecodeAttention.Forward(qt, cache, seq, 0, sparse, options with { Policy = policy, OnPagesSelected = (hk, p) => read[hk] = p });
                     for (int head = 0; head < h; head++)
                     {
                         float[] scaled = qa.AsSpan((t * h + head) * d, d).ToArray().Select(x => x * 0.125f).ToArray();
                         var pages = new HashSet<int>(read[head]);   // what the step read (stateful policies must not be asked twice)
-                        density[head] += (double)pages.Count / ((t + 64) / 64) / steps;
+                        // Token policies read tokens, not whole pages: their recall counts exactly the tokens read.
+                        HashSet<int>? tokensRead = policy is ITokenSelectionPolicy ? tokenRead[head] : null;
+                        density[head] += (tokensRead is null ? (double)pages.Count / ((t + 64) / 64) : (double)tokensRead.Count / (t + 1)) / steps;
                         // Dense softmax mass over keys 0..t (keys as stored: f16-rounded).
                         double max = double.NegativeInfinity;
                         var sc = new double[t + 1];
@@ -70,7 +83,7 @@ internal static class DecodeRealBench
                         {
                             double p = Math.Exp(sc[j] - max);
                             total += p;
-                            if (pages.Contains(j / 64)) kept += p;
+                            if (tokensRead is null ? pages.Contains(j / 64) : tokensRead.Contains(j)) kept += p;
                         }
                         recall[head] += kept / total / steps;
                         double num = 0, den = 0;

@@ -169,12 +169,22 @@ public static class PolicySpec
                     throw new ArgumentException($"policy '{spec}': recycled takes PERIOD,TOKENS (e.g. recycled:8,1/8)", nameof(spec));
                 }
                 return new Decode.RecycledPolicy(period, Tokens(rc[1]));
+            case "tokenselect" when parts.Length == 2:
+                string[] ts = parts[1].Split(',');
+                float threshold = 0.9f;
+                foreach (string option in ts.Skip(1))
+                {
+                    string[] kv = option.Split('=', 2);
+                    if (kv.Length == 2 && kv[0] == "reuse" && float.TryParse(kv[1], System.Globalization.NumberStyles.Float, System.Globalization.CultureInfo.InvariantCulture, out float t)) threshold = t;
+                    else throw new ArgumentException($"policy '{spec}': tokenselect takes reuse=COSINE after its budget; got '{option}'", nameof(spec));
+                }
+                return new Decode.TokenSelectPolicy(Tokens(ts[0]), threshold);
             case "streaming" when parts.Length == 2:
                 string[] sw = parts[1].Split(',');
                 if (sw.Length != 2) throw new ArgumentException($"policy '{spec}': streaming takes SINK,WINDOW (e.g. streaming:64,960)", nameof(spec));
                 return new Decode.StreamingPolicy(Tokens(sw[0]), Tokens(sw[1]));
             default:
-                throw new ArgumentException($"unknown policy '{spec}'; expected dense, streaming:SINK,WINDOW, quest:TOKENS|quest:1/8, landmark:TOKENS, h2o:HEAVY,RECENT or recycled:PERIOD,TOKENS, optionally @N", nameof(spec));
+                throw new ArgumentException($"unknown policy '{spec}'; expected dense, streaming:SINK,WINDOW, quest:TOKENS|quest:1/8, landmark:TOKENS, h2o:HEAVY,RECENT, recycled:PERIOD,TOKENS or tokenselect:TOKENS[,reuse=C], optionally @N", nameof(spec));
         }
     }
 }

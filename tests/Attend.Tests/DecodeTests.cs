@@ -112,7 +112,7 @@ public sealed class DecodeTests
         long densePages = DecodeAttention.Forward(q, cache, seq, 0, dense);
         Assert.Equal(2 * 13, densePages);
         foreach (IKvSelectionPolicy policy in new IKvSelectionPolicy[] { new QuestPolicy(10_000), new StreamingPolicy(0, 200), new LandmarkPolicy(10_000),
-            new HeavyHitterPolicy(10_000, 16), new RecycledPolicy(3, 10_000) })
+            new HeavyHitterPolicy(10_000, 16), new RecycledPolicy(3, 10_000), new TokenSelectPolicy(10_000) })
         {
             var o = new TensorView<float>(new float[4 * 16], 1, 4, 16);
             Assert.Equal(densePages, DecodeAttention.Forward(q, cache, seq, 0, o, new DecodeOptions { Policy = policy }));
@@ -277,5 +277,80 @@ public sealed class DecodeTests
         }
         Assert.Throws<ArgumentOutOfRangeException>(() => new RecycledPolicy(0, 64));
         Assert.Throws<ArgumentOutOfRangeException>(() => new RecycledPolicy(2, 0));
+    }
+
+    [Fact]
+    public void Should_select_tokens_by_soft_votes_and_reuse_the_selection_while_queries_stay_similar()
+    {
+        // Two needles on different pages and the newest token: a budget of 3 tokens reads exactly those, gathered.
+        int length = 1024, d = 32, ps = 32;
+        (KvCache cache, int seq, float[] dir) = NeedleCache(length, d, ps, 300);
+        var extra = new float[d];
+        for (int c = 0; c < d; c++) extra[c] = 6 * dir[c];
+        var dense = new TensorView<float>(new float[d], 1, 1, d);
+        var o = new TensorView<float>(new float[d], 1, 1, d);
+        var q = new TensorView<float>(dir.ToArray(), 1, 1, d);
+        var policy = new TokenSelectPolicy(tokenBudget: 3, reuseThreshold: 0.95f);
+        IReadOnlyList<int> tokens = policy.SelectTokens(cache, seq, 0, 0, dir.Select(x => x / MathF.Sqrt(d)).ToArray(), 1);
+        Assert.Contains(300, tokens);
+        Assert.Contains(length - 1, tokens);
+        Assert.Equal(3, tokens.Count);
+        Assert.Equal(1, policy.Scorings);
+        // The decode step over the gathered tokens equals the float64 softmax over exactly those keys.
+        var pagesSeen = new List<IReadOnlyList<int>>();
+        long read = DecodeAttention.Forward(q, cache, seq, 0, o, new DecodeOptions { Policy = policy, OnPagesSelected = (_, p) => pagesSeen.Add(p) });
+        Assert.Equal(1, policy.Scorings);                            // same query: the cached selection
+        Assert.Equal(tokens.Select(t => t / ps).Distinct().Count(), read);
+        double[] scores = tokens.Select(t =>
+        {
+            var key = new float[d];
+            cache.Pages(seq, 0)[t / ps].ReadKey(0, t % ps, key);
+            return key.Zip(dir).Sum(p => (double)p.First * p.Second) / Math.Sqrt(d);
+        }).ToArray();
+        double max = scores.Max(), total = scores.Sum(x => Math.Exp(x - max));
+        for (int c = 0; c < d; c++)
+        {
+            double expected = 0;
+            for (int i = 0; i < tokens.Count; i++)
+            {
+                var value = new float[d];
+                cache.Pages(seq, 0)[tokens[i] / ps].ReadValue(0, tokens[i] % ps, value);
+                expected += Math.Exp(scores[i] - max) / total * value[c];
+            }
+            Assert.True(Math.Abs(o[0, 0, c] - expected) < 1e-5, $"c={c}: {o[0, 0, c]} vs {expected}");
+        }
+        // A dissimilar query scores again.
+        float[] other = TestData.Normal(d, 77);
+        policy.SelectTokens(cache, seq, 0, 0, other, 1);
+        Assert.Equal(2, policy.Scorings);
+        Assert.Throws<ArgumentOutOfRangeException>(() => new TokenSelectPolicy(0));
+        Assert.Throws<ArgumentOutOfRangeException>(() => new TokenSelectPolicy(8, float.NaN));
+    }
+
+    [Fact]
+    public void Should_mask_gathered_tokens_causally_for_several_query_tokens()
+    {
+        // Two query tokens: the first must not see the newest key even when a token policy selects it.
+        (KvCache cache, int seq) = RandomCache(200, 1, 16, 32, 31);
+        var q = new TensorView<float>(TestData.Normal(2 * 2 * 16, 32), 2, 2, 16);
+        var dense = new TensorView<float>(new float[2 * 2 * 16], 2, 2, 16);
+        var o = new TensorView<float>(new float[2 * 2 * 16], 2, 2, 16);
+        DecodeAttention.Forward(q, cache, seq, 0, dense);
+        DecodeAttention.Forward(q, cache, seq, 0, o, new DecodeOptions { Policy = new TokenSelectPolicy(10_000) });
+        Assert.Equal(dense.ToArray(), o.ToArray());
+        var all = new AllTokens();
+        DecodeAttention.Forward(q, cache, seq, 0, o, new DecodeOptions { Policy = all });
+        float[] a = dense.ToArray(), b = o.ToArray();
+        for (int i = 0; i < a.Length; i++) Assert.True(Math.Abs(a[i] - b[i]) < 1e-5, $"{i}: {b[i]} vs {a[i]}");
+    }
+
+    /// <summary>Every token, in a shuffled page order (gathering must not depend on page order or contiguity).</summary>
+    private sealed class AllTokens : ITokenSelectionPolicy
+    {
+        public IReadOnlyList<int> SelectTokens(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows) =>
+            [.. Enumerable.Range(0, cache.Length(sequence, layer)).OrderBy(t => (t * 7919) % 211)];
+
+        public IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows) =>
+            DensePolicy.Instance.SelectPages(cache, sequence, layer, kvHead, queries, rows);
     }
 }

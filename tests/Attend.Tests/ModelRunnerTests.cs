@@ -71,7 +71,13 @@ public sealed class ModelRunnerTests : IDisposable
         Assert.Contains("unknown selector", Assert.Throws<ArgumentException>(() => AttentionChoice.Parse("magic")).Message);
         Assert.Null(PolicySpec.Parse("dense", 8192));
         Assert.IsType<Decode.QuestPolicy>(PolicySpec.Parse("quest:1/8", 8192));
-        Assert.Contains("unknown policy", Assert.Throws<ArgumentException>(() => PolicySpec.Parse("h2o:5", 8192)).Message);
+        Assert.Contains("unknown policy", Assert.Throws<ArgumentException>(() => PolicySpec.Parse("magic:5", 8192)).Message);
+        Assert.IsType<Decode.LandmarkPolicy>(PolicySpec.Parse("landmark:1/8,recent=64", 8192));
+        Assert.IsType<Decode.HeavyHitterPolicy>(PolicySpec.Parse("h2o:1/16,1/16", 8192));
+        Assert.IsType<Decode.RecycledPolicy>(PolicySpec.Parse("recycled:8,1/8", 8192));
+        Assert.IsType<Decode.TokenSelectPolicy>(PolicySpec.Parse("tokenselect:1/8", 8192));
+        Assert.Contains("HEAVY,RECENT", Assert.Throws<ArgumentException>(() => PolicySpec.Parse("h2o:5", 8192)).Message);
+        Assert.Contains("PERIOD,TOKENS", Assert.Throws<ArgumentException>(() => PolicySpec.Parse("recycled:x,5", 8192)).Message);
     }
 
     // A tiny random Llama (hidden 16, 2 layers, 4/2 heads of 4, vocab 256) in the transformers-4 naming, with tied embeddings.

@@ -53,33 +53,45 @@ public static class DecodeAttention
 
         int rows = nq * group;                                  // query rows per kv head
         // Pages each kv head reads: the policy's choice from the scaled query rows of its group.
+        // With a token policy each kv head reads its selected tokens gathered into chunks of PageSize ("units" below
+        // are chunks); otherwise the units are the selected pages.
         var selected = new IReadOnlyList<int>[cache.KvHeads];
+        var tokenLists = options.Policy is ITokenSelectionPolicy ? new int[cache.KvHeads][] : null;
         var scaledQueries = new float[cache.KvHeads][];    // [rows × D] per kv head, gathered once for the policy and the splits
+        int ps = cache.PageSize;
         for (int hk = 0; hk < cache.KvHeads; hk++)
         {
             var scaled = scaledQueries[hk] = new float[rows * d];
             for (int r = 0; r < rows; r++)
                 for (int c = 0; c < d; c++) scaled[r * d + c] = q[r / group, hk * group + r % group, c] * scale;
+            if (tokenLists is not null)
+            {
+                int[] tokens = [.. ((ITokenSelectionPolicy)options.Policy!).SelectTokens(cache, sequence, layer, hk, scaled, rows)];
+                if (tokens.Length == 0 || tokens.Any(t => t < 0 || t >= length)) throw new InvalidOperationException($"the policy selected no token or one outside 0..{length - 1}");
+                tokenLists[hk] = tokens;
+                selected[hk] = Enumerable.Range(0, (tokens.Length + ps - 1) / ps).ToArray();
+                options.OnPagesSelected?.Invoke(hk, tokens.Select(t => t / ps).Distinct().Order().ToArray());
+                continue;
+            }
             selected[hk] = (options.Policy ?? DensePolicy.Instance).SelectPages(cache, sequence, layer, hk, scaled, rows);
             if (selected[hk].Any(p => p < 0 || p >= pages.Count)) throw new InvalidOperationException($"the policy selected a page outside 0..{pages.Count - 1}");
             options.OnPagesSelected?.Invoke(hk, selected[hk]);
         }
         // Per page read and query row, log2 of its softmax mass before normalization (for IAttentionFeedback).
-        var feedback = options.Policy as IAttentionFeedback;
+        var feedback = tokenLists is null ? options.Policy as IAttentionFeedback : null;
         float[][]? pageLog2 = feedback is null ? null : [.. selected.Select(x =>
         {
             var a = new float[x.Count * rows];
             Array.Fill(a, float.NegativeInfinity);
             return a;
         })];
-        long pagesRead = selected.Sum(x => (long)x.Count);
+        long pagesRead = tokenLists is null ? selected.Sum(x => (long)x.Count) : tokenLists.Sum(t => (long)t.Select(x => x / ps).Distinct().Count());
         // Split the selected pages so every thread has work even for one sequence and a few heads.
         int threads = tuning.EffectiveThreads;
         int splits = Math.Clamp(threads * 4 / cache.KvHeads, 1, Math.Max(1, selected.Min(x => x.Count)));
         var partO = new float[splits * cache.KvHeads * rows * dv];
         var partM = new float[splits * cache.KvHeads * rows];
         var partL = new float[splits * cache.KvHeads * rows];
-        int ps = cache.PageSize;
         const float log2e = 1.4426950408889634f;
         Cpu.WorkQueue.Run(splits * cache.KvHeads, threads, () => new Scratch(ps, d, dv, rows), (item, w) =>
         {
@@ -95,10 +107,28 @@ public static class DecodeAttention
             m.Fill(float.NegativeInfinity);
             for (int i = i0; i < i1; i++)
             {
-                KvCache.Page page = pages[mine[i]];
-                int count = page.Count, first = mine[i] * ps;
-                page.ReadKeys(hk, w.K);
-                page.ReadValues(hk, w.V);
+                int count, first;
+                int[]? gathered = tokenLists?[hk];
+                if (gathered is null)
+                {
+                    KvCache.Page page = pages[mine[i]];
+                    count = page.Count;
+                    first = mine[i] * ps;
+                    page.ReadKeys(hk, w.K);
+                    page.ReadValues(hk, w.V);
+                }
+                else
+                {
+                    // A chunk of gathered tokens: rows copied from their pages.
+                    first = mine[i] * ps;
+                    count = Math.Min(ps, gathered.Length - first);
+                    for (int j = 0; j < count; j++)
+                    {
+                        int token = gathered[first + j];
+                        pages[token / ps].ReadKey(hk, token % ps, w.K.AsSpan(j * d, d));
+                        pages[token / ps].ReadValue(hk, token % ps, w.V.AsSpan(j * dv, dv));
+                    }
+                }
                 // S[r, j] = q_r · k_j for the whole page, 4 query rows per pass over each key row; causal rows drop
                 // keys past their position.
                 PageScores(w.Q, w.K, w.S, rows, count, d, ps);
@@ -106,7 +136,7 @@ public static class DecodeAttention
                 {
                     for (int r = 0; r < rows; r++)
                         for (int j = 0; j < count; j++)
-                            if (first + j > length - nq + r / group) w.S[r * ps + j] = float.NegativeInfinity;
+                            if ((gathered is null ? first + j : gathered[first + j]) > length - nq + r / group) w.S[r * ps + j] = float.NegativeInfinity;
                 }
                 for (int r = 0; r < rows; r++)
                 {

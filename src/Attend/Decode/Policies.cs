@@ -329,3 +329,109 @@ public sealed class RecycledPolicy : IKvSelectionPolicy, IAttentionFeedback
         for (int i = 0; i < pages.Count; i++) state.Mass[pages[i]] = mass[i];
     }
 }
+
+/// <summary>
+/// A policy that chooses tokens rather than pages: <see cref="DecodeAttention"/> gathers the selected key and value rows
+/// (any order of pages) and attends to exactly those. <see cref="IKvSelectionPolicy.SelectPages"/> gives the pages they
+/// lie on (a superset) for callers that read pages.
+/// </summary>
+public interface ITokenSelectionPolicy : IKvSelectionPolicy
+{
+    /// <summary>Token indices (ascending, at least one) to read for kv head <paramref name="kvHead"/>.</summary>
+    IReadOnlyList<int> SelectTokens(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows);
+}
+
+/// <summary>
+/// TokenSelect (Wu et al., arXiv:2411.02886): token-level selection by per-head criticality q·k with soft voting — each
+/// query row of the kv head's group turns its scores into a softmax over the tokens and the rows' probabilities are
+/// summed; the <c>tokenBudget</c> tokens with the most votes are read (the newest token always). A selection cache
+/// skips the scoring while consecutive queries stay similar: when every row's cosine similarity to the query that
+/// made the cached selection is at least <c>reuseThreshold</c>, the cached tokens plus those appended since are reused.
+/// Scoring reads every key (not the values) — the cost the cache avoids. Voting is per kv head here (the paper votes
+/// across all heads of a layer).
+/// </summary>
+public sealed class TokenSelectPolicy : ITokenSelectionPolicy
+{
+    private readonly int _budget;
+    private readonly float _threshold;
+    private readonly PolicyStates<State> _states = new();
+
+    private sealed class State
+    {
+        public float[] Queries = [];
+        public int[] Tokens = [];
+        public int Length;
+    }
+
+    /// <summary>Tokens per step (≥ 1) and the cosine similarity above which a selection is reused (in [−1, 1]; above 1 never reuses).</summary>
+    public TokenSelectPolicy(int tokenBudget, float reuseThreshold = 0.9f)
+    {
+        if (tokenBudget < 1) throw new ArgumentOutOfRangeException(nameof(tokenBudget), tokenBudget, "token budget must be ≥ 1");
+        if (!(reuseThreshold >= -1)) throw new ArgumentOutOfRangeException(nameof(reuseThreshold), reuseThreshold, "reuse threshold must be ≥ −1 (NaN is not)");
+        _budget = tokenBudget;
+        _threshold = reuseThreshold;
+    }
+
+    /// <summary>Steps that scored every key (the rest reused a cached selection).</summary>
+    public long Scorings { get; private set; }
+
+    /// <inheritdoc/>
+    public IReadOnlyList<int> SelectTokens(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows)
+    {
+        ArgumentNullException.ThrowIfNull(cache);
+        List<KvCache.Page> pages = cache.Pages(sequence, layer);
+        int length = pages.Sum(p => p.Count), d = cache.HeadDim, ps = cache.PageSize;
+        State state = _states.For(cache, sequence, layer, kvHead);
+        if (_budget >= length) return Enumerable.Range(0, length).ToArray();
+        if (state.Queries.Length == queries.Length && state.Length <= length && Similar(state.Queries, queries, rows, d))
+        {
+            return [.. state.Tokens.Concat(Enumerable.Range(state.Length, length - state.Length))];
+        }
+        Scorings++;
+        // Soft vote: Σ_r softmax_r(q_r · K) per token.
+        var votes = new float[length];
+        var scores = new float[length];
+        var key = new float[d];
+        for (int r = 0; r < rows; r++)
+        {
+            ReadOnlySpan<float> qr = queries.Slice(r * d, d);
+            float max = float.NegativeInfinity;
+            for (int j = 0; j < length; j++)
+            {
+                pages[j / ps].ReadKey(kvHead, j % ps, key);
+                scores[j] = Linear.Vectors.Dot(qr, key);
+                max = MathF.Max(max, scores[j]);
+            }
+            double total = 0;
+            for (int j = 0; j < length; j++) total += scores[j] = MathF.Exp(scores[j] - max);
+            for (int j = 0; j < length; j++) votes[j] += (float)(scores[j] / total);
+        }
+        votes[length - 1] = float.PositiveInfinity;                    // the newest token always
+        int[] order = Enumerable.Range(0, length).ToArray();
+        float[] keys = votes.Select(v => -v).ToArray();
+        Array.Sort(keys, order);
+        int[] chosen = [.. order.Take(_budget).Order()];
+        state.Queries = queries.ToArray();
+        state.Tokens = chosen;
+        state.Length = length;
+        return chosen;
+    }
+
+    private bool Similar(float[] cached, ReadOnlySpan<float> queries, int rows, int d)
+    {
+        for (int r = 0; r < rows; r++)
+        {
+            ReadOnlySpan<float> a = cached.AsSpan(r * d, d), b = queries.Slice(r * d, d);
+            float dot = Linear.Vectors.Dot(a, b), na = Linear.Vectors.Dot(a, a), nb = Linear.Vectors.Dot(b, b);
+            if (!(dot >= _threshold * MathF.Sqrt(na * nb))) return false;
+        }
+        return true;
+    }
+
+    /// <inheritdoc/>
+    public IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows)
+    {
+        ArgumentNullException.ThrowIfNull(cache);
+        return [.. SelectTokens(cache, sequence, layer, kvHead, queries, rows).Select(t => t / cache.PageSize).Distinct().Order()];
+    }
+}
