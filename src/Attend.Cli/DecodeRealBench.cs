@@ -30,6 +30,7 @@ internal static class DecodeRealBench
                 ("h2o 1/16 heavy + 1/16 recent", new HeavyHitterPolicy(s / 16, s / 16)),
                 ("recycled every 8, 1/8", new RecycledPolicy(8, s / 8)),
                 ("tokenselect 1/8 tokens", new TokenSelectPolicy(s / 8)),
+                ("retrieval 1/8 tokens, scan 1/4", new RetrievalPolicy(s / 8, s / 4)),
             };
             foreach ((string name, IKvSelectionPolicy policy) in policies)
             {
@@ -51,16 +52,13 @@ internal static class DecodeRealBench
                     DecodeAttention.Forward(qt, cache, seq, 0, dense, options);
                     var read = new IReadOnlyList<int>[h];
                     var tokenRead = new HashSet<int>[h];
-                    if (policy is TokenSelectPolicy tsp)
+                    ITokenSelectionPolicy? tokenPolicy = policy as ITokenSelectionPolicy;
+                    if (tokenPolicy is not null)
                     {
-                        // The tokens the step will read: the policy's (cached) choice for each head's scaled query.
-                        for (int head = 0; head < h; head++)
-                        {
-                            float[] sq = qa.AsSpan((t * h + head) * d, d).ToArray().Select(x => x * 0.125f).ToArray();
-                            tokenRead[head] = [.. tsp.SelectTokens(cache, seq, 0, head, sq, 1)];
-                        }
+                        // Read the tokens through a wrapper that records them (the step asks the policy once per head).
+                        tokenPolicy = new RecordingTokens(tokenPolicy, tokenRead);
                     }
-                    DecodeAttention.Forward(qt, cache, seq, 0, sparse, options with { Policy = policy, OnPagesSelected = (hk, p) => read[hk] = p });
+                    DecodeAttention.Forward(qt, cache, seq, 0, sparse, options with { Policy = tokenPolicy ?? policy, OnPagesSelected = (hk, p) => read[hk] = p });
                     for (int head = 0; head < h; head++)
                     {
                         float[] scaled = qa.AsSpan((t * h + head) * d, d).ToArray().Select(x => x * 0.125f).ToArray();
@@ -97,17 +95,32 @@ internal static class DecodeRealBench
                     }
                 }
                 double ms = sw.Elapsed.TotalMilliseconds / steps;
+                string scan = policy is RetrievalPolicy rp ? $", keys scanned {rp.ScannedFraction:F3}" : "";
                 for (int head = 0; head < h; head++)
                 {
                     rows.Add(new BenchCommand.BenchRow("decode-real", $"layer {layer} head {head} {name}", DType.Float16, 1, h, h, s, d, true, 0, KernelPath.Auto,
                         ms, ms, ms, steps, 0, 0)
                     {
                         Density = density[head],
-                        Note = $"recall {recall[head]:F3}, relative L2 error {error[head]:F3}, pages read {density[head]:F3} (means over the last {steps} steps)",
+                        Note = $"recall {recall[head]:F3}, relative L2 error {error[head]:F3}, pages read {density[head]:F3}{scan} (means over the last {steps} steps)",
                     });
                 }
             }
         }
         return rows;
+    }
+
+    /// <summary>Passes a token policy's choices through, keeping them per kv head for the recall measurement.</summary>
+    private sealed class RecordingTokens(ITokenSelectionPolicy inner, HashSet<int>[] record) : ITokenSelectionPolicy
+    {
+        public IReadOnlyList<int> SelectTokens(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows)
+        {
+            IReadOnlyList<int> tokens = inner.SelectTokens(cache, sequence, layer, kvHead, queries, rows);
+            record[kvHead] = [.. tokens];
+            return tokens;
+        }
+
+        public IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows) =>
+            inner.SelectPages(cache, sequence, layer, kvHead, queries, rows);
     }
 }

@@ -179,12 +179,16 @@ public static class PolicySpec
                     else throw new ArgumentException($"policy '{spec}': tokenselect takes reuse=COSINE after its budget; got '{option}'", nameof(spec));
                 }
                 return new Decode.TokenSelectPolicy(Tokens(ts[0]), threshold);
+            case "retrieval" when parts.Length == 2:
+                string[] rv = parts[1].Split(',');
+                if (rv.Length != 2) throw new ArgumentException($"policy '{spec}': retrieval takes TOKENS,SCAN (e.g. retrieval:1/8,1/4)", nameof(spec));
+                return new Decode.RetrievalPolicy(Tokens(rv[0]), Tokens(rv[1]));
             case "streaming" when parts.Length == 2:
                 string[] sw = parts[1].Split(',');
                 if (sw.Length != 2) throw new ArgumentException($"policy '{spec}': streaming takes SINK,WINDOW (e.g. streaming:64,960)", nameof(spec));
                 return new Decode.StreamingPolicy(Tokens(sw[0]), Tokens(sw[1]));
             default:
-                throw new ArgumentException($"unknown policy '{spec}'; expected dense, streaming:SINK,WINDOW, quest:TOKENS|quest:1/8, landmark:TOKENS, h2o:HEAVY,RECENT, recycled:PERIOD,TOKENS or tokenselect:TOKENS[,reuse=C], optionally @N", nameof(spec));
+                throw new ArgumentException($"unknown policy '{spec}'; expected dense, streaming:SINK,WINDOW, quest:TOKENS|quest:1/8, landmark:TOKENS, h2o:HEAVY,RECENT, recycled:PERIOD,TOKENS, tokenselect:TOKENS[,reuse=C] or retrieval:TOKENS,SCAN, optionally @N", nameof(spec));
         }
     }
 }

@@ -112,7 +112,7 @@ public sealed class DecodeTests
         long densePages = DecodeAttention.Forward(q, cache, seq, 0, dense);
         Assert.Equal(2 * 13, densePages);
         foreach (IKvSelectionPolicy policy in new IKvSelectionPolicy[] { new QuestPolicy(10_000), new StreamingPolicy(0, 200), new LandmarkPolicy(10_000),
-            new HeavyHitterPolicy(10_000, 16), new RecycledPolicy(3, 10_000), new TokenSelectPolicy(10_000) })
+            new HeavyHitterPolicy(10_000, 16), new RecycledPolicy(3, 10_000), new TokenSelectPolicy(10_000), new RetrievalPolicy(10_000, 10_000) })
         {
             var o = new TensorView<float>(new float[4 * 16], 1, 4, 16);
             Assert.Equal(densePages, DecodeAttention.Forward(q, cache, seq, 0, o, new DecodeOptions { Policy = policy }));
@@ -352,5 +352,35 @@ public sealed class DecodeTests
 
         public IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows) =>
             DensePolicy.Instance.SelectPages(cache, sequence, layer, kvHead, queries, rows);
+    }
+
+    [Fact]
+    public void Should_retrieve_the_needle_through_the_inverted_file_scanning_part_of_the_cache()
+    {
+        int length = 2048, d = 32, ps = 32;
+        (KvCache cache, int seq, float[] dir) = NeedleCache(length, d, ps, 1234);
+        var policy = new RetrievalPolicy(tokenBudget: 16, scanTokens: 256, tokensPerCluster: 32, sinkTokens: 2);
+        IReadOnlyList<int> tokens = policy.SelectTokens(cache, seq, 0, 0, dir, 1);
+        Assert.Contains(1234, tokens);
+        Assert.Contains(0, tokens);
+        Assert.Contains(1, tokens);
+        Assert.True(tokens.Count <= 18, $"{tokens.Count} tokens");
+        Assert.True(policy.ScannedFraction < 0.25, $"scanned {policy.ScannedFraction:F3} of the cache");
+        // Tokens appended after the index was built are always read.
+        cache.Append(seq, 0, new TensorView<float>(TestData.Normal(3 * d, 5), 3, 1, d), new TensorView<float>(TestData.Normal(3 * d, 6), 3, 1, d));
+        tokens = policy.SelectTokens(cache, seq, 0, 0, dir, 1);
+        Assert.Contains(length, tokens);
+        Assert.Contains(length + 2, tokens);
+        Assert.Contains(1234, tokens);
+        var o = new TensorView<float>(new float[d], 1, 1, d);
+        var dense = new TensorView<float>(new float[d], 1, 1, d);
+        var q = new TensorView<float>(dir.ToArray(), 1, 1, d);
+        DecodeAttention.Forward(q, cache, seq, 0, dense);
+        DecodeAttention.Forward(q, cache, seq, 0, o, new DecodeOptions { Policy = policy });
+        double err = Math.Sqrt(dense.ToArray().Zip(o.ToArray()).Sum(p => (p.First - p.Second) * (p.First - p.Second)) / dense.ToArray().Sum(x => x * x));
+        Assert.True(err < 0.05, $"relative L2 error {err}");
+        Assert.Throws<ArgumentOutOfRangeException>(() => new RetrievalPolicy(0, 10));
+        Assert.Throws<ArgumentOutOfRangeException>(() => new RetrievalPolicy(10, 5));
+        Assert.Throws<ArgumentOutOfRangeException>(() => new RetrievalPolicy(10, 20, 0));
     }
 }

@@ -435,3 +435,135 @@ public sealed class TokenSelectPolicy : ITokenSelectionPolicy
         return [.. SelectTokens(cache, sequence, layer, kvHead, queries, rows).Select(t => t / cache.PageSize).Distinct().Order()];
     }
 }
+
+/// <summary>
+/// RetrievalAttention-style selection (Liu et al., arXiv:2409.10516) with an inverted-file index over the keys: per kv
+/// head the cached keys are clustered (spherical k-means, <c>tokensPerCluster</c> keys per cluster on average); a step
+/// ranks the clusters by the inner product of the query rows with their centroids, scans clusters in that order until
+/// <c>scanTokens</c> keys were visited, scores the visited keys exactly (maximum over the group's rows) and reads the
+/// <c>tokenBudget</c> best, plus every token appended since the index was built (rebuilt when they pass a quarter of the
+/// indexed ones) and the first <c>sinkTokens</c>. Routing by q·centroid rather than by distance is the inner-product
+/// search attention needs: queries lie outside the key distribution (the paper's observation), so nearest-key-to-query
+/// in L2 is the wrong neighbour; the paper's query-aware graph index is not built here. <see cref="ScannedFraction"/>
+/// reports how much of the cache the steps scanned.
+/// </summary>
+public sealed class RetrievalPolicy : ITokenSelectionPolicy
+{
+    private readonly int _budget, _scan, _perCluster, _sink;
+    private readonly PolicyStates<State> _states = new();
+    private long _scanned, _cached;
+
+    private sealed class State
+    {
+        public int Indexed;                     // tokens covered by the index
+        public float[] Centroids = [];          // [clusters × D], unit length
+        public int[][] Members = [];
+    }
+
+    /// <summary>Tokens read per step, keys scanned per step (≥ the budget), mean keys per cluster, always-read prefix.</summary>
+    public RetrievalPolicy(int tokenBudget, int scanTokens, int tokensPerCluster = 64, int sinkTokens = 4)
+    {
+        if (tokenBudget < 1) throw new ArgumentOutOfRangeException(nameof(tokenBudget), tokenBudget, "token budget must be ≥ 1");
+        if (scanTokens < tokenBudget) throw new ArgumentOutOfRangeException(nameof(scanTokens), scanTokens, $"scan tokens must be ≥ the token budget ({tokenBudget})");
+        if (tokensPerCluster < 1) throw new ArgumentOutOfRangeException(nameof(tokensPerCluster), tokensPerCluster, "tokens per cluster must be ≥ 1");
+        if (sinkTokens < 0) throw new ArgumentOutOfRangeException(nameof(sinkTokens), sinkTokens, "sink tokens must be ≥ 0");
+        _budget = tokenBudget;
+        _scan = scanTokens;
+        _perCluster = tokensPerCluster;
+        _sink = sinkTokens;
+    }
+
+    /// <summary>Keys scanned (scored exactly) over the cached keys, summed over the steps and kv heads so far.</summary>
+    public double ScannedFraction => _cached == 0 ? 0 : (double)Interlocked.Read(ref _scanned) / Interlocked.Read(ref _cached);
+
+    /// <inheritdoc/>
+    public IReadOnlyList<int> SelectTokens(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows)
+    {
+        ArgumentNullException.ThrowIfNull(cache);
+        List<KvCache.Page> pages = cache.Pages(sequence, layer);
+        int length = pages.Sum(p => p.Count), d = cache.HeadDim, ps = cache.PageSize;
+        if (_budget >= length) return Enumerable.Range(0, length).ToArray();
+        State state = _states.For(cache, sequence, layer, kvHead);
+        if (state.Indexed == 0 || state.Indexed > length || length - state.Indexed > state.Indexed / 4) Build(state, pages, kvHead, length, d, ps);
+        // Rank clusters by the best q·centroid over the rows; scan until _scan keys.
+        int clusters = state.Members.Length;
+        var rank = new float[clusters];
+        for (int c = 0; c < clusters; c++)
+        {
+            float best = float.NegativeInfinity;
+            for (int r = 0; r < rows; r++) best = MathF.Max(best, Linear.Vectors.Dot(queries.Slice(r * d, d), state.Centroids.AsSpan(c * d, d)));
+            rank[c] = -best;
+        }
+        int[] order = Enumerable.Range(0, clusters).ToArray();
+        Array.Sort(rank, order);
+        var scanned = new List<int>(_scan + _perCluster);
+        foreach (int c in order)
+        {
+            if (scanned.Count >= _scan) break;
+            scanned.AddRange(state.Members[c]);
+        }
+        var key = new float[d];
+        var scores = new float[scanned.Count];
+        for (int i = 0; i < scanned.Count; i++)
+        {
+            int t = scanned[i];
+            pages[t / ps].ReadKey(kvHead, t % ps, key);
+            float best = float.NegativeInfinity;
+            for (int r = 0; r < rows; r++) best = MathF.Max(best, Linear.Vectors.Dot(queries.Slice(r * d, d), key));
+            scores[i] = -best;
+        }
+        int[] found = [.. scanned];
+        Array.Sort(scores, found);
+        Interlocked.Add(ref _scanned, scanned.Count);
+        Interlocked.Add(ref _cached, length);
+        return [.. found.Take(_budget).Concat(Enumerable.Range(0, Math.Min(_sink, length))).Concat(Enumerable.Range(state.Indexed, length - state.Indexed)).Distinct().Order()];
+    }
+
+    /// <summary>Spherical k-means (4 rounds, evenly spaced seeds) over the keys now cached.</summary>
+    private void Build(State state, List<KvCache.Page> pages, int kvHead, int length, int d, int ps)
+    {
+        int clusters = Math.Max(1, length / _perCluster);
+        var keys = new float[length * d];
+        for (int t = 0; t < length; t++) pages[t / ps].ReadKey(kvHead, t % ps, keys.AsSpan(t * d, d));
+        var unit = new float[length * d];
+        for (int t = 0; t < length; t++)
+        {
+            Span<float> k = keys.AsSpan(t * d, d);
+            float n = MathF.Sqrt(Linear.Vectors.Dot(k, k));
+            Linear.Vectors.Multiply(k, n > 0 ? 1 / n : 0, unit.AsSpan(t * d, d));
+        }
+        var centroids = new float[clusters * d];
+        for (int c = 0; c < clusters; c++) unit.AsSpan((int)((long)c * length / clusters) * d, d).CopyTo(centroids.AsSpan(c * d, d));
+        var assign = new int[length];
+        for (int round = 0; round < 4; round++)
+        {
+            for (int t = 0; t < length; t++)
+            {
+                float best = float.NegativeInfinity;
+                for (int c = 0; c < clusters; c++)
+                {
+                    float s = Linear.Vectors.Dot(unit.AsSpan(t * d, d), centroids.AsSpan(c * d, d));
+                    if (s > best) { best = s; assign[t] = c; }
+                }
+            }
+            Array.Clear(centroids);
+            for (int t = 0; t < length; t++) Linear.Vectors.Axpy(1f, unit.AsSpan(t * d, d), centroids.AsSpan(assign[t] * d, d));
+            for (int c = 0; c < clusters; c++)
+            {
+                Span<float> cv = centroids.AsSpan(c * d, d);
+                float n = MathF.Sqrt(Linear.Vectors.Dot(cv, cv));
+                if (n > 0) Linear.Vectors.Scale(cv, 1 / n);
+            }
+        }
+        state.Members = [.. Enumerable.Range(0, clusters).Select(c => Enumerable.Range(0, length).Where(t => assign[t] == c).ToArray())];
+        state.Centroids = centroids;
+        state.Indexed = length;
+    }
+
+    /// <inheritdoc/>
+    public IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows)
+    {
+        ArgumentNullException.ThrowIfNull(cache);
+        return [.. SelectTokens(cache, sequence, layer, kvHead, queries, rows).Select(t => t / cache.PageSize).Distinct().Order()];
+    }
+}
