@@ -161,6 +161,25 @@ public sealed class LinearAttentionTests
         Assert.Throws<ArgumentException>(() => FeatureMap.Hashing(new float[7], 2));
     }
 
+    [Fact]
+    public void Should_load_a_state_saved_in_the_first_format()
+    {
+        // attend.linear-state/1: sizes, token count, state and normalizer, no convolution history.
+        using var ms = new MemoryStream();
+        using (var w = new BinaryWriter(ms, System.Text.Encoding.UTF8, leaveOpen: true))
+        {
+            w.Write("attend.linear-state/1");
+            w.Write(1); w.Write(2); w.Write(2); w.Write(2); w.Write(7L);
+            foreach (float x in new[] { 1f, 2f, 3f, 4f, 0.5f, 0.25f }) w.Write(x);
+        }
+        ms.Position = 0;
+        LinearState state = LinearState.Load(ms, new LinearOptions { FeatureMap = FeatureMap.Relu, Causal = true, Normalize = false });
+        Assert.Equal(7, state.Tokens);
+        var o = new float[2];
+        state.Step([1f, 0f], [0f, 0f], [0f, 0f], o);          // φ(k) = 0: the output reads the loaded state's first row
+        Assert.Equal([1f, 2f], o);
+    }
+
     [Theory]
     [InlineData(false)]
     [InlineData(true)]

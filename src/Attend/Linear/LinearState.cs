@@ -136,14 +136,15 @@ public sealed class LinearState
         using var r = new BinaryReader(stream, System.Text.Encoding.UTF8, leaveOpen: true);
         try
         {
-            if (r.ReadString() != "attend.linear-state/2") throw new InvalidDataException("not an Attend linear state");
+            string format = r.ReadString();
+            if (format is not ("attend.linear-state/2" or "attend.linear-state/1")) throw new InvalidDataException("not an Attend linear state");
             int heads = r.ReadInt32(), d = r.ReadInt32(), dv = r.ReadInt32(), f = r.ReadInt32();
             var state = new LinearState(heads, d, dv, options);
             if (state.FeatureDim != f) throw new InvalidDataException($"the state has feature dim {f}; the options' map gives {state.FeatureDim}");
             state.Tokens = r.ReadInt64();
             for (int i = 0; i < state._state.Length; i++) state._state[i] = r.ReadSingle();
             for (int i = 0; i < state._z.Length; i++) state._z[i] = r.ReadSingle();
-            int taps = r.ReadInt32();
+            int taps = format.EndsWith("/1", StringComparison.Ordinal) ? 0 : r.ReadInt32();   // v1: no value-convolution history
             if (taps != state._taps) throw new InvalidDataException($"the state was saved with a value convolution of {taps + 1} taps; the options give {state._taps + 1}");
             for (int i = 0; i < state._history.Length; i++) state._history[i] = r.ReadSingle();
             return state;
