@@ -19,7 +19,8 @@ public static class Selectors
     /// Like <see cref="Parse"/>, and also <c>auto:err=0.02[,sample=1024]</c> (per-head calibration on the call's own
     /// last queries, <see cref="AutoSelector"/>), <c>hash:buckets=8[,seed=0,block=128]</c> (hash-sparse,
     /// <see cref="HashSparseSelector"/>) and <c>cluster:q=32,k=64,p=0.9[,iters=4,seed=0,block=128]</c> (k-means
-    /// semantic permutation, <see cref="ClusterSelector"/>); any spec + <c>+centroid</c> compensates the skipped
+    /// semantic permutation, <see cref="ClusterSelector"/>), <c>topk:k=64[,dims=0,seed=0]</c> (per-row top-k,
+    /// <see cref="RowTopKSelector"/>); any spec + <c>+centroid</c> compensates the skipped
     /// blocks (<see cref="CentroidCompensation"/>).
     /// </summary>
     public static ISparsitySelector ParseAny(string spec)
@@ -30,14 +31,16 @@ public static class Selectors
             return new CompensatedSelector(ParseAny(spec.TrimEnd()[..^"+centroid".Length]));
         }
         (string name, Dictionary<string, string> args) = Split(spec);
-        if (name is not ("auto" or "hash" or "cluster")) return Parse(spec);
+        if (name is not ("auto" or "hash" or "cluster" or "topk")) return Parse(spec);
         RequireKnown(name, args, spec, name switch
         {
             "auto" => ["err", "sample"],
             "hash" => ["buckets", "seed", "block"],
+            "topk" => ["k", "dims", "seed"],
             _ => ["q", "k", "p", "iters", "seed", "block"],
         });
         if (name == "auto") return new AutoSelector(Double(args, "err", 0.02, spec), sampleQueries: Int(args, "sample", 1024, spec));
+        if (name == "topk") return new RowTopKSelector { TopK = Int(args, "k", 64, spec), EstimateDims = Int(args, "dims", 0, spec), Seed = Int(args, "seed", 0, spec) };
         if (name == "hash") return new HashSparseSelector { Buckets = Int(args, "buckets", 8, spec), Seed = Int(args, "seed", 0, spec), BlockSize = Int(args, "block", 128, spec) };
         return new ClusterSelector
         {
