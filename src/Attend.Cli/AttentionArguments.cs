@@ -147,6 +147,19 @@ internal sealed class AttentionArguments
         _ => "infsa:0.95",
     };
 
+    /// <summary>Linear attention on the GPU (f32 on the device; maps elu, relu, identity); output in the input dtype.</summary>
+    public static Tensor ComputeLinearCuda(Tensor q, Tensor k, Tensor v, Linear.LinearOptions options)
+    {
+        Tensor qf = q.ConvertTo(DType.Float32), kf = k.ConvertTo(DType.Float32), vf = v.ConvertTo(DType.Float32);
+        AttentionShape s = AttentionShape.Of(qf.AsView<float>(), kf.AsView<float>(), vf.AsView<float>());
+        using Cuda.DeviceTensor<float> dq = Cuda.DeviceTensor<float>.FromHost(qf.AsView<float>()), dk = Cuda.DeviceTensor<float>.FromHost(kf.AsView<float>());
+        using Cuda.DeviceTensor<float> dv = Cuda.DeviceTensor<float>.FromHost(vf.AsView<float>());
+        using Cuda.DeviceTensor<float> dO = Cuda.DeviceTensor<float>.Allocate(s.Batch, s.QueryLength, s.Heads, s.ValueDim);
+        Cuda.CudaLinear.Forward(dq, dk, dv, dO, options);
+        Tensor output = Tensor.FromArray(dO.ToHost(), s.Batch, s.QueryLength, s.Heads, s.ValueDim);
+        return q.DType == DType.Float32 ? output : output.ConvertTo(q.DType);
+    }
+
     /// <summary>Linear attention on file tensors (computed in f32; output in the input dtype).</summary>
     public static Tensor ComputeLinear(Tensor q, Tensor k, Tensor v, Linear.LinearOptions options, KernelTuning tuning)
     {

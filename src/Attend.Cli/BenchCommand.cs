@@ -61,6 +61,7 @@ internal static class BenchCommand
             if (cuda && suiteName == "default") suiteName = "gpu";
             if (cuda && suiteName == "masks") suiteName = "gpu-masks";
             if (cuda && suiteName == "decode") suiteName = "gpu-decode";
+            if (cuda && suiteName == "linear") suiteName = "gpu-linear";
             if (suiteName == "gpu" && !cuda) throw new ArgumentException("--suite gpu needs --device cuda");
             int[] threadCounts = r.GetValue(threads) is { Length: > 0 } ts ? [.. ts.Select(t => t > 0 ? t : Environment.ProcessorCount)] : [Environment.ProcessorCount];
             DType[] dtypes = r.GetValue(dtype) is { Length: > 0 } dts ? [.. dts.Select(DTypes.Parse)] : [cuda ? DType.BFloat16 : DType.Float32];
@@ -283,12 +284,12 @@ internal static class BenchCommand
         var rows = new List<BenchRow>();
         double peak = 0, peakOne = 0, copy = 0;
         var peaks = new Dictionary<int, double>();   // FMA peak per thread count of the threads axis
-        var cases = suite is "peak" or "gpu" or "gpu-masks" or "gpu-decode" or "masks" or "sparse" or "sparse-real" or "linear" or "decode" or "decode-real" ? [] : DenseCases(plan).ToList();
+        var cases = suite is "peak" or "gpu" or "gpu-masks" or "gpu-decode" or "gpu-linear" or "masks" or "sparse" or "sparse-real" or "linear" or "decode" or "decode-real" ? [] : DenseCases(plan).ToList();
         int gpuCases = suite == "gpu" ? plan.Lengths.Length * plan.HeadDims.Length * plan.Causal.Length : 0;
         gpuCases += suite == "masks" ? MaskBench.Steps : suite == "linear" ? LinearBench.Steps : suite == "decode" ? DecodeBench.Steps : 0;
         void Body(Action<string> status, Action advance)
         {
-            if (suite is not ("gpu" or "gpu-masks" or "gpu-decode"))
+            if (suite is not ("gpu" or "gpu-masks" or "gpu-decode" or "gpu-linear"))
             {
                 status("measuring the FMA peak");
                 peak = PeakProbe.FmaGflops(plan.Threads);
@@ -308,6 +309,7 @@ internal static class BenchCommand
             if (suite == "gpu") rows.AddRange(GpuBench.Run(plan, status, advance));
             if (suite == "gpu-masks") rows.AddRange(GpuBench.RunMasks(plan, status));
             if (suite == "gpu-decode") rows.AddRange(GpuBench.RunDecode(plan, status));
+            if (suite == "gpu-linear") rows.AddRange(GpuBench.RunLinear(plan, status));
             if (suite == "masks") rows.AddRange(MaskBench.Run(plan, peak, status, advance));
             if (suite == "sparse") rows.AddRange(SparseBench.Run(plan, peak, status));
             if (suite == "default") rows.AddRange(SparseBench.RunDefault(plan, peak, status));
@@ -421,7 +423,7 @@ internal static class BenchCommand
         AnsiConsole.MarkupLine($"[bold]attend bench[/] suite [green]{report.Suite}[/] on {Markup.Escape(CpuModel())}, {report.Threads} threads");
         if (report.PeakGflops > 0)
             AnsiConsole.MarkupLine($"FMA peak measured now: [bold]{report.PeakGflops:F1}[/] GFLOPS ({report.PeakGflopsOneThread:F1} on one thread); copy {report.CopyGBps:F1} GB/s");
-        if (Cuda.CudaBackend.IsAvailable && report.Suite is "gpu" or "gpu-masks" or "gpu-decode")
+        if (Cuda.CudaBackend.IsAvailable && report.Suite is "gpu" or "gpu-masks" or "gpu-decode" or "gpu-linear")
             AnsiConsole.MarkupLine($"GPU: {Markup.Escape(Cuda.CudaBackend.Device.Name)} ({Cuda.CudaBackend.Device.Architecture}, driver {Cuda.CudaBackend.Device.DriverVersion})");
         if (report.Rows.Count == 0) return;
         // Speed rows in the standard table; sparse-method blocks (approximate rows and their dense baselines) in an

@@ -120,4 +120,43 @@ internal static class GpuBench
         }
         return rows;
     }
+
+    /// <summary>
+    /// <c>attend bench --suite linear --device cuda</c>: causal chunked linear attention (elu+1, f32) on the GPU at
+    /// S = 16384 and 65536 (B = 1, H = 8, D = 64, as the CPU suite), and our dense causal bf16 kernel at 65536 for scale.
+    /// </summary>
+    public static List<BenchCommand.BenchRow> RunLinear(BenchCommand.BenchPlan plan, Action<string> status)
+    {
+        var rows = new List<BenchCommand.BenchRow>();
+        int h = plan.Heads > 0 ? plan.Heads : 8;
+        const int d = 64;
+        var options = new Linear.LinearOptions { FeatureMap = Linear.FeatureMap.EluPlusOne, Causal = true };
+        double t16 = 0, t64 = 0;
+        foreach (int s in new[] { 16384, 65536 })
+        {
+            status($"cuda linear elu+1 causal S={s}");
+            using DeviceTensor<float> q = DeviceTensor<float>.FromHost(BenchCommand.RandomView<float>(1, 1, s, h, d));
+            using DeviceTensor<float> k = DeviceTensor<float>.FromHost(BenchCommand.RandomView<float>(2, 1, s, h, d));
+            using DeviceTensor<float> v = DeviceTensor<float>.FromHost(BenchCommand.RandomView<float>(3, 1, s, h, d));
+            using DeviceTensor<float> o = DeviceTensor<float>.Allocate(1, s, h, d);
+            List<double> times = CudaTimer.Measure(() => CudaLinear.Forward(q, k, v, o, options), Math.Max(10, plan.Reps));
+            double ms = times[times.Count / 2];
+            if (s == 16384) t16 = ms; else t64 = ms;
+            rows.Add(new BenchCommand.BenchRow("gpu-linear", "linear elu+1 causal", DType.Float32, 1, h, h, s, d, true, 0, KernelPath.Auto,
+                ms, times[0], times[^1], times.Count, 2.0 * h * s * ((32.0 * (d + d)) + (2.0 * d * d)), NominalPeakGflops)
+            { Backend = "cuda", Note = s == 65536 ? $"time(65536)/time(16384) = {t64 / t16:F2}" : null });
+        }
+        status("cuda dense causal S=65536 (bf16)");
+        const int sl = 65536;
+        using DeviceTensor<BFloat16> qd = DeviceTensor<BFloat16>.FromHost(BenchCommand.RandomView<BFloat16>(4, 1, sl, h, d));
+        using DeviceTensor<BFloat16> kd = DeviceTensor<BFloat16>.FromHost(BenchCommand.RandomView<BFloat16>(5, 1, sl, h, d));
+        using DeviceTensor<BFloat16> vd = DeviceTensor<BFloat16>.FromHost(BenchCommand.RandomView<BFloat16>(6, 1, sl, h, d));
+        using DeviceTensor<BFloat16> od = DeviceTensor<BFloat16>.Allocate(1, sl, h, d);
+        List<double> dense = CudaTimer.Measure(() => CudaAttention.Forward(qd, kd, vd, od, new AttentionOptions { Causal = true }), Math.Max(10, plan.Reps));
+        var shape = new AttentionShape(1, sl, sl, h, h, d, d);
+        rows.Add(new BenchCommand.BenchRow("gpu-linear", "dense causal softmax bf16", DType.BFloat16, 1, h, h, sl, d, true, 0, KernelPath.Auto,
+            dense[dense.Count / 2], dense[0], dense[^1], dense.Count, shape.CausalFlops, NominalPeakGflops)
+        { Backend = "cuda", Mask = "causal", Note = $"dense bf16 / linear f32 time at 65536: {dense[dense.Count / 2] / t64:F2}" });
+        return rows;
+    }
 }

@@ -25,8 +25,7 @@ internal static class RunCommand
             Tensor? l = null;
             if (args.LinearOptions(r) is { } linear)
             {
-                if (args.DeviceName(r) != "cpu") throw new NotSupportedException("--linear runs on the CPU for now");
-                o = AttentionArguments.ComputeLinear(q, k, v, linear, args.Tuning(r));
+                o = args.DeviceName(r) == "cuda" ? AttentionArguments.ComputeLinearCuda(q, k, v, linear) : AttentionArguments.ComputeLinear(q, k, v, linear, args.Tuning(r));
             }
             else if (r.GetValue(args.Hybrid) is { } hybrid)
             {

@@ -94,6 +94,16 @@ public static class KernelVariants
                 defines["TOKEN_MASK_EXPR"] = causalExpression;
                 yield return ("flash_fwd.cu", defines);
             }
+        // Linear attention: each feature map with F = D, both head-dim tiles.
+        for (int map = 0; map < 3; map++)
+            foreach (int dMax in new[] { 64, 128 })
+                yield return ("linear.cu", new Dictionary<string, string>
+                {
+                    ["MAP"] = map.ToString(System.Globalization.CultureInfo.InvariantCulture),
+                    ["D_MAX"] = dMax.ToString(System.Globalization.CultureInfo.InvariantCulture),
+                    ["CHUNK"] = "32",
+                    ["VSLICE"] = "32",
+                });
         for (int src = 0; src < 3; src++)
             for (int dst = 0; dst < 3; dst++)
                 yield return ("convert.cu", new Dictionary<string, string> { ["SRC_T"] = src.ToString(System.Globalization.CultureInfo.InvariantCulture), ["DST_T"] = dst.ToString(System.Globalization.CultureInfo.InvariantCulture) });
