@@ -67,9 +67,10 @@ public static unsafe class CudaLinear
         device.Synchronize();   // the decay buffer is freed on return
     }
 
-    /// <summary>Shared memory of one block: state, normalizer, φQ, φK, V, the chunk's A and its normalizers.</summary>
+    /// <summary>Shared memory of one block: state, normalizer, φQ, φK (rows padded by one float), V, the chunk's A, its
+    /// normalizers and the decay powers.</summary>
     internal static int SharedBytes(int dMax, int chunk, int slice) =>
-        ((dMax * slice) + dMax + (2 * chunk * dMax) + (chunk * slice) + (chunk * chunk) + chunk) * sizeof(float);
+        ((dMax * slice) + dMax + (2 * chunk * (dMax + 1)) + (chunk * slice) + (chunk * chunk) + chunk + chunk + 1) * sizeof(float);
 
     [StructLayout(LayoutKind.Sequential)]
     private struct LinearParams

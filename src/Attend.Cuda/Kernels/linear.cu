@@ -22,6 +22,7 @@
 #define VSLICE 32
 #endif
 #define THREADS 256
+#define ROW (D_MAX + 1)                    // φQ/φK row stride: +1 float keeps the 32 key rows of a warp in 32 banks
 
 typedef long long i64;
 
@@ -57,11 +58,12 @@ linear_attention(const LinearParams p)
     extern __shared__ __align__(16) float smem[];
     float* S = smem;                          // [D_MAX][VSLICE]
     float* z = S + D_MAX * VSLICE;            // [D_MAX]
-    float* phiQ = z + D_MAX;                  // [CHUNK][D_MAX]
-    float* phiK = phiQ + CHUNK * D_MAX;       // [CHUNK][D_MAX]
-    float* V = phiK + CHUNK * D_MAX;          // [CHUNK][VSLICE]
+    float* phiQ = z + D_MAX;                  // [CHUNK][ROW]
+    float* phiK = phiQ + CHUNK * ROW;         // [CHUNK][ROW]
+    float* V = phiK + CHUNK * ROW;            // [CHUNK][VSLICE]
     float* A = V + CHUNK * VSLICE;            // [CHUNK][CHUNK]
     float* den = A + CHUNK * CHUNK;           // [CHUNK]
+    float* gpow = den + CHUNK;                // [CHUNK + 1]: γ^0 .. γ^CHUNK
 
     const int c0 = blockIdx.x * VSLICE, head = blockIdx.y, batch = blockIdx.z, kv_head = head / p.group;
     const int tid = threadIdx.x, d = p.d;
@@ -74,6 +76,7 @@ linear_attention(const LinearParams p)
 
     for (int i = tid; i < D_MAX * VSLICE; i += THREADS) S[i] = 0.f;
     for (int i = tid; i < D_MAX; i += THREADS) z[i] = 0.f;
+    if (tid <= CHUNK) gpow[tid] = powf(gamma, (float)tid);
     __syncthreads();
 
     // Keys (all of them when not causal; the chunk's when causal) enter the state chunk by chunk.
@@ -82,7 +85,7 @@ linear_attention(const LinearParams p)
         for (int i = tid; i < CHUNK * D_MAX; i += THREADS)
         {
             int t = i / D_MAX, f = i % D_MAX;
-            phiK[i] = (t < len && f < d) ? feature(k[(i64)(t0 + t) * p.k_row + f]) : 0.f;
+            phiK[t * ROW + f] = (t < len && f < d) ? feature(k[(i64)(t0 + t) * p.k_row + f]) : 0.f;
         }
         for (int i = tid; i < CHUNK * VSLICE; i += THREADS)
         {
@@ -93,18 +96,18 @@ linear_attention(const LinearParams p)
     // S ← γ^len·S + Σ_u γ^(len−1−u) φK[u]ᵀ V[u];  z likewise.
     auto update_state = [&](int len)
     {
-        const float g_len = powf(gamma, (float)len);
+        const float g_len = gpow[len];
         for (int i = tid; i < D_MAX * VSLICE; i += THREADS)
         {
             int f = i / VSLICE, c = i % VSLICE;
-            float acc = S[i] * g_len, g = 1.f;
-            for (int u = len - 1; u >= 0; u--, g *= gamma) acc = fmaf(phiK[u * D_MAX + f] * g, V[u * VSLICE + c], acc);
+            float acc = S[i] * g_len;
+            for (int u = 0; u < len; u++) acc = fmaf(phiK[u * ROW + f] * gpow[len - 1 - u], V[u * VSLICE + c], acc);
             S[i] = acc;
         }
         for (int f = tid; f < D_MAX; f += THREADS)
         {
-            float acc = z[f] * g_len, g = 1.f;
-            for (int u = len - 1; u >= 0; u--, g *= gamma) acc = fmaf(phiK[u * D_MAX + f], g, acc);
+            float acc = z[f] * g_len;
+            for (int u = 0; u < len; u++) acc = fmaf(phiK[u * ROW + f], gpow[len - 1 - u], acc);
             z[f] = acc;
         }
     };
@@ -127,7 +130,7 @@ linear_attention(const LinearParams p)
         for (int i = tid; i < CHUNK * D_MAX; i += THREADS)
         {
             int t = i / D_MAX, f = i % D_MAX;
-            phiQ[i] = (t < len && f < d) ? feature(q[(i64)(t0 + t) * p.q_row + f]) : 0.f;
+            phiQ[t * ROW + f] = (t < len && f < d) ? feature(q[(i64)(t0 + t) * p.q_row + f]) : 0.f;
         }
         if (p.causal) load_keys(t0, len);
         __syncthreads();
@@ -140,8 +143,8 @@ linear_attention(const LinearParams p)
                 float acc = 0.f;
                 if (u <= t && t < len)
                 {
-                    for (int f = 0; f < d; f++) acc = fmaf(phiQ[t * D_MAX + f], phiK[u * D_MAX + f], acc);
-                    acc *= powf(gamma, (float)(t - u));
+                    for (int f = 0; f < d; f++) acc = fmaf(phiQ[t * ROW + f], phiK[u * ROW + f], acc);
+                    acc *= gpow[t - u];
                 }
                 A[i] = acc;
             }
@@ -151,8 +154,8 @@ linear_attention(const LinearParams p)
         for (int t = tid; t < CHUNK; t += THREADS)
         {
             float acc = 0.f;
-            for (int f = 0; f < d; f++) acc = fmaf(phiQ[t * D_MAX + f], z[f], acc);
-            float carry = p.causal ? powf(gamma, (float)(t + 1)) : 1.f;
+            for (int f = 0; f < d; f++) acc = fmaf(phiQ[t * ROW + f], z[f], acc);
+            float carry = p.causal ? gpow[t + 1] : 1.f;
             acc *= carry;
             if (p.causal) for (int u = 0; u <= t && u < CHUNK; u++) acc += A[t * CHUNK + u];
             den[t] = acc;
@@ -163,10 +166,10 @@ linear_attention(const LinearParams p)
             int t = i / VSLICE, c = i % VSLICE;
             if (t >= len || c >= cols) continue;
             float acc = 0.f;
-            for (int f = 0; f < d; f++) acc = fmaf(phiQ[t * D_MAX + f], S[f * VSLICE + c], acc);
+            for (int f = 0; f < d; f++) acc = fmaf(phiQ[t * ROW + f], S[f * VSLICE + c], acc);
             if (p.causal)
             {
-                acc *= powf(gamma, (float)(t + 1));
+                acc *= gpow[t + 1];
                 for (int u = 0; u <= t; u++) acc = fmaf(A[t * CHUNK + u], V[u * VSLICE + c], acc);
             }
             i64 row = (i64)(t0 + t) * p.o_row;
