@@ -54,9 +54,9 @@ internal static class BenchCommand
                 throw new NotSupportedException($"--device cuda: {Cuda.CudaBackend.UnavailableReason}");
             }
             string suiteName = r.GetValue(suite)!;
-            if (suiteName is not ("default" or "dense" or "peak" or "gpu" or "masks" or "sparse" or "sparse-real" or "linear" or "decode" or "decode-real"))
+            if (suiteName is not ("default" or "dense" or "peak" or "gpu" or "masks" or "sparse" or "sparse-real" or "linear" or "decode" or "decode-real" or "decode-offload"))
             {
-                throw new ArgumentException($"--suite must be one of default, dense, peak, gpu, masks, sparse, sparse-real, linear, decode, decode-real; got '{suiteName}'");
+                throw new ArgumentException($"--suite must be one of default, dense, peak, gpu, masks, sparse, sparse-real, linear, decode, decode-real, decode-offload; got '{suiteName}'");
             }
             if (cuda && suiteName == "default") suiteName = "gpu";
             if (cuda && suiteName == "masks") suiteName = "gpu-masks";
@@ -284,7 +284,7 @@ internal static class BenchCommand
         var rows = new List<BenchRow>();
         double peak = 0, peakOne = 0, copy = 0;
         var peaks = new Dictionary<int, double>();   // FMA peak per thread count of the threads axis
-        var cases = suite is "peak" or "gpu" or "gpu-masks" or "gpu-decode" or "gpu-linear" or "masks" or "sparse" or "sparse-real" or "linear" or "decode" or "decode-real" ? [] : DenseCases(plan).ToList();
+        var cases = suite is "peak" or "gpu" or "gpu-masks" or "gpu-decode" or "gpu-linear" or "masks" or "sparse" or "sparse-real" or "linear" or "decode" or "decode-real" or "decode-offload" ? [] : DenseCases(plan).ToList();
         int gpuCases = suite == "gpu" ? plan.Lengths.Length * plan.HeadDims.Length * plan.Causal.Length : 0;
         gpuCases += suite == "masks" ? MaskBench.Steps : suite == "linear" ? LinearBench.Steps : suite == "decode" ? DecodeBench.Steps : 0;
         void Body(Action<string> status, Action advance)
@@ -317,6 +317,7 @@ internal static class BenchCommand
             if (suite == "linear") rows.AddRange(LinearBench.Run(plan, peak, status, advance));
             if (suite == "decode") rows.AddRange(DecodeBench.Run(plan, copy, status, advance));
             if (suite == "decode-real") rows.AddRange(DecodeRealBench.Run(plan.DataDir, status));
+            if (suite == "decode-offload") rows.AddRange(DecodeBench.RunOffload(plan, status));
         }
         if (quiet || Console.IsOutputRedirected)
         {

@@ -383,4 +383,69 @@ public sealed class DecodeTests
         Assert.Throws<ArgumentOutOfRangeException>(() => new RetrievalPolicy(10, 5));
         Assert.Throws<ArgumentOutOfRangeException>(() => new RetrievalPolicy(10, 20, 0));
     }
+
+    [Fact]
+    public void Should_offload_pages_beyond_the_resident_budget_and_decode_exactly_as_in_memory()
+    {
+        int length = 2000, hkv = 2, d = 16, ps = 32;
+        string file = Path.Combine(Path.GetTempPath(), $"attend-offload-{Guid.NewGuid():N}.bin");
+        float[] keys = TestData.Normal(length * hkv * d, 41), values = TestData.Normal(length * hkv * d, 42);
+        var memory = new KvCache(1, hkv, d, storage: DType.Float16, pageSize: ps);
+        int seqM = memory.AddSequence();
+        memory.Append(seqM, 0, new TensorView<float>(keys, length, hkv, d), new TensorView<float>(values, length, hkv, d));
+        long pageBytes = memory.MemoryBytes / ((length + ps - 1) / ps);
+        var tiered = new KvCache(1, hkv, d, storage: DType.Float16, pageSize: ps, offload: new KvOffload(file, ResidentBytes: 10 * pageBytes, CachedPages: 4));
+        int seqT = tiered.AddSequence();
+        for (int t0 = 0; t0 < length; t0 += 300)
+        {
+            int n = Math.Min(300, length - t0);
+            tiered.Append(seqT, 0, new TensorView<float>(keys[(t0 * hkv * d)..((t0 + n) * hkv * d)], n, hkv, d), new TensorView<float>(values[(t0 * hkv * d)..((t0 + n) * hkv * d)], n, hkv, d));
+        }
+        Assert.True(tiered.ResidentBytes <= 10 * pageBytes, $"resident {tiered.ResidentBytes} > budget {10 * pageBytes}");
+        Assert.True(tiered.OffloadStats.Offloaded >= 50);
+        Assert.Equal(memory.MemoryBytes, tiered.MemoryBytes);
+        var q = new TensorView<float>(TestData.Normal(4 * d, 43), 1, 4, d);
+        var a = new TensorView<float>(new float[4 * d], 1, 4, d);
+        var b = new TensorView<float>(new float[4 * d], 1, 4, d);
+        foreach (IKvSelectionPolicy? policy in new IKvSelectionPolicy?[] { null, new QuestPolicy(8 * ps), new TokenSelectPolicy(100) })
+        {
+            DecodeAttention.Forward(q, memory, seqM, 0, a, new DecodeOptions { Policy = policy });
+            DecodeAttention.Forward(q, tiered, seqT, 0, b, new DecodeOptions { Policy = policy });
+            Assert.Equal(a.ToArray(), b.ToArray());
+        }
+        Assert.True(tiered.OffloadStats.Loads > 0);
+        // Truncating into an offloaded page brings it back; appending after that is kept.
+        tiered.Truncate(seqT, 100);
+        memory.Truncate(seqM, 100);
+        tiered.Append(seqT, 0, new TensorView<float>(keys[..(5 * hkv * d)], 5, hkv, d), new TensorView<float>(values[..(5 * hkv * d)], 5, hkv, d));
+        memory.Append(seqM, 0, new TensorView<float>(keys[..(5 * hkv * d)], 5, hkv, d), new TensorView<float>(values[..(5 * hkv * d)], 5, hkv, d));
+        DecodeAttention.Forward(q, memory, seqM, 0, a);
+        DecodeAttention.Forward(q, tiered, seqT, 0, b);
+        Assert.Equal(a.ToArray(), b.ToArray());
+        Assert.Throws<ArgumentOutOfRangeException>(() => new KvCache(1, hkv, d, pageSize: ps, offload: new KvOffload(file + "2", ResidentBytes: 10)));
+    }
+
+    [Fact]
+    public void Should_name_a_corrupt_offload_file()
+    {
+        int hkv = 1, d = 16, ps = 32;
+        string file = Path.Combine(Path.GetTempPath(), $"attend-offload-{Guid.NewGuid():N}.bin");
+        var probe = new KvCache(1, hkv, d, storage: DType.Float32, pageSize: ps);
+        int sp = probe.AddSequence();
+        probe.Append(sp, 0, new TensorView<float>(new float[ps * d], ps, hkv, d), new TensorView<float>(new float[ps * d], ps, hkv, d));
+        long pageBytes = probe.MemoryBytes;
+        var cache = new KvCache(1, hkv, d, storage: DType.Float32, pageSize: ps, offload: new KvOffload(file, ResidentBytes: 2 * pageBytes, CachedPages: 1));
+        int seq = cache.AddSequence();
+        cache.Append(seq, 0, new TensorView<float>(TestData.Normal(400 * d, 1), 400, hkv, d), new TensorView<float>(TestData.Normal(400 * d, 2), 400, hkv, d));
+        Assert.True(cache.OffloadStats.Offloaded > 0);
+        // Flip bytes of the first offloaded page behind the cache's back.
+        using (var stream = new FileStream(file, FileMode.Open, FileAccess.Write, FileShare.ReadWrite | FileShare.Delete))
+        {
+            stream.Position = 100;
+            stream.Write([1, 2, 3, 4, 5, 6, 7, 8]);
+        }
+        var q = new TensorView<float>(TestData.Normal(d, 3), 1, 1, d);
+        var o = new TensorView<float>(new float[d], 1, 1, d);
+        Assert.Contains("checksum", Assert.Throws<InvalidDataException>(() => DecodeAttention.Forward(q, cache, seq, 0, o)).Message);
+    }
 }

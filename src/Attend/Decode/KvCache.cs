@@ -13,7 +13,8 @@ public sealed class KvCache
     private readonly List<List<Page>[]> _sequences = [];   // [sequence][layer] → pages
 
     /// <summary>An empty cache.</summary>
-    public KvCache(int layers, int kvHeads, int headDim, int valueDim = 0, DType storage = DType.Float16, int pageSize = 64, long memoryCapBytes = long.MaxValue)
+    public KvCache(int layers, int kvHeads, int headDim, int valueDim = 0, DType storage = DType.Float16, int pageSize = 64, long memoryCapBytes = long.MaxValue,
+        KvOffload? offload = null)
     {
         if (layers < 1 || kvHeads < 1 || headDim < 1 || valueDim < 0)
             throw new ArgumentException($"layers, kv heads and head dim must be ≥ 1; got {layers}, {kvHeads}, {headDim}");
@@ -27,7 +28,22 @@ public sealed class KvCache
         Storage = storage;
         PageSize = pageSize;
         MemoryCapBytes = memoryCapBytes;
+        if (offload is not null)
+        {
+            if (offload.ResidentBytes < 2 * PageBytes) throw new ArgumentOutOfRangeException(nameof(offload), offload.ResidentBytes, $"the resident budget must hold at least two pages ({2 * PageBytes} bytes)");
+            _tier = new FileTier(this, offload);
+        }
     }
+
+    private readonly FileTier? _tier;
+
+    /// <summary>The file tier's counters: pages written to it, pages loaded back from it, loads served by its page cache.</summary>
+    public (long Offloaded, long Loads, long CacheHits) OffloadStats => _tier is null ? (0, 0, 0) : (_tier.Offloaded, _tier.Loads, _tier.Hits);
+
+    /// <summary>Bytes of key/value data resident in memory (pages not in the file tier, summaries included).</summary>
+    public long ResidentBytes { get => ResidentBytesInternal; private set => ResidentBytesInternal = value; }
+
+    internal long ResidentBytesInternal;
 
     /// <summary>Layers.</summary>
     public int Layers { get; }
@@ -50,10 +66,13 @@ public sealed class KvCache
     /// <summary>The memory cap in bytes.</summary>
     public long MemoryCapBytes { get; }
 
-    /// <summary>Bytes held by pages (keys, values and summaries).</summary>
+    /// <summary>Bytes held by pages (keys, values and summaries), in memory or in the file tier.</summary>
     public long MemoryBytes { get; private set; }
 
-    internal long PageBytes => (long)KvHeads * PageSize * (HeadDim + ValueDim) * DTypes.SizeOf(Storage) + 3L * KvHeads * HeadDim * sizeof(float);
+    internal long PageBytes => DataBytes + 3L * KvHeads * HeadDim * sizeof(float);
+
+    /// <summary>Key and value bytes of one page (what the file tier stores).</summary>
+    internal long DataBytes => (long)KvHeads * PageSize * (HeadDim + ValueDim) * DTypes.SizeOf(Storage);
 
     /// <summary>Adds an empty sequence; returns its id.</summary>
     public int AddSequence()
@@ -95,8 +114,11 @@ public sealed class KvCache
         {
             if (pages.Count == 0 || pages[^1].Count == PageSize)
             {
+                if (_tier is not null && pages.Count > 0) _tier.Full(pages[^1]);
                 pages.Add(new Page(this));
                 MemoryBytes += PageBytes;
+                ResidentBytes += PageBytes;
+                _tier?.Balance();
             }
             Page page = pages[^1];
             for (int h = 0; h < KvHeads; h++)
@@ -119,11 +141,18 @@ public sealed class KvCache
             if (length < 0 || length > total) throw new ArgumentOutOfRangeException(nameof(length), length, $"length must be in 0..{total}");
             int keepPages = (length + PageSize - 1) / PageSize;
             MemoryBytes -= (pages.Count - keepPages) * PageBytes;
+            foreach (Page dropped in pages.Skip(keepPages)) ResidentBytes -= dropped.IsResident ? PageBytes : PageBytes - DataBytes;
             pages.RemoveRange(keepPages, pages.Count - keepPages);
             if (pages.Count > 0)
             {
-                pages[^1].Count = length - (keepPages - 1) * PageSize;
-                pages[^1].Resummarize();
+                Page last = pages[^1];
+                if (!last.IsResident)
+                {
+                    last.MakeResident();               // it will be written again
+                    ResidentBytes += DataBytes;
+                }
+                last.Count = length - (keepPages - 1) * PageSize;
+                last.Resummarize();
             }
         }
     }
@@ -136,24 +165,27 @@ public sealed class KvCache
         int id = AddSequence();
         for (int l = 0; l < Layers; l++)
         {
-            _sequences[id][l].AddRange(_sequences[sequence][l].Select(p => p.Clone()));
+            foreach (Page p in _sequences[sequence][l])
+            {
+                Page copy = p.Clone();
+                _sequences[id][l].Add(copy);
+                ResidentBytes += PageBytes;
+                if (copy.Count == PageSize) _tier?.Full(copy);
+                _tier?.Balance();
+            }
         }
         MemoryBytes += bytes;
         return id;
     }
 
-    /// <summary>One page: keys [Hkv, page, D], values [Hkv, page, Dv] in the storage dtype; per-head key min/max/mean.</summary>
-    internal sealed class Page
+    /// <summary>A page's keys and values in the storage dtype (f32 arrays, or f16/bf16 bits).</summary>
+    internal sealed class PageData
     {
-        private readonly KvCache _cache;
-        public readonly float[]? KF, VF;
-        public readonly ushort[]? KH, VH;       // f16 or bf16 bits
-        public readonly float[] Min, Max, Mean; // [Hkv, D]
-        public int Count;
+        public float[]? KF, VF;
+        public ushort[]? KH, VH;
 
-        public Page(KvCache cache)
+        public PageData(KvCache cache)
         {
-            _cache = cache;
             int kn = cache.KvHeads * cache.PageSize * cache.HeadDim, vn = cache.KvHeads * cache.PageSize * cache.ValueDim;
             if (cache.Storage == DType.Float32)
             {
@@ -165,6 +197,33 @@ public sealed class KvCache
                 KH = new ushort[kn];
                 VH = new ushort[vn];
             }
+        }
+
+        public PageData Clone() => new() { KF = (float[]?)KF?.Clone(), VF = (float[]?)VF?.Clone(), KH = (ushort[]?)KH?.Clone(), VH = (ushort[]?)VH?.Clone() };
+
+        private PageData()
+        {
+        }
+    }
+
+    /// <summary>
+    /// One page: keys [Hkv, page, D], values [Hkv, page, Dv] in the storage dtype; per-head key min/max/mean. With a file
+    /// tier a full page's data may live in the file (its summaries stay in memory: policies score pages without loading
+    /// them); reading it loads it through the tier's cache of recently read pages.
+    /// </summary>
+    internal sealed class Page
+    {
+        private readonly KvCache _cache;
+        private PageData? _data;
+        public readonly float[] Min, Max, Mean; // [Hkv, D]
+        public int Count;
+        public long FileOffset = -1;           // where the file tier holds the data (when not resident)
+        public ulong Checksum;                 // of the data written to the file
+
+        public Page(KvCache cache)
+        {
+            _cache = cache;
+            _data = new PageData(cache);
             Min = new float[cache.KvHeads * cache.HeadDim];
             Max = new float[cache.KvHeads * cache.HeadDim];
             Mean = new float[cache.KvHeads * cache.HeadDim];
@@ -173,10 +232,7 @@ public sealed class KvCache
         private Page(Page other)
         {
             _cache = other._cache;
-            KF = (float[]?)other.KF?.Clone();
-            VF = (float[]?)other.VF?.Clone();
-            KH = (ushort[]?)other.KH?.Clone();
-            VH = (ushort[]?)other.VH?.Clone();
+            _data = other.Data.Clone();
             Min = (float[])other.Min.Clone();
             Max = (float[])other.Max.Clone();
             Mean = (float[])other.Mean.Clone();
@@ -184,6 +240,32 @@ public sealed class KvCache
         }
 
         public Page Clone() => new(this);
+
+        /// <summary>Whether the data is in memory (not only in the file tier).</summary>
+        public bool IsResident => _data is not null;
+
+        /// <summary>The data: resident, or loaded from the file tier.</summary>
+        public PageData Data => _data ?? _cache._tier!.Load(this);
+
+        /// <summary>Brings an offloaded page back into memory for good (before it is written again).</summary>
+        public void MakeResident()
+        {
+            _data = Data.Clone();
+            FileOffset = -1;
+        }
+
+        /// <summary>Drops the resident data (the file tier holds it now) and returns it for writing.</summary>
+        public PageData Release()
+        {
+            PageData data = _data!;
+            _data = null;
+            return data;
+        }
+
+        private float[]? KF => Data.KF;
+        private float[]? VF => Data.VF;
+        private ushort[]? KH => Data.KH;
+        private ushort[]? VH => Data.VH;
 
         private ushort ToBits(float x) => _cache.Storage == DType.Float16 ? BitConverter.HalfToUInt16Bits((Half)x) : ((BFloat16)x).Bits;
 
@@ -273,5 +355,142 @@ public sealed class KvCache
             Max[s] = slot == 0 ? x : MathF.Max(Max[s], x);
             Mean[s] = slot == 0 ? x : Mean[s] + (x - Mean[s]) / (slot + 1);
         }
+    }
+}
+
+/// <summary>
+/// Where a <see cref="KvCache"/> puts the pages that do not fit its resident budget: a file (created, or truncated)
+/// at <paramref name="Path"/>; full pages beyond <paramref name="ResidentBytes"/> of resident memory move there, oldest
+/// first, and are read back on demand through a cache of the <paramref name="CachedPages"/> most recently read pages —
+/// a step's selected pages are its best guess of the next step's, so they stay loaded (Quest's choices barely move
+/// from one token to the next). Page summaries (Quest's min/max, the landmark means) always stay in memory.
+/// </summary>
+public sealed record KvOffload(string Path, long ResidentBytes, int CachedPages = 256);
+
+/// <summary>The file tier of a <see cref="KvCache"/> (see <see cref="KvOffload"/>).</summary>
+internal sealed class FileTier
+{
+    private readonly KvCache _cache;
+    private readonly FileStream _file;
+    private readonly int _cachedPages;
+    private readonly LinkedList<KvCache.Page> _full = [];       // resident full pages, oldest first: eviction order
+    private readonly Dictionary<KvCache.Page, KvCache.PageData> _loaded = [];
+    private readonly LinkedList<KvCache.Page> _recent = [];     // loaded pages, most recent last
+    private readonly long _budget;
+    private readonly Lock _gate = new();
+    private long _next;
+
+    public FileTier(KvCache cache, KvOffload options)
+    {
+        ArgumentException.ThrowIfNullOrEmpty(options.Path, nameof(options));
+        if (options.CachedPages < 1) throw new ArgumentOutOfRangeException(nameof(options), options.CachedPages, "CachedPages must be ≥ 1");
+        _cache = cache;
+        _budget = options.ResidentBytes;
+        _cachedPages = options.CachedPages;
+        _file = new FileStream(options.Path, FileMode.Create, FileAccess.ReadWrite, FileShare.Read, 1 << 16, FileOptions.RandomAccess | FileOptions.DeleteOnClose);
+    }
+
+    public long Offloaded { get; private set; }
+
+    public long Loads { get; private set; }
+
+    public long Hits { get; private set; }
+
+    /// <summary>A page just filled up: it may move to the file later.</summary>
+    public void Full(KvCache.Page page)
+    {
+        lock (_gate) _full.AddLast(page);
+    }
+
+    /// <summary>Moves the oldest full pages to the file until the resident bytes fit the budget.</summary>
+    public void Balance()
+    {
+        lock (_gate)
+        {
+            while (_cache.ResidentBytesInternal > _budget && _full.Count > 0)
+            {
+                KvCache.Page page = _full.First!.Value;
+                _full.RemoveFirst();
+                if (!page.IsResident || page.Count < _cache.PageSize) continue;   // gone already, or truncated since
+                byte[] bytes = Serialize(page.Release());
+                page.FileOffset = _next;
+                page.Checksum = Checksum(bytes);
+                RandomAccess.Write(_file.SafeFileHandle, bytes, _next);
+                _next += bytes.Length;
+                _cache.ResidentBytesInternal -= _cache.DataBytes;
+                Offloaded++;
+            }
+        }
+    }
+
+    /// <summary>The data of an offloaded page: from the cache of recently read pages, else read from the file.</summary>
+    public KvCache.PageData Load(KvCache.Page page)
+    {
+        lock (_gate)
+        {
+            if (_loaded.TryGetValue(page, out KvCache.PageData? hit))
+            {
+                Hits++;
+                _recent.Remove(page);
+                _recent.AddLast(page);
+                return hit;
+            }
+            var bytes = new byte[_cache.DataBytes];
+            int read = RandomAccess.Read(_file.SafeFileHandle, bytes, page.FileOffset);
+            if (read != bytes.Length) throw new InvalidDataException($"the offload file {_file.Name} is truncated: page at {page.FileOffset} has {read} of {bytes.Length} bytes");
+            if (Checksum(bytes) != page.Checksum) throw new InvalidDataException($"the offload file {_file.Name} is corrupt: page at {page.FileOffset} fails its checksum");
+            KvCache.PageData data = Deserialize(bytes);
+            Loads++;
+            _loaded[page] = data;
+            _recent.AddLast(page);
+            if (_recent.Count > _cachedPages)
+            {
+                _loaded.Remove(_recent.First!.Value);
+                _recent.RemoveFirst();
+            }
+            return data;
+        }
+    }
+
+    private byte[] Serialize(KvCache.PageData data)
+    {
+        var bytes = new byte[_cache.DataBytes];
+        Span<byte> span = bytes;
+        if (data.KF is not null)
+        {
+            System.Runtime.InteropServices.MemoryMarshal.AsBytes(data.KF.AsSpan()).CopyTo(span);
+            System.Runtime.InteropServices.MemoryMarshal.AsBytes(data.VF.AsSpan()).CopyTo(span[(data.KF.Length * 4)..]);
+        }
+        else
+        {
+            System.Runtime.InteropServices.MemoryMarshal.AsBytes(data.KH.AsSpan()).CopyTo(span);
+            System.Runtime.InteropServices.MemoryMarshal.AsBytes(data.VH.AsSpan()).CopyTo(span[(data.KH!.Length * 2)..]);
+        }
+        return bytes;
+    }
+
+    private KvCache.PageData Deserialize(byte[] bytes)
+    {
+        var data = new KvCache.PageData(_cache);
+        ReadOnlySpan<byte> span = bytes;
+        if (data.KF is not null)
+        {
+            span[..(data.KF.Length * 4)].CopyTo(System.Runtime.InteropServices.MemoryMarshal.AsBytes(data.KF.AsSpan()));
+            span[(data.KF.Length * 4)..].CopyTo(System.Runtime.InteropServices.MemoryMarshal.AsBytes(data.VF.AsSpan()));
+        }
+        else
+        {
+            span[..(data.KH!.Length * 2)].CopyTo(System.Runtime.InteropServices.MemoryMarshal.AsBytes(data.KH.AsSpan()));
+            span[(data.KH.Length * 2)..].CopyTo(System.Runtime.InteropServices.MemoryMarshal.AsBytes(data.VH.AsSpan()));
+        }
+        return data;
+    }
+
+    /// <summary>FNV-1a over the bytes, 8 at a time.</summary>
+    private static ulong Checksum(ReadOnlySpan<byte> bytes)
+    {
+        ulong h = 14695981039346656037UL;
+        foreach (ulong x in System.Runtime.InteropServices.MemoryMarshal.Cast<byte, ulong>(bytes)) h = (h ^ x) * 1099511628211UL;
+        return h;
     }
 }
