@@ -378,6 +378,8 @@ internal sealed class FileTier
     private readonly LinkedList<KvCache.Page> _recent = [];     // loaded pages, most recent last
     private readonly long _budget;
     private readonly Lock _gate = new();
+    private readonly Stack<KvCache.PageData> _spare = [];          // arrays of pages moved to the file, reused by loads
+    private readonly byte[] _buffer;
     private long _next;
 
     public FileTier(KvCache cache, KvOffload options)
@@ -387,6 +389,7 @@ internal sealed class FileTier
         _cache = cache;
         _budget = options.ResidentBytes;
         _cachedPages = options.CachedPages;
+        _buffer = new byte[cache.DataBytes];
         _file = new FileStream(options.Path, FileMode.Create, FileAccess.ReadWrite, FileShare.Read, 1 << 16, FileOptions.RandomAccess | FileOptions.DeleteOnClose);
     }
 
@@ -412,11 +415,13 @@ internal sealed class FileTier
                 KvCache.Page page = _full.First!.Value;
                 _full.RemoveFirst();
                 if (!page.IsResident || page.Count < _cache.PageSize) continue;   // gone already, or truncated since
-                byte[] bytes = Serialize(page.Release());
+                KvCache.PageData released = page.Release();
+                Serialize(released, _buffer);
+                if (_spare.Count < _cachedPages) _spare.Push(released);
                 page.FileOffset = _next;
-                page.Checksum = Checksum(bytes);
-                RandomAccess.Write(_file.SafeFileHandle, bytes, _next);
-                _next += bytes.Length;
+                page.Checksum = Checksum(_buffer);
+                RandomAccess.Write(_file.SafeFileHandle, _buffer, _next);
+                _next += _buffer.Length;
                 _cache.ResidentBytesInternal -= _cache.DataBytes;
                 Offloaded++;
             }
@@ -435,26 +440,28 @@ internal sealed class FileTier
                 _recent.AddLast(page);
                 return hit;
             }
-            var bytes = new byte[_cache.DataBytes];
+            byte[] bytes = _buffer;
             int read = RandomAccess.Read(_file.SafeFileHandle, bytes, page.FileOffset);
             if (read != bytes.Length) throw new InvalidDataException($"the offload file {_file.Name} is truncated: page at {page.FileOffset} has {read} of {bytes.Length} bytes");
             if (Checksum(bytes) != page.Checksum) throw new InvalidDataException($"the offload file {_file.Name} is corrupt: page at {page.FileOffset} fails its checksum");
-            KvCache.PageData data = Deserialize(bytes);
-            Loads++;
-            _loaded[page] = data;
-            _recent.AddLast(page);
-            if (_recent.Count > _cachedPages)
+            if (_recent.Count >= _cachedPages)
             {
+                // The least recently read page leaves the cache. Its arrays are not reused: a concurrent reader of the
+                // same step may still be copying from them.
                 _loaded.Remove(_recent.First!.Value);
                 _recent.RemoveFirst();
             }
+            KvCache.PageData data = _spare.Count > 0 ? _spare.Pop() : new KvCache.PageData(_cache);
+            Deserialize(bytes, data);
+            Loads++;
+            _loaded[page] = data;
+            _recent.AddLast(page);
             return data;
         }
     }
 
-    private byte[] Serialize(KvCache.PageData data)
+    private static void Serialize(KvCache.PageData data, byte[] bytes)
     {
-        var bytes = new byte[_cache.DataBytes];
         Span<byte> span = bytes;
         if (data.KF is not null)
         {
@@ -466,12 +473,10 @@ internal sealed class FileTier
             System.Runtime.InteropServices.MemoryMarshal.AsBytes(data.KH.AsSpan()).CopyTo(span);
             System.Runtime.InteropServices.MemoryMarshal.AsBytes(data.VH.AsSpan()).CopyTo(span[(data.KH!.Length * 2)..]);
         }
-        return bytes;
     }
 
-    private KvCache.PageData Deserialize(byte[] bytes)
+    private static void Deserialize(byte[] bytes, KvCache.PageData data)
     {
-        var data = new KvCache.PageData(_cache);
         ReadOnlySpan<byte> span = bytes;
         if (data.KF is not null)
         {
@@ -483,7 +488,6 @@ internal sealed class FileTier
             span[..(data.KH!.Length * 2)].CopyTo(System.Runtime.InteropServices.MemoryMarshal.AsBytes(data.KH.AsSpan()));
             span[(data.KH.Length * 2)..].CopyTo(System.Runtime.InteropServices.MemoryMarshal.AsBytes(data.VH.AsSpan()));
         }
-        return data;
     }
 
     /// <summary>FNV-1a over the bytes, 8 at a time.</summary>
