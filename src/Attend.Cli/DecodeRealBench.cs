@@ -31,6 +31,7 @@ internal static class DecodeRealBench
                 ("recycled every 8, 1/8", new RecycledPolicy(8, s / 8)),
                 ("tokenselect 1/8 tokens", new TokenSelectPolicy(s / 8)),
                 ("retrieval 1/8 tokens, scan 1/4", new RetrievalPolicy(s / 8, s / 4)),
+                ("retention 1/16 + chunks of 1/16", new RetentionPolicy(s / 16, s / 16)),
             };
             foreach ((string name, IKvSelectionPolicy policy) in policies)
             {

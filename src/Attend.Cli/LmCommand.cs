@@ -32,7 +32,7 @@ internal static class LmCommand
         var context = new Option<int>("--context") { Description = "sequence length", DefaultValueFactory = _ => 8192 };
         var bytes = new Option<long>("--bytes") { Description = "use the first N bytes (default: 8 contexts)" };
         var attention = new Option<string>("--attention") { Description = "dense | window:N | sink:S+window:N | mask:EXPR | selector spec (xattention:t=0.9, auto:err=0.02, ...)", DefaultValueFactory = _ => "dense" };
-        var policy = new Option<string?>("--policy") { Description = "teacher-forced decoding instead of prefill: dense | streaming:S,W | quest:1/8 | landmark:1/8 | h2o:H,R | recycled:P,N | tokenselect:N | retrieval:N,SCAN (with --decode-steps)" };
+        var policy = new Option<string?>("--policy") { Description = "teacher-forced decoding instead of prefill: dense | streaming:S,W | quest:1/8 | landmark:1/8 | h2o:H,R | recycled:P,N | tokenselect:N | retrieval:N,SCAN | retention:N,CHUNK (with --decode-steps)" };
         var steps = new Option<int>("--decode-steps") { Description = "with --policy: bytes decoded one by one at the end of each context", DefaultValueFactory = _ => 1024 };
         var threads = Threads();
         var json = new Option<string?>("--json") { Description = "write a JSON summary to this file ('-' for stdout)" };
@@ -75,7 +75,7 @@ internal static class LmCommand
         var model = ModelOption();
         var prompt = new Option<string>("--prompt-file") { Description = "prompt bytes", Required = true };
         var maxNew = new Option<int>("--max-new") { Description = "bytes to generate", DefaultValueFactory = _ => 256 };
-        var policy = new Option<string>("--policy") { Description = "dense | streaming:S,W | quest:TOKENS | quest:1/8 | landmark:N | h2o:H,R | recycled:P,N | tokenselect:N | retrieval:N,SCAN", DefaultValueFactory = _ => "dense" };
+        var policy = new Option<string>("--policy") { Description = "dense | streaming:S,W | quest:TOKENS | quest:1/8 | landmark:N | h2o:H,R | recycled:P,N | tokenselect:N | retrieval:N,SCAN | retention:N,CHUNK", DefaultValueFactory = _ => "dense" };
         var temperature = new Option<double>("--temperature") { Description = "0: greedy", DefaultValueFactory = _ => 0 };
         var seed = new Option<int>("--seed") { Description = "sampling seed", DefaultValueFactory = _ => 1 };
         var threads = Threads();
@@ -137,7 +137,7 @@ internal static class LmCommand
         var context = new Option<int>("--context") { Description = "sequence length", DefaultValueFactory = _ => 8192 };
         var bytes = new Option<long>("--bytes") { Description = "use the first N bytes (default: 8 contexts)" };
         var attention = new Option<string[]>("--attention") { Description = "methods (default: dense, windows, sink+window, every selector, auto)", AllowMultipleArgumentsPerToken = true };
-        var policies = new Option<string[]>("--policy") { Description = "KV policies for teacher-forced decoding (default: every policy at 1/8: dense, streaming:64,1/8-64, quest, landmark, h2o 1/16+1/16, recycled every 8, tokenselect, retrieval scanning 1/4)", AllowMultipleArgumentsPerToken = true };
+        var policies = new Option<string[]>("--policy") { Description = "KV policies for teacher-forced decoding (default: every policy at 1/8: dense, streaming:64,1/8-64, quest, landmark, h2o 1/16+1/16, recycled every 8, tokenselect, retrieval scanning 1/4, retention 1/16 + chunks of 1/16)", AllowMultipleArgumentsPerToken = true };
         var steps = new Option<int>("--decode-steps") { Description = "bytes decoded one by one at the end of each context", DefaultValueFactory = _ => 1024 };
         var threads = Threads();
         var json = new Option<string?>("--json") { Description = "write the table as JSON ('-' for stdout)" };
@@ -154,7 +154,7 @@ internal static class LmCommand
             string? htmlPath = r.GetValue(html);
             string[] methods = r.GetValue(attention) is { Length: > 0 } a ? a :
                 ["dense", "window:256", "window:1024", "window:2048", "sink:64+window:1024", .. Sparse.Selectors.Names, "auto:err=0.02"];
-            string[] policyList = r.GetValue(policies) is { Length: > 0 } p ? p : ["dense", $"streaming:64,{ctx / 8 - 64}", "quest:1/8", "landmark:1/8", "h2o:1/16,1/16", "recycled:8,1/8", "tokenselect:1/8", "retrieval:1/8,1/4"];
+            string[] policyList = r.GetValue(policies) is { Length: > 0 } p ? p : ["dense", $"streaming:64,{ctx / 8 - 64}", "quest:1/8", "landmark:1/8", "h2o:1/16,1/16", "recycled:8,1/8", "tokenselect:1/8", "retrieval:1/8,1/4", "retention:1/16,1/16"];
             string? jsonPath = r.GetValue(json);
             var rows = new JsonArray();
             double? denseSeconds = null, denseBits = null;

@@ -179,6 +179,10 @@ public static class PolicySpec
                     else throw new ArgumentException($"policy '{spec}': tokenselect takes reuse=COSINE after its budget; got '{option}'", nameof(spec));
                 }
                 return new Decode.TokenSelectPolicy(Tokens(ts[0]), threshold);
+            case "retention" when parts.Length == 2:
+                string[] rt = parts[1].Split(',');
+                if (rt.Length != 2) throw new ArgumentException($"policy '{spec}': retention takes TOKENS,CHUNK (e.g. retention:1/16,1/16)", nameof(spec));
+                return new Decode.RetentionPolicy(Tokens(rt[0]), Tokens(rt[1]));
             case "retrieval" when parts.Length == 2:
                 string[] rv = parts[1].Split(',');
                 if (rv.Length != 2) throw new ArgumentException($"policy '{spec}': retrieval takes TOKENS,SCAN (e.g. retrieval:1/8,1/4)", nameof(spec));
@@ -188,7 +192,7 @@ public static class PolicySpec
                 if (sw.Length != 2) throw new ArgumentException($"policy '{spec}': streaming takes SINK,WINDOW (e.g. streaming:64,960)", nameof(spec));
                 return new Decode.StreamingPolicy(Tokens(sw[0]), Tokens(sw[1]));
             default:
-                throw new ArgumentException($"unknown policy '{spec}'; expected dense, streaming:SINK,WINDOW, quest:TOKENS|quest:1/8, landmark:TOKENS, h2o:HEAVY,RECENT, recycled:PERIOD,TOKENS, tokenselect:TOKENS[,reuse=C] or retrieval:TOKENS,SCAN, optionally @N", nameof(spec));
+                throw new ArgumentException($"unknown policy '{spec}'; expected dense, streaming:SINK,WINDOW, quest:TOKENS|quest:1/8, landmark:TOKENS, h2o:HEAVY,RECENT, recycled:PERIOD,TOKENS, tokenselect:TOKENS[,reuse=C], retrieval:TOKENS,SCAN or retention:TOKENS,CHUNK, optionally @N", nameof(spec));
         }
     }
 }

@@ -112,7 +112,7 @@ public sealed class DecodeTests
         long densePages = DecodeAttention.Forward(q, cache, seq, 0, dense);
         Assert.Equal(2 * 13, densePages);
         foreach (IKvSelectionPolicy policy in new IKvSelectionPolicy[] { new QuestPolicy(10_000), new StreamingPolicy(0, 200), new LandmarkPolicy(10_000),
-            new HeavyHitterPolicy(10_000, 16), new RecycledPolicy(3, 10_000), new TokenSelectPolicy(10_000), new RetrievalPolicy(10_000, 10_000) })
+            new HeavyHitterPolicy(10_000, 16), new RecycledPolicy(3, 10_000), new TokenSelectPolicy(10_000), new RetrievalPolicy(10_000, 10_000), new RetentionPolicy(10_000, 1) })
         {
             var o = new TensorView<float>(new float[4 * 16], 1, 4, 16);
             Assert.Equal(densePages, DecodeAttention.Forward(q, cache, seq, 0, o, new DecodeOptions { Policy = policy }));
@@ -447,5 +447,27 @@ public sealed class DecodeTests
         var q = new TensorView<float>(TestData.Normal(d, 3), 1, 1, d);
         var o = new TensorView<float>(new float[d], 1, 1, d);
         Assert.Contains("checksum", Assert.Throws<InvalidDataException>(() => DecodeAttention.Forward(q, cache, seq, 0, o)).Message);
+    }
+
+    [Fact]
+    public void Should_retain_the_tokens_attention_points_at_across_chunks()
+    {
+        // The needle (token 300) wins the first judgement and is kept through later chunks; other old tokens go.
+        int length = 1024, d = 32, ps = 32;
+        (KvCache cache, int seq, float[] dir) = NeedleCache(length, d, ps, 300);
+        var policy = new RetentionPolicy(retainTokens: 8, chunkTokens: 64);
+        IReadOnlyList<int> first = policy.SelectTokens(cache, seq, 0, 0, dir, 1);
+        Assert.Contains(300, first);
+        Assert.InRange(first.Count, 8, 9);                             // 8 retained (+ the newest token unless retained)
+        for (int step = 0; step < 100; step++)
+        {
+            cache.Append(seq, 0, new TensorView<float>(TestData.Normal(d, 500 + step), 1, 1, d), new TensorView<float>(TestData.Normal(d, 600 + step), 1, 1, d));
+            IReadOnlyList<int> read = policy.SelectTokens(cache, seq, 0, 0, dir, 1);
+            Assert.Contains(300, read);
+            Assert.Contains(length + step, read);                     // the newest token
+            Assert.True(read.Count <= 8 + 64 + 1, $"step {step}: {read.Count} tokens");
+        }
+        Assert.Throws<ArgumentOutOfRangeException>(() => new RetentionPolicy(0, 8));
+        Assert.Throws<ArgumentOutOfRangeException>(() => new RetentionPolicy(8, 0));
     }
 }

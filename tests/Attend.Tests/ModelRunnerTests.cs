@@ -77,6 +77,7 @@ public sealed class ModelRunnerTests : IDisposable
         Assert.IsType<Decode.RecycledPolicy>(PolicySpec.Parse("recycled:8,1/8", 8192));
         Assert.IsType<Decode.TokenSelectPolicy>(PolicySpec.Parse("tokenselect:1/8", 8192));
         Assert.IsType<Decode.RetrievalPolicy>(PolicySpec.Parse("retrieval:1/8,1/4", 8192));
+        Assert.IsType<Decode.RetentionPolicy>(PolicySpec.Parse("retention:1/16,1/16", 8192));
         Assert.Contains("HEAVY,RECENT", Assert.Throws<ArgumentException>(() => PolicySpec.Parse("h2o:5", 8192)).Message);
         Assert.Contains("PERIOD,TOKENS", Assert.Throws<ArgumentException>(() => PolicySpec.Parse("recycled:x,5", 8192)).Message);
     }

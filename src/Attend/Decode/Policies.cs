@@ -567,3 +567,78 @@ public sealed class RetrievalPolicy : ITokenSelectionPolicy
         return [.. SelectTokens(cache, sequence, layer, kvHead, queries, rows).Select(t => t / cache.PageSize).Distinct().Order()];
     }
 }
+
+/// <summary>
+/// InfiniRetri-style retention (Ye et al., arXiv:2502.12962) at token level: the cache is consumed in chunks of
+/// <c>chunkTokens</c>; at each chunk boundary the step scores every retained token and every token of the new chunk
+/// with its query rows (softmax per row, summed over the group), adds that to each token's accumulated importance, and
+/// retains the <c>retainTokens</c> most important — the rest are dropped for good, as InfiniRetri keeps only the tokens
+/// attention pointed at across chunks. Between boundaries a step reads the retained tokens plus the current chunk.
+/// (The paper scores with the last layer's attention of the question tokens and widens picks to phrases; here each
+/// layer's own decode queries score, token by token.)
+/// </summary>
+public sealed class RetentionPolicy : ITokenSelectionPolicy
+{
+    private readonly int _retain, _chunk;
+    private readonly PolicyStates<State> _states = new();
+
+    private sealed class State
+    {
+        public int Boundary;                                   // tokens before it are judged (retained or dropped)
+        public readonly Dictionary<int, float> Importance = [];   // retained token → accumulated importance
+    }
+
+    /// <summary>Tokens retained across chunks (≥ 1) and the chunk length (≥ 1).</summary>
+    public RetentionPolicy(int retainTokens, int chunkTokens)
+    {
+        if (retainTokens < 1) throw new ArgumentOutOfRangeException(nameof(retainTokens), retainTokens, "retained tokens must be ≥ 1");
+        if (chunkTokens < 1) throw new ArgumentOutOfRangeException(nameof(chunkTokens), chunkTokens, "chunk tokens must be ≥ 1");
+        _retain = retainTokens;
+        _chunk = chunkTokens;
+    }
+
+    /// <inheritdoc/>
+    public IReadOnlyList<int> SelectTokens(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows)
+    {
+        ArgumentNullException.ThrowIfNull(cache);
+        List<KvCache.Page> pages = cache.Pages(sequence, layer);
+        int length = pages.Sum(p => p.Count), d = cache.HeadDim, ps = cache.PageSize;
+        State state = _states.For(cache, sequence, layer, kvHead);
+        if (state.Boundary > length) { state.Boundary = 0; state.Importance.Clear(); }   // truncated: start over
+        if (length - state.Boundary >= _chunk)
+        {
+            // A chunk boundary: judge the retained tokens and the new chunk together.
+            int[] candidates = [.. state.Importance.Keys.Concat(Enumerable.Range(state.Boundary, length - state.Boundary))];
+            var scores = new float[candidates.Length];
+            var key = new float[d];
+            var mass = new float[candidates.Length];
+            for (int r = 0; r < rows; r++)
+            {
+                ReadOnlySpan<float> qr = queries.Slice(r * d, d);
+                float max = float.NegativeInfinity;
+                for (int i = 0; i < candidates.Length; i++)
+                {
+                    pages[candidates[i] / ps].ReadKey(kvHead, candidates[i] % ps, key);
+                    scores[i] = Linear.Vectors.Dot(qr, key);
+                    max = MathF.Max(max, scores[i]);
+                }
+                double total = 0;
+                for (int i = 0; i < candidates.Length; i++) total += scores[i] = MathF.Exp(scores[i] - max);
+                for (int i = 0; i < candidates.Length; i++) mass[i] += (float)(scores[i] / total);
+            }
+            var judged = candidates.Select((t, i) => (Token: t, Importance: state.Importance.GetValueOrDefault(t) + mass[i]))
+                .OrderByDescending(x => x.Importance).ThenBy(x => x.Token).Take(_retain).ToList();
+            state.Importance.Clear();
+            foreach ((int token, float importance) in judged) state.Importance[token] = importance;
+            state.Boundary = length;
+        }
+        return [.. state.Importance.Keys.Concat(Enumerable.Range(state.Boundary, length - state.Boundary)).Append(length - 1).Distinct().Order()];
+    }
+
+    /// <inheritdoc/>
+    public IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows)
+    {
+        ArgumentNullException.ThrowIfNull(cache);
+        return [.. SelectTokens(cache, sequence, layer, kvHead, queries, rows).Select(t => t / cache.PageSize).Distinct().Order()];
+    }
+}
