@@ -7,11 +7,12 @@ namespace Attend.Cli;
 /// <summary>
 /// <c>attend bench --suite decode</c>: one decode step (1 query token, 32 query heads / 8 kv heads, D = 128, f16 cache
 /// of 131072 tokens by default) dense and with Quest at a 1/16 budget, against the stream-copy bandwidth measured in
-/// the same run: the decoding issue's bars. Relative error of Quest vs dense is reported (random keys: a worst case).
+/// the same run: the decoding issue's bars; then every other policy at the same budget. Relative errors vs dense are
+/// reported (random keys: a worst case).
 /// </summary>
 internal static class DecodeBench
 {
-    public const int Steps = 2;
+    public const int Steps = 9;
 
     public static List<BenchCommand.BenchRow> Run(BenchCommand.BenchPlan plan, double copyGBps, Action<string> status, Action advance)
     {
@@ -62,6 +63,37 @@ internal static class DecodeBench
             Note = $"{denseMs / questMs:F1}x dense (bar >= 8x: {(denseMs / questMs >= 8 ? "met" : "MISSED")}); relative L2 error {err:F3} on random keys (recall bar needs structured inputs: not measured yet)",
         });
         advance();
+
+        // Every other policy at the same 1/16 budget, timed on the same cache (stateful ones start fresh per row; a
+        // step of theirs is timed after their first, full, step). Random keys: errors are a worst case.
+        int budget = length / 16;
+        foreach ((string name, Func<IKvSelectionPolicy> make) in new (string, Func<IKvSelectionPolicy>)[]
+        {
+            ("StreamingLLM 1/16", () => new StreamingPolicy(64, budget - 64)),
+            ("Landmark 1/16", () => new LandmarkPolicy(budget)),
+            ("H2O 1/32 + 1/32", () => new HeavyHitterPolicy(budget / 2, budget / 2)),
+            ("Recycled every 8, 1/16", () => new RecycledPolicy(8, budget)),
+            ("TokenSelect 1/16 of the tokens", () => new TokenSelectPolicy(budget)),
+            ("Retrieval 1/16, scan 1/8", () => new RetrievalPolicy(budget, 2 * budget)),
+            ("Retention 1/32 + chunks of 1/32", () => new RetentionPolicy(budget / 2, budget / 2)),
+        })
+        {
+            status($"{name} decode step");
+            var options = new DecodeOptions { Policy = make() };
+            DecodeAttention.Forward(q, cache, seq, 0, sparse, options, tuning: tuning);     // first step: indexes, full reads
+            BenchCommand.Timing tp = BenchCommand.Measure(() => DecodeAttention.Forward(q, cache, seq, 0, sparse, options, tuning: tuning), plan.Reps);
+            float[] c = sparse.ToArray();
+            double e = Math.Sqrt(a.Zip(c).Sum(p => (double)(p.First - p.Second) * (p.First - p.Second)) / a.Sum(x => (double)x * x));
+            rows.Add(new BenchCommand.BenchRow("decode", name, DType.Float16, 1, heads, kvHeads, length, d, false, plan.Threads, KernelPath.Auto,
+                tp.MedianMs, tp.MinMs, tp.MaxMs, tp.Count, 4.0 * heads * budget * d, 0)
+            {
+                Memory = tp.Memory,
+                Density = 1.0 / 16,
+                SpeedupVsDense = denseMs / tp.MedianMs,
+                Note = $"{denseMs / tp.MedianMs:F1}x dense; relative L2 error {e:F3} on random keys",
+            });
+            advance();
+        }
         return rows;
     }
 
