@@ -341,6 +341,64 @@ public interface ITokenSelectionPolicy : IKvSelectionPolicy
     IReadOnlyList<int> SelectTokens(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows);
 }
 
+/// <summary>What the built-in token policies share: pages from tokens, and the scores of candidate tokens.</summary>
+public abstract class TokenSelectionPolicy : ITokenSelectionPolicy
+{
+    private protected TokenSelectionPolicy()
+    {
+    }
+
+    /// <inheritdoc/>
+    public abstract IReadOnlyList<int> SelectTokens(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows);
+
+    /// <summary>The pages the selected tokens lie on.</summary>
+    public IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows)
+    {
+        ArgumentNullException.ThrowIfNull(cache);
+        return [.. SelectTokens(cache, sequence, layer, kvHead, queries, rows).Select(t => t / cache.PageSize).Distinct().Order()];
+    }
+
+    /// <summary>
+    /// q_r · k_t for every query row r and candidate token t (ascending), as [rows × candidates]: each candidate's key is
+    /// widened once for all rows, a whole page at a time while candidates stay on one page.
+    /// </summary>
+    private protected static float[] Scores(KvCache cache, List<KvCache.Page> pages, int kvHead, ReadOnlySpan<int> candidates, ReadOnlySpan<float> queries, int rows)
+    {
+        int d = cache.HeadDim, ps = cache.PageSize, n = candidates.Length;
+        var scores = new float[rows * n];
+        var keys = new float[ps * d];
+        int loaded = -1;
+        for (int i = 0; i < n; i++)
+        {
+            int page = candidates[i] / ps;
+            if (page != loaded)
+            {
+                pages[page].ReadKeys(kvHead, keys);
+                loaded = page;
+            }
+            ReadOnlySpan<float> key = keys.AsSpan((candidates[i] % ps) * d, d);
+            for (int r = 0; r < rows; r++) scores[(r * n) + i] = Linear.Vectors.Dot(queries.Slice(r * d, d), key);
+        }
+        return scores;
+    }
+
+    /// <summary>Soft votes: Σ_r softmax_r over the candidates, from <see cref="Scores"/>.</summary>
+    private protected static float[] SoftVotes(float[] scores, int rows, int n)
+    {
+        var votes = new float[n];
+        for (int r = 0; r < rows; r++)
+        {
+            Span<float> row = scores.AsSpan(r * n, n);
+            float max = float.NegativeInfinity;
+            foreach (float x in row) max = MathF.Max(max, x);
+            double total = 0;
+            for (int j = 0; j < n; j++) total += row[j] = MathF.Exp(row[j] - max);
+            for (int j = 0; j < n; j++) votes[j] += (float)(row[j] / total);
+        }
+        return votes;
+    }
+}
+
 /// <summary>
 /// TokenSelect (Wu et al., arXiv:2411.02886): token-level selection by per-head criticality q·k with soft voting — each
 /// query row of the kv head's group turns its scores into a softmax over the tokens and the rows' probabilities are
@@ -350,7 +408,7 @@ public interface ITokenSelectionPolicy : IKvSelectionPolicy
 /// Scoring reads every key (not the values) — the cost the cache avoids. Voting is per kv head here (the paper votes
 /// across all heads of a layer).
 /// </summary>
-public sealed class TokenSelectPolicy : ITokenSelectionPolicy
+public sealed class TokenSelectPolicy : TokenSelectionPolicy
 {
     private readonly int _budget;
     private readonly float _threshold;
@@ -376,11 +434,11 @@ public sealed class TokenSelectPolicy : ITokenSelectionPolicy
     public long Scorings { get; private set; }
 
     /// <inheritdoc/>
-    public IReadOnlyList<int> SelectTokens(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows)
+    public override IReadOnlyList<int> SelectTokens(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows)
     {
         ArgumentNullException.ThrowIfNull(cache);
         List<KvCache.Page> pages = cache.Pages(sequence, layer);
-        int length = pages.Sum(p => p.Count), d = cache.HeadDim, ps = cache.PageSize;
+        int length = pages.Sum(p => p.Count), d = cache.HeadDim;
         State state = _states.For(cache, sequence, layer, kvHead);
         if (_budget >= length) return Enumerable.Range(0, length).ToArray();
         if (state.Queries.Length == queries.Length && state.Length <= length && Similar(state.Queries, queries, rows, d))
@@ -389,23 +447,8 @@ public sealed class TokenSelectPolicy : ITokenSelectionPolicy
         }
         Scorings++;
         // Soft vote: Σ_r softmax_r(q_r · K) per token.
-        var votes = new float[length];
-        var scores = new float[length];
-        var key = new float[d];
-        for (int r = 0; r < rows; r++)
-        {
-            ReadOnlySpan<float> qr = queries.Slice(r * d, d);
-            float max = float.NegativeInfinity;
-            for (int j = 0; j < length; j++)
-            {
-                pages[j / ps].ReadKey(kvHead, j % ps, key);
-                scores[j] = Linear.Vectors.Dot(qr, key);
-                max = MathF.Max(max, scores[j]);
-            }
-            double total = 0;
-            for (int j = 0; j < length; j++) total += scores[j] = MathF.Exp(scores[j] - max);
-            for (int j = 0; j < length; j++) votes[j] += (float)(scores[j] / total);
-        }
+        int[] all = Enumerable.Range(0, length).ToArray();
+        float[] votes = SoftVotes(Scores(cache, pages, kvHead, all, queries, rows), rows, length);
         votes[length - 1] = float.PositiveInfinity;                    // the newest token always
         int[] order = Enumerable.Range(0, length).ToArray();
         float[] keys = votes.Select(v => -v).ToArray();
@@ -427,13 +470,6 @@ public sealed class TokenSelectPolicy : ITokenSelectionPolicy
         }
         return true;
     }
-
-    /// <inheritdoc/>
-    public IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows)
-    {
-        ArgumentNullException.ThrowIfNull(cache);
-        return [.. SelectTokens(cache, sequence, layer, kvHead, queries, rows).Select(t => t / cache.PageSize).Distinct().Order()];
-    }
 }
 
 /// <summary>
@@ -447,7 +483,7 @@ public sealed class TokenSelectPolicy : ITokenSelectionPolicy
 /// in L2 is the wrong neighbour; the paper's query-aware graph index is not built here. <see cref="ScannedFraction"/>
 /// reports how much of the cache the steps scanned.
 /// </summary>
-public sealed class RetrievalPolicy : ITokenSelectionPolicy
+public sealed class RetrievalPolicy : TokenSelectionPolicy
 {
     private readonly int _budget, _scan, _perCluster, _sink;
     private readonly PolicyStates<State> _states = new();
@@ -477,7 +513,7 @@ public sealed class RetrievalPolicy : ITokenSelectionPolicy
     public double ScannedFraction => _cached == 0 ? 0 : (double)Interlocked.Read(ref _scanned) / Interlocked.Read(ref _cached);
 
     /// <inheritdoc/>
-    public IReadOnlyList<int> SelectTokens(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows)
+    public override IReadOnlyList<int> SelectTokens(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows)
     {
         ArgumentNullException.ThrowIfNull(cache);
         List<KvCache.Page> pages = cache.Pages(sequence, layer);
@@ -502,17 +538,15 @@ public sealed class RetrievalPolicy : ITokenSelectionPolicy
             if (scanned.Count >= _scan) break;
             scanned.AddRange(state.Members[c]);
         }
-        var key = new float[d];
-        var scores = new float[scanned.Count];
-        for (int i = 0; i < scanned.Count; i++)
+        int[] found = [.. scanned.Order()];
+        float[] all = Scores(cache, pages, kvHead, found, queries, rows);
+        var scores = new float[found.Length];
+        for (int i = 0; i < found.Length; i++)
         {
-            int t = scanned[i];
-            pages[t / ps].ReadKey(kvHead, t % ps, key);
             float best = float.NegativeInfinity;
-            for (int r = 0; r < rows; r++) best = MathF.Max(best, Linear.Vectors.Dot(queries.Slice(r * d, d), key));
+            for (int r = 0; r < rows; r++) best = MathF.Max(best, all[(r * found.Length) + i]);
             scores[i] = -best;
         }
-        int[] found = [.. scanned];
         Array.Sort(scores, found);
         Interlocked.Add(ref _scanned, scanned.Count);
         Interlocked.Add(ref _cached, length);
@@ -559,13 +593,6 @@ public sealed class RetrievalPolicy : ITokenSelectionPolicy
         state.Centroids = centroids;
         state.Indexed = length;
     }
-
-    /// <inheritdoc/>
-    public IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows)
-    {
-        ArgumentNullException.ThrowIfNull(cache);
-        return [.. SelectTokens(cache, sequence, layer, kvHead, queries, rows).Select(t => t / cache.PageSize).Distinct().Order()];
-    }
 }
 
 /// <summary>
@@ -577,7 +604,7 @@ public sealed class RetrievalPolicy : ITokenSelectionPolicy
 /// (The paper scores with the last layer's attention of the question tokens and widens picks to phrases; here each
 /// layer's own decode queries score, token by token.)
 /// </summary>
-public sealed class RetentionPolicy : ITokenSelectionPolicy
+public sealed class RetentionPolicy : TokenSelectionPolicy
 {
     private readonly int _retain, _chunk;
     private readonly PolicyStates<State> _states = new();
@@ -598,34 +625,18 @@ public sealed class RetentionPolicy : ITokenSelectionPolicy
     }
 
     /// <inheritdoc/>
-    public IReadOnlyList<int> SelectTokens(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows)
+    public override IReadOnlyList<int> SelectTokens(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows)
     {
         ArgumentNullException.ThrowIfNull(cache);
         List<KvCache.Page> pages = cache.Pages(sequence, layer);
-        int length = pages.Sum(p => p.Count), d = cache.HeadDim, ps = cache.PageSize;
+        int length = pages.Sum(p => p.Count);
         State state = _states.For(cache, sequence, layer, kvHead);
         if (state.Boundary > length) { state.Boundary = 0; state.Importance.Clear(); }   // truncated: start over
         if (length - state.Boundary >= _chunk)
         {
             // A chunk boundary: judge the retained tokens and the new chunk together.
-            int[] candidates = [.. state.Importance.Keys.Concat(Enumerable.Range(state.Boundary, length - state.Boundary))];
-            var scores = new float[candidates.Length];
-            var key = new float[d];
-            var mass = new float[candidates.Length];
-            for (int r = 0; r < rows; r++)
-            {
-                ReadOnlySpan<float> qr = queries.Slice(r * d, d);
-                float max = float.NegativeInfinity;
-                for (int i = 0; i < candidates.Length; i++)
-                {
-                    pages[candidates[i] / ps].ReadKey(kvHead, candidates[i] % ps, key);
-                    scores[i] = Linear.Vectors.Dot(qr, key);
-                    max = MathF.Max(max, scores[i]);
-                }
-                double total = 0;
-                for (int i = 0; i < candidates.Length; i++) total += scores[i] = MathF.Exp(scores[i] - max);
-                for (int i = 0; i < candidates.Length; i++) mass[i] += (float)(scores[i] / total);
-            }
+            int[] candidates = [.. state.Importance.Keys.Order().Concat(Enumerable.Range(state.Boundary, length - state.Boundary))];
+            float[] mass = SoftVotes(Scores(cache, pages, kvHead, candidates, queries, rows), rows, candidates.Length);
             var judged = candidates.Select((t, i) => (Token: t, Importance: state.Importance.GetValueOrDefault(t) + mass[i]))
                 .OrderByDescending(x => x.Importance).ThenBy(x => x.Token).Take(_retain).ToList();
             state.Importance.Clear();
@@ -633,12 +644,5 @@ public sealed class RetentionPolicy : ITokenSelectionPolicy
             state.Boundary = length;
         }
         return [.. state.Importance.Keys.Concat(Enumerable.Range(state.Boundary, length - state.Boundary)).Append(length - 1).Distinct().Order()];
-    }
-
-    /// <inheritdoc/>
-    public IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows)
-    {
-        ArgumentNullException.ThrowIfNull(cache);
-        return [.. SelectTokens(cache, sequence, layer, kvHead, queries, rows).Select(t => t / cache.PageSize).Distinct().Order()];
     }
 }
