@@ -94,11 +94,7 @@ public static unsafe class CudaAttention
         var extent = new Masks.MaskExtent(s.Batch, s.Heads, s.QueryLength, s.KeyLength);
         if (planned)
         {
-            Masks.BlockRows rows = (Masks.BlockRows?)blocks ?? tokens!;
-            if (rows.Extent != extent)
-            {
-                throw new ArgumentException($"the plan was built for {rows.Extent}; the call is {extent}", nameof(options));
-            }
+            Masks.BlockRows rows = (Masks.BlockRows?)blocks ?? tokens!;   // the plan's extent was checked by s.Validate
             if (rows.BlockQ % config.BlockM != 0 || (blocks is not null && blocks.BlockK % config.BlockN != 0))
             {
                 throw new NotSupportedException($"the CUDA kernel for D={s.HeadDim} needs plan blocks that are multiples of {config.BlockM} queries × {config.BlockN} keys; the plan has {rows.BlockQ}×{blocks?.BlockK.ToString(System.Globalization.CultureInfo.InvariantCulture) ?? "tokens"}");

@@ -41,9 +41,7 @@ public sealed class KvCache
     public (long Offloaded, long Loads, long CacheHits) OffloadStats => _tier is null ? (0, 0, 0) : (_tier.Offloaded, _tier.Loads, _tier.Hits);
 
     /// <summary>Bytes of key/value data resident in memory (pages not in the file tier, summaries included).</summary>
-    public long ResidentBytes { get => ResidentBytesInternal; private set => ResidentBytesInternal = value; }
-
-    internal long ResidentBytesInternal;
+    public long ResidentBytes { get; internal set; }
 
     /// <summary>Layers.</summary>
     public int Layers { get; }
@@ -410,7 +408,7 @@ internal sealed class FileTier
     {
         lock (_gate)
         {
-            while (_cache.ResidentBytesInternal > _budget && _full.Count > 0)
+            while (_cache.ResidentBytes > _budget && _full.Count > 0)
             {
                 KvCache.Page page = _full.First!.Value;
                 _full.RemoveFirst();
@@ -422,7 +420,7 @@ internal sealed class FileTier
                 page.Checksum = Checksum(_buffer);
                 RandomAccess.Write(_file.SafeFileHandle, _buffer, _next);
                 _next += _buffer.Length;
-                _cache.ResidentBytesInternal -= _cache.DataBytes;
+                _cache.ResidentBytes -= _cache.DataBytes;
                 Offloaded++;
             }
         }

@@ -99,7 +99,7 @@ public sealed class RowTopKSelector : ISparsitySelector
         return y;
     }
 
-    /// <summary>The indices of the <paramref name="k"/> largest scores (all when fewer), ascending; quickselect on a copy of the order.</summary>
+    /// <summary>The indices of the <paramref name="k"/> largest scores (all when fewer), ascending; quickselect (Hoare partition) on a copy of the order.</summary>
     internal static int[] TopIndices(ReadOnlySpan<float> scores, int k, int[] scratch)
     {
         int n = scores.Length;
@@ -108,10 +108,9 @@ public sealed class RowTopKSelector : ISparsitySelector
         for (int i = 0; i < n; i++) idx[i] = i;
         // Partition so that idx[0..k) hold the k largest (NaN scores count as largest: they stay in the row's output).
         int lo = 0, hi = n - 1, target = k - 1;
-        var rng = new Random(n);
         while (lo < hi)
         {
-            float pivot = Key(scores[idx[lo + rng.Next(hi - lo + 1)]]);
+            float pivot = Key(scores[idx[lo + ((hi - lo) / 2)]]);        // middle element: no generator per row
             int i = lo, j = hi;
             while (i <= j)
             {
