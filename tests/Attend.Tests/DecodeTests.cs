@@ -344,6 +344,23 @@ public sealed class DecodeTests
         for (int i = 0; i < a.Length; i++) Assert.True(Math.Abs(a[i] - b[i]) < 1e-5, $"{i}: {b[i]} vs {a[i]}");
     }
 
+    [Fact]
+    public void Should_reject_a_token_policy_that_selects_nothing_or_outside_the_cache()
+    {
+        (KvCache cache, int seq) = RandomCache(100, 1, 16, 32, 51);
+        var q = new TensorView<float>(TestData.Normal(16, 52), 1, 1, 16);
+        var o = new TensorView<float>(new float[16], 1, 1, 16);
+        Assert.Contains("outside 0..99", Assert.Throws<InvalidOperationException>(() => DecodeAttention.Forward(q, cache, seq, 0, o, new DecodeOptions { Policy = new FixedTokens([3, 100]) })).Message);
+        Assert.Throws<InvalidOperationException>(() => DecodeAttention.Forward(q, cache, seq, 0, o, new DecodeOptions { Policy = new FixedTokens([]) }));
+    }
+
+    private sealed class FixedTokens(int[] tokens) : ITokenSelectionPolicy
+    {
+        public IReadOnlyList<int> SelectTokens(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows) => tokens;
+
+        public IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows) => [0];
+    }
+
     /// <summary>Every token, in a shuffled page order (gathering must not depend on page order or contiguity).</summary>
     private sealed class AllTokens : ITokenSelectionPolicy
     {
@@ -423,6 +440,8 @@ public sealed class DecodeTests
         DecodeAttention.Forward(q, tiered, seqT, 0, b);
         Assert.Equal(a.ToArray(), b.ToArray());
         Assert.Throws<ArgumentOutOfRangeException>(() => new KvCache(1, hkv, d, pageSize: ps, offload: new KvOffload(file + "2", ResidentBytes: 10)));
+        Assert.Throws<ArgumentOutOfRangeException>(() => new KvCache(1, hkv, d, pageSize: ps, offload: new KvOffload(file + "3", ResidentBytes: 100 * pageBytes, CachedPages: 0)));
+        Assert.ThrowsAny<ArgumentException>(() => new KvCache(1, hkv, d, pageSize: ps, offload: new KvOffload("", ResidentBytes: 100 * pageBytes)));
     }
 
     [Fact]
