@@ -391,8 +391,11 @@ internal static class BenchCommand
     /// </summary>
     internal static Timing Measure(Action action, int reps)
     {
+        // Warm-up long enough for the JIT to reach its optimized tier: new code runs instrumented first and is
+        // recompiled after ~30 calls plus a 100 ms quiet period, so 0.2 s of warm-up measured half-optimized kernels
+        // (a Quest selection ran 6× slower than at steady state; docs/perf/decode.md). Slow rows (≥ 1 s a call) get one call.
         var warm = Stopwatch.StartNew();
-        for (int i = 0; (i < 2 && warm.Elapsed.TotalSeconds < 1) || (warm.Elapsed.TotalSeconds < 0.2 && i < 50); i++) action();
+        for (int i = 0; (i < 2 && warm.Elapsed.TotalSeconds < 1) || (warm.Elapsed.TotalSeconds < 1.0 && i < 50); i++) action();
         var times = new List<double>();
         var total = Stopwatch.StartNew();
         while (times.Count < reps || (total.Elapsed.TotalSeconds < 0.5 && times.Count < 100))

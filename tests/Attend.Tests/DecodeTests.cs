@@ -14,13 +14,23 @@ public sealed class DecodeTests
     };
 
     [Theory]
-    [InlineData(DType.Float32, 1)]
-    [InlineData(DType.Float16, 1)]
-    [InlineData(DType.BFloat16, 3)]
-    [InlineData(DType.Float32, 5)]
-    public void Should_match_the_reference_with_split_pages_and_gqa(DType storage, int nq)
+    [InlineData(DType.Float32, 1, 40, 24)]
+    [InlineData(DType.Float16, 1, 40, 24)]
+    [InlineData(DType.BFloat16, 3, 40, 24)]
+    [InlineData(DType.Float32, 5, 40, 24)]
+    // Head dims that are multiples of 16 take the wide (AVX-512) page kernels where the machine has them; 48 values
+    // end on the 16-column tail; 2 query tokens × group 3 = 6 rows end on a partial block of 4 rows.
+    [InlineData(DType.Float32, 1, 64, 48, 6)]
+    [InlineData(DType.Float16, 1, 128, 128, 4)]
+    [InlineData(DType.Float16, 2, 80, 48, 6)]
+    [InlineData(DType.BFloat16, 3, 256, 64, 8)]
+    [InlineData(DType.Float16, 1, 16, 16, 2)]
+    // The same dims pinned to the 256-bit scratch path.
+    [InlineData(DType.Float16, 1, 128, 128, 4, KernelPath.Vector256)]
+    [InlineData(DType.BFloat16, 2, 80, 48, 6, KernelPath.Vector256)]
+    public void Should_match_the_reference_with_split_pages_and_gqa(DType storage, int nq, int d, int dv, int h = 4, KernelPath path = KernelPath.Auto)
     {
-        int length = 300, hkv = 2, h = 4, d = 40, dv = 24;
+        int length = 300, hkv = 2;
         var cache = new KvCache(layers: 2, hkv, d, dv, storage, pageSize: 64);
         int seq = cache.AddSequence();
         float[] kData = TestData.Normal(length * hkv * d, 1), vData = TestData.Normal(length * hkv * dv, 2);
@@ -36,7 +46,7 @@ public sealed class DecodeTests
         var q = new TensorView<float>(TestData.Normal(nq * h * d, 3), nq, h, d);
         var o = new TensorView<float>(new float[nq * h * dv], nq, h, dv);
         var lse = new TensorView<float>(new float[nq * h], nq, h);
-        DecodeAttention.Forward(q, cache, seq, 1, o, lse: lse, tuning: new KernelTuning { Threads = 2 });
+        DecodeAttention.Forward(q, cache, seq, 1, o, lse: lse, tuning: new KernelTuning { Threads = 2, Path = path });
 
         var kRef = new TensorView<float>(kData.Select(x => Round(x, storage)).ToArray(), 1, length, hkv, d);
         var vRef = new TensorView<float>(vData.Select(x => Round(x, storage)).ToArray(), 1, length, hkv, dv);
@@ -48,6 +58,41 @@ public sealed class DecodeTests
                 Assert.True(Math.Abs(lse[t, hh] - expected.LseAt(0, t, hh)) < 1e-4, $"lse t={t} h={hh}");
                 for (int c = 0; c < dv; c++) Assert.True(Math.Abs(o[t, hh, c] - expected.At(0, t, hh, c)) < 2e-6, $"t={t} h={hh} c={c}: {o[t, hh, c]} vs {expected.At(0, t, hh, c)}");
             }
+    }
+
+    [Theory]
+    [InlineData(DType.Float16, KernelPath.Auto)]
+    [InlineData(DType.Float16, KernelPath.Vector256)]
+    [InlineData(DType.BFloat16, KernelPath.Auto)]
+    [InlineData(DType.Float32, KernelPath.Auto)]
+    public void Should_keep_a_nan_key_or_infinite_value_to_the_rows_that_read_it(DType storage, KernelPath path)
+    {
+        // Kv head 1 holds a NaN key (token 100) and kv head 0 an infinite value (token 150), both in pages the whole
+        // group reads; the f16 pages holding them are widened exactly, and the finite heads beside them stay correct.
+        int length = 300, hkv = 3, h = 6, d = 64;
+        var cache = new KvCache(1, hkv, d, d, storage, pageSize: 64);
+        int seq = cache.AddSequence();
+        float[] k = TestData.Normal(length * hkv * d, 41), v = TestData.Normal(length * hkv * d, 42);
+        k[(100 * hkv + 1) * d + 5] = float.NaN;
+        v[(150 * hkv + 0) * d + 7] = float.PositiveInfinity;
+        cache.Append(seq, 0, new TensorView<float>(k, length, hkv, d), new TensorView<float>(v, length, hkv, d));
+        var q = new TensorView<float>(TestData.Normal(h * d, 43), 1, h, d);
+        var o = new TensorView<float>(new float[h * d], 1, h, d);
+        var tuning = new KernelTuning { Path = path };
+        DecodeAttention.Forward(q, cache, seq, 0, o, tuning: tuning);
+        var kRef = new TensorView<float>(k.Select(x => Round(x, storage)).ToArray(), 1, length, hkv, d);
+        var vRef = new TensorView<float>(v.Select(x => Round(x, storage)).ToArray(), 1, length, hkv, d);
+        ReferenceResult expected = AttentionReference.Forward(new TensorView<float>(q.ToArray(), 1, 1, h, d), kRef, vRef, new AttentionOptions { Causal = true });
+        for (int hh = 0; hh < h; hh++)
+            for (int c = 0; c < d; c++)
+            {
+                if (hh / 2 == 1) Assert.True(float.IsNaN(o[0, hh, c]), $"head {hh} reads the NaN key");
+                else if (hh / 2 == 0 && c == 7) Assert.False(float.IsFinite(o[0, hh, c]), $"head {hh} channel 7 reads the infinite value");
+                else Assert.True(Math.Abs(o[0, hh, c] - expected.At(0, 0, hh, c)) < 2e-6, $"h={hh} c={c}: {o[0, hh, c]} vs {expected.At(0, 0, hh, c)}");
+            }
+        // A policy that skips both pages (sinks + recent) gives finite rows everywhere.
+        DecodeAttention.Forward(q, cache, seq, 0, o, new DecodeOptions { Policy = new StreamingPolicy(64, 44) }, tuning: tuning);
+        Assert.All(o.ToArray(), x => Assert.True(float.IsFinite(x)));
     }
 
     [Fact]
@@ -66,9 +111,9 @@ public sealed class DecodeTests
         for (int c = 0; c < 4; c++)
         {
             float a = k[8 * 4 + c], b = k[9 * 4 + c];
-            Assert.Equal(MathF.Min(a, b), second.Min[c]);
-            Assert.Equal(MathF.Max(a, b), second.Max[c]);
-            Assert.Equal((a + b) / 2, second.Mean[c], 5);
+            Assert.Equal(MathF.Min(a, b), second.MinOf(0)[c]);
+            Assert.Equal(MathF.Max(a, b), second.MaxOf(0)[c]);
+            Assert.Equal((a + b) / 2, second.MeanOf(0)[c], 5);
         }
         Assert.Equal(5 * cache.PageBytes, cache.MemoryBytes);
     }
@@ -352,6 +397,34 @@ public sealed class DecodeTests
         var o = new TensorView<float>(new float[16], 1, 1, 16);
         Assert.Contains("outside 0..99", Assert.Throws<InvalidOperationException>(() => DecodeAttention.Forward(q, cache, seq, 0, o, new DecodeOptions { Policy = new FixedTokens([3, 100]) })).Message);
         Assert.Throws<InvalidOperationException>(() => DecodeAttention.Forward(q, cache, seq, 0, o, new DecodeOptions { Policy = new FixedTokens([]) }));
+    }
+
+    [Theory]
+    [InlineData(DType.Float16, KernelPath.Auto, false)]
+    [InlineData(DType.Float16, KernelPath.Auto, true)]
+    [InlineData(DType.BFloat16, KernelPath.Auto, false)]
+    [InlineData(DType.Float32, KernelPath.Auto, false)]
+    [InlineData(DType.Float16, KernelPath.Vector256, false)]
+    public void Should_read_gathered_tokens_in_every_storage_dtype_as_the_reference_of_those_keys(DType storage, KernelPath path, bool nanElsewhere)
+    {
+        // Scattered tokens (a page and a half of them, some pages read for one token) gathered from an f16/bf16/f32
+        // cache; with nanElsewhere a page holds a NaN key in a slot that is not selected (its page is widened exactly).
+        int length = 700, hkv = 2, h = 4, d = 64, ps = 64;
+        var cache = new KvCache(1, hkv, d, d, storage, pageSize: ps);
+        int seq = cache.AddSequence();
+        float[] k = TestData.Normal(length * hkv * d, 61), v = TestData.Normal(length * hkv * d, 62);
+        int[] tokens = [.. Enumerable.Range(0, length).Where(t => t % 7 == 3 || t > 650)];
+        if (nanElsewhere) k[(4 * hkv + 1) * d + 9] = float.NaN;      // token 4 is not selected
+        cache.Append(seq, 0, new TensorView<float>(k, length, hkv, d), new TensorView<float>(v, length, hkv, d));
+        var q = new TensorView<float>(TestData.Normal(h * d, 63), 1, h, d);
+        var o = new TensorView<float>(new float[h * d], 1, h, d);
+        DecodeAttention.Forward(q, cache, seq, 0, o, new DecodeOptions { Policy = new FixedTokens(tokens) }, tuning: new KernelTuning { Path = path });
+        var kRef = new TensorView<float>(tokens.SelectMany(t => k.AsSpan(t * hkv * d, hkv * d).ToArray()).Select(x => Round(x, storage)).ToArray(), 1, tokens.Length, hkv, d);
+        var vRef = new TensorView<float>(tokens.SelectMany(t => v.AsSpan(t * hkv * d, hkv * d).ToArray()).Select(x => Round(x, storage)).ToArray(), 1, tokens.Length, hkv, d);
+        ReferenceResult expected = AttentionReference.Forward(new TensorView<float>(q.ToArray(), 1, 1, h, d), kRef, vRef, new AttentionOptions());
+        for (int hh = 0; hh < h; hh++)
+            for (int c = 0; c < d; c++)
+                Assert.True(Math.Abs(o[0, hh, c] - expected.At(0, 0, hh, c)) < 2e-6, $"h={hh} c={c}: {o[0, hh, c]} vs {expected.At(0, 0, hh, c)}");
     }
 
     private sealed class FixedTokens(int[] tokens) : ITokenSelectionPolicy

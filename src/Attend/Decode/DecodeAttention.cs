@@ -86,52 +86,55 @@ public static class DecodeAttention
             return a;
         })];
         long pagesRead = tokenLists is null ? selected.Sum(x => (long)x.Count) : tokenLists.Sum(t => (long)t.Select(x => x / ps).Distinct().Count());
-        // Split the selected pages so every thread has work even for one sequence and a few heads.
+        // The reads of the step — (unit, kv head) pairs — in unit order, split into contiguous runs. Walking a page's
+        // kv heads one after another reads its keys (and values) as one stream: on the 2-core EPYC, reading every
+        // page of one head before the next head's (16 KB pieces 128 KB apart) streamed 12 GB/s, page order 28 GB/s
+        // (docs/perf/decode.md).
+        var reads = new List<(int Unit, int Head, int Index)>();
+        for (int hk = 0; hk < cache.KvHeads; hk++)
+            for (int i = 0; i < selected[hk].Count; i++) reads.Add((selected[hk][i], hk, i));
+        reads.Sort((a, b) => a.Unit != b.Unit ? a.Unit.CompareTo(b.Unit) : a.Head.CompareTo(b.Head));
         int threads = tuning.EffectiveThreads;
-        int splits = Math.Clamp(threads * 4 / cache.KvHeads, 1, Math.Max(1, selected.Min(x => x.Count)));
+        int splits = Math.Clamp(threads * 4, 1, Math.Max(1, reads.Count));
         var partO = new float[splits * cache.KvHeads * rows * dv];
         var partM = new float[splits * cache.KvHeads * rows];
         var partL = new float[splits * cache.KvHeads * rows];
+        Array.Fill(partM, float.NegativeInfinity);
+        // Queries scaled by scale·log2(e): the softmax below runs on exp2 (m is kept in log2 units).
         const float log2e = 1.4426950408889634f;
-        Cpu.WorkQueue.Run(splits * cache.KvHeads, threads, () => new Scratch(ps, d, dv, rows), (item, w) =>
+        float[][] log2Queries = [.. scaledQueries.Select(x => x.Select(v => v * log2e).ToArray())];
+        bool wide = PageKernels.WideSupported(cache, tuning);
+        Cpu.WorkQueue.Run(splits, threads, () => new PageKernels.Scratch(ps, d, dv, rows), (split, w) =>
         {
-            int split = item / cache.KvHeads, hk = item % cache.KvHeads;
-            IReadOnlyList<int> mine = selected[hk];
-            int i0 = (int)((long)split * mine.Count / splits), i1 = (int)((long)(split + 1) * mine.Count / splits);
-            // Queries scaled by scale·log2(e): the softmax below runs on exp2 (m is kept in log2 units).
-            float[] scaledRows = scaledQueries[hk];
-            for (int i = 0; i < scaledRows.Length; i++) w.Q[i] = scaledRows[i] * log2e;
-            int baseIndex = item * rows;
-            Span<float> m = partM.AsSpan(baseIndex, rows), l = partL.AsSpan(baseIndex, rows);
-            Span<float> o = partO.AsSpan(baseIndex * dv, rows * dv);
-            m.Fill(float.NegativeInfinity);
-            for (int i = i0; i < i1; i++)
+            int r0 = (int)((long)split * reads.Count / splits), r1 = (int)((long)(split + 1) * reads.Count / splits);
+            for (int ri = r0; ri < r1; ri++)
             {
-                int count, first;
+                (int unit, int hk, int i) = reads[ri];
+                float[] q = log2Queries[hk];
+                int baseIndex = (split * cache.KvHeads + hk) * rows;
+                Span<float> m = partM.AsSpan(baseIndex, rows), l = partL.AsSpan(baseIndex, rows);
+                Span<float> o = partO.AsSpan(baseIndex * dv, rows * dv);
+                int count, first = unit * ps;
                 int[]? gathered = tokenLists?[hk];
+                KvCache.Page? page = null;
+                bool gatheredBits = false;
                 if (gathered is null)
                 {
-                    KvCache.Page page = pages[mine[i]];
+                    page = pages[unit];
                     count = page.Count;
-                    first = mine[i] * ps;
-                    page.ReadKeys(hk, w.K);
-                    page.ReadValues(hk, w.V);
+                    // The next read, prefetched while this one is scored (2 reads ahead measured slower: docs/perf/decode.md).
+                    (int nextUnit, int nextHead, _) = ri + 1 < r1 ? reads[ri + 1] : (-1, 0, 0);
+                    PageKernels.Scores(cache, page, hk, q, w, rows, wide, nextUnit >= 0 ? pages[nextUnit] : null, nextHead);
                 }
                 else
                 {
-                    // A chunk of gathered tokens: rows copied from their pages.
-                    first = mine[i] * ps;
+                    // A chunk of gathered tokens, copied from their pages into a page-shaped scratch.
                     count = Math.Min(ps, gathered.Length - first);
-                    for (int j = 0; j < count; j++)
-                    {
-                        int token = gathered[first + j];
-                        pages[token / ps].ReadKey(hk, token % ps, w.K.AsSpan(j * d, d));
-                        pages[token / ps].ReadValue(hk, token % ps, w.V.AsSpan(j * dv, dv));
-                    }
+                    gatheredBits = PageKernels.Gather(cache, pages, hk, gathered.AsSpan(first, count), w, wide);
+                    if (gatheredBits) PageKernels.GatheredScores(cache.Storage, q, w, rows, d, ps);
+                    else PageKernels.WidenedScores(q, w, rows, count, d, ps, wide);
                 }
-                // S[r, j] = q_r · k_j for the whole page, 4 query rows per pass over each key row; causal rows drop
-                // keys past their position.
-                PageScores(w.Q, w.K, w.S, rows, count, d, ps);
+                // Causal rows drop keys past their position.
                 if (options.Causal && nq > 1)
                 {
                     for (int r = 0; r < rows; r++)
@@ -141,9 +144,7 @@ public static class DecodeAttention
                 for (int r = 0; r < rows; r++)
                 {
                     Span<float> srow = w.S.AsSpan(r * ps, count);
-                    float blockMax = float.NegativeInfinity;
-                    foreach (float x in srow) blockMax = MathF.Max(blockMax, x);
-                    float newMax = MathF.Max(m[r], blockMax);
+                    float newMax = MathF.Max(m[r], PageKernels.Max(srow));
                     if (float.IsNegativeInfinity(newMax))
                     {
                         // Nothing visible yet: zero weights, nothing to rescale.
@@ -152,13 +153,15 @@ public static class DecodeAttention
                         continue;
                     }
                     float alpha = float.IsNegativeInfinity(m[r]) ? 0f : float.Exp2(m[r] - newMax);
-                    float sum = Exp2Rows(srow, newMax);
+                    float sum = PageKernels.Exp2Sum(srow, newMax);
                     if (pageLog2 is not null) pageLog2[hk][(i * rows) + r] = sum > 0 ? newMax + MathF.Log2(sum) : float.NegativeInfinity;
                     l[r] = l[r] * alpha + sum;
                     m[r] = newMax;
                     w.Alpha[r] = alpha;
                 }
-                PageValues(w.S, w.V, o, w.Alpha, rows, count, dv, ps);
+                if (page is not null) PageKernels.Values(cache, page, hk, w, o, rows, wide);
+                else if (gatheredBits) PageKernels.GatheredValues(cache.Storage, w, o, rows, count, dv, ps);
+                else PageKernels.WidenedValues(w, o, rows, count, dv, ps, wide);
             }
         });
 
@@ -207,133 +210,5 @@ public static class DecodeAttention
             }
         }
         return pagesRead;
-    }
-
-    /// <summary>x ← 2^(x − max) in place (−∞ → 0), vectorized; returns the sum.</summary>
-    private static float Exp2Rows(Span<float> x, float max)
-    {
-        int i = 0;
-        float sum = 0;
-        if (System.Runtime.Intrinsics.Vector256.IsHardwareAccelerated)
-        {
-            var mv = System.Runtime.Intrinsics.Vector256.Create(max);
-            var acc = System.Runtime.Intrinsics.Vector256<float>.Zero;
-            for (; i <= x.Length - 8; i += 8)
-            {
-                var e = Cpu.V256Ops.Exp2(System.Runtime.Intrinsics.Vector256.Create((ReadOnlySpan<float>)x.Slice(i, 8)) - mv);
-                System.Runtime.Intrinsics.Vector256.StoreUnsafe(e, ref System.Runtime.InteropServices.MemoryMarshal.GetReference(x), (nuint)i);
-                acc += e;
-            }
-            sum = System.Runtime.Intrinsics.Vector256.Sum(acc);
-        }
-        for (; i < x.Length; i++)
-        {
-            x[i] = float.Exp2(x[i] - max);
-            sum += x[i];
-        }
-        return sum;
-    }
-
-    private sealed class Scratch(int pageSize, int d, int dv, int rows)
-    {
-        public readonly float[] Q = new float[rows * d];
-        public readonly float[] K = new float[pageSize * d];
-        public readonly float[] V = new float[pageSize * dv];
-        public readonly float[] S = new float[rows * pageSize];
-        public readonly float[] Alpha = new float[rows];
-    }
-
-    /// <summary>S[r, j] = Q[r] · K[j] for r &lt; rows, j &lt; count: each key row is loaded once per 4 query rows.</summary>
-    private static unsafe void PageScores(float[] q, float[] k, float[] s, int rows, int count, int d, int ld)
-    {
-        fixed (float* qp = q, kp = k, sp = s)
-        {
-            for (int r0 = 0; r0 < rows; r0 += 4)
-            {
-                int n = Math.Min(4, rows - r0);
-                float* q0 = qp + r0 * d, q1 = q0 + (n > 1 ? d : 0), q2 = q0 + (n > 2 ? 2 * d : 0), q3 = q0 + (n > 3 ? 3 * d : 0);
-                for (int j = 0; j < count; j++)
-                {
-                    float* kj = kp + (long)j * d;
-                    var a0 = System.Runtime.Intrinsics.Vector256<float>.Zero;
-                    var a1 = a0;
-                    var a2 = a0;
-                    var a3 = a0;
-                    int c = 0;
-                    for (; c <= d - 8; c += 8)
-                    {
-                        var kv = System.Runtime.Intrinsics.Vector256.Load(kj + c);
-                        a0 = System.Runtime.Intrinsics.Vector256.FusedMultiplyAdd(System.Runtime.Intrinsics.Vector256.Load(q0 + c), kv, a0);
-                        a1 = System.Runtime.Intrinsics.Vector256.FusedMultiplyAdd(System.Runtime.Intrinsics.Vector256.Load(q1 + c), kv, a1);
-                        a2 = System.Runtime.Intrinsics.Vector256.FusedMultiplyAdd(System.Runtime.Intrinsics.Vector256.Load(q2 + c), kv, a2);
-                        a3 = System.Runtime.Intrinsics.Vector256.FusedMultiplyAdd(System.Runtime.Intrinsics.Vector256.Load(q3 + c), kv, a3);
-                    }
-                    float s0 = System.Runtime.Intrinsics.Vector256.Sum(a0), s1 = System.Runtime.Intrinsics.Vector256.Sum(a1);
-                    float s2 = System.Runtime.Intrinsics.Vector256.Sum(a2), s3 = System.Runtime.Intrinsics.Vector256.Sum(a3);
-                    for (; c < d; c++)
-                    {
-                        s0 += q0[c] * kj[c];
-                        s1 += q1[c] * kj[c];
-                        s2 += q2[c] * kj[c];
-                        s3 += q3[c] * kj[c];
-                    }
-                    sp[r0 * ld + j] = s0;
-                    if (n > 1) sp[(r0 + 1) * ld + j] = s1;
-                    if (n > 2) sp[(r0 + 2) * ld + j] = s2;
-                    if (n > 3) sp[(r0 + 3) * ld + j] = s3;
-                }
-            }
-        }
-    }
-
-    /// <summary>O[r] = α[r]·O[r] + Σ_j P[r, j]·V[j], with the output chunk of 4 rows held in registers over the page.</summary>
-    private static unsafe void PageValues(float[] p, float[] v, Span<float> o, float[] alpha, int rows, int count, int dv, int ld)
-    {
-        fixed (float* pp = p, vp = v, op = o)
-        {
-            for (int r0 = 0; r0 < rows; r0 += 4)
-            {
-                int n = Math.Min(4, rows - r0);
-                float* p0 = pp + r0 * ld, p1 = p0 + (n > 1 ? ld : 0), p2 = p0 + (n > 2 ? 2 * ld : 0), p3 = p0 + (n > 3 ? 3 * ld : 0);
-                float* o0 = op + r0 * dv, o1 = o0 + (n > 1 ? dv : 0), o2 = o0 + (n > 2 ? 2 * dv : 0), o3 = o0 + (n > 3 ? 3 * dv : 0);
-                float al0 = alpha[r0], al1 = n > 1 ? alpha[r0 + 1] : 0f, al2 = n > 2 ? alpha[r0 + 2] : 0f, al3 = n > 3 ? alpha[r0 + 3] : 0f;
-                int c = 0;
-                for (; c <= dv - 8; c += 8)
-                {
-                    var a0 = System.Runtime.Intrinsics.Vector256.Load(o0 + c) * al0;
-                    var a1 = System.Runtime.Intrinsics.Vector256.Load(o1 + c) * al1;
-                    var a2 = System.Runtime.Intrinsics.Vector256.Load(o2 + c) * al2;
-                    var a3 = System.Runtime.Intrinsics.Vector256.Load(o3 + c) * al3;
-                    for (int j = 0; j < count; j++)
-                    {
-                        var vv = System.Runtime.Intrinsics.Vector256.Load(vp + (long)j * dv + c);
-                        a0 = System.Runtime.Intrinsics.Vector256.FusedMultiplyAdd(System.Runtime.Intrinsics.Vector256.Create(p0[j]), vv, a0);
-                        a1 = System.Runtime.Intrinsics.Vector256.FusedMultiplyAdd(System.Runtime.Intrinsics.Vector256.Create(p1[j]), vv, a1);
-                        a2 = System.Runtime.Intrinsics.Vector256.FusedMultiplyAdd(System.Runtime.Intrinsics.Vector256.Create(p2[j]), vv, a2);
-                        a3 = System.Runtime.Intrinsics.Vector256.FusedMultiplyAdd(System.Runtime.Intrinsics.Vector256.Create(p3[j]), vv, a3);
-                    }
-                    a0.Store(o0 + c);
-                    if (n > 1) a1.Store(o1 + c);
-                    if (n > 2) a2.Store(o2 + c);
-                    if (n > 3) a3.Store(o3 + c);
-                }
-                for (; c < dv; c++)
-                {
-                    float b0 = o0[c] * al0, b1 = o1[c] * al1, b2 = o2[c] * al2, b3 = o3[c] * al3;
-                    for (int j = 0; j < count; j++)
-                    {
-                        float x = vp[(long)j * dv + c];
-                        b0 += p0[j] * x;
-                        b1 += p1[j] * x;
-                        b2 += p2[j] * x;
-                        b3 += p3[j] * x;
-                    }
-                    o0[c] = b0;
-                    if (n > 1) o1[c] = b1;
-                    if (n > 2) o2[c] = b2;
-                    if (n > 3) o3[c] = b3;
-                }
-            }
-        }
     }
 }

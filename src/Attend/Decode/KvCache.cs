@@ -4,13 +4,13 @@ namespace Attend.Decode;
 
 /// <summary>
 /// A paged key/value cache for decoding: per sequence and layer a list of pages of <see cref="PageSize"/> tokens,
-/// keys [Hkv, page, D] and values [Hkv, page, Dv] per page in the storage dtype (f32, f16 or bf16), plus per page and
+/// keys [Hkv, D, page] (by channel) and values [Hkv, page, Dv] per page in the storage dtype (f32, f16 or bf16), plus per page and
 /// kv head the channel-wise min, max (Quest's bounds) and mean (landmarks/centroids) of its keys, kept up to date on
 /// append. Memory is accounted and capped: an append that would pass the cap throws before anything changes.
 /// </summary>
 public sealed class KvCache
 {
-    private readonly List<List<Page>[]> _sequences = [];   // [sequence][layer] → pages
+    private readonly List<PageList[]> _sequences = [];   // [sequence][layer] → pages
 
     /// <summary>An empty cache.</summary>
     public KvCache(int layers, int kvHeads, int headDim, int valueDim = 0, DType storage = DType.Float16, int pageSize = 64, long memoryCapBytes = long.MaxValue,
@@ -75,8 +75,8 @@ public sealed class KvCache
     /// <summary>Adds an empty sequence; returns its id.</summary>
     public int AddSequence()
     {
-        var layers = new List<Page>[Layers];
-        for (int l = 0; l < Layers; l++) layers[l] = [];
+        var layers = new PageList[Layers];
+        for (int l = 0; l < Layers; l++) layers[l] = new PageList(this);
         _sequences.Add(layers);
         return _sequences.Count - 1;
     }
@@ -84,7 +84,7 @@ public sealed class KvCache
     /// <summary>Tokens stored for (sequence, layer).</summary>
     public int Length(int sequence, int layer = 0) => Pages(sequence, layer).Sum(p => p.Count);
 
-    internal List<Page> Pages(int sequence, int layer)
+    internal PageList Pages(int sequence, int layer)
     {
         if ((uint)sequence >= (uint)_sequences.Count) throw new ArgumentOutOfRangeException(nameof(sequence), sequence, $"no sequence {sequence}; the cache has {_sequences.Count}");
         if ((uint)layer >= (uint)Layers) throw new ArgumentOutOfRangeException(nameof(layer), layer, $"layer must be in 0..{Layers - 1}");
@@ -94,7 +94,7 @@ public sealed class KvCache
     /// <summary>Appends tokens: keys [n, Hkv, D] and values [n, Hkv, Dv]. Nothing changes if it throws.</summary>
     public void Append(int sequence, int layer, TensorView<float> keys, TensorView<float> values)
     {
-        List<Page> pages = Pages(sequence, layer);
+        PageList pages = Pages(sequence, layer);
         if (keys.Rank != 3 || keys.Dim(1) != KvHeads || keys.Dim(2) != HeadDim)
             throw new ArgumentException($"keys must have shape [n, Hkv={KvHeads}, D={HeadDim}]; got {keys.ShapeString()}", nameof(keys));
         int n = keys.Dim(0);
@@ -113,7 +113,7 @@ public sealed class KvCache
             if (pages.Count == 0 || pages[^1].Count == PageSize)
             {
                 if (_tier is not null && pages.Count > 0) _tier.Full(pages[^1]);
-                pages.Add(new Page(this));
+                pages.Add(new Page(this, pages.Summaries, pages.Count));
                 MemoryBytes += PageBytes;
                 ResidentBytes += PageBytes;
                 _tier?.Balance();
@@ -165,7 +165,8 @@ public sealed class KvCache
         {
             foreach (Page p in _sequences[sequence][l])
             {
-                Page copy = p.Clone();
+                PageList into = _sequences[id][l];
+                Page copy = p.Clone(into.Summaries, into.Count);
                 _sequences[id][l].Add(copy);
                 ResidentBytes += PageBytes;
                 if (copy.Count == PageSize) _tier?.Full(copy);
@@ -174,6 +175,60 @@ public sealed class KvCache
         }
         MemoryBytes += bytes;
         return id;
+    }
+
+    /// <summary>The pages of one (sequence, layer), with their key summaries side by side.</summary>
+    internal sealed class PageList(KvCache cache) : List<Page>
+    {
+        public readonly PageSummaries Summaries = new(cache.KvHeads, cache.HeadDim);
+    }
+
+    /// <summary>
+    /// Per kv head, the channel-wise min, max and mean key of every page of a (sequence, layer), one page after another
+    /// ([page, D] per head): a policy scoring every page for one head streams one contiguous array. (Kept inside each
+    /// page before, a Quest selection read 2 × 2048 scattered 512-byte pieces per head at 131072 tokens: 0.6 ms per head
+    /// on the EPYC, more than reading the pages it chose; docs/perf/decode.md.)
+    /// </summary>
+    internal sealed class PageSummaries(int kvHeads, int d)
+    {
+        private float[][] _min = NewArrays(kvHeads, 0), _max = NewArrays(kvHeads, 0), _mean = NewArrays(kvHeads, 0);
+        private int _capacity;
+
+        public int HeadDim => d;
+
+        /// <summary>Makes room for page <paramref name="index"/> (doubling).</summary>
+        public void Reserve(int index)
+        {
+            if (index < _capacity) return;
+            int capacity = Math.Max(16, Math.Max(index + 1, _capacity * 2));
+            _min = Grow(_min, capacity);
+            _max = Grow(_max, capacity);
+            _mean = Grow(_mean, capacity);
+            _capacity = capacity;
+        }
+
+        /// <summary>Head <paramref name="head"/>'s minima of every page, [page, D].</summary>
+        public float[] Min(int head) => _min[head];
+
+        /// <summary>Head <paramref name="head"/>'s maxima of every page, [page, D].</summary>
+        public float[] Max(int head) => _max[head];
+
+        /// <summary>Head <paramref name="head"/>'s mean keys of every page, [page, D].</summary>
+        public float[] Mean(int head) => _mean[head];
+
+        private float[][] Grow(float[][] arrays, int capacity)
+        {
+            var grown = NewArrays(arrays.Length, capacity * d);
+            for (int h = 0; h < arrays.Length; h++) arrays[h].CopyTo(grown[h], 0);
+            return grown;
+        }
+
+        private static float[][] NewArrays(int count, int length)
+        {
+            var arrays = new float[count][];
+            for (int i = 0; i < count; i++) arrays[i] = new float[length];
+            return arrays;
+        }
     }
 
     /// <summary>A page's keys and values in the storage dtype (f32 arrays, or f16/bf16 bits).</summary>
@@ -205,7 +260,8 @@ public sealed class KvCache
     }
 
     /// <summary>
-    /// One page: keys [Hkv, page, D], values [Hkv, page, Dv] in the storage dtype; per-head key min/max/mean. With a file
+    /// One page: keys [Hkv, D, page] (by channel: decode scores 16 keys per vector with no horizontal sums, see
+    /// PageKernels), values [Hkv, page, Dv] in the storage dtype; per-head key min/max/mean. With a file
     /// tier a full page's data may live in the file (its summaries stay in memory: policies score pages without loading
     /// them); reading it loads it through the tier's cache of recently read pages.
     /// </summary>
@@ -213,31 +269,48 @@ public sealed class KvCache
     {
         private readonly KvCache _cache;
         private PageData? _data;
-        public readonly float[] Min, Max, Mean; // [Hkv, D]
+        private readonly PageSummaries _summaries;
+        private readonly int _index;             // this page's row in the summaries
         public int Count;
         public long FileOffset = -1;           // where the file tier holds the data (when not resident)
         public ulong Checksum;                 // of the data written to the file
 
-        public Page(KvCache cache)
+        /// <summary>Whether an f16 slot ever held Inf or NaN: such pages are widened exactly (see PageKernels).</summary>
+        public bool HasNonFinite;
+
+        public Page(KvCache cache, PageSummaries summaries, int index)
         {
             _cache = cache;
             _data = new PageData(cache);
-            Min = new float[cache.KvHeads * cache.HeadDim];
-            Max = new float[cache.KvHeads * cache.HeadDim];
-            Mean = new float[cache.KvHeads * cache.HeadDim];
+            _summaries = summaries;
+            _index = index;
+            summaries.Reserve(index);
         }
 
-        private Page(Page other)
+        private Page(Page other, PageSummaries summaries, int index) : this(other._cache, summaries, index)
         {
-            _cache = other._cache;
             _data = other.Data.Clone();
-            Min = (float[])other.Min.Clone();
-            Max = (float[])other.Max.Clone();
-            Mean = (float[])other.Mean.Clone();
+            for (int h = 0; h < _cache.KvHeads; h++)
+            {
+                other.MinOf(h).CopyTo(MinOf(h));
+                other.MaxOf(h).CopyTo(MaxOf(h));
+                other.MeanOf(h).CopyTo(MeanOf(h));
+            }
             Count = other.Count;
+            HasNonFinite = other.HasNonFinite;
         }
 
-        public Page Clone() => new(this);
+        /// <summary>A copy of the page as page <paramref name="index"/> of another list.</summary>
+        public Page Clone(PageSummaries summaries, int index) => new(this, summaries, index);
+
+        /// <summary>Channel-wise minimum key of a head, [D].</summary>
+        public Span<float> MinOf(int head) => _summaries.Min(head).AsSpan(_index * _cache.HeadDim, _cache.HeadDim);
+
+        /// <summary>Channel-wise maximum key of a head, [D].</summary>
+        public Span<float> MaxOf(int head) => _summaries.Max(head).AsSpan(_index * _cache.HeadDim, _cache.HeadDim);
+
+        /// <summary>Mean key of a head, [D].</summary>
+        public Span<float> MeanOf(int head) => _summaries.Mean(head).AsSpan(_index * _cache.HeadDim, _cache.HeadDim);
 
         /// <summary>Whether the data is in memory (not only in the file tier).</summary>
         public bool IsResident => _data is not null;
@@ -271,31 +344,37 @@ public sealed class KvCache
 
         public void Write(int head, int slot, float[] k, float[] v)
         {
-            int d = _cache.HeadDim, dv = _cache.ValueDim;
-            long kb = ((long)head * _cache.PageSize + slot) * d, vb = ((long)head * _cache.PageSize + slot) * dv;
+            int d = _cache.HeadDim, dv = _cache.ValueDim, ps = _cache.PageSize;
+            long kb = (long)head * d * ps + slot, vb = ((long)head * ps + slot) * dv;
             for (int c = 0; c < d; c++)
             {
                 float stored;
-                if (KF is not null) KF[kb + c] = stored = k[c];
+                long at = kb + (long)c * ps;
+                if (KF is not null) KF[at] = stored = k[c];
                 else
                 {
-                    KH![kb + c] = ToBits(k[c]);
-                    stored = FromBits(KH[kb + c]);
+                    KH![at] = ToBits(k[c]);
+                    stored = FromBits(KH[at]);
+                    HasNonFinite |= !float.IsFinite(stored);
                 }
-                Summarize(head * d + c, slot, stored);
+                Summarize(head, c, slot, stored);
             }
             for (int c = 0; c < dv; c++)
             {
                 if (VF is not null) VF[vb + c] = v[c];
-                else VH![vb + c] = ToBits(v[c]);
+                else
+                {
+                    VH![vb + c] = ToBits(v[c]);
+                    HasNonFinite |= (VH[vb + c] & 0x7C00) == 0x7C00 && _cache.Storage == DType.Float16;
+                }
             }
         }
 
-        /// <summary>Key rows [0, Count) of a head as floats, [Count, D] row-major.</summary>
-        public void ReadKeys(int head, Span<float> k)
+        /// <summary>A head's keys as floats by channel, [D, PageSize] (slots past <see cref="Count"/> hold stale values).</summary>
+        public void ReadKeysByChannel(int head, Span<float> k)
         {
-            int n = Count * _cache.HeadDim;
-            int b = head * _cache.PageSize * _cache.HeadDim;
+            int n = _cache.HeadDim * _cache.PageSize;
+            int b = head * n;
             if (KF is not null) KF.AsSpan(b, n).CopyTo(k);
             else Widen(KH.AsSpan(b, n), k);
         }
@@ -309,13 +388,14 @@ public sealed class KvCache
             else Widen(VH.AsSpan(b, n), v);
         }
 
-        /// <summary>Key row (head, slot) as floats.</summary>
+        /// <summary>Key (head, slot) as floats.</summary>
         public void ReadKey(int head, int slot, Span<float> k)
         {
-            int d = _cache.HeadDim;
-            long b = ((long)head * _cache.PageSize + slot) * d;
-            if (KF is not null) KF.AsSpan((int)b, d).CopyTo(k);
-            else Widen(KH.AsSpan((int)b, d), k);
+            int d = _cache.HeadDim, ps = _cache.PageSize;
+            long b = (long)head * d * ps + slot;
+            PageData data = Data;
+            for (int c = 0; c < d; c++)
+                k[c] = data.KF is not null ? data.KF[b + (long)c * ps] : FromBits(data.KH![b + (long)c * ps]);
         }
 
         /// <summary>Value row (head, slot) as floats.</summary>
@@ -342,16 +422,18 @@ public sealed class KvCache
                 for (int slot = 0; slot < Count; slot++)
                 {
                     ReadKey(h, slot, k);
-                    for (int c = 0; c < d; c++) Summarize(h * d + c, slot, k[c]);
+                    for (int c = 0; c < d; c++) Summarize(h, c, slot, k[c]);
                 }
         }
 
-        /// <summary>Folds key value <paramref name="x"/> of slot <paramref name="slot"/> into channel <paramref name="s"/>'s min, max and running mean.</summary>
-        private void Summarize(int s, int slot, float x)
+        /// <summary>Folds key value <paramref name="x"/> of slot <paramref name="slot"/> into channel <paramref name="c"/>'s min, max and running mean.</summary>
+        private void Summarize(int head, int c, int slot, float x)
         {
-            Min[s] = slot == 0 ? x : MathF.Min(Min[s], x);
-            Max[s] = slot == 0 ? x : MathF.Max(Max[s], x);
-            Mean[s] = slot == 0 ? x : Mean[s] + (x - Mean[s]) / (slot + 1);
+            int s = (_index * _cache.HeadDim) + c;
+            float[] min = _summaries.Min(head), max = _summaries.Max(head), mean = _summaries.Mean(head);
+            min[s] = slot == 0 ? x : MathF.Min(min[s], x);
+            max[s] = slot == 0 ? x : MathF.Max(max[s], x);
+            mean[s] = slot == 0 ? x : mean[s] + (x - mean[s]) / (slot + 1);
         }
     }
 }

@@ -1,3 +1,5 @@
+using System.Runtime.Intrinsics;
+
 namespace Attend.Decode;
 
 /// <summary>
@@ -83,8 +85,8 @@ public abstract class PageScoringPolicy : IKvSelectionPolicy
         _perQueryHead = perQueryHead;
     }
 
-    /// <summary>The score of <paramref name="page"/> for one scaled query row (higher is read first).</summary>
-    private protected abstract float Score(ReadOnlySpan<float> query, KvCache.Page page, int kvHead, int d);
+    /// <summary>The scores of <paramref name="page"/> for each of the scaled query rows (higher is read first).</summary>
+    private protected abstract void ScoreRows(ReadOnlySpan<float> queries, int rows, KvCache.Page page, int kvHead, int d, Span<float> scores);
 
     /// <inheritdoc/>
     public IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows)
@@ -104,16 +106,30 @@ public abstract class PageScoringPolicy : IKvSelectionPolicy
         {
             if (!forced.Contains(p)) candidates.Add(p);
         }
+        // Every candidate scored for all rows at once ([rows × candidates]).
+        // Scored in a few parallel chunks: at 131072 tokens this is 2048 pages per head, and the step waits for it.
+        var scores = new float[rows * candidates.Count];
+        float[] query = queries[..(rows * d)].ToArray();
+        int n = candidates.Count, chunks = Math.Clamp(n / 256, 1, Environment.ProcessorCount);
+        Cpu.WorkQueue.Run(chunks, chunks, () => new float[rows], (chunk, rowScores) =>
+        {
+            for (int i = chunk * n / chunks; i < (chunk + 1) * n / chunks; i++)
+            {
+                ScoreRows(query, rows, pages[candidates[i]], kvHead, d, rowScores);
+                for (int r = 0; r < rows; r++) scores[(r * n) + i] = rowScores[r];
+            }
+        });
+        var scratch = new int[candidates.Count];
         if (_perQueryHead && rows > 1)
         {
             // Each query head ranks the pages by its own score; heads take turns adding their next best page.
             var orders = new int[rows][];
             for (int r = 0; r < rows; r++)
             {
-                float[] scores = new float[candidates.Count];
+                float[] negated = [.. scores.AsSpan(r * candidates.Count, candidates.Count)];
                 int[] order = [.. candidates];
-                for (int i = 0; i < order.Length; i++) scores[i] = -Score(queries.Slice(r * d, d), pages[order[i]], kvHead, d);
-                Array.Sort(scores, order);
+                for (int i = 0; i < negated.Length; i++) negated[i] = -negated[i];
+                Array.Sort(negated, order);
                 orders[r] = order;
             }
             var chosen = new HashSet<int>(forced);
@@ -123,16 +139,11 @@ public abstract class PageScoringPolicy : IKvSelectionPolicy
             }
             return [.. chosen.Order()];
         }
-        var keys = new float[candidates.Count];
-        int[] best = [.. candidates];
-        for (int i = 0; i < best.Length; i++)
-        {
-            float top = float.NegativeInfinity;
-            for (int r = 0; r < rows; r++) top = MathF.Max(top, Score(queries.Slice(r * d, d), pages[best[i]], kvHead, d));
-            keys[i] = -top;                      // ascending sort of −score = best pages first
-        }
-        Array.Sort(keys, best);
-        return [.. best.Take(free).Concat(forced).Order()];
+        // A page scores the best of the group's rows; the free best pages by quickselect (no full sort).
+        for (int r = 1; r < rows; r++)
+            for (int i = 0; i < candidates.Count; i++) scores[i] = MathF.Max(scores[i], scores[(r * candidates.Count) + i]);
+        int[] best = Sparse.RowTopKSelector.TopIndices(scores.AsSpan(0, candidates.Count), free, scratch);
+        return [.. best.Select(i => candidates[i]).Concat(forced).Order()];
     }
 }
 
@@ -145,25 +156,67 @@ public sealed class QuestPolicy(int tokenBudget, int sinkTokens = 0, int recentT
     : PageScoringPolicy(tokenBudget, sinkTokens, recentTokens, perQueryHead)
 {
     /// <summary>Σ_c max(q_c·min_c, q_c·max_c): the largest q·k any key inside the per-channel box can give.</summary>
-    private protected override float Score(ReadOnlySpan<float> query, KvCache.Page page, int kvHead, int d) =>
-        UpperBound(query, page.Min.AsSpan(kvHead * d, d), page.Max.AsSpan(kvHead * d, d));
+    private protected override void ScoreRows(ReadOnlySpan<float> queries, int rows, KvCache.Page page, int kvHead, int d, Span<float> scores) =>
+        UpperBounds(queries, rows, page.MinOf(kvHead), page.MaxOf(kvHead), scores);
 
-    private static float UpperBound(ReadOnlySpan<float> q, ReadOnlySpan<float> min, ReadOnlySpan<float> max)
+    /// <summary>The bound for every row, the box's min/max loaded once per 16 (or 8) channels for 4 rows.</summary>
+    internal static unsafe void UpperBounds(ReadOnlySpan<float> q, int rows, ReadOnlySpan<float> min, ReadOnlySpan<float> max, Span<float> bounds)
     {
-        int c = 0;
-        float sum = 0;
-        if (System.Runtime.Intrinsics.Vector256.IsHardwareAccelerated)
+        int d = min.Length;
+        int width = Vector512.IsHardwareAccelerated ? 16 : Vector256.IsHardwareAccelerated ? 8 : 1;
+        int vectorEnd = width == 1 ? 0 : d - (d % width);
+        fixed (float* qp = q, lo = min, hi = max, b = bounds)
         {
-            var acc = System.Runtime.Intrinsics.Vector256<float>.Zero;
-            for (; c <= q.Length - 8; c += 8)
+            for (int r0 = 0; r0 < rows; r0 += 4)
             {
-                var qv = System.Runtime.Intrinsics.Vector256.Create(q.Slice(c, 8));
-                acc += System.Runtime.Intrinsics.Vector256.Max(qv * System.Runtime.Intrinsics.Vector256.Create(min.Slice(c, 8)), qv * System.Runtime.Intrinsics.Vector256.Create(max.Slice(c, 8)));
+                int n = Math.Min(4, rows - r0);
+                float* q0 = qp + (r0 * d), q1 = q0 + (n > 1 ? d : 0), q2 = q0 + (n > 2 ? 2 * d : 0), q3 = q0 + (n > 3 ? 3 * d : 0);
+                float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+                if (width == 16)
+                {
+                    Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default;
+                    for (int c = 0; c < vectorEnd; c += 16)
+                    {
+                        Vector512<float> l = Vector512.Load(lo + c), h = Vector512.Load(hi + c), x = Vector512.Load(q0 + c);
+                        a0 += Vector512.MaxNative(x * l, x * h);
+                        x = Vector512.Load(q1 + c);
+                        a1 += Vector512.MaxNative(x * l, x * h);
+                        x = Vector512.Load(q2 + c);
+                        a2 += Vector512.MaxNative(x * l, x * h);
+                        x = Vector512.Load(q3 + c);
+                        a3 += Vector512.MaxNative(x * l, x * h);
+                    }
+                    (s0, s1, s2, s3) = (Vector512.Sum(a0), Vector512.Sum(a1), Vector512.Sum(a2), Vector512.Sum(a3));
+                }
+                else if (width == 8)
+                {
+                    Vector256<float> a0 = default, a1 = default, a2 = default, a3 = default;
+                    for (int c = 0; c < vectorEnd; c += 8)
+                    {
+                        Vector256<float> l = Vector256.Load(lo + c), h = Vector256.Load(hi + c), x = Vector256.Load(q0 + c);
+                        a0 += Vector256.MaxNative(x * l, x * h);
+                        x = Vector256.Load(q1 + c);
+                        a1 += Vector256.MaxNative(x * l, x * h);
+                        x = Vector256.Load(q2 + c);
+                        a2 += Vector256.MaxNative(x * l, x * h);
+                        x = Vector256.Load(q3 + c);
+                        a3 += Vector256.MaxNative(x * l, x * h);
+                    }
+                    (s0, s1, s2, s3) = (Vector256.Sum(a0), Vector256.Sum(a1), Vector256.Sum(a2), Vector256.Sum(a3));
+                }
+                for (int c = vectorEnd; c < d; c++)
+                {
+                    s0 += MathF.Max(q0[c] * lo[c], q0[c] * hi[c]);
+                    s1 += MathF.Max(q1[c] * lo[c], q1[c] * hi[c]);
+                    s2 += MathF.Max(q2[c] * lo[c], q2[c] * hi[c]);
+                    s3 += MathF.Max(q3[c] * lo[c], q3[c] * hi[c]);
+                }
+                b[r0] = s0;
+                if (n > 1) b[r0 + 1] = s1;
+                if (n > 2) b[r0 + 2] = s2;
+                if (n > 3) b[r0 + 3] = s3;
             }
-            sum = System.Runtime.Intrinsics.Vector256.Sum(acc);
         }
-        for (; c < q.Length; c++) sum += MathF.Max(q[c] * min[c], q[c] * max[c]);
-        return sum;
     }
 }
 
@@ -176,8 +229,10 @@ public sealed class QuestPolicy(int tokenBudget, int sinkTokens = 0, int recentT
 public sealed class LandmarkPolicy(int tokenBudget, int sinkTokens = 0, int recentTokens = 0, bool perQueryHead = false)
     : PageScoringPolicy(tokenBudget, sinkTokens, recentTokens, perQueryHead)
 {
-    private protected override float Score(ReadOnlySpan<float> query, KvCache.Page page, int kvHead, int d) =>
-        Linear.Vectors.Dot(query, page.Mean.AsSpan(kvHead * d, d));
+    private protected override void ScoreRows(ReadOnlySpan<float> queries, int rows, KvCache.Page page, int kvHead, int d, Span<float> scores)
+    {
+        for (int r = 0; r < rows; r++) scores[r] = Linear.Vectors.Dot(queries.Slice(r * d, d), page.MeanOf(kvHead));
+    }
 }
 
 /// <summary>Per (cache, sequence, layer, kv head) state of a stateful policy; a new cache starts fresh.</summary>
@@ -359,25 +414,26 @@ public abstract class TokenSelectionPolicy : ITokenSelectionPolicy
     }
 
     /// <summary>
-    /// q_r · k_t for every query row r and candidate token t (ascending), as [rows × candidates]: each candidate's key is
-    /// widened once for all rows, a whole page at a time while candidates stay on one page.
+    /// q_r · k_t for every query row r and candidate token t (ascending), as [rows × candidates]: the decode kernels
+    /// score each candidate page once for all rows.
     /// </summary>
     private protected static float[] Scores(KvCache cache, List<KvCache.Page> pages, int kvHead, ReadOnlySpan<int> candidates, ReadOnlySpan<float> queries, int rows)
     {
-        int d = cache.HeadDim, ps = cache.PageSize, n = candidates.Length;
+        int ps = cache.PageSize, n = candidates.Length;
         var scores = new float[rows * n];
-        var keys = new float[ps * d];
+        float[] q = queries[..(rows * cache.HeadDim)].ToArray();
+        var scratch = new PageKernels.Scratch(ps, cache.HeadDim, cache.ValueDim, rows);
+        bool wide = PageKernels.WideSupported(cache, KernelTuning.Default);
         int loaded = -1;
         for (int i = 0; i < n; i++)
         {
             int page = candidates[i] / ps;
             if (page != loaded)
             {
-                pages[page].ReadKeys(kvHead, keys);
+                PageKernels.Scores(cache, pages[page], kvHead, q, scratch, rows, wide);
                 loaded = page;
             }
-            ReadOnlySpan<float> key = keys.AsSpan((candidates[i] % ps) * d, d);
-            for (int r = 0; r < rows; r++) scores[(r * n) + i] = Linear.Vectors.Dot(queries.Slice(r * d, d), key);
+            for (int r = 0; r < rows; r++) scores[(r * n) + i] = scratch.S[(r * ps) + (candidates[i] % ps)];
         }
         return scores;
     }
