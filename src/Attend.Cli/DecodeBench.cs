@@ -12,7 +12,7 @@ namespace Attend.Cli;
 /// </summary>
 internal static class DecodeBench
 {
-    public const int Steps = 9;
+    public const int Steps = 19;      // 9 timed rows, 10 structured-loop rows
 
     public static List<BenchCommand.BenchRow> Run(BenchCommand.BenchPlan plan, double copyGBps, Action<string> status, Action advance)
     {
@@ -38,12 +38,25 @@ internal static class DecodeBench
         BenchCommand.Timing t = BenchCommand.Measure(() => DecodeAttention.Forward(q, cache, seq, 0, dense, tuning: tuning), plan.Reps);
         double denseMs = t.MedianMs;
         double gbps = bytes / (denseMs * 1e-3) / 1e9;
+        // The machine's bandwidth drifts between runs (24–33 GB/s of copy on the 2-core EPYC within one hour), so the
+        // bar is also judged on rounds that pair a copy with a decode step back to back: median of the per-round ratios.
+        var ratios = new List<double>();
+        for (int round = 0; round < 9; round++)
+        {
+            double copyNow = Diagnostics.PeakProbe.CopyGBps(plan.Threads > 0 ? plan.Threads : Environment.ProcessorCount);
+            var sw = System.Diagnostics.Stopwatch.StartNew();
+            DecodeAttention.Forward(q, cache, seq, 0, dense, tuning: tuning);
+            ratios.Add(bytes / sw.Elapsed.TotalSeconds / 1e9 / copyNow);
+        }
+        ratios.Sort();
+        double paired = ratios[ratios.Count / 2];
         rows.Add(new BenchCommand.BenchRow("decode", "dense decode f16", DType.Float16, 1, heads, kvHeads, length, d, false, plan.Threads, KernelPath.Auto,
             denseMs, t.MinMs, t.MaxMs, t.Count, 4.0 * heads * length * d, 0)
         {
             Memory = t.Memory,
             SpeedupVsDense = 1.0,
-            Note = $"{gbps:F1} GB/s of K+V read = {100 * gbps / copyGBps:F0}% of the copy bandwidth measured now ({copyGBps:F1} GB/s); bar >= 70%: {(gbps >= 0.7 * copyGBps ? "met" : "MISSED")}",
+            Note = $"{gbps:F1} GB/s of K+V read = {100 * gbps / copyGBps:F0}% of the copy bandwidth measured at the start ({copyGBps:F1} GB/s); "
+                + $"paired with a copy each: median {100 * paired:F0}% (range {100 * ratios[0]:F0}–{100 * ratios[^1]:F0}%); bar >= 70%: {(paired >= 0.7 ? "met" : "MISSED")}",
         });
         advance();
 
@@ -60,7 +73,7 @@ internal static class DecodeBench
             Memory = tq.Memory,
             Density = 1.0 / 16,
             SpeedupVsDense = denseMs / questMs,
-            Note = $"{denseMs / questMs:F1}x dense (bar >= 8x: {(denseMs / questMs >= 8 ? "met" : "MISSED")}); relative L2 error {err:F3} on random keys (recall bar needs structured inputs: not measured yet)",
+            Note = $"{denseMs / questMs:F1}x dense (bar >= 8x: {(denseMs / questMs >= 8 ? "met" : "MISSED")}); relative L2 error {err:F3} on random keys (recall: see the structured rows)",
         });
         advance();
 
@@ -94,7 +107,176 @@ internal static class DecodeBench
             });
             advance();
         }
+        rows.AddRange(RunStructured(plan, length, status, advance));
         return rows;
+    }
+
+    /// <summary>
+    /// The decode suite's structured half: q/k/v from <see cref="Sparse.StructuredInputs"/> (default mix: sinks, local
+    /// band, vertical stripes, slashes, needles, clusters; 32/8 heads, D = 128) fill an f16 cache of
+    /// <paramref name="length"/> − <see cref="GenerationSteps"/> tokens; then a generation loop appends token t and
+    /// decodes its query, <see cref="GenerationSteps"/> times, for dense and every policy at a 1/16 budget. Per policy:
+    /// mean and worst per-step attention-mass recall (share of the dense softmax mass on what the step read, mean over
+    /// the query heads), mean relative L2 error against dense decoding, and time per step.
+    /// </summary>
+    public static List<BenchCommand.BenchRow> RunStructured(BenchCommand.BenchPlan plan, int length, Action<string> status, Action advance)
+    {
+        const int heads = 32, kvHeads = 8, d = 128, group = heads / kvHeads;
+        status($"generating {length} structured tokens (32/8 heads, D = {d})");
+        (TensorView<float> q, TensorView<float> k, TensorView<float> v, _) = Sparse.StructuredInputs.Generate(1, length, heads, kvHeads, d);
+        float[] qa = q.ToArray(), ka = k.ToArray(), va = v.ToArray();
+        // Keys as stored (f16-rounded) for the recall's dense softmax.
+        float[] kStored = [.. ka.Select(x => (float)(Half)x)];
+        int prefix = length - GenerationSteps, budget = length / 16;
+        float scale = 1f / MathF.Sqrt(d);
+        var tuning = new KernelTuning { Threads = plan.Threads };
+        var policies = new (string Name, Func<IKvSelectionPolicy?> Make)[]
+        {
+            ("dense", () => null),
+            ("Quest 1/16", () => new QuestPolicy(budget)),
+            ("StreamingLLM 1/16", () => new StreamingPolicy(64, budget - 64)),
+            ("Landmark 1/16", () => new LandmarkPolicy(budget)),
+            ("H2O 1/32 + 1/32", () => new HeavyHitterPolicy(budget / 2, budget / 2)),
+            ("H2O 1/32 + 1/32, 1/4 of the kv heads pruned after 4 steps", () => new HeavyHitterPolicy(budget / 2, budget / 2, 0.25, 4)),
+            ("Recycled every 8, 1/16", () => new RecycledPolicy(8, budget)),
+            ("TokenSelect 1/16 of the tokens", () => new TokenSelectPolicy(budget)),
+            ("Retrieval 1/16, scan 1/8", () => new RetrievalPolicy(budget, 2 * budget)),
+            ("Retention 1/32 + chunks of 1/32", () => new RetentionPolicy(budget / 2, budget / 2)),
+        };
+        // The dense softmax of every step's query heads (computed once, shared by the policies): p[step][head][token].
+        status("dense softmax of the structured steps (for recall)");
+        var probabilities = new float[GenerationSteps][][];
+        for (int step = 0; step < GenerationSteps; step++)
+        {
+            int t = prefix + step;
+            probabilities[step] = new float[heads][];
+            Parallel.For(0, heads, head =>
+            {
+                ReadOnlySpan<float> qh = qa.AsSpan(((t * heads) + head) * d, d);
+                var scores = new double[t + 1];
+                double max = double.NegativeInfinity, total = 0;
+                for (int j = 0; j <= t; j++) max = Math.Max(max, scores[j] = scale * Linear.Vectors.Dot(qh, kStored.AsSpan(((j * kvHeads) + (head / group)) * d, d)));
+                for (int j = 0; j <= t; j++) total += scores[j] = Math.Exp(scores[j] - max);
+                var p = new float[t + 1];
+                for (int j = 0; j <= t; j++) p[j] = (float)(scores[j] / total);
+                probabilities[step][head] = p;
+            });
+        }
+        var rows = new List<BenchCommand.BenchRow>();
+        // The best any page policy could do at the budget: per step and kv head, the pages holding the most dense mass
+        // (summed over the group's query heads). Below 0.95 no page-level selection can meet the recall bar. Also for
+        // Quest's own page size, 16 tokens (whose min/max summaries would cost 1/8 of the f16 data per step here).
+        foreach (int pageSize in new[] { 64, 16 })
+        {
+            var oracle = new List<double>();
+            int keep = budget / pageSize;
+            for (int step = 0; step < GenerationSteps; step++)
+            {
+                double recall = 0;
+                for (int hk = 0; hk < kvHeads; hk++)
+                {
+                    int tokens = probabilities[step][hk * group].Length, pageCount = (tokens + pageSize - 1) / pageSize;
+                    var mass = new double[pageCount];
+                    for (int g = 0; g < group; g++)
+                    {
+                        float[] p = probabilities[step][(hk * group) + g];
+                        for (int j = 0; j < p.Length; j++) mass[j / pageSize] += p[j];
+                    }
+                    recall += mass.OrderDescending().Take(keep).Sum() / heads;
+                }
+                oracle.Add(recall);
+            }
+            rows.Add(new BenchCommand.BenchRow("decode", $"structured: oracle pages of {pageSize}, 1/16", DType.Float16, 1, heads, kvHeads, length, d, false, plan.Threads, KernelPath.Auto,
+                0, 0, 0, GenerationSteps, 0, 0)
+            {
+                Density = 1.0 / 16,
+                Recall = oracle.Average(),
+                Note = $"upper bound of page selection at 1/16: the {keep} pages of {pageSize} tokens with the most dense mass per kv head; recall mean {oracle.Average():F3}, worst step {oracle.Min():F3}",
+            });
+        }
+        var denseOut = new float[GenerationSteps][];
+        double denseMs = 0;
+        foreach ((string name, Func<IKvSelectionPolicy?> make) in policies)
+        {
+            status($"structured generation loop: {name}");
+            var cache = new KvCache(1, kvHeads, d, storage: DType.Float16, pageSize: 64);
+            int seq = cache.AddSequence();
+            cache.Append(seq, 0, new TensorView<float>(ka[..(prefix * kvHeads * d)], prefix, kvHeads, d), new TensorView<float>(va[..(prefix * kvHeads * d)], prefix, kvHeads, d));
+            IKvSelectionPolicy? policy = make();
+            var tokenRead = new HashSet<int>[kvHeads];
+            var pagesRead = new IReadOnlyList<int>[kvHeads];
+            IKvSelectionPolicy? recorded = policy is ITokenSelectionPolicy tokens ? new RecordingTokens(tokens, tokenRead) : policy;
+            var o = new TensorView<float>(new float[heads * d], 1, heads, d);
+            var recalls = new List<double>();
+            double error = 0, ms = 0;
+            for (int step = 0; step < GenerationSteps; step++)
+            {
+                int t = prefix + step;
+                cache.Append(seq, 0, new TensorView<float>(ka.AsSpan(t * kvHeads * d, kvHeads * d).ToArray(), 1, kvHeads, d),
+                    new TensorView<float>(va.AsSpan(t * kvHeads * d, kvHeads * d).ToArray(), 1, kvHeads, d));
+                var qt = new TensorView<float>(qa.AsSpan(t * heads * d, heads * d).ToArray(), 1, heads, d);
+                var options = new DecodeOptions { Policy = recorded, OnPagesSelected = (hk, p) => pagesRead[hk] = p };
+                var sw = System.Diagnostics.Stopwatch.StartNew();
+                DecodeAttention.Forward(qt, cache, seq, 0, o, options, tuning: tuning);
+                ms += sw.Elapsed.TotalMilliseconds / GenerationSteps;
+                double recall = 0;
+                for (int head = 0; head < heads; head++)
+                {
+                    int hk = head / group;
+                    float[] p = probabilities[step][head];
+                    double kept = 0;
+                    if (policy is null) kept = 1;
+                    else if (policy is ITokenSelectionPolicy) foreach (int token in tokenRead[hk]) kept += p[token];
+                    else foreach (int page in pagesRead[hk]) for (int j = page * 64; j < Math.Min(p.Length, (page + 1) * 64); j++) kept += p[j];
+                    recall += kept / heads;
+                }
+                recalls.Add(recall);
+                float[] result = o.ToArray();
+                if (policy is null) denseOut[step] = result;
+                else
+                {
+                    double num = 0, den = 0;
+                    for (int i = 0; i < result.Length; i++)
+                    {
+                        num += (result[i] - denseOut[step][i]) * (double)(result[i] - denseOut[step][i]);
+                        den += denseOut[step][i] * (double)denseOut[step][i];
+                    }
+                    error += Math.Sqrt(num / den) / GenerationSteps;
+                }
+            }
+            if (policy is null) denseMs = ms;
+            double meanRecall = recalls.Average(), worst = recalls.Min();
+            string bar = name.StartsWith("Quest", StringComparison.Ordinal) ? $"; bar recall >= 0.95: {(meanRecall >= 0.95 ? "met" : "MISSED")}" : "";
+            rows.Add(new BenchCommand.BenchRow("decode", $"structured: {name}", DType.Float16, 1, heads, kvHeads, length, d, false, plan.Threads, KernelPath.Auto,
+                ms, ms, ms, GenerationSteps, 4.0 * heads * length * d, 0)
+            {
+                Density = policy is null ? 1 : 1.0 / 16,
+                Recall = policy is null ? null : meanRecall,
+                RelativeL2 = policy is null ? null : error,
+                SpeedupVsDense = denseMs / ms,
+                Note = policy is null ? $"{GenerationSteps}-step generation loop on structured inputs (one call per step: timings noisy)"
+                    : $"recall mean {meanRecall:F3}, worst step {worst:F3}; relative L2 {error:F4}; {denseMs / ms:F1}x dense per step{bar}",
+            });
+            advance();
+        }
+        return rows;
+    }
+
+    /// <summary>Steps of the structured generation loop.</summary>
+    public const int GenerationSteps = 16;
+
+    /// <summary>Passes a token policy's choices through, keeping them per kv head for the recall measurement.</summary>
+    internal sealed class RecordingTokens(ITokenSelectionPolicy inner, HashSet<int>[] record) : ITokenSelectionPolicy
+    {
+        public IReadOnlyList<int> SelectTokens(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows)
+        {
+            IReadOnlyList<int> tokens = inner.SelectTokens(cache, sequence, layer, kvHead, queries, rows);
+            record[kvHead] = [.. tokens];
+            return tokens;
+        }
+
+        public IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows) =>
+            inner.SelectPages(cache, sequence, layer, kvHead, queries, rows);
     }
 
     /// <summary>

@@ -57,7 +57,7 @@ internal static class DecodeRealBench
                     if (tokenPolicy is not null)
                     {
                         // Read the tokens through a wrapper that records them (the step asks the policy once per head).
-                        tokenPolicy = new RecordingTokens(tokenPolicy, tokenRead);
+                        tokenPolicy = new DecodeBench.RecordingTokens(tokenPolicy, tokenRead);
                     }
                     DecodeAttention.Forward(qt, cache, seq, 0, sparse, options with { Policy = tokenPolicy ?? policy, OnPagesSelected = (hk, p) => read[hk] = p });
                     for (int head = 0; head < h; head++)
@@ -109,19 +109,5 @@ internal static class DecodeRealBench
             }
         }
         return rows;
-    }
-
-    /// <summary>Passes a token policy's choices through, keeping them per kv head for the recall measurement.</summary>
-    private sealed class RecordingTokens(ITokenSelectionPolicy inner, HashSet<int>[] record) : ITokenSelectionPolicy
-    {
-        public IReadOnlyList<int> SelectTokens(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows)
-        {
-            IReadOnlyList<int> tokens = inner.SelectTokens(cache, sequence, layer, kvHead, queries, rows);
-            record[kvHead] = [.. tokens];
-            return tokens;
-        }
-
-        public IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows) =>
-            inner.SelectPages(cache, sequence, layer, kvHead, queries, rows);
     }
 }

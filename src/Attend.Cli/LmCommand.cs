@@ -32,7 +32,7 @@ internal static class LmCommand
         var context = new Option<int>("--context") { Description = "sequence length", DefaultValueFactory = _ => 8192 };
         var bytes = new Option<long>("--bytes") { Description = "use the first N bytes (default: 8 contexts)" };
         var attention = new Option<string>("--attention") { Description = "dense | window:N | sink:S+window:N | mask:EXPR | selector spec (xattention:t=0.9, auto:err=0.02, ...)", DefaultValueFactory = _ => "dense" };
-        var policy = new Option<string?>("--policy") { Description = "teacher-forced decoding instead of prefill: dense | streaming:S,W | quest:1/8 | landmark:1/8 | h2o:H,R | recycled:P,N | tokenselect:N | retrieval:N,SCAN | retention:N,CHUNK (with --decode-steps)" };
+        var policy = new Option<string?>("--policy") { Description = "teacher-forced decoding instead of prefill: dense | streaming:S,W | quest:1/8 | landmark:1/8 | h2o:H,R[,prune=F] | recycled:P,N | tokenselect:N | retrieval:N,SCAN | retention:N,CHUNK (with --decode-steps)" };
         var steps = new Option<int>("--decode-steps") { Description = "with --policy: bytes decoded one by one at the end of each context", DefaultValueFactory = _ => 1024 };
         var threads = Threads();
         var json = new Option<string?>("--json") { Description = "write a JSON summary to this file ('-' for stdout)" };
@@ -75,7 +75,7 @@ internal static class LmCommand
         var model = ModelOption();
         var prompt = new Option<string>("--prompt-file") { Description = "prompt bytes", Required = true };
         var maxNew = new Option<int>("--max-new") { Description = "bytes to generate", DefaultValueFactory = _ => 256 };
-        var policy = new Option<string>("--policy") { Description = "dense | streaming:S,W | quest:TOKENS | quest:1/8 | landmark:N | h2o:H,R | recycled:P,N | tokenselect:N | retrieval:N,SCAN | retention:N,CHUNK", DefaultValueFactory = _ => "dense" };
+        var policy = new Option<string>("--policy") { Description = "dense | streaming:S,W | quest:TOKENS | quest:1/8 | landmark:N | h2o:H,R[,prune=F] | recycled:P,N | tokenselect:N | retrieval:N,SCAN | retention:N,CHUNK", DefaultValueFactory = _ => "dense" };
         var temperature = new Option<double>("--temperature") { Description = "0: greedy", DefaultValueFactory = _ => 0 };
         var seed = new Option<int>("--seed") { Description = "sampling seed", DefaultValueFactory = _ => 1 };
         var threads = Threads();

@@ -160,8 +160,14 @@ public static class PolicySpec
                 return new Decode.LandmarkPolicy(Tokens(lm[0]), lsink, lrecent);
             case "h2o" when parts.Length == 2:
                 string[] hh = parts[1].Split(',');
-                if (hh.Length != 2) throw new ArgumentException($"policy '{spec}': h2o takes HEAVY,RECENT (e.g. h2o:1/16,1/16)", nameof(spec));
-                return new Decode.HeavyHitterPolicy(Tokens(hh[0]), Tokens(hh[1]));
+                double prune = 0;
+                if (hh.Length == 3 && hh[2].StartsWith("prune=", StringComparison.Ordinal)
+                    && double.TryParse(hh[2]["prune=".Length..], System.Globalization.NumberStyles.Float, System.Globalization.CultureInfo.InvariantCulture, out prune))
+                {
+                    hh = hh[..2];
+                }
+                if (hh.Length != 2) throw new ArgumentException($"policy '{spec}': h2o takes HEAVY,RECENT[,prune=FRACTION] (e.g. h2o:1/16,1/16 or h2o:1/16,1/16,prune=0.25)", nameof(spec));
+                return new Decode.HeavyHitterPolicy(Tokens(hh[0]), Tokens(hh[1]), prune);
             case "recycled" when parts.Length == 2:
                 string[] rc = parts[1].Split(',');
                 if (rc.Length != 2 || !int.TryParse(rc[0], System.Globalization.CultureInfo.InvariantCulture, out int period))

@@ -294,6 +294,48 @@ public sealed class DecodeTests
     }
 
     [Fact]
+    public void Should_prune_the_least_important_kv_head_for_good_after_the_warm_up()
+    {
+        // SpAtten cascade head pruning: kv head 1's values are 100× smaller, so its outputs are; with half the heads
+        // pruned after 3 steps it reads nothing from then on (output 0) while head 0 decodes exactly as plain H2O.
+        int length = 300, hkv = 2, h = 4, d = 16;
+        var cache = new KvCache(1, hkv, d, storage: DType.Float32, pageSize: 32);
+        int seq = cache.AddSequence();
+        float[] k = TestData.Normal((length + 6) * hkv * d, 81), v = TestData.Normal((length + 6) * hkv * d, 82);
+        for (int t = 0; t < length + 6; t++)
+            for (int c = 0; c < d; c++) v[((t * hkv) + 1) * d + c] *= 0.01f;
+        cache.Append(seq, 0, new TensorView<float>(k[..(length * hkv * d)], length, hkv, d), new TensorView<float>(v[..(length * hkv * d)], length, hkv, d));
+        int fork = cache.Fork(seq);
+        var pruning = new HeavyHitterPolicy(64, 64, prunedHeadFraction: 0.5, headWarmupSteps: 3);
+        var plain = new HeavyHitterPolicy(64, 64);
+        var read = new Dictionary<int, int>();
+        for (int step = 0; step < 6; step++)
+        {
+            int t = length + step;
+            foreach (int s2 in new[] { seq, fork })
+                cache.Append(s2, 0, new TensorView<float>(k.AsSpan(t * hkv * d, hkv * d).ToArray(), 1, hkv, d), new TensorView<float>(v.AsSpan(t * hkv * d, hkv * d).ToArray(), 1, hkv, d));
+            var q = new TensorView<float>(TestData.Normal(h * d, 90 + step), 1, h, d);
+            var a = new TensorView<float>(new float[h * d], 1, h, d);
+            var b = new TensorView<float>(new float[h * d], 1, h, d);
+            read.Clear();
+            bool pruned = step >= 3;                                 // decided after the third step's outputs
+            Assert.Equal(pruned, pruning.IsPruned(cache, seq, 0, 1));
+            DecodeAttention.Forward(q, cache, seq, 0, a, new DecodeOptions { Policy = pruning, OnPagesSelected = (hk, p) => read[hk] = p.Count });
+            DecodeAttention.Forward(q, cache, fork, 0, b, new DecodeOptions { Policy = plain });
+            Assert.False(pruning.IsPruned(cache, seq, 0, 0));
+            Assert.True(read[0] > 0);
+            Assert.Equal(pruned, read[1] == 0);
+            for (int c = 0; c < 2 * d; c++) Assert.Equal(b.ToArray()[c], a.ToArray()[c]);                 // head 0's group
+            for (int c = 2 * d; c < 4 * d; c++)
+                if (pruned) Assert.Equal(0f, a.ToArray()[c]);
+                else Assert.Equal(b.ToArray()[c], a.ToArray()[c]);
+        }
+        Assert.Throws<ArgumentOutOfRangeException>(() => new HeavyHitterPolicy(64, 64, 1.0));
+        Assert.Throws<ArgumentOutOfRangeException>(() => new HeavyHitterPolicy(64, 64, -0.1));
+        Assert.Throws<ArgumentOutOfRangeException>(() => new HeavyHitterPolicy(64, 64, 0.5, 0));
+    }
+
+    [Fact]
     public void Should_read_everything_every_period_and_recycle_the_heaviest_pages_in_between()
     {
         (KvCache cache, int seq, float[] dir) = NeedleCache(1024, 32, 32, 300);

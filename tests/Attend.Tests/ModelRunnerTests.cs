@@ -74,6 +74,8 @@ public sealed class ModelRunnerTests : IDisposable
         Assert.Contains("unknown policy", Assert.Throws<ArgumentException>(() => PolicySpec.Parse("magic:5", 8192)).Message);
         Assert.IsType<Decode.LandmarkPolicy>(PolicySpec.Parse("landmark:1/8,recent=64", 8192));
         Assert.IsType<Decode.HeavyHitterPolicy>(PolicySpec.Parse("h2o:1/16,1/16", 8192));
+        Assert.IsType<Decode.HeavyHitterPolicy>(PolicySpec.Parse("h2o:1/16,1/16,prune=0.25", 8192));
+        Assert.Contains("pruned head fraction", Assert.Throws<ArgumentOutOfRangeException>(() => PolicySpec.Parse("h2o:1/16,1/16,prune=1.5", 8192)).Message);
         Assert.IsType<Decode.RecycledPolicy>(PolicySpec.Parse("recycled:8,1/8", 8192));
         Assert.IsType<Decode.TokenSelectPolicy>(PolicySpec.Parse("tokenselect:1/8", 8192));
         Assert.IsType<Decode.RetrievalPolicy>(PolicySpec.Parse("retrieval:1/8,1/4", 8192));

@@ -208,6 +208,17 @@ public static class DecodeAttention
                 if (live > 1) for (int i = 0; i < mass.Length; i++) mass[i] /= live;
                 feedback.Observe(cache, sequence, layer, hk, selected[hk], mass);
             }
+            for (int hk = 0; hk < cache.KvHeads; hk++)
+            {
+                double norm = 0;
+                for (int r = 0; r < rows; r++)
+                {
+                    double sq = 0;
+                    for (int c = 0; c < dv; c++) sq += (double)output[r / group, (hk * group) + (r % group), c] * output[r / group, (hk * group) + (r % group), c];
+                    norm += Math.Sqrt(sq) / rows;
+                }
+                feedback.ObserveOutput(cache, sequence, layer, hk, (float)norm);
+            }
         }
         return pagesRead;
     }

@@ -260,6 +260,14 @@ public interface IAttentionFeedback
 {
     /// <summary>What one step attended for (sequence, layer, kv head).</summary>
     void Observe(KvCache cache, int sequence, int layer, int kvHead, IReadOnlyList<int> pages, ReadOnlySpan<float> mass);
+
+    /// <summary>
+    /// The step's output magnitude for (sequence, layer, kv head): the mean L2 norm of the group's output rows (0 for
+    /// a head that read nothing). Called after <see cref="Observe"/>; the default ignores it.
+    /// </summary>
+    void ObserveOutput(KvCache cache, int sequence, int layer, int kvHead, float outputNorm)
+    {
+    }
 }
 
 /// <summary>
@@ -273,8 +281,10 @@ public interface IAttentionFeedback
 /// </summary>
 public sealed class HeavyHitterPolicy : IKvSelectionPolicy, IAttentionFeedback
 {
-    private readonly int _heavy, _recent;
+    private readonly int _heavy, _recent, _warmupSteps;
+    private readonly double _prunedHeads;
     private readonly PolicyStates<State> _states = new();
+    private readonly PolicyStates<HeadState> _heads = new();      // per (cache, sequence, layer): kept under kv head −1
 
     private sealed class State
     {
@@ -283,20 +293,46 @@ public sealed class HeavyHitterPolicy : IKvSelectionPolicy, IAttentionFeedback
         public readonly HashSet<int> Observed = [];   // pages read at least once: only they can be judged
     }
 
+    private sealed class HeadState
+    {
+        public double[] Importance = [];             // accumulated output norm per kv head
+        public int Steps;                            // steps observed (by kv head 0)
+        public bool[]? Pruned;                       // decided once, after the warm-up
+    }
+
     /// <summary>Heavy-hitter and recent budgets in tokens (each rounded up to whole pages; recent ≥ 1).</summary>
-    public HeavyHitterPolicy(int heavyTokens, int recentTokens)
+    public HeavyHitterPolicy(int heavyTokens, int recentTokens) : this(heavyTokens, recentTokens, 0, 16)
+    {
+    }
+
+    /// <summary>
+    /// With SpAtten's cascade head pruning (Wang et al., arXiv:2012.09852, §3.2): each kv head's importance is the
+    /// accumulated magnitude of its attention output; after <paramref name="headWarmupSteps"/> steps the
+    /// <paramref name="prunedHeadFraction"/> least important kv heads of each layer are pruned for good (cascade: a
+    /// pruned head reads nothing in every later step, so its output is 0). The paper prunes query heads across layers
+    /// as the sentence goes through the model; here a kv head (its whole GQA group) within a layer as decoding goes on.
+    /// </summary>
+    public HeavyHitterPolicy(int heavyTokens, int recentTokens, double prunedHeadFraction, int headWarmupSteps = 16)
     {
         if (heavyTokens < 0) throw new ArgumentOutOfRangeException(nameof(heavyTokens), heavyTokens, "heavy-hitter tokens must be ≥ 0");
         if (recentTokens < 1) throw new ArgumentOutOfRangeException(nameof(recentTokens), recentTokens, "recent tokens must be ≥ 1");
+        if (!(prunedHeadFraction >= 0 && prunedHeadFraction < 1)) throw new ArgumentOutOfRangeException(nameof(prunedHeadFraction), prunedHeadFraction, "the pruned head fraction must be in [0, 1)");
+        if (headWarmupSteps < 1) throw new ArgumentOutOfRangeException(nameof(headWarmupSteps), headWarmupSteps, "head warm-up steps must be ≥ 1");
         _heavy = heavyTokens;
         _recent = recentTokens;
+        _prunedHeads = prunedHeadFraction;
+        _warmupSteps = headWarmupSteps;
     }
+
+    /// <summary>Whether cascade head pruning has removed <paramref name="kvHead"/> of (sequence, layer).</summary>
+    public bool IsPruned(KvCache cache, int sequence, int layer, int kvHead) => _heads.For(cache, sequence, layer, -1).Pruned?[kvHead] == true;
 
     /// <inheritdoc/>
     public IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows)
     {
         ArgumentNullException.ThrowIfNull(cache);
         List<KvCache.Page> pages = cache.Pages(sequence, layer);
+        if (IsPruned(cache, sequence, layer, kvHead)) return [];
         State state = _states.For(cache, sequence, layer, kvHead);
         while (state.Score.Count < pages.Count) state.Score.Add(0f);
         int ps = cache.PageSize, recentPages = (_recent + ps - 1) / ps, heavyPages = (_heavy + ps - 1) / ps;
@@ -323,6 +359,25 @@ public sealed class HeavyHitterPolicy : IKvSelectionPolicy, IAttentionFeedback
             while (state.Score.Count <= pages[i]) state.Score.Add(0f);
             state.Score[pages[i]] += mass[i];
             state.Observed.Add(pages[i]);
+        }
+    }
+
+    /// <inheritdoc/>
+    public void ObserveOutput(KvCache cache, int sequence, int layer, int kvHead, float outputNorm)
+    {
+        ArgumentNullException.ThrowIfNull(cache);
+        if (_prunedHeads == 0) return;
+        HeadState heads = _heads.For(cache, sequence, layer, -1);
+        if (heads.Pruned is not null) return;
+        if (heads.Importance.Length != cache.KvHeads) heads.Importance = new double[cache.KvHeads];
+        heads.Importance[kvHead] += outputNorm;
+        if (kvHead == 0) heads.Steps++;
+        if (kvHead == cache.KvHeads - 1 && heads.Steps >= _warmupSteps)
+        {
+            // The least important heads leave for good (ties: the lower head first).
+            int prune = (int)(_prunedHeads * cache.KvHeads);
+            heads.Pruned = new bool[cache.KvHeads];
+            foreach (int h in Enumerable.Range(0, cache.KvHeads).OrderBy(h => heads.Importance[h]).ThenBy(h => h).Take(prune)) heads.Pruned[h] = true;
         }
     }
 }
