@@ -102,7 +102,6 @@ public static class KernelVariants
                     ["MAP"] = map.ToString(System.Globalization.CultureInfo.InvariantCulture),
                     ["D_MAX"] = dMax.ToString(System.Globalization.CultureInfo.InvariantCulture),
                     ["CHUNK"] = "32",
-                    ["VSLICE"] = "32",
                 });
         for (int src = 0; src < 3; src++)
             for (int dst = 0; dst < 3; dst++)

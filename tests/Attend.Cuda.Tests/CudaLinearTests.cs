@@ -18,6 +18,7 @@ public sealed class CudaLinearTests
     [InlineData(2, 130, 4, 2, 64, 64)]
     [InlineData(1, 257, 2, 2, 128, 80)]
     [InlineData(1, 1, 1, 1, 16, 8)]
+    [InlineData(1, 1025, 4, 2, 80, 128)]          // 33 chunks: the state scan across many chunks, a partial last one
     public void Should_match_the_quadratic_form_for_every_map(int b, int s, int h, int hkv, int d, int dv)
     {
         TensorView<float> q = TestData.Random<float>(1, b, s, h, d, 0.5f), k = TestData.Random<float>(2, b, s, hkv, d, 0.5f);
