@@ -136,7 +136,7 @@ internal static class LmCommand
         var text = new Option<string>("--text") { Description = "text file (bytes)", Required = true };
         var context = new Option<int>("--context") { Description = "sequence length", DefaultValueFactory = _ => 8192 };
         var bytes = new Option<long>("--bytes") { Description = "use the first N bytes (default: 8 contexts)" };
-        var attention = new Option<string[]>("--attention") { Description = "methods (default: dense, windows, sink+window, every selector, auto)", AllowMultipleArgumentsPerToken = true };
+        var attention = new Option<string[]>("--attention") { Description = "methods (default: dense, windows, sink+window, every selector, per-row top-k 512, auto)", AllowMultipleArgumentsPerToken = true };
         var policies = new Option<string[]>("--policy") { Description = "KV policies for teacher-forced decoding (default: every policy at 1/8: dense, streaming:64,1/8-64, quest, landmark, h2o 1/16+1/16, recycled every 8, tokenselect, retrieval scanning 1/4, retention 1/16 + chunks of 1/16)", AllowMultipleArgumentsPerToken = true };
         var steps = new Option<int>("--decode-steps") { Description = "bytes decoded one by one at the end of each context", DefaultValueFactory = _ => 1024 };
         var threads = Threads();
@@ -153,7 +153,7 @@ internal static class LmCommand
             var tuning = new KernelTuning { Threads = r.GetValue(threads) };
             string? htmlPath = r.GetValue(html);
             string[] methods = r.GetValue(attention) is { Length: > 0 } a ? a :
-                ["dense", "window:256", "window:1024", "window:2048", "sink:64+window:1024", .. Sparse.Selectors.Names, "auto:err=0.02"];
+                ["dense", "window:256", "window:1024", "window:2048", "sink:64+window:1024", .. Sparse.Selectors.Names, "topk:k=512", "auto:err=0.02"];
             string[] policyList = r.GetValue(policies) is { Length: > 0 } p ? p : ["dense", $"streaming:64,{ctx / 8 - 64}", "quest:1/8", "landmark:1/8", "h2o:1/16,1/16", "recycled:8,1/8", "tokenselect:1/8", "retrieval:1/8,1/4", "retention:1/16,1/16"];
             string? jsonPath = r.GetValue(json);
             var rows = new JsonArray();
