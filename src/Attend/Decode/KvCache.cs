@@ -508,36 +508,54 @@ internal sealed class FileTier
         }
     }
 
-    /// <summary>The data of an offloaded page: from the cache of recently read pages, else read from the file.</summary>
+    /// <summary>
+    /// The data of an offloaded page: from the cache of recently read pages, else read from the file. The read and
+    /// its checksum run outside the lock, so the step's workers load different pages at the same time.
+    /// </summary>
     public KvCache.PageData Load(KvCache.Page page)
     {
         lock (_gate)
         {
-            if (_loaded.TryGetValue(page, out KvCache.PageData? hit))
-            {
-                Hits++;
-                _recent.Remove(page);
-                _recent.AddLast(page);
-                return hit;
-            }
-            byte[] bytes = _buffer;
-            int read = RandomAccess.Read(_file.SafeFileHandle, bytes, page.FileOffset);
-            if (read != bytes.Length) throw new InvalidDataException($"the offload file {_file.Name} is truncated: page at {page.FileOffset} has {read} of {bytes.Length} bytes");
-            if (Checksum(bytes) != page.Checksum) throw new InvalidDataException($"the offload file {_file.Name} is corrupt: page at {page.FileOffset} fails its checksum");
-            if (_recent.Count >= _cachedPages)
-            {
-                // The least recently read page leaves the cache. Its arrays are not reused: a concurrent reader of the
-                // same step may still be copying from them.
-                _loaded.Remove(_recent.First!.Value);
-                _recent.RemoveFirst();
-            }
-            KvCache.PageData data = _spare.Count > 0 ? _spare.Pop() : new KvCache.PageData(_cache);
-            Deserialize(bytes, data);
-            Loads++;
-            _loaded[page] = data;
-            _recent.AddLast(page);
-            return data;
+            if (TryCached(page, out KvCache.PageData? hit)) return hit;
         }
+        byte[] bytes = System.Buffers.ArrayPool<byte>.Shared.Rent(_buffer.Length);
+        try
+        {
+            int read = RandomAccess.Read(_file.SafeFileHandle, bytes.AsSpan(0, _buffer.Length), page.FileOffset);
+            if (read != _buffer.Length) throw new InvalidDataException($"the offload file {_file.Name} is truncated: page at {page.FileOffset} has {read} of {_buffer.Length} bytes");
+            if (Checksum(bytes.AsSpan(0, _buffer.Length)) != page.Checksum) throw new InvalidDataException($"the offload file {_file.Name} is corrupt: page at {page.FileOffset} fails its checksum");
+            lock (_gate)
+            {
+                // Another worker may have loaded it meanwhile: one copy stays cached.
+                if (TryCached(page, out KvCache.PageData? hit)) return hit;
+                if (_recent.Count >= _cachedPages)
+                {
+                    // The least recently read page leaves the cache. Its arrays are not reused: a concurrent reader of the
+                    // same step may still be copying from them.
+                    _loaded.Remove(_recent.First!.Value);
+                    _recent.RemoveFirst();
+                }
+                KvCache.PageData data = _spare.Count > 0 ? _spare.Pop() : new KvCache.PageData(_cache);
+                Deserialize(bytes.AsSpan(0, _buffer.Length), data);
+                Loads++;
+                _loaded[page] = data;
+                _recent.AddLast(page);
+                return data;
+            }
+        }
+        finally
+        {
+            System.Buffers.ArrayPool<byte>.Shared.Return(bytes);
+        }
+    }
+
+    private bool TryCached(KvCache.Page page, [System.Diagnostics.CodeAnalysis.NotNullWhen(true)] out KvCache.PageData? data)
+    {
+        if (!_loaded.TryGetValue(page, out data)) return false;
+        Hits++;
+        _recent.Remove(page);
+        _recent.AddLast(page);
+        return true;
     }
 
     private static void Serialize(KvCache.PageData data, byte[] bytes)
@@ -555,9 +573,8 @@ internal sealed class FileTier
         }
     }
 
-    private static void Deserialize(byte[] bytes, KvCache.PageData data)
+    private static void Deserialize(ReadOnlySpan<byte> span, KvCache.PageData data)
     {
-        ReadOnlySpan<byte> span = bytes;
         if (data.KF is not null)
         {
             span[..(data.KF.Length * 4)].CopyTo(System.Runtime.InteropServices.MemoryMarshal.AsBytes(data.KF.AsSpan()));
