@@ -52,11 +52,13 @@ public static class DecodeAttention
         if (!float.IsFinite(scale) || scale < 0) throw new ArgumentException($"Scale must be finite and ≥ 0; got {scale}", nameof(options));
 
         int rows = nq * group;                                  // query rows per kv head
-        // Pages each kv head reads: the policy's choice from the scaled query rows of its group.
-        // With a token policy each kv head reads its selected tokens gathered into chunks of PageSize ("units" below
-        // are chunks); otherwise the units are the selected pages.
+        // Pages each kv head reads: the policy's choice from the scaled query rows of its group. A token policy's
+        // tokens are read page by page: the page's keys are scored whole (by channel, a token's key is spread over
+        // 128 cache lines: scoring the page streams them, gathering one token touches them all) and only the chosen
+        // slots keep their scores and have their values gathered.
         var selected = new IReadOnlyList<int>[cache.KvHeads];
         var tokenLists = options.Policy is ITokenSelectionPolicy ? new int[cache.KvHeads][] : null;
+        var tokenStarts = tokenLists is null ? null : new int[cache.KvHeads][];   // per selected page: its first token
         var scaledQueries = new float[cache.KvHeads][];    // [rows × D] per kv head, gathered once for the policy and the splits
         int ps = cache.PageSize;
         for (int hk = 0; hk < cache.KvHeads; hk++)
@@ -68,9 +70,21 @@ public static class DecodeAttention
             {
                 int[] tokens = [.. ((ITokenSelectionPolicy)options.Policy!).SelectTokens(cache, sequence, layer, hk, scaled, rows)];
                 if (tokens.Length == 0 || tokens.Any(t => t < 0 || t >= length)) throw new InvalidOperationException($"the policy selected no token or one outside 0..{length - 1}");
+                Array.Sort(tokens);
+                tokens = [.. tokens.Distinct()];
                 tokenLists[hk] = tokens;
-                selected[hk] = Enumerable.Range(0, (tokens.Length + ps - 1) / ps).ToArray();
-                options.OnPagesSelected?.Invoke(hk, tokens.Select(t => t / ps).Distinct().Order().ToArray());
+                var pageList = new List<int>();
+                var starts = new List<int>();
+                for (int i = 0; i < tokens.Length; i++)
+                    if (i == 0 || tokens[i] / ps != tokens[i - 1] / ps)
+                    {
+                        pageList.Add(tokens[i] / ps);
+                        starts.Add(i);
+                    }
+                starts.Add(tokens.Length);
+                selected[hk] = pageList;
+                tokenStarts![hk] = [.. starts];
+                options.OnPagesSelected?.Invoke(hk, pageList);
                 continue;
             }
             selected[hk] = (options.Policy ?? DensePolicy.Instance).SelectPages(cache, sequence, layer, hk, scaled, rows);
@@ -85,7 +99,7 @@ public static class DecodeAttention
             Array.Fill(a, float.NegativeInfinity);
             return a;
         })];
-        long pagesRead = tokenLists is null ? selected.Sum(x => (long)x.Count) : tokenLists.Sum(t => (long)t.Select(x => x / ps).Distinct().Count());
+        long pagesRead = selected.Sum(x => (long)x.Count);
         // The reads of the step — (unit, kv head) pairs — in unit order, split into contiguous runs. Walking a page's
         // kv heads one after another reads its keys (and values) as one stream: on the 2-core EPYC, reading every
         // page of one head before the next head's (16 KB pieces 128 KB apart) streamed 12 GB/s, page order 28 GB/s
@@ -116,30 +130,26 @@ public static class DecodeAttention
                 Span<float> o = partO.AsSpan(baseIndex * dv, rows * dv);
                 int count, first = unit * ps;
                 int[]? gathered = tokenLists?[hk];
-                KvCache.Page? page = null;
-                bool gatheredBits = false;
-                if (gathered is null)
+                KvCache.Page page = pages[unit];
+                count = page.Count;
+                // The next read, prefetched while this one is scored (2 reads ahead measured slower: docs/perf/decode.md).
+                (int nextUnit, int nextHead, _) = ri + 1 < r1 ? reads[ri + 1] : (-1, 0, 0);
+                PageKernels.Scores(cache, page, hk, q, w, rows, wide, nextUnit >= 0 ? pages[nextUnit] : null, nextHead);
+                int tokenStart = 0;
+                if (gathered is not null)
                 {
-                    page = pages[unit];
-                    count = page.Count;
-                    // The next read, prefetched while this one is scored (2 reads ahead measured slower: docs/perf/decode.md).
-                    (int nextUnit, int nextHead, _) = ri + 1 < r1 ? reads[ri + 1] : (-1, 0, 0);
-                    PageKernels.Scores(cache, page, hk, q, w, rows, wide, nextUnit >= 0 ? pages[nextUnit] : null, nextHead);
-                }
-                else
-                {
-                    // A chunk of gathered tokens, copied from their pages into a page-shaped scratch.
-                    count = Math.Min(ps, gathered.Length - first);
-                    gatheredBits = PageKernels.Gather(cache, pages, hk, gathered.AsSpan(first, count), w, wide);
-                    if (gatheredBits) PageKernels.GatheredScores(cache.Storage, q, w, rows, d, ps);
-                    else PageKernels.WidenedScores(q, w, rows, count, d, ps, wide);
+                    // Keep the chosen slots' scores, compacted to the front of each row (slots ascend: in place).
+                    tokenStart = tokenStarts![hk][i];
+                    count = tokenStarts[hk][i + 1] - tokenStart;
+                    for (int r = 0; r < rows; r++)
+                        for (int j = 0; j < count; j++) w.S[r * ps + j] = w.S[r * ps + (gathered[tokenStart + j] - first)];
                 }
                 // Causal rows drop keys past their position.
                 if (options.Causal && nq > 1)
                 {
                     for (int r = 0; r < rows; r++)
                         for (int j = 0; j < count; j++)
-                            if ((gathered is null ? first + j : gathered[first + j]) > length - nq + r / group) w.S[r * ps + j] = float.NegativeInfinity;
+                            if ((gathered is null ? first + j : gathered[tokenStart + j]) > length - nq + r / group) w.S[r * ps + j] = float.NegativeInfinity;
                 }
                 for (int r = 0; r < rows; r++)
                 {
@@ -159,8 +169,8 @@ public static class DecodeAttention
                     m[r] = newMax;
                     w.Alpha[r] = alpha;
                 }
-                if (page is not null) PageKernels.Values(cache, page, hk, w, o, rows, wide);
-                else if (gatheredBits) PageKernels.GatheredValues(cache.Storage, w, o, rows, count, dv, ps);
+                if (gathered is null) PageKernels.Values(cache, page, hk, w, o, rows, wide);
+                else if (PageKernels.GatherValues(cache, page, hk, gathered.AsSpan(tokenStart, count), w, wide)) PageKernels.GatheredValues(cache.Storage, w, o, rows, count, dv, ps);
                 else PageKernels.WidenedValues(w, o, rows, count, dv, ps, wide);
             }
         });

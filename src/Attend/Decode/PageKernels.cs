@@ -34,7 +34,7 @@ internal static unsafe class PageKernels
         public readonly float[] V = new float[pageSize * dv];
         public readonly float[] S = new float[rows * pageSize];
         public readonly float[] Alpha = new float[rows];
-        public readonly ushort[] KBits = new ushort[pageSize * d], VBits = new ushort[pageSize * dv];   // gathered f16/bf16 rows
+        public readonly ushort[] VBits = new ushort[pageSize * dv];   // gathered f16/bf16 value rows
     }
 
     /// <summary>
@@ -79,34 +79,23 @@ internal static unsafe class PageKernels
     }
 
     /// <summary>
-    /// Copies the keys (by channel) and values of <paramref name="tokens"/> (at most a page of them) into the scratch, laid out as a page,
-    /// in the storage dtype when the wide path can read it (f16/bf16 bits: returns true) and as floats otherwise (false).
+    /// Copies the values of <paramref name="tokens"/> (all on <paramref name="page"/>, ascending) into the scratch's
+    /// first rows, in the storage dtype when the wide path can read it (f16/bf16 bits: returns true) and as floats
+    /// otherwise (false).
     /// </summary>
-    public static bool Gather(KvCache cache, List<KvCache.Page> pages, int head, ReadOnlySpan<int> tokens, Scratch w, bool wide)
+    public static bool GatherValues(KvCache cache, KvCache.Page page, int head, ReadOnlySpan<int> tokens, Scratch w, bool wide)
     {
-        int d = cache.HeadDim, dv = cache.ValueDim, ps = cache.PageSize, count = tokens.Length;
-        bool bits = wide && cache.Storage != DType.Float32;
-        if (bits && cache.Storage == DType.Float16)
-            foreach (int t in tokens) bits &= !pages[t / ps].HasNonFinite;
+        int dv = cache.ValueDim, ps = cache.PageSize, count = tokens.Length;
+        KvCache.PageData data = page.Data;
+        bool bits = wide && cache.Storage != DType.Float32 && !(cache.Storage == DType.Float16 && page.HasNonFinite);
         for (int j = 0; j < count; j++)
         {
-            int t = tokens[j], slot = t % ps;
-            KvCache.PageData data = pages[t / ps].Data;
-            long k0 = ((long)head * d * ps) + slot, v0 = (((long)head * ps) + slot) * dv;
-            if (data.KF is not null)
-            {
-                for (int c = 0; c < d; c++) w.K[(c * ps) + j] = data.KF[k0 + ((long)c * ps)];
-                data.VF.AsSpan((int)v0, dv).CopyTo(w.V.AsSpan(j * dv, dv));
-            }
-            else
-            {
-                for (int c = 0; c < d; c++) w.KBits[(c * ps) + j] = data.KH![k0 + ((long)c * ps)];
-                data.VH.AsSpan((int)v0, dv).CopyTo(w.VBits.AsSpan(j * dv, dv));
-            }
+            int v0 = ((head * ps) + (tokens[j] % ps)) * dv;
+            if (data.VF is not null) data.VF.AsSpan(v0, dv).CopyTo(w.V.AsSpan(j * dv, dv));
+            else data.VH.AsSpan(v0, dv).CopyTo(w.VBits.AsSpan(j * dv, dv));
         }
         if (cache.Storage == DType.Float32 || bits) return bits;
         // f16 holding Inf/NaN, or no wide path: widen exactly.
-        Widen(cache.Storage, w.KBits.AsSpan(0, d * ps), w.K);
         Widen(cache.Storage, w.VBits.AsSpan(0, count * dv), w.V);
         return false;
     }
@@ -115,17 +104,6 @@ internal static unsafe class PageKernels
     {
         if (storage == DType.Float16) ElementConvert.ToSingle(MemoryMarshal.Cast<ushort, Half>(source), destination[..source.Length]);
         else ElementConvert.ToSingle(MemoryMarshal.Cast<ushort, BFloat16>(source), destination[..source.Length]);
-    }
-
-    /// <summary>Scores against gathered storage bits in <see cref="Scratch.KBits"/> (see <see cref="Gather"/>).</summary>
-    public static void GatheredScores(DType storage, float[] queries, Scratch w, int rows, int d, int ld)
-    {
-        fixed (float* q = queries, s = w.S)
-        fixed (ushort* k = w.KBits)
-        {
-            if (storage == DType.Float16) WideScores<F16Finite>(q, k, s, rows, d, ld, default);
-            else WideScores<BF16>(q, k, s, rows, d, ld, default);
-        }
     }
 
     /// <summary>Values from gathered storage bits in <see cref="Scratch.VBits"/>.</summary>
