@@ -12,7 +12,7 @@ namespace Attend.Cli;
 /// </summary>
 internal static class DecodeBench
 {
-    public const int Steps = 19;      // 9 timed rows, 10 structured-loop rows
+    public const int Steps = 20;      // 10 timed rows, 10 structured-loop rows
 
     public static List<BenchCommand.BenchRow> Run(BenchCommand.BenchPlan plan, double copyGBps, Action<string> status, Action advance)
     {
@@ -80,16 +80,7 @@ internal static class DecodeBench
         // Every other policy at the same 1/16 budget, timed on the same cache (stateful ones start fresh per row; a
         // step of theirs is timed after their first, full, step). Random keys: errors are a worst case.
         int budget = length / 16;
-        foreach ((string name, Func<IKvSelectionPolicy> make) in new (string, Func<IKvSelectionPolicy>)[]
-        {
-            ("StreamingLLM 1/16", () => new StreamingPolicy(64, budget - 64)),
-            ("Landmark 1/16", () => new LandmarkPolicy(budget)),
-            ("H2O 1/32 + 1/32", () => new HeavyHitterPolicy(budget / 2, budget / 2)),
-            ("Recycled every 8, 1/16", () => new RecycledPolicy(8, budget)),
-            ("TokenSelect 1/16 of the tokens", () => new TokenSelectPolicy(budget)),
-            ("Retrieval 1/16, scan 1/8", () => new RetrievalPolicy(budget, 2 * budget)),
-            ("Retention 1/32 + chunks of 1/32", () => new RetentionPolicy(budget / 2, budget / 2)),
-        })
+        foreach ((string name, Func<IKvSelectionPolicy> make) in OtherPolicies(budget))
         {
             status($"{name} decode step");
             var options = new DecodeOptions { Policy = make() };
@@ -130,19 +121,8 @@ internal static class DecodeBench
         int prefix = length - GenerationSteps, budget = length / 16;
         float scale = 1f / MathF.Sqrt(d);
         var tuning = new KernelTuning { Threads = plan.Threads };
-        var policies = new (string Name, Func<IKvSelectionPolicy?> Make)[]
-        {
-            ("dense", () => null),
-            ("Quest 1/16", () => new QuestPolicy(budget)),
-            ("StreamingLLM 1/16", () => new StreamingPolicy(64, budget - 64)),
-            ("Landmark 1/16", () => new LandmarkPolicy(budget)),
-            ("H2O 1/32 + 1/32", () => new HeavyHitterPolicy(budget / 2, budget / 2)),
-            ("H2O 1/32 + 1/32, 1/4 of the kv heads pruned after 4 steps", () => new HeavyHitterPolicy(budget / 2, budget / 2, 0.25, 4)),
-            ("Recycled every 8, 1/16", () => new RecycledPolicy(8, budget)),
-            ("TokenSelect 1/16 of the tokens", () => new TokenSelectPolicy(budget)),
-            ("Retrieval 1/16, scan 1/8", () => new RetrievalPolicy(budget, 2 * budget)),
-            ("Retention 1/32 + chunks of 1/32", () => new RetentionPolicy(budget / 2, budget / 2)),
-        };
+        (string Name, Func<IKvSelectionPolicy?> Make)[] policies =
+            [("dense", () => null), ("Quest 1/16", () => new QuestPolicy(budget)), .. OtherPolicies(budget).Select(p => (p.Name, (Func<IKvSelectionPolicy?>)p.Make))];
         // The dense softmax of every step's query heads (computed once, shared by the policies): p[step][head][token].
         status("dense softmax of the structured steps (for recall)");
         var probabilities = new float[GenerationSteps][][];
@@ -261,6 +241,19 @@ internal static class DecodeBench
         }
         return rows;
     }
+
+    /// <summary>Every policy besides dense and Quest at a budget of 1/16 of the cache (<paramref name="budget"/> tokens).</summary>
+    private static (string Name, Func<IKvSelectionPolicy> Make)[] OtherPolicies(int budget) =>
+    [
+        ("StreamingLLM 1/16", () => new StreamingPolicy(64, budget - 64)),
+        ("Landmark 1/16", () => new LandmarkPolicy(budget)),
+        ("H2O 1/32 + 1/32", () => new HeavyHitterPolicy(budget / 2, budget / 2)),
+        ("H2O 1/32 + 1/32, 1/4 of the kv heads pruned after 4 steps", () => new HeavyHitterPolicy(budget / 2, budget / 2, 0.25, 4)),
+        ("Recycled every 8, 1/16", () => new RecycledPolicy(8, budget)),
+        ("TokenSelect 1/16 of the tokens", () => new TokenSelectPolicy(budget)),
+        ("Retrieval 1/16, scan 1/8", () => new RetrievalPolicy(budget, 2 * budget)),
+        ("Retention 1/32 + chunks of 1/32", () => new RetentionPolicy(budget / 2, budget / 2)),
+    ];
 
     /// <summary>Steps of the structured generation loop.</summary>
     public const int GenerationSteps = 16;

@@ -293,6 +293,31 @@ public sealed class DecodeTests
         Assert.Throws<ArgumentOutOfRangeException>(() => new HeavyHitterPolicy(64, 0));
     }
 
+    [Theory]
+    [InlineData(1, 40)]
+    [InlineData(4, 128)]
+    [InlineData(6, 24)]
+    [InlineData(9, 7)]
+    public void Should_bound_every_row_as_the_float64_sum_of_channel_maxima(int rows, int d)
+    {
+        // Quest's bound Σ_c max(q_c·min_c, q_c·max_c), 4 rows per pass with a partial last block and a scalar tail.
+        float[] q = TestData.Normal(rows * d, 51), lo = TestData.Normal(d, 52), hi = [.. lo.Select((x, i) => x + MathF.Abs(TestData.Normal(d, 53)[i]))];
+        var bounds = new float[rows];
+        QuestPolicy.UpperBounds(q, rows, lo, hi, bounds);
+        for (int r = 0; r < rows; r++)
+        {
+            double expected = 0, magnitude = 0;
+            for (int c = 0; c < d; c++)
+            {
+                double term = Math.Max((double)q[r * d + c] * lo[c], (double)q[r * d + c] * hi[c]);
+                expected += term;
+                magnitude += Math.Abs(term);
+            }
+            // A float sum of d terms: within d rounding steps of the float64 sum (×2, plus 1e-6).
+            Assert.True(Math.Abs(bounds[r] - expected) < (2 * d * 6e-8 * magnitude) + 1e-6, $"row {r}: {bounds[r]} vs {expected}");
+        }
+    }
+
     [Fact]
     public void Should_prune_the_least_important_kv_head_for_good_after_the_warm_up()
     {
@@ -330,6 +355,10 @@ public sealed class DecodeTests
                 if (pruned) Assert.Equal(0f, a.ToArray()[c]);
                 else Assert.Equal(b.ToArray()[c], a.ToArray()[c]);
         }
+        Assert.Contains("kv head", Assert.Throws<ArgumentOutOfRangeException>(() => pruning.IsPruned(cache, seq, 0, 2)).Message);
+        Assert.Throws<ArgumentOutOfRangeException>(() => pruning.IsPruned(cache, 7, 0, 0));
+        Assert.Throws<ArgumentOutOfRangeException>(() => pruning.ObserveOutput(cache, seq, 0, -1, 1f));
+        Assert.Throws<ArgumentNullException>(() => pruning.IsPruned(null!, seq, 0, 0));
         Assert.Throws<ArgumentOutOfRangeException>(() => new HeavyHitterPolicy(64, 64, 1.0));
         Assert.Throws<ArgumentOutOfRangeException>(() => new HeavyHitterPolicy(64, 64, -0.1));
         Assert.Throws<ArgumentOutOfRangeException>(() => new HeavyHitterPolicy(64, 64, 0.5, 0));

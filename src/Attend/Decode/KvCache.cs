@@ -167,7 +167,7 @@ public sealed class KvCache
             {
                 PageList into = _sequences[id][l];
                 Page copy = p.Clone(into.Summaries, into.Count);
-                _sequences[id][l].Add(copy);
+                into.Add(copy);
                 ResidentBytes += PageBytes;
                 if (copy.Count == PageSize) _tier?.Full(copy);
                 _tier?.Balance();
@@ -185,16 +185,14 @@ public sealed class KvCache
 
     /// <summary>
     /// Per kv head, the channel-wise min, max and mean key of every page of a (sequence, layer), one page after another
-    /// ([page, D] per head): a policy scoring every page for one head streams one contiguous array. (Kept inside each
-    /// page before, a Quest selection read 2 × 2048 scattered 512-byte pieces per head at 131072 tokens: 0.6 ms per head
-    /// on the EPYC, more than reading the pages it chose; docs/perf/decode.md.)
+    /// ([page, D] per head): a policy scoring every page for one head streams one contiguous array instead of
+    /// 2 × 2048 scattered 512-byte pieces per head at 131072 tokens (kept inside each page before). Its own effect was
+    /// not isolated: the selection timings of that day were dominated by not-yet-optimized JIT code (docs/perf/decode.md).
     /// </summary>
     internal sealed class PageSummaries(int kvHeads, int d)
     {
         private float[][] _min = NewArrays(kvHeads, 0), _max = NewArrays(kvHeads, 0), _mean = NewArrays(kvHeads, 0);
         private int _capacity;
-
-        public int HeadDim => d;
 
         /// <summary>Makes room for page <paramref name="index"/> (doubling).</summary>
         public void Reserve(int index)
@@ -346,29 +344,35 @@ public sealed class KvCache
         {
             int d = _cache.HeadDim, dv = _cache.ValueDim, ps = _cache.PageSize;
             long kb = (long)head * d * ps + slot, vb = ((long)head * ps + slot) * dv;
+            PageData data = Data;
+            float[] min = _summaries.Min(head), max = _summaries.Max(head), mean = _summaries.Mean(head);
+            int s0 = _index * d;
             for (int c = 0; c < d; c++)
             {
                 float stored;
                 long at = kb + (long)c * ps;
-                if (KF is not null) KF[at] = stored = k[c];
+                if (data.KF is not null) data.KF[at] = stored = k[c];
                 else
                 {
-                    KH![at] = ToBits(k[c]);
-                    stored = FromBits(KH[at]);
-                    HasNonFinite |= !float.IsFinite(stored);
+                    data.KH![at] = ToBits(k[c]);
+                    stored = FromBits(data.KH[at]);
+                    HasNonFinite |= NonFinite(data.KH[at]);
                 }
-                Summarize(head, c, slot, stored);
+                Summarize(min, max, mean, s0 + c, slot, stored);
             }
             for (int c = 0; c < dv; c++)
             {
-                if (VF is not null) VF[vb + c] = v[c];
+                if (data.VF is not null) data.VF[vb + c] = v[c];
                 else
                 {
-                    VH![vb + c] = ToBits(v[c]);
-                    HasNonFinite |= (VH[vb + c] & 0x7C00) == 0x7C00 && _cache.Storage == DType.Float16;
+                    data.VH![vb + c] = ToBits(v[c]);
+                    HasNonFinite |= NonFinite(data.VH[vb + c]);
                 }
             }
         }
+
+        /// <summary>An f16 Inf or NaN (the wide kernels' fast widening is exact only for finite halves; bf16 needs no care).</summary>
+        private bool NonFinite(ushort bits) => _cache.Storage == DType.Float16 && (bits & 0x7C00) == 0x7C00;
 
         /// <summary>A head's keys as floats by channel, [D, PageSize] (slots past <see cref="Count"/> hold stale values).</summary>
         public void ReadKeysByChannel(int head, Span<float> k)
@@ -407,11 +411,7 @@ public sealed class KvCache
             else Widen(VH.AsSpan((int)b, dv), v);
         }
 
-        private void Widen(ReadOnlySpan<ushort> bits, Span<float> destination)
-        {
-            if (_cache.Storage == DType.Float16) ElementConvert.ToSingle(System.Runtime.InteropServices.MemoryMarshal.Cast<ushort, Half>(bits), destination);
-            else ElementConvert.ToSingle(System.Runtime.InteropServices.MemoryMarshal.Cast<ushort, BFloat16>(bits), destination);
-        }
+        private void Widen(ReadOnlySpan<ushort> bits, Span<float> destination) => ElementConvert.ToSingle(_cache.Storage, bits, destination);
 
         /// <summary>Recomputes min/max/mean over the first <see cref="Count"/> slots (after a truncation).</summary>
         public void Resummarize()
@@ -422,15 +422,13 @@ public sealed class KvCache
                 for (int slot = 0; slot < Count; slot++)
                 {
                     ReadKey(h, slot, k);
-                    for (int c = 0; c < d; c++) Summarize(h, c, slot, k[c]);
+                    for (int c = 0; c < d; c++) Summarize(_summaries.Min(h), _summaries.Max(h), _summaries.Mean(h), (_index * d) + c, slot, k[c]);
                 }
         }
 
-        /// <summary>Folds key value <paramref name="x"/> of slot <paramref name="slot"/> into channel <paramref name="c"/>'s min, max and running mean.</summary>
-        private void Summarize(int head, int c, int slot, float x)
+        /// <summary>Folds key value <paramref name="x"/> of slot <paramref name="slot"/> into element <paramref name="s"/> of a head's min, max and running mean.</summary>
+        private static void Summarize(float[] min, float[] max, float[] mean, int s, int slot, float x)
         {
-            int s = (_index * _cache.HeadDim) + c;
-            float[] min = _summaries.Min(head), max = _summaries.Max(head), mean = _summaries.Mean(head);
             min[s] = slot == 0 ? x : MathF.Min(min[s], x);
             max[s] = slot == 0 ? x : MathF.Max(max[s], x);
             mean[s] = slot == 0 ? x : mean[s] + (x - mean[s]) / (slot + 1);

@@ -15,9 +15,10 @@ namespace Attend.Decode;
 /// reads the page in its storage dtype straight into 512-bit registers (f16 in 3 integer operations, bf16 in 2: no
 /// widened copy); keys are stored by channel, so 16 keys' scores accumulate in one register per row with no horizontal
 /// sums; while a read is scored, the next read's keys and values are prefetched. Measured steps are in
-/// docs/perf/decode.md. f16 pages holding Inf/NaN (the fast widening is exact only for finite halves) and gathered
-/// tokens are widened into a float scratch first and take the same wide products; machines without AVX-512, and head
-/// dims or page sizes that are not multiples of 16, use portable products on the scratch.
+/// docs/perf/decode.md. f16 pages holding Inf/NaN (the fast widening is exact only for finite halves) are widened into
+/// a float scratch first and take the same wide products; a token policy's chosen value rows are gathered into the
+/// scratch in their storage dtype; machines without AVX-512, and head dims or page sizes that are not multiples of 16,
+/// use portable products on the scratch.
 /// </para>
 /// </summary>
 internal static unsafe class PageKernels
@@ -96,14 +97,8 @@ internal static unsafe class PageKernels
         }
         if (cache.Storage == DType.Float32 || bits) return bits;
         // f16 holding Inf/NaN, or no wide path: widen exactly.
-        Widen(cache.Storage, w.VBits.AsSpan(0, count * dv), w.V);
+        ElementConvert.ToSingle(cache.Storage, w.VBits.AsSpan(0, count * dv), w.V);
         return false;
-    }
-
-    private static void Widen(DType storage, ReadOnlySpan<ushort> source, Span<float> destination)
-    {
-        if (storage == DType.Float16) ElementConvert.ToSingle(MemoryMarshal.Cast<ushort, Half>(source), destination[..source.Length]);
-        else ElementConvert.ToSingle(MemoryMarshal.Cast<ushort, BFloat16>(source), destination[..source.Length]);
     }
 
     /// <summary>Values from gathered storage bits in <see cref="Scratch.VBits"/>.</summary>

@@ -159,63 +159,48 @@ public sealed class QuestPolicy(int tokenBudget, int sinkTokens = 0, int recentT
     private protected override void ScoreRows(ReadOnlySpan<float> queries, int rows, KvCache.Page page, int kvHead, int d, Span<float> scores) =>
         UpperBounds(queries, rows, page.MinOf(kvHead), page.MaxOf(kvHead), scores);
 
-    /// <summary>The bound for every row, the box's min/max loaded once per 16 (or 8) channels for 4 rows.</summary>
+    /// <summary>The bound for every row, the box's min/max loaded once per vector of channels for 4 rows.</summary>
     internal static unsafe void UpperBounds(ReadOnlySpan<float> q, int rows, ReadOnlySpan<float> min, ReadOnlySpan<float> max, Span<float> bounds)
     {
-        int d = min.Length;
-        int width = Vector512.IsHardwareAccelerated ? 16 : Vector256.IsHardwareAccelerated ? 8 : 1;
-        int vectorEnd = width == 1 ? 0 : d - (d % width);
         fixed (float* qp = q, lo = min, hi = max, b = bounds)
         {
-            for (int r0 = 0; r0 < rows; r0 += 4)
+            if (Vector512.IsHardwareAccelerated) UpperBounds<Vector512<float>, Cpu.V512Ops>(qp, rows, lo, hi, b, min.Length);
+            else if (Vector256.IsHardwareAccelerated) UpperBounds<Vector256<float>, Cpu.V256Ops>(qp, rows, lo, hi, b, min.Length);
+            else UpperBounds<float, Cpu.ScalarOps>(qp, rows, lo, hi, b, min.Length);
+        }
+    }
+
+    private static unsafe void UpperBounds<TV, TOps>(float* q, int rows, float* lo, float* hi, float* bounds, int d) where TV : unmanaged where TOps : Cpu.ISimd<TV>
+    {
+        int vectorEnd = d - (d % TOps.Count);
+        for (int r0 = 0; r0 < rows; r0 += 4)
+        {
+            int n = Math.Min(4, rows - r0);
+            float* q0 = q + (r0 * d), q1 = q0 + (n > 1 ? d : 0), q2 = q0 + (n > 2 ? 2 * d : 0), q3 = q0 + (n > 3 ? 3 * d : 0);
+            TV a0 = TOps.Zero, a1 = TOps.Zero, a2 = TOps.Zero, a3 = TOps.Zero;
+            for (int c = 0; c < vectorEnd; c += TOps.Count)
             {
-                int n = Math.Min(4, rows - r0);
-                float* q0 = qp + (r0 * d), q1 = q0 + (n > 1 ? d : 0), q2 = q0 + (n > 2 ? 2 * d : 0), q3 = q0 + (n > 3 ? 3 * d : 0);
-                float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-                if (width == 16)
-                {
-                    Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default;
-                    for (int c = 0; c < vectorEnd; c += 16)
-                    {
-                        Vector512<float> l = Vector512.Load(lo + c), h = Vector512.Load(hi + c), x = Vector512.Load(q0 + c);
-                        a0 += Vector512.MaxNative(x * l, x * h);
-                        x = Vector512.Load(q1 + c);
-                        a1 += Vector512.MaxNative(x * l, x * h);
-                        x = Vector512.Load(q2 + c);
-                        a2 += Vector512.MaxNative(x * l, x * h);
-                        x = Vector512.Load(q3 + c);
-                        a3 += Vector512.MaxNative(x * l, x * h);
-                    }
-                    (s0, s1, s2, s3) = (Vector512.Sum(a0), Vector512.Sum(a1), Vector512.Sum(a2), Vector512.Sum(a3));
-                }
-                else if (width == 8)
-                {
-                    Vector256<float> a0 = default, a1 = default, a2 = default, a3 = default;
-                    for (int c = 0; c < vectorEnd; c += 8)
-                    {
-                        Vector256<float> l = Vector256.Load(lo + c), h = Vector256.Load(hi + c), x = Vector256.Load(q0 + c);
-                        a0 += Vector256.MaxNative(x * l, x * h);
-                        x = Vector256.Load(q1 + c);
-                        a1 += Vector256.MaxNative(x * l, x * h);
-                        x = Vector256.Load(q2 + c);
-                        a2 += Vector256.MaxNative(x * l, x * h);
-                        x = Vector256.Load(q3 + c);
-                        a3 += Vector256.MaxNative(x * l, x * h);
-                    }
-                    (s0, s1, s2, s3) = (Vector256.Sum(a0), Vector256.Sum(a1), Vector256.Sum(a2), Vector256.Sum(a3));
-                }
-                for (int c = vectorEnd; c < d; c++)
-                {
-                    s0 += MathF.Max(q0[c] * lo[c], q0[c] * hi[c]);
-                    s1 += MathF.Max(q1[c] * lo[c], q1[c] * hi[c]);
-                    s2 += MathF.Max(q2[c] * lo[c], q2[c] * hi[c]);
-                    s3 += MathF.Max(q3[c] * lo[c], q3[c] * hi[c]);
-                }
-                b[r0] = s0;
-                if (n > 1) b[r0 + 1] = s1;
-                if (n > 2) b[r0 + 2] = s2;
-                if (n > 3) b[r0 + 3] = s3;
+                TV l = TOps.Load(lo + c), h = TOps.Load(hi + c), x = TOps.Load(q0 + c);
+                a0 = TOps.Add(a0, TOps.Max(TOps.Mul(x, l), TOps.Mul(x, h)));
+                x = TOps.Load(q1 + c);
+                a1 = TOps.Add(a1, TOps.Max(TOps.Mul(x, l), TOps.Mul(x, h)));
+                x = TOps.Load(q2 + c);
+                a2 = TOps.Add(a2, TOps.Max(TOps.Mul(x, l), TOps.Mul(x, h)));
+                x = TOps.Load(q3 + c);
+                a3 = TOps.Add(a3, TOps.Max(TOps.Mul(x, l), TOps.Mul(x, h)));
             }
+            float s0 = TOps.ReduceSum(a0), s1 = TOps.ReduceSum(a1), s2 = TOps.ReduceSum(a2), s3 = TOps.ReduceSum(a3);
+            for (int c = vectorEnd; c < d; c++)
+            {
+                s0 += MathF.Max(q0[c] * lo[c], q0[c] * hi[c]);
+                s1 += MathF.Max(q1[c] * lo[c], q1[c] * hi[c]);
+                s2 += MathF.Max(q2[c] * lo[c], q2[c] * hi[c]);
+                s3 += MathF.Max(q3[c] * lo[c], q3[c] * hi[c]);
+            }
+            bounds[r0] = s0;
+            if (n > 1) bounds[r0 + 1] = s1;
+            if (n > 2) bounds[r0 + 2] = s2;
+            if (n > 3) bounds[r0 + 3] = s3;
         }
     }
 }
@@ -325,7 +310,18 @@ public sealed class HeavyHitterPolicy : IKvSelectionPolicy, IAttentionFeedback
     }
 
     /// <summary>Whether cascade head pruning has removed <paramref name="kvHead"/> of (sequence, layer).</summary>
-    public bool IsPruned(KvCache cache, int sequence, int layer, int kvHead) => _heads.For(cache, sequence, layer, -1).Pruned?[kvHead] == true;
+    public bool IsPruned(KvCache cache, int sequence, int layer, int kvHead)
+    {
+        CheckHead(cache, sequence, layer, kvHead);
+        return _heads.For(cache, sequence, layer, -1).Pruned?[kvHead] == true;
+    }
+
+    private static void CheckHead(KvCache cache, int sequence, int layer, int kvHead)
+    {
+        ArgumentNullException.ThrowIfNull(cache);
+        cache.Pages(sequence, layer);                        // names a bad sequence or layer
+        if ((uint)kvHead >= (uint)cache.KvHeads) throw new ArgumentOutOfRangeException(nameof(kvHead), kvHead, $"kv head must be in 0..{cache.KvHeads - 1}");
+    }
 
     /// <inheritdoc/>
     public IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows)
@@ -365,7 +361,7 @@ public sealed class HeavyHitterPolicy : IKvSelectionPolicy, IAttentionFeedback
     /// <inheritdoc/>
     public void ObserveOutput(KvCache cache, int sequence, int layer, int kvHead, float outputNorm)
     {
-        ArgumentNullException.ThrowIfNull(cache);
+        CheckHead(cache, sequence, layer, kvHead);
         if (_prunedHeads == 0) return;
         HeadState heads = _heads.For(cache, sequence, layer, -1);
         if (heads.Pruned is not null) return;

@@ -120,6 +120,13 @@ public static class ElementConvert
         }
     }
 
+    /// <summary>Widens 16-bit storage bits (f16 or bf16 by <paramref name="storage"/>) to floats.</summary>
+    internal static void ToSingle(DType storage, ReadOnlySpan<ushort> bits, Span<float> destination)
+    {
+        if (storage == DType.Float16) ToSingle(MemoryMarshal.Cast<ushort, Half>(bits), destination[..bits.Length]);
+        else ToSingle(MemoryMarshal.Cast<ushort, BFloat16>(bits), destination[..bits.Length]);
+    }
+
     /// <summary>Converts one element of any supported type to float.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static float ToSingle<T>(T value) where T : unmanaged
