@@ -62,13 +62,14 @@ internal static class BenchCommand
             if (cuda && suiteName == "masks") suiteName = "gpu-masks";
             if (cuda && suiteName == "decode") suiteName = "gpu-decode";
             if (cuda && suiteName == "linear") suiteName = "gpu-linear";
+            if (cuda && suiteName == "sparse") suiteName = "gpu-sparse";
             if (suiteName == "gpu" && !cuda) throw new ArgumentException("--suite gpu needs --device cuda");
             int[] threadCounts = r.GetValue(threads) is { Length: > 0 } ts ? [.. ts.Select(t => t > 0 ? t : Environment.ProcessorCount)] : [Environment.ProcessorCount];
             DType[] dtypes = r.GetValue(dtype) is { Length: > 0 } dts ? [.. dts.Select(DTypes.Parse)] : [cuda ? DType.BFloat16 : DType.Float32];
             if (dtypes.Contains(DType.Float64)) throw new ArgumentException("--dtype must be f32, f16 or bf16");
             var plan = new BenchPlan
             {
-                Lengths = r.GetValue(seq) is { Length: > 0 } s ? s : cuda ? [4096, 16384] : suiteName == "sparse" ? [32768] : [1024, 4096, 16384],
+                Lengths = r.GetValue(seq) is { Length: > 0 } s ? s : suiteName == "gpu-sparse" ? [131072] : cuda ? [4096, 16384] : suiteName == "sparse" ? [32768] : [1024, 4096, 16384],
                 HeadDims = r.GetValue(headDim) is { Length: > 0 } d ? d : cuda || suiteName == "sparse" ? [128] : [64, 128],
                 Heads = r.GetValue(heads),
                 KvHeads = r.GetValue(kvHeads),
@@ -284,12 +285,12 @@ internal static class BenchCommand
         var rows = new List<BenchRow>();
         double peak = 0, peakOne = 0, copy = 0;
         var peaks = new Dictionary<int, double>();   // FMA peak per thread count of the threads axis
-        var cases = suite is "peak" or "gpu" or "gpu-masks" or "gpu-decode" or "gpu-linear" or "masks" or "sparse" or "sparse-real" or "linear" or "decode" or "decode-real" or "decode-offload" ? [] : DenseCases(plan).ToList();
+        var cases = suite is "peak" or "gpu" or "gpu-masks" or "gpu-decode" or "gpu-linear" or "gpu-sparse" or "masks" or "sparse" or "sparse-real" or "linear" or "decode" or "decode-real" or "decode-offload" ? [] : DenseCases(plan).ToList();
         int gpuCases = suite == "gpu" ? plan.Lengths.Length * plan.HeadDims.Length * plan.Causal.Length : 0;
         gpuCases += suite == "masks" ? MaskBench.Steps : suite == "linear" ? LinearBench.Steps : suite == "decode" ? DecodeBench.Steps : 0;
         void Body(Action<string> status, Action advance)
         {
-            if (suite is not ("gpu" or "gpu-masks" or "gpu-decode" or "gpu-linear"))
+            if (suite is not ("gpu" or "gpu-masks" or "gpu-decode" or "gpu-linear" or "gpu-sparse"))
             {
                 status("measuring the FMA peak");
                 peak = PeakProbe.FmaGflops(plan.Threads);
@@ -310,6 +311,7 @@ internal static class BenchCommand
             if (suite == "gpu-masks") rows.AddRange(GpuBench.RunMasks(plan, status));
             if (suite == "gpu-decode") rows.AddRange(GpuBench.RunDecode(plan, status));
             if (suite == "gpu-linear") rows.AddRange(GpuBench.RunLinear(plan, status));
+            if (suite == "gpu-sparse") rows.AddRange(GpuBench.RunSparse(plan, status));
             if (suite == "masks") rows.AddRange(MaskBench.Run(plan, peak, status, advance));
             if (suite == "sparse") rows.AddRange(SparseBench.Run(plan, peak, status));
             if (suite == "default") rows.AddRange(SparseBench.RunDefault(plan, peak, status));
@@ -427,13 +429,13 @@ internal static class BenchCommand
         AnsiConsole.MarkupLine($"[bold]attend bench[/] suite [green]{report.Suite}[/] on {Markup.Escape(CpuModel())}, {report.Threads} threads");
         if (report.PeakGflops > 0)
             AnsiConsole.MarkupLine($"FMA peak measured now: [bold]{report.PeakGflops:F1}[/] GFLOPS ({report.PeakGflopsOneThread:F1} on one thread); copy {report.CopyGBps:F1} GB/s");
-        if (Cuda.CudaBackend.IsAvailable && report.Suite is "gpu" or "gpu-masks" or "gpu-decode" or "gpu-linear")
+        if (Cuda.CudaBackend.IsAvailable && report.Suite is "gpu" or "gpu-masks" or "gpu-decode" or "gpu-linear" or "gpu-sparse")
             AnsiConsole.MarkupLine($"GPU: {Markup.Escape(Cuda.CudaBackend.Device.Name)} ({Cuda.CudaBackend.Device.Architecture}, driver {Cuda.CudaBackend.Device.DriverVersion})");
         if (report.Rows.Count == 0) return;
         // Speed rows in the standard table; sparse-method blocks (approximate rows and their dense baselines) in an
         // accuracy table of their own.
-        List<BenchRow> accuracyRows = [.. report.Rows.Where(r => r.Suite == "sparse")];
-        List<BenchRow> speedRows = [.. report.Rows.Where(r => r.Suite != "sparse")];
+        List<BenchRow> accuracyRows = [.. report.Rows.Where(r => r.Suite is "sparse" or "gpu-sparse")];
+        List<BenchRow> speedRows = [.. report.Rows.Where(r => r.Suite is not ("sparse" or "gpu-sparse"))];
         if (speedRows.Count > 0)
         {
             var table = new Table().AddColumns("method", "backend", "dtype", "B", "H", "S", "D", "path", "thr", "median ms", "min..max ms", "GFLOPS", "% peak", "density", "vs dense", "alloc MiB", "peak+ MiB");

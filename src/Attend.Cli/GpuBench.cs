@@ -159,4 +159,136 @@ internal static class GpuBench
         { Backend = "cuda", Mask = "causal", Note = $"dense bf16 / linear f32 time at 65536: {dense[dense.Count / 2] / t64:F2}" });
         return rows;
     }
+
+    /// <summary>
+    /// <c>attend bench --suite sparse --device cuda</c>: dynamic sparse prefill on the GPU (issue 7's bar: S = 131072,
+    /// H = 32, D = 128, causal, bf16, the structured generator's default mix). Our dense causal kernel is the baseline
+    /// and the reference: its LSE gives each selector's <b>recall</b> as the mean over (query, head) of
+    /// exp(LSE_plan − LSE_dense) — the share of the dense softmax mass inside the plan — and its output the relative L2
+    /// error. Per selector (plans built on the device by <see cref="CudaSelectors"/>): selection alone, the plan's
+    /// execution alone, and both end to end (the row's time), CUDA events. cuDNN runs in the peers script
+    /// (<c>torch_attention.py time --shape 1,S,32,128 --mask causal</c>) in the same device call.
+    /// </summary>
+    public static List<BenchCommand.BenchRow> RunSparse(BenchCommand.BenchPlan plan, Action<string> status)
+    {
+        var rows = new List<BenchCommand.BenchRow>();
+        int h = plan.Heads > 0 ? plan.Heads : 32, hkv = plan.KvHeads > 0 ? plan.KvHeads : h;
+        const int d = 128;
+        IReadOnlyList<Sparse.ISparsitySelector> selectors = plan.Selectors ??
+            [.. new[] { "pooled", "pooled:budget=p0.9", "pooled:budget=top32", "pooled:budget=top16", "pooled:budget=top8" }.Select(Sparse.Selectors.ParseAny)];
+        foreach (int s in plan.Lengths)
+        {
+            status($"structured inputs S={s}, H={h}");
+            (TensorView<float> qf, TensorView<float> kf, TensorView<float> vf, _) = Sparse.StructuredInputs.Generate(1, s, h, hkv, d);
+            using DeviceTensor<BFloat16> q = DeviceTensor<BFloat16>.FromHost(ToBf16(qf)), k = DeviceTensor<BFloat16>.FromHost(ToBf16(kf)), v = DeviceTensor<BFloat16>.FromHost(ToBf16(vf));
+            qf = kf = vf = default;
+            using DeviceTensor<BFloat16> o = DeviceTensor<BFloat16>.Allocate(1, s, h, d);
+            using DeviceTensor<float> lse = DeviceTensor<float>.Allocate(1, s, h);
+            var causal = new AttentionOptions { Causal = true };
+            var shape = new AttentionShape(1, s, s, h, hkv, d, d);
+            int reps = Math.Max(5, plan.Reps);
+
+            status($"cuda dense causal S={s}");
+            CudaAttention.Forward(q, k, v, o, causal, lse);
+            BFloat16[] denseOut = o.ToHost();
+            float[] denseLse = lse.ToHost();
+            List<double> td = CudaTimer.Measure(() => CudaAttention.Forward(q, k, v, o, causal), reps);
+            double denseMs = td[td.Count / 2];
+            rows.Add(new BenchCommand.BenchRow("gpu-sparse", "dense causal", DType.BFloat16, 1, h, hkv, s, d, true, 0, KernelPath.Auto,
+                denseMs, td[0], td[^1], td.Count, shape.CausalFlops, NominalPeakGflops)
+            { Backend = "cuda", Mask = "causal", Density = 0.5, SpeedupVsDense = 1, RelativeL2 = 0, Cosine = 1, Recall = 1, SelectionMs = 0, Note = "baseline and reference (its LSE gives the recall)" });
+
+            foreach (Sparse.ISparsitySelector any in selectors)
+            {
+                if (any is not Sparse.PooledBlockSelector selector)
+                {
+                    throw new NotSupportedException($"--device cuda builds plans on the GPU for the pooled selector only; got {any.Name}");
+                }
+                status($"cuda {selector.Name} S={s}");
+                List<double> ts = CudaTimer.Measure(() => { using DeviceBlockPlan p = CudaSelectors.Plan(selector, q, k, causal: true); }, reps);
+                using DeviceBlockPlan built = CudaSelectors.Plan(selector, q, k, causal: true);
+                List<double> tx = CudaTimer.Measure(() => CudaAttention.Forward(q, k, v, o, built), reps);
+                List<double> te = CudaTimer.Measure(() =>
+                {
+                    using DeviceBlockPlan p = CudaSelectors.Plan(selector, q, k, causal: true);
+                    CudaAttention.Forward(q, k, v, o, p);
+                }, reps);
+                CudaAttention.Forward(q, k, v, o, built, lse: lse);
+                (double l2, double cosine) = Compare(o.ToHost(), denseOut);
+                double recall = MeanRecall(lse.ToHost(), denseLse);
+                double ms = te[te.Count / 2], selectMs = ts[ts.Count / 2], execMs = tx[tx.Count / 2];
+                double pairs = built.Density;   // of all (query block, key block) pairs, as the dense row's 0.5 for causal
+                rows.Add(new BenchCommand.BenchRow("gpu-sparse", selector.Name, DType.BFloat16, 1, h, hkv, s, d, true, 0, KernelPath.Auto,
+                    ms, te[0], te[^1], te.Count, shape.DenseFlops * pairs, NominalPeakGflops)
+                {
+                    Backend = "cuda", Density = pairs, SpeedupVsDense = denseMs / ms, SelectionMs = selectMs, RelativeL2 = l2, Cosine = cosine, Recall = recall,
+                    Note = string.Create(System.Globalization.CultureInfo.InvariantCulture,
+                        $"selection {selectMs:F2} ms + execution {execMs:F2} ms; end to end {denseMs / ms:F1}x our dense causal (compare cuDNN in the peers rows: bar >= 10x with recall >= 0.95)"),
+                });
+            }
+        }
+        return rows;
+    }
+
+    /// <summary>A [B, S, H, D] float tensor rounded to bf16, rows converted in parallel.</summary>
+    private static TensorView<BFloat16> ToBf16(TensorView<float> x)
+    {
+        int b = x.Dim(0), s = x.Dim(1), h = x.Dim(2), d = x.Dim(3);
+        var dst = new BFloat16[(long)b * s * h * d];
+        Parallel.For(0, b * s, () => new float[d], (row, _, buffer) =>
+        {
+            for (int hh = 0; hh < h; hh++)
+            {
+                x.CopyRow(row / s, row % s, hh, buffer);
+                long at = (((long)row * h) + hh) * d;
+                for (int c = 0; c < d; c++) dst[at + c] = (BFloat16)buffer[c];
+            }
+            return buffer;
+        }, _ => { });
+        return new TensorView<BFloat16>(dst, b, s, h, d);
+    }
+
+    /// <summary>Relative L2 error and cosine similarity of <paramref name="o"/> against <paramref name="reference"/>.</summary>
+    private static (double RelativeL2, double Cosine) Compare(BFloat16[] o, BFloat16[] reference)
+    {
+        double err = 0, refNorm = 0, dot = 0, norm = 0;
+        var gate = new Lock();
+        Parallel.For(0, (o.Length + 65535) / 65536, () => (0.0, 0.0, 0.0, 0.0), (chunk, _, acc) =>
+        {
+            int end = Math.Min(o.Length, (chunk + 1) * 65536);
+            for (int i = chunk * 65536; i < end; i++)
+            {
+                double a = (float)o[i], b = (float)reference[i];
+                acc.Item1 += (a - b) * (a - b);
+                acc.Item2 += b * b;
+                acc.Item3 += a * b;
+                acc.Item4 += a * a;
+            }
+            return acc;
+        }, acc =>
+        {
+            lock (gate)
+            {
+                err += acc.Item1;
+                refNorm += acc.Item2;
+                dot += acc.Item3;
+                norm += acc.Item4;
+            }
+        });
+        return (Math.Sqrt(err / refNorm), dot / Math.Sqrt(norm * refNorm));
+    }
+
+    /// <summary>Mean over (query, head) of exp(LSE_plan − LSE_dense): the share of each row's dense softmax mass the plan computed.</summary>
+    private static double MeanRecall(float[] planLse, float[] denseLse)
+    {
+        double sum = 0;
+        long n = 0;
+        for (int i = 0; i < planLse.Length; i++)
+        {
+            if (!float.IsFinite(denseLse[i])) continue;
+            sum += float.IsNegativeInfinity(planLse[i]) ? 0 : Math.Min(1, Math.Exp(planLse[i] - denseLse[i]));
+            n++;
+        }
+        return n == 0 ? 1 : sum / n;
+    }
 }

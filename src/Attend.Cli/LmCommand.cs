@@ -23,6 +23,8 @@ internal static class LmCommand
 
     private static Option<string> ModelOption() => new("--model") { Description = "model folder (config.json + safetensors)", Required = true };
 
+    private static Option<int> PageSizeOption() => new("--page-size") { Description = "tokens per KV-cache page for teacher-forced decoding (Quest's paper uses 16)", DefaultValueFactory = _ => 64 };
+
     private static Option<int> Threads() => new("--threads") { Description = "worker threads (0: all cores)" };
 
     private static Command Eval()
@@ -34,10 +36,11 @@ internal static class LmCommand
         var attention = new Option<string>("--attention") { Description = "dense | window:N | sink:S+window:N | mask:EXPR | selector spec (xattention:t=0.9, auto:err=0.02, ...)", DefaultValueFactory = _ => "dense" };
         var policy = new Option<string?>("--policy") { Description = "teacher-forced decoding instead of prefill: dense | streaming:S,W | quest:1/8 | landmark:1/8 | h2o:H,R[,prune=F] | recycled:P,N | tokenselect:N | retrieval:N,SCAN | retention:N,CHUNK (with --decode-steps)" };
         var steps = new Option<int>("--decode-steps") { Description = "with --policy: bytes decoded one by one at the end of each context", DefaultValueFactory = _ => 1024 };
+        var pageSize = PageSizeOption();
         var threads = Threads();
         var json = new Option<string?>("--json") { Description = "write a JSON summary to this file ('-' for stdout)" };
         var cmd = new Command("eval", "bits/byte of a text under an attention method (prefill) or a KV policy (teacher-forced decoding)");
-        foreach (Option o in new Option[] { model, text, context, bytes, attention, policy, steps, threads, json }) cmd.Options.Add(o);
+        foreach (Option o in new Option[] { model, text, context, bytes, attention, policy, steps, pageSize, threads, json }) cmd.Options.Add(o);
         cmd.SetAction(r =>
         {
             LlamaModel m = LlamaModel.Load(r.GetValue(model)!);
@@ -51,7 +54,7 @@ internal static class LmCommand
             if (r.GetValue(policy) is { } policySpec)
             {
                 method = "decode " + policySpec;
-                result = DecodeEvaluation.BitsPerByte(m, data, ctx, r.GetValue(steps), PolicySpec.Parse(policySpec, ctx), limit, tuning, Progress(jsonPath));
+                result = DecodeEvaluation.BitsPerByte(m, data, ctx, r.GetValue(steps), PolicySpec.ParseLayers(policySpec, ctx, m.Config.Layers), r.GetValue(pageSize), limit, tuning, Progress(jsonPath));
             }
             else
             {
@@ -139,11 +142,12 @@ internal static class LmCommand
         var attention = new Option<string[]>("--attention") { Description = "methods (default: dense, windows, sink+window, every selector, per-row top-k 512, auto)", AllowMultipleArgumentsPerToken = true };
         var policies = new Option<string[]>("--policy") { Description = "KV policies for teacher-forced decoding (default: every policy at 1/8: dense, streaming:64,1/8-64, quest, landmark, h2o 1/16+1/16, recycled every 8, tokenselect, retrieval scanning 1/4, retention 1/16 + chunks of 1/16)", AllowMultipleArgumentsPerToken = true };
         var steps = new Option<int>("--decode-steps") { Description = "bytes decoded one by one at the end of each context", DefaultValueFactory = _ => 1024 };
+        var pageSize = PageSizeOption();
         var threads = Threads();
         var json = new Option<string?>("--json") { Description = "write the table as JSON ('-' for stdout)" };
         var html = new Option<string?>("--html") { Description = "also write the table and a quality-vs-density chart as one HTML file" };
         var cmd = new Command("compare", "the quality table: bits/byte, density and speed vs dense of every attention method and KV policy, one run");
-        foreach (Option o in new Option[] { model, text, context, bytes, attention, policies, steps, threads, json, html }) cmd.Options.Add(o);
+        foreach (Option o in new Option[] { model, text, context, bytes, attention, policies, steps, pageSize, threads, json, html }) cmd.Options.Add(o);
         cmd.SetAction(r =>
         {
             LlamaModel m = LlamaModel.Load(r.GetValue(model)!);
@@ -173,7 +177,7 @@ internal static class LmCommand
             double? denseDecode = null;
             foreach (string spec in policyList)
             {
-                EvalResult e = DecodeEvaluation.BitsPerByte(m, data, ctx, r.GetValue(steps), PolicySpec.Parse(spec, ctx), limit, tuning, Progress(jsonPath, spec));
+                EvalResult e = DecodeEvaluation.BitsPerByte(m, data, ctx, r.GetValue(steps), PolicySpec.ParseLayers(spec, ctx, m.Config.Layers), r.GetValue(pageSize), limit, tuning, Progress(jsonPath, spec));
                 denseDecode ??= e.Elapsed.TotalSeconds;
                 JsonObject row = ToJson("decode " + spec, ctx, e);
                 row["speedupVsDense"] = denseDecode / e.Elapsed.TotalSeconds;
@@ -184,7 +188,7 @@ internal static class LmCommand
             var result = new JsonObject
             {
                 ["schema"] = "attend.lm-compare", ["schemaVersion"] = 1, ["model"] = r.GetValue(model), ["context"] = ctx, ["bytes"] = limit,
-                ["decodeSteps"] = r.GetValue(steps), ["machine"] = BenchCommand.Machine(), ["rows"] = rows,
+                ["decodeSteps"] = r.GetValue(steps), ["pageSize"] = r.GetValue(pageSize), ["machine"] = BenchCommand.Machine(), ["rows"] = rows,
             };
             JsonOutput.Write(jsonPath, result);
             if (htmlPath is not null) File.WriteAllText(htmlPath, Report.RenderLanguageModel(result));

@@ -8,7 +8,7 @@ public static class AttentionCudaExtensions
 {
     extension(Attention)
     {
-        /// <summary>Fused attention on the GPU; see <see cref="CudaAttention.Forward{T}"/>.</summary>
+        /// <summary>Fused attention on the GPU; see <see cref="CudaAttention"/>.</summary>
         public static void Forward<T>(DeviceTensor<T> q, DeviceTensor<T> k, DeviceTensor<T> v, DeviceTensor<T> output,
             AttentionOptions? options = null, DeviceTensor<float>? lse = null) where T : unmanaged =>
             CudaAttention.Forward(q, k, v, output, options, lse);
@@ -31,7 +31,27 @@ public static unsafe class CudaAttention
     /// object). ALiBi, bias tensors, predicates, permuted and compensated plans are CPU-only for now (NotSupportedException).
     /// </summary>
     public static void Forward<T>(DeviceTensor<T> q, DeviceTensor<T> k, DeviceTensor<T> v, DeviceTensor<T> output,
-        AttentionOptions? options = null, DeviceTensor<float>? lse = null) where T : unmanaged
+        AttentionOptions? options = null, DeviceTensor<float>? lse = null) where T : unmanaged =>
+        Run(q, k, v, output, options, lse, null);
+
+    /// <summary>
+    /// As the other overload, walking a plan already in device memory (built by a GPU selector such as
+    /// <see cref="CudaSelectors.Plan{T}"/>, or <see cref="DeviceBlockPlan.Upload"/>ed). The plan carries causality;
+    /// <paramref name="options"/> must not also hold a plan or a mask.
+    /// </summary>
+    public static void Forward<T>(DeviceTensor<T> q, DeviceTensor<T> k, DeviceTensor<T> v, DeviceTensor<T> output,
+        DeviceBlockPlan plan, AttentionOptions? options = null, DeviceTensor<float>? lse = null) where T : unmanaged
+    {
+        ArgumentNullException.ThrowIfNull(plan);
+        if (options?.Plan is not null || options?.Mask is not null)
+        {
+            throw new ArgumentException("pass either a device plan or options.Plan / options.Mask, not both", nameof(options));
+        }
+        Run(q, k, v, output, options, lse, plan);
+    }
+
+    private static void Run<T>(DeviceTensor<T> q, DeviceTensor<T> k, DeviceTensor<T> v, DeviceTensor<T> output,
+        AttentionOptions? options, DeviceTensor<float>? lse, DeviceBlockPlan? givenPlan) where T : unmanaged
     {
         ArgumentNullException.ThrowIfNull(q);
         ArgumentNullException.ThrowIfNull(k);
@@ -79,30 +99,31 @@ public static unsafe class CudaAttention
         {
             throw new NotSupportedException($"head dim {s.HeadDim} needs {config.SharedBytes} bytes of shared memory; {device.Name} allows {device.MaxSharedMemoryPerBlock}");
         }
+        givenPlan?.RequireFits(s);
         Masks.BlockMask? blocks = options.Plan?.Blocks;
         Masks.TokenSet? tokens = options.Plan?.Tokens;
-        if (blocks is null && tokens is null && options.Mask is not null)
+        if (givenPlan is null && blocks is null && tokens is null && options.Mask is not null)
         {
             // Planned on the host with the kernel's query block and 128-key blocks (analytic: O(non-empty blocks)).
             Masks.Mask mask = options.Causal ? Masks.Mask.Causal & options.Mask : options.Mask;
             blocks = Masks.BlockMask.Create(mask, s.Batch, s.Heads, s.QueryLength, s.KeyLength, Math.Max(config.BlockM, 128), 128);
         }
-        bool planned = blocks is not null || tokens is not null;
+        bool planned = givenPlan is not null || blocks is not null || tokens is not null;
         Dictionary<string, string> defines = config.Defines(bf16, options.Causal && !planned, options.Softcap > 0, config.WgmmaLevel(device.Architecture));
-        DevicePlan? devicePlan = null;
+        DeviceBlockPlan? devicePlan = givenPlan;
         DeviceTokens? deviceTokens = null;
         var extent = new Masks.MaskExtent(s.Batch, s.Heads, s.QueryLength, s.KeyLength);
         if (planned)
         {
-            Masks.BlockRows rows = (Masks.BlockRows?)blocks ?? tokens!;   // the plan's extent was checked by s.Validate
-            if (rows.BlockQ % config.BlockM != 0 || (blocks is not null && blocks.BlockK % config.BlockN != 0))
+            // A caller's plan is uploaded once and kept with it; a plan built here from options.Mask is freed after the launch.
+            devicePlan ??= blocks is null ? DeviceBlockPlan.Empty(tokens!) : options.Plan is null ? DeviceBlockPlan.Upload(blocks) : DeviceBlockPlan.For(blocks);
+            int blockK = blocks is null && tokens is not null ? config.BlockN : devicePlan.BlockK;   // the extent was checked by s.Validate or RequireFits
+            if (devicePlan.BlockQ % config.BlockM != 0 || blockK % config.BlockN != 0)
             {
-                throw new NotSupportedException($"the CUDA kernel for D={s.HeadDim} needs plan blocks that are multiples of {config.BlockM} queries × {config.BlockN} keys; the plan has {rows.BlockQ}×{blocks?.BlockK.ToString(System.Globalization.CultureInfo.InvariantCulture) ?? "tokens"}");
+                throw new NotSupportedException($"the CUDA kernel for D={s.HeadDim} needs plan blocks that are multiples of {config.BlockM} queries × {config.BlockN} keys; the plan has {devicePlan.BlockQ}×{(blocks is null && tokens is not null ? "tokens" : devicePlan.BlockK.ToString(System.Globalization.CultureInfo.InvariantCulture))}");
             }
             defines["HAS_PLAN"] = "1";
-            defines["MASK_EXPR"] = blocks?.Mask?.ToCuda(extent) ?? "true";
-            // A caller's plan is uploaded once and kept with it; a plan built here from options.Mask is freed after the launch.
-            devicePlan = blocks is null ? DevicePlan.Empty(tokens!) : options.Plan is null ? new DevicePlan(blocks) : DevicePlan.For(blocks);
+            defines["MASK_EXPR"] = devicePlan.Mask?.ToCuda(extent) ?? "true";
             if (tokens is not null)
             {
                 defines["HAS_TOKENS"] = "1";
@@ -131,11 +152,11 @@ public static unsafe class CudaAttention
             p.PlanRowStart = devicePlan.RowStart.Pointer;
             p.PlanCols = devicePlan.Columns.Pointer;
             p.PlanKinds = devicePlan.Kinds.Pointer;
-            p.PlanBatch = devicePlan.Batch;
-            p.PlanHeads = devicePlan.Heads;
+            p.PlanBatch = devicePlan.PlanBatch;
+            p.PlanHeads = devicePlan.PlanHeads;
             p.PlanQBlocks = devicePlan.QueryBlocks;
             p.PlanBlockQ = devicePlan.BlockQ;
-            p.PlanExpand = blocks is null ? 1 : blocks.BlockK / config.BlockN;
+            p.PlanExpand = givenPlan is null && blocks is null ? 1 : devicePlan.BlockK / config.BlockN;
         }
         if (deviceTokens is not null)
         {
@@ -150,53 +171,7 @@ public static unsafe class CudaAttention
         uint mBlocks = (uint)((s.QueryLength + config.BlockM - 1) / config.BlockM);
         kernel.Launch(mBlocks, (uint)s.Heads, (uint)s.Batch, (uint)(config.Warps * 32), config.SharedBytes, &arg);
         oo.WriteBack(output);
-        if (options.Plan is null || blocks is null) devicePlan?.Dispose();
-    }
-
-    /// <summary>A block plan's CSR arrays on the device, uploaded once per plan object and freed with it.</summary>
-    private sealed class DevicePlan : IDisposable
-    {
-        private static readonly System.Runtime.CompilerServices.ConditionalWeakTable<Masks.BlockMask, DevicePlan> Cache = new();
-
-        public DevicePlan(Masks.BlockMask plan)
-            : this(plan.Csr.RowStart, plan.Csr.Columns, plan.Csr.Kinds, plan.PlanBatch, plan.PlanHeads, plan.QueryBlocks, plan.BlockQ)
-        {
-        }
-
-        /// <summary>No blocks in any row: the block walk of a token-only plan.</summary>
-        public static DevicePlan Empty(Masks.TokenSet tokens) =>
-            new(new int[(tokens.PlanBatch * tokens.PlanHeads * tokens.QueryBlocks) + 1], [], [], tokens.PlanBatch, tokens.PlanHeads, tokens.QueryBlocks, tokens.BlockQ);
-
-        private DevicePlan(int[] rowStart, int[] columns, Masks.BlockClass[] kinds, int batch, int heads, int queryBlocks, int blockQ)
-        {
-            Batch = batch;
-            Heads = heads;
-            QueryBlocks = queryBlocks;
-            BlockQ = blockQ;
-            RowStart = DeviceBuffer<int>.Allocate(rowStart.Length);
-            RowStart.CopyFrom(rowStart);
-            Columns = DeviceBuffer<int>.Allocate(Math.Max(columns.Length, 1));
-            if (columns.Length > 0) Columns.CopyFrom(columns);
-            Kinds = DeviceBuffer<byte>.Allocate(Math.Max(kinds.Length, 1));
-            if (kinds.Length > 0) Kinds.CopyFrom([.. kinds.Select(k => (byte)k)]);
-        }
-
-        public DeviceBuffer<int> RowStart { get; }
-        public DeviceBuffer<int> Columns { get; }
-        public DeviceBuffer<byte> Kinds { get; }
-        public int Batch { get; }
-        public int Heads { get; }
-        public int QueryBlocks { get; }
-        public int BlockQ { get; }
-
-        public static DevicePlan For(Masks.BlockMask plan) => Cache.GetValue(plan, p => new DevicePlan(p));
-
-        public void Dispose()
-        {
-            RowStart.Dispose();
-            Columns.Dispose();
-            Kinds.Dispose();
-        }
+        if (givenPlan is null && (options.Plan is null || blocks is null)) devicePlan?.Dispose();
     }
 
     /// <summary>

@@ -57,6 +57,18 @@ public sealed unsafe class DeviceBuffer<T> : SafeHandle where T : unmanaged
         fixed (T* d = destination) Driver.Check(Driver.cuMemcpyDtoH(d, Pointer, (nuint)(destination.Length * sizeof(T))), "cuMemcpyDtoH");
     }
 
+    /// <summary>Copies destination.Length elements starting at element <paramref name="offset"/> to the host.</summary>
+    public void CopyTo(Span<T> destination, long offset)
+    {
+        if (offset < 0 || offset + destination.Length > Length)
+        {
+            throw new ArgumentOutOfRangeException(nameof(offset), $"elements {offset}..{offset + destination.Length} are outside the buffer's {Length}");
+        }
+        if (destination.IsEmpty) return;
+        CudaBackend.Device.MakeCurrent();
+        fixed (T* d = destination) Driver.Check(Driver.cuMemcpyDtoH(d, Pointer + (ulong)(offset * sizeof(T)), (nuint)(destination.Length * sizeof(T))), "cuMemcpyDtoH");
+    }
+
     /// <summary>Fills the buffer with zero bytes.</summary>
     public void Clear()
     {

@@ -103,6 +103,9 @@ public static class KernelVariants
                     ["D_MAX"] = dMax.ToString(System.Globalization.CultureInfo.InvariantCulture),
                     ["CHUNK"] = "32",
                 });
+        // GPU selectors: pooled block selection per input type.
+        for (int src = 0; src < 3; src++)
+            yield return ("select.cu", new Dictionary<string, string> { ["SRC_T"] = src.ToString(System.Globalization.CultureInfo.InvariantCulture) });
         for (int src = 0; src < 3; src++)
             for (int dst = 0; dst < 3; dst++)
                 yield return ("convert.cu", new Dictionary<string, string> { ["SRC_T"] = src.ToString(System.Globalization.CultureInfo.InvariantCulture), ["DST_T"] = dst.ToString(System.Globalization.CultureInfo.InvariantCulture) });

@@ -8,12 +8,17 @@ public sealed class CudaAttentionTests
     public static TheoryData<int, int, int, int, int, int, bool> Shapes() => AttentionConformance.Shapes();
 
     internal static void OnGpu<T>(TensorView<T> q, TensorView<T> k, TensorView<T> v, TensorView<T> o, TensorView<float> lse, AttentionOptions options)
+        where T : unmanaged => OnGpu(q, k, v, o, lse, options, null);
+
+    /// <summary>As the runner above; with <paramref name="plan"/>, through the device-plan overload.</summary>
+    internal static void OnGpu<T>(TensorView<T> q, TensorView<T> k, TensorView<T> v, TensorView<T> o, TensorView<float> lse, AttentionOptions options, DeviceBlockPlan? plan)
         where T : unmanaged
     {
         using DeviceTensor<T> dq = DeviceTensor<T>.FromHost(q), dk = DeviceTensor<T>.FromHost(k), dv = DeviceTensor<T>.FromHost(v);
         using DeviceTensor<T> dO = DeviceTensor<T>.Allocate(o.Shape.ToArray());
         using DeviceTensor<float> dl = DeviceTensor<float>.Allocate(lse.Shape.ToArray());
-        Attention.Forward(dq, dk, dv, dO, options, dl);
+        if (plan is null) Attention.Forward(dq, dk, dv, dO, options, dl);
+        else CudaAttention.Forward(dq, dk, dv, dO, plan, options, dl);
         T[] host = dO.ToHost();
         float[] hostLse = dl.ToHost();
         int i = 0;

@@ -25,6 +25,10 @@ public sealed class BlockMask : BlockRows
     /// <summary>Keys per block.</summary>
     public int BlockK { get; }
 
+    /// <summary>A plan from CSR arrays built elsewhere (a GPU selector's plan brought back to the host); rows ascending, no Empty kinds.</summary>
+    internal static BlockMask FromCsr(MaskExtent extent, int blockQ, int blockK, int planBatch, int planHeads, int[] rowStart, int[] columns, BlockClass[] kinds, Mask? mask) =>
+        new(extent, blockQ, blockK, planBatch, planHeads, rowStart, columns, kinds, mask);
+
     /// <summary>The CSR arrays (row starts, key blocks, kinds) for backends that upload the plan (CUDA).</summary>
     internal (int[] RowStart, int[] Columns, BlockClass[] Kinds) Csr => (RowStart, _columns, _kinds);
 

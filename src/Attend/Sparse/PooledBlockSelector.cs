@@ -22,20 +22,27 @@ public abstract record BlockBudget
     /// <summary>The chosen entries of one row of estimated probabilities (summing to 1).</summary>
     internal abstract int[] Select(ReadOnlySpan<float> probabilities);
 
+    /// <summary>The budget as the GPU selector takes it: kind 0 top-k, 1 top-p, 2 threshold, and its value.</summary>
+    internal abstract (int Kind, double Value) Device { get; }
+
     private sealed record TopKBudget(int Blocks) : BlockBudget
     {
         internal override int[] Select(ReadOnlySpan<float> p) => SelectionMath.TopK(p, Blocks);
+        internal override (int Kind, double Value) Device => (0, Blocks);
         public override string ToString() => $"top{Blocks}";
     }
 
     private sealed record TopPBudget(double Mass) : BlockBudget
     {
         internal override int[] Select(ReadOnlySpan<float> p) => SelectionMath.CoverMass(p, Mass);
+        internal override (int Kind, double Value) Device => (1, Mass);
         public override string ToString() => string.Create(CultureInfo.InvariantCulture, $"p{Mass:0.###}");
     }
 
     private sealed record ThresholdBudget(double Probability) : BlockBudget
     {
+        internal override (int Kind, double Value) Device => (2, Probability);
+
         internal override int[] Select(ReadOnlySpan<float> p)
         {
             var picked = new List<int>();

@@ -121,31 +121,33 @@ public static class StructuredInputs
         var q = new float[(long)batch * length * heads * headDim];
         var k = new float[(long)batch * length * kvHeads * headDim];
         var v = new float[k.Length];
-        var needles = new List<Needle>();
         var layout = new Layout(headDim);
         int group = heads / kvHeads;
-        for (int b = 0; b < batch; b++)
+        // Each (batch, kv head) draws from its own seeded generator and writes its own rows, so they run in parallel
+        // with the same result (at S = 131072, H = 32 the tensors hold 1.6 billion draws).
+        var needlesOf = new List<Needle>[batch * kvHeads];
+        Parallel.For(0, batch * kvHeads, index =>
         {
-            for (int g = 0; g < kvHeads; g++)
+            int b = index / kvHeads, g = index % kvHeads;
+            var rng = new Random(unchecked((options.Seed * 1_000_003) + (b * 7919) + g)); // not HashCode.Combine: it is seeded per process
+            var plan = new HeadPlan(rng, length, layout, options);
+            var found = new List<Needle>();
+            for (int j = 0; j < length; j++)
             {
-                var rng = new Random(unchecked((options.Seed * 1_000_003) + (b * 7919) + g)); // not HashCode.Combine: it is seeded per process
-                var plan = new HeadPlan(rng, length, layout, options);
-                for (int j = 0; j < length; j++)
-                {
-                    plan.Key(j, rng, Row(k, b, j, g, length, kvHeads, headDim));
-                    Span<float> vr = Row(v, b, j, g, length, kvHeads, headDim);
-                    for (int c = 0; c < headDim; c++) vr[c] = (float)Gaussian.Next(rng);
-                }
-                for (int hq = 0; hq < group; hq++)
-                {
-                    int h = (g * group) + hq;
-                    for (int i = 0; i < length; i++) plan.Query(i, rng, Row(q, b, i, h, length, heads, headDim));
-                    foreach ((int qi, int kj) in plan.Needles) needles.Add(new Needle(b, h, qi, kj));
-                }
+                plan.Key(j, rng, Row(k, b, j, g, length, kvHeads, headDim));
+                Span<float> vr = Row(v, b, j, g, length, kvHeads, headDim);
+                for (int c = 0; c < headDim; c++) vr[c] = (float)Gaussian.Next(rng);
             }
-        }
+            for (int hq = 0; hq < group; hq++)
+            {
+                int h = (g * group) + hq;
+                for (int i = 0; i < length; i++) plan.Query(i, rng, Row(q, b, i, h, length, heads, headDim));
+                foreach ((int qi, int kj) in plan.Needles) found.Add(new Needle(b, h, qi, kj));
+            }
+            needlesOf[index] = found;
+        });
         return (new TensorView<float>(q, batch, length, heads, headDim), new TensorView<float>(k, batch, length, kvHeads, headDim),
-            new TensorView<float>(v, batch, length, kvHeads, headDim), needles);
+            new TensorView<float>(v, batch, length, kvHeads, headDim), [.. needlesOf.SelectMany(n => n)]);
     }
 
     private static Span<float> Row(float[] x, int b, int s, int h, int length, int heads, int d) =>

@@ -1,0 +1,305 @@
+// Pooled block selection on the GPU: the device side of the CPU's PooledBlockSelector (MInference's block-sparse
+// estimate, Jiang et al. arXiv:2407.02490; DraftAttention arXiv:2505.14708; SVG2's top-p budget arXiv:2505.18875),
+// writing the CSR block plan the attention kernel walks (flash_fwd.cu, HAS_PLAN) without leaving the device.
+// At S = 131072 a host-built plan would first download q and k (2 GB in bf16) and take seconds on the CPU; here the
+// plan is built in four launches:
+//   1. pool_blocks:    mean of every block of BLOCK rows of q (times the softmax scale) and of k, f32
+//                      [B, H, blocks, D] — one read of q and k.
+//   2. select_blocks:  one thread block per (query block, head, batch): the pooled query row against the visible
+//                      pooled keys (causal: up to its last row's diagonal), softmax, then the budget as a threshold
+//                      found by bisection on the float bits (top-k: the largest t with ≥ k entries ≥ t; top-p: the
+//                      largest t whose entries ≥ t hold the mass; threshold: t itself) — no sort; ties at t are kept.
+//                      The kept key blocks, ascending, go to a [rows, key blocks] scratch and their count per row.
+//   3. scan_counts:    row starts (exclusive scan of the counts) in one thread block.
+//   4. compact_plan:   the rows packed into the CSR columns with their kinds (1 Full, 2 Partial on the causal
+//                      diagonal).
+// No CUDA headers: any NVRTC >= 11.8 compiles it.
+//
+// Compile-time parameters (-D): SRC_T 0 = f32, 1 = f16, 2 = bf16 (pool_blocks' input).
+
+#ifndef SRC_T
+#define SRC_T 2
+#endif
+#define THREADS 256
+#define WARPS (THREADS / 32)
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef long long i64;
+
+__device__ __forceinline__ float load_elem(const void* base, i64 i)
+{
+#if SRC_T == 0
+    return ((const float*)base)[i];
+#elif SRC_T == 1
+    float f;
+    asm("cvt.f32.f16 %0, %1;\n" : "=f"(f) : "h"(((const u16*)base)[i]));
+    return f;
+#else
+    return __uint_as_float(((u32)((const u16*)base)[i]) << 16);
+#endif
+}
+
+struct PoolParams
+{
+    const void* src;            // [B, S, H, D] with strides
+    float* dst;                 // [B, H, blocks, D]
+    i64 src_batch, src_row, src_head;
+    int length, heads, d, block, blocks;
+    float scale;                // multiplies the mean (the softmax scale for queries, 1 for keys)
+};
+
+// Grid (blocks, H, B), THREADS threads: thread c sums channel c (and c + THREADS, ...) over the block's rows; the
+// threads of a row read consecutive channels (coalesced).
+extern "C" __global__ void __launch_bounds__(THREADS) pool_blocks(const PoolParams p)
+{
+    const int blk = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int r0 = blk * p.block, r1 = min(r0 + p.block, p.length);
+    const i64 head_base = b * p.src_batch + h * p.src_head;
+    float* out = p.dst + (((i64)b * p.heads + h) * p.blocks + blk) * p.d;
+    for (int c = threadIdx.x; c < p.d; c += THREADS)
+    {
+        float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+        int r = r0;
+        for (; r + 3 < r1; r += 4)
+        {
+            a0 += load_elem(p.src, head_base + (i64)r * p.src_row + c);
+            a1 += load_elem(p.src, head_base + (i64)(r + 1) * p.src_row + c);
+            a2 += load_elem(p.src, head_base + (i64)(r + 2) * p.src_row + c);
+            a3 += load_elem(p.src, head_base + (i64)(r + 3) * p.src_row + c);
+        }
+        for (; r < r1; r++) a0 += load_elem(p.src, head_base + (i64)r * p.src_row + c);
+        out[c] = ((a0 + a1) + (a2 + a3)) * (p.scale / (float)(r1 - r0));
+    }
+}
+
+struct SelectParams
+{
+    const float* pq;            // [B, H, query blocks, D], scaled
+    const float* pk;            // [B, Hkv, key blocks, D]
+    int* counts;                // [B * H * query blocks]
+    int* scratch;               // [B * H * query blocks, key blocks]
+    int heads, group, d, block, q_blocks, k_blocks, seqlen_q, seqlen_k, causal, causal_offset;
+    int budget_kind;            // 0 top-k, 1 top-p, 2 threshold
+    float budget;               // k, mass or probability
+    int keep_sink_diagonal;
+};
+
+__device__ __forceinline__ float warp_sum(float x)
+{
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+
+__device__ __forceinline__ float warp_max(float x)
+{
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    return x;
+}
+
+// Block-wide sum / max (every thread gets the result); red holds WARPS floats.
+__device__ __forceinline__ float block_sum(float x, float* red)
+{
+    x = warp_sum(x);
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = x;
+    __syncthreads();
+    float t = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; w++) t += red[w];
+    return t;
+}
+
+__device__ __forceinline__ float block_max(float x, float* red)
+{
+    x = warp_max(x);
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = x;
+    __syncthreads();
+    float t = red[0];
+#pragma unroll
+    for (int w = 1; w < WARPS; w++) t = fmaxf(t, red[w]);
+    return t;
+}
+
+// Σ of the probabilities ≥ t (want_mass) or their count.
+__device__ __forceinline__ float above(const float* prob, int n, float t, bool want_mass, float* red)
+{
+    float acc = 0.f;
+    for (int i = threadIdx.x; i < n; i += THREADS)
+    {
+        float x = prob[i];
+        if (x >= t) acc += want_mass ? x : 1.f;
+    }
+    return block_sum(acc, red);
+}
+
+// Grid (query blocks, H, B), THREADS threads, dynamic shared memory: key blocks floats (the row's probabilities),
+// then D floats (the pooled query).
+extern "C" __global__ void __launch_bounds__(THREADS) select_blocks(const SelectParams p)
+{
+    extern __shared__ float smem[];
+    __shared__ float red[WARPS];
+    __shared__ int offsets[THREADS];
+    float* prob = smem;
+    float* qrow = smem + p.k_blocks;
+    const int qb = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int row = (b * p.heads + h) * p.q_blocks + qb;
+    int visible = p.k_blocks;
+    if (p.causal)
+    {
+        const int last = min((qb + 1) * p.block, p.seqlen_q) - 1;
+        const int keys = max(0, min(p.seqlen_k, last + p.causal_offset + 1));
+        visible = (keys + p.block - 1) / p.block;
+    }
+    if (visible == 0)
+    {
+        if (threadIdx.x == 0) p.counts[row] = 0;
+        return;
+    }
+    const float* q = p.pq + ((i64)(b * p.heads + h) * p.q_blocks + qb) * p.d;
+    for (int c = threadIdx.x; c < p.d; c += THREADS) qrow[c] = q[c];
+    __syncthreads();
+
+    // Scores: a warp per key block, lanes over channels.
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const float* kbase = p.pk + (i64)(b * (p.heads / p.group) + h / p.group) * p.k_blocks * p.d;
+    for (int kb = warp; kb < visible; kb += WARPS)
+    {
+        const float* kr = kbase + (i64)kb * p.d;
+        float acc = 0.f;
+        for (int c = lane; c < p.d; c += 32) acc += qrow[c] * kr[c];
+        acc = warp_sum(acc);
+        if (lane == 0) prob[kb] = acc;
+    }
+    __syncthreads();
+
+    // Softmax over the visible key blocks.
+    float m = -__int_as_float(0x7f800000);   // −∞ (no math headers)
+    for (int i = threadIdx.x; i < visible; i += THREADS) m = fmaxf(m, prob[i]);
+    m = block_max(m, red);
+    float s = 0.f;
+    for (int i = threadIdx.x; i < visible; i += THREADS)
+    {
+        float e = __expf(prob[i] - m);
+        prob[i] = e;
+        s += e;
+    }
+    s = block_sum(s, red);
+    const float inv = 1.f / s;
+    for (int i = threadIdx.x; i < visible; i += THREADS) prob[i] *= inv;
+    __syncthreads();
+
+    // The budget as a threshold t: entries ≥ t are kept. Non-negative floats order as their bits.
+    float t;
+    if (p.budget_kind == 2)
+    {
+        t = p.budget;
+    }
+    else if ((p.budget_kind == 0 && p.budget >= (float)visible) || (p.budget_kind == 1 && p.budget >= 1.f))
+    {
+        t = 0.f;   // everything (no rounding may drop a tiny entry)
+    }
+    else
+    {
+        const bool mass = p.budget_kind == 1;
+        const float target = mass ? p.budget * above(prob, visible, 0.f, true, red) : p.budget;
+        u32 lo = 0, hi = 0x3f800001u;   // above(lo) meets the target; above(hi) = above(> 1) does not
+        while (hi - lo > 1)
+        {
+            u32 mid = lo + ((hi - lo) >> 1);
+            if (above(prob, visible, __uint_as_float(mid), mass, red) >= target) lo = mid; else hi = mid;
+        }
+        t = __uint_as_float(lo);
+    }
+
+    // Kept blocks in ascending order: each thread owns a contiguous run of key blocks; an exclusive scan of the
+    // runs' counts places them.
+    const int per = (visible + THREADS - 1) / THREADS;
+    const int i0 = min(visible, threadIdx.x * per), i1 = min(visible, i0 + per);
+    int mine = 0;
+    for (int i = i0; i < i1; i++)
+    {
+        bool keep = prob[i] >= t || (p.keep_sink_diagonal && (i == 0 || i == visible - 1));
+        mine += keep ? 1 : 0;
+    }
+    offsets[threadIdx.x] = mine;
+    __syncthreads();
+    for (int o = 1; o < THREADS; o <<= 1)
+    {
+        int add = threadIdx.x >= o ? offsets[threadIdx.x - o] : 0;
+        __syncthreads();
+        offsets[threadIdx.x] += add;
+        __syncthreads();
+    }
+    int at = offsets[threadIdx.x] - mine;
+    int* out = p.scratch + (i64)row * p.k_blocks;
+    for (int i = i0; i < i1; i++)
+    {
+        bool keep = prob[i] >= t || (p.keep_sink_diagonal && (i == 0 || i == visible - 1));
+        if (keep) out[at++] = i;
+    }
+    if (threadIdx.x == THREADS - 1) p.counts[row] = offsets[THREADS - 1];
+}
+
+struct ScanParams
+{
+    const int* counts;
+    int* row_start;             // [rows + 1]
+    int rows;
+};
+
+// One thread block of 1024 threads: each thread sums a contiguous run of rows, a scan of the runs places them.
+extern "C" __global__ void __launch_bounds__(1024) scan_counts(const ScanParams p)
+{
+    __shared__ int sums[1024];
+    const int per = (p.rows + 1023) / 1024;
+    const int r0 = min(p.rows, (int)threadIdx.x * per), r1 = min(p.rows, r0 + per);
+    int mine = 0;
+    for (int r = r0; r < r1; r++) mine += p.counts[r];
+    sums[threadIdx.x] = mine;
+    __syncthreads();
+    for (int o = 1; o < 1024; o <<= 1)
+    {
+        int add = threadIdx.x >= o ? sums[threadIdx.x - o] : 0;
+        __syncthreads();
+        sums[threadIdx.x] += add;
+        __syncthreads();
+    }
+    int at = sums[threadIdx.x] - mine;
+    for (int r = r0; r < r1; r++)
+    {
+        p.row_start[r] = at;
+        at += p.counts[r];
+    }
+    if (threadIdx.x == 1023) p.row_start[p.rows] = sums[1023];
+}
+
+struct CompactParams
+{
+    const int* counts;
+    const int* scratch;
+    const int* row_start;
+    int* cols;
+    unsigned char* kinds;
+    int heads, block, q_blocks, k_blocks, seqlen_q, seqlen_k, causal, causal_offset;
+};
+
+// Grid (rows): each row's kept key blocks into the CSR, Full unless they reach past the causal diagonal of the
+// query block's first row (then Partial: the kernel evaluates the causal expression per element).
+extern "C" __global__ void __launch_bounds__(128) compact_plan(const CompactParams p)
+{
+    const int row = blockIdx.x;
+    const int qb = row % p.q_blocks;
+    const int n = p.counts[row], first = p.row_start[row];
+    const i64 q0 = (i64)qb * p.block;
+    for (int j = threadIdx.x; j < n; j += blockDim.x)
+    {
+        const int kb = p.scratch[(i64)row * p.k_blocks + j];
+        const i64 k1 = min((i64)(kb + 1) * p.block, (i64)p.seqlen_k);
+        p.cols[first + j] = kb;
+        p.kinds[first + j] = (!p.causal || k1 - 1 <= q0 + p.causal_offset) ? 1 : 2;
+    }
+}

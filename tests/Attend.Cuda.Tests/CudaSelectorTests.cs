@@ -1,0 +1,106 @@
+using Attend.Masks;
+using Attend.Sparse;
+using Attend.Tensors;
+
+namespace Attend.Cuda.Tests;
+
+/// <summary>Selectors that build their plan on the GPU (CUDA part 2, item 2) against the CPU selector and executor.</summary>
+public sealed class CudaSelectorTests
+{
+    private static IEnumerable<(string Name, PooledBlockSelector Selector)> Selectors() =>
+    [
+        ("top-p 0.95 (default)", new PooledBlockSelector()),
+        ("top-p 0.5", new PooledBlockSelector { Budget = BlockBudget.TopP(0.5) }),
+        ("top-k 3", new PooledBlockSelector { Budget = BlockBudget.TopK(3) }),
+        ("threshold 0.02, no sink/diagonal", new PooledBlockSelector { Budget = BlockBudget.Threshold(0.02), KeepSinkAndDiagonal = false }),
+        ("top-p 0.9, 256 blocks", new PooledBlockSelector { Budget = BlockBudget.TopP(0.9), BlockSize = 256 }),
+    ];
+
+    /// <summary>
+    /// The device plan keeps the CPU selector's blocks on the same (bf16-rounded) structured inputs: awkward lengths,
+    /// GQA, Sq &lt; Skv, causal or not, every budget kind. Float sums in another order may flip an entry at the budget's
+    /// edge, so at most 1% of the blocks may differ; kinds (Full / Partial on the diagonal) must agree where both keep.
+    /// </summary>
+    [CudaFact]
+    public void Should_choose_the_cpu_selectors_blocks()
+    {
+        foreach ((int sq, int skv, int h, int hkv, int d, bool causal) in new[] { (1000, 1000, 4, 2, 64, true), (2048, 2048, 2, 2, 128, true), (300, 1100, 2, 1, 128, true), (777, 777, 2, 1, 80, false) })
+        {
+            (TensorView<float> qf, TensorView<float> kf, _, _) = StructuredInputs.Generate(1, Math.Max(sq, skv), h, hkv, d, StructureOptions.Default with { Seed = sq });
+            TensorView<BFloat16> q = Rows(qf, Math.Max(sq, skv) - sq, sq), k = Rows(kf, 0, skv);
+            using DeviceTensor<BFloat16> dq = DeviceTensor<BFloat16>.FromHost(q), dk = DeviceTensor<BFloat16>.FromHost(k);
+            foreach ((string name, PooledBlockSelector selector) in Selectors())
+            {
+                BlockMask cpu = selector.Plan(q, k, causal).Blocks!;
+                using DeviceBlockPlan plan = CudaSelectors.Plan(selector, dq, dk, causal);
+                BlockMask gpu = plan.ToHost();
+                Assert.Equal(cpu.QueryBlocks, gpu.QueryBlocks);
+                long differing = 0;
+                for (int hh = 0; hh < h; hh++)
+                    for (int qb = 0; qb < cpu.QueryBlocks; qb++)
+                    {
+                        int[] a = cpu.Row(0, hh, qb, out ReadOnlySpan<BlockClass> ak).ToArray(), b = gpu.Row(0, hh, qb, out ReadOnlySpan<BlockClass> bk).ToArray();
+                        BlockClass[] akinds = ak.ToArray(), bkinds = bk.ToArray();
+                        differing += a.Except(b).Count() + b.Except(a).Count();
+                        for (int i = 0; i < a.Length; i++)
+                        {
+                            int j = Array.IndexOf(b, a[i]);
+                            if (j >= 0) Assert.True(akinds[i] == bkinds[j], $"{name} Sq={sq} Skv={skv}: block ({hh}, {qb}, {a[i]}) is {akinds[i]} on the CPU, {bkinds[j]} on the GPU");
+                        }
+                        Assert.True(b.SequenceEqual(b.Order()), $"{name}: GPU row ({hh}, {qb}) not ascending");
+                    }
+                Assert.True(differing <= Math.Max(1, cpu.VisitedBlocks / 100), $"{name} Sq={sq} Skv={skv} D={d} causal={causal}: {differing} blocks differ of {cpu.VisitedBlocks} (CPU) / {gpu.VisitedBlocks} (GPU)");
+                Assert.Equal(gpu.VisitedBlocks, plan.VisitedBlocks);
+            }
+        }
+    }
+
+    /// <summary>A device-built plan runs on the GPU as its host copy runs on the float64 reference (bf16 rule).</summary>
+    [CudaFact]
+    public void Should_execute_device_plans_like_the_reference_of_their_host_copy()
+    {
+        foreach ((int s, int h, int hkv, int d) in new[] { (1000, 4, 2, 64), (513, 2, 1, 128) })
+        {
+            (TensorView<float> qf, TensorView<float> kf, _, _) = StructuredInputs.Generate(1, s, h, hkv, d);
+            using DeviceTensor<BFloat16> dq = DeviceTensor<BFloat16>.FromHost(Rows(qf, 0, s)), dk = DeviceTensor<BFloat16>.FromHost(Rows(kf, 0, s));
+            using DeviceBlockPlan plan = CudaSelectors.Plan(new PooledBlockSelector { Budget = BlockBudget.TopP(0.8) }, dq, dk, causal: true);
+            Assert.InRange(plan.Density, 0.01, 0.99);
+            BlockMask host = plan.ToHost();
+            void Run(TensorView<BFloat16> q, TensorView<BFloat16> k, TensorView<BFloat16> v, TensorView<BFloat16> o, TensorView<float> lse, AttentionOptions options) =>
+                CudaAttentionTests.OnGpu(q, k, v, o, lse, options with { Plan = null }, plan);
+            AttentionConformance.Check<BFloat16>(1, s, s, h, hkv, d, new AttentionOptions { Plan = host }, "cuda device-built plan", Run);
+        }
+    }
+
+    [CudaFact]
+    public void Should_reject_bad_input_and_free_what_it_allocates()
+    {
+        using DeviceTensor<BFloat16> q = DeviceTensor<BFloat16>.Allocate(1, 256, 4, 64), k = DeviceTensor<BFloat16>.Allocate(1, 256, 2, 64);
+        using DeviceTensor<BFloat16> kBadDim = DeviceTensor<BFloat16>.Allocate(1, 256, 2, 32), kBadHeads = DeviceTensor<BFloat16>.Allocate(1, 256, 3, 64);
+        var selector = new PooledBlockSelector();
+        Assert.Contains("k must be", Assert.Throws<ArgumentException>(() => CudaSelectors.Plan(selector, q, kBadDim)).Message);
+        Assert.Contains("k must be", Assert.Throws<ArgumentException>(() => CudaSelectors.Plan(selector, q, kBadHeads)).Message);
+        using (CudaSelectors.Plan(selector, q, k)) { }   // grows the selector's workspace once
+        long live = DeviceMemory.LiveBuffers;
+        using (DeviceBlockPlan plan = CudaSelectors.Plan(selector, q, k))
+        using (DeviceTensor<BFloat16> other = DeviceTensor<BFloat16>.Allocate(1, 384, 4, 64), o = DeviceTensor<BFloat16>.Allocate(1, 384, 4, 64), o256 = DeviceTensor<BFloat16>.Allocate(1, 256, 4, 64))
+        {
+            Assert.Contains("plan was built for", Assert.Throws<ArgumentException>(() => CudaAttention.Forward(other, other, other, o, plan)).Message);
+            Assert.Throws<ArgumentException>(() => CudaAttention.Forward(q, k, k, o256, plan, new AttentionOptions { Mask = Mask.Causal }));
+        }
+        Assert.Equal(live, DeviceMemory.LiveBuffers);   // the plan's buffers and any temporaries of the failed calls are freed
+    }
+
+    /// <summary>Rows [start, start + count) of a float tensor, rounded to bf16.</summary>
+    private static TensorView<BFloat16> Rows(TensorView<float> x, int start, int count)
+    {
+        int b = x.Dim(0), h = x.Dim(2), d = x.Dim(3);
+        var data = new BFloat16[(long)b * count * h * d];
+        int i = 0;
+        for (int bb = 0; bb < b; bb++)
+            for (int s = start; s < start + count; s++)
+                for (int hh = 0; hh < h; hh++)
+                    for (int c = 0; c < d; c++) data[i++] = (BFloat16)x[bb, s, hh, c];
+        return new TensorView<BFloat16>(data, b, count, h, d);
+    }
+}
