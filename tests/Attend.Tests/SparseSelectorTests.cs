@@ -16,6 +16,10 @@ public class SparseSelectorTests
         "flexprefill:gamma=1,min=100000,block=64",
         "xattention:t=1,stride=8,block=64",
         "anchor:theta=1e9,block=64",
+        "hierarchical:k=100000,block=64",
+        "sale:t=0,block=64",
+        "sale:t=0,bits=8,block=64",
+        "dhsa:budget=100000,L=8,block=64",
     };
 
     [Theory]
@@ -34,6 +38,9 @@ public class SparseSelectorTests
     [InlineData("xattention:t=1,block=64")]
     [InlineData("pooled:budget=p1,block=64")]
     [InlineData("anchor:theta=1e9,block=64")]
+    [InlineData("hierarchical:k=100000,block=64")]
+    [InlineData("sale:t=0,block=64")]
+    [InlineData("dhsa:budget=100000,L=16,block=64")]
     public void CoveringBudgetEqualsDenseNonCausalAndOffset(string spec)
     {
         SparsitySelector selector = Selectors.Parse(spec);
@@ -82,6 +89,103 @@ public class SparseSelectorTests
             }
         }
         Assert.True(ok, string.Join("; ", report));
+    }
+
+    /// <summary>SALE's SIMD and scalar products use the same integers: identical plans, on awkward sizes and both bit widths.</summary>
+    [Fact]
+    public void SaleSimdAndScalarChooseTheSameBlocks()
+    {
+        foreach ((int s, int d, int bits) in new[] { (700, 80, 4), (257, 40, 8), (1025, 128, 4), (97, 64, 8) })
+        {
+            (TensorView<float> q, TensorView<float> k, _, _) = StructuredInputs.Generate(1, s, 2, 1, d, StructureOptions.Default with { Seed = s });
+            var fast = new SaleSelector { Bits = bits, BlockSize = 64 };
+            var slow = new SaleSelector { Bits = bits, BlockSize = 64, ForceScalar = true };
+            BlockMask a = fast.Plan(q, k).Blocks!, b = slow.Plan(q, k).Blocks!;
+            Assert.Equal(b.VisitedBlocks, a.VisitedBlocks);
+            for (int h = 0; h < 2; h++)
+                for (int qb = 0; qb < a.QueryBlocks; qb++) Assert.Equal(b.Row(0, h, qb, out _).ToArray(), a.Row(0, h, qb, out _).ToArray());
+            Assert.InRange(a.VisitedBlocks, 1, (long)a.QueryBlocks * a.KeyBlocks * 2);
+        }
+    }
+
+    /// <summary>Hierarchical top-k keeps exactly k blocks (plus sink and diagonal) per row that sees more, all of them otherwise.</summary>
+    [Fact]
+    public void HierarchicalKeepsItsBudgetPerRow()
+    {
+        const int s = 3000, k = 5;
+        (TensorView<float> q, TensorView<float> kk, _, _) = StructuredInputs.Generate(1, s, 2, 2, 64);
+        BlockMask plan = new HierarchicalSelector { TopK = k, BlockSize = 64 }.Plan(q, kk).Blocks!;
+        for (int h = 0; h < 2; h++)
+            for (int qb = 0; qb < plan.QueryBlocks; qb++)
+            {
+                int visible = qb + 1, kept = plan.Row(0, h, qb, out _).Length;
+                if (visible <= k) Assert.Equal(visible, kept);
+                else Assert.InRange(kept, k, k + 2);
+                Assert.Equal(qb, plan.Row(0, h, qb, out _)[^1]);   // the diagonal
+                Assert.Equal(0, plan.Row(0, h, qb, out _)[0]);     // the sink
+            }
+    }
+
+    /// <summary>DHSA cuts where the content changes: on inputs made of segments it keeps whole same-segment key chunks.</summary>
+    [Fact]
+    public void DhsaCutsAtContentChangesAndKeepsItsBudget()
+    {
+        // Clusters of 256 tokens and nothing else: chunk boundaries should fall on the segment edges, and a budget of
+        // one segment's keys per query chunk should find its own cluster's segments.
+        const int s = 4096;
+        (TensorView<float> q, TensorView<float> k, TensorView<float> v, _) = StructuredInputs.Generate(1, s, 1, 1, 64, StructureOptions.Parse("clusters=6,local", seed: 4));
+        var selector = new DhsaSelector { ChunkLength = 128, TokenBudget = 512, BlockSize = 64 };
+        SparsityPlan plan = selector.Plan(q, k);
+        Assert.NotNull(plan.Tokens);
+        double density = Metrics.Density(plan, causal: true);
+        var dense = new TensorView<float>(new float[q.ElementCount], 1, s, 1, 64);
+        var denseLse = new TensorView<float>(new float[s], 1, s, 1);
+        Attention.Forward(q, k, v, dense, new AttentionOptions { Causal = true }, denseLse);
+        var o = new TensorView<float>(new float[q.ElementCount], 1, s, 1, 64);
+        var lse = new TensorView<float>(new float[s], 1, s, 1);
+        Attention.Forward(q, k, v, o, new AttentionOptions { Plan = plan }, lse);
+        double recall = Metrics.AttentionRecall(lse, denseLse);
+        Assert.True(density < 0.5 && recall > 0.8, $"dhsa on clusters: density {density:F3}, recall {recall:F3}");
+    }
+
+    /// <summary>
+    /// Error-aware routing: promoting every block (extra 1) covers the whole causal triangle, so the result is dense;
+    /// with a small extra budget it adds blocks only where the inner plan skipped, compensates the rest, and its error
+    /// is no worse than the inner plan with plain centroid compensation.
+    /// </summary>
+    [Fact]
+    public void ErrorAwareRoutingPromotesSkippedBlocksAndCompensatesTheRest()
+    {
+        var all = Selectors.ParseAny("pooled:budget=top1,block=64+ear=1");
+        foreach ((int s, int d) in new[] { (257, 40), (130, 128) })
+        {
+            AttentionConformance.Check<float>(1, s, s, 2, 1, d, new AttentionOptions { Causal = true }, all.Name,
+                (q, k, v, o, lse, options) => SparseAttention.Forward(all, q, k, v, o, options, lse));
+        }
+        const int n = 2048, h = 2, dim = 64;
+        (TensorView<float> qq, TensorView<float> kk, TensorView<float> vv, _) = StructuredInputs.Generate(1, n, h, 1, dim, StructureOptions.Default with { Seed = 9 });
+        var dense = new TensorView<float>(new float[qq.ElementCount], 1, n, h, dim);
+        Attention.Forward(qq, kk, vv, dense, new AttentionOptions { Causal = true });
+        double Error(ISparsitySelector selector, out SparsityPlan plan)
+        {
+            var o = new TensorView<float>(new float[qq.ElementCount], 1, n, h, dim);
+            (plan, _) = SparseAttention.Forward(selector, qq, kk, vv, o, new AttentionOptions { Causal = true });
+            return Metrics.RelativeL2(o, dense);
+        }
+        double compensated = Error(Selectors.ParseAny("pooled:budget=top2,block=64+centroid"), out SparsityPlan inner);
+        double routed = Error(Selectors.ParseAny("pooled:budget=top2,block=64+ear=0.1"), out SparsityPlan plan);
+        Assert.Equal(Compensation.Centroid, plan.Compensation);
+        Assert.True(plan.Blocks!.VisitedBlocks > inner.Blocks!.VisitedBlocks);
+        for (int hh = 0; hh < h; hh++)
+            for (int qb = 0; qb < inner.Blocks.QueryBlocks; qb++)
+            {
+                int[] before = inner.Blocks.Row(0, hh, qb, out _).ToArray(), after = plan.Blocks.Row(0, hh, qb, out _).ToArray();
+                Assert.Subset(after.ToHashSet(), before.ToHashSet());
+                Assert.InRange(after.Length - before.Length, 0, (int)Math.Ceiling(0.1 * (qb + 1)));
+            }
+        Assert.True(routed <= compensated, $"routed {routed:F4} vs centroid only {compensated:F4}");
+        Assert.Contains("+ear takes", Assert.Throws<ArgumentException>(() => Selectors.ParseAny("pooled+ear0.1")).Message);
+        Assert.Throws<ArgumentOutOfRangeException>(() => Selectors.ParseAny("pooled+ear=2"));
     }
 
     [Fact]
@@ -148,6 +252,11 @@ public class SparseSelectorTests
         Assert.Contains("Gamma", Assert.Throws<ArgumentException>(() => new FlexPrefillSelector { Gamma = 0 }.Plan(q, q)).Message);
         Assert.Contains("Theta", Assert.Throws<ArgumentException>(() => new AnchorSelector { Theta = double.NaN }.Plan(q, q)).Message);
         Assert.Contains("LastQueries", Assert.Throws<ArgumentException>(() => new VerticalSlashSelector { LastQueries = 0 }.Plan(q, q)).Message);
+        Assert.Throws<ArgumentOutOfRangeException>(() => new HierarchicalSelector { TopK = 0 });
+        Assert.Throws<ArgumentOutOfRangeException>(() => new SaleSelector { Threshold = -0.1 });
+        Assert.Throws<ArgumentOutOfRangeException>(() => new DhsaSelector { ChunkLength = 1 });
+        Assert.Throws<ArgumentOutOfRangeException>(() => new DhsaSelector { TokenBudget = 0 });
+        Assert.Contains("Bits must be 4 or 8", Assert.Throws<ArgumentOutOfRangeException>(() => Selectors.Parse("sale:bits=5")).Message);
         Assert.Throws<ArgumentOutOfRangeException>(() => BlockBudget.TopP(0));
         Assert.Throws<ArgumentOutOfRangeException>(() => BlockBudget.TopK(0));
         Assert.Contains("unknown selector", Assert.Throws<ArgumentException>(() => Selectors.Parse("magic")).Message);

@@ -13,6 +13,9 @@ public static class Selectors
         new FlexPrefillSelector(),
         new XAttentionSelector(),
         new AnchorSelector(),
+        new HierarchicalSelector(),
+        new SaleSelector(),
+        new DhsaSelector(),
     ];
 
     /// <summary>
@@ -21,7 +24,8 @@ public static class Selectors
     /// <see cref="HashSparseSelector"/>) and <c>cluster:q=32,k=64,p=0.9[,iters=4,seed=0,block=128]</c> (k-means
     /// semantic permutation, <see cref="ClusterSelector"/>), <c>topk:k=64[,dims=0,seed=0]</c> (per-row top-k,
     /// <see cref="RowTopKSelector"/>); any spec + <c>+centroid</c> compensates the skipped
-    /// blocks (<see cref="CentroidCompensation"/>).
+    /// blocks (<see cref="CentroidCompensation"/>), <c>+ear[=0.05]</c> routes the worst-compensated blocks to exact
+    /// computation first (<see cref="ErrorAwareSelector"/>).
     /// </summary>
     public static ISparsitySelector ParseAny(string spec)
     {
@@ -29,6 +33,15 @@ public static class Selectors
         if (spec.TrimEnd().EndsWith("+centroid", StringComparison.OrdinalIgnoreCase))
         {
             return new CompensatedSelector(ParseAny(spec.TrimEnd()[..^"+centroid".Length]));
+        }
+        int ear = spec.LastIndexOf("+ear", StringComparison.OrdinalIgnoreCase);
+        if (ear > 0)
+        {
+            string extra = spec[(ear + "+ear".Length)..].Trim();
+            double fraction = extra.Length == 0 ? 0.05
+                : extra.StartsWith('=') && double.TryParse(extra[1..], NumberStyles.Float, CultureInfo.InvariantCulture, out double f) ? f
+                : throw new ArgumentException($"selector '{spec}': +ear takes an optional =FRACTION (e.g. +ear=0.05)", nameof(spec));
+            return new ErrorAwareSelector(ParseAny(spec[..ear]), fraction);
         }
         (string name, Dictionary<string, string> args) = Split(spec);
         if (name is not ("auto" or "hash" or "cluster" or "topk")) return Parse(spec);
@@ -50,12 +63,12 @@ public static class Selectors
     }
 
     /// <summary>Names <see cref="Parse"/> accepts.</summary>
-    public static IReadOnlyList<string> Names { get; } = ["pooled", "vertical-slash", "flexprefill", "xattention", "anchor"];
+    public static IReadOnlyList<string> Names { get; } = ["pooled", "vertical-slash", "flexprefill", "xattention", "anchor", "hierarchical", "sale", "dhsa"];
 
     /// <summary>
     /// Parses <c>name[:key=value,...]</c>, e.g. <c>xattention:t=0.95,stride=16</c>, <c>pooled:budget=top8</c>,
     /// <c>pooled:budget=p0.9</c>, <c>vertical-slash:v=2000,s=500</c>, <c>flexprefill:gamma=0.9,tau=0.1</c>,
-    /// <c>anchor:theta=6</c>. Every selector also takes <c>block=64|128|256</c>.
+    /// <c>anchor:theta=6</c>, <c>hierarchical:k=16</c>, <c>sale:t=0.004,bits=4</c>, <c>dhsa:L=64,budget=1024,window=8</c>. Every selector also takes <c>block=64|128|256</c>.
     /// </summary>
     public static SparsitySelector Parse(string spec)
     {
@@ -75,6 +88,9 @@ public static class Selectors
             },
             "xattention" => new XAttentionSelector { BlockSize = block, Threshold = Double(args, "t", 0.9, spec), Stride = Int(args, "stride", 8, spec) },
             "anchor" => new AnchorSelector { BlockSize = block, Theta = Double(args, "theta", 10, spec) },
+            "hierarchical" => new HierarchicalSelector { BlockSize = block, TopK = Int(args, "k", 16, spec) },
+            "sale" => new SaleSelector { BlockSize = block, Threshold = Double(args, "t", 0.004, spec), Bits = Int(args, "bits", 4, spec) },
+            "dhsa" => new DhsaSelector { BlockSize = block, ChunkLength = Int(args, "L", 64, spec), TokenBudget = Int(args, "budget", 1024, spec), Window = Int(args, "window", 8, spec) },
             _ => throw new ArgumentException($"unknown selector '{name}'; expected one of {string.Join(", ", Names)}", nameof(spec)),
         };
         RequireKnown(name, args, spec, name switch
@@ -83,6 +99,9 @@ public static class Selectors
             "vertical-slash" => ["block", "v", "s", "last"],
             "flexprefill" => ["block", "gamma", "tau", "min"],
             "xattention" => ["block", "t", "stride"],
+            "hierarchical" => ["block", "k"],
+            "sale" => ["block", "t", "bits"],
+            "dhsa" => ["block", "L", "budget", "window"],
             _ => ["block", "theta"],
         });
         return selector;

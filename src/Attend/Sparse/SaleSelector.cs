@@ -1,0 +1,289 @@
+using System.Runtime.Intrinsics;
+using System.Runtime.Intrinsics.X86;
+
+namespace Attend.Sparse;
+
+/// <summary>
+/// SALE (Ji et al., arXiv:2505.24179): a fine-grained estimate of every visible score from low-bit q and k, and each
+/// block's <b>relative attention score</b> — the largest exp(ŝ_ij − m_i) over the block's pairs, m_i the row's largest
+/// estimate, i.e. the block's peak probability relative to the row's peak — kept when ≥ <see cref="Threshold"/>
+/// (the authors' example threshold 0.004). Quantization: keys are smoothed by their mean over the sequence (which
+/// shifts every score of a row by the same amount, as SageAttention does), then q and k get one symmetric scale per
+/// token with <see cref="Bits"/>-bit integers. The integer products run on AVX-512BW with 16 keys per register (no
+/// horizontal sums): 4-bit values as unsigned × signed byte multiply-adds (64 products per instruction, q shifted by 8
+/// and the shift's Σk taken back), 8-bit values as 16-bit multiply-adds (32 per instruction); other machines use a
+/// scalar loop over the same integers (identical estimates).
+/// </summary>
+public sealed class SaleSelector : SparsitySelector
+{
+    private readonly double _threshold = 0.004;
+    private readonly int _bits = 4;
+
+    /// <summary>Relative attention score a block needs (in [0, 1]; default 0.004; 0 keeps every block).</summary>
+    public double Threshold
+    {
+        get => _threshold;
+        init => _threshold = value is >= 0 and <= 1 ? value : throw new ArgumentOutOfRangeException(nameof(Threshold), value, "Threshold must be in [0, 1]");
+    }
+
+    /// <summary>Bits of the quantized q and k: 4 (default) or 8.</summary>
+    public int Bits
+    {
+        get => _bits;
+        init => _bits = value is 4 or 8 ? value : throw new ArgumentOutOfRangeException(nameof(Bits), value, "Bits must be 4 or 8");
+    }
+
+    /// <summary>Always keep the first key block (attention sink) and the diagonal block (local context); default true.</summary>
+    public bool KeepSinkAndDiagonal { get; init; } = true;
+
+    /// <summary>Tests: use the scalar product even where AVX-512BW is available.</summary>
+    internal bool ForceScalar { get; init; }
+
+    /// <inheritdoc/>
+    public override string Name => string.Create(System.Globalization.CultureInfo.InvariantCulture, $"sale(t={Threshold:0.####}, {Bits}-bit)");
+
+    private const int Lanes = 16;           // keys per panel: one 512-bit register of int32 dot products
+    private const int Rows = 8;             // query rows per pass over a panel
+    private const int ChunkBytes = 1 << 19; // keys walked per chunk while every row group of a query block passes (half the L2)
+
+    private protected override void SelectHead(HeadSelection head)
+    {
+        int d = head.HeadDim, dp = (d + 3) / 4 * 4, bs = head.BlockSize, sq = head.QueryLength, skv = head.KeyLength;
+        int levels = Bits == 4 ? 7 : 127;
+        // Keys smoothed by their mean; one symmetric scale per token for keys and queries.
+        float[] keys = head.Keys;
+        var mean = new double[d];
+        for (int j = 0; j < skv; j++)
+            for (int c = 0; c < d; c++) mean[c] += keys[(j * d) + c];
+        for (int c = 0; c < d; c++) mean[c] /= skv;
+        int panels = (skv + Lanes - 1) / Lanes;
+        var keyInt = new sbyte[(long)panels * Lanes * dp];
+        var keyScale = new float[panels * Lanes];
+        var smoothed = new float[d];
+        for (int j = 0; j < skv; j++)
+        {
+            for (int c = 0; c < d; c++) smoothed[c] = (float)(keys[(j * d) + c] - mean[c]);
+            keyScale[j] = Quantize(smoothed, keyInt.AsSpan((int)((long)j * dp), dp), levels);
+        }
+        var queryInt = new sbyte[(long)sq * dp];
+        var queryScale = new float[sq];
+        for (int i = 0; i < sq; i++) queryScale[i] = Quantize(head.Queries.AsSpan(i * d, d), queryInt.AsSpan((int)((long)i * dp), dp), levels);
+
+        bool simd = !ForceScalar && Avx512BW.IsSupported;
+        var kernel = simd ? (Bits == 4 ? new ByteKernel(queryInt, keyInt, panels, dp) : (IPanelKernel)new ShortKernel(queryInt, keyInt, panels, dp)) : new ScalarKernel(queryInt, keyInt, dp);
+        int chunkPanels = Math.Max(1, ChunkBytes / (Lanes * dp * (Bits == 4 ? 1 : 2)));
+        double logThreshold = Threshold > 0 ? Math.Log(Threshold) : double.NegativeInfinity;
+        var scores = new float[Rows * Lanes];
+        for (int qb = 0; qb < head.QueryBlocks; qb++)
+        {
+            int visibleBlocks = head.VisibleKeyBlocks(qb);
+            if (visibleBlocks == 0) continue;
+            int q0 = qb * bs, q1 = Math.Min(q0 + bs, sq), rows = q1 - q0;
+            // Per row: the largest estimate in each key block and overall.
+            var blockMax = new float[rows * visibleBlocks];
+            var rowMax = new float[rows];
+            Array.Fill(blockMax, float.NegativeInfinity);
+            Array.Fill(rowMax, float.NegativeInfinity);
+            int lastPanel = (head.VisibleKeys(q1 - 1) + Lanes - 1) / Lanes;
+            for (int chunk = 0; chunk < lastPanel; chunk += chunkPanels)
+            {
+                for (int r0 = q0; r0 < q1; r0 += Rows)
+                {
+                    int n = Math.Min(Rows, q1 - r0);
+                    int end = Math.Min(Math.Min(chunk + chunkPanels, lastPanel), (head.VisibleKeys(r0 + n - 1) + Lanes - 1) / Lanes);
+                    for (int panel = chunk; panel < end; panel++)
+                    {
+                        kernel.Products(r0, n, panel, scores);
+                        int j0 = panel * Lanes, b = j0 / bs;   // a panel lies in one key block (bs is a multiple of 16)
+                        for (int r = 0; r < n; r++)
+                        {
+                            float m = PanelMax(scores.AsSpan(r * Lanes, Lanes), queryScale[r0 + r], keyScale.AsSpan(j0, Lanes), head.VisibleKeys(r0 + r) - j0, simd);
+                            int at = ((r0 + r - q0) * visibleBlocks) + b;
+                            if (m > blockMax[at]) blockMax[at] = m;
+                            if (m > rowMax[r0 + r - q0]) rowMax[r0 + r - q0] = m;
+                        }
+                    }
+                }
+            }
+            for (int b = 0; b < visibleBlocks; b++)
+            {
+                float best = float.NegativeInfinity;
+                for (int r = 0; r < rows; r++)
+                {
+                    if (rowMax[r] > float.NegativeInfinity && blockMax[(r * visibleBlocks) + b] - rowMax[r] > best) best = blockMax[(r * visibleBlocks) + b] - rowMax[r];
+                }
+                if (best >= logThreshold) head.AddBlock(qb, b);
+            }
+            if (KeepSinkAndDiagonal)
+            {
+                head.AddBlock(qb, 0);
+                head.AddBlock(qb, visibleBlocks - 1);
+            }
+        }
+    }
+
+    /// <summary>Symmetric per-token quantization to ±levels; returns the scale (values beyond x's length stay 0).</summary>
+    private static float Quantize(ReadOnlySpan<float> x, Span<sbyte> q, int levels)
+    {
+        float max = 0;
+        foreach (float v in x) max = MathF.Max(max, MathF.Abs(v));
+        float scale = max > 0 ? max / levels : 1;
+        for (int c = 0; c < x.Length; c++) q[c] = (sbyte)Math.Clamp(MathF.Round(x[c] / scale), -levels, levels);
+        return scale;
+    }
+
+    /// <summary>The largest estimate (integer product × q scale × k scale) among the first <paramref name="count"/> keys of a panel.</summary>
+    private static float PanelMax(ReadOnlySpan<float> products, float queryScale, ReadOnlySpan<float> keyScale, int count, bool simd)
+    {
+        if (count <= 0) return float.NegativeInfinity;
+        if (simd && count >= Lanes)
+        {
+            Vector512<float> s = Vector512.Create(products) * (Vector512.Create(queryScale) * Vector512.Create(keyScale));
+            return MaxOf(s);
+        }
+        float m = float.NegativeInfinity;
+        for (int l = 0; l < Math.Min(count, Lanes); l++) m = MathF.Max(m, products[l] * (queryScale * keyScale[l]));
+        return m;
+    }
+
+    private static float MaxOf(Vector512<float> v)
+    {
+        Vector256<float> h = Vector256.Max(v.GetLower(), v.GetUpper());
+        Vector128<float> x = Vector128.Max(h.GetLower(), h.GetUpper());
+        x = Vector128.Max(x, Vector128.Shuffle(x, Vector128.Create(2, 3, 0, 1)));
+        return MathF.Max(x.GetElement(0), x.GetElement(1));
+    }
+
+    /// <summary>Integer dot products of up to 8 query rows with one panel of 16 keys, as floats [row, key].</summary>
+    private interface IPanelKernel
+    {
+        void Products(int r0, int n, int panel, float[] scores);
+    }
+
+    /// <summary>Any machine: the plain integer loop.</summary>
+    private sealed class ScalarKernel(sbyte[] queries, sbyte[] keys, int dp) : IPanelKernel
+    {
+        public void Products(int r0, int n, int panel, float[] scores)
+        {
+            for (int r = 0; r < n; r++)
+            {
+                long q = (long)(r0 + r) * dp;
+                for (int l = 0; l < Lanes; l++)
+                {
+                    long k = ((long)(panel * Lanes) + l) * dp;
+                    int dot = 0;
+                    for (int c = 0; c < dp; c++) dot += queries[q + c] * keys[k + c];
+                    scores[(r * Lanes) + l] = dot;
+                }
+            }
+        }
+    }
+
+    /// <summary>
+    /// 4-bit values: keys packed per panel as [channel quad][16 keys][4] signed bytes, queries as 4 unsigned bytes
+    /// (q + 8) per quad; vpmaddubsw gives 16-bit sums of channel pairs that add up without overflow (|sum| ≤ 210 per
+    /// quad), widened once per panel; Σ_c 8·k_c per key is taken back.
+    /// </summary>
+    private sealed unsafe class ByteKernel : IPanelKernel
+    {
+        private readonly uint[] _queries;
+        private readonly sbyte[] _keys;
+        private readonly int[] _shift;
+        private readonly int _quads;
+
+        public ByteKernel(sbyte[] queries, sbyte[] keys, int panels, int dp)
+        {
+            _quads = dp / 4;
+            _queries = new uint[queries.Length / 4];
+            for (int i = 0; i < _queries.Length; i++)
+            {
+                uint packed = 0;
+                for (int b = 0; b < 4; b++) packed |= (uint)(byte)(queries[(i * 4) + b] + 8) << (8 * b);
+                _queries[i] = packed;
+            }
+            _keys = new sbyte[keys.Length];
+            _shift = new int[panels * Lanes];
+            for (int j = 0; j < panels * Lanes; j++)
+            {
+                int sum = 0;
+                for (int c = 0; c < dp; c++)
+                {
+                    sbyte v = keys[((long)j * dp) + c];
+                    sum += v;
+                    _keys[((long)(j / Lanes) * Lanes * dp) + ((c / 4) * Lanes * 4) + ((j % Lanes) * 4) + (c % 4)] = v;
+                }
+                _shift[j] = 8 * sum;
+            }
+        }
+
+        public void Products(int r0, int n, int panel, float[] scores)
+        {
+            fixed (uint* qAll = _queries)
+            fixed (sbyte* kAll = _keys)
+            fixed (int* shiftAll = _shift)
+            fixed (float* s = scores)
+            {
+                uint* q = qAll + ((long)r0 * _quads);
+                sbyte* k = kAll + ((long)panel * Lanes * 4 * _quads);
+                Vector512<short> ones = Vector512.Create((short)1);
+                Vector512<int> shift = Vector512.Load(shiftAll + (panel * Lanes));
+                for (int r = 0; r < n; r += 2)
+                {
+                    uint* qa = q + (r * _quads), qb = q + ((r + 1 < n ? r + 1 : r) * _quads);
+                    Vector512<short> a = default, b = default;
+                    for (int p = 0; p < _quads; p++)
+                    {
+                        Vector512<sbyte> key = Vector512.Load(k + (p * Lanes * 4));
+                        a += Avx512BW.MultiplyAddAdjacent(Vector512.Create(qa[p]).AsByte(), key);
+                        b += Avx512BW.MultiplyAddAdjacent(Vector512.Create(qb[p]).AsByte(), key);
+                    }
+                    Vector512.Store(Avx512F.ConvertToVector512Single(Avx512BW.MultiplyAddAdjacent(a, ones) - shift), s + (r * Lanes));
+                    if (r + 1 < n) Vector512.Store(Avx512F.ConvertToVector512Single(Avx512BW.MultiplyAddAdjacent(b, ones) - shift), s + ((r + 1) * Lanes));
+                }
+            }
+        }
+    }
+
+    /// <summary>8-bit values: keys packed per panel as [channel pair][16 keys][2] shorts, queries as int32 channel pairs; vpmaddwd.</summary>
+    private sealed unsafe class ShortKernel : IPanelKernel
+    {
+        private readonly int[] _queries;
+        private readonly short[] _keys;
+        private readonly int _pairs;
+
+        public ShortKernel(sbyte[] queries, sbyte[] keys, int panels, int dp)
+        {
+            _pairs = dp / 2;
+            _queries = new int[queries.Length / 2];
+            for (int i = 0; i < _queries.Length; i++) _queries[i] = (ushort)(short)queries[2 * i] | (queries[(2 * i) + 1] << 16);
+            _keys = new short[keys.Length];
+            for (int j = 0; j < panels * Lanes; j++)
+                for (int c = 0; c < dp; c++)
+                    _keys[((long)(j / Lanes) * Lanes * dp) + ((c / 2) * Lanes * 2) + ((j % Lanes) * 2) + (c % 2)] = keys[((long)j * dp) + c];
+        }
+
+        public void Products(int r0, int n, int panel, float[] scores)
+        {
+            fixed (int* qAll = _queries)
+            fixed (short* kAll = _keys)
+            fixed (float* s = scores)
+            {
+                int* q = qAll + ((long)r0 * _pairs);
+                short* k = kAll + ((long)panel * Lanes * 2 * _pairs);
+                for (int r = 0; r < n; r += 2)
+                {
+                    int* qa = q + (r * _pairs), qb = q + ((r + 1 < n ? r + 1 : r) * _pairs);
+                    Vector512<int> a = default, b = default;
+                    for (int p = 0; p < _pairs; p++)
+                    {
+                        Vector512<short> key = Vector512.Load(k + (p * Lanes * 2));
+                        a += Avx512BW.MultiplyAddAdjacent(Vector512.Create(qa[p]).AsInt16(), key);
+                        b += Avx512BW.MultiplyAddAdjacent(Vector512.Create(qb[p]).AsInt16(), key);
+                    }
+                    Vector512.Store(Avx512F.ConvertToVector512Single(a), s + (r * Lanes));
+                    if (r + 1 < n) Vector512.Store(Avx512F.ConvertToVector512Single(b), s + ((r + 1) * Lanes));
+                }
+            }
+        }
+    }
+}
