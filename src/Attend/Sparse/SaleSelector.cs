@@ -73,13 +73,14 @@ public sealed class SaleSelector : SparsitySelector
         var kernel = simd ? (Bits == 4 ? new ByteKernel(queryInt, keyInt, panels, dp) : (IPanelKernel)new ShortKernel(queryInt, keyInt, panels, dp)) : new ScalarKernel(queryInt, keyInt, dp);
         int chunkPanels = Math.Max(1, ChunkBytes / (Lanes * dp * (Bits == 4 ? 1 : 2)));
         double logThreshold = Threshold > 0 ? Math.Log(Threshold) : double.NegativeInfinity;
-        var scores = new float[Rows * Lanes];
+        var scores = new float[Rows * chunkPanels * Lanes];
         for (int qb = 0; qb < head.QueryBlocks; qb++)
         {
             int visibleBlocks = head.VisibleKeyBlocks(qb);
             if (visibleBlocks == 0) continue;
             int q0 = qb * bs, q1 = Math.Min(q0 + bs, sq), rows = q1 - q0;
-            // Per row: the largest estimate in each key block and overall.
+            // Per row: the largest estimate in each key block and overall. The keys are walked in chunks that stay
+            // in the core's cache while every group of 8 rows passes over them.
             var blockMax = new float[rows * visibleBlocks];
             var rowMax = new float[rows];
             Array.Fill(blockMax, float.NegativeInfinity);
@@ -91,16 +92,24 @@ public sealed class SaleSelector : SparsitySelector
                 {
                     int n = Math.Min(Rows, q1 - r0);
                     int end = Math.Min(Math.Min(chunk + chunkPanels, lastPanel), (head.VisibleKeys(r0 + n - 1) + Lanes - 1) / Lanes);
-                    for (int panel = chunk; panel < end; panel++)
+                    if (end <= chunk) continue;
+                    kernel.Products(r0, n, chunk, end, scores);
+                    int width = (end - chunk) * Lanes;
+                    for (int r = 0; r < n; r++)
                     {
-                        kernel.Products(r0, n, panel, scores);
-                        int j0 = panel * Lanes, b = j0 / bs;   // a panel lies in one key block (bs is a multiple of 16)
-                        for (int r = 0; r < n; r++)
+                        int visible = Math.Min(head.VisibleKeys(r0 + r), end * Lanes) - (chunk * Lanes);   // keys of this chunk the row sees
+                        if (visible <= 0) continue;
+                        ReadOnlySpan<float> rowScores = scores.AsSpan(r * width, width);
+                        float qs = queryScale[r0 + r];
+                        int at = (r0 + r - q0) * visibleBlocks;
+                        // Key blocks of the chunk, each reduced once.
+                        for (int j = 0; j < visible;)
                         {
-                            float m = PanelMax(scores.AsSpan(r * Lanes, Lanes), queryScale[r0 + r], keyScale.AsSpan(j0, Lanes), head.VisibleKeys(r0 + r) - j0, simd);
-                            int at = ((r0 + r - q0) * visibleBlocks) + b;
-                            if (m > blockMax[at]) blockMax[at] = m;
+                            int key = (chunk * Lanes) + j, b = key / bs, stop = Math.Min(visible, ((b + 1) * bs) - (chunk * Lanes));
+                            float m = RangeMax(rowScores[j..stop], qs, keyScale.AsSpan(key, stop - j), simd);
+                            if (m > blockMax[at + b]) blockMax[at + b] = m;
                             if (m > rowMax[r0 + r - q0]) rowMax[r0 + r - q0] = m;
+                            j = stop;
                         }
                     }
                 }
@@ -132,17 +141,21 @@ public sealed class SaleSelector : SparsitySelector
         return scale;
     }
 
-    /// <summary>The largest estimate (integer product × q scale × k scale) among the first <paramref name="count"/> keys of a panel.</summary>
-    private static float PanelMax(ReadOnlySpan<float> products, float queryScale, ReadOnlySpan<float> keyScale, int count, bool simd)
+    /// <summary>The largest estimate (integer product × q scale × k scale) over a run of keys.</summary>
+    private static float RangeMax(ReadOnlySpan<float> products, float queryScale, ReadOnlySpan<float> keyScale, bool simd)
     {
-        if (count <= 0) return float.NegativeInfinity;
-        if (simd && count >= Lanes)
-        {
-            Vector512<float> s = Vector512.Create(products) * (Vector512.Create(queryScale) * Vector512.Create(keyScale));
-            return MaxOf(s);
-        }
+        int i = 0;
         float m = float.NegativeInfinity;
-        for (int l = 0; l < Math.Min(count, Lanes); l++) m = MathF.Max(m, products[l] * (queryScale * keyScale[l]));
+        if (simd && products.Length >= Lanes)
+        {
+            Vector512<float> qs = Vector512.Create(queryScale), acc = Vector512.Create(float.NegativeInfinity);
+            for (; i + Lanes <= products.Length; i += Lanes)
+            {
+                acc = Vector512.Max(acc, Vector512.Create(products[i..]) * (qs * Vector512.Create(keyScale[i..])));
+            }
+            m = MaxOf(acc);
+        }
+        for (; i < products.Length; i++) m = MathF.Max(m, products[i] * (queryScale * keyScale[i]));
         return m;
     }
 
@@ -154,26 +167,27 @@ public sealed class SaleSelector : SparsitySelector
         return MathF.Max(x.GetElement(0), x.GetElement(1));
     }
 
-    /// <summary>Integer dot products of up to 8 query rows with one panel of 16 keys, as floats [row, key].</summary>
+    /// <summary>Integer dot products of up to 8 query rows with the keys of panels [first, end), as floats [row, key of the range].</summary>
     private interface IPanelKernel
     {
-        void Products(int r0, int n, int panel, float[] scores);
+        void Products(int r0, int n, int first, int end, float[] scores);
     }
 
     /// <summary>Any machine: the plain integer loop.</summary>
     private sealed class ScalarKernel(sbyte[] queries, sbyte[] keys, int dp) : IPanelKernel
     {
-        public void Products(int r0, int n, int panel, float[] scores)
+        public void Products(int r0, int n, int first, int end, float[] scores)
         {
+            int width = (end - first) * Lanes;
             for (int r = 0; r < n; r++)
             {
                 long q = (long)(r0 + r) * dp;
-                for (int l = 0; l < Lanes; l++)
+                for (int j = 0; j < width; j++)
                 {
-                    long k = ((long)(panel * Lanes) + l) * dp;
+                    long k = ((long)(first * Lanes) + j) * dp;
                     int dot = 0;
                     for (int c = 0; c < dp; c++) dot += queries[q + c] * keys[k + c];
-                    scores[(r * Lanes) + l] = dot;
+                    scores[(r * width) + j] = dot;
                 }
             }
         }
@@ -216,29 +230,34 @@ public sealed class SaleSelector : SparsitySelector
             }
         }
 
-        public void Products(int r0, int n, int panel, float[] scores)
+        public void Products(int r0, int n, int first, int end, float[] scores)
         {
+            int width = (end - first) * Lanes;
             fixed (uint* qAll = _queries)
             fixed (sbyte* kAll = _keys)
             fixed (int* shiftAll = _shift)
             fixed (float* s = scores)
             {
                 uint* q = qAll + ((long)r0 * _quads);
-                sbyte* k = kAll + ((long)panel * Lanes * 4 * _quads);
                 Vector512<short> ones = Vector512.Create((short)1);
-                Vector512<int> shift = Vector512.Load(shiftAll + (panel * Lanes));
-                for (int r = 0; r < n; r += 2)
+                for (int panel = first; panel < end; panel++)
                 {
-                    uint* qa = q + (r * _quads), qb = q + ((r + 1 < n ? r + 1 : r) * _quads);
-                    Vector512<short> a = default, b = default;
-                    for (int p = 0; p < _quads; p++)
+                    sbyte* k = kAll + ((long)panel * Lanes * 4 * _quads);
+                    Vector512<int> shift = Vector512.Load(shiftAll + (panel * Lanes));
+                    float* o = s + ((panel - first) * Lanes);
+                    for (int r = 0; r < n; r += 2)
                     {
-                        Vector512<sbyte> key = Vector512.Load(k + (p * Lanes * 4));
-                        a += Avx512BW.MultiplyAddAdjacent(Vector512.Create(qa[p]).AsByte(), key);
-                        b += Avx512BW.MultiplyAddAdjacent(Vector512.Create(qb[p]).AsByte(), key);
+                        uint* qa = q + (r * _quads), qb = q + ((r + 1 < n ? r + 1 : r) * _quads);
+                        Vector512<short> a = default, b = default;
+                        for (int p = 0; p < _quads; p++)
+                        {
+                            Vector512<sbyte> key = Vector512.Load(k + (p * Lanes * 4));
+                            a += Avx512BW.MultiplyAddAdjacent(Vector512.Create(qa[p]).AsByte(), key);
+                            b += Avx512BW.MultiplyAddAdjacent(Vector512.Create(qb[p]).AsByte(), key);
+                        }
+                        Vector512.Store(Avx512F.ConvertToVector512Single(Avx512BW.MultiplyAddAdjacent(a, ones) - shift), o + (r * width));
+                        if (r + 1 < n) Vector512.Store(Avx512F.ConvertToVector512Single(Avx512BW.MultiplyAddAdjacent(b, ones) - shift), o + ((r + 1) * width));
                     }
-                    Vector512.Store(Avx512F.ConvertToVector512Single(Avx512BW.MultiplyAddAdjacent(a, ones) - shift), s + (r * Lanes));
-                    if (r + 1 < n) Vector512.Store(Avx512F.ConvertToVector512Single(Avx512BW.MultiplyAddAdjacent(b, ones) - shift), s + ((r + 1) * Lanes));
                 }
             }
         }
@@ -262,26 +281,31 @@ public sealed class SaleSelector : SparsitySelector
                     _keys[((long)(j / Lanes) * Lanes * dp) + ((c / 2) * Lanes * 2) + ((j % Lanes) * 2) + (c % 2)] = keys[((long)j * dp) + c];
         }
 
-        public void Products(int r0, int n, int panel, float[] scores)
+        public void Products(int r0, int n, int first, int end, float[] scores)
         {
+            int width = (end - first) * Lanes;
             fixed (int* qAll = _queries)
             fixed (short* kAll = _keys)
             fixed (float* s = scores)
             {
                 int* q = qAll + ((long)r0 * _pairs);
-                short* k = kAll + ((long)panel * Lanes * 2 * _pairs);
-                for (int r = 0; r < n; r += 2)
+                for (int panel = first; panel < end; panel++)
                 {
-                    int* qa = q + (r * _pairs), qb = q + ((r + 1 < n ? r + 1 : r) * _pairs);
-                    Vector512<int> a = default, b = default;
-                    for (int p = 0; p < _pairs; p++)
+                    short* k = kAll + ((long)panel * Lanes * 2 * _pairs);
+                    float* o = s + ((panel - first) * Lanes);
+                    for (int r = 0; r < n; r += 2)
                     {
-                        Vector512<short> key = Vector512.Load(k + (p * Lanes * 2));
-                        a += Avx512BW.MultiplyAddAdjacent(Vector512.Create(qa[p]).AsInt16(), key);
-                        b += Avx512BW.MultiplyAddAdjacent(Vector512.Create(qb[p]).AsInt16(), key);
+                        int* qa = q + (r * _pairs), qb = q + ((r + 1 < n ? r + 1 : r) * _pairs);
+                        Vector512<int> a = default, b = default;
+                        for (int p = 0; p < _pairs; p++)
+                        {
+                            Vector512<short> key = Vector512.Load(k + (p * Lanes * 2));
+                            a += Avx512BW.MultiplyAddAdjacent(Vector512.Create(qa[p]).AsInt16(), key);
+                            b += Avx512BW.MultiplyAddAdjacent(Vector512.Create(qb[p]).AsInt16(), key);
+                        }
+                        Vector512.Store(Avx512F.ConvertToVector512Single(a), o + (r * width));
+                        if (r + 1 < n) Vector512.Store(Avx512F.ConvertToVector512Single(b), o + ((r + 1) * width));
                     }
-                    Vector512.Store(Avx512F.ConvertToVector512Single(a), s + (r * Lanes));
-                    if (r + 1 < n) Vector512.Store(Avx512F.ConvertToVector512Single(b), s + ((r + 1) * Lanes));
                 }
             }
         }
