@@ -245,18 +245,24 @@ public sealed class SaleSelector : SparsitySelector
                     sbyte* k = kAll + ((long)panel * Lanes * 4 * _quads);
                     Vector512<int> shift = Vector512.Load(shiftAll + (panel * Lanes));
                     float* o = s + ((panel - first) * Lanes);
-                    for (int r = 0; r < n; r += 2)
+                    for (int r = 0; r < n; r += 4)
                     {
+                        // Rows past n repeat row r (their results are not stored).
                         uint* qa = q + (r * _quads), qb = q + ((r + 1 < n ? r + 1 : r) * _quads);
-                        Vector512<short> a = default, b = default;
+                        uint* qc = q + ((r + 2 < n ? r + 2 : r) * _quads), qd = q + ((r + 3 < n ? r + 3 : r) * _quads);
+                        Vector512<short> a = default, b = default, c = default, e = default;
                         for (int p = 0; p < _quads; p++)
                         {
                             Vector512<sbyte> key = Vector512.Load(k + (p * Lanes * 4));
                             a += Avx512BW.MultiplyAddAdjacent(Vector512.Create(qa[p]).AsByte(), key);
                             b += Avx512BW.MultiplyAddAdjacent(Vector512.Create(qb[p]).AsByte(), key);
+                            c += Avx512BW.MultiplyAddAdjacent(Vector512.Create(qc[p]).AsByte(), key);
+                            e += Avx512BW.MultiplyAddAdjacent(Vector512.Create(qd[p]).AsByte(), key);
                         }
                         Vector512.Store(Avx512F.ConvertToVector512Single(Avx512BW.MultiplyAddAdjacent(a, ones) - shift), o + (r * width));
                         if (r + 1 < n) Vector512.Store(Avx512F.ConvertToVector512Single(Avx512BW.MultiplyAddAdjacent(b, ones) - shift), o + ((r + 1) * width));
+                        if (r + 2 < n) Vector512.Store(Avx512F.ConvertToVector512Single(Avx512BW.MultiplyAddAdjacent(c, ones) - shift), o + ((r + 2) * width));
+                        if (r + 3 < n) Vector512.Store(Avx512F.ConvertToVector512Single(Avx512BW.MultiplyAddAdjacent(e, ones) - shift), o + ((r + 3) * width));
                     }
                 }
             }
