@@ -28,7 +28,8 @@ public static unsafe class CudaAttention
     /// (Dv = D), masks (<see cref="AttentionOptions.Mask"/>: planned on the host, partial blocks evaluate the mask's
     /// <c>ToCuda</c> expression compiled into the kernel) and block plans (<see cref="AttentionOptions.Plan"/> with
     /// a <see cref="Masks.BlockMask"/> and/or a <see cref="Masks.TokenSet"/> of gathered key rows; uploaded once per plan
-    /// object). ALiBi, bias tensors, predicates, permuted and compensated plans are CPU-only for now (NotSupportedException).
+    /// object), also over a token permutation (gathered and scattered on the device). ALiBi, bias tensors, predicates
+    /// and compensated plans are CPU-only for now (NotSupportedException).
     /// </summary>
     public static void Forward<T>(DeviceTensor<T> q, DeviceTensor<T> k, DeviceTensor<T> v, DeviceTensor<T> output,
         AttentionOptions? options = null, DeviceTensor<float>? lse = null) where T : unmanaged =>
@@ -76,10 +77,6 @@ public static unsafe class CudaAttention
         {
             throw new NotSupportedException("compensated plans run on the CPU only for now");
         }
-        if (options.Plan?.Permutation is not null)
-        {
-            throw new NotSupportedException("plans over a token permutation (bucket / hash-sparse plans) run on the CPU only for now");
-        }
         if (scale == 0) throw new NotSupportedException("the CUDA kernel needs Scale > 0 (0 would make masked scores NaN)");
         if (ReferenceEquals(output.Buffer, q.Buffer) || ReferenceEquals(output.Buffer, k.Buffer) || ReferenceEquals(output.Buffer, v.Buffer))
         {
@@ -88,6 +85,11 @@ public static unsafe class CudaAttention
 
         CudaDevice device = CudaBackend.Device;
         device.MakeCurrent();
+        if (options.Plan?.Permutation is { } permutation)
+        {
+            RunPermuted(q, k, v, output, options, lse, permutation, s);
+            return;
+        }
         bool bf16 = typeof(T) != typeof(Half);
         using Operand qo = Operand.Prepare(q, bf16);
         using Operand ko = Operand.Prepare(k, bf16);
@@ -158,6 +160,13 @@ public static unsafe class CudaAttention
             p.PlanBlockQ = devicePlan.BlockQ;
             p.PlanExpand = givenPlan is null && blocks is null ? 1 : devicePlan.BlockK / config.BlockN;
         }
+        ulong? blockData = Reads(defines, "MASK_EXPR") ? MaskData(devicePlan?.Mask) : null;
+        ulong? tokenData = Reads(defines, "TOKEN_MASK_EXPR") ? MaskData(tokens?.Mask) : null;
+        if (blockData is not null && tokenData is not null && blockData != tokenData)
+        {
+            throw new NotSupportedException("the plan's block mask and token mask both read mask data; the kernel holds one");
+        }
+        p.MaskData = blockData ?? tokenData ?? 0;
         if (deviceTokens is not null)
         {
             p.TokenRowStart = deviceTokens.RowStart.Pointer;
@@ -172,6 +181,78 @@ public static unsafe class CudaAttention
         kernel.Launch(mBlocks, (uint)s.Heads, (uint)s.Batch, (uint)(config.Warps * 32), config.SharedBytes, &arg);
         oo.WriteBack(output);
         if (givenPlan is null && (options.Plan is null || blocks is null)) devicePlan?.Dispose();
+    }
+
+    /// <summary>
+    /// A plan over a <see cref="Masks.TokenPermutation"/> (bucket, hash-sparse, cluster plans), as the CPU's permuted
+    /// executor: q, k and v gathered into the permuted order on the device, the plan run there, output and LSE scattered
+    /// back (one extra copy of each; the orders are uploaded once per permutation).
+    /// </summary>
+    private static void RunPermuted<T>(DeviceTensor<T> q, DeviceTensor<T> k, DeviceTensor<T> v, DeviceTensor<T> output,
+        AttentionOptions options, DeviceTensor<float>? lse, Masks.TokenPermutation permutation, AttentionShape s) where T : unmanaged
+    {
+        DeviceOrders orders = Orders.GetValue(permutation, p => new DeviceOrders(p));
+        Masks.SparsityPlan inner = Unpermuted.GetValue(options.Plan!, p => new Masks.SparsityPlan(p.Blocks, p.Tokens));
+        int code = SourceCode<T>();
+        using DeviceTensor<T> qp = DeviceTensor<T>.Allocate(s.Batch, s.QueryLength, s.Heads, s.HeadDim);
+        using DeviceTensor<T> kp = DeviceTensor<T>.Allocate(s.Batch, s.KeyLength, s.KvHeads, s.HeadDim);
+        using DeviceTensor<T> vp = DeviceTensor<T>.Allocate(s.Batch, s.KeyLength, s.KvHeads, s.ValueDim);
+        using DeviceTensor<T> op = DeviceTensor<T>.Allocate(s.Batch, s.QueryLength, s.Heads, s.ValueDim);
+        using DeviceTensor<float>? lp = lse is null ? null : DeviceTensor<float>.Allocate(s.Batch, s.QueryLength, s.Heads);
+        Convert(q.Buffer.Pointer, code, q.Strides, qp.Buffer.Pointer, code, qp.Strides, q.Shape, s.HeadDim, s.HeadDim, orders.Queries.Pointer, 0);
+        Convert(k.Buffer.Pointer, code, k.Strides, kp.Buffer.Pointer, code, kp.Strides, k.Shape, s.HeadDim, s.HeadDim, orders.Keys.Pointer, 0);
+        Convert(v.Buffer.Pointer, code, v.Strides, vp.Buffer.Pointer, code, vp.Strides, v.Shape, s.ValueDim, s.ValueDim, orders.Keys.Pointer, 0);
+        Run(qp, kp, vp, op, options with { Plan = inner }, lp, null);
+        Convert(op.Buffer.Pointer, code, op.Strides, output.Buffer.Pointer, code, output.Strides, op.Shape, s.ValueDim, s.ValueDim, 0, orders.Queries.Pointer);
+        if (lse is not null)
+        {
+            // LSE [B, Sq, H] as [B, Sq, H, 1] f32.
+            long[] from = [lp!.Strides[0], lp.Strides[1], lp.Strides[2], 1], to = [lse.Strides[0], lse.Strides[1], lse.Strides[2], 1];
+            Convert(lp.Buffer.Pointer, 0, from, lse.Buffer.Pointer, 0, to, [s.Batch, s.QueryLength, s.Heads, 1], 1, 1, 0, orders.Queries.Pointer);
+        }
+    }
+
+    /// <summary>The device copy of a mask's <c>CudaData</c> (uploaded once per mask), if the compiled expressions read it.</summary>
+    private static ulong? MaskData(Masks.Mask? mask)
+    {
+        if (mask is null) return null;
+        DeviceBuffer<int> data = MaskBuffers.GetValue(mask, x =>
+        {
+            int[] host = x.CudaData ?? throw new NotSupportedException($"the CUDA expression of {x} reads mask data the mask does not provide (a data mask nested in another)");
+            DeviceBuffer<int> buffer = DeviceBuffer<int>.Allocate(Math.Max(host.Length, 1));
+            buffer.CopyFrom(host);
+            return buffer;
+        });
+        return data.Pointer;
+    }
+
+    private static bool Reads(Dictionary<string, string> defines, string expression) =>
+        defines.TryGetValue(expression, out string? e) && e.Contains("p.mask_data", StringComparison.Ordinal);
+
+    private static readonly System.Runtime.CompilerServices.ConditionalWeakTable<Masks.Mask, DeviceBuffer<int>> MaskBuffers = new();
+
+    private static readonly System.Runtime.CompilerServices.ConditionalWeakTable<Masks.TokenPermutation, DeviceOrders> Orders = new();
+    private static readonly System.Runtime.CompilerServices.ConditionalWeakTable<Masks.SparsityPlan, Masks.SparsityPlan> Unpermuted = new();
+
+    /// <summary>A permutation's query and key orders on the device ([B·H·Sq] and [B·Hkv·Skv] source rows).</summary>
+    private sealed class DeviceOrders
+    {
+        public DeviceOrders(Masks.TokenPermutation p)
+        {
+            var queries = new int[(long)p.Batch * p.Heads * p.QueryLength];
+            for (int b = 0; b < p.Batch; b++)
+                for (int h = 0; h < p.Heads; h++) p.QueryOrder(b, h).CopyTo(queries.AsSpan(((b * p.Heads) + h) * p.QueryLength));
+            var keys = new int[(long)p.Batch * p.KvHeads * p.KeyLength];
+            for (int b = 0; b < p.Batch; b++)
+                for (int h = 0; h < p.KvHeads; h++) p.KeyOrder(b, h).CopyTo(keys.AsSpan(((b * p.KvHeads) + h) * p.KeyLength));
+            Queries = DeviceBuffer<int>.Allocate(queries.Length);
+            Queries.CopyFrom(queries);
+            Keys = DeviceBuffer<int>.Allocate(keys.Length);
+            Keys.CopyFrom(keys);
+        }
+
+        public DeviceBuffer<int> Queries { get; }
+        public DeviceBuffer<int> Keys { get; }
     }
 
     /// <summary>
@@ -239,6 +320,7 @@ public static unsafe class CudaAttention
         public int PlanBatch, PlanHeads, PlanQBlocks, PlanBlockQ, PlanExpand;
         public ulong TokenRowStart, Tokens;
         public int TokenBatch, TokenHeads, TokenQBlocks, TokenBlockQ;
+        public ulong MaskData;
     }
 
     /// <summary>A kernel operand: the caller's tensor when its layout fits, else a converted packed copy.</summary>
@@ -320,10 +402,12 @@ public static unsafe class CudaAttention
         public ulong Src, Dst;
         public long S0, S1, S2, S3, D0, D1, D2, D3;
         public int B, S, H, SrcDim, DstDim;
+        public ulong SrcRows, DstRows;
     }
 
+    /// <summary>Converts/copies [B, S, H, D]; <paramref name="srcRows"/> / <paramref name="dstRows"/> (device pointers, 0 for none) gather or scatter rows per (b, h).</summary>
     private static void Convert(ulong src, int srcType, ReadOnlySpan<long> srcStrides, ulong dst, int dstType, ReadOnlySpan<long> dstStrides,
-        ReadOnlySpan<int> shape, int srcDim, int dstDim)
+        ReadOnlySpan<int> shape, int srcDim, int dstDim, ulong srcRows = 0, ulong dstRows = 0)
     {
         CudaKernel kernel = CudaBackend.Device.Kernel("convert.cu", "convert4d", new Dictionary<string, string>
         {
@@ -335,7 +419,7 @@ public static unsafe class CudaAttention
             Src = src, Dst = dst,
             S0 = srcStrides[0], S1 = srcStrides[1], S2 = srcStrides[2], S3 = srcStrides[3],
             D0 = dstStrides[0], D1 = dstStrides[1], D2 = dstStrides[2], D3 = dstStrides[3],
-            B = shape[0], S = shape[1], H = shape[2], SrcDim = srcDim, DstDim = dstDim,
+            B = shape[0], S = shape[1], H = shape[2], SrcDim = srcDim, DstDim = dstDim, SrcRows = srcRows, DstRows = dstRows,
         };
         long total = (long)shape[0] * shape[1] * shape[2] * dstDim;
         uint blocks = (uint)Math.Clamp((total + 255) / 256, 1, 65535);

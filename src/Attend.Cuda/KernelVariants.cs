@@ -94,6 +94,15 @@ public static class KernelVariants
                 defines["TOKEN_MASK_EXPR"] = causalExpression;
                 yield return ("flash_fwd.cu", defines);
             }
+        // Permuted bucket plans: the mask expression reads the bucket ids and positions from p.mask_data.
+        foreach (bool causal in new[] { false, true })
+        {
+            Masks.Mask bucketMask = Sparse.BucketPlan.Create(1, 2, 1, 300, 300, new int[600], new int[300], causal, 128).Blocks!.Mask!;
+            Dictionary<string, string> defines = FlashConfig.For(128).Defines(true, false, false, FlashConfig.For(128).SupportsWgmma("sm_90a") ? 2 : 0);
+            defines["HAS_PLAN"] = "1";
+            defines["MASK_EXPR"] = bucketMask.ToCuda(new Masks.MaskExtent(1, 2, 300, 300));
+            yield return ("flash_fwd.cu", defines);
+        }
         // Linear attention: each feature map with F = D, both head-dim tiles.
         for (int map = 0; map < 3; map++)
             foreach (int dMax in new[] { 64, 128 })

@@ -119,6 +119,32 @@ public sealed class CudaPlanTests
         }
     }
 
+    /// <summary>
+    /// Plans over a token permutation (bucket plans with dropped tokens, GQA, Sq ≠ Skv; the hash-sparse and cluster
+    /// selectors' plans) gathered, run and scattered on the device, against the float64 reference of the same plan.
+    /// </summary>
+    [CudaFact]
+    public void Should_run_permuted_plans_like_the_reference()
+    {
+        foreach ((int b, int sq, int skv, int h, int hkv, int d, bool causal) in new[] { (1, 257, 257, 2, 1, 64, true), (2, 97, 97, 4, 2, 128, false), (1, 97, 300, 2, 1, 64, true) })
+        {
+            var rng = new Random(sq + skv);
+            int[] qb = [.. Enumerable.Range(0, b * h * sq).Select(_ => rng.NextDouble() < 0.1 ? -1 : rng.Next(3))];
+            int[] kb = [.. Enumerable.Range(0, b * hkv * skv).Select(_ => rng.NextDouble() < 0.1 ? -1 : rng.Next(3))];
+            SparsityPlan plan = BucketPlan.Create(b, h, hkv, sq, skv, qb, kb, causal, 128);
+            AttentionConformance.Check<BFloat16>(b, sq, skv, h, hkv, d, new AttentionOptions { Plan = plan }, $"cuda buckets causal={causal}", CudaAttentionTests.OnGpu);
+            AttentionConformance.Check<float>(b, sq, skv, h, hkv, d, new AttentionOptions { Plan = plan }, $"cuda buckets f32 causal={causal}", CudaAttentionTests.OnGpu, DType.BFloat16);
+        }
+        const int s = 700;
+        (TensorView<float> q, TensorView<float> k, _, _) = StructuredInputs.Generate(1, s, 2, 1, 64);
+        foreach (ISparsitySelector selector in new ISparsitySelector[] { new HashSparseSelector { Buckets = 4 }, new ClusterSelector { QueryClusters = 8, KeyClusters = 8 } })
+        {
+            SparsityPlan plan = selector.Plan(q, k, causal: true);
+            Assert.NotNull(plan.Permutation);
+            AttentionConformance.Check<BFloat16>(1, s, s, 2, 1, 64, new AttentionOptions { Plan = plan }, $"cuda {selector.Name}", CudaAttentionTests.OnGpu);
+        }
+    }
+
     [CudaFact]
     public void Should_name_what_the_gpu_does_not_run()
     {

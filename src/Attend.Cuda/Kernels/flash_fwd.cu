@@ -115,6 +115,8 @@ struct FlashParams
     const int* token_row_start;
     const int* tokens;
     int token_batch, token_heads, token_q_blocks, token_block_q;
+    // Data a mask expression reads (Mask.CudaData: bucket ids and positions of a permuted bucket plan), or null.
+    const int* mask_data;
 };
 
 __device__ __forceinline__ u32 smem_u32(const void* p)

@@ -96,6 +96,12 @@ public abstract class Mask
     /// <exception cref="NotSupportedException">for masks that exist only on the CPU (predicates).</exception>
     public abstract string ToCuda(in MaskExtent extent);
 
+    /// <summary>
+    /// Data the mask's CUDA expression reads as <c>p.mask_data[i]</c> (uploaded once per mask object by the CUDA
+    /// backend), or null. Only a plan's top-level mask may carry data.
+    /// </summary>
+    internal virtual int[]? CudaData => null;
+
     /// <summary>True when the mask differs between batch entries (plans are then built per batch entry).</summary>
     public virtual bool DependsOnBatch => false;
 

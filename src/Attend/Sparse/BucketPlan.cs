@@ -209,8 +209,27 @@ internal sealed class SortedBucketMask : Mask
         return count;
     }
 
-    public override string ToCuda(in MaskExtent extent) =>
-        throw new NotSupportedException("bucket (hash-sparse / QK-sparse / cluster) plans run on the CPU executor only");
+    /// <summary>
+    /// The same rule over <see cref="CudaData"/>: [query buckets | key buckets | query positions | key positions |
+    /// allowed cluster pairs as 0/1], all in permuted order, indexed as <see cref="Allows"/> does.
+    /// </summary>
+    public override string ToCuda(in MaskExtent extent)
+    {
+        long oKeyBucket = _qBucket.Length, oQueryPos = oKeyBucket + _kBucket.Length, oKeyPos = oQueryPos + _qPos.Length, oPairs = oKeyPos + _kPos.Length;
+        var c = System.Globalization.CultureInfo.InvariantCulture;
+        string qi = string.Create(c, $"(((long long)b * {_heads} + h) * {_sq} + q)");
+        string ki = string.Create(c, $"(((long long)b * {_kvHeads} + h / {_heads / _kvHeads}) * {_skv} + kv)");
+        string qc = $"p.mask_data[{qi}]", kc = string.Create(c, $"p.mask_data[{oKeyBucket}LL + {ki}]");
+        string pair = _pairs is null
+            ? $"({qc} >= 0 && {qc} == {kc})"
+            : string.Create(c, $"({qc} >= 0 && {kc} >= 0 && p.mask_data[{oPairs}LL + (((long long)b * {_heads} + h) * {_pairs.QueryClusters} + {qc}) * {_pairs.KeyClusters} + {kc}] != 0)");
+        return _causal
+            ? string.Create(c, $"({pair} && (long long)p.mask_data[{oKeyPos}LL + {ki}] <= (long long)p.mask_data[{oQueryPos}LL + {qi}] + {extent.CausalOffset}LL)")
+            : pair;
+    }
+
+    internal override int[]? CudaData =>
+        [.. _qBucket, .. _kBucket, .. _qPos, .. _kPos, .. (_pairs?.Allowed.Select(a => a ? 1 : 0) ?? [])];
 
     private static int LowerBound(ReadOnlySpan<int> sorted, int value)
     {
