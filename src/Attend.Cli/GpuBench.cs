@@ -117,6 +117,22 @@ internal static class GpuBench
             rows.Add(new BenchCommand.BenchRow("gpu-decode", $"decode {hq}/{hkv} heads", DType.BFloat16, 1, hq, hkv, skv, d, false, 0, KernelPath.Auto,
                 ms, t[0], t[^1], t.Count, 4.0 * hq * skv * d, NominalPeakGflops)
             { Backend = "cuda", Mask = "decode", Memory = MemoryProbe.Observe(() => CudaDecode.Forward(q, k, v, o)), Note = $"{tbps:F2} TB/s of K+V read (bar >= 2.8 at 131072 keys: {(skv == 131072 ? (tbps >= 2.8 ? "met" : "MISSED") : "n/a")})" });
+            if (skv != 131072) continue;
+            // The same keys from a paged cache (pages in shuffled pool order), read whole and under Quest at 1/16.
+            status($"cuda paged decode {hq}/{hkv} heads, {skv} keys");
+            int pages = skv / DevicePagedCache<BFloat16>.PageSize;
+            using DevicePagedCache<BFloat16> cache = DevicePagedCache<BFloat16>.FromHost(BenchCommand.RandomView<BFloat16>(2, 1, skv, hkv, d), BenchCommand.RandomView<BFloat16>(3, 1, skv, hkv, d),
+                [.. Enumerable.Range(0, pages).OrderBy(i => (i * 7919) % 104729)]);
+            List<double> tp = CudaTimer.Measure(() => CudaPagedDecode.Forward(q, cache, o), Math.Max(50, plan.Reps));
+            double pagedMs = tp[tp.Count / 2];
+            rows.Add(new BenchCommand.BenchRow("gpu-decode", $"paged decode {hq}/{hkv} heads", DType.BFloat16, 1, hq, hkv, skv, d, false, 0, KernelPath.Auto,
+                pagedMs, tp[0], tp[^1], tp.Count, 4.0 * hq * skv * d, NominalPeakGflops)
+            { Backend = "cuda", Mask = "decode", Note = $"{CudaDecode.BytesRead(1, skv, hkv, d) / (pagedMs * 1e-3) / 1e12:F2} TB/s of K+V read through the page table ({ms / pagedMs:F2}x the contiguous cache)" });
+            List<double> tq = CudaTimer.Measure(() => CudaPagedDecode.Forward(q, cache, o, questTokenBudget: skv / 16), Math.Max(50, plan.Reps));
+            double questMs = tq[tq.Count / 2];
+            rows.Add(new BenchCommand.BenchRow("gpu-decode", $"paged quest 1/16 {hq}/{hkv} heads", DType.BFloat16, 1, hq, hkv, skv, d, false, 0, KernelPath.Auto,
+                questMs, tq[0], tq[^1], tq.Count, 4.0 * hq * skv / 16 * d, NominalPeakGflops)
+            { Backend = "cuda", Mask = "decode", SpeedupVsDense = pagedMs / questMs, Note = $"page bounds, selection and decode of 1/16 of the pages on the device: {pagedMs / questMs:F1}x paged dense" });
         }
         return rows;
     }

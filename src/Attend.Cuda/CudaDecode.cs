@@ -94,12 +94,16 @@ public static unsafe class CudaDecode
     /// <summary>K+V bytes one decode step reads (what its bandwidth is measured against).</summary>
     public static long BytesRead(int batch, int keyLength, int kvHeads, int headDim, int elementBytes = 2) => 2L * batch * keyLength * kvHeads * headDim * elementBytes;
 
+    /// <summary>flash_decode's parameters (flash_fwd.cu); the page fields stay 0 for a contiguous cache.</summary>
     [StructLayout(LayoutKind.Sequential)]
-    private struct DecodeParams
+    internal struct DecodeParams
     {
         public ulong Q, K, V, O, Lse, PartO, PartLse;
         public long QBatch, QHead, KBatch, KRow, KHead, VBatch, VRow, VHead, OBatch, OHead, LseBatch, LseHead;
         public int SeqlenK, Heads, Group, HeadDim, SplitLen, Splits;
         public float ScaleLog2;
+        public ulong PageTable, PageList, PageCount;
+        public long PageStride;
+        public int TableStride, ListStride, PagesPerSplit;
     }
 }

@@ -43,6 +43,111 @@ public sealed class CudaDecodeTests
         AttentionConformance.Check<Half>(b, 1, skv, h, hkv, d, new AttentionOptions { Scale = 0.05f }, "cuda decode f16", OnGpuDecode);
     }
 
+    /// <summary>The paged cache (pages stored in shuffled pool order) against the float64 reference: partial last pages, GQA, D 64–256.</summary>
+    [CudaTheory]
+    [InlineData(1, 4, 1, 64)]
+    [InlineData(63, 8, 2, 128)]
+    [InlineData(64, 8, 2, 128)]
+    [InlineData(65, 4, 4, 64)]
+    [InlineData(1025, 32, 8, 128)]
+    [InlineData(5000, 16, 16, 64)]
+    [InlineData(300, 4, 4, 256)]
+    [InlineData(77, 16, 1, 80)]
+    public void Should_match_the_reference_from_a_paged_cache(int skv, int h, int hkv, int d)
+    {
+        AttentionConformance.Check<BFloat16>(1, 1, skv, h, hkv, d, new AttentionOptions(), "cuda paged decode", OnGpuPaged);
+        AttentionConformance.Check<Half>(1, 1, skv, h, hkv, d, new AttentionOptions { Scale = 0.05f }, "cuda paged decode f16", OnGpuPaged);
+    }
+
+    private static void OnGpuPaged<T>(TensorView<T> q, TensorView<T> k, TensorView<T> v, TensorView<T> o, TensorView<float> lse, AttentionOptions options)
+        where T : unmanaged
+    {
+        int h = q.Dim(2), d = q.Dim(3), pages = (k.Dim(1) + 63) / 64;
+        int[] order = [.. Enumerable.Range(0, pages).OrderBy(i => (i * 7919) % 104729)];
+        using DevicePagedCache<T> cache = DevicePagedCache<T>.FromHost(k, v, order);
+        using DeviceTensor<T> dq = DeviceTensor<T>.FromHost(new TensorView<T>(q.ToArray(), 1, h, d)), dO = DeviceTensor<T>.Allocate(1, h, d);
+        using DeviceTensor<float> dl = DeviceTensor<float>.Allocate(1, h);
+        CudaPagedDecode.Forward(dq, cache, dO, scale: options.Scale, lse: dl);
+        T[] host = dO.ToHost();
+        float[] hostLse = dl.ToHost();
+        for (int hh = 0; hh < h; hh++)
+        {
+            lse[0, 0, hh] = hostLse[hh];
+            for (int c = 0; c < d; c++) o[0, 0, hh, c] = host[(hh * d) + c];
+        }
+    }
+
+    /// <summary>
+    /// Quest on the device reads, per kv head, the pages of largest bound Σ max(q·min, q·max) (the largest over the
+    /// group's query heads) within the budget and the last page: its output equals float64 attention over exactly
+    /// those pages (computed here from the same rule), and a budget covering the cache equals dense decoding.
+    /// </summary>
+    [CudaFact]
+    public void Should_read_the_pages_quest_bounds_choose()
+    {
+        const int s = 2000, h = 8, hkv = 2, d = 128, budget = 512;
+        TensorView<BFloat16> q4 = TestData.Random<BFloat16>(11, 1, 1, h, d), k = TestData.Random<BFloat16>(12, 1, s, hkv, d), v = TestData.Random<BFloat16>(13, 1, s, hkv, d);
+        var q = new TensorView<BFloat16>(q4.ToArray(), 1, h, d);
+        int pages = (s + 63) / 64, keep = budget / 64, group = h / hkv;
+        using DevicePagedCache<BFloat16> cache = DevicePagedCache<BFloat16>.FromHost(k, v, [.. Enumerable.Range(0, pages).Reverse()]);
+        using DeviceTensor<BFloat16> dq = DeviceTensor<BFloat16>.FromHost(q), dO = DeviceTensor<BFloat16>.Allocate(1, h, d), dense = DeviceTensor<BFloat16>.Allocate(1, h, d);
+        CudaPagedDecode.Forward(dq, cache, dO, questTokenBudget: budget);
+        BFloat16[] got = dO.ToHost();
+        double scale = 1 / Math.Sqrt(d), worst = 0;
+        for (int g = 0; g < hkv; g++)
+        {
+            var bound = new double[pages - 1];
+            for (int pg = 0; pg < pages - 1; pg++)
+            {
+                bound[pg] = double.NegativeInfinity;
+                for (int r = 0; r < group; r++)
+                {
+                    double sum = 0;
+                    for (int c = 0; c < d; c++)
+                    {
+                        double lo = double.PositiveInfinity, hi = double.NegativeInfinity, x = (float)q[0, (g * group) + r, c];
+                        for (int j = pg * 64; j < (pg + 1) * 64; j++)
+                        {
+                            lo = Math.Min(lo, (float)k[0, j, g, c]);
+                            hi = Math.Max(hi, (float)k[0, j, g, c]);
+                        }
+                        sum += Math.Max(x * lo, x * hi);
+                    }
+                    bound[pg] = Math.Max(bound[pg], sum);
+                }
+            }
+            int[] chosen = [.. Enumerable.Range(0, pages - 1).OrderByDescending(pg => bound[pg]).Take(keep - 1).Append(pages - 1)];
+            int[] keys = [.. chosen.SelectMany(pg => Enumerable.Range(pg * 64, Math.Min(64, s - (pg * 64))))];
+            for (int r = 0; r < group; r++)
+            {
+                int hh = (g * group) + r;
+                double[] w = [.. keys.Select(j => Enumerable.Range(0, d).Sum(c => (double)(float)q[0, hh, c] * (float)k[0, j, g, c]) * scale)];
+                double m = w.Max(), z = w.Sum(x => Math.Exp(x - m));
+                for (int c = 0; c < d; c++)
+                {
+                    double expected = keys.Select((j, i) => Math.Exp(w[i] - m) / z * (float)v[0, j, g, c]).Sum();
+                    worst = Math.Max(worst, Math.Abs(expected - (float)got[(hh * d) + c]));
+                }
+            }
+        }
+        Assert.True(worst < 1e-2, $"Quest on the GPU differs from attention over the pages its bound chooses by {worst:E3}");
+        CudaPagedDecode.Forward(dq, cache, dO, questTokenBudget: pages * 64);   // every page (a budget of s tokens keeps ⌊s / 64⌋ pages, as on the CPU)
+        CudaPagedDecode.Forward(dq, cache, dense);
+        Assert.Equal(dense.ToHost(), dO.ToHost());
+    }
+
+    [CudaFact]
+    public void Should_name_bad_input_of_the_paged_cache()
+    {
+        TensorView<BFloat16> k = TestData.Random<BFloat16>(1, 1, 100, 2, 64);
+        Assert.Contains("permutation", Assert.Throws<ArgumentException>(() => DevicePagedCache<BFloat16>.FromHost(k, k, [0, 0])).Message);
+        Assert.Throws<NotSupportedException>(() => DevicePagedCache<float>.FromHost(TestData.Random<float>(1, 1, 100, 2, 64), TestData.Random<float>(1, 1, 100, 2, 64)));
+        using DevicePagedCache<BFloat16> cache = DevicePagedCache<BFloat16>.FromHost(k, k);
+        using DeviceTensor<BFloat16> q = DeviceTensor<BFloat16>.Allocate(1, 4, 64), wrong = DeviceTensor<BFloat16>.Allocate(1, 4, 32), o = DeviceTensor<BFloat16>.Allocate(1, 4, 64);
+        Assert.Equal("q", Assert.Throws<ArgumentException>(() => CudaPagedDecode.Forward(wrong, cache, o)).ParamName);
+        Assert.Throws<ArgumentOutOfRangeException>(() => CudaPagedDecode.Forward(q, cache, o, questTokenBudget: 0));
+    }
+
     [CudaFact]
     public void Should_name_bad_input()
     {

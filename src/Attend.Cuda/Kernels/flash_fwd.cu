@@ -787,7 +787,35 @@ struct DecodeParams
     i64 lse_batch, lse_head;
     int seqlen_k, heads, group, head_dim, split_len, splits;
     float scale_log2;
+    // Paged cache (page_table non-null): k and v point at page pools [pages, DEC_TILE slots, Hkv, D] (k_row the slot
+    // stride, k_head the head stride, page_stride between pages); page_table [B, table_stride] maps a sequence's
+    // logical pages to pool pages; page_list [B, Hkv, list_stride] holds page_count[b·Hkv + h] ascending logical pages
+    // to read (all of them, or a policy's selection), split pages_per_split per thread block; seqlen_k is then the
+    // sequence's length (its last page may be partial).
+    const int* page_table;
+    const int* page_list;
+    const int* page_count;
+    i64 page_stride;
+    int table_stride, list_stride, pages_per_split;
 };
+
+// Where tile `tile` of this block's split reads its keys and values, and how many of its rows are keys.
+__device__ __forceinline__ int decode_tile(const DecodeParams& p, int batch, int kv_head, int first, int k0, int k1, int tile,
+    const u16*& k, const u16*& v)
+{
+    if (p.page_table != nullptr)
+    {
+        const int logical = p.page_list[((i64)batch * (p.heads / p.group) + kv_head) * p.list_stride + first + tile];
+        const i64 page = p.page_table[(i64)batch * p.table_stride + logical];
+        k = p.k + page * p.page_stride + kv_head * p.k_head;
+        v = p.v + page * p.page_stride + kv_head * p.v_head;
+        return min(DEC_TILE, p.seqlen_k - logical * DEC_TILE);
+    }
+    const int n_start = tile * DEC_TILE;
+    k = p.k + batch * p.k_batch + kv_head * p.k_head + (i64)(k0 + n_start) * p.k_row;
+    v = p.v + batch * p.v_batch + kv_head * p.v_head + (i64)(k0 + n_start) * p.v_row;
+    return k1 - k0 - n_start;
+}
 
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 flash_decode(const DecodeParams p)
@@ -801,10 +829,17 @@ flash_decode(const DecodeParams p)
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
     const int k0 = split * p.split_len, k1 = min(k0 + p.split_len, p.seqlen_k);
-    const int tiles = (k1 - k0 + DEC_TILE - 1) / DEC_TILE;
+    int first = 0, tiles = (k1 - k0 + DEC_TILE - 1) / DEC_TILE;
+    if (p.page_table != nullptr)
+    {
+        const int count = p.page_count[batch * (p.heads / p.group) + kv_head];
+        first = split * p.pages_per_split;
+        tiles = max(0, min(p.pages_per_split, count - first));
+    }
     const u16* q = p.q + batch * p.q_batch + (i64)(kv_head * p.group) * p.q_head;
-    const u16* k = p.k + batch * p.k_batch + kv_head * p.k_head + (i64)k0 * p.k_row;
-    const u16* v = p.v + batch * p.v_batch + kv_head * p.v_head + (i64)k0 * p.v_row;
+    const u16* k;
+    const u16* v;
+    int valid = tiles > 0 ? decode_tile(p, batch, kv_head, first, k0, k1, 0, k, v) : 0;
 
     for (int i = threadIdx.x; i < 16 * CHUNKS; i += WARPS * 32)
     {
@@ -812,8 +847,11 @@ flash_decode(const DecodeParams p)
         bool valid = row < p.group && c * 8 < p.head_dim;
         cp_async16(smem_u32(sQ + swz(row, c)), valid ? q + row * p.q_head + c * 8 : q, valid);
     }
-    load_tile<DEC_TILE>(sK, k, p.k_row, k1 - k0, p.head_dim);
-    load_tile<DEC_TILE>(sV, v, p.v_row, k1 - k0, p.head_dim);
+    if (tiles > 0)
+    {
+        load_tile<DEC_TILE>(sK, k, p.k_row, valid, p.head_dim);
+        load_tile<DEC_TILE>(sV, v, p.v_row, valid, p.head_dim);
+    }
     cp_async_commit();
 
     float acc_o[D_TILES][4];
@@ -823,14 +861,14 @@ flash_decode(const DecodeParams p)
 
     for (int tile = 0; tile < tiles; tile++)
     {
-        const int stage = tile & 1, n_start = tile * DEC_TILE;
+        const int stage = tile & 1, current = valid;
         cp_async_wait_all();
         __syncthreads();
         if (tile + 1 < tiles)
         {
-            int next = n_start + DEC_TILE;
-            load_tile<DEC_TILE>(sK + (stage ^ 1) * DEC_TILE * HEAD_DIM, k + (i64)next * p.k_row, p.k_row, k1 - k0 - next, p.head_dim);
-            load_tile<DEC_TILE>(sV + (stage ^ 1) * DEC_TILE * HEAD_DIM, v + (i64)next * p.v_row, p.v_row, k1 - k0 - next, p.head_dim);
+            valid = decode_tile(p, batch, kv_head, first, k0, k1, tile + 1, k, v);
+            load_tile<DEC_TILE>(sK + (stage ^ 1) * DEC_TILE * HEAD_DIM, k, p.k_row, valid, p.head_dim);
+            load_tile<DEC_TILE>(sV + (stage ^ 1) * DEC_TILE * HEAD_DIM, v, p.v_row, valid, p.head_dim);
             cp_async_commit();
         }
         const u16* tK = sK + stage * DEC_TILE * HEAD_DIM;
@@ -847,12 +885,12 @@ flash_decode(const DecodeParams p)
             mma16816(acc_s[0], a0, a1, a2, a3, b0, b1);
             mma16816(acc_s[1], a0, a1, a2, a3, b2, b3);
         }
-        // Keys past the split's end are excluded.
+        // Rows past the tile's keys (the split's or the sequence's end) are excluded.
 #pragma unroll
         for (int n = 0; n < 2; n++)
 #pragma unroll
             for (int e = 0; e < 2; e++)
-                if (k0 + n_start + warp * 16 + n * 8 + 2 * t + e >= k1) acc_s[n][e] = acc_s[n][2 + e] = NEG_INF;
+                if (warp * 16 + n * 8 + 2 * t + e >= current) acc_s[n][e] = acc_s[n][2 + e] = NEG_INF;
 
         float alpha[2];
 #pragma unroll

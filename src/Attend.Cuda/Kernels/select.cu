@@ -303,3 +303,128 @@ extern "C" __global__ void __launch_bounds__(128) compact_plan(const CompactPara
         p.kinds[first + j] = (!p.causal || k1 - 1 <= q0 + p.causal_offset) ? 1 : 2;
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Quest on the GPU (Tang et al., arXiv:2406.10774) for the paged decode (flash_fwd.cu, flash_decode with a page
+// table): per pool page and kv head the channel-wise min and max of its keys; per step the bound Σ_c max(q_c·min_c,
+// q_c·max_c) of every logical page (the largest over the GQA group's query heads), then per kv head the best pages
+// by a bisected threshold (the last page always), written ascending as the decode kernel's page list.
+// ---------------------------------------------------------------------------------------------------------------
+struct SummaryParams
+{
+    const void* k;              // pool [pages, page, Hkv, D] (SRC_T)
+    float* min;                 // [pages, Hkv, D]
+    float* max;
+    i64 page_stride, row_stride, head_stride;
+    int pages, kv_heads, d, page, last_page, last_len;   // the pool page holding the sequence's end has last_len keys
+};
+
+// Grid (pages, Hkv), THREADS threads over channels.
+extern "C" __global__ void __launch_bounds__(THREADS) page_summaries(const SummaryParams p)
+{
+    const int page = blockIdx.x, h = blockIdx.y;
+    const int rows = page == p.last_page ? p.last_len : p.page;
+    const i64 base = page * p.page_stride + h * p.head_stride;
+    for (int c = threadIdx.x; c < p.d; c += THREADS)
+    {
+        float lo = __int_as_float(0x7f800000), hi = -__int_as_float(0x7f800000);
+        for (int r = 0; r < rows; r++)
+        {
+            float x = load_elem(p.k, base + r * p.row_stride + c);
+            lo = fminf(lo, x);
+            hi = fmaxf(hi, x);
+        }
+        const i64 at = ((i64)page * p.kv_heads + h) * p.d + c;
+        p.min[at] = lo;
+        p.max[at] = hi;
+    }
+}
+
+struct QuestParams
+{
+    const void* q;              // [Hq, D] (SRC_T), one sequence
+    const float* min;           // [pool pages, Hkv, D]
+    const float* max;
+    const int* table;           // logical → pool page
+    float* bounds;              // [Hkv, pages]
+    int* list;                  // [Hkv, list_stride]
+    int* count;                 // [Hkv]
+    i64 q_head;
+    int pages, kv_heads, group, d, keep, list_stride;
+};
+
+// Grid (ceil(pages · Hkv / WARPS)): a warp per (logical page, kv head), lanes over channels.
+extern "C" __global__ void __launch_bounds__(THREADS) quest_bounds(const QuestParams p)
+{
+    const int item = blockIdx.x * WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (item >= p.pages * p.kv_heads) return;
+    const int h = item / p.pages, page = item % p.pages;
+    const i64 at = ((i64)p.table[page] * p.kv_heads + h) * p.d;
+    float best = -__int_as_float(0x7f800000);
+    for (int r = 0; r < p.group; r++)
+    {
+        const i64 qrow = (i64)(h * p.group + r) * p.q_head;
+        float acc = 0.f;
+        for (int c = lane; c < p.d; c += 32)
+        {
+            const float x = load_elem(p.q, qrow + c);
+            acc += fmaxf(x * p.min[at + c], x * p.max[at + c]);
+        }
+        best = fmaxf(best, warp_sum(acc));
+    }
+    if (lane == 0) p.bounds[(i64)h * p.pages + page] = best;
+}
+
+// One thread block per kv head: the `keep` best pages by bound (the last page always) as an ascending list.
+// Bounds are shifted to be non-negative (x − min) so their float bits order them for the bisection.
+extern "C" __global__ void __launch_bounds__(THREADS) quest_select(const QuestParams p)
+{
+    __shared__ float red[WARPS];
+    __shared__ int offsets[THREADS];
+    const int h = blockIdx.x, n = p.pages, last = n - 1;
+    const float* b = p.bounds + (i64)h * n;
+    float lo = __int_as_float(0x7f800000);
+    for (int i = threadIdx.x; i < last; i += THREADS) lo = fminf(lo, b[i]);
+    lo = -block_max(-lo, red);
+    float t = 0.f;
+    const int want = p.keep - 1;   // besides the last page
+    if (want < last)
+    {
+        u32 l = 0, r = 0x7f800000u;   // count(≥ 0) = last ≥ want; count(≥ +∞) = 0 < want (want ≥ 1)
+        while (r - l > 1)
+        {
+            const u32 mid = l + ((r - l) >> 1);
+            float c = 0.f;
+            for (int i = threadIdx.x; i < last; i += THREADS) c += (b[i] - lo) >= __uint_as_float(mid) ? 1.f : 0.f;
+            if (block_sum(c, red) >= (float)want) l = mid; else r = mid;
+        }
+        t = __uint_as_float(l);
+    }
+    // Ascending compaction of the chosen pages before the last (at most `want`: pages tied at t past the budget are
+    // dropped, highest first), then the last page.
+    const int per = (last + THREADS - 1) / THREADS;
+    const int i0 = min(last, (int)threadIdx.x * per), i1 = min(last, i0 + per);
+    int mine = 0;
+    for (int i = i0; i < i1; i++) mine += (want >= last || (want > 0 && b[i] - lo >= t)) ? 1 : 0;
+    offsets[threadIdx.x] = mine;
+    __syncthreads();
+    for (int o = 1; o < THREADS; o <<= 1)
+    {
+        int add = threadIdx.x >= o ? offsets[threadIdx.x - o] : 0;
+        __syncthreads();
+        offsets[threadIdx.x] += add;
+        __syncthreads();
+    }
+    int at = offsets[threadIdx.x] - mine;
+    for (int i = i0; i < i1; i++)
+    {
+        if ((want >= last || (want > 0 && b[i] - lo >= t)) && at < max(want, 0)) p.list[(i64)h * p.list_stride + at] = i;
+        if (want >= last || (want > 0 && b[i] - lo >= t)) at++;
+    }
+    if (threadIdx.x == THREADS - 1)
+    {
+        const int before = min(offsets[THREADS - 1], max(want, 0));
+        p.list[(i64)h * p.list_stride + before] = last;
+        p.count[h] = before + 1;
+    }
+}
