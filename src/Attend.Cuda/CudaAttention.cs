@@ -28,8 +28,8 @@ public static unsafe class CudaAttention
     /// (Dv = D), masks (<see cref="AttentionOptions.Mask"/>: planned on the host, partial blocks evaluate the mask's
     /// <c>ToCuda</c> expression compiled into the kernel) and block plans (<see cref="AttentionOptions.Plan"/> with
     /// a <see cref="Masks.BlockMask"/> and/or a <see cref="Masks.TokenSet"/> of gathered key rows; uploaded once per plan
-    /// object), also over a token permutation (gathered and scattered on the device). ALiBi, bias tensors, predicates
-    /// and compensated plans are CPU-only for now (NotSupportedException).
+    /// object), also over a token permutation (gathered and scattered on the device) or with centroid compensation.
+    /// ALiBi, bias tensors and predicates are CPU-only for now (NotSupportedException).
     /// </summary>
     public static void Forward<T>(DeviceTensor<T> q, DeviceTensor<T> k, DeviceTensor<T> v, DeviceTensor<T> output,
         AttentionOptions? options = null, DeviceTensor<float>? lse = null) where T : unmanaged =>
@@ -73,10 +73,6 @@ public static unsafe class CudaAttention
         {
             throw new NotSupportedException("ALiBi, bias tensors and predicates run on the CPU only for now");
         }
-        if (options.Plan is { Compensation: not Masks.Compensation.None })
-        {
-            throw new NotSupportedException("compensated plans run on the CPU only for now");
-        }
         if (scale == 0) throw new NotSupportedException("the CUDA kernel needs Scale > 0 (0 would make masked scores NaN)");
         if (ReferenceEquals(output.Buffer, q.Buffer) || ReferenceEquals(output.Buffer, k.Buffer) || ReferenceEquals(output.Buffer, v.Buffer))
         {
@@ -88,6 +84,11 @@ public static unsafe class CudaAttention
         if (options.Plan?.Permutation is { } permutation)
         {
             RunPermuted(q, k, v, output, options, lse, permutation, s);
+            return;
+        }
+        if (options.Plan is { Compensation: Masks.Compensation.Centroid } compensated)
+        {
+            RunCompensated(q, k, v, output, options, lse, compensated, s, scale);
             return;
         }
         bool bf16 = typeof(T) != typeof(Half);
@@ -192,7 +193,7 @@ public static unsafe class CudaAttention
         AttentionOptions options, DeviceTensor<float>? lse, Masks.TokenPermutation permutation, AttentionShape s) where T : unmanaged
     {
         DeviceOrders orders = Orders.GetValue(permutation, p => new DeviceOrders(p));
-        Masks.SparsityPlan inner = Unpermuted.GetValue(options.Plan!, p => new Masks.SparsityPlan(p.Blocks, p.Tokens));
+        Masks.SparsityPlan inner = Plain.GetValue(options.Plan!, p => new Masks.SparsityPlan(p.Blocks, p.Tokens));
         int code = SourceCode<T>();
         using DeviceTensor<T> qp = DeviceTensor<T>.Allocate(s.Batch, s.QueryLength, s.Heads, s.HeadDim);
         using DeviceTensor<T> kp = DeviceTensor<T>.Allocate(s.Batch, s.KeyLength, s.KvHeads, s.HeadDim);
@@ -232,7 +233,61 @@ public static unsafe class CudaAttention
     private static readonly System.Runtime.CompilerServices.ConditionalWeakTable<Masks.Mask, DeviceBuffer<int>> MaskBuffers = new();
 
     private static readonly System.Runtime.CompilerServices.ConditionalWeakTable<Masks.TokenPermutation, DeviceOrders> Orders = new();
-    private static readonly System.Runtime.CompilerServices.ConditionalWeakTable<Masks.SparsityPlan, Masks.SparsityPlan> Unpermuted = new();
+    /// <summary>A plan's blocks and tokens without its permutation or compensation (what the kernel runs).</summary>
+    private static readonly System.Runtime.CompilerServices.ConditionalWeakTable<Masks.SparsityPlan, Masks.SparsityPlan> Plain = new();
+
+    /// <summary>
+    /// A plan with <see cref="Masks.Compensation.Centroid"/>, as the CPU executor: the plan runs (its LSE kept even when
+    /// the caller asks for none), then <c>centroid_compensate</c> (select.cu) merges one centroid per skipped block a
+    /// row sees whole. Plans without an element mask or with the causal mask (what selectors build).
+    /// </summary>
+    private static void RunCompensated<T>(DeviceTensor<T> q, DeviceTensor<T> k, DeviceTensor<T> v, DeviceTensor<T> output,
+        AttentionOptions options, DeviceTensor<float>? lse, Masks.SparsityPlan plan, AttentionShape s, float scale) where T : unmanaged
+    {
+        Masks.BlockMask blocks = plan.Blocks!;
+        if (blocks.Mask is not null && !ReferenceEquals(blocks.Mask, Masks.Mask.Causal))
+        {
+            throw new NotSupportedException($"centroid compensation on the GPU takes plans without an element mask or with the causal mask; this plan's mask is {blocks.Mask}");
+        }
+        if (plan.Tokens?.Mask is { } tm && !ReferenceEquals(tm, Masks.Mask.Causal))
+        {
+            throw new NotSupportedException($"centroid compensation on the GPU takes token plans without an element mask or with the causal mask; got {tm}");
+        }
+        int keyBlocks = blocks.KeyBlocks;
+        if (keyBlocks > CudaBackend.Device.MaxSharedMemoryPerBlock) throw new NotSupportedException($"{keyBlocks} key blocks exceed the compensation kernel's shared memory");
+        using DeviceTensor<float>? own = lse is null ? DeviceTensor<float>.Allocate(s.Batch, s.QueryLength, s.Heads) : null;
+        DeviceTensor<float> lseUsed = lse ?? own!;
+        Run(q, k, v, output, options with { Plan = Plain.GetValue(plan, p => new Masks.SparsityPlan(p.Blocks, p.Tokens)) }, lseUsed, null);
+        using DeviceBuffer<float> keyMeans = DeviceBuffer<float>.Allocate((long)s.Batch * s.KvHeads * keyBlocks * s.HeadDim);
+        using DeviceBuffer<float> valueMeans = DeviceBuffer<float>.Allocate((long)s.Batch * s.KvHeads * keyBlocks * s.ValueDim);
+        CudaSelectors.PoolBlocks(k, keyMeans, blocks.BlockK, 1);
+        CudaSelectors.PoolBlocks(v, valueMeans, blocks.BlockK, 1);
+        DeviceBlockPlan rows = DeviceBlockPlan.For(blocks);
+        DeviceTokens? tokens = plan.Tokens is null ? null : DeviceTokens.For(plan);
+        var p = new CompensateParams
+        {
+            Q = q.Buffer.Pointer, O = output.Buffer.Pointer, Lse = lseUsed.Buffer.Pointer, KeyMeans = keyMeans.Pointer, ValueMeans = valueMeans.Pointer,
+            RowStart = rows.RowStart.Pointer, Cols = rows.Columns.Pointer, TokenRowStart = tokens?.RowStart.Pointer ?? 0, Tokens = tokens?.Tokens.Pointer ?? 0,
+            QBatch = q.Strides[0], QRow = q.Strides[1], QHead = q.Strides[2], OBatch = output.Strides[0], ORow = output.Strides[1], OHead = output.Strides[2],
+            LseBatch = lseUsed.Strides[0], LseRow = lseUsed.Strides[1], LseHead = lseUsed.Strides[2],
+            Heads = s.Heads, Group = s.GroupSize, D = s.HeadDim, Dv = s.ValueDim, SeqlenQ = s.QueryLength, SeqlenK = s.KeyLength,
+            BlockQ = blocks.BlockQ, BlockK = blocks.BlockK, KeyBlocks = keyBlocks, Causal = blocks.Mask is null ? 0 : 1, CausalOffset = s.KeyLength - s.QueryLength,
+            PlanBatch = rows.PlanBatch, PlanHeads = rows.PlanHeads, PlanQBlocks = rows.QueryBlocks,
+            TokenBatch = tokens?.Batch ?? 1, TokenHeads = tokens?.Heads ?? 1, TokenQBlocks = tokens?.QueryBlocks ?? 1, Scale = scale,
+        };
+        void* arg = &p;
+        CudaBackend.Device.Kernel("select.cu", "centroid_compensate", CudaSelectors.Defines<T>()).Launch((uint)blocks.QueryBlocks, (uint)s.Heads, (uint)s.Batch, 256, keyBlocks, &arg);
+    }
+
+    [StructLayout(LayoutKind.Sequential)]
+    private struct CompensateParams
+    {
+        public ulong Q, O, Lse, KeyMeans, ValueMeans, RowStart, Cols, TokenRowStart, Tokens;
+        public long QBatch, QRow, QHead, OBatch, ORow, OHead, LseBatch, LseRow, LseHead;
+        public int Heads, Group, D, Dv, SeqlenQ, SeqlenK, BlockQ, BlockK, KeyBlocks, Causal, CausalOffset;
+        public int PlanBatch, PlanHeads, PlanQBlocks, TokenBatch, TokenHeads, TokenQBlocks;
+        public float Scale;
+    }
 
     /// <summary>A permutation's query and key orders on the device ([B·H·Sq] and [B·Hkv·Skv] source rows).</summary>
     private sealed class DeviceOrders

@@ -55,7 +55,7 @@ public static unsafe class CudaSelectors
             throw new NotSupportedException($"{kBlocks} key blocks of {bs} keys need {selectShared} bytes of shared memory per row; {device.Name} allows {device.MaxSharedMemoryPerBlock} (use a larger BlockSize)");
         }
         if (rows >= int.MaxValue || rows * kBlocks >= int.MaxValue) throw new NotSupportedException($"{rows} block rows × {kBlocks} key blocks exceed the selector's 32-bit plan indices");
-        var defines = new Dictionary<string, string> { ["SRC_T"] = code.ToString(System.Globalization.CultureInfo.InvariantCulture) };
+        Dictionary<string, string> defines = Defines<T>();
         (int kind, double value) = selector.Budget.Device;
         var rowStart = DeviceBuffer<int>.Allocate(rows + 1);
         lock (Gate)
@@ -64,21 +64,15 @@ public static unsafe class CudaSelectors
             Grow(ref _pooledK, (long)batch * kvHeads * kBlocks * d);
             Grow(ref _counts, rows);
             Grow(ref _scratch, rows * kBlocks);
-            CudaKernel pool = device.Kernel("select.cu", "pool_blocks", defines);
-            var pq = new PoolParams { Src = q.Buffer.Pointer, Dst = _pooledQ!.Pointer, SrcBatch = q.Strides[0], SrcRow = q.Strides[1], SrcHead = q.Strides[2], Length = sq, Heads = heads, D = d, Block = bs, Blocks = qBlocks, Scale = s };
-            void* arg = &pq;
-            pool.Launch((uint)qBlocks, (uint)heads, (uint)batch, 256, 0, &arg);
-            var pk = new PoolParams { Src = k.Buffer.Pointer, Dst = _pooledK!.Pointer, SrcBatch = k.Strides[0], SrcRow = k.Strides[1], SrcHead = k.Strides[2], Length = skv, Heads = kvHeads, D = d, Block = bs, Blocks = kBlocks, Scale = 1 };
-            arg = &pk;
-            pool.Launch((uint)kBlocks, (uint)kvHeads, (uint)batch, 256, 0, &arg);
-
+            PoolBlocks(q, _pooledQ!, bs, s);
+            PoolBlocks(k, _pooledK!, bs, 1);
             var sp = new SelectParams
             {
-                Pq = _pooledQ.Pointer, Pk = _pooledK.Pointer, Counts = _counts!.Pointer, Scratch = _scratch!.Pointer,
+                Pq = _pooledQ!.Pointer, Pk = _pooledK!.Pointer, Counts = _counts!.Pointer, Scratch = _scratch!.Pointer,
                 Heads = heads, Group = heads / kvHeads, D = d, Block = bs, QBlocks = qBlocks, KBlocks = kBlocks, SeqlenQ = sq, SeqlenK = skv,
                 Causal = causal ? 1 : 0, CausalOffset = skv - sq, BudgetKind = kind, Budget = (float)value, KeepSinkDiagonal = selector.KeepSinkAndDiagonal ? 1 : 0,
             };
-            arg = &sp;
+            void* arg = &sp;
             device.Kernel("select.cu", "select_blocks", defines).Launch((uint)qBlocks, (uint)heads, (uint)batch, 256, selectShared, &arg);
 
             var scan = new ScanParams { Counts = _counts.Pointer, RowStart = rowStart.Pointer, Rows = (int)rows };
@@ -98,6 +92,25 @@ public static unsafe class CudaSelectors
             return new DeviceBlockPlan(new MaskExtent(batch, heads, sq, skv), bs, bs, batch, heads, rowStart, columns, kinds, total[0], causal ? Mask.Causal : null);
         }
     }
+
+    /// <summary>Means of consecutive blocks of <paramref name="block"/> rows of x [B, S, H, D] (times <paramref name="scale"/>) into [B, H, blocks, D] f32.</summary>
+    internal static void PoolBlocks<T>(DeviceTensor<T> x, DeviceBuffer<float> destination, int block, float scale) where T : unmanaged
+    {
+        int blocks = (x.Shape[1] + block - 1) / block;
+        var p = new PoolParams
+        {
+            Src = x.Buffer.Pointer, Dst = destination.Pointer, SrcBatch = x.Strides[0], SrcRow = x.Strides[1], SrcHead = x.Strides[2],
+            Length = x.Shape[1], Heads = x.Shape[2], D = x.Shape[3], Block = block, Blocks = blocks, Scale = scale,
+        };
+        void* arg = &p;
+        CudaBackend.Device.Kernel("select.cu", "pool_blocks", Defines<T>()).Launch((uint)blocks, (uint)x.Shape[2], (uint)x.Shape[0], 256, 0, &arg);
+    }
+
+    /// <summary>select.cu's input type for T.</summary>
+    internal static Dictionary<string, string> Defines<T>() where T : unmanaged => new()
+    {
+        ["SRC_T"] = typeof(T) == typeof(float) ? "0" : typeof(T) == typeof(Half) ? "1" : "2",
+    };
 
     private static void Grow<TE>(ref DeviceBuffer<TE>? buffer, long length) where TE : unmanaged
     {

@@ -145,6 +145,62 @@ public sealed class CudaPlanTests
         }
     }
 
+    /// <summary>
+    /// Centroid-compensated plans (blocks, blocks + gathered tokens; causal, non-causal, Sq &lt; Skv; GQA) on the GPU
+    /// against the CPU executor on the same bf16 inputs and plan; compensation must change some results.
+    /// </summary>
+    [CudaFact]
+    public void Should_compensate_skipped_blocks_like_the_cpu()
+    {
+        double largestChange = 0;
+        foreach ((int sq, int skv, int h, int hkv, int d, bool causal, string spec) in new[]
+        {
+            (1000, 1000, 4, 2, 64, true, "pooled:budget=top2"), (700, 700, 2, 1, 128, false, "pooled:budget=top2"),
+            (300, 900, 2, 2, 64, true, "pooled:budget=top1"), (1000, 1000, 2, 1, 64, true, "vertical-slash:v=64,s=8"),
+        })
+        {
+            (TensorView<float> qf, TensorView<float> kf, TensorView<float> vf, _) = StructuredInputs.Generate(1, skv, h, hkv, d, StructureOptions.Default with { Seed = sq });
+            TensorView<BFloat16> q = Bf16(qf, skv - sq, sq), k = Bf16(kf, 0, skv), v = Bf16(vf, 0, skv);
+            SparsityPlan plain = Selectors.Parse(spec).Plan(q, k, causal);
+            SparsityPlan plan = plain.WithCompensation(Compensation.Centroid);
+            var cpu = new TensorView<BFloat16>(new BFloat16[q.ElementCount], 1, sq, h, d);
+            var cpuLse = new TensorView<float>(new float[sq * h], 1, sq, h);
+            Attention.Forward(q, k, v, cpu, new AttentionOptions { Plan = plan }, cpuLse);
+            using DeviceTensor<BFloat16> dq = DeviceTensor<BFloat16>.FromHost(q), dk = DeviceTensor<BFloat16>.FromHost(k), dv = DeviceTensor<BFloat16>.FromHost(v);
+            using DeviceTensor<BFloat16> o = DeviceTensor<BFloat16>.Allocate(1, sq, h, d), o0 = DeviceTensor<BFloat16>.Allocate(1, sq, h, d);
+            using DeviceTensor<float> lse = DeviceTensor<float>.Allocate(1, sq, h);
+            Attention.Forward(dq, dk, dv, o, new AttentionOptions { Plan = plan }, lse);
+            Attention.Forward(dq, dk, dv, o0, new AttentionOptions { Plan = plain });
+            BFloat16[] gpu = o.ToHost(), uncompensated = o0.ToHost();
+            float[] gpuLse = lse.ToHost();
+            double worst = 0, change = 0, worstLse = 0;
+            BFloat16[] cpuHost = cpu.ToArray();
+            for (int i = 0; i < gpu.Length; i++)
+            {
+                worst = Math.Max(worst, Math.Abs((float)gpu[i] - (float)cpuHost[i]));
+                change = Math.Max(change, Math.Abs((float)gpu[i] - (float)uncompensated[i]));
+            }
+            float[] cpuLseHost = cpuLse.ToArray();
+            for (int i = 0; i < gpuLse.Length; i++) if (float.IsFinite(cpuLseHost[i])) worstLse = Math.Max(worstLse, Math.Abs(gpuLse[i] - cpuLseHost[i]));
+            string where = $"{spec}+centroid Sq={sq} Skv={skv} H={h}/{hkv} D={d} causal={causal}";
+            Assert.True(worst < 3e-2, $"{where}: GPU vs CPU executor max error {worst:E3}");
+            Assert.True(worstLse < 2e-2, $"{where}: LSE error {worstLse:E3}");
+            largestChange = Math.Max(largestChange, change);
+        }
+        Assert.True(largestChange > 1e-2, $"compensation changed the outputs by only {largestChange:E3}");   // where little is skipped it changes little
+    }
+
+    private static TensorView<BFloat16> Bf16(TensorView<float> x, int start, int count)
+    {
+        int h = x.Dim(2), d = x.Dim(3);
+        var data = new BFloat16[(long)count * h * d];
+        int i = 0;
+        for (int s = start; s < start + count; s++)
+            for (int hh = 0; hh < h; hh++)
+                for (int c = 0; c < d; c++) data[i++] = (BFloat16)x[0, s, hh, c];
+        return new TensorView<BFloat16>(data, 1, count, h, d);
+    }
+
     [CudaFact]
     public void Should_name_what_the_gpu_does_not_run()
     {

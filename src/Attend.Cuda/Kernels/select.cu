@@ -428,3 +428,116 @@ extern "C" __global__ void __launch_bounds__(THREADS) quest_select(const QuestPa
         p.count[h] = before + 1;
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Centroid compensation on the GPU (the CPU's CentroidCompensation; Rectified SpaAttn, SVG-EAR): after a plan ran,
+// every key block it skipped that a row sees whole stands in as one centroid — score scale·q·k̄ + ln n, value v̄ —
+// merged into the row's output and LSE in log space. k̄ and v̄ come from pool_blocks. One thread block per (query
+// block, head, batch) marks the plan's visited blocks (and those holding its gathered tokens) in shared memory; a warp
+// per row walks the others with an online softmax (lanes over channels).
+// ---------------------------------------------------------------------------------------------------------------
+__device__ __forceinline__ void store_elem(void* base, i64 i, float x)
+{
+#if SRC_T == 0
+    ((float*)base)[i] = x;
+#elif SRC_T == 1
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;\n" : "=h"(h) : "f"(x));
+    ((u16*)base)[i] = h;
+#else
+    u16 h;
+    asm("cvt.rn.bf16.f32 %0, %1;\n" : "=h"(h) : "f"(x));
+    ((u16*)base)[i] = h;
+#endif
+}
+
+#define COMP_CHANNELS 8   // channels per lane: D ≤ 256
+
+struct CompensateParams
+{
+    const void* q;              // [B, Sq, H, D]
+    void* o;                    // [B, Sq, H, Dv]
+    float* lse;                 // [B, Sq, H] natural log
+    const float* key_means;     // [B, Hkv, key blocks, D]
+    const float* value_means;   // [B, Hkv, key blocks, Dv]
+    const int* row_start;       // the plan's CSR
+    const int* cols;
+    const int* token_row_start; // null, or the token plan's CSR (keys)
+    const int* tokens;
+    i64 q_batch, q_row, q_head, o_batch, o_row, o_head, lse_batch, lse_row, lse_head;
+    int heads, group, d, dv, seqlen_q, seqlen_k, block_q, block_k, key_blocks, causal, causal_offset;
+    int plan_batch, plan_heads, plan_q_blocks, token_batch, token_heads, token_q_blocks;
+    float scale;
+};
+
+// Grid (query blocks, H, B), THREADS threads; dynamic shared memory: key_blocks bytes.
+extern "C" __global__ void __launch_bounds__(THREADS) centroid_compensate(const CompensateParams p)
+{
+    extern __shared__ unsigned char visited[];
+    const int qb = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    for (int j = threadIdx.x; j < p.key_blocks; j += THREADS) visited[j] = 0;
+    __syncthreads();
+    const int row = ((p.plan_batch == 1 ? 0 : b) * p.plan_heads + (p.plan_heads == 1 ? 0 : h)) * p.plan_q_blocks + qb;
+    for (int i = p.row_start[row] + threadIdx.x; i < p.row_start[row + 1]; i += THREADS) visited[p.cols[i]] = 1;
+    if (p.token_row_start != nullptr)
+    {
+        const int trow = ((p.token_batch == 1 ? 0 : b) * p.token_heads + (p.token_heads == 1 ? 0 : h)) * p.token_q_blocks + qb;
+        for (int i = p.token_row_start[trow] + threadIdx.x; i < p.token_row_start[trow + 1]; i += THREADS) visited[p.tokens[i] / p.block_k] = 1;
+    }
+    __syncthreads();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, kvh = h / p.group;
+    const float* kmeans = p.key_means + ((i64)b * (p.heads / p.group) + kvh) * p.key_blocks * p.d;
+    const float* vmeans = p.value_means + ((i64)b * (p.heads / p.group) + kvh) * p.key_blocks * p.dv;
+    for (int i = qb * p.block_q + warp; i < min((qb + 1) * p.block_q, p.seqlen_q); i += WARPS)
+    {
+        float qv[COMP_CHANNELS], acc[COMP_CHANNELS];
+        const i64 qbase = b * p.q_batch + (i64)i * p.q_row + h * p.q_head;
+#pragma unroll
+        for (int t = 0; t < COMP_CHANNELS; t++)
+        {
+            const int c = lane + 32 * t;
+            qv[t] = c < p.d ? load_elem(p.q, qbase + c) * p.scale : 0.f;
+            acc[t] = 0.f;
+        }
+        float m = -__int_as_float(0x7f800000), l = 0.f;
+        // Blocks row i sees whole: all, or (causal) those ending at or before its diagonal.
+        const int whole = p.causal ? max(0, min(p.key_blocks, (int)(((i64)i + p.causal_offset + 1) / p.block_k) + ((i64)i + p.causal_offset + 1 >= p.seqlen_k ? 1 : 0))) : p.key_blocks;
+        for (int j = 0; j < whole; j++)
+        {
+            if (visited[j]) continue;
+            float dot = 0.f;
+#pragma unroll
+            for (int t = 0; t < COMP_CHANNELS; t++)
+            {
+                const int c = lane + 32 * t;
+                if (c < p.d) dot += qv[t] * kmeans[(i64)j * p.d + c];
+            }
+            const int n = min(p.block_k, p.seqlen_k - j * p.block_k);
+            const float s = warp_sum(dot) + __logf((float)n);
+            const float nm = fmaxf(m, s), alpha = __expf(m - nm), w = __expf(s - nm);
+            l = l * alpha + w;
+#pragma unroll
+            for (int t = 0; t < COMP_CHANNELS; t++)
+            {
+                const int c = lane + 32 * t;
+                acc[t] = acc[t] * alpha + (c < p.dv ? w * vmeans[(i64)j * p.dv + c] : 0.f);
+            }
+            m = nm;
+        }
+        if (l == 0.f) continue;   // nothing skipped that this row sees whole
+        const float lse_c = m + __logf(l);
+        const i64 lse_at = b * p.lse_batch + (i64)i * p.lse_row + h * p.lse_head;
+        const float lse_s = p.lse[lse_at];
+        const float mm = fmaxf(lse_s, lse_c);
+        const float ws = lse_s == -__int_as_float(0x7f800000) ? 0.f : __expf(lse_s - mm), wc = __expf(lse_c - mm);
+        const float a = ws / (ws + wc), cw = wc / (ws + wc);
+        const i64 obase = b * p.o_batch + (i64)i * p.o_row + h * p.o_head;
+#pragma unroll
+        for (int t = 0; t < COMP_CHANNELS; t++)
+        {
+            const int c = lane + 32 * t;
+            if (c < p.dv) store_elem(p.o, obase + c, a * load_elem(p.o, obase + c) + cw * (acc[t] / l));
+        }
+        if (lane == 0) p.lse[lse_at] = mm + __logf(ws + wc);
+    }
+}
