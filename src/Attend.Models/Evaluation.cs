@@ -147,6 +147,16 @@ public static class PolicySpec
                     else throw new ArgumentException($"policy '{spec}': quest takes sink=N, recent=N and per-head after its budget; got '{option}'", nameof(spec));
                 }
                 return new Decode.QuestPolicy(Tokens(q[0]), sink, recent, perHead);
+            case "oracle" when parts.Length == 2:
+                string[] or = parts[1].Split(',');
+                int orecent = 0;
+                foreach (string option in or.Skip(1))
+                {
+                    string[] kv = option.Split('=', 2);
+                    if (kv.Length == 2 && kv[0] == "recent") orecent = Tokens(kv[1]);
+                    else throw new ArgumentException($"policy '{spec}': oracle takes recent=N after its budget; got '{option}'", nameof(spec));
+                }
+                return new Decode.OraclePagePolicy(Tokens(or[0]), orecent);
             case "landmark" when parts.Length == 2:
                 string[] lm = parts[1].Split(',');
                 int lsink = 0, lrecent = 0;
@@ -198,7 +208,7 @@ public static class PolicySpec
                 if (sw.Length != 2) throw new ArgumentException($"policy '{spec}': streaming takes SINK,WINDOW (e.g. streaming:64,960)", nameof(spec));
                 return new Decode.StreamingPolicy(Tokens(sw[0]), Tokens(sw[1]));
             default:
-                throw new ArgumentException($"unknown policy '{spec}'; expected dense, streaming:SINK,WINDOW, quest:TOKENS|quest:1/8, landmark:TOKENS, h2o:HEAVY,RECENT, recycled:PERIOD,TOKENS, tokenselect:TOKENS[,reuse=C], retrieval:TOKENS,SCAN or retention:TOKENS,CHUNK, optionally @N", nameof(spec));
+                throw new ArgumentException($"unknown policy '{spec}'; expected dense, streaming:SINK,WINDOW, quest:TOKENS|quest:1/8, oracle:1/8 (diagnostic: the pages of most true mass), landmark:TOKENS, h2o:HEAVY,RECENT, recycled:PERIOD,TOKENS, tokenselect:TOKENS[,reuse=C], retrieval:TOKENS,SCAN or retention:TOKENS,CHUNK, optionally @N", nameof(spec));
         }
     }
 }

@@ -157,7 +157,7 @@ public sealed class DecodeTests
         long densePages = DecodeAttention.Forward(q, cache, seq, 0, dense);
         Assert.Equal(2 * 13, densePages);
         foreach (IKvSelectionPolicy policy in new IKvSelectionPolicy[] { new QuestPolicy(10_000), new StreamingPolicy(0, 200), new LandmarkPolicy(10_000),
-            new HeavyHitterPolicy(10_000, 16), new RecycledPolicy(3, 10_000), new TokenSelectPolicy(10_000), new RetrievalPolicy(10_000, 10_000), new RetentionPolicy(10_000, 1) })
+            new HeavyHitterPolicy(10_000, 16), new RecycledPolicy(3, 10_000), new TokenSelectPolicy(10_000), new RetrievalPolicy(10_000, 10_000), new RetentionPolicy(10_000, 1), new OraclePagePolicy(10_000) })
         {
             var o = new TensorView<float>(new float[4 * 16], 1, 4, 16);
             Assert.Equal(densePages, DecodeAttention.Forward(q, cache, seq, 0, o, new DecodeOptions { Policy = policy }));
@@ -393,6 +393,17 @@ public sealed class DecodeTests
         }
         Assert.Throws<ArgumentOutOfRangeException>(() => new RecycledPolicy(0, 64));
         Assert.Throws<ArgumentOutOfRangeException>(() => new RecycledPolicy(2, 0));
+    }
+
+    /// <summary>The oracle reads whole pages: the needle's page (most true mass) and the last one, nothing else.</summary>
+    [Fact]
+    public void Should_read_the_pages_of_most_true_mass_as_the_oracle()
+    {
+        int length = 1024, d = 32, ps = 32;
+        (KvCache cache, int seq, float[] dir) = NeedleCache(length, d, ps, 300);
+        IReadOnlyList<int> tokens = new OraclePagePolicy(2 * ps).SelectTokens(cache, seq, 0, 0, dir.Select(x => x / MathF.Sqrt(d)).ToArray(), 1);
+        Assert.Equal([.. Enumerable.Range(288, ps), .. Enumerable.Range(length - ps, ps)], tokens);
+        Assert.Throws<ArgumentOutOfRangeException>(() => new OraclePagePolicy(0));
     }
 
     [Fact]

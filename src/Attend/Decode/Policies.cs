@@ -507,6 +507,39 @@ public abstract class TokenSelectionPolicy : ITokenSelectionPolicy
 }
 
 /// <summary>
+/// A diagnostic, not a method: the pages of most true attention mass — every key scored exactly, each query row's
+/// softmax summed over the kv head's group and over the page — within <c>tokenBudget</c> tokens (whole pages; the
+/// last page and those holding the last <c>recentTokens</c> tokens always). The best any page selection with that
+/// budget can read: it bounds what Quest, Landmark or H2O can reach at the same page size (spec <c>oracle:1/8</c>).
+/// </summary>
+public sealed class OraclePagePolicy(int tokenBudget, int recentTokens = 0) : TokenSelectionPolicy
+{
+    private readonly int _budget = tokenBudget >= 1 ? tokenBudget : throw new ArgumentOutOfRangeException(nameof(tokenBudget), tokenBudget, "token budget must be ≥ 1");
+    private readonly int _recent = recentTokens >= 0 ? recentTokens : throw new ArgumentOutOfRangeException(nameof(recentTokens), recentTokens, "recent tokens must be ≥ 0");
+
+    /// <inheritdoc/>
+    public override IReadOnlyList<int> SelectTokens(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows)
+    {
+        ArgumentNullException.ThrowIfNull(cache);
+        List<KvCache.Page> pages = cache.Pages(sequence, layer);
+        int length = cache.Length(sequence, layer), ps = cache.PageSize, keep = Math.Max(1, _budget / ps);
+        if (keep >= pages.Count) return Enumerable.Range(0, length).ToArray();
+        int[] all = [.. Enumerable.Range(0, length)];
+        float[] votes = SoftVotes(Scores(cache, pages, kvHead, all, queries, rows), rows, length);
+        var mass = new double[pages.Count];
+        for (int t = 0; t < length; t++) mass[t / ps] += votes[t];
+        var chosen = new SortedSet<int> { pages.Count - 1 };
+        for (int p = pages.Count - 1, covered = 0; p >= 0 && covered < _recent; covered += pages[p].Count, p--) chosen.Add(p);
+        foreach (int p in Enumerable.Range(0, pages.Count).OrderByDescending(p => mass[p]))
+        {
+            if (chosen.Count >= keep) break;
+            chosen.Add(p);
+        }
+        return [.. chosen.SelectMany(p => Enumerable.Range(p * ps, Math.Min(ps, length - (p * ps))))];
+    }
+}
+
+/// <summary>
 /// TokenSelect (Wu et al., arXiv:2411.02886): token-level selection by per-head criticality q·k with soft voting — each
 /// query row of the kv head's group turns its scores into a softmax over the tokens and the rows' probabilities are
 /// summed; the <c>tokenBudget</c> tokens with the most votes are read (the newest token always). A selection cache
