@@ -147,6 +147,17 @@ public static class PolicySpec
                     else throw new ArgumentException($"policy '{spec}': quest takes sink=N, recent=N and per-head after its budget; got '{option}'", nameof(spec));
                 }
                 return new Decode.QuestPolicy(Tokens(q[0]), sink, recent, perHead);
+            case "moment" when parts.Length == 2:
+                string[] mo = parts[1].Split(',');
+                int msink = 0, mrecent = 0;
+                foreach (string option in mo.Skip(1))
+                {
+                    string[] kv = option.Split('=', 2);
+                    if (kv.Length == 2 && kv[0] == "sink") msink = Tokens(kv[1]);
+                    else if (kv.Length == 2 && kv[0] == "recent") mrecent = Tokens(kv[1]);
+                    else throw new ArgumentException($"policy '{spec}': moment takes sink=N and recent=N after its budget; got '{option}'", nameof(spec));
+                }
+                return new Decode.MomentPolicy(Tokens(mo[0]), msink, mrecent);
             case "oracle" when parts.Length == 2:
                 string[] or = parts[1].Split(',');
                 int orecent = 0;

@@ -157,7 +157,7 @@ public sealed class DecodeTests
         long densePages = DecodeAttention.Forward(q, cache, seq, 0, dense);
         Assert.Equal(2 * 13, densePages);
         foreach (IKvSelectionPolicy policy in new IKvSelectionPolicy[] { new QuestPolicy(10_000), new StreamingPolicy(0, 200), new LandmarkPolicy(10_000),
-            new HeavyHitterPolicy(10_000, 16), new RecycledPolicy(3, 10_000), new TokenSelectPolicy(10_000), new RetrievalPolicy(10_000, 10_000), new RetentionPolicy(10_000, 1), new OraclePagePolicy(10_000) })
+            new HeavyHitterPolicy(10_000, 16), new RecycledPolicy(3, 10_000), new TokenSelectPolicy(10_000), new RetrievalPolicy(10_000, 10_000), new RetentionPolicy(10_000, 1), new OraclePagePolicy(10_000), new MomentPolicy(10_000) })
         {
             var o = new TensorView<float>(new float[4 * 16], 1, 4, 16);
             Assert.Equal(densePages, DecodeAttention.Forward(q, cache, seq, 0, o, new DecodeOptions { Policy = policy }));

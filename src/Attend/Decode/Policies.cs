@@ -220,6 +220,33 @@ public sealed class LandmarkPolicy(int tokenBudget, int sinkTokens = 0, int rece
     }
 }
 
+/// <summary>
+/// Page scores from Quest's and Landmark's metadata (min, max, mean per channel) estimating the page's log-sum-exp
+/// rather than its largest possible score: log Σ_j exp(q·k_j) ≈ q·k̄ + ½ Σ_c q_c² σ²_c + ln n (second order in the
+/// keys' spread), with σ_c = (max_c − min_c) / √12 (the spread of a uniform box). Quest's bound ranks a page by its most
+/// extreme possible key; this ranks it by the mass it is expected to hold (spec <c>moment:1/8</c>).
+/// </summary>
+public sealed class MomentPolicy(int tokenBudget, int sinkTokens = 0, int recentTokens = 0)
+    : PageScoringPolicy(tokenBudget, sinkTokens, recentTokens, false)
+{
+    private protected override void ScoreRows(ReadOnlySpan<float> queries, int rows, KvCache.Page page, int kvHead, int d, Span<float> scores)
+    {
+        ReadOnlySpan<float> mean = page.MeanOf(kvHead), min = page.MinOf(kvHead), max = page.MaxOf(kvHead);
+        float logCount = MathF.Log(Math.Max(1, page.Count));
+        for (int r = 0; r < rows; r++)
+        {
+            ReadOnlySpan<float> q = queries.Slice(r * d, d);
+            float spread = 0;
+            for (int c = 0; c < d; c++)
+            {
+                float range = max[c] - min[c];
+                spread += q[c] * q[c] * range * range;
+            }
+            scores[r] = Linear.Vectors.Dot(q, mean) + (spread / 24f) + logCount;
+        }
+    }
+}
+
 /// <summary>Per (cache, sequence, layer, kv head) state of a stateful policy; a new cache starts fresh.</summary>
 internal sealed class PolicyStates<T> where T : new()
 {
