@@ -34,7 +34,7 @@ internal static class LmCommand
         var context = new Option<int>("--context") { Description = "sequence length", DefaultValueFactory = _ => 8192 };
         var bytes = new Option<long>("--bytes") { Description = "use the first N bytes (default: 8 contexts)" };
         var attention = new Option<string>("--attention") { Description = "dense | window:N | sink:S+window:N | mask:EXPR | selector spec (xattention:t=0.9, auto:err=0.02, ...)", DefaultValueFactory = _ => "dense" };
-        var policy = new Option<string?>("--policy") { Description = "teacher-forced decoding instead of prefill: dense | streaming:S,W | quest:1/8 | landmark:1/8 | h2o:H,R[,prune=F] | recycled:P,N | tokenselect:N | retrieval:N,SCAN | retention:N,CHUNK (with --decode-steps)" };
+        var policy = new Option<string?>("--policy") { Description = "teacher-forced decoding instead of prefill: dense | streaming:S,W | quest:1/8[,recent=N][@LAYERS] | moment:1/8 | oracle:1/8 | landmark:1/8 | h2o:H,R[,prune=F] | recycled:P,N | tokenselect:N | retrieval:N,SCAN | retention:N,CHUNK (with --decode-steps)" };
         var steps = new Option<int>("--decode-steps") { Description = "with --policy: bytes decoded one by one at the end of each context", DefaultValueFactory = _ => 1024 };
         var pageSize = PageSizeOption();
         var threads = Threads();

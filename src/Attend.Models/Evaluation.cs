@@ -219,7 +219,7 @@ public static class PolicySpec
                 if (sw.Length != 2) throw new ArgumentException($"policy '{spec}': streaming takes SINK,WINDOW (e.g. streaming:64,960)", nameof(spec));
                 return new Decode.StreamingPolicy(Tokens(sw[0]), Tokens(sw[1]));
             default:
-                throw new ArgumentException($"unknown policy '{spec}'; expected dense, streaming:SINK,WINDOW, quest:TOKENS|quest:1/8, oracle:1/8 (diagnostic: the pages of most true mass), landmark:TOKENS, h2o:HEAVY,RECENT, recycled:PERIOD,TOKENS, tokenselect:TOKENS[,reuse=C], retrieval:TOKENS,SCAN or retention:TOKENS,CHUNK, optionally @N", nameof(spec));
+                throw new ArgumentException($"unknown policy '{spec}'; expected dense, streaming:SINK,WINDOW, quest:TOKENS|quest:1/8, moment:1/8, oracle:1/8 (diagnostic: the pages of most true mass), landmark:TOKENS, h2o:HEAVY,RECENT, recycled:PERIOD,TOKENS, tokenselect:TOKENS[,reuse=C], retrieval:TOKENS,SCAN or retention:TOKENS,CHUNK, optionally @N", nameof(spec));
         }
     }
 }
