@@ -92,6 +92,18 @@ internal static class GpuBench
                 "mask planned per call (host, analytic) and its plan uploaded per call"));
             BlockMask windowPlan = BlockMask.Create(Mask.Causal & Mask.SlidingWindow(1023), 1, h, s, s, 128, 128);
             rows.Add(Row("causal window 1024 (plan)", "window:1024", new AttentionOptions { Plan = windowPlan }, windowPairs / ((double)s * s), dense.MedianMs, "plan built once, as FlexAttention's block mask"));
+            // Plans the GPU runs through extra passes: a permuted (hash-sparse) plan — gather, plan, scatter — and a
+            // centroid-compensated block plan — plan, block means, compensation — against the same plan without it.
+            TensorView<BFloat16> qh = BenchCommand.RandomView<BFloat16>(1, 1, s, h, d), kh = BenchCommand.RandomView<BFloat16>(2, 1, s, h, d);
+            SparsityPlan hashed = new Sparse.HashSparseSelector { Buckets = 8 }.Plan(qh, kh, causal: true);
+            rows.Add(Row("hash-sparse 8 buckets (permuted plan)", "hash:8", new AttentionOptions { Plan = hashed }, Metrics.Density(hashed, causal: false), dense.MedianMs,
+                "q/k/v gathered into bucket order, the plan run, o and LSE scattered back (plan built once)"));
+            SparsityPlan pooled = new Sparse.PooledBlockSelector { Budget = Sparse.BlockBudget.TopK(8) }.Plan(qh, kh, causal: true);
+            BenchCommand.BenchRow plain = Row("pooled top8 (plan)", "pooled:top8", new AttentionOptions { Plan = pooled }, Metrics.Density(pooled, causal: false), dense.MedianMs, "plan built once");
+            rows.Add(plain);
+            BenchCommand.BenchRow compensated = Row("pooled top8 + centroid", "pooled:top8+centroid", new AttentionOptions { Plan = pooled.WithCompensation(Compensation.Centroid) },
+                Metrics.Density(pooled, causal: false), dense.MedianMs, "");
+            rows.Add(compensated with { Note = $"compensation adds {compensated.MedianMs - plain.MedianMs:F3} ms (block means of K and V, one centroid per skipped block a row sees whole)" });
         }
         return rows;
     }
