@@ -218,8 +218,8 @@ internal static class GpuBench
 
             status($"cuda dense causal S={s}");
             CudaAttention.Forward(q, k, v, o, causal, lse);
-            BFloat16[] denseOut = o.ToHost();
-            float[] denseLse = lse.ToHost();
+            var denseOut = new TensorView<BFloat16>(o.ToHost(), 1, s, h, d);
+            var denseLse = new TensorView<float>(lse.ToHost(), 1, s, h);
             List<double> td = CudaTimer.Measure(() => CudaAttention.Forward(q, k, v, o, causal), reps);
             double denseMs = td[td.Count / 2];
             rows.Add(new BenchCommand.BenchRow("gpu-sparse", "dense causal", DType.BFloat16, 1, h, hkv, s, d, true, 0, KernelPath.Auto,
@@ -242,8 +242,9 @@ internal static class GpuBench
                     CudaAttention.Forward(q, k, v, o, p);
                 }, reps);
                 CudaAttention.Forward(q, k, v, o, built, lse: lse);
-                (double l2, double cosine) = Compare(o.ToHost(), denseOut);
-                double recall = MeanRecall(lse.ToHost(), denseLse);
+                var sparseOut = new TensorView<BFloat16>(o.ToHost(), 1, s, h, d);
+                double l2 = Metrics.RelativeL2(sparseOut, denseOut), cosine = Metrics.Cosine(sparseOut, denseOut);
+                double recall = Metrics.AttentionRecall(new TensorView<float>(lse.ToHost(), 1, s, h), denseLse);
                 double ms = te[te.Count / 2], selectMs = ts[ts.Count / 2], execMs = tx[tx.Count / 2];
                 double pairs = built.Density;   // of all (query block, key block) pairs, as the dense row's 0.5 for causal
                 rows.Add(new BenchCommand.BenchRow("gpu-sparse", selector.Name, DType.BFloat16, 1, h, hkv, s, d, true, 0, KernelPath.Auto,
@@ -274,49 +275,5 @@ internal static class GpuBench
             return buffer;
         }, _ => { });
         return new TensorView<BFloat16>(dst, b, s, h, d);
-    }
-
-    /// <summary>Relative L2 error and cosine similarity of <paramref name="o"/> against <paramref name="reference"/>.</summary>
-    private static (double RelativeL2, double Cosine) Compare(BFloat16[] o, BFloat16[] reference)
-    {
-        double err = 0, refNorm = 0, dot = 0, norm = 0;
-        var gate = new Lock();
-        Parallel.For(0, (o.Length + 65535) / 65536, () => (0.0, 0.0, 0.0, 0.0), (chunk, _, acc) =>
-        {
-            int end = Math.Min(o.Length, (chunk + 1) * 65536);
-            for (int i = chunk * 65536; i < end; i++)
-            {
-                double a = (float)o[i], b = (float)reference[i];
-                acc.Item1 += (a - b) * (a - b);
-                acc.Item2 += b * b;
-                acc.Item3 += a * b;
-                acc.Item4 += a * a;
-            }
-            return acc;
-        }, acc =>
-        {
-            lock (gate)
-            {
-                err += acc.Item1;
-                refNorm += acc.Item2;
-                dot += acc.Item3;
-                norm += acc.Item4;
-            }
-        });
-        return (Math.Sqrt(err / refNorm), dot / Math.Sqrt(norm * refNorm));
-    }
-
-    /// <summary>Mean over (query, head) of exp(LSE_plan − LSE_dense): the share of each row's dense softmax mass the plan computed.</summary>
-    private static double MeanRecall(float[] planLse, float[] denseLse)
-    {
-        double sum = 0;
-        long n = 0;
-        for (int i = 0; i < planLse.Length; i++)
-        {
-            if (!float.IsFinite(denseLse[i])) continue;
-            sum += float.IsNegativeInfinity(planLse[i]) ? 0 : Math.Min(1, Math.Exp(planLse[i] - denseLse[i]));
-            n++;
-        }
-        return n == 0 ? 1 : sum / n;
     }
 }

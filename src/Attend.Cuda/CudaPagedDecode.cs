@@ -55,21 +55,28 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
         long pageElements = (long)PageSize * hkv * d;
         var kHost = new T[pages * pageElements];
         var vHost = new T[pages * pageElements];
-        var row = new float[d];
         for (int j = 0; j < s; j++)
             for (int h = 0; h < hkv; h++)
             {
-                long at = (poolOrder[j / PageSize] * pageElements) + (((long)(j % PageSize) * hkv) + h) * d;
-                for (int c = 0; c < d; c++)
-                {
-                    kHost[at + c] = k[0, j, h, c];
-                    vHost[at + c] = v[0, j, h, c];
-                }
+                int at = (int)((poolOrder[j / PageSize] * pageElements) + ((((long)(j % PageSize) * hkv) + h) * d));
+                CopyRow(k, j, h, kHost.AsSpan(at, d));
+                CopyRow(v, j, h, vHost.AsSpan(at, d));
             }
         DeviceBuffer<T> kd = DeviceBuffer<T>.Allocate(kHost.Length), vd = DeviceBuffer<T>.Allocate(vHost.Length);
         kd.CopyFrom(kHost);
         vd.CopyFrom(vHost);
         return new DevicePagedCache<T>(kd, vd, poolOrder, s, hkv, d);
+    }
+
+    /// <summary>Row (0, j, h) of x into <paramref name="destination"/>: one span copy when the row is contiguous.</summary>
+    private static void CopyRow(TensorView<T> x, int j, int h, Span<T> destination)
+    {
+        if (x.Stride(3) == 1)
+        {
+            MemoryMarshal.CreateReadOnlySpan(ref x[0, j, h, 0], destination.Length).CopyTo(destination);
+            return;
+        }
+        for (int c = 0; c < destination.Length; c++) destination[c] = x[0, j, h, c];
     }
 
     /// <summary>Tokens in the sequence.</summary>
@@ -168,11 +175,11 @@ public static unsafe class CudaPagedDecode
         Dictionary<string, string> defines = config.Defines(typeof(T) == typeof(BFloat16), false, false);
         lock (Gate)
         {
-            Grow(ref _partO, (long)hq * splits * config.HeadDim);
-            Grow(ref _partLse, (long)hq * splits);
-            Grow(ref _bounds, (long)hkv * pages);
-            Grow(ref _list, (long)hkv * pages);
-            Grow(ref _count, hkv);
+            DeviceBuffer<float>.EnsureLength(ref _partO, (long)hq * splits * config.HeadDim);
+            DeviceBuffer<float>.EnsureLength(ref _partLse, (long)hq * splits);
+            DeviceBuffer<float>.EnsureLength(ref _bounds, (long)hkv * pages);
+            DeviceBuffer<int>.EnsureLength(ref _list, (long)hkv * pages);
+            DeviceBuffer<int>.EnsureLength(ref _count, hkv);
             if (keep < pages)
             {
                 var qp = new QuestParams
@@ -184,7 +191,7 @@ public static unsafe class CudaPagedDecode
                 void* qarg = &qp;
                 device.Kernel("select.cu", "quest_bounds", DevicePagedCache<T>.Defines).Launch((uint)((pages * hkv + 7) / 8), 1, 1, 256, 0, &qarg);
                 device.Kernel("select.cu", "quest_select", DevicePagedCache<T>.Defines).Launch((uint)hkv, 1, 1, 256, 0, &qarg);
-                _allPagesFor = -1;   // the list now holds a selection
+                _allPages = null;   // the list now holds a selection
             }
             else
             {
@@ -205,26 +212,19 @@ public static unsafe class CudaPagedDecode
         }
     }
 
-    private static int _allPagesFor = -1, _allHeadsFor = -1;
+    /// <summary>What the list buffer holds when it lists every page: (buffer, kv heads, pages); null after a selection.</summary>
+    private static (DeviceBuffer<int> List, int Heads, int Pages)? _allPages;
 
-    /// <summary>The list of every page for every kv head (uploaded when the shape changes).</summary>
+    /// <summary>The list of every page for every kv head (uploaded only when the buffer or the shape changed).</summary>
     private static void AllPages(int hkv, int pages)
     {
-        if (_allPagesFor == pages && _allHeadsFor == hkv) return;
+        if (_allPages is { } held && ReferenceEquals(held.List, _list) && held.Heads == hkv && held.Pages == pages) return;
         var list = new int[hkv * pages];
         for (int h = 0; h < hkv; h++)
             for (int i = 0; i < pages; i++) list[(h * pages) + i] = i;
         _list!.CopyFrom(list);
         _count!.CopyFrom([.. Enumerable.Repeat(pages, hkv)]);
-        (_allPagesFor, _allHeadsFor) = (pages, hkv);
-    }
-
-    private static void Grow<TE>(ref DeviceBuffer<TE>? buffer, long length) where TE : unmanaged
-    {
-        if (buffer is not null && buffer.Length >= length) return;
-        buffer?.Dispose();
-        buffer = DeviceBuffer<TE>.Allocate(Math.Max(length, 1));
-        if (typeof(TE) == typeof(int)) _allPagesFor = -1;   // the page list was reallocated
+        _allPages = (_list, hkv, pages);
     }
 
     [StructLayout(LayoutKind.Sequential)]

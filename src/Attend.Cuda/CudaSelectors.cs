@@ -60,10 +60,10 @@ public static unsafe class CudaSelectors
         var rowStart = DeviceBuffer<int>.Allocate(rows + 1);
         lock (Gate)
         {
-            Grow(ref _pooledQ, (long)batch * heads * qBlocks * d);
-            Grow(ref _pooledK, (long)batch * kvHeads * kBlocks * d);
-            Grow(ref _counts, rows);
-            Grow(ref _scratch, rows * kBlocks);
+            DeviceBuffer<float>.EnsureLength(ref _pooledQ, (long)batch * heads * qBlocks * d);
+            DeviceBuffer<float>.EnsureLength(ref _pooledK, (long)batch * kvHeads * kBlocks * d);
+            DeviceBuffer<int>.EnsureLength(ref _counts, rows);
+            DeviceBuffer<int>.EnsureLength(ref _scratch, rows * kBlocks);
             PoolBlocks(q, _pooledQ!, bs, s);
             PoolBlocks(k, _pooledK!, bs, 1);
             var sp = new SelectParams
@@ -111,13 +111,6 @@ public static unsafe class CudaSelectors
     {
         ["SRC_T"] = typeof(T) == typeof(float) ? "0" : typeof(T) == typeof(Half) ? "1" : "2",
     };
-
-    private static void Grow<TE>(ref DeviceBuffer<TE>? buffer, long length) where TE : unmanaged
-    {
-        if (buffer is not null && buffer.Length >= length) return;
-        buffer?.Dispose();
-        buffer = DeviceBuffer<TE>.Allocate(Math.Max(length, 1));
-    }
 
     [StructLayout(LayoutKind.Sequential)]
     private struct PoolParams

@@ -39,6 +39,14 @@ public sealed unsafe class DeviceBuffer<T> : SafeHandle where T : unmanaged
     /// <inheritdoc/>
     public override bool IsInvalid => false;
 
+    /// <summary>A workspace kept between calls: replaced by a larger one when it holds fewer than <paramref name="length"/> elements.</summary>
+    internal static void EnsureLength(ref DeviceBuffer<T>? buffer, long length)
+    {
+        if (buffer is not null && buffer.Length >= length) return;
+        buffer?.Dispose();
+        buffer = Allocate(Math.Max(length, 1));
+    }
+
     /// <summary>Copies host elements to the start of the buffer.</summary>
     public void CopyFrom(ReadOnlySpan<T> source)
     {

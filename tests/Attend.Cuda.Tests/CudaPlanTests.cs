@@ -211,6 +211,9 @@ public sealed class CudaPlanTests
         Assert.ThrowsAny<ArgumentException>(() => Attention.Forward(x, x, x, o, new AttentionOptions { Plan = otherShape }));
         BlockMask small = BlockMask.Create(Mask.Causal, 1, 2, 256, 256, 64, 64);
         Assert.Contains("multiples of 128", Assert.Throws<NotSupportedException>(() => Attention.Forward(x, x, x, o, new AttentionOptions { Plan = small })).Message);
+        BlockMask windowed = BlockMask.Create(Mask.Causal & Mask.SlidingWindow(100), 1, 2, 256, 256, 128, 128);
+        Assert.Contains("centroid compensation on the GPU", Assert.Throws<NotSupportedException>(() =>
+            Attention.Forward(x, x, x, o, new AttentionOptions { Plan = new SparsityPlan(windowed).WithCompensation(Compensation.Centroid) })).Message);
         Mask predicate = Mask.FromPredicate((_, _, q, kv) => q >= kv);
         Assert.Throws<NotSupportedException>(() => Attention.Forward(x, x, x, o, new AttentionOptions { Mask = predicate }));
     }

@@ -186,6 +186,7 @@ public class SparseSelectorTests
         Assert.True(routed <= compensated, $"routed {routed:F4} vs centroid only {compensated:F4}");
         Assert.Contains("+ear takes", Assert.Throws<ArgumentException>(() => Selectors.ParseAny("pooled+ear0.1")).Message);
         Assert.Throws<ArgumentOutOfRangeException>(() => Selectors.ParseAny("pooled+ear=2"));
+        Assert.Contains("without a permutation", Assert.Throws<NotSupportedException>(() => new ErrorAwareSelector(new HashSparseSelector()).Plan(qq, kk)).Message);
     }
 
     [Fact]

@@ -124,6 +124,24 @@ __device__ __forceinline__ float block_max(float x, float* red)
     return t;
 }
 
+// Exclusive prefix sum of one int per thread over a block of N threads (buf: N ints of shared memory); *total gets
+// the block's sum. Used to place each thread's run of kept entries in ascending order.
+template <int N>
+__device__ __forceinline__ int block_exclusive_scan(int mine, int* buf, int* total)
+{
+    buf[threadIdx.x] = mine;
+    __syncthreads();
+    for (int o = 1; o < N; o <<= 1)
+    {
+        int add = threadIdx.x >= o ? buf[threadIdx.x - o] : 0;
+        __syncthreads();
+        buf[threadIdx.x] += add;
+        __syncthreads();
+    }
+    *total = buf[N - 1];
+    return buf[threadIdx.x] - mine;
+}
+
 // Σ of the probabilities ≥ t (want_mass) or their count.
 __device__ __forceinline__ float above(const float* prob, int n, float t, bool want_mass, float* red)
 {
@@ -225,23 +243,15 @@ extern "C" __global__ void __launch_bounds__(THREADS) select_blocks(const Select
         bool keep = prob[i] >= t || (p.keep_sink_diagonal && (i == 0 || i == visible - 1));
         mine += keep ? 1 : 0;
     }
-    offsets[threadIdx.x] = mine;
-    __syncthreads();
-    for (int o = 1; o < THREADS; o <<= 1)
-    {
-        int add = threadIdx.x >= o ? offsets[threadIdx.x - o] : 0;
-        __syncthreads();
-        offsets[threadIdx.x] += add;
-        __syncthreads();
-    }
-    int at = offsets[threadIdx.x] - mine;
+    int kept;
+    int at = block_exclusive_scan<THREADS>(mine, offsets, &kept);
     int* out = p.scratch + (i64)row * p.k_blocks;
     for (int i = i0; i < i1; i++)
     {
         bool keep = prob[i] >= t || (p.keep_sink_diagonal && (i == 0 || i == visible - 1));
         if (keep) out[at++] = i;
     }
-    if (threadIdx.x == THREADS - 1) p.counts[row] = offsets[THREADS - 1];
+    if (threadIdx.x == 0) p.counts[row] = kept;
 }
 
 struct ScanParams
@@ -259,22 +269,14 @@ extern "C" __global__ void __launch_bounds__(1024) scan_counts(const ScanParams 
     const int r0 = min(p.rows, (int)threadIdx.x * per), r1 = min(p.rows, r0 + per);
     int mine = 0;
     for (int r = r0; r < r1; r++) mine += p.counts[r];
-    sums[threadIdx.x] = mine;
-    __syncthreads();
-    for (int o = 1; o < 1024; o <<= 1)
-    {
-        int add = threadIdx.x >= o ? sums[threadIdx.x - o] : 0;
-        __syncthreads();
-        sums[threadIdx.x] += add;
-        __syncthreads();
-    }
-    int at = sums[threadIdx.x] - mine;
+    int total;
+    int at = block_exclusive_scan<1024>(mine, sums, &total);
     for (int r = r0; r < r1; r++)
     {
         p.row_start[r] = at;
         at += p.counts[r];
     }
-    if (threadIdx.x == 1023) p.row_start[p.rows] = sums[1023];
+    if (threadIdx.x == 0) p.row_start[p.rows] = total;
 }
 
 struct CompactParams
@@ -406,24 +408,16 @@ extern "C" __global__ void __launch_bounds__(THREADS) quest_select(const QuestPa
     const int i0 = min(last, (int)threadIdx.x * per), i1 = min(last, i0 + per);
     int mine = 0;
     for (int i = i0; i < i1; i++) mine += (want >= last || (want > 0 && b[i] - lo >= t)) ? 1 : 0;
-    offsets[threadIdx.x] = mine;
-    __syncthreads();
-    for (int o = 1; o < THREADS; o <<= 1)
-    {
-        int add = threadIdx.x >= o ? offsets[threadIdx.x - o] : 0;
-        __syncthreads();
-        offsets[threadIdx.x] += add;
-        __syncthreads();
-    }
-    int at = offsets[threadIdx.x] - mine;
+    int chosen;
+    int at = block_exclusive_scan<THREADS>(mine, offsets, &chosen);
     for (int i = i0; i < i1; i++)
     {
         if ((want >= last || (want > 0 && b[i] - lo >= t)) && at < max(want, 0)) p.list[(i64)h * p.list_stride + at] = i;
         if (want >= last || (want > 0 && b[i] - lo >= t)) at++;
     }
-    if (threadIdx.x == THREADS - 1)
+    if (threadIdx.x == 0)
     {
-        const int before = min(offsets[THREADS - 1], max(want, 0));
+        const int before = min(chosen, max(want, 0));
         p.list[(i64)h * p.list_stride + before] = last;
         p.count[h] = before + 1;
     }
