@@ -203,7 +203,7 @@ internal static class GpuBench
         int h = plan.Heads > 0 ? plan.Heads : 32, hkv = plan.KvHeads > 0 ? plan.KvHeads : h;
         const int d = 128;
         IReadOnlyList<Sparse.ISparsitySelector> selectors = plan.Selectors ??
-            [.. new[] { "pooled", "pooled:budget=p0.9", "pooled:budget=top32", "pooled:budget=top16", "pooled:budget=top8" }.Select(Sparse.Selectors.ParseAny)];
+            [.. new[] { "pooled", "pooled:budget=p0.9", "pooled:budget=top32", "pooled:budget=top16", "pooled:budget=top8", "vertical-slash", "vertical-slash:v=500,s=50" }.Select(Sparse.Selectors.ParseAny)];
         foreach (int s in plan.Lengths)
         {
             status($"structured inputs S={s}, H={h}");
@@ -228,10 +228,7 @@ internal static class GpuBench
 
             foreach (Sparse.ISparsitySelector any in selectors)
             {
-                if (any is not Sparse.PooledBlockSelector selector)
-                {
-                    throw new NotSupportedException($"--device cuda builds plans on the GPU for the pooled selector only; got {any.Name}");
-                }
+                Sparse.ISparsitySelector selector = any;
                 status($"cuda {selector.Name} S={s}");
                 List<double> ts = CudaTimer.Measure(() => { using DeviceBlockPlan p = CudaSelectors.Plan(selector, q, k, causal: true); }, reps);
                 using DeviceBlockPlan built = CudaSelectors.Plan(selector, q, k, causal: true);

@@ -37,7 +37,7 @@ public static unsafe class CudaAttention
 
     /// <summary>
     /// As the other overload, walking a plan already in device memory (built by a GPU selector such as
-    /// <see cref="CudaSelectors.Plan{T}"/>, or <see cref="DeviceBlockPlan.Upload"/>ed). The plan carries causality;
+    /// <see cref="CudaSelectors"/>, or <see cref="DeviceBlockPlan.Upload"/>ed). The plan carries causality;
     /// <paramref name="options"/> must not also hold a plan or a mask.
     /// </summary>
     public static void Forward<T>(DeviceTensor<T> q, DeviceTensor<T> k, DeviceTensor<T> v, DeviceTensor<T> output,
@@ -133,6 +133,15 @@ public static unsafe class CudaAttention
                 defines["TOKEN_MASK_EXPR"] = tokens.Mask?.ToCuda(extent) ?? "true";
                 deviceTokens = DeviceTokens.For(options.Plan!);
             }
+            else if (givenPlan is { HasTokens: true })
+            {
+                if (givenPlan.BlockQ % config.BlockM != 0)
+                {
+                    throw new NotSupportedException($"the CUDA kernel for D={s.HeadDim} needs token rows of a multiple of {config.BlockM} queries; the plan has {givenPlan.BlockQ}");
+                }
+                defines["HAS_TOKENS"] = "1";
+                defines["TOKEN_MASK_EXPR"] = givenPlan.TokenMask?.ToCuda(extent) ?? "true";
+            }
         }
         CudaKernel kernel = device.Kernel("flash_fwd.cu", "flash_fwd", defines);
         const float log2e = 1.4426950408889634f;
@@ -162,7 +171,7 @@ public static unsafe class CudaAttention
             p.PlanExpand = givenPlan is null && blocks is null ? 1 : devicePlan.BlockK / config.BlockN;
         }
         ulong? blockData = Reads(defines, "MASK_EXPR") ? MaskData(devicePlan?.Mask) : null;
-        ulong? tokenData = Reads(defines, "TOKEN_MASK_EXPR") ? MaskData(tokens?.Mask) : null;
+        ulong? tokenData = Reads(defines, "TOKEN_MASK_EXPR") ? MaskData(tokens?.Mask ?? givenPlan?.TokenMask) : null;
         if (blockData is not null && tokenData is not null && blockData != tokenData)
         {
             throw new NotSupportedException("the plan's block mask and token mask both read mask data; the kernel holds one");
@@ -176,6 +185,15 @@ public static unsafe class CudaAttention
             p.TokenHeads = deviceTokens.Heads;
             p.TokenQBlocks = deviceTokens.QueryBlocks;
             p.TokenBlockQ = deviceTokens.BlockQ;
+        }
+        else if (givenPlan is { HasTokens: true })
+        {
+            p.TokenRowStart = givenPlan.TokenRowStart!.Pointer;
+            p.Tokens = givenPlan.Tokens!.Pointer;
+            p.TokenBatch = givenPlan.PlanBatch;
+            p.TokenHeads = givenPlan.PlanHeads;
+            p.TokenQBlocks = givenPlan.QueryBlocks;
+            p.TokenBlockQ = givenPlan.BlockQ;
         }
         void* arg = &p;
         uint mBlocks = (uint)((s.QueryLength + config.BlockM - 1) / config.BlockM);

@@ -4,18 +4,25 @@ namespace Attend.Cuda;
 
 /// <summary>
 /// A block-sparse plan in device memory: the CSR rows (per batch, head, query block: ascending key blocks, each Full or
-/// Partial) that the attention kernel walks. Built on the device by a GPU selector (<see cref="CudaSelectors"/>) or
-/// uploaded from a host <see cref="BlockMask"/>; run with
+/// Partial) that the attention kernel walks, and optionally gathered key tokens per row (a device
+/// <see cref="TokenSet"/>: the vertical lines of a vertical-slash plan). Built on the device by a GPU selector
+/// (<see cref="CudaSelectors"/>) or uploaded from a host <see cref="BlockMask"/>; run with
 /// <c>CudaAttention.Forward(q, k, v, output, plan, options)</c>. The plan carries its causality (its Partial blocks
-/// evaluate <see cref="Mask"/>); <see cref="AttentionOptions.Causal"/> is not applied on top of it.
+/// evaluate <see cref="Mask"/>, its tokens <see cref="TokenMask"/>); <see cref="AttentionOptions.Causal"/> is not
+/// applied on top of it.
 /// </summary>
 public sealed class DeviceBlockPlan : IDisposable
 {
     private static readonly System.Runtime.CompilerServices.ConditionalWeakTable<BlockMask, DeviceBlockPlan> Uploaded = new();
 
     internal DeviceBlockPlan(MaskExtent extent, int blockQ, int blockK, int planBatch, int planHeads,
-        DeviceBuffer<int> rowStart, DeviceBuffer<int> columns, DeviceBuffer<byte> kinds, long visitedBlocks, Mask? mask)
+        DeviceBuffer<int> rowStart, DeviceBuffer<int> columns, DeviceBuffer<byte> kinds, long visitedBlocks, Mask? mask,
+        DeviceBuffer<int>? tokenRowStart = null, DeviceBuffer<int>? tokens = null, long tokenCount = 0, Mask? tokenMask = null)
     {
+        TokenRowStart = tokenRowStart;
+        Tokens = tokens;
+        TokenCount = tokenCount;
+        TokenMask = tokenMask;
         Extent = extent;
         BlockQ = blockQ;
         BlockK = blockK;
@@ -52,8 +59,24 @@ public sealed class DeviceBlockPlan : IDisposable
     /// <summary>Visited blocks over all stored rows.</summary>
     public long VisitedBlocks { get; }
 
-    /// <summary>Visited blocks over all blocks of the stored rows (1 − FlexAttention's sparsity).</summary>
-    public double Density => (double)VisitedBlocks / ((long)PlanBatch * PlanHeads * QueryBlocks * KeyBlocks);
+    /// <summary>
+    /// Visited blocks over all blocks of the stored rows (1 − FlexAttention's sparsity); gathered tokens count as
+    /// tokens / <see cref="BlockK"/> blocks.
+    /// </summary>
+    public double Density => (VisitedBlocks + ((double)TokenCount / BlockK)) / ((long)PlanBatch * PlanHeads * QueryBlocks * KeyBlocks);
+
+    /// <summary>Gathered key tokens over all stored rows (outside each row's visited blocks); 0 for a block-only plan.</summary>
+    public long TokenCount { get; }
+
+    /// <summary>The element mask of the gathered tokens (causal for causal selector plans; null: none).</summary>
+    public Mask? TokenMask { get; }
+
+    /// <summary>Whether the plan carries gathered tokens (rows of <see cref="BlockQ"/> queries, like its blocks).</summary>
+    public bool HasTokens => Tokens is not null;
+
+    internal DeviceBuffer<int>? TokenRowStart { get; }
+
+    internal DeviceBuffer<int>? Tokens { get; }
 
     /// <summary>The element mask of Partial blocks (the causal mask for causal selector plans; null: none).</summary>
     public Mask? Mask { get; }
@@ -90,7 +113,7 @@ public sealed class DeviceBlockPlan : IDisposable
         return new DeviceBlockPlan(extent, blockQ, blockK, planBatch, planHeads, starts, cols, kindBuffer, columns.Length, mask);
     }
 
-    /// <summary>The plan on the host (downloads it): to run it on the CPU executor or inspect it.</summary>
+    /// <summary>The block part of the plan on the host (downloads it): to run it on the CPU executor or inspect it.</summary>
     public BlockMask ToHost()
     {
         var rowStart = new int[((long)PlanBatch * PlanHeads * QueryBlocks) + 1];
@@ -100,6 +123,24 @@ public sealed class DeviceBlockPlan : IDisposable
         Columns.CopyTo(columns);
         Kinds.CopyTo(kinds);
         return BlockMask.FromCsr(Extent, BlockQ, BlockK, PlanBatch, PlanHeads, rowStart, columns, [.. kinds.Select(k => (BlockClass)k)], Mask);
+    }
+
+    /// <summary>The whole plan on the host — blocks and gathered tokens (downloads it).</summary>
+    public SparsityPlan ToHostPlan()
+    {
+        BlockMask blocks = ToHost();
+        if (Tokens is null) return new SparsityPlan(blocks);
+        var rowStart = new int[((long)PlanBatch * PlanHeads * QueryBlocks) + 1];
+        TokenRowStart!.CopyTo(rowStart);
+        var tokens = new int[TokenCount];
+        Tokens.CopyTo(tokens);
+        int heads = PlanHeads, queryBlocks = QueryBlocks;
+        TokenSet set = TokenSet.Create(PlanBatch, PlanHeads, Extent.QueryLength, Extent.KeyLength, BlockQ, (b, h, qb) =>
+        {
+            int row = ((b * heads) + h) * queryBlocks + qb;
+            return new ArraySegment<int>(tokens, rowStart[row], rowStart[row + 1] - rowStart[row]);
+        }, TokenMask);
+        return new SparsityPlan(blocks, set);
     }
 
     /// <summary>Throws unless the plan fits attention over <paramref name="shape"/>.</summary>
@@ -120,5 +161,7 @@ public sealed class DeviceBlockPlan : IDisposable
         RowStart.Dispose();
         Columns.Dispose();
         Kinds.Dispose();
+        TokenRowStart?.Dispose();
+        Tokens?.Dispose();
     }
 }

@@ -72,6 +72,83 @@ public sealed class CudaSelectorTests
         }
     }
 
+    private static IEnumerable<(string Name, VerticalSlashSelector Selector)> VerticalSlashSelectors() =>
+    [
+        ("v40 s12", new VerticalSlashSelector { Verticals = 40, Slashes = 12, SinkColumns = 4, LocalDiagonals = 8 }),
+        ("v100 s30, 20 last queries", new VerticalSlashSelector { Verticals = 100, Slashes = 30, SinkColumns = 8, LocalDiagonals = 16, LastQueries = 20 }),
+        ("defaults (v1000 s200: most of a short row)", new VerticalSlashSelector()),
+    ];
+
+    /// <summary>
+    /// The device vertical-slash plan keeps the CPU selector's choice on the same bf16 inputs: the blocks the slashes
+    /// cross and the vertical tokens outside them (the device drops tokens inside visited blocks, which count them
+    /// anyway), causal or not, Sq &lt; Skv, Sq below the estimate's rows, GQA. At most 1% may differ (float sums
+    /// at the top-k edge).
+    /// </summary>
+    [CudaFact]
+    public void Should_choose_the_cpu_vertical_slash_plan()
+    {
+        foreach ((int sq, int skv, int h, int hkv, int d, bool causal) in new[] { (1000, 1000, 4, 2, 64, true), (300, 1100, 2, 1, 128, true), (777, 777, 2, 1, 80, false), (50, 600, 2, 2, 128, true) })
+        {
+            (TensorView<float> qf, TensorView<float> kf, _, _) = StructuredInputs.Generate(1, Math.Max(sq, skv), h, hkv, d, StructureOptions.Default with { Seed = sq + 7 });
+            TensorView<BFloat16> q = Rows(qf, Math.Max(sq, skv) - sq, sq), k = Rows(kf, 0, skv);
+            using DeviceTensor<BFloat16> dq = DeviceTensor<BFloat16>.FromHost(q), dk = DeviceTensor<BFloat16>.FromHost(k);
+            foreach ((string name, VerticalSlashSelector selector) in VerticalSlashSelectors())
+            {
+                SparsityPlan cpu = selector.Plan(q, k, causal);
+                using DeviceBlockPlan plan = CudaSelectors.Plan(selector, dq, dk, causal);
+                Assert.True(plan.HasTokens);
+                SparsityPlan gpu = plan.ToHostPlan();
+                long differing = 0, total = 0;
+                for (int hh = 0; hh < h; hh++)
+                    for (int qb = 0; qb < cpu.Blocks!.QueryBlocks; qb++)
+                    {
+                        int[] cb = cpu.Blocks.Row(0, hh, qb, out _).ToArray(), gb = gpu.Blocks!.Row(0, hh, qb, out _).ToArray();
+                        int[] ct = cpu.Tokens!.Row(0, hh, qb).ToArray().Where(t => Array.IndexOf(cb, t / selector.BlockSize) < 0).ToArray();
+                        int[] gt = gpu.Tokens!.Row(0, hh, qb).ToArray();
+                        Assert.True(gb.SequenceEqual(gb.Order()) && gt.SequenceEqual(gt.Order()), $"{name}: GPU row ({hh}, {qb}) not ascending");
+                        Assert.DoesNotContain(gt, t => Array.IndexOf(gb, t / selector.BlockSize) >= 0);
+                        differing += cb.Except(gb).Count() + gb.Except(cb).Count() + ct.Except(gt).Count() + gt.Except(ct).Count();
+                        total += cb.Length + ct.Length;
+                    }
+                Assert.True(differing <= Math.Max(2, total / 100), $"{name} Sq={sq} Skv={skv} D={d} causal={causal}: {differing} of {total} blocks and tokens differ");
+            }
+        }
+    }
+
+    /// <summary>A device vertical-slash plan (blocks and gathered tokens) runs as its host copy on the float64 reference.</summary>
+    [CudaFact]
+    public void Should_execute_device_vertical_slash_plans_like_the_reference_of_their_host_copy()
+    {
+        foreach ((int s, int h, int hkv, int d) in new[] { (1000, 4, 2, 64), (513, 2, 1, 128), (700, 2, 2, 256) })
+        {
+            (TensorView<float> qf, TensorView<float> kf, _, _) = StructuredInputs.Generate(1, s, h, hkv, d);
+            using DeviceTensor<BFloat16> dq = DeviceTensor<BFloat16>.FromHost(Rows(qf, 0, s)), dk = DeviceTensor<BFloat16>.FromHost(Rows(kf, 0, s));
+            using DeviceBlockPlan plan = CudaSelectors.Plan(new VerticalSlashSelector { Verticals = 50, Slashes = 10, SinkColumns = 4, LocalDiagonals = 4 }, dq, dk, causal: true);
+            Assert.InRange(plan.Density, 0.01, 0.99);
+            Assert.True(plan.TokenCount > 0);
+            SparsityPlan host = plan.ToHostPlan();
+            void Run(TensorView<BFloat16> q, TensorView<BFloat16> k, TensorView<BFloat16> v, TensorView<BFloat16> o, TensorView<float> lse, AttentionOptions options) =>
+                CudaAttentionTests.OnGpu(q, k, v, o, lse, options with { Plan = null }, plan);
+            AttentionConformance.Check<BFloat16>(1, s, s, h, hkv, d, new AttentionOptions { Plan = host }, "cuda device-built vertical-slash plan", Run);
+        }
+    }
+
+    [CudaFact]
+    public void Should_name_selectors_without_a_gpu_version_and_reject_a_long_estimate()
+    {
+        using DeviceTensor<BFloat16> q = DeviceTensor<BFloat16>.Allocate(1, 256, 4, 64), k = DeviceTensor<BFloat16>.Allocate(1, 256, 2, 64);
+        Assert.Contains("xattention", Assert.Throws<NotSupportedException>(() => CudaSelectors.Plan(new XAttentionSelector(), q, k)).Message);
+        Assert.Contains("at most 64 last queries", Assert.Throws<NotSupportedException>(() => CudaSelectors.Plan(new VerticalSlashSelector { LastQueries = 65 }, q, k)).Message);
+        using (CudaSelectors.Plan(new VerticalSlashSelector(), q, k)) { }   // grows the workspace once
+        long live = DeviceMemory.LiveBuffers;
+        using (DeviceBlockPlan plan = CudaSelectors.Plan(new VerticalSlashSelector(), q, k))
+        {
+            Assert.True(plan.HasTokens || plan.TokenCount == 0);
+        }
+        Assert.Equal(live, DeviceMemory.LiveBuffers);
+    }
+
     [CudaFact]
     public void Should_reject_bad_input_and_free_what_it_allocates()
     {

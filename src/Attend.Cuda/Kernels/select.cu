@@ -535,3 +535,248 @@ extern "C" __global__ void __launch_bounds__(THREADS) centroid_compensate(const 
         if (lane == 0) p.lse[lse_at] = mm + __logf(ws + wc);
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Vertical-slash on the GPU (MInference, Jiang et al. arXiv:2407.02490; the CPU's VerticalSlashSelector): the last
+// LAST_Q queries scored exactly against every key, softmax per row, then per head the column sums (vertical) and
+// the diagonal sums (slash, offset o = query + causal offset − key), each over the rows; the top verticals run as
+// gathered key tokens and the top slashes as the key blocks they cross.
+//   1. vs_scores:   a thread per key, the last rows' queries in shared memory (64 channels at a time) → scaled
+//                   logits [B, H, rows, Skv], −∞ past a row's visible keys.
+//   2. vs_norms:    per row its max and 1 / (Σ exp · rows).
+//   3. vs_profile:  a thread per key column j: vertical[j] and slash[o = j] (sinks / local diagonals forced to +∞).
+//   4. topk_rows:   per head the k largest of each profile, ascending (a bisected threshold, ties by index).
+//   5. vs_plan:     per (query block, head): the blocks the slashes cross (a bitmap in shared memory) and the
+//                   verticals it sees outside them, into per-row scratch and counts; scan_counts and the compactions
+//                   (compact_plan, compact_rows) write the block CSR and the token CSR.
+// ---------------------------------------------------------------------------------------------------------------
+#ifndef LAST_Q
+#define LAST_Q 64
+#endif
+#define VS_CHUNK 64   // channels of the queries held in shared memory at a time
+
+struct VsScoreParams
+{
+    const void* q;              // [B, Sq, H, D]
+    const void* k;              // [B, Skv, Hkv, D]
+    float* scores;              // [B, H, rows, Skv]
+    i64 q_batch, q_row, q_head, k_batch, k_row, k_head;
+    int heads, group, d, rows, first, seqlen_k, causal, causal_offset;
+    float scale;
+};
+
+// Grid (ceil(Skv / THREADS), H, B), THREADS threads: thread j scores key j against the rows (≤ LAST_Q).
+extern "C" __global__ void __launch_bounds__(THREADS) vs_scores(const VsScoreParams p)
+{
+    __shared__ __align__(16) float qs[LAST_Q][VS_CHUNK];
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int j = blockIdx.x * THREADS + threadIdx.x;
+    const bool live = j < p.seqlen_k;
+    const i64 krow = b * p.k_batch + (i64)(live ? j : 0) * p.k_row + (h / p.group) * p.k_head;
+    float acc[LAST_Q];
+#pragma unroll
+    for (int r = 0; r < LAST_Q; r++) acc[r] = 0.f;
+    for (int c0 = 0; c0 < p.d; c0 += VS_CHUNK)
+    {
+        __syncthreads();
+        for (int i = threadIdx.x; i < LAST_Q * VS_CHUNK; i += THREADS)
+        {
+            const int r = i / VS_CHUNK, c = c0 + i % VS_CHUNK;
+            qs[r][i % VS_CHUNK] = r < p.rows && c < p.d
+                ? load_elem(p.q, b * p.q_batch + (i64)(p.first + r) * p.q_row + h * p.q_head + c) * p.scale : 0.f;
+        }
+        __syncthreads();
+        const int n = min(VS_CHUNK, p.d - c0);
+        for (int c = 0; c < n; c += 4)
+        {
+            // Channels past D read as 0 (the queries there are 0 too); D is a multiple of 4 or the tail is zeroed.
+            const float x0 = live ? load_elem(p.k, krow + c0 + c) : 0.f;
+            const float x1 = live && c + 1 < n ? load_elem(p.k, krow + c0 + c + 1) : 0.f;
+            const float x2 = live && c + 2 < n ? load_elem(p.k, krow + c0 + c + 2) : 0.f;
+            const float x3 = live && c + 3 < n ? load_elem(p.k, krow + c0 + c + 3) : 0.f;
+#pragma unroll
+            for (int r = 0; r < LAST_Q; r++)
+            {
+                const float4 qv = *(const float4*)&qs[r][c];
+                acc[r] += qv.x * x0 + qv.y * x1 + qv.z * x2 + qv.w * x3;
+            }
+        }
+    }
+    if (!live) return;
+    float* out = p.scores + ((i64)(b * p.heads + h) * p.rows) * p.seqlen_k + j;
+#pragma unroll
+    for (int r = 0; r < LAST_Q; r++)
+    {
+        if (r >= p.rows) break;
+        const bool visible = !p.causal || (i64)j <= (i64)p.first + r + p.causal_offset;
+        out[(i64)r * p.seqlen_k] = visible ? acc[r] : -__int_as_float(0x7f800000);
+    }
+}
+
+// Grid (rows, H, B): max and 1 / (Σ exp(x − max) · rows) of one score row (a row that sees no key gets max −∞ and 0).
+extern "C" __global__ void __launch_bounds__(THREADS) vs_norms(const VsScoreParams p, float2* norms)
+{
+    __shared__ float red[WARPS];
+    const int r = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const i64 at = (i64)(b * p.heads + h) * p.rows + r;
+    const float* row = p.scores + at * p.seqlen_k;
+    float m = -__int_as_float(0x7f800000);
+    for (int j = threadIdx.x; j < p.seqlen_k; j += THREADS) m = fmaxf(m, row[j]);
+    m = block_max(m, red);
+    float s = 0.f;
+    if (m != -__int_as_float(0x7f800000))
+        for (int j = threadIdx.x; j < p.seqlen_k; j += THREADS) s += __expf(row[j] - m);
+    s = block_sum(s, red);
+    if (threadIdx.x == 0) norms[at] = make_float2(m, s > 0.f ? 1.f / (s * (float)p.rows) : 0.f);
+}
+
+// Grid (ceil(Skv / THREADS), H, B): thread j writes vertical[j] (column j's mean probability over the rows) and
+// slash[j] (diagonal offset j's), +∞ for the forced sink columns and local diagonals.
+extern "C" __global__ void __launch_bounds__(THREADS) vs_profile(const VsScoreParams p, const float2* norms, float* vertical, float* slash, int sink_columns, int local_diagonals)
+{
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int j = blockIdx.x * THREADS + threadIdx.x;
+    if (j >= p.seqlen_k) return;
+    const i64 head = (i64)(b * p.heads + h);
+    const float* scores = p.scores + head * p.rows * p.seqlen_k;
+    float vs = 0.f, ss = 0.f;
+    for (int r = 0; r < p.rows; r++)
+    {
+        const float2 nm = norms[head * p.rows + r];
+        if (nm.y == 0.f) continue;
+        const float* row = scores + (i64)r * p.seqlen_k;
+        vs += __expf(row[j] - nm.x) * nm.y;
+        const i64 key = (i64)p.first + r + p.causal_offset - j;   // the key on diagonal offset j in row r
+        if (key >= 0 && key < p.seqlen_k) ss += __expf(row[key] - nm.x) * nm.y;
+    }
+    const float inf = __int_as_float(0x7f800000);
+    vertical[head * p.seqlen_k + j] = j < sink_columns ? inf : vs;
+    slash[head * p.seqlen_k + j] = j < local_diagonals ? inf : ss;
+}
+
+// Grid (rows): the min(k, n) largest of each row of non-negative values (+∞ allowed), written ascending by index to
+// list[row · list_stride ...], their number to count[row]. A bisected threshold on the float bits finds t with
+// #(x > t) < k ≤ #(x ≥ t); the entries tied at t are taken lowest index first.
+extern "C" __global__ void __launch_bounds__(THREADS) topk_rows(const float* values, int n, int k, int* list, int list_stride, int* count)
+{
+    __shared__ float red[WARPS];
+    __shared__ int offsets[THREADS];
+    const float* x = values + (i64)blockIdx.x * n;
+    int* out = list + (i64)blockIdx.x * list_stride;
+    const int per = (n + THREADS - 1) / THREADS;
+    const int i0 = min(n, (int)threadIdx.x * per), i1 = min(n, i0 + per);
+    if (k >= n)
+    {
+        for (int i = i0; i < i1; i++) out[i] = i;
+        if (threadIdx.x == 0) count[blockIdx.x] = n;
+        return;
+    }
+    u32 lo = 0, hi = 0x7f800001u;   // #(≥ 0) = n ≥ k; #(≥ NaN bits) = 0 < k (k ≥ 1 here)
+    while (hi - lo > 1)
+    {
+        const u32 mid = lo + ((hi - lo) >> 1);
+        const float t = __uint_as_float(mid);
+        float c = 0.f;
+        for (int i = threadIdx.x; i < n; i += THREADS) c += x[i] >= t ? 1.f : 0.f;
+        if (block_sum(c, red) >= (float)k) lo = mid; else hi = mid;
+    }
+    const float t = __uint_as_float(lo);
+    int above_mine = 0, tied_mine = 0;
+    for (int i = i0; i < i1; i++)
+    {
+        above_mine += x[i] > t ? 1 : 0;
+        tied_mine += x[i] == t ? 1 : 0;
+    }
+    int above_total, tied_total;
+    block_exclusive_scan<THREADS>(above_mine, offsets, &above_total);
+    __syncthreads();
+    int tied_rank = block_exclusive_scan<THREADS>(tied_mine, offsets, &tied_total);
+    const int ties = k - above_total;   // ≥ 1
+    int keep_mine = 0;
+    for (int i = i0, tr = tied_rank; i < i1; i++)
+    {
+        if (x[i] > t) keep_mine++;
+        else if (x[i] == t && tr++ < ties) keep_mine++;
+    }
+    __syncthreads();
+    int kept;
+    int at = block_exclusive_scan<THREADS>(keep_mine, offsets, &kept);
+    for (int i = i0, tr = tied_rank; i < i1; i++)
+    {
+        if (x[i] > t || (x[i] == t && tr++ < ties)) out[at++] = i;
+    }
+    if (threadIdx.x == 0) count[blockIdx.x] = kept;
+}
+
+struct VsPlanParams
+{
+    const int* columns;         // [B · H, column_stride] ascending vertical columns
+    const int* column_count;    // [B · H]
+    const int* offsets;         // [B · H, offset_stride] slash offsets
+    const int* offset_count;    // [B · H]
+    int* block_counts;          // [rows]
+    int* block_scratch;         // [rows, key blocks]
+    int* token_counts;          // [rows]
+    int* token_scratch;         // [rows, column_stride]
+    int heads, block, q_blocks, k_blocks, seqlen_q, seqlen_k, causal, causal_offset, column_stride, offset_stride;
+};
+
+// Grid (query blocks, H, B), THREADS threads; dynamic shared memory: key blocks bytes (the slash bitmap).
+extern "C" __global__ void __launch_bounds__(THREADS) vs_plan(const VsPlanParams p)
+{
+    extern __shared__ unsigned char crossed[];
+    __shared__ int scan[THREADS];
+    const int qb = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int head = b * p.heads + h, row = head * p.q_blocks + qb;
+    const i64 q0 = (i64)qb * p.block, q1 = min((i64)(qb + 1) * p.block, (i64)p.seqlen_q);
+    i64 keys = p.seqlen_k;   // keys the block's last row sees
+    if (p.causal) keys = max((i64)0, min((i64)p.seqlen_k, q1 - 1 + p.causal_offset + 1));
+    const int visible = (int)((keys + p.block - 1) / p.block);
+    for (int i = threadIdx.x; i < p.k_blocks; i += THREADS) crossed[i] = 0;
+    __syncthreads();
+    const int* offs = p.offsets + (i64)head * p.offset_stride;
+    for (int i = threadIdx.x; i < p.offset_count[head]; i += THREADS)
+    {
+        const i64 lo = q0 + p.causal_offset - offs[i], hi = q1 - 1 + p.causal_offset - offs[i];
+        if (hi < 0 || lo >= p.seqlen_k) continue;
+        const int kb0 = (int)(max(lo, (i64)0) / p.block), kb1 = (int)(min(hi, (i64)p.seqlen_k - 1) / p.block);
+        for (int kb = kb0; kb <= min(kb1, visible - 1); kb++) crossed[kb] = 1;
+    }
+    __syncthreads();
+    // Crossed blocks, ascending.
+    {
+        const int per = (visible + THREADS - 1) / THREADS;
+        const int i0 = min(visible, (int)threadIdx.x * per), i1 = min(visible, i0 + per);
+        int mine = 0;
+        for (int i = i0; i < i1; i++) mine += crossed[i];
+        int total;
+        int at = block_exclusive_scan<THREADS>(mine, scan, &total);
+        int* out = p.block_scratch + (i64)row * p.k_blocks;
+        for (int i = i0; i < i1; i++)
+            if (crossed[i]) out[at++] = i;
+        if (threadIdx.x == 0) p.block_counts[row] = total;
+    }
+    __syncthreads();
+    // Verticals the block sees outside the crossed blocks (their own blocks count them), ascending.
+    {
+        const int* cols = p.columns + (i64)head * p.column_stride;
+        const int n = p.column_count[head];
+        const int per = (n + THREADS - 1) / THREADS;
+        const int i0 = min(n, (int)threadIdx.x * per), i1 = min(n, i0 + per);
+        int mine = 0;
+        for (int i = i0; i < i1; i++) mine += cols[i] < keys && !crossed[cols[i] / p.block] ? 1 : 0;
+        int total;
+        int at = block_exclusive_scan<THREADS>(mine, scan, &total);
+        int* out = p.token_scratch + (i64)row * p.column_stride;
+        for (int i = i0; i < i1; i++)
+            if (cols[i] < keys && !crossed[cols[i] / p.block]) out[at++] = cols[i];
+        if (threadIdx.x == 0) p.token_counts[row] = total;
+    }
+}
+
+// Grid (rows): row r's count[r] entries of scratch (row stride `stride`) to dst[row_start[r] ...].
+extern "C" __global__ void __launch_bounds__(128) compact_rows(const int* counts, const int* scratch, int stride, const int* row_start, int* dst)
+{
+    const int row = blockIdx.x, n = counts[row], first = row_start[row];
+    for (int j = threadIdx.x; j < n; j += blockDim.x) dst[first + j] = scratch[(i64)row * stride + j];
+}
