@@ -273,28 +273,71 @@ public static unsafe class CudaAttention
         }
         int keyBlocks = blocks.KeyBlocks;
         if (keyBlocks > CudaBackend.Device.MaxSharedMemoryPerBlock) throw new NotSupportedException($"{keyBlocks} key blocks exceed the compensation kernel's shared memory");
-        using DeviceTensor<float>? own = lse is null ? DeviceTensor<float>.Allocate(s.Batch, s.QueryLength, s.Heads) : null;
-        DeviceTensor<float> lseUsed = lse ?? own!;
-        Run(q, k, v, output, options with { Plan = Plain.GetValue(plan, p => new Masks.SparsityPlan(p.Blocks, p.Tokens)) }, lseUsed, null);
-        using DeviceBuffer<float> keyMeans = DeviceBuffer<float>.Allocate((long)s.Batch * s.KvHeads * keyBlocks * s.HeadDim);
-        using DeviceBuffer<float> valueMeans = DeviceBuffer<float>.Allocate((long)s.Batch * s.KvHeads * keyBlocks * s.ValueDim);
-        CudaSelectors.PoolBlocks(k, keyMeans, blocks.BlockK, 1);
-        CudaSelectors.PoolBlocks(v, valueMeans, blocks.BlockK, 1);
-        DeviceBlockPlan rows = DeviceBlockPlan.For(blocks);
-        DeviceTokens? tokens = plan.Tokens is null ? null : DeviceTokens.For(plan);
-        var p = new CompensateParams
+        // Temporaries live in workspaces kept between calls: an allocation and free per call (cuMemFree synchronizes)
+        // cost ≈ 0.4 ms per call at S 4096 — more than the compensation itself.
+        lock (CompensationGate)
         {
-            Q = q.Buffer.Pointer, O = output.Buffer.Pointer, Lse = lseUsed.Buffer.Pointer, KeyMeans = keyMeans.Pointer, ValueMeans = valueMeans.Pointer,
-            RowStart = rows.RowStart.Pointer, Cols = rows.Columns.Pointer, TokenRowStart = tokens?.RowStart.Pointer ?? 0, Tokens = tokens?.Tokens.Pointer ?? 0,
-            QBatch = q.Strides[0], QRow = q.Strides[1], QHead = q.Strides[2], OBatch = output.Strides[0], ORow = output.Strides[1], OHead = output.Strides[2],
-            LseBatch = lseUsed.Strides[0], LseRow = lseUsed.Strides[1], LseHead = lseUsed.Strides[2],
-            Heads = s.Heads, Group = s.GroupSize, D = s.HeadDim, Dv = s.ValueDim, SeqlenQ = s.QueryLength, SeqlenK = s.KeyLength,
-            BlockQ = blocks.BlockQ, BlockK = blocks.BlockK, KeyBlocks = keyBlocks, Causal = blocks.Mask is null ? 0 : 1, CausalOffset = s.KeyLength - s.QueryLength,
-            PlanBatch = rows.PlanBatch, PlanHeads = rows.PlanHeads, PlanQBlocks = rows.QueryBlocks,
-            TokenBatch = tokens?.Batch ?? 1, TokenHeads = tokens?.Heads ?? 1, TokenQBlocks = tokens?.QueryBlocks ?? 1, Scale = scale,
-        };
-        void* arg = &p;
-        CudaBackend.Device.Kernel("select.cu", "centroid_compensate", CudaSelectors.Defines<T>()).Launch((uint)blocks.QueryBlocks, (uint)s.Heads, (uint)s.Batch, 256, keyBlocks, &arg);
+            long rowsQ = (long)s.Batch * s.QueryLength * s.Heads, centroids = (long)s.Batch * keyBlocks * s.KvHeads;
+            DeviceBuffer<float>.EnsureLength(ref _lseWorkspace, rowsQ);
+            DeviceBuffer<float>.EnsureLength(ref _centroidLseWorkspace, rowsQ);
+            DeviceBuffer<float>.EnsureLength(ref _keyMeans, centroids * s.HeadDim);
+            DeviceBuffer<float>.EnsureLength(ref _valueMeans, centroids * s.ValueDim);
+            DeviceBuffer<T>.EnsureLength(ref CompensationWorkspace<T>.Keys, centroids * s.HeadDim);
+            DeviceBuffer<T>.EnsureLength(ref CompensationWorkspace<T>.Values, centroids * s.ValueDim);
+            DeviceBuffer<T>.EnsureLength(ref CompensationWorkspace<T>.Output, rowsQ * s.ValueDim);
+            int[] lseShape = [s.Batch, s.QueryLength, s.Heads];
+            long[] lseStrides = TensorView<float>.ContiguousStrides(lseShape);
+            using DeviceTensor<float> ownLse = DeviceTensor<float>.View(_lseWorkspace!, lseShape, lseStrides);
+            using DeviceTensor<float> centroidLse = DeviceTensor<float>.View(_centroidLseWorkspace!, lseShape, lseStrides);
+            DeviceTensor<float> lseUsed = lse ?? ownLse;
+            Run(q, k, v, output, options with { Plan = Plain.GetValue(plan, p => new Masks.SparsityPlan(p.Blocks, p.Tokens)) }, lseUsed, null);
+            DeviceBuffer<float> keyMeans = _keyMeans!, valueMeans = _valueMeans!;
+            CudaSelectors.PoolBlocks(k, keyMeans, blocks.BlockK, 1);
+            CudaSelectors.PoolBlocks(v, valueMeans, blocks.BlockK, 1);
+            DeviceBlockPlan rows = DeviceBlockPlan.For(blocks);
+            DeviceTokens? tokens = plan.Tokens is null ? null : DeviceTokens.For(plan);
+
+            // The centroids as keys and values [B, key blocks, Hkv, D] in T, attended on the tensor cores by the rows'
+            // lists of full-size skipped blocks their query block's first row sees whole.
+            DeviceBlockPlan centroidPlan = CentroidPlans.GetValue(plan, p => CentroidPlan(p, s));
+            int code = SourceCode<T>();
+            long[] pooledStrides = [(long)s.KvHeads * keyBlocks * s.HeadDim, s.HeadDim, (long)keyBlocks * s.HeadDim, 1];
+            int[] centroidShape = [s.Batch, keyBlocks, s.KvHeads, s.HeadDim];
+            int[] centroidValueShape = [s.Batch, keyBlocks, s.KvHeads, s.ValueDim];
+            using DeviceTensor<T> centroidKeys = DeviceTensor<T>.View(CompensationWorkspace<T>.Keys!, centroidShape, TensorView<T>.ContiguousStrides(centroidShape));
+            using DeviceTensor<T> centroidValues = DeviceTensor<T>.View(CompensationWorkspace<T>.Values!, centroidValueShape, TensorView<T>.ContiguousStrides(centroidValueShape));
+            Convert(keyMeans.Pointer, 0, pooledStrides, centroidKeys.Buffer.Pointer, code, centroidKeys.Strides, [s.Batch, keyBlocks, s.KvHeads], s.HeadDim, s.HeadDim);
+            Convert(valueMeans.Pointer, 0, pooledStrides, centroidValues.Buffer.Pointer, code, centroidValues.Strides, [s.Batch, keyBlocks, s.KvHeads], s.ValueDim, s.ValueDim);
+            int[] outShape = [s.Batch, s.QueryLength, s.Heads, s.ValueDim];
+            using DeviceTensor<T> centroidOut = DeviceTensor<T>.View(CompensationWorkspace<T>.Output!, outShape, TensorView<T>.ContiguousStrides(outShape));
+            Run(q, centroidKeys, centroidValues, centroidOut, new AttentionOptions { Scale = scale }, centroidLse, centroidPlan);
+
+            var p = new CompensateParams
+            {
+                Oc = centroidOut.Buffer.Pointer, LseC = centroidLse.Buffer.Pointer,
+                OcBatch = centroidOut.Strides[0], OcRow = centroidOut.Strides[1], OcHead = centroidOut.Strides[2],
+                LsecBatch = centroidLse.Strides[0], LsecRow = centroidLse.Strides[1], LsecHead = centroidLse.Strides[2],
+                Q = q.Buffer.Pointer, O = output.Buffer.Pointer, Lse = lseUsed.Buffer.Pointer, KeyMeans = keyMeans.Pointer, ValueMeans = valueMeans.Pointer,
+                RowStart = rows.RowStart.Pointer, Cols = rows.Columns.Pointer, TokenRowStart = tokens?.RowStart.Pointer ?? 0, Tokens = tokens?.Tokens.Pointer ?? 0,
+                QBatch = q.Strides[0], QRow = q.Strides[1], QHead = q.Strides[2], OBatch = output.Strides[0], ORow = output.Strides[1], OHead = output.Strides[2],
+                LseBatch = lseUsed.Strides[0], LseRow = lseUsed.Strides[1], LseHead = lseUsed.Strides[2],
+                Heads = s.Heads, Group = s.GroupSize, D = s.HeadDim, Dv = s.ValueDim, SeqlenQ = s.QueryLength, SeqlenK = s.KeyLength,
+                BlockQ = blocks.BlockQ, BlockK = blocks.BlockK, KeyBlocks = keyBlocks, Causal = blocks.Mask is null ? 0 : 1, CausalOffset = s.KeyLength - s.QueryLength,
+                PlanBatch = rows.PlanBatch, PlanHeads = rows.PlanHeads, PlanQBlocks = rows.QueryBlocks,
+                TokenBatch = tokens?.Batch ?? 1, TokenHeads = tokens?.Heads ?? 1, TokenQBlocks = tokens?.QueryBlocks ?? 1, Scale = scale,
+            };
+            void* arg = &p;
+            CudaBackend.Device.Kernel("select.cu", "centroid_compensate", CudaSelectors.Defines<T>()).Launch((uint)blocks.QueryBlocks, (uint)s.Heads, (uint)s.Batch, 256, keyBlocks, &arg);
+        }
+    }
+
+    private static readonly Lock CompensationGate = new();
+    private static DeviceBuffer<float>? _lseWorkspace, _centroidLseWorkspace, _keyMeans, _valueMeans;
+
+    /// <summary>The compensation's T-typed temporaries (centroid keys and values, the centroid pass's output).</summary>
+    private static class CompensationWorkspace<T> where T : unmanaged
+    {
+        public static DeviceBuffer<T>? Keys, Values, Output;
     }
 
     [StructLayout(LayoutKind.Sequential)]
@@ -305,6 +348,62 @@ public static unsafe class CudaAttention
         public int Heads, Group, D, Dv, SeqlenQ, SeqlenK, BlockQ, BlockK, KeyBlocks, Causal, CausalOffset;
         public int PlanBatch, PlanHeads, PlanQBlocks, TokenBatch, TokenHeads, TokenQBlocks;
         public float Scale;
+        public ulong Oc, LseC;
+        public long OcBatch, OcRow, OcHead, LsecBatch, LsecRow, LsecHead;
+    }
+
+    private static readonly System.Runtime.CompilerServices.ConditionalWeakTable<Masks.SparsityPlan, DeviceBlockPlan> CentroidPlans = new();
+
+    /// <summary>
+    /// The centroid pass's plan: per (batch, head, query block) of <paramref name="plan"/>, as gathered "tokens" over the
+    /// key-block centroids, the full-size key blocks it skips (neither visited nor holding a gathered token) that the
+    /// query block's first row sees whole — so every row of the block sees them whole; centroid_compensate adds the few
+    /// a later row sees beyond those and a short last block.
+    /// </summary>
+    private static DeviceBlockPlan CentroidPlan(Masks.SparsityPlan plan, AttentionShape s)
+    {
+        Masks.BlockMask blocks = plan.Blocks!;
+        Masks.TokenSet? tokens = plan.Tokens;
+        int batch = tokens is null ? blocks.PlanBatch : Math.Max(blocks.PlanBatch, tokens.PlanBatch);
+        int heads = tokens is null ? blocks.PlanHeads : Math.Max(blocks.PlanHeads, tokens.PlanHeads);
+        int bq = blocks.BlockQ, bk = blocks.BlockK, keyBlocks = blocks.KeyBlocks, queryBlocks = blocks.QueryBlocks;
+        bool causal = blocks.Mask is not null;
+        long offset = (long)s.KeyLength - s.QueryLength;
+        var rowStart = new int[((long)batch * heads * queryBlocks) + 1];
+        var list = new List<int>();
+        var visited = new bool[keyBlocks];
+        int r = 0;
+        for (int b = 0; b < batch; b++)
+            for (int h = 0; h < heads; h++)
+                for (int qb = 0; qb < queryBlocks; qb++)
+                {
+                    rowStart[r++] = list.Count;
+                    Array.Clear(visited);
+                    foreach (int kb in blocks.Row(b, h, qb, out _)) visited[kb] = true;
+                    if (tokens is not null)
+                    {
+                        foreach (int t in tokens.Row(b, h, qb)) visited[t / bk] = true;
+                    }
+                    long keys = (long)qb * bq + offset + 1;   // keys the first row sees
+                    int whole = !causal ? keyBlocks : (int)Math.Clamp((keys / bk) + (keys >= s.KeyLength ? 1 : 0), 0, keyBlocks);
+                    for (int j = 0; j < whole; j++)
+                    {
+                        if (!visited[j] && Math.Min(s.KeyLength, (long)(j + 1) * bk) - ((long)j * bk) == bk) list.Add(j);
+                    }
+                }
+        rowStart[r] = list.Count;
+        var extent = new Masks.MaskExtent(s.Batch, s.Heads, s.QueryLength, keyBlocks);
+        var starts = DeviceBuffer<int>.Allocate(rowStart.Length);
+        starts.CopyFrom(rowStart);
+        var tokenStarts = DeviceBuffer<int>.Allocate(rowStart.Length);
+        tokenStarts.CopyFrom(rowStart);
+        Array.Clear(rowStart);
+        starts.CopyFrom(rowStart);   // no blocks: the walk is the gathered centroids only
+        var columns = DeviceBuffer<int>.Allocate(1);
+        var kinds = DeviceBuffer<byte>.Allocate(1);
+        var gathered = DeviceBuffer<int>.Allocate(Math.Max(list.Count, 1));
+        if (list.Count > 0) gathered.CopyFrom([.. list]);
+        return new DeviceBlockPlan(extent, bq, 128, batch, heads, starts, columns, kinds, 0, null, tokenStarts, gathered, list.Count, null);
     }
 
     /// <summary>A permutation's query and key orders on the device ([B·H·Sq] and [B·Hkv·Skv] source rows).</summary>

@@ -118,7 +118,8 @@ public static unsafe class CudaSelectors
         lock (Gate)
         {
             DeviceBuffer<float>.EnsureLength(ref _vsScores, (long)headRows * rows * skv);
-            DeviceBuffer<float>.EnsureLength(ref _vsNorms, (long)headRows * rows * 2);
+            int keyGroups = (skv + 255) / 256;
+            DeviceBuffer<float>.EnsureLength(ref _vsNorms, (long)headRows * rows * 2 * (keyGroups + 1));
             DeviceBuffer<float>.EnsureLength(ref _vsProfiles, 2L * headRows * skv);
             DeviceBuffer<int>.EnsureLength(ref _vsLists, (long)headRows * (verticals + slashes + 2));
             DeviceBuffer<int>.EnsureLength(ref _counts, planRows * 2);
@@ -126,16 +127,15 @@ public static unsafe class CudaSelectors
             DeviceBuffer<int>.EnsureLength(ref _tokenScratch, planRows * Math.Max(verticals, 1));
             var sp = new VsScoreParams
             {
-                Q = q.Buffer.Pointer, K = k.Buffer.Pointer, Scores = _vsScores!.Pointer,
+                Q = q.Buffer.Pointer, K = k.Buffer.Pointer, Scores = _vsScores!.Pointer, Partials = _vsNorms!.Pointer + ((ulong)headRows * (ulong)rows * 2 * sizeof(float)),
                 QBatch = q.Strides[0], QRow = q.Strides[1], QHead = q.Strides[2], KBatch = k.Strides[0], KRow = k.Strides[1], KHead = k.Strides[2],
-                Heads = heads, Group = heads / kvHeads, D = d, Rows = rows, First = sq - rows, SeqlenK = skv, Causal = causal ? 1 : 0, CausalOffset = skv - sq, Scale = s,
+                Heads = heads, Group = heads / kvHeads, D = d, Rows = rows, First = sq - rows, SeqlenK = skv, Causal = causal ? 1 : 0, CausalOffset = skv - sq, KeyGroups = keyGroups, Scale = s,
             };
             ulong norms = _vsNorms!.Pointer, vertical = _vsProfiles!.Pointer, slash = vertical + ((ulong)headRows * (ulong)skv * sizeof(float));
             ulong columnList = _vsLists!.Pointer, offsetList = columnList + ((ulong)headRows * (ulong)verticals * sizeof(int));
             ulong columnCount = offsetList + ((ulong)headRows * (ulong)slashes * sizeof(int)), offsetCount = columnCount + ((ulong)headRows * sizeof(int));
-            uint keyGroups = (uint)((skv + 255) / 256);
             void* arg = &sp;
-            device.Kernel("select.cu", "vs_scores", defines).Launch(keyGroups, (uint)heads, (uint)batch, 256, 0, &arg);
+            device.Kernel("select.cu", "vs_scores", defines).Launch((uint)keyGroups, (uint)heads, (uint)batch, 256, 0, &arg);
             void** args = stackalloc void*[6];
             args[0] = &sp;
             args[1] = &norms;
@@ -145,7 +145,7 @@ public static unsafe class CudaSelectors
             args[3] = &slash;
             args[4] = &sinkColumns;
             args[5] = &localDiagonals;
-            device.Kernel("select.cu", "vs_profile", defines).Launch(keyGroups, (uint)heads, (uint)batch, 256, 0, args);
+            device.Kernel("select.cu", "vs_profile", defines).Launch((uint)keyGroups, (uint)heads, (uint)batch, 256, 0, args);
             TopK(vertical, skv, verticals, columnList, columnCount, headRows, defines);
             TopK(slash, skv, slashes, offsetList, offsetCount, headRows, defines);
 
@@ -296,9 +296,9 @@ public static unsafe class CudaSelectors
     [StructLayout(LayoutKind.Sequential)]
     private struct VsScoreParams
     {
-        public ulong Q, K, Scores;
+        public ulong Q, K, Scores, Partials;
         public long QBatch, QRow, QHead, KBatch, KRow, KHead;
-        public int Heads, Group, D, Rows, First, SeqlenK, Causal, CausalOffset;
+        public int Heads, Group, D, Rows, First, SeqlenK, Causal, CausalOffset, KeyGroups;
         public float Scale;
     }
 

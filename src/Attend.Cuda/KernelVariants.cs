@@ -93,6 +93,13 @@ public static class KernelVariants
                 defines["HAS_TOKENS"] = "1";
                 defines["TOKEN_MASK_EXPR"] = causalExpression;
                 yield return ("flash_fwd.cu", defines);
+                // The centroid pass of compensated plans: gathered centroids only, no element mask.
+                Dictionary<string, string> centroids = FlashConfig.For(d).Defines(true, false, false, wgmma);
+                centroids["HAS_PLAN"] = "1";
+                centroids["MASK_EXPR"] = "true";
+                centroids["HAS_TOKENS"] = "1";
+                centroids["TOKEN_MASK_EXPR"] = "true";
+                yield return ("flash_fwd.cu", centroids);
             }
         // Permuted bucket plans: the mask expression reads the bucket ids and positions from p.mask_data.
         foreach (bool causal in new[] { false, true })

@@ -426,9 +426,13 @@ extern "C" __global__ void __launch_bounds__(THREADS) quest_select(const QuestPa
 // ---------------------------------------------------------------------------------------------------------------
 // Centroid compensation on the GPU (the CPU's CentroidCompensation; Rectified SpaAttn, SVG-EAR): after a plan ran,
 // every key block it skipped that a row sees whole stands in as one centroid — score scale·q·k̄ + ln n, value v̄ —
-// merged into the row's output and LSE in log space. k̄ and v̄ come from pool_blocks. One thread block per (query
-// block, head, batch) marks the plan's visited blocks (and those holding its gathered tokens) in shared memory; a warp
-// per row walks the others with an online softmax (lanes over channels).
+// merged into the row's output and LSE in log space. k̄ and v̄ come from pool_blocks. The bulk runs on the tensor
+// cores first: the attention kernel over the centroids as keys, gathering per query block the full-size skipped
+// blocks its first row sees whole (oc, lse_c; their ln n = ln block_k is added here). centroid_compensate then adds,
+// per row, the few blocks that row sees whole beyond its block's first row and a short last block, and merges both
+// into output and LSE: one thread block per (query block, head, batch) marks the plan's visited blocks (and those
+// holding its gathered tokens) in shared memory, a warp per row (lanes over channels). Without oc it walks every
+// skipped block itself (warp per row; measured 5.5 ms at S 16384, H 32 — the reason for the tensor-core pass).
 // ---------------------------------------------------------------------------------------------------------------
 __device__ __forceinline__ void store_elem(void* base, i64 i, float x)
 {
@@ -462,7 +466,18 @@ struct CompensateParams
     int heads, group, d, dv, seqlen_q, seqlen_k, block_q, block_k, key_blocks, causal, causal_offset;
     int plan_batch, plan_heads, plan_q_blocks, token_batch, token_heads, token_q_blocks;
     float scale;
+    const void* oc;             // null, or the centroid pass's output [B, Sq, H, Dv] (see above)
+    const float* lse_c;         // and its LSE (natural log, without ln block_k)
+    i64 oc_batch, oc_row, oc_head, lsec_batch, lsec_row, lsec_head;
 };
+
+// Key blocks row i sees whole: all, or (causal) those ending at or before its diagonal.
+__device__ __forceinline__ int whole_blocks(const CompensateParams& p, int i)
+{
+    if (!p.causal) return p.key_blocks;
+    const i64 keys = (i64)i + p.causal_offset + 1;
+    return max(0, min(p.key_blocks, (int)(keys / p.block_k) + (keys >= p.seqlen_k ? 1 : 0)));
+}
 
 // Grid (query blocks, H, B), THREADS threads; dynamic shared memory: key_blocks bytes.
 extern "C" __global__ void __launch_bounds__(THREADS) centroid_compensate(const CompensateParams p)
@@ -494,11 +509,32 @@ extern "C" __global__ void __launch_bounds__(THREADS) centroid_compensate(const 
             acc[t] = 0.f;
         }
         float m = -__int_as_float(0x7f800000), l = 0.f;
-        // Blocks row i sees whole: all, or (causal) those ending at or before its diagonal.
-        const int whole = p.causal ? max(0, min(p.key_blocks, (int)(((i64)i + p.causal_offset + 1) / p.block_k) + ((i64)i + p.causal_offset + 1 >= p.seqlen_k ? 1 : 0))) : p.key_blocks;
-        for (int j = 0; j < whole; j++)
+        const int whole = whole_blocks(p, i);
+        int from = 0, short_last = -1;
+        if (p.oc != nullptr)
         {
-            if (visited[j]) continue;
+            // The centroid pass covered the full-size skipped blocks whole for the block's first row.
+            from = whole_blocks(p, qb * p.block_q);
+            const float lc = p.lse_c[b * p.lsec_batch + (i64)i * p.lsec_row + h * p.lsec_head];
+            if (lc != -__int_as_float(0x7f800000))
+            {
+                m = lc + __logf((float)p.block_k);
+                l = 1.f;
+                const i64 cbase = b * p.oc_batch + (i64)i * p.oc_row + h * p.oc_head;
+#pragma unroll
+                for (int t = 0; t < COMP_CHANNELS; t++)
+                {
+                    const int c = lane + 32 * t;
+                    acc[t] = c < p.dv ? load_elem(p.oc, cbase + c) : 0.f;
+                }
+            }
+            const int last = p.key_blocks - 1;
+            if (p.seqlen_k - last * p.block_k < p.block_k && last < from) short_last = last;
+        }
+        // One skipped block's centroid into the running (m, l, acc).
+        auto add = [&](int j)
+        {
+            if (visited[j]) return;
             float dot = 0.f;
 #pragma unroll
             for (int t = 0; t < COMP_CHANNELS; t++)
@@ -517,7 +553,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) centroid_compensate(const 
                 acc[t] = acc[t] * alpha + (c < p.dv ? w * vmeans[(i64)j * p.dv + c] : 0.f);
             }
             m = nm;
-        }
+        };
+        for (int j = from; j < whole; j++) add(j);
+        if (short_last >= 0) add(short_last);
         if (l == 0.f) continue;   // nothing skipped that this row sees whole
         const float lse_c = m + __logf(l);
         const i64 lse_at = b * p.lse_batch + (i64)i * p.lse_row + h * p.lse_head;
@@ -541,11 +579,11 @@ extern "C" __global__ void __launch_bounds__(THREADS) centroid_compensate(const 
 // LAST_Q queries scored exactly against every key, softmax per row, then per head the column sums (vertical) and
 // the diagonal sums (slash, offset o = query + causal offset − key), each over the rows; the top verticals run as
 // gathered key tokens and the top slashes as the key blocks they cross.
-//   1. vs_scores:   a thread per key, the last rows' queries in shared memory (64 channels at a time) → scaled
-//                   logits [B, H, rows, Skv], −∞ past a row's visible keys.
-//   2. vs_norms:    per row its max and 1 / (Σ exp · rows).
+//   1. vs_scores:   a thread per key, the last rows' queries and the block's keys in shared memory → scaled logits
+//                   [B, H, rows, Skv], −∞ past a row's visible keys, and per block of keys each row's (max, Σ exp).
+//   2. vs_norms:    per row its max and 1 / (Σ exp · rows) from those partials.
 //   3. vs_profile:  a thread per key column j: vertical[j] and slash[o = j] (sinks / local diagonals forced to +∞).
-//   4. topk_rows:   per head the k largest of each profile, ascending (a bisected threshold, ties by index).
+//   4. topk_rows:   per head the k largest of each profile, ascending (radix select, ties by index).
 //   5. vs_plan:     per (query block, head): the blocks the slashes cross (a bitmap in shared memory) and the
 //                   verticals it sees outside them, into per-row scratch and counts; scan_counts and the compactions
 //                   (compact_plan, compact_rows) write the block CSR and the token CSR.
@@ -553,26 +591,33 @@ extern "C" __global__ void __launch_bounds__(THREADS) centroid_compensate(const 
 #ifndef LAST_Q
 #define LAST_Q 64
 #endif
-#define VS_CHUNK 64   // channels of the queries held in shared memory at a time
+#define VS_CHUNK 32   // channels of the queries and keys held in shared memory at a time
 
 struct VsScoreParams
 {
     const void* q;              // [B, Sq, H, D]
     const void* k;              // [B, Skv, Hkv, D]
     float* scores;              // [B, H, rows, Skv]
+    float2* partials;           // [B, H, rows, key groups]: (max, Σ exp(x − max)) over each group of THREADS keys
     i64 q_batch, q_row, q_head, k_batch, k_row, k_head;
-    int heads, group, d, rows, first, seqlen_k, causal, causal_offset;
+    int heads, group, d, rows, first, seqlen_k, causal, causal_offset, key_groups;
     float scale;
 };
 
-// Grid (ceil(Skv / THREADS), H, B), THREADS threads: thread j scores key j against the rows (≤ LAST_Q).
+// Grid (key groups = ceil(Skv / THREADS), H, B), THREADS threads: thread j scores key j0 + j against the rows
+// (≤ LAST_Q). Queries and the group's keys are staged in shared memory VS_CHUNK channels at a time (the keys read
+// row by row, coalesced: reading them per thread, two bytes from a different row per lane, saturated L1 — 5.75 ms
+// at S 131072, H 32). Each group also writes its rows' (max, Σ exp) so the row norms need no second pass over the
+// scores.
 extern "C" __global__ void __launch_bounds__(THREADS) vs_scores(const VsScoreParams p)
 {
     __shared__ __align__(16) float qs[LAST_Q][VS_CHUNK];
+    __shared__ float ks[THREADS][VS_CHUNK + 1];   // +1: lanes read their own row without bank conflicts
+    __shared__ float red[LAST_Q][WARPS];
+    __shared__ float row_max[LAST_Q];
     const int h = blockIdx.y, b = blockIdx.z;
-    const int j = blockIdx.x * THREADS + threadIdx.x;
-    const bool live = j < p.seqlen_k;
-    const i64 krow = b * p.k_batch + (i64)(live ? j : 0) * p.k_row + (h / p.group) * p.k_head;
+    const int j0 = blockIdx.x * THREADS, j = j0 + threadIdx.x;
+    const i64 kbase = b * p.k_batch + (h / p.group) * p.k_head;
     float acc[LAST_Q];
 #pragma unroll
     for (int r = 0; r < LAST_Q; r++) acc[r] = 0.f;
@@ -585,15 +630,16 @@ extern "C" __global__ void __launch_bounds__(THREADS) vs_scores(const VsScorePar
             qs[r][i % VS_CHUNK] = r < p.rows && c < p.d
                 ? load_elem(p.q, b * p.q_batch + (i64)(p.first + r) * p.q_row + h * p.q_head + c) * p.scale : 0.f;
         }
-        __syncthreads();
-        const int n = min(VS_CHUNK, p.d - c0);
-        for (int c = 0; c < n; c += 4)
+        for (int i = threadIdx.x; i < THREADS * VS_CHUNK; i += THREADS)
         {
-            // Channels past D read as 0 (the queries there are 0 too); D is a multiple of 4 or the tail is zeroed.
-            const float x0 = live ? load_elem(p.k, krow + c0 + c) : 0.f;
-            const float x1 = live && c + 1 < n ? load_elem(p.k, krow + c0 + c + 1) : 0.f;
-            const float x2 = live && c + 2 < n ? load_elem(p.k, krow + c0 + c + 2) : 0.f;
-            const float x3 = live && c + 3 < n ? load_elem(p.k, krow + c0 + c + 3) : 0.f;
+            const int key = i / VS_CHUNK, c = c0 + i % VS_CHUNK;
+            ks[key][i % VS_CHUNK] = j0 + key < p.seqlen_k && c < p.d ? load_elem(p.k, kbase + (i64)(j0 + key) * p.k_row + c) : 0.f;
+        }
+        __syncthreads();
+#pragma unroll 2
+        for (int c = 0; c < VS_CHUNK; c += 4)
+        {
+            const float x0 = ks[threadIdx.x][c], x1 = ks[threadIdx.x][c + 1], x2 = ks[threadIdx.x][c + 2], x3 = ks[threadIdx.x][c + 3];
 #pragma unroll
             for (int r = 0; r < LAST_Q; r++)
             {
@@ -602,30 +648,68 @@ extern "C" __global__ void __launch_bounds__(THREADS) vs_scores(const VsScorePar
             }
         }
     }
-    if (!live) return;
-    float* out = p.scores + ((i64)(b * p.heads + h) * p.rows) * p.seqlen_k + j;
+    const float neg_inf = -__int_as_float(0x7f800000);
 #pragma unroll
     for (int r = 0; r < LAST_Q; r++)
     {
-        if (r >= p.rows) break;
-        const bool visible = !p.causal || (i64)j <= (i64)p.first + r + p.causal_offset;
-        out[(i64)r * p.seqlen_k] = visible ? acc[r] : -__int_as_float(0x7f800000);
+        const bool visible = j < p.seqlen_k && r < p.rows && (!p.causal || (i64)j <= (i64)p.first + r + p.causal_offset);
+        acc[r] = visible ? acc[r] : neg_inf;
+    }
+    if (j < p.seqlen_k)
+    {
+        float* out = p.scores + ((i64)(b * p.heads + h) * p.rows) * p.seqlen_k + j;
+#pragma unroll
+        for (int r = 0; r < LAST_Q; r++)
+            if (r < p.rows) out[(i64)r * p.seqlen_k] = acc[r];
+    }
+    // The group's (max, Σ exp) per row: warp maxima, the block's, then warp sums of exp against it.
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+    for (int r = 0; r < LAST_Q; r++)
+    {
+        const float m = warp_max(acc[r]);
+        if (lane == 0) red[r][warp] = m;
+    }
+    __syncthreads();
+    if (threadIdx.x < LAST_Q)
+    {
+        float m = red[threadIdx.x][0];
+        for (int w = 1; w < WARPS; w++) m = fmaxf(m, red[threadIdx.x][w]);
+        row_max[threadIdx.x] = m;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < LAST_Q; r++)
+    {
+        const float m = row_max[r];
+        const float e = warp_sum(m == neg_inf ? 0.f : __expf(acc[r] - m));
+        if (lane == 0) red[r][warp] = e;
+    }
+    __syncthreads();
+    if (threadIdx.x < p.rows)
+    {
+        float s = 0.f;
+        for (int w = 0; w < WARPS; w++) s += red[threadIdx.x][w];
+        p.partials[((i64)(b * p.heads + h) * p.rows + threadIdx.x) * p.key_groups + blockIdx.x] = make_float2(row_max[threadIdx.x], s);
     }
 }
 
-// Grid (rows, H, B): max and 1 / (Σ exp(x − max) · rows) of one score row (a row that sees no key gets max −∞ and 0).
+// Grid (rows, H, B): a row's max and 1 / (Σ exp(x − max) · rows) from its groups' partials (a row that sees no key
+// gets max −∞ and 0).
 extern "C" __global__ void __launch_bounds__(THREADS) vs_norms(const VsScoreParams p, float2* norms)
 {
     __shared__ float red[WARPS];
     const int r = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const i64 at = (i64)(b * p.heads + h) * p.rows + r;
-    const float* row = p.scores + at * p.seqlen_k;
-    float m = -__int_as_float(0x7f800000);
-    for (int j = threadIdx.x; j < p.seqlen_k; j += THREADS) m = fmaxf(m, row[j]);
+    const float2* part = p.partials + at * p.key_groups;
+    const float neg_inf = -__int_as_float(0x7f800000);
+    float m = neg_inf;
+    for (int g = threadIdx.x; g < p.key_groups; g += THREADS) m = fmaxf(m, part[g].x);
     m = block_max(m, red);
     float s = 0.f;
-    if (m != -__int_as_float(0x7f800000))
-        for (int j = threadIdx.x; j < p.seqlen_k; j += THREADS) s += __expf(row[j] - m);
+    if (m != neg_inf)
+        for (int g = threadIdx.x; g < p.key_groups; g += THREADS)
+            if (part[g].x != neg_inf) s += part[g].y * __expf(part[g].x - m);
     s = block_sum(s, red);
     if (threadIdx.x == 0) norms[at] = make_float2(m, s > 0.f ? 1.f / (s * (float)p.rows) : 0.f);
 }
@@ -655,8 +739,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) vs_profile(const VsScorePa
 }
 
 // Grid (rows): the min(k, n) largest of each row of non-negative values (+∞ allowed), written ascending by index to
-// list[row · list_stride ...], their number to count[row]. A bisected threshold on the float bits finds t with
-// #(x > t) < k ≤ #(x ≥ t); the entries tied at t are taken lowest index first.
+// list[row · list_stride ...], their number to count[row]. The k-th largest t (#(x > t) < k ≤ #(x ≥ t)) is found by a
+// radix select on the float bits; the entries tied at t are taken lowest index first.
 extern "C" __global__ void __launch_bounds__(THREADS) topk_rows(const float* values, int n, int k, int* list, int list_stride, int* count)
 {
     __shared__ float red[WARPS];
@@ -671,16 +755,38 @@ extern "C" __global__ void __launch_bounds__(THREADS) topk_rows(const float* val
         if (threadIdx.x == 0) count[blockIdx.x] = n;
         return;
     }
-    u32 lo = 0, hi = 0x7f800001u;   // #(≥ 0) = n ≥ k; #(≥ NaN bits) = 0 < k (k ≥ 1 here)
-    while (hi - lo > 1)
+    // t = the k-th largest value, found by its bits 8 at a time (non-negative floats order as their bits): per pass a
+    // shared histogram of the next byte among the values matching the bytes found so far (4 passes over the row; a
+    // bisection took 31 passes and 1.03 ms per 32 × 131072 profile, this 0.48 ms — the shared atomics serialise, as
+    // the profiles share a few exponents; aggregating equal bytes per warp with __match_any_sync was slower, 0.83 ms).
+    __shared__ int hist[256];
+    __shared__ u32 found_prefix;
+    __shared__ int found_remaining;
+    u32 prefix = 0, mask = 0;
+    int remaining = k;   // rank of t among the values matching prefix
+    for (int shift = 24; shift >= 0; shift -= 8)
     {
-        const u32 mid = lo + ((hi - lo) >> 1);
-        const float t = __uint_as_float(mid);
-        float c = 0.f;
-        for (int i = threadIdx.x; i < n; i += THREADS) c += x[i] >= t ? 1.f : 0.f;
-        if (block_sum(c, red) >= (float)k) lo = mid; else hi = mid;
+        for (int i = threadIdx.x; i < 256; i += THREADS) hist[i] = 0;
+        __syncthreads();
+        for (int i = threadIdx.x; i < n; i += THREADS)
+        {
+            const u32 bits = __float_as_uint(x[i]);
+            if ((bits & mask) == prefix) atomicAdd(&hist[(bits >> shift) & 255u], 1);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0)
+        {
+            int digit = 255, rem = remaining;
+            for (; digit > 0 && hist[digit] < rem; digit--) rem -= hist[digit];
+            found_prefix = prefix | ((u32)digit << shift);
+            found_remaining = rem;
+        }
+        __syncthreads();
+        prefix = found_prefix;
+        remaining = found_remaining;
+        mask |= 255u << shift;
     }
-    const float t = __uint_as_float(lo);
+    const float t = __uint_as_float(prefix);
     int above_mine = 0, tied_mine = 0;
     for (int i = i0; i < i1; i++)
     {
