@@ -318,6 +318,7 @@ internal static class BenchCommand
             if (suite == "sparse-real") rows.AddRange(SparseBench.RunReal(plan, peak, status));
             if (suite == "linear") rows.AddRange(LinearBench.Run(plan, peak, status, advance));
             if (suite == "decode") rows.AddRange(DecodeBench.Run(plan, copy, status, advance));
+            if (suite == "peak") rows.AddRange(DecodeBench.RunPeak(plan, copy, status));
             if (suite == "decode-real") rows.AddRange(DecodeRealBench.Run(plan.DataDir, status));
             if (suite == "decode-offload") rows.AddRange(DecodeBench.RunOffload(plan, status));
         }

@@ -16,48 +16,14 @@ internal static class DecodeBench
 
     public static List<BenchCommand.BenchRow> Run(BenchCommand.BenchPlan plan, double copyGBps, Action<string> status, Action advance)
     {
-        int length = plan.Lengths.Length > 0 && plan.Lengths[0] != 1024 ? plan.Lengths[0] : 131072;
-        int heads = plan.Heads > 0 ? plan.Heads : 32, kvHeads = plan.KvHeads > 0 ? plan.KvHeads : 8, d = 128;
-        status($"filling a {length}-token f16 cache");
-        var cache = new KvCache(1, kvHeads, d, storage: DType.Float16, pageSize: 64);
-        int seq = cache.AddSequence();
-        const int piece = 4096;
-        for (int t0 = 0; t0 < length; t0 += piece)
-        {
-            int n = Math.Min(piece, length - t0);
-            cache.Append(seq, 0, new TensorView<float>(BenchCommand.RandomView<float>(t0 + 1, 1, n, kvHeads, d).ToArray(), n, kvHeads, d),
-                new TensorView<float>(BenchCommand.RandomView<float>(t0 + 2, 1, n, kvHeads, d).ToArray(), n, kvHeads, d));
-        }
+        (int length, int heads, int kvHeads, int d) = Shape(plan);
+        (KvCache cache, int seq) = Fill(length, kvHeads, d, status);
         var q = new TensorView<float>(BenchCommand.RandomView<float>(7, 1, 1, heads, d).ToArray(), 1, heads, d);
         var dense = new TensorView<float>(new float[heads * d], 1, heads, d);
         var tuning = new KernelTuning { Threads = plan.Threads };
-        double bytes = 2.0 * length * kvHeads * d * DTypes.SizeOf(DType.Float16);
         var rows = new List<BenchCommand.BenchRow>();
-
-        status("dense decode step");
-        BenchCommand.Timing t = BenchCommand.Measure(() => DecodeAttention.Forward(q, cache, seq, 0, dense, tuning: tuning), plan.Reps);
-        double denseMs = t.MedianMs;
-        double gbps = bytes / (denseMs * 1e-3) / 1e9;
-        // The machine's bandwidth drifts between runs (24–33 GB/s of copy on the 2-core EPYC within one hour), so the
-        // bar is also judged on rounds that pair a copy with a decode step back to back: median of the per-round ratios.
-        var ratios = new List<double>();
-        for (int round = 0; round < 9; round++)
-        {
-            double copyNow = Diagnostics.PeakProbe.CopyGBps(plan.Threads > 0 ? plan.Threads : Environment.ProcessorCount);
-            var sw = System.Diagnostics.Stopwatch.StartNew();
-            DecodeAttention.Forward(q, cache, seq, 0, dense, tuning: tuning);
-            ratios.Add(bytes / sw.Elapsed.TotalSeconds / 1e9 / copyNow);
-        }
-        ratios.Sort();
-        double paired = ratios[ratios.Count / 2];
-        rows.Add(new BenchCommand.BenchRow("decode", "dense decode f16", DType.Float16, 1, heads, kvHeads, length, d, false, plan.Threads, KernelPath.Auto,
-            denseMs, t.MinMs, t.MaxMs, t.Count, 4.0 * heads * length * d, 0)
-        {
-            Memory = t.Memory,
-            SpeedupVsDense = 1.0,
-            Note = $"{gbps:F1} GB/s of K+V read = {100 * gbps / copyGBps:F0}% of the copy bandwidth measured at the start ({copyGBps:F1} GB/s); "
-                + $"paired with a copy each: median {100 * paired:F0}% (range {100 * ratios[0]:F0}–{100 * ratios[^1]:F0}%); bar >= 70%: {(paired >= 0.7 ? "met" : "MISSED")}",
-        });
+        (BenchCommand.BenchRow denseRow, double denseMs) = DenseStep(plan, copyGBps, cache, seq, q, dense, status);
+        rows.Add(denseRow);
         advance();
 
         status("Quest 1/16 decode step");
@@ -270,6 +236,71 @@ internal static class DecodeBench
 
         public IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows) =>
             inner.SelectPages(cache, sequence, layer, kvHead, queries, rows);
+    }
+
+    /// <summary>
+    /// The dense decode step of the decoding issue's bandwidth bar alone (<c>attend bench --suite peak</c> runs it after
+    /// the FMA and copy probes): the same cache and measurement as the decode suite's first row.
+    /// </summary>
+    public static List<BenchCommand.BenchRow> RunPeak(BenchCommand.BenchPlan plan, double copyGBps, Action<string> status)
+    {
+        (int length, int heads, int kvHeads, int d) = Shape(plan);
+        (KvCache cache, int seq) = Fill(length, kvHeads, d, status);
+        var q = new TensorView<float>(BenchCommand.RandomView<float>(7, 1, 1, heads, d).ToArray(), 1, heads, d);
+        return [DenseStep(plan, copyGBps, cache, seq, q, new TensorView<float>(new float[heads * d], 1, heads, d), status).Row];
+    }
+
+    private static (int Length, int Heads, int KvHeads, int D) Shape(BenchCommand.BenchPlan plan) =>
+        (plan.Lengths.Length > 0 && plan.Lengths[0] != 1024 ? plan.Lengths[0] : 131072, plan.Heads > 0 ? plan.Heads : 32, plan.KvHeads > 0 ? plan.KvHeads : 8, 128);
+
+    /// <summary>An f16 cache of <paramref name="length"/> random tokens (pages of 64).</summary>
+    private static (KvCache Cache, int Sequence) Fill(int length, int kvHeads, int d, Action<string> status)
+    {
+        status($"filling a {length}-token f16 cache");
+        var cache = new KvCache(1, kvHeads, d, storage: DType.Float16, pageSize: 64);
+        int seq = cache.AddSequence();
+        const int piece = 4096;
+        for (int t0 = 0; t0 < length; t0 += piece)
+        {
+            int n = Math.Min(piece, length - t0);
+            cache.Append(seq, 0, new TensorView<float>(BenchCommand.RandomView<float>(t0 + 1, 1, n, kvHeads, d).ToArray(), n, kvHeads, d),
+                new TensorView<float>(BenchCommand.RandomView<float>(t0 + 2, 1, n, kvHeads, d).ToArray(), n, kvHeads, d));
+        }
+        return (cache, seq);
+    }
+
+    /// <summary>The dense step's row (median time, K+V bandwidth against the copy, and 9 rounds pairing a copy with a step).</summary>
+    private static (BenchCommand.BenchRow Row, double MedianMs) DenseStep(BenchCommand.BenchPlan plan, double copyGBps, KvCache cache, int seq,
+        TensorView<float> q, TensorView<float> output, Action<string> status)
+    {
+        int length = cache.Length(seq, 0), kvHeads = cache.KvHeads, d = cache.HeadDim, heads = q.Dim(1);
+        var tuning = new KernelTuning { Threads = plan.Threads };
+        double bytes = 2.0 * length * kvHeads * d * DTypes.SizeOf(DType.Float16);
+        status("dense decode step");
+        BenchCommand.Timing t = BenchCommand.Measure(() => DecodeAttention.Forward(q, cache, seq, 0, output, tuning: tuning), plan.Reps);
+        double denseMs = t.MedianMs;
+        double gbps = bytes / (denseMs * 1e-3) / 1e9;
+        // The machine's bandwidth drifts between runs (24–33 GB/s of copy on the 2-core EPYC within one hour), so the
+        // bar is also judged on rounds that pair a copy with a decode step back to back: median of the per-round ratios.
+        var ratios = new List<double>();
+        for (int round = 0; round < 9; round++)
+        {
+            double copyNow = Diagnostics.PeakProbe.CopyGBps(plan.Threads > 0 ? plan.Threads : Environment.ProcessorCount);
+            var sw = System.Diagnostics.Stopwatch.StartNew();
+            DecodeAttention.Forward(q, cache, seq, 0, output, tuning: tuning);
+            ratios.Add(bytes / sw.Elapsed.TotalSeconds / 1e9 / copyNow);
+        }
+        ratios.Sort();
+        double paired = ratios[ratios.Count / 2];
+        var row = new BenchCommand.BenchRow("decode", "dense decode f16", DType.Float16, 1, heads, kvHeads, length, d, false, plan.Threads, KernelPath.Auto,
+            denseMs, t.MinMs, t.MaxMs, t.Count, 4.0 * heads * length * d, 0)
+        {
+            Memory = t.Memory,
+            SpeedupVsDense = 1.0,
+            Note = $"{gbps:F1} GB/s of K+V read = {100 * gbps / copyGBps:F0}% of the copy bandwidth measured at the start ({copyGBps:F1} GB/s); "
+                + $"paired with a copy each: median {100 * paired:F0}% (range {100 * ratios[0]:F0}–{100 * ratios[^1]:F0}%); bar >= 70%: {(paired >= 0.7 ? "met" : "MISSED")}",
+        };
+        return (row, denseMs);
     }
 
     /// <summary>

@@ -123,10 +123,11 @@ public sealed class CliTests : IDisposable
              {"shape": [1, 4096, 32, 32, 128], "mask": "causal", "device": "cuda", "peer": "flex_mask_build_ms_first_call", "ms": 5388.9},
              {"shape": [1, 4096, 32, 32, 128], "mask": "full", "device": "cuda", "peer": "flex", "error": "not built"}]
             """);
-        var (code, _, err) = Cli("bench", "--suite", "peak", "--peers", P("peers.json"), "--json", P("b.json"), "--csv", P("b.csv"));
+        var (code, _, err) = Cli("bench", "--suite", "peak", "--seq", "4096", "--peers", P("peers.json"), "--json", P("b.json"), "--csv", P("b.csv"));
         Assert.True(code == 0, err);
         JsonArray rows = JsonNode.Parse(File.ReadAllText(P("b.json")))!["rows"]!.AsArray();
         Assert.Equal(2, rows.Count(r => r!["suite"]!.GetValue<string>() == "peers"));
+        Assert.Contains(rows, r => r!["method"]!.GetValue<string>() == "dense decode f16");   // the decoding bar's step, against the copy
         Assert.All(rows.Where(r => r!["suite"]!.GetValue<string>() == "peers"), r => Assert.Equal("peer:cuda", r!["backend"]!.GetValue<string>()));
         string[] csv = File.ReadAllLines(P("b.csv"));
         Assert.StartsWith("suite,method,", csv[0]);
