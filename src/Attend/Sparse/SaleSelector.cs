@@ -33,6 +33,20 @@ public sealed class SaleSelector : SparsitySelector
         init => _bits = value is 4 or 8 ? value : throw new ArgumentOutOfRangeException(nameof(Bits), value, "Bits must be 4 or 8");
     }
 
+    /// <summary>
+    /// Estimate from every <c>RowStride</c>-th query row of each block only (ending at the block's last row; default 1:
+    /// every row, as the paper). A block's relative score is then the largest over the sampled rows: the estimate costs
+    /// 1/RowStride, and structure that spans consecutive rows (bands, slashes, vertical keys, a question's span of
+    /// queries) is still seen; a key wanted by a single unsampled row is not.
+    /// </summary>
+    public int RowStride
+    {
+        get => _rowStride;
+        init => _rowStride = value is >= 1 and <= 64 ? value : throw new ArgumentOutOfRangeException(nameof(RowStride), value, "RowStride must be in 1..64");
+    }
+
+    private readonly int _rowStride = 1;
+
     /// <summary>Always keep the first key block (attention sink) and the diagonal block (local context); default true.</summary>
     public bool KeepSinkAndDiagonal { get; init; } = true;
 
@@ -40,7 +54,7 @@ public sealed class SaleSelector : SparsitySelector
     internal bool ForceScalar { get; init; }
 
     /// <inheritdoc/>
-    public override string Name => string.Create(System.Globalization.CultureInfo.InvariantCulture, $"sale(t={Threshold:0.####}, {Bits}-bit)");
+    public override string Name => string.Create(System.Globalization.CultureInfo.InvariantCulture, $"sale(t={Threshold:0.####}, {Bits}-bit{(RowStride > 1 ? $", rows/{RowStride}" : "")})");
 
     private const int Lanes = 16;           // keys per panel: one 512-bit register of int32 dot products
     private const int Rows = 8;             // query rows per pass over a panel
@@ -65,9 +79,19 @@ public sealed class SaleSelector : SparsitySelector
             for (int c = 0; c < d; c++) smoothed[c] = (float)(keys[(j * d) + c] - mean[c]);
             keyScale[j] = Quantize(smoothed, keyInt.AsSpan((int)((long)j * dp), dp), levels);
         }
-        var queryInt = new sbyte[(long)sq * dp];
-        var queryScale = new float[sq];
-        for (int i = 0; i < sq; i++) queryScale[i] = Quantize(head.Queries.AsSpan(i * d, d), queryInt.AsSpan((int)((long)i * dp), dp), levels);
+        // The sampled query rows of each block (all with RowStride 1), the block's last row always among them.
+        var realRow = new List<int>(sq);
+        var blockStart = new int[head.QueryBlocks + 1];
+        for (int qb = 0; qb < head.QueryBlocks; qb++)
+        {
+            blockStart[qb] = realRow.Count;
+            int first = qb * bs, last = Math.Min(first + bs, sq) - 1;
+            for (int i = first + ((last - first) % RowStride); i <= last; i += RowStride) realRow.Add(i);
+        }
+        blockStart[head.QueryBlocks] = realRow.Count;
+        var queryInt = new sbyte[(long)realRow.Count * dp];
+        var queryScale = new float[realRow.Count];
+        for (int v = 0; v < realRow.Count; v++) queryScale[v] = Quantize(head.Queries.AsSpan(realRow[v] * d, d), queryInt.AsSpan((int)((long)v * dp), dp), levels);
 
         bool simd = !ForceScalar && Avx512BW.IsSupported;
         var kernel = simd ? (Bits == 4 ? new ByteKernel(queryInt, keyInt, panels, dp) : (IPanelKernel)new ShortKernel(queryInt, keyInt, panels, dp)) : new ScalarKernel(queryInt, keyInt, dp);
@@ -78,26 +102,26 @@ public sealed class SaleSelector : SparsitySelector
         {
             int visibleBlocks = head.VisibleKeyBlocks(qb);
             if (visibleBlocks == 0) continue;
-            int q0 = qb * bs, q1 = Math.Min(q0 + bs, sq), rows = q1 - q0;
+            int q0 = blockStart[qb], q1 = blockStart[qb + 1], rows = q1 - q0;   // sampled rows (indices into realRow)
             // Per row: the largest estimate in each key block and overall. The keys are walked in chunks that stay
             // in the core's cache while every group of 8 rows passes over them.
             var blockMax = new float[rows * visibleBlocks];
             var rowMax = new float[rows];
             Array.Fill(blockMax, float.NegativeInfinity);
             Array.Fill(rowMax, float.NegativeInfinity);
-            int lastPanel = (head.VisibleKeys(q1 - 1) + Lanes - 1) / Lanes;
+            int lastPanel = (head.VisibleKeys(realRow[q1 - 1]) + Lanes - 1) / Lanes;
             for (int chunk = 0; chunk < lastPanel; chunk += chunkPanels)
             {
                 for (int r0 = q0; r0 < q1; r0 += Rows)
                 {
                     int n = Math.Min(Rows, q1 - r0);
-                    int end = Math.Min(Math.Min(chunk + chunkPanels, lastPanel), (head.VisibleKeys(r0 + n - 1) + Lanes - 1) / Lanes);
+                    int end = Math.Min(Math.Min(chunk + chunkPanels, lastPanel), (head.VisibleKeys(realRow[r0 + n - 1]) + Lanes - 1) / Lanes);
                     if (end <= chunk) continue;
                     kernel.Products(r0, n, chunk, end, scores);
                     int width = (end - chunk) * Lanes;
                     for (int r = 0; r < n; r++)
                     {
-                        int visible = Math.Min(head.VisibleKeys(r0 + r), end * Lanes) - (chunk * Lanes);   // keys of this chunk the row sees
+                        int visible = Math.Min(head.VisibleKeys(realRow[r0 + r]), end * Lanes) - (chunk * Lanes);   // keys of this chunk the row sees
                         if (visible <= 0) continue;
                         ReadOnlySpan<float> rowScores = scores.AsSpan(r * width, width);
                         float qs = queryScale[r0 + r];
