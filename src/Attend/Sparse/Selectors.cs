@@ -68,7 +68,7 @@ public static class Selectors
     /// <summary>
     /// Parses <c>name[:key=value,...]</c>, e.g. <c>xattention:t=0.95,stride=16</c>, <c>pooled:budget=top8</c>,
     /// <c>pooled:budget=p0.9</c>, <c>vertical-slash:v=2000,s=500</c>, <c>flexprefill:gamma=0.9,tau=0.1</c>,
-    /// <c>anchor:theta=6</c>, <c>hierarchical:k=16</c>, <c>sale:t=0.004,bits=4,rows=1</c>, <c>dhsa:L=64,budget=1024,window=8</c>. Every selector also takes <c>block=64|128|256</c>.
+    /// <c>anchor:theta=6</c>, <c>hierarchical:k=16</c>, <c>sale:t=0.02,bits=4,rows=4</c>, <c>dhsa:L=64,budget=1024,window=8</c>. Every selector also takes <c>block=64|128|256</c>.
     /// </summary>
     public static SparsitySelector Parse(string spec)
     {
@@ -89,7 +89,7 @@ public static class Selectors
             "xattention" => new XAttentionSelector { BlockSize = block, Threshold = Double(args, "t", 0.9, spec), Stride = Int(args, "stride", 8, spec) },
             "anchor" => new AnchorSelector { BlockSize = block, Theta = Double(args, "theta", 10, spec) },
             "hierarchical" => new HierarchicalSelector { BlockSize = block, TopK = Int(args, "k", 16, spec) },
-            "sale" => new SaleSelector { BlockSize = block, Threshold = Double(args, "t", 0.004, spec), Bits = Int(args, "bits", 4, spec), RowStride = Int(args, "rows", 1, spec) },
+            "sale" => new SaleSelector { BlockSize = block, Threshold = Double(args, "t", 0.02, spec), Bits = Int(args, "bits", 4, spec), RowStride = Int(args, "rows", 4, spec) },
             "dhsa" => new DhsaSelector { BlockSize = block, ChunkLength = Int(args, "L", 64, spec), TokenBudget = Int(args, "budget", 1024, spec), Window = Int(args, "window", 8, spec) },
             _ => throw new ArgumentException($"unknown selector '{name}'; expected one of {string.Join(", ", Names)}", nameof(spec)),
         };
