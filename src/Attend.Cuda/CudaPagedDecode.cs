@@ -127,8 +127,8 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
 /// <summary>
 /// Decoding over a <see cref="DevicePagedCache{T}"/>: split-K over pages with the exact LSE merge (the kernel of
 /// <see cref="CudaDecode"/> reading each 64-key tile through the page table), GQA-aware, every page or the pages
-/// Quest selects on the device (per kv head: page bounds from the key min/max, the best within the token budget by a
-/// bisected threshold — pages tied at it are all read — and the last page always).
+/// Quest selects on the device (per kv head: page bounds from the key min/max, the last page's set to +∞ so it is always
+/// read, and the best ⌊budget / 64⌋ pages by a radix select — ties at the edge taken lowest page first — listed ascending).
 /// </summary>
 public static unsafe class CudaPagedDecode
 {
@@ -185,12 +185,11 @@ public static unsafe class CudaPagedDecode
                 var qp = new QuestParams
                 {
                     Q = q.Buffer.Pointer, Min = cache.Min.Pointer, Max = cache.Max.Pointer, Table = cache.Table.Pointer,
-                    Bounds = _bounds!.Pointer, List = _list!.Pointer, Count = _count!.Pointer, QHead = q.Strides[1],
-                    Pages = pages, KvHeads = hkv, Group = hq / hkv, D = d, Keep = keep, ListStride = pages,
+                    Bounds = _bounds!.Pointer, QHead = q.Strides[1], Pages = pages, KvHeads = hkv, Group = hq / hkv, D = d,
                 };
                 void* qarg = &qp;
                 device.Kernel("select.cu", "quest_bounds", DevicePagedCache<T>.Defines).Launch((uint)((pages * hkv + 7) / 8), 1, 1, 256, 0, &qarg);
-                device.Kernel("select.cu", "quest_select", DevicePagedCache<T>.Defines).Launch((uint)hkv, 1, 1, 256, 0, &qarg);
+                CudaSelectors.TopK(_bounds.Pointer, pages, keep, _list!.Pointer, pages, _count!.Pointer, hkv, DevicePagedCache<T>.Defines);
                 _allPages = null;   // the list now holds a selection
             }
             else
@@ -230,8 +229,8 @@ public static unsafe class CudaPagedDecode
     [StructLayout(LayoutKind.Sequential)]
     private struct QuestParams
     {
-        public ulong Q, Min, Max, Table, Bounds, List, Count;
+        public ulong Q, Min, Max, Table, Bounds;
         public long QHead;
-        public int Pages, KvHeads, Group, D, Keep, ListStride;
+        public int Pages, KvHeads, Group, D;
     }
 }

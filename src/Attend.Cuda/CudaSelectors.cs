@@ -9,7 +9,8 @@ namespace Attend.Cuda;
 /// Sparse selectors that build their plan on the GPU (kernel <c>select.cu</c>), so that the plan of a long sequence
 /// costs a few launches instead of a download of q and k and a CPU pass: the pooled block estimate of
 /// <see cref="PooledBlockSelector"/> and MInference's vertical-slash estimate of <see cref="VerticalSlashSelector"/> —
-/// the CPU selector's choice up to float rounding at the budget's edge (a budget is applied as a bisected threshold).
+/// the CPU selector's choice up to float rounding at the budget's edge (budgets are applied as thresholds found on the
+/// device: bisected for the pooled budget, a radix select for vertical-slash's top-k).
 /// </summary>
 public static unsafe class CudaSelectors
 {
@@ -146,8 +147,8 @@ public static unsafe class CudaSelectors
             args[4] = &sinkColumns;
             args[5] = &localDiagonals;
             device.Kernel("select.cu", "vs_profile", defines).Launch((uint)keyGroups, (uint)heads, (uint)batch, 256, 0, args);
-            TopK(vertical, skv, verticals, columnList, columnCount, headRows, defines);
-            TopK(slash, skv, slashes, offsetList, offsetCount, headRows, defines);
+            TopK(vertical, skv, verticals, columnList, verticals, columnCount, headRows, defines);
+            TopK(slash, skv, slashes, offsetList, slashes, offsetCount, headRows, defines);
 
             ulong blockCounts = _counts!.Pointer, tokenCounts = blockCounts + ((ulong)planRows * sizeof(int));
             var pp = new VsPlanParams
@@ -193,15 +194,18 @@ public static unsafe class CudaSelectors
     /// <summary>The most last queries the GPU vertical-slash estimate scores (select.cu's LAST_Q).</summary>
     private const int LastQueriesMax = 64;
 
-    /// <summary>topk_rows: per row of <paramref name="rows"/> × <paramref name="n"/> values the k largest, ascending.</summary>
-    private static void TopK(ulong values, int n, int k, ulong list, ulong count, int rows, Dictionary<string, string> defines)
+    /// <summary>
+    /// topk_rows: per row of <paramref name="rows"/> × <paramref name="n"/> floats the k largest, their indices ascending
+    /// at <paramref name="list"/> + row · <paramref name="listStride"/> and their number in <paramref name="count"/>.
+    /// </summary>
+    internal static void TopK(ulong values, int n, int k, ulong list, int listStride, ulong count, int rows, Dictionary<string, string> defines)
     {
         void** args = stackalloc void*[6];
         args[0] = &values;
         args[1] = &n;
         args[2] = &k;
         args[3] = &list;
-        args[4] = &k;
+        args[4] = &listStride;
         args[5] = &count;
         CudaBackend.Device.Kernel("select.cu", "topk_rows", defines).Launch((uint)rows, 1, 1, 256, 0, args);
     }

@@ -309,8 +309,8 @@ extern "C" __global__ void __launch_bounds__(128) compact_plan(const CompactPara
 // ---------------------------------------------------------------------------------------------------------------
 // Quest on the GPU (Tang et al., arXiv:2406.10774) for the paged decode (flash_fwd.cu, flash_decode with a page
 // table): per pool page and kv head the channel-wise min and max of its keys; per step the bound Σ_c max(q_c·min_c,
-// q_c·max_c) of every logical page (the largest over the GQA group's query heads), then per kv head the best pages
-// by a bisected threshold (the last page always), written ascending as the decode kernel's page list.
+// q_c·max_c) of every logical page (the largest over the GQA group's query heads; +∞ for the last page, always read),
+// then per kv head the best pages by topk_rows (below), written ascending as the decode kernel's page list.
 // ---------------------------------------------------------------------------------------------------------------
 struct SummaryParams
 {
@@ -349,10 +349,8 @@ struct QuestParams
     const float* max;
     const int* table;           // logical → pool page
     float* bounds;              // [Hkv, pages]
-    int* list;                  // [Hkv, list_stride]
-    int* count;                 // [Hkv]
     i64 q_head;
-    int pages, kv_heads, group, d, keep, list_stride;
+    int pages, kv_heads, group, d;
 };
 
 // Grid (ceil(pages · Hkv / WARPS)): a warp per (logical page, kv head), lanes over channels.
@@ -374,53 +372,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) quest_bounds(const QuestPa
         }
         best = fmaxf(best, warp_sum(acc));
     }
-    if (lane == 0) p.bounds[(i64)h * p.pages + page] = best;
-}
-
-// One thread block per kv head: the `keep` best pages by bound (the last page always) as an ascending list.
-// Bounds are shifted to be non-negative (x − min) so their float bits order them for the bisection.
-extern "C" __global__ void __launch_bounds__(THREADS) quest_select(const QuestParams p)
-{
-    __shared__ float red[WARPS];
-    __shared__ int offsets[THREADS];
-    const int h = blockIdx.x, n = p.pages, last = n - 1;
-    const float* b = p.bounds + (i64)h * n;
-    float lo = __int_as_float(0x7f800000);
-    for (int i = threadIdx.x; i < last; i += THREADS) lo = fminf(lo, b[i]);
-    lo = -block_max(-lo, red);
-    float t = 0.f;
-    const int want = p.keep - 1;   // besides the last page
-    if (want < last)
-    {
-        u32 l = 0, r = 0x7f800000u;   // count(≥ 0) = last ≥ want; count(≥ +∞) = 0 < want (want ≥ 1)
-        while (r - l > 1)
-        {
-            const u32 mid = l + ((r - l) >> 1);
-            float c = 0.f;
-            for (int i = threadIdx.x; i < last; i += THREADS) c += (b[i] - lo) >= __uint_as_float(mid) ? 1.f : 0.f;
-            if (block_sum(c, red) >= (float)want) l = mid; else r = mid;
-        }
-        t = __uint_as_float(l);
-    }
-    // Ascending compaction of the chosen pages before the last (at most `want`: pages tied at t past the budget are
-    // dropped, highest first), then the last page.
-    const int per = (last + THREADS - 1) / THREADS;
-    const int i0 = min(last, (int)threadIdx.x * per), i1 = min(last, i0 + per);
-    int mine = 0;
-    for (int i = i0; i < i1; i++) mine += (want >= last || (want > 0 && b[i] - lo >= t)) ? 1 : 0;
-    int chosen;
-    int at = block_exclusive_scan<THREADS>(mine, offsets, &chosen);
-    for (int i = i0; i < i1; i++)
-    {
-        if ((want >= last || (want > 0 && b[i] - lo >= t)) && at < max(want, 0)) p.list[(i64)h * p.list_stride + at] = i;
-        if (want >= last || (want > 0 && b[i] - lo >= t)) at++;
-    }
-    if (threadIdx.x == 0)
-    {
-        const int before = min(chosen, max(want, 0));
-        p.list[(i64)h * p.list_stride + before] = last;
-        p.count[h] = before + 1;
-    }
+    // The last page (the newest keys) is always read: the largest score, so the top-k keeps it.
+    if (lane == 0) p.bounds[(i64)h * p.pages + page] = page == p.pages - 1 ? __int_as_float(0x7f800000) : best;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -738,7 +691,14 @@ extern "C" __global__ void __launch_bounds__(THREADS) vs_profile(const VsScorePa
     slash[head * p.seqlen_k + j] = j < local_diagonals ? inf : ss;
 }
 
-// Grid (rows): the min(k, n) largest of each row of non-negative values (+∞ allowed), written ascending by index to
+// Floats as unsigned ints in the same order (sign bit flipped for x ≥ 0, all bits for x < 0).
+__device__ __forceinline__ u32 order_key(float x)
+{
+    const u32 bits = __float_as_uint(x);
+    return bits ^ ((bits & 0x80000000u) ? 0xffffffffu : 0x80000000u);
+}
+
+// Grid (rows): the min(k, n) largest of each row of floats (±∞ allowed, no NaN), written ascending by index to
 // list[row · list_stride ...], their number to count[row]. The k-th largest t (#(x > t) < k ≤ #(x ≥ t)) is found by a
 // radix select on the float bits; the entries tied at t are taken lowest index first.
 extern "C" __global__ void __launch_bounds__(THREADS) topk_rows(const float* values, int n, int k, int* list, int list_stride, int* count)
@@ -755,7 +715,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) topk_rows(const float* val
         if (threadIdx.x == 0) count[blockIdx.x] = n;
         return;
     }
-    // t = the k-th largest value, found by its bits 8 at a time (non-negative floats order as their bits): per pass a
+    // t = the k-th largest value, found by its order key 8 bits at a time: per pass a
     // shared histogram of the next byte among the values matching the bytes found so far (4 passes over the row; a
     // bisection took 31 passes and 1.03 ms per 32 × 131072 profile, this 0.48 ms — the shared atomics serialise, as
     // the profiles share a few exponents; aggregating equal bytes per warp with __match_any_sync was slower, 0.83 ms).
@@ -770,7 +730,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) topk_rows(const float* val
         __syncthreads();
         for (int i = threadIdx.x; i < n; i += THREADS)
         {
-            const u32 bits = __float_as_uint(x[i]);
+            const u32 bits = order_key(x[i]);
             if ((bits & mask) == prefix) atomicAdd(&hist[(bits >> shift) & 255u], 1);
         }
         __syncthreads();
@@ -786,7 +746,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) topk_rows(const float* val
         remaining = found_remaining;
         mask |= 255u << shift;
     }
-    const float t = __uint_as_float(prefix);
+    const float t = __uint_as_float((prefix & 0x80000000u) ? prefix ^ 0x80000000u : ~prefix);   // order_key's inverse
     int above_mine = 0, tied_mine = 0;
     for (int i = i0; i < i1; i++)
     {
