@@ -384,8 +384,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) quest_bounds(const QuestPa
 // blocks its first row sees whole (oc, lse_c; their ln n = ln block_k is added here). centroid_compensate then adds,
 // per row, the few blocks that row sees whole beyond its block's first row and a short last block, and merges both
 // into output and LSE: one thread block per (query block, head, batch) marks the plan's visited blocks (and those
-// holding its gathered tokens) in shared memory, a warp per row (lanes over channels). Without oc it walks every
-// skipped block itself (warp per row; measured 5.5 ms at S 16384, H 32 — the reason for the tensor-core pass).
+// holding its gathered tokens) in shared memory, a warp per row (lanes over channels). (Walking every skipped block
+// this way, without the centroid pass, took 5.5 ms at S 16384, H 32 — the reason for the tensor-core pass.)
 // ---------------------------------------------------------------------------------------------------------------
 __device__ __forceinline__ void store_elem(void* base, i64 i, float x)
 {
@@ -419,7 +419,7 @@ struct CompensateParams
     int heads, group, d, dv, seqlen_q, seqlen_k, block_q, block_k, key_blocks, causal, causal_offset;
     int plan_batch, plan_heads, plan_q_blocks, token_batch, token_heads, token_q_blocks;
     float scale;
-    const void* oc;             // null, or the centroid pass's output [B, Sq, H, Dv] (see above)
+    const void* oc;             // the centroid pass's output [B, Sq, H, Dv] (see above)
     const float* lse_c;         // and its LSE (natural log, without ln block_k)
     i64 oc_batch, oc_row, oc_head, lsec_batch, lsec_row, lsec_head;
 };
@@ -463,26 +463,22 @@ extern "C" __global__ void __launch_bounds__(THREADS) centroid_compensate(const 
         }
         float m = -__int_as_float(0x7f800000), l = 0.f;
         const int whole = whole_blocks(p, i);
-        int from = 0, short_last = -1;
-        if (p.oc != nullptr)
+        // The centroid pass covered the full-size skipped blocks whole for the block's first row; this row adds those
+        // it sees whole beyond them and a short last block.
+        const int from = whole_blocks(p, qb * p.block_q), last = p.key_blocks - 1;
+        const int short_last = p.seqlen_k - last * p.block_k < p.block_k && last < from ? last : -1;
+        const float lc = p.lse_c[b * p.lsec_batch + (i64)i * p.lsec_row + h * p.lsec_head];
+        if (lc != -__int_as_float(0x7f800000))
         {
-            // The centroid pass covered the full-size skipped blocks whole for the block's first row.
-            from = whole_blocks(p, qb * p.block_q);
-            const float lc = p.lse_c[b * p.lsec_batch + (i64)i * p.lsec_row + h * p.lsec_head];
-            if (lc != -__int_as_float(0x7f800000))
-            {
-                m = lc + __logf((float)p.block_k);
-                l = 1.f;
-                const i64 cbase = b * p.oc_batch + (i64)i * p.oc_row + h * p.oc_head;
+            m = lc + __logf((float)p.block_k);
+            l = 1.f;
+            const i64 cbase = b * p.oc_batch + (i64)i * p.oc_row + h * p.oc_head;
 #pragma unroll
-                for (int t = 0; t < COMP_CHANNELS; t++)
-                {
-                    const int c = lane + 32 * t;
-                    acc[t] = c < p.dv ? load_elem(p.oc, cbase + c) : 0.f;
-                }
+            for (int t = 0; t < COMP_CHANNELS; t++)
+            {
+                const int c = lane + 32 * t;
+                acc[t] = c < p.dv ? load_elem(p.oc, cbase + c) : 0.f;
             }
-            const int last = p.key_blocks - 1;
-            if (p.seqlen_k - last * p.block_k < p.block_k && last < from) short_last = last;
         }
         // One skipped block's centroid into the running (m, l, acc).
         auto add = [&](int j)
