@@ -730,12 +730,27 @@ extern "C" __global__ void __launch_bounds__(THREADS) topk_rows(const float* val
             if ((bits & mask) == prefix) atomicAdd(&hist[(bits >> shift) & 255u], 1);
         }
         __syncthreads();
-        if (threadIdx.x == 0)
+        // The byte holding the remaining-th largest: warp 0, 8 bins per lane, a suffix sum over the lanes finds the
+        // lane, which walks its 8 bins (one thread walking all 256 took ≈ 4 µs per pass: most of a Quest selection).
+        if (threadIdx.x < 32)
         {
-            int digit = 255, rem = remaining;
-            for (; digit > 0 && hist[digit] < rem; digit--) rem -= hist[digit];
-            found_prefix = prefix | ((u32)digit << shift);
-            found_remaining = rem;
+            const int lane = threadIdx.x;
+            int mine = 0;
+            for (int i = 0; i < 8; i++) mine += hist[lane * 8 + i];
+            int suffix = mine;   // Σ of lanes ≥ this one
+            for (int o = 1; o < 32; o <<= 1)
+            {
+                const int v = __shfl_down_sync(0xffffffffu, suffix, o);
+                if (lane + o < 32) suffix += v;
+            }
+            const int higher = suffix - mine;
+            if (higher < remaining && suffix >= remaining)
+            {
+                int digit = lane * 8 + 7, rem = remaining - higher;
+                for (; digit > lane * 8 && hist[digit] < rem; digit--) rem -= hist[digit];
+                found_prefix = prefix | ((u32)digit << shift);
+                found_remaining = rem;
+            }
         }
         __syncthreads();
         prefix = found_prefix;
