@@ -114,7 +114,8 @@ public static unsafe class CudaAttention
         bool planned = givenPlan is not null || blocks is not null || tokens is not null;
         Dictionary<string, string> defines = config.Defines(bf16, options.Causal && !planned, options.Softcap > 0, config.WgmmaLevel(device.Architecture));
         DeviceBlockPlan? devicePlan = givenPlan;
-        DeviceTokens? deviceTokens = null;
+        // Gathered key rows, from options.Plan's TokenSet (uploaded once per plan) or carried by the device plan.
+        (ulong RowStart, ulong Tokens, int Batch, int Heads, int QueryBlocks, int BlockQ, Masks.Mask? Mask)? gathered = null;
         var extent = new Masks.MaskExtent(s.Batch, s.Heads, s.QueryLength, s.KeyLength);
         if (planned)
         {
@@ -129,18 +130,17 @@ public static unsafe class CudaAttention
             defines["MASK_EXPR"] = devicePlan.Mask?.ToCuda(extent) ?? "true";
             if (tokens is not null)
             {
-                defines["HAS_TOKENS"] = "1";
-                defines["TOKEN_MASK_EXPR"] = tokens.Mask?.ToCuda(extent) ?? "true";
-                deviceTokens = DeviceTokens.For(options.Plan!);
+                DeviceTokens t = DeviceTokens.For(options.Plan!);
+                gathered = (t.RowStart.Pointer, t.Tokens.Pointer, t.Batch, t.Heads, t.QueryBlocks, t.BlockQ, tokens.Mask);
             }
             else if (givenPlan is { HasTokens: true })
             {
-                if (givenPlan.BlockQ % config.BlockM != 0)
-                {
-                    throw new NotSupportedException($"the CUDA kernel for D={s.HeadDim} needs token rows of a multiple of {config.BlockM} queries; the plan has {givenPlan.BlockQ}");
-                }
+                gathered = (givenPlan.TokenRowStart!.Pointer, givenPlan.Tokens!.Pointer, givenPlan.PlanBatch, givenPlan.PlanHeads, givenPlan.QueryBlocks, givenPlan.BlockQ, givenPlan.TokenMask);
+            }
+            if (gathered is { } g)
+            {
                 defines["HAS_TOKENS"] = "1";
-                defines["TOKEN_MASK_EXPR"] = givenPlan.TokenMask?.ToCuda(extent) ?? "true";
+                defines["TOKEN_MASK_EXPR"] = g.Mask?.ToCuda(extent) ?? "true";
             }
         }
         CudaKernel kernel = device.Kernel("flash_fwd.cu", "flash_fwd", defines);
@@ -171,29 +171,20 @@ public static unsafe class CudaAttention
             p.PlanExpand = givenPlan is null && blocks is null ? 1 : devicePlan.BlockK / config.BlockN;
         }
         ulong? blockData = Reads(defines, "MASK_EXPR") ? MaskData(devicePlan?.Mask) : null;
-        ulong? tokenData = Reads(defines, "TOKEN_MASK_EXPR") ? MaskData(tokens?.Mask ?? givenPlan?.TokenMask) : null;
+        ulong? tokenData = Reads(defines, "TOKEN_MASK_EXPR") ? MaskData(gathered?.Mask) : null;
         if (blockData is not null && tokenData is not null && blockData != tokenData)
         {
             throw new NotSupportedException("the plan's block mask and token mask both read mask data; the kernel holds one");
         }
         p.MaskData = blockData ?? tokenData ?? 0;
-        if (deviceTokens is not null)
+        if (gathered is { } gt)
         {
-            p.TokenRowStart = deviceTokens.RowStart.Pointer;
-            p.Tokens = deviceTokens.Tokens.Pointer;
-            p.TokenBatch = deviceTokens.Batch;
-            p.TokenHeads = deviceTokens.Heads;
-            p.TokenQBlocks = deviceTokens.QueryBlocks;
-            p.TokenBlockQ = deviceTokens.BlockQ;
-        }
-        else if (givenPlan is { HasTokens: true })
-        {
-            p.TokenRowStart = givenPlan.TokenRowStart!.Pointer;
-            p.Tokens = givenPlan.Tokens!.Pointer;
-            p.TokenBatch = givenPlan.PlanBatch;
-            p.TokenHeads = givenPlan.PlanHeads;
-            p.TokenQBlocks = givenPlan.QueryBlocks;
-            p.TokenBlockQ = givenPlan.BlockQ;
+            p.TokenRowStart = gt.RowStart;
+            p.Tokens = gt.Tokens;
+            p.TokenBatch = gt.Batch;
+            p.TokenHeads = gt.Heads;
+            p.TokenQBlocks = gt.QueryBlocks;
+            p.TokenBlockQ = gt.BlockQ;
         }
         void* arg = &p;
         uint mBlocks = (uint)((s.QueryLength + config.BlockM - 1) / config.BlockM);
@@ -392,18 +383,7 @@ public static unsafe class CudaAttention
                     }
                 }
         rowStart[r] = list.Count;
-        var extent = new Masks.MaskExtent(s.Batch, s.Heads, s.QueryLength, keyBlocks);
-        var starts = DeviceBuffer<int>.Allocate(rowStart.Length);
-        starts.CopyFrom(rowStart);
-        var tokenStarts = DeviceBuffer<int>.Allocate(rowStart.Length);
-        tokenStarts.CopyFrom(rowStart);
-        Array.Clear(rowStart);
-        starts.CopyFrom(rowStart);   // no blocks: the walk is the gathered centroids only
-        var columns = DeviceBuffer<int>.Allocate(1);
-        var kinds = DeviceBuffer<byte>.Allocate(1);
-        var gathered = DeviceBuffer<int>.Allocate(Math.Max(list.Count, 1));
-        if (list.Count > 0) gathered.CopyFrom([.. list]);
-        return new DeviceBlockPlan(extent, bq, 128, batch, heads, starts, columns, kinds, 0, null, tokenStarts, gathered, list.Count, null);
+        return DeviceBlockPlan.TokensOnly(new Masks.MaskExtent(s.Batch, s.Heads, s.QueryLength, keyBlocks), bq, 128, batch, heads, rowStart, [.. list]);
     }
 
     /// <summary>A permutation's query and key orders on the device ([B·H·Sq] and [B·Hkv·Skv] source rows).</summary>

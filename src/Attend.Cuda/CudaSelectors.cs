@@ -218,7 +218,7 @@ public static unsafe class CudaSelectors
         CudaBackend.Device.Kernel("select.cu", "scan_counts", defines).Launch(1, 1, 1, 1024, 0, &arg);
     }
 
-    /// <summary>Checks q [B, Sq, H, D] and k [B, Skv, Hkv, D] on the device and the scale (as the CPU selectors do).</summary>
+    /// <summary>Checks q [B, Sq, H, D] and k [B, Skv, Hkv, D] on the device and the scale with the CPU selectors' rules.</summary>
     private static (int Batch, int QueryLength, int Heads, int HeadDim, int KeyLength, int KvHeads, float Scale) CheckInputs<T>(
         DeviceTensor<T> q, DeviceTensor<T> k, float? scale) where T : unmanaged
     {
@@ -228,21 +228,9 @@ public static unsafe class CudaSelectors
         {
             throw new ArgumentException($"element type must be float, Half or BFloat16; got {typeof(T).Name}", nameof(q));
         }
-        if (q.Rank != 4) throw new ArgumentException($"q must be [B, Sq, H, D]; got {q.ShapeString()}", nameof(q));
-        if (k.Rank != 4) throw new ArgumentException($"k must be [B, Skv, Hkv, D]; got {k.ShapeString()}", nameof(k));
-        int batch = q.Shape[0], sq = q.Shape[1], heads = q.Shape[2], d = q.Shape[3], skv = k.Shape[1], kvHeads = k.Shape[2];
-        if (k.Shape[0] != batch || k.Shape[3] != d || kvHeads < 1 || heads % kvHeads != 0)
-        {
-            throw new ArgumentException($"k must be [B={batch}, Skv, Hkv dividing H={heads}, D={d}]; got {k.ShapeString()}", nameof(k));
-        }
-        if (batch < 1 || sq < 1 || skv < 1 || heads < 1 || d < 1)
-        {
-            throw new ArgumentException($"q and k need every extent ≥ 1; got q {q.ShapeString()}, k {k.ShapeString()}", nameof(q));
-        }
+        var checkedShapes = SparsitySelector.CheckShapes(q.Shape, k.Shape, scale);
         if (q.Strides[3] != 1 || k.Strides[3] != 1) throw new NotSupportedException("the GPU selector needs the last dimension of q and k contiguous");
-        float s = scale ?? 1f / MathF.Sqrt(d);
-        if (!float.IsFinite(s) || s < 0) throw new ArgumentException($"scale must be finite and ≥ 0; got {s}", nameof(scale));
-        return (batch, sq, heads, d, skv, kvHeads, s);
+        return checkedShapes;
     }
 
     /// <summary>Means of consecutive blocks of <paramref name="block"/> rows of x [B, S, H, D] (times <paramref name="scale"/>) into [B, H, blocks, D] f32.</summary>

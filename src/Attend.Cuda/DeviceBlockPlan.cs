@@ -102,6 +102,20 @@ public sealed class DeviceBlockPlan : IDisposable
     internal static DeviceBlockPlan Empty(TokenSet tokens) =>
         Create(tokens.Extent, tokens.BlockQ, tokens.BlockQ, tokens.PlanBatch, tokens.PlanHeads, new int[(tokens.PlanBatch * tokens.PlanHeads * tokens.QueryBlocks) + 1], [], [], null);
 
+    /// <summary>
+    /// A plan of gathered tokens only (CSR rows <paramref name="tokenRowStart"/> over <paramref name="tokens"/>, no
+    /// element mask), uploaded: no blocks in any row.
+    /// </summary>
+    internal static DeviceBlockPlan TokensOnly(MaskExtent extent, int blockQ, int blockK, int planBatch, int planHeads, int[] tokenRowStart, int[] tokens)
+    {
+        DeviceBlockPlan empty = Create(extent, blockQ, blockK, planBatch, planHeads, new int[tokenRowStart.Length], [], [], null);
+        DeviceBuffer<int> starts = DeviceBuffer<int>.Allocate(tokenRowStart.Length);
+        starts.CopyFrom(tokenRowStart);
+        DeviceBuffer<int> gathered = DeviceBuffer<int>.Allocate(Math.Max(tokens.Length, 1));
+        if (tokens.Length > 0) gathered.CopyFrom(tokens);
+        return new DeviceBlockPlan(extent, blockQ, blockK, planBatch, planHeads, empty.RowStart, empty.Columns, empty.Kinds, 0, null, starts, gathered, tokens.Length, null);
+    }
+
     private static DeviceBlockPlan Create(MaskExtent extent, int blockQ, int blockK, int planBatch, int planHeads, int[] rowStart, int[] columns, byte[] kinds, Mask? mask)
     {
         DeviceBuffer<int> starts = DeviceBuffer<int>.Allocate(rowStart.Length);

@@ -444,7 +444,7 @@ public sealed class KvCache
 /// from one token to the next). Page summaries (Quest's min/max, the landmark means) always stay in memory.
 /// Size <paramref name="CachedPages"/> to hold a step's working set (the offloaded pages the policy reads over all kv
 /// heads): a smaller cache evicts each page before the next step reads it again, and every step reloads its pages
-/// (measured: 1065 loads and 100 ms per step with 512 cached pages against ≈ 1300 needed, 20 loads and 24 ms with 2048).
+/// (measured: ≈ 1065 loads and 100 ms per step with 512 cached pages against ≈ 1300 needed; ≈ 20 loads and 24 ms per step with 2048).
 /// The cached pages' memory comes on top of <paramref name="ResidentBytes"/>.
 /// </summary>
 public sealed record KvOffload(string Path, long ResidentBytes, int CachedPages = 256);

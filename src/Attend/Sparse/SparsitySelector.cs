@@ -94,19 +94,23 @@ public abstract class SparsitySelector : ISparsitySelector
     /// sizes and the effective scale. Shared by every selector, built-in or not.
     /// </summary>
     internal static (int Batch, int QueryLength, int Heads, int HeadDim, int KeyLength, int KvHeads, float Scale) CheckInputs<T>(
-        TensorView<T> q, TensorView<T> k, float? scale) where T : unmanaged
+        TensorView<T> q, TensorView<T> k, float? scale) where T : unmanaged => CheckShapes(q.Shape, k.Shape, scale);
+
+    /// <summary>The checks of <see cref="CheckInputs"/> on the shapes alone (the GPU selectors' device tensors use them too).</summary>
+    internal static (int Batch, int QueryLength, int Heads, int HeadDim, int KeyLength, int KvHeads, float Scale) CheckShapes(
+        ReadOnlySpan<int> q, ReadOnlySpan<int> k, float? scale)
     {
-        if (q.Rank != 4) throw new ArgumentException($"q must be [B, Sq, H, D]; got rank {q.Rank}", nameof(q));
-        if (k.Rank != 4) throw new ArgumentException($"k must be [B, Skv, Hkv, D]; got rank {k.Rank}", nameof(k));
-        int batch = q.Shape[0], sq = q.Shape[1], heads = q.Shape[2], d = q.Shape[3];
-        int skv = k.Shape[1], kvHeads = k.Shape[2];
-        if (k.Shape[0] != batch || k.Shape[3] != d || kvHeads < 1 || heads % kvHeads != 0)
+        if (q.Length != 4) throw new ArgumentException($"q must be [B, Sq, H, D]; got {TensorView<int>.FormatShape(q)}", nameof(q));
+        if (k.Length != 4) throw new ArgumentException($"k must be [B, Skv, Hkv, D]; got {TensorView<int>.FormatShape(k)}", nameof(k));
+        int batch = q[0], sq = q[1], heads = q[2], d = q[3];
+        int skv = k[1], kvHeads = k[2];
+        if (k[0] != batch || k[3] != d || kvHeads < 1 || heads % kvHeads != 0)
         {
-            throw new ArgumentException($"k must be [B={batch}, Skv, Hkv dividing H={heads}, D={d}]; got [{string.Join(", ", k.Shape.ToArray())}]", nameof(k));
+            throw new ArgumentException($"k must be [B={batch}, Skv, Hkv dividing H={heads}, D={d}]; got {TensorView<int>.FormatShape(k)}", nameof(k));
         }
         if (batch < 1 || sq < 1 || skv < 1 || heads < 1 || d < 1)
         {
-            throw new ArgumentException($"q and k need every extent ≥ 1; got q [{string.Join(", ", q.Shape.ToArray())}], k [{string.Join(", ", k.Shape.ToArray())}]", nameof(q));
+            throw new ArgumentException($"q and k need every extent ≥ 1; got q {TensorView<int>.FormatShape(q)}, k {TensorView<int>.FormatShape(k)}", nameof(q));
         }
         float s = scale ?? 1f / MathF.Sqrt(d);
         if (!float.IsFinite(s) || s < 0) throw new ArgumentException($"scale must be finite and ≥ 0; got {s}", nameof(scale));
