@@ -17,7 +17,7 @@ public static unsafe class CudaSelectors
     private static readonly Lock Gate = new();
     private static DeviceBuffer<float>? _pooledQ, _pooledK;
     private static DeviceBuffer<int>? _counts, _scratch, _tokenScratch, _vsLists;
-    private static DeviceBuffer<float>? _vsScores, _vsNorms, _vsProfiles;
+    private static DeviceBuffer<float>? _vsScores, _vsNorms, _vsProfiles, _mass, _estimate;
 
     /// <summary>
     /// The plan <paramref name="selector"/> chooses for q [B, Sq, H, D] and k [B, Skv, Hkv, D] (f32, f16 or bf16 on the
@@ -56,36 +56,119 @@ public static unsafe class CudaSelectors
                 Heads = heads, Group = heads / kvHeads, D = d, Block = bs, QBlocks = qBlocks, KBlocks = kBlocks, SeqlenQ = sq, SeqlenK = skv,
                 Causal = causal ? 1 : 0, CausalOffset = skv - sq, BudgetKind = kind, Budget = (float)value, KeepSinkDiagonal = selector.KeepSinkAndDiagonal ? 1 : 0,
             };
-            void* arg = &sp;
-            device.Kernel("select.cu", "select_blocks", defines).Launch((uint)qBlocks, (uint)heads, (uint)batch, 256, selectShared, &arg);
-
-            Scan(_counts.Pointer, rowStart.Pointer, (int)rows, defines);
-            var total = new int[1];
-            rowStart.CopyTo(total, rows);   // the one synchronization: the plan's size
-            var columns = DeviceBuffer<int>.Allocate(Math.Max(total[0], 1));
-            var kinds = DeviceBuffer<byte>.Allocate(Math.Max(total[0], 1));
-            var cp = new CompactParams
-            {
-                Counts = _counts.Pointer, Scratch = _scratch.Pointer, RowStart = rowStart.Pointer, Cols = columns.Pointer, Kinds = kinds.Pointer,
-                Heads = heads, Block = bs, QBlocks = qBlocks, KBlocks = kBlocks, SeqlenQ = sq, SeqlenK = skv, Causal = causal ? 1 : 0, CausalOffset = skv - sq,
-            };
-            arg = &cp;
-            device.Kernel("select.cu", "compact_plan", defines).Launch((uint)rows, 1, 1, 128, 0, &arg);
-            return new DeviceBlockPlan(new MaskExtent(batch, heads, sq, skv), bs, bs, batch, heads, rowStart, columns, kinds, total[0], causal ? Mask.Causal : null);
+            return SelectAndCompact(sp, batch, selectShared, rowStart, defines);
         }
     }
 
     /// <summary>
-    /// The plan of any selector that has a GPU version — <see cref="PooledBlockSelector"/> or
-    /// <see cref="VerticalSlashSelector"/> — built on the device; other selectors are named as unsupported.
+    /// select_blocks (the budget per query-block row, from pooled scores or a precomputed mass), then the rows' starts
+    /// and the CSR columns with their kinds: the plan. Called under <see cref="Gate"/> (it uses the shared scratch).
+    /// </summary>
+    private static DeviceBlockPlan SelectAndCompact(SelectParams sp, int batch, int selectShared, DeviceBuffer<int> rowStart, Dictionary<string, string> defines)
+    {
+        CudaDevice device = CudaBackend.Device;
+        long rows = (long)batch * sp.Heads * sp.QBlocks;
+        void* arg = &sp;
+        device.Kernel("select.cu", "select_blocks", defines).Launch((uint)sp.QBlocks, (uint)sp.Heads, (uint)batch, 256, selectShared, &arg);
+        Scan(sp.Counts, rowStart.Pointer, (int)rows, defines);
+        var total = new int[1];
+        rowStart.CopyTo(total, rows);   // the one synchronization: the plan's size
+        var columns = DeviceBuffer<int>.Allocate(Math.Max(total[0], 1));
+        var kinds = DeviceBuffer<byte>.Allocate(Math.Max(total[0], 1));
+        var cp = new CompactParams
+        {
+            Counts = sp.Counts, Scratch = sp.Scratch, RowStart = rowStart.Pointer, Cols = columns.Pointer, Kinds = kinds.Pointer,
+            Heads = sp.Heads, Block = sp.Block, QBlocks = sp.QBlocks, KBlocks = sp.KBlocks, SeqlenQ = sp.SeqlenQ, SeqlenK = sp.SeqlenK, Causal = sp.Causal, CausalOffset = sp.CausalOffset,
+        };
+        arg = &cp;
+        device.Kernel("select.cu", "compact_plan", defines).Launch((uint)rows, 1, 1, 128, 0, &arg);
+        return new DeviceBlockPlan(new MaskExtent(batch, sp.Heads, sp.SeqlenQ, sp.SeqlenK), sp.Block, sp.Block, batch, sp.Heads, rowStart, columns, kinds, total[0],
+            sp.Causal != 0 ? Mask.Causal : null);
+    }
+
+    /// <summary>
+    /// XAttention's plan (<see cref="XAttentionSelector"/>) for q [B, Sq, H, D] and k [B, Skv, Hkv, D], built on the
+    /// device: antidiagonal scores of stride s as products of regrouped rows on the tensor cores (estimate.cu), their
+    /// softmax per query group summed per (query block, key block), then per query-block row the fewest key blocks
+    /// holding <see cref="XAttentionSelector.Threshold"/> of the mass plus the first and the diagonal block — the CPU
+    /// selector's choice up to rounding at the threshold's edge (f32 inputs are rounded to bf16 operands; the CPU
+    /// estimates in f32). Needs BlockSize / Stride in {8, 16, 32, 64} and D a multiple of 8.
+    /// </summary>
+    public static DeviceBlockPlan Plan<T>(XAttentionSelector selector, DeviceTensor<T> q, DeviceTensor<T> k, bool causal = true, float? scale = null) where T : unmanaged
+    {
+        ArgumentNullException.ThrowIfNull(selector);
+        (int batch, int sq, int heads, int d, int skv, int kvHeads, float s) = CheckInputs(q, k, scale);
+        int bs = selector.BlockSize, stride = selector.Stride, groupCols = bs / stride;
+        if (bs % stride != 0 || groupCols is not (8 or 16 or 32 or 64))
+        {
+            throw new NotSupportedException($"the GPU xattention estimate needs BlockSize / Stride in 8, 16, 32 or 64; got BlockSize={bs}, Stride={stride}");
+        }
+        if (d % 8 != 0 || q.Strides[0] % 8 != 0 || q.Strides[1] % 8 != 0 || q.Strides[2] % 8 != 0 || k.Strides[0] % 8 != 0 || k.Strides[1] % 8 != 0 || k.Strides[2] % 8 != 0)
+        {
+            throw new NotSupportedException($"the GPU xattention estimate reads q and k in 8-element vectors: D and the strides must be multiples of 8; got D={d}, q strides [{q.Strides[0]}, {q.Strides[1]}, {q.Strides[2]}], k strides [{k.Strides[0]}, {k.Strides[1]}, {k.Strides[2]}]");
+        }
+        int qBlocks = (sq + bs - 1) / bs, kBlocks = (skv + bs - 1) / bs, qGroups = (sq + stride - 1) / stride, kGroups = (skv + stride - 1) / stride;
+        long rows = (long)batch * heads * qBlocks;
+        int selectShared = kBlocks * sizeof(float);
+        CudaDevice device = CudaBackend.Device;
+        device.MakeCurrent();
+        if (selectShared > device.MaxSharedMemoryPerBlock)
+        {
+            throw new NotSupportedException($"{kBlocks} key blocks of {bs} keys need {selectShared} bytes of shared memory per row; {device.Name} allows {device.MaxSharedMemoryPerBlock} (use a larger BlockSize)");
+        }
+        if (rows >= int.MaxValue || rows * kBlocks >= int.MaxValue) throw new NotSupportedException($"{rows} block rows × {kBlocks} key blocks exceed the selector's 32-bit plan indices");
+        Dictionary<string, string> defines = Defines<T>();
+        Dictionary<string, string> estimateDefines = new(defines) { ["GROUP_COLS"] = groupCols.ToString(System.Globalization.CultureInfo.InvariantCulture) };
+        // The scratch of per-(row, key block) log-sum-exps, bounded by running the heads in chunks.
+        long perHead = (long)batch * qGroups * kBlocks;
+        int launchHeads = (int)Math.Clamp(EstimateScratchElements / Math.Max(perHead, 1), 1, heads);
+        var rowStart = DeviceBuffer<int>.Allocate(rows + 1);
+        lock (Gate)
+        {
+            DeviceBuffer<float>.EnsureLength(ref _mass, rows * kBlocks);
+            DeviceBuffer<float>.EnsureLength(ref _estimate, perHead * launchHeads);
+            DeviceBuffer<int>.EnsureLength(ref _counts, rows);
+            DeviceBuffer<int>.EnsureLength(ref _scratch, rows * kBlocks);
+            var ap = new AntidiagonalParams
+            {
+                Q = q.Buffer.Pointer, K = k.Buffer.Pointer, BlockLse = _estimate!.Pointer, Mass = _mass!.Pointer,
+                QBatch = q.Strides[0], QRow = q.Strides[1], QHead = q.Strides[2], KBatch = k.Strides[0], KRow = k.Strides[1], KHead = k.Strides[2],
+                Heads = heads, Group = heads / kvHeads, D = d, Stride = stride, SeqlenQ = sq, SeqlenK = skv, Causal = causal ? 1 : 0, CausalOffset = skv - sq,
+                QGroups = qGroups, KGroups = kGroups, Block = bs, QBlocks = qBlocks, KBlocks = kBlocks, Scale = s / stride,
+            };
+            CudaKernel estimate = device.Kernel("estimate.cu", "antidiagonal_lse", estimateDefines);
+            for (int h0 = 0; h0 < heads; h0 += launchHeads)
+            {
+                ap.Head0 = h0;
+                void* a = &ap;
+                estimate.Launch((uint)((qGroups + 63) / 64), (uint)Math.Min(launchHeads, heads - h0), (uint)batch, 128, 0, &a);
+            }
+            var sp = new SelectParams
+            {
+                Counts = _counts!.Pointer, Scratch = _scratch!.Pointer, Mass = _mass.Pointer,
+                Heads = heads, Group = heads / kvHeads, D = 0, Block = bs, QBlocks = qBlocks, KBlocks = kBlocks, SeqlenQ = sq, SeqlenK = skv,
+                Causal = causal ? 1 : 0, CausalOffset = skv - sq, BudgetKind = 1, Budget = (float)selector.Threshold, KeepSinkDiagonal = 1,
+            };
+            return SelectAndCompact(sp, batch, selectShared, rowStart, defines);
+        }
+    }
+
+    /// <summary>Floats of the XAttention estimate's scratch (256 MiB): heads run in chunks that fit.</summary>
+    private const long EstimateScratchElements = 64L << 20;
+
+    /// <summary>
+    /// The plan of any selector that has a GPU version — <see cref="PooledBlockSelector"/>,
+    /// <see cref="VerticalSlashSelector"/> or <see cref="XAttentionSelector"/> — built on the device; other selectors are
+    /// named as unsupported.
     /// </summary>
     public static DeviceBlockPlan Plan<T>(ISparsitySelector selector, DeviceTensor<T> q, DeviceTensor<T> k, bool causal = true, float? scale = null) where T : unmanaged =>
         selector switch
         {
             PooledBlockSelector pooled => Plan(pooled, q, k, causal, scale),
             VerticalSlashSelector verticalSlash => Plan(verticalSlash, q, k, causal, scale),
+            XAttentionSelector xattention => Plan(xattention, q, k, causal, scale),
             null => throw new ArgumentNullException(nameof(selector)),
-            _ => throw new NotSupportedException($"{selector.Name} has no GPU version; the GPU builds plans for the pooled and vertical-slash selectors"),
+            _ => throw new NotSupportedException($"{selector.Name} has no GPU version; the GPU builds plans for the pooled, vertical-slash and xattention selectors"),
         };
 
     /// <summary>
@@ -269,6 +352,18 @@ public static unsafe class CudaSelectors
         public int BudgetKind;
         public float Budget;
         public int KeepSinkDiagonal;
+        public ulong Mass;
+    }
+
+    [StructLayout(LayoutKind.Sequential)]
+    private struct AntidiagonalParams
+    {
+        public ulong Q, K, BlockLse, Mass;
+        public long QBatch, QRow, QHead, KBatch, KRow, KHead;
+        public int Heads, Group, D, Stride, Head0;
+        public int SeqlenQ, SeqlenK, Causal, CausalOffset;
+        public int QGroups, KGroups, Block, QBlocks, KBlocks;
+        public float Scale;
     }
 
     [StructLayout(LayoutKind.Sequential)]

@@ -122,6 +122,14 @@ public static class KernelVariants
         // GPU selectors: pooled block selection per input type.
         for (int src = 0; src < 3; src++)
             yield return ("select.cu", new Dictionary<string, string> { ["SRC_T"] = src.ToString(System.Globalization.CultureInfo.InvariantCulture) });
+        // XAttention's antidiagonal estimate per input type and groups per block (block / stride).
+        for (int src = 0; src < 3; src++)
+            foreach (int groupCols in new[] { 8, 16, 32, 64 })
+                yield return ("estimate.cu", new Dictionary<string, string>
+                {
+                    ["SRC_T"] = src.ToString(System.Globalization.CultureInfo.InvariantCulture),
+                    ["GROUP_COLS"] = groupCols.ToString(System.Globalization.CultureInfo.InvariantCulture),
+                });
         for (int src = 0; src < 3; src++)
             for (int dst = 0; dst < 3; dst++)
                 yield return ("convert.cu", new Dictionary<string, string> { ["SRC_T"] = src.ToString(System.Globalization.CultureInfo.InvariantCulture), ["DST_T"] = dst.ToString(System.Globalization.CultureInfo.InvariantCulture) });

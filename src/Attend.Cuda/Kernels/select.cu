@@ -83,6 +83,8 @@ struct SelectParams
     int budget_kind;            // 0 top-k, 1 top-p, 2 threshold
     float budget;               // k, mass or probability
     int keep_sink_diagonal;
+    const float* mass;          // [B, H, query blocks, key blocks] or null: each row's key-block mass from another
+                                // estimate (estimate.cu), normalized here instead of the pooled scores' softmax
 };
 
 __device__ __forceinline__ float warp_sum(float x)
@@ -177,38 +179,56 @@ extern "C" __global__ void __launch_bounds__(THREADS) select_blocks(const Select
         if (threadIdx.x == 0) p.counts[row] = 0;
         return;
     }
-    const float* q = p.pq + ((i64)(b * p.heads + h) * p.q_blocks + qb) * p.d;
-    for (int c = threadIdx.x; c < p.d; c += THREADS) qrow[c] = q[c];
-    __syncthreads();
-
-    // Scores: a warp per key block, lanes over channels.
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const float* kbase = p.pk + (i64)(b * (p.heads / p.group) + h / p.group) * p.k_blocks * p.d;
-    for (int kb = warp; kb < visible; kb += WARPS)
+    if (p.mass != nullptr)
     {
-        const float* kr = kbase + (i64)kb * p.d;
-        float acc = 0.f;
-        for (int c = lane; c < p.d; c += 32) acc += qrow[c] * kr[c];
-        acc = warp_sum(acc);
-        if (lane == 0) prob[kb] = acc;
+        // Mass mode: the row's estimated mass per visible key block, normalized.
+        const float* m = p.mass + (i64)row * p.k_blocks;
+        float s = 0.f;
+        for (int i = threadIdx.x; i < visible; i += THREADS)
+        {
+            prob[i] = m[i];
+            s += m[i];
+        }
+        s = block_sum(s, red);
+        const float inv = s > 0.f ? 1.f / s : 0.f;
+        for (int i = threadIdx.x; i < visible; i += THREADS) prob[i] *= inv;
+        __syncthreads();
     }
-    __syncthreads();
-
-    // Softmax over the visible key blocks.
-    float m = -__int_as_float(0x7f800000);   // −∞ (no math headers)
-    for (int i = threadIdx.x; i < visible; i += THREADS) m = fmaxf(m, prob[i]);
-    m = block_max(m, red);
-    float s = 0.f;
-    for (int i = threadIdx.x; i < visible; i += THREADS)
+    else
     {
-        float e = __expf(prob[i] - m);
-        prob[i] = e;
-        s += e;
+        const float* q = p.pq + ((i64)(b * p.heads + h) * p.q_blocks + qb) * p.d;
+        for (int c = threadIdx.x; c < p.d; c += THREADS) qrow[c] = q[c];
+        __syncthreads();
+
+        // Scores: a warp per key block, lanes over channels.
+        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+        const float* kbase = p.pk + (i64)(b * (p.heads / p.group) + h / p.group) * p.k_blocks * p.d;
+        for (int kb = warp; kb < visible; kb += WARPS)
+        {
+            const float* kr = kbase + (i64)kb * p.d;
+            float acc = 0.f;
+            for (int c = lane; c < p.d; c += 32) acc += qrow[c] * kr[c];
+            acc = warp_sum(acc);
+            if (lane == 0) prob[kb] = acc;
+        }
+        __syncthreads();
+
+        // Softmax over the visible key blocks.
+        float m = -__int_as_float(0x7f800000);   // −∞ (no math headers)
+        for (int i = threadIdx.x; i < visible; i += THREADS) m = fmaxf(m, prob[i]);
+        m = block_max(m, red);
+        float s = 0.f;
+        for (int i = threadIdx.x; i < visible; i += THREADS)
+        {
+            float e = __expf(prob[i] - m);
+            prob[i] = e;
+            s += e;
+        }
+        s = block_sum(s, red);
+        const float inv = 1.f / s;
+        for (int i = threadIdx.x; i < visible; i += THREADS) prob[i] *= inv;
+        __syncthreads();
     }
-    s = block_sum(s, red);
-    const float inv = 1.f / s;
-    for (int i = threadIdx.x; i < visible; i += THREADS) prob[i] *= inv;
-    __syncthreads();
 
     // The budget as a threshold t: entries ≥ t are kept. Non-negative floats order as their bits.
     float t;
