@@ -89,6 +89,16 @@ __device__ __forceinline__ void ldmatrix_x4(u32 addr, u32& r0, u32& r1, u32& r2,
                  : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
 }
 
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool valid)
+{
+    int bytes = valid ? 16 : 0;     // 0 bytes read: the 16 destination bytes are zero-filled
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(dst), "l"(src), "r"(bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::); }
+
 __device__ __forceinline__ void mma16816(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1)
 {
 #if SRC_T == 1
@@ -121,11 +131,35 @@ __device__ __forceinline__ int visible_groups(const AntidiagonalParams& p, int r
     return min(p.k_groups, (keys + p.stride - 1) / p.stride);
 }
 
+// Stages the operands of (key-group tile c0, inner chunk e0) — 64 rows × 8 vectors of 8 elements per operand, 4 of
+// each per thread — regrouping on the way: query group r's element e is query r·s + s−1−e/D, channel e mod D; key
+// group c's is key c·s + e/D. 16-bit inputs go by cp.async (zero-filled outside the tensors); f32 is rounded here.
+__device__ __forceinline__ void stage(const AntidiagonalParams& p, u16* sq, u16* sk, int r_base, int c0, int e0, i64 qbase, i64 kbase, int e_total)
+{
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+    {
+        const int v = threadIdx.x + i * THREADS, row = v >> 3, chunk = v & 7;
+        const int e = e0 + chunk * 8, slot = e / p.d, c = e - slot * p.d;
+        const int gq = r_base + row, tq = gq * p.stride + (p.stride - 1 - slot);
+        const int gk = c0 + row, tk = gk * p.stride + slot;
+        const bool q_ok = gq < p.q_groups && e < e_total && tq < p.seqlen_q, k_ok = gk < p.k_groups && e < e_total && tk < p.seqlen_k;
+        const i64 qi = qbase + (i64)tq * p.q_row + c, ki = kbase + (i64)tk * p.k_row + c;
+#if SRC_T == 0
+        *(uint4*)&sq[row * PITCH + chunk * 8] = load8(p.q, qi, q_ok);
+        *(uint4*)&sk[row * PITCH + chunk * 8] = load8(p.k, ki, k_ok);
+#else
+        cp_async16(smem_u32(&sq[row * PITCH + chunk * 8]), (const u16*)p.q + (q_ok ? qi : 0), q_ok);
+        cp_async16(smem_u32(&sk[row * PITCH + chunk * 8]), (const u16*)p.k + (k_ok ? ki : 0), k_ok);
+#endif
+    }
+}
+
 // Grid (ceil(q groups / 64), heads of this launch, B), THREADS threads.
 extern "C" __global__ void __launch_bounds__(THREADS) antidiagonal_lse(const AntidiagonalParams p)
 {
-    __shared__ __align__(16) u16 sq[EST_ROWS * PITCH];
-    __shared__ __align__(16) u16 sk[EST_COLS * PITCH];
+    __shared__ __align__(16) u16 sq[2][EST_ROWS * PITCH];   // two stages: the next chunk loads while this one multiplies
+    __shared__ __align__(16) u16 sk[2][EST_COLS * PITCH];
     __shared__ float row_lse[EST_ROWS];
     const int hl = blockIdx.y, h = p.head0 + hl, b = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
@@ -141,42 +175,46 @@ extern "C" __global__ void __launch_bounds__(THREADS) antidiagonal_lse(const Ant
     const int vis0 = row0 < p.q_groups ? visible_groups(p, row0) : 0, vis1 = row1 < p.q_groups ? visible_groups(p, row1) : 0;
     float m0 = NEG_INF, s0 = 0.f, m1 = NEG_INF, s1 = 0.f;
 
-    for (int c0 = 0; c0 < cols; c0 += EST_COLS)
+    // One stream of (tile, inner chunk) steps, double-buffered across tile boundaries.
+    const int chunks = (e_total + EST_K - 1) / EST_K, steps = ((cols + EST_COLS - 1) / EST_COLS) * chunks;
+    if (steps > 0) stage(p, sq[0], sk[0], r_base, 0, 0, qbase, kbase, e_total);
+    cp_async_commit();
+    float acc[8][4];
+    for (int it = 0; it < steps; it++)
     {
-        float acc[8][4];
-#pragma unroll
-        for (int n = 0; n < 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-        for (int e0 = 0; e0 < e_total; e0 += EST_K)
+        const int tile = it / chunks, ei = it - tile * chunks, c0 = tile * EST_COLS;
+        if (ei == 0)
         {
-            __syncthreads();
-            // 64 rows × 8 vectors of 8 elements per tile; 4 vectors of each tile per thread.
 #pragma unroll
-            for (int i = 0; i < 4; i++)
+            for (int n = 0; n < 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+        }
+        if (it + 1 < steps)
+        {
+            const int next_tile = (it + 1) / chunks;
+            stage(p, sq[(it + 1) & 1], sk[(it + 1) & 1], r_base, next_tile * EST_COLS, ((it + 1) - next_tile * chunks) * EST_K, qbase, kbase, e_total);
+        }
+        cp_async_commit();
+        cp_async_wait_one();   // this step's chunk has landed
+        __syncthreads();
+        const u16* tq = sq[it & 1];
+        const u16* tk = sk[it & 1];
+#pragma unroll
+        for (int kk = 0; kk < EST_K / 16; kk++)
+        {
+            u32 a0, a1, a2, a3;
+            ldmatrix_x4(smem_u32(&tq[(warp * 16 + (lane & 15)) * PITCH + kk * 16 + (lane >> 4) * 8]), a0, a1, a2, a3);
+#pragma unroll
+            for (int np = 0; np < 4; np++)
             {
-                const int v = threadIdx.x + i * THREADS, row = v >> 3, chunk = v & 7;
-                const int e = e0 + chunk * 8, slot = e / p.d, c = e - slot * p.d;
-                const int gq = r_base + row, tq = gq * p.stride + (p.stride - 1 - slot);
-                *(uint4*)&sq[row * PITCH + chunk * 8] = load8(p.q, qbase + (i64)tq * p.q_row + c, gq < p.q_groups && e < e_total && tq < p.seqlen_q);
-                const int gk = c0 + row, tk = gk * p.stride + slot;
-                *(uint4*)&sk[row * PITCH + chunk * 8] = load8(p.k, kbase + (i64)tk * p.k_row + c, gk < p.k_groups && e < e_total && tk < p.seqlen_k);
-            }
-            __syncthreads();
-#pragma unroll
-            for (int kk = 0; kk < EST_K / 16; kk++)
-            {
-                u32 a0, a1, a2, a3;
-                ldmatrix_x4(smem_u32(&sq[(warp * 16 + (lane & 15)) * PITCH + kk * 16 + (lane >> 4) * 8]), a0, a1, a2, a3);
-#pragma unroll
-                for (int np = 0; np < 4; np++)
-                {
-                    u32 b0, b1, b2, b3;
-                    const int key = np * 16 + (lane & 7) + (lane >> 4) * 8;
-                    ldmatrix_x4(smem_u32(&sk[key * PITCH + kk * 16 + ((lane >> 3) & 1) * 8]), b0, b1, b2, b3);
-                    mma16816(acc[2 * np], a0, a1, a2, a3, b0, b1);
-                    mma16816(acc[2 * np + 1], a0, a1, a2, a3, b2, b3);
-                }
+                u32 b0, b1, b2, b3;
+                const int key = np * 16 + (lane & 7) + (lane >> 4) * 8;
+                ldmatrix_x4(smem_u32(&tk[key * PITCH + kk * 16 + ((lane >> 3) & 1) * 8]), b0, b1, b2, b3);
+                mma16816(acc[2 * np], a0, a1, a2, a3, b0, b1);
+                mma16816(acc[2 * np + 1], a0, a1, a2, a3, b2, b3);
             }
         }
+        __syncthreads();   // the next step stages into the buffer just read
+        if (ei != chunks - 1) continue;
         // Per key block of the tile: max and Σ exp over its columns for both rows (a quad of lanes holds a row's 8
         // columns of each n8 tile), written as log Σ exp; merged into the rows' running sums.
 #pragma unroll
