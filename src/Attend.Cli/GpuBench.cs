@@ -203,7 +203,7 @@ internal static class GpuBench
         int h = plan.Heads > 0 ? plan.Heads : 32, hkv = plan.KvHeads > 0 ? plan.KvHeads : h;
         const int d = 128;
         IReadOnlyList<Sparse.ISparsitySelector> selectors = plan.Selectors ??
-            [.. new[] { "pooled", "pooled:budget=p0.9", "pooled:budget=top32", "pooled:budget=top16", "pooled:budget=top8", "vertical-slash", "vertical-slash:v=500,s=50", "xattention", "xattention:stride=16" }.Select(Sparse.Selectors.ParseAny)];
+            [.. new[] { "pooled", "pooled:budget=p0.9", "pooled:budget=top32", "pooled:budget=top16", "pooled:budget=top8", "vertical-slash", "vertical-slash:v=500,s=50", "xattention", "xattention:stride=16", "sale" }.Select(Sparse.Selectors.ParseAny)];
         foreach (int s in plan.Lengths)
         {
             status($"structured inputs S={s}, H={h}");

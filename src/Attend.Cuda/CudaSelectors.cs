@@ -17,7 +17,8 @@ public static unsafe class CudaSelectors
     private static readonly Lock Gate = new();
     private static DeviceBuffer<float>? _pooledQ, _pooledK;
     private static DeviceBuffer<int>? _counts, _scratch, _tokenScratch, _vsLists;
-    private static DeviceBuffer<float>? _vsScores, _vsNorms, _vsProfiles, _mass, _estimate;
+    private static DeviceBuffer<float>? _vsScores, _vsNorms, _vsProfiles, _mass, _estimate, _saleScales;
+    private static DeviceBuffer<ushort>? _saleQ, _saleK;
 
     /// <summary>
     /// The plan <paramref name="selector"/> chooses for q [B, Sq, H, D] and k [B, Skv, Hkv, D] (f32, f16 or bf16 on the
@@ -129,7 +130,7 @@ public static unsafe class CudaSelectors
             DeviceBuffer<float>.EnsureLength(ref _estimate, perHead * launchHeads);
             DeviceBuffer<int>.EnsureLength(ref _counts, rows);
             DeviceBuffer<int>.EnsureLength(ref _scratch, rows * kBlocks);
-            var ap = new AntidiagonalParams
+            var ap = new EstimateParams
             {
                 Q = q.Buffer.Pointer, K = k.Buffer.Pointer, BlockLse = _estimate!.Pointer, Mass = _mass!.Pointer,
                 QBatch = q.Strides[0], QRow = q.Strides[1], QHead = q.Strides[2], KBatch = k.Strides[0], KRow = k.Strides[1], KHead = k.Strides[2],
@@ -153,13 +154,107 @@ public static unsafe class CudaSelectors
         }
     }
 
+    /// <summary>
+    /// SALE's plan (<see cref="SaleSelector"/>) for q [B, Sq, H, D] and k [B, Skv, Hkv, D], built on the device: keys
+    /// smoothed by their mean, q (every <see cref="SaleSelector.RowStride"/>-th row of each block) and k quantized per
+    /// token to <see cref="SaleSelector.Bits"/> bits, the integer products on the tensor cores (exact as bf16), each
+    /// sampled row's largest estimate per key block, and per query block the blocks whose relative score
+    /// max(block max − row max) reaches ln(<see cref="SaleSelector.Threshold"/>) — the CPU selector's choice up to the
+    /// rounding of the keys' mean (summed in f32 here, f64 there) at the quantization's edges. Needs D a multiple of 8
+    /// up to 256 (block sizes 64, 128 and 256 are whole 64-key tiles).
+    /// </summary>
+    public static DeviceBlockPlan Plan<T>(SaleSelector selector, DeviceTensor<T> q, DeviceTensor<T> k, bool causal = true, float? scale = null) where T : unmanaged
+    {
+        ArgumentNullException.ThrowIfNull(selector);
+        (int batch, int sq, int heads, int d, int skv, int kvHeads, float s) = CheckInputs(q, k, scale);
+        int bs = selector.BlockSize, rowStride = selector.RowStride;
+        if (d % 8 != 0 || d > 256) throw new NotSupportedException($"the GPU sale estimate needs D a multiple of 8 up to 256; got D={d}");
+        int qBlocks = (sq + bs - 1) / bs, kBlocks = (skv + bs - 1) / bs;
+        int rowsPerBlock = ((bs - 1) / rowStride) + 1, lastRows = ((sq - ((qBlocks - 1) * bs) - 1) / rowStride) + 1;
+        int sampled = ((qBlocks - 1) * rowsPerBlock) + lastRows;
+        long rows = (long)batch * heads * qBlocks;
+        int selectShared = kBlocks * sizeof(float);
+        CudaDevice device = CudaBackend.Device;
+        device.MakeCurrent();
+        if (selectShared > device.MaxSharedMemoryPerBlock)
+        {
+            throw new NotSupportedException($"{kBlocks} key blocks of {bs} keys need {selectShared} bytes of shared memory per row; {device.Name} allows {device.MaxSharedMemoryPerBlock} (use a larger BlockSize)");
+        }
+        if (rows >= int.MaxValue || rows * kBlocks >= int.MaxValue) throw new NotSupportedException($"{rows} block rows × {kBlocks} key blocks exceed the selector's 32-bit plan indices");
+        Dictionary<string, string> defines = Defines<T>();
+        Dictionary<string, string> integerDefines = new() { ["SRC_T"] = "2" };   // the quantized rows are bf16 integers
+        long perHead = (long)batch * sampled * kBlocks;
+        int launchHeads = (int)Math.Clamp(EstimateScratchElements / Math.Max(perHead, 1), 1, heads);
+        int levels = selector.Bits == 4 ? 7 : 127;
+        var rowStart = DeviceBuffer<int>.Allocate(rows + 1);
+        lock (Gate)
+        {
+            long qScales = (long)batch * heads * sampled, kScales = (long)batch * kvHeads * skv, sums = (long)batch * kvHeads * d;
+            DeviceBuffer<ushort>.EnsureLength(ref _saleQ, (long)batch * sampled * heads * d);
+            DeviceBuffer<ushort>.EnsureLength(ref _saleK, (long)batch * skv * kvHeads * d);
+            DeviceBuffer<float>.EnsureLength(ref _saleScales, qScales + kScales + sums);
+            DeviceBuffer<float>.EnsureLength(ref _mass, rows * kBlocks);
+            DeviceBuffer<float>.EnsureLength(ref _estimate, perHead * launchHeads);
+            DeviceBuffer<int>.EnsureLength(ref _counts, rows);
+            DeviceBuffer<int>.EnsureLength(ref _scratch, rows * kBlocks);
+            ulong qScale = _saleScales!.Pointer, kScale = qScale + ((ulong)qScales * sizeof(float)), keySums = kScale + ((ulong)kScales * sizeof(float));
+            _saleScales.Clear();   // the key sums accumulate atomically
+
+            var kp = new QuantizeParams
+            {
+                Src = k.Buffer.Pointer, Dst = _saleK!.Pointer, Scales = kScale, Sums = keySums,
+                SrcBatch = k.Strides[0], SrcRow = k.Strides[1], SrcHead = k.Strides[2], DstBatch = (long)skv * kvHeads * d, DstRow = (long)kvHeads * d, DstHead = d,
+                Rows = skv, Heads = kvHeads, D = d, Levels = levels, Length = skv, Scale = 1,
+            };
+            void* arg = &kp;
+            device.Kernel("estimate.cu", "key_sums", defines).Launch((uint)((skv + 255) / 256), (uint)kvHeads, (uint)batch, 256, 0, &arg);
+            device.Kernel("estimate.cu", "quantize_rows", defines).Launch((uint)((skv + 7) / 8), (uint)kvHeads, (uint)batch, 256, 0, &arg);
+            var qp = new QuantizeParams
+            {
+                Src = q.Buffer.Pointer, Dst = _saleQ!.Pointer, Scales = qScale, Sums = 0,
+                SrcBatch = q.Strides[0], SrcRow = q.Strides[1], SrcHead = q.Strides[2], DstBatch = (long)sampled * heads * d, DstRow = (long)heads * d, DstHead = d,
+                Rows = sampled, Heads = heads, D = d, Levels = levels, Length = sq,
+                Sampled = 1, Block = bs, QBlocks = qBlocks, RowStride = rowStride, RowsPerBlock = rowsPerBlock, Scale = s,
+            };
+            arg = &qp;
+            device.Kernel("estimate.cu", "quantize_rows", defines).Launch((uint)((sampled + 7) / 8), (uint)heads, (uint)batch, 256, 0, &arg);
+
+            var ep = new EstimateParams
+            {
+                Q = _saleQ.Pointer, K = _saleK.Pointer, BlockLse = _estimate!.Pointer, Mass = _mass!.Pointer,
+                QBatch = qp.DstBatch, QRow = qp.DstRow, QHead = qp.DstHead, KBatch = kp.DstBatch, KRow = kp.DstRow, KHead = kp.DstHead,
+                Heads = heads, Group = heads / kvHeads, D = d, Stride = 1, SeqlenQ = sq, SeqlenK = skv, Causal = causal ? 1 : 0, CausalOffset = skv - sq,
+                QGroups = sampled, KGroups = skv, Block = bs, QBlocks = qBlocks, KBlocks = kBlocks, Scale = 1,
+                QScales = qScale, KScales = kScale, RowStride = rowStride, RowsPerBlock = rowsPerBlock,
+            };
+            CudaKernel estimate = device.Kernel("estimate.cu", "scaled_block_max", integerDefines);
+            CudaKernel relative = device.Kernel("estimate.cu", "sale_relative", integerDefines);
+            for (int h0 = 0; h0 < heads; h0 += launchHeads)
+            {
+                ep.Head0 = h0;
+                uint chunk = (uint)Math.Min(launchHeads, heads - h0);
+                void* a = &ep;
+                estimate.Launch((uint)((sampled + 63) / 64), chunk, (uint)batch, 128, 0, &a);
+                relative.Launch((uint)qBlocks, chunk, (uint)batch, 256, 0, &a);
+            }
+            var sp = new SelectParams
+            {
+                Counts = _counts!.Pointer, Scratch = _scratch!.Pointer, Mass = _mass.Pointer,
+                Heads = heads, Group = heads / kvHeads, D = 0, Block = bs, QBlocks = qBlocks, KBlocks = kBlocks, SeqlenQ = sq, SeqlenK = skv,
+                Causal = causal ? 1 : 0, CausalOffset = skv - sq, BudgetKind = 2,
+                Budget = selector.Threshold > 0 ? (float)Math.Log(selector.Threshold) : float.NegativeInfinity, KeepSinkDiagonal = selector.KeepSinkAndDiagonal ? 1 : 0,
+            };
+            return SelectAndCompact(sp, batch, selectShared, rowStart, defines);
+        }
+    }
+
     /// <summary>Floats of the XAttention estimate's scratch (256 MiB): heads run in chunks that fit.</summary>
     private const long EstimateScratchElements = 64L << 20;
 
     /// <summary>
     /// The plan of any selector that has a GPU version — <see cref="PooledBlockSelector"/>,
-    /// <see cref="VerticalSlashSelector"/> or <see cref="XAttentionSelector"/> — built on the device; other selectors are
-    /// named as unsupported.
+    /// <see cref="VerticalSlashSelector"/>, <see cref="XAttentionSelector"/> or <see cref="SaleSelector"/> — built on the
+    /// device; other selectors are named as unsupported.
     /// </summary>
     public static DeviceBlockPlan Plan<T>(ISparsitySelector selector, DeviceTensor<T> q, DeviceTensor<T> k, bool causal = true, float? scale = null) where T : unmanaged =>
         selector switch
@@ -167,8 +262,9 @@ public static unsafe class CudaSelectors
             PooledBlockSelector pooled => Plan(pooled, q, k, causal, scale),
             VerticalSlashSelector verticalSlash => Plan(verticalSlash, q, k, causal, scale),
             XAttentionSelector xattention => Plan(xattention, q, k, causal, scale),
+            SaleSelector sale => Plan(sale, q, k, causal, scale),
             null => throw new ArgumentNullException(nameof(selector)),
-            _ => throw new NotSupportedException($"{selector.Name} has no GPU version; the GPU builds plans for the pooled, vertical-slash and xattention selectors"),
+            _ => throw new NotSupportedException($"{selector.Name} has no GPU version; the GPU builds plans for the pooled, vertical-slash, xattention and sale selectors"),
         };
 
     /// <summary>
@@ -356,13 +452,25 @@ public static unsafe class CudaSelectors
     }
 
     [StructLayout(LayoutKind.Sequential)]
-    private struct AntidiagonalParams
+    private struct EstimateParams
     {
         public ulong Q, K, BlockLse, Mass;
         public long QBatch, QRow, QHead, KBatch, KRow, KHead;
         public int Heads, Group, D, Stride, Head0;
         public int SeqlenQ, SeqlenK, Causal, CausalOffset;
         public int QGroups, KGroups, Block, QBlocks, KBlocks;
+        public float Scale;
+        public ulong QScales, KScales;
+        public int RowStride, RowsPerBlock;
+    }
+
+    [StructLayout(LayoutKind.Sequential)]
+    private struct QuantizeParams
+    {
+        public ulong Src, Dst, Scales, Sums;
+        public long SrcBatch, SrcRow, SrcHead, DstBatch, DstRow, DstHead;
+        public int Rows, Heads, D, Levels, Length;
+        public int Sampled, Block, QBlocks, RowStride, RowsPerBlock;
         public float Scale;
     }
 

@@ -122,7 +122,7 @@ public static class KernelVariants
         // GPU selectors: pooled block selection per input type.
         for (int src = 0; src < 3; src++)
             yield return ("select.cu", new Dictionary<string, string> { ["SRC_T"] = src.ToString(System.Globalization.CultureInfo.InvariantCulture) });
-        // XAttention's antidiagonal estimate per input type and groups per block (block / stride).
+        // XAttention's antidiagonal estimate and SALE's low-bit estimate per input type and groups per block (block / stride).
         for (int src = 0; src < 3; src++)
             foreach (int groupCols in new[] { 8, 16, 32, 64 })
                 yield return ("estimate.cu", new Dictionary<string, string>

@@ -105,6 +105,52 @@ public sealed class CudaSelectorTests
         }
     }
 
+    private static IEnumerable<(string Name, SaleSelector Selector)> SaleSelectors() =>
+    [
+        ("defaults (t 0.02, 4-bit, rows/4)", new SaleSelector()),
+        ("t 0.004, every row", new SaleSelector { Threshold = 0.004, RowStride = 1 }),
+        ("8-bit, t 0.05, rows/3", new SaleSelector { Bits = 8, Threshold = 0.05, RowStride = 3 }),
+        ("block 256, rows/8", new SaleSelector { BlockSize = 256, RowStride = 8 }),
+        ("block 64, t 0.01, no sink/diagonal", new SaleSelector { BlockSize = 64, Threshold = 0.01, KeepSinkAndDiagonal = false }),
+    ];
+
+    /// <summary>
+    /// SALE's low-bit estimate on the tensor cores keeps the CPU selector's blocks on the same bf16 inputs: the integer
+    /// products are exact on both; the keys' mean is summed in f32 on the device (f64 on the CPU), which may move a
+    /// quantized key across a rounding edge, so at most 2% may differ. Awkward lengths, GQA, Sq &lt; Skv, causal or
+    /// not, 4 and 8 bits, row strides, block sizes.
+    /// </summary>
+    [CudaFact]
+    public void Should_choose_the_cpu_sale_blocks()
+    {
+        foreach ((int sq, int skv, int h, int hkv, int d, bool causal) in new[] { (1000, 1000, 4, 2, 64, true), (2048, 2048, 2, 2, 128, true), (300, 1100, 2, 1, 128, true), (777, 777, 2, 1, 80, false), (97, 97, 2, 1, 256, true) })
+        {
+            (TensorView<float> qf, TensorView<float> kf, _, _) = StructuredInputs.Generate(1, Math.Max(sq, skv), h, hkv, d, StructureOptions.Default with { Seed = sq + 11 });
+            TensorView<BFloat16> q = Rows(qf, Math.Max(sq, skv) - sq, sq), k = Rows(kf, 0, skv);
+            using DeviceTensor<BFloat16> dq = DeviceTensor<BFloat16>.FromHost(q), dk = DeviceTensor<BFloat16>.FromHost(k);
+            foreach ((string name, SaleSelector selector) in SaleSelectors())
+            {
+                BlockMask cpu = selector.Plan(q, k, causal).Blocks!;
+                using DeviceBlockPlan plan = CudaSelectors.Plan((ISparsitySelector)selector, dq, dk, causal);
+                AssertSameBlocks(cpu, plan, $"sale {name} Sq={sq} Skv={skv} D={d} causal={causal}", 0.02);
+            }
+        }
+    }
+
+    /// <summary>A device SALE plan runs on the GPU as its host copy runs on the float64 reference (bf16 rule).</summary>
+    [CudaFact]
+    public void Should_execute_device_sale_plans_like_the_reference_of_their_host_copy()
+    {
+        (TensorView<float> qf, TensorView<float> kf, _, _) = StructuredInputs.Generate(1, 1000, 4, 2, 64);
+        using DeviceTensor<BFloat16> dq = DeviceTensor<BFloat16>.FromHost(Rows(qf, 0, 1000)), dk = DeviceTensor<BFloat16>.FromHost(Rows(kf, 0, 1000));
+        using DeviceBlockPlan plan = CudaSelectors.Plan(new SaleSelector { Threshold = 0.05 }, dq, dk, causal: true);
+        Assert.InRange(plan.Density, 0.01, 0.99);
+        BlockMask host = plan.ToHost();
+        void Run(TensorView<BFloat16> q, TensorView<BFloat16> k, TensorView<BFloat16> v, TensorView<BFloat16> o, TensorView<float> lse, AttentionOptions options) =>
+            CudaAttentionTests.OnGpu(q, k, v, o, lse, options with { Plan = null }, plan);
+        AttentionConformance.Check<BFloat16>(1, 1000, 1000, 4, 2, 64, new AttentionOptions { Plan = host }, "cuda device-built sale plan", Run);
+    }
+
     /// <summary>A device XAttention plan runs on the GPU as its host copy runs on the float64 reference (bf16 rule).</summary>
     [CudaFact]
     public void Should_execute_device_xattention_plans_like_the_reference_of_their_host_copy()
@@ -206,6 +252,14 @@ public sealed class CudaSelectorTests
     {
         using DeviceTensor<BFloat16> q = DeviceTensor<BFloat16>.Allocate(1, 256, 4, 64), k = DeviceTensor<BFloat16>.Allocate(1, 256, 2, 64);
         Assert.Contains("anchor", Assert.Throws<NotSupportedException>(() => CudaSelectors.Plan(new AnchorSelector(), q, k)).Message);
+        using (DeviceTensor<BFloat16> q264 = DeviceTensor<BFloat16>.Allocate(1, 128, 2, 264), k264 = DeviceTensor<BFloat16>.Allocate(1, 128, 2, 264))
+        {
+            Assert.Contains("up to 256", Assert.Throws<NotSupportedException>(() => CudaSelectors.Plan(new SaleSelector(), q264, k264)).Message);
+        }
+        using (CudaSelectors.Plan(new SaleSelector(), q, k)) { }   // grows the workspace once
+        long liveSale = DeviceMemory.LiveBuffers;
+        using (CudaSelectors.Plan(new SaleSelector(), q, k)) { }
+        Assert.Equal(liveSale, DeviceMemory.LiveBuffers);
         Assert.Contains("BlockSize / Stride in 8, 16, 32 or 64", Assert.Throws<NotSupportedException>(() => CudaSelectors.Plan(new XAttentionSelector { Stride = 1 }, q, k)).Message);
         using (DeviceTensor<BFloat16> q36 = DeviceTensor<BFloat16>.Allocate(1, 256, 4, 36), k36 = DeviceTensor<BFloat16>.Allocate(1, 256, 2, 36))
         {

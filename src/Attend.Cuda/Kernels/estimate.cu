@@ -46,7 +46,7 @@ typedef long long i64;
 
 #define NEG_INF __int_as_float(0xff800000)
 
-struct AntidiagonalParams
+struct EstimateParams
 {
     const void* q;              // [B, Sq, H, D]
     const void* k;              // [B, Skv, Hkv, D]
@@ -57,6 +57,10 @@ struct AntidiagonalParams
     int seqlen_q, seqlen_k, causal, causal_offset;
     int q_groups, k_groups, block, q_blocks, k_blocks;
     float scale;                // softmax scale / stride
+    // SALE (scaled_block_max, sale_relative): per-row scales of the quantized rows, and which query rows were sampled.
+    const float* q_scales;      // [B, H, sampled rows]
+    const float* k_scales;      // [B, Hkv, Skv]
+    int row_stride, rows_per_block;
 };
 
 __device__ __forceinline__ u32 pack2(float lo, float hi)
@@ -123,7 +127,7 @@ __device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2
 }
 
 // Key groups query group r sees: those whose first key its last query may see.
-__device__ __forceinline__ int visible_groups(const AntidiagonalParams& p, int r)
+__device__ __forceinline__ int visible_groups(const EstimateParams& p, int r)
 {
     if (!p.causal) return p.k_groups;
     const int last = min(r * p.stride + p.stride, p.seqlen_q) - 1;
@@ -134,7 +138,7 @@ __device__ __forceinline__ int visible_groups(const AntidiagonalParams& p, int r
 // Stages the operands of (key-group tile c0, inner chunk e0) — 64 rows × 8 vectors of 8 elements per operand, 4 of
 // each per thread — regrouping on the way: query group r's element e is query r·s + s−1−e/D, channel e mod D; key
 // group c's is key c·s + e/D. 16-bit inputs go by cp.async (zero-filled outside the tensors); f32 is rounded here.
-__device__ __forceinline__ void stage(const AntidiagonalParams& p, u16* sq, u16* sk, int r_base, int c0, int e0, i64 qbase, i64 kbase, int e_total)
+__device__ __forceinline__ void stage(const EstimateParams& p, u16* sq, u16* sk, int r_base, int c0, int e0, i64 qbase, i64 kbase, int e_total)
 {
 #pragma unroll
     for (int i = 0; i < 4; i++)
@@ -155,34 +159,22 @@ __device__ __forceinline__ void stage(const AntidiagonalParams& p, u16* sq, u16*
     }
 }
 
-// Grid (ceil(q groups / 64), heads of this launch, B), THREADS threads.
-extern "C" __global__ void __launch_bounds__(THREADS) antidiagonal_lse(const AntidiagonalParams p)
+// The thread block's products: for each 64-column tile of the first `cols` columns, S = Q·Kᵀ of its 64 rows (a warp's
+// 16 rows × 64 columns in acc, mma.sync m16n8k16) over the whole inner dimension, then epilogue(c0, acc). Operands
+// are staged by `stage` in two buffers: the next chunk (of this tile or the next) loads while this one multiplies.
+template <typename Epilogue>
+__device__ __forceinline__ void tile_products(const EstimateParams& p, u16 (*sq)[EST_ROWS * PITCH], u16 (*sk)[EST_COLS * PITCH],
+    int r_base, int cols, i64 qbase, i64 kbase, Epilogue epilogue)
 {
-    __shared__ __align__(16) u16 sq[2][EST_ROWS * PITCH];   // two stages: the next chunk loads while this one multiplies
-    __shared__ __align__(16) u16 sk[2][EST_COLS * PITCH];
-    __shared__ float row_lse[EST_ROWS];
-    const int hl = blockIdx.y, h = p.head0 + hl, b = blockIdx.z;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
-    const int r_base = blockIdx.x * EST_ROWS;
-    const int r_last = min(r_base + EST_ROWS, p.q_groups) - 1;
-    const int cols = visible_groups(p, r_last);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int e_total = p.stride * p.d;
-    const i64 qbase = b * p.q_batch + h * p.q_head, kbase = b * p.k_batch + (h / p.group) * p.k_head;
-    float* lse_rows = p.block_lse + ((i64)(hl * gridDim.z + b) * p.q_groups) * p.k_blocks;
-
-    // This thread's two rows (g and g + 8 of its warp's 16) and what they see.
-    const int row0 = r_base + warp * 16 + g, row1 = row0 + 8;
-    const int vis0 = row0 < p.q_groups ? visible_groups(p, row0) : 0, vis1 = row1 < p.q_groups ? visible_groups(p, row1) : 0;
-    float m0 = NEG_INF, s0 = 0.f, m1 = NEG_INF, s1 = 0.f;
-
-    // One stream of (tile, inner chunk) steps, double-buffered across tile boundaries.
     const int chunks = (e_total + EST_K - 1) / EST_K, steps = ((cols + EST_COLS - 1) / EST_COLS) * chunks;
     if (steps > 0) stage(p, sq[0], sk[0], r_base, 0, 0, qbase, kbase, e_total);
     cp_async_commit();
     float acc[8][4];
     for (int it = 0; it < steps; it++)
     {
-        const int tile = it / chunks, ei = it - tile * chunks, c0 = tile * EST_COLS;
+        const int tile = it / chunks, ei = it - tile * chunks;
         if (ei == 0)
         {
 #pragma unroll
@@ -214,7 +206,31 @@ extern "C" __global__ void __launch_bounds__(THREADS) antidiagonal_lse(const Ant
             }
         }
         __syncthreads();   // the next step stages into the buffer just read
-        if (ei != chunks - 1) continue;
+        if (ei == chunks - 1) epilogue(tile * EST_COLS, acc);
+    }
+}
+
+// Grid (ceil(q groups / 64), heads of this launch, B), THREADS threads.
+extern "C" __global__ void __launch_bounds__(THREADS) antidiagonal_lse(const EstimateParams p)
+{
+    __shared__ __align__(16) u16 sq[2][EST_ROWS * PITCH];
+    __shared__ __align__(16) u16 sk[2][EST_COLS * PITCH];
+    __shared__ float row_lse[EST_ROWS];
+    const int hl = blockIdx.y, h = p.head0 + hl, b = blockIdx.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+    const int r_base = blockIdx.x * EST_ROWS;
+    const int r_last = min(r_base + EST_ROWS, p.q_groups) - 1;
+    const int cols = visible_groups(p, r_last);
+    const i64 qbase = b * p.q_batch + h * p.q_head, kbase = b * p.k_batch + (h / p.group) * p.k_head;
+    float* lse_rows = p.block_lse + ((i64)(hl * gridDim.z + b) * p.q_groups) * p.k_blocks;
+
+    // This thread's two rows (g and g + 8 of its warp's 16) and what they see.
+    const int row0 = r_base + warp * 16 + g, row1 = row0 + 8;
+    const int vis0 = row0 < p.q_groups ? visible_groups(p, row0) : 0, vis1 = row1 < p.q_groups ? visible_groups(p, row1) : 0;
+    float m0 = NEG_INF, s0 = 0.f, m1 = NEG_INF, s1 = 0.f;
+
+    tile_products(p, sq, sk, r_base, cols, qbase, kbase, [&](int c0, float (&acc)[8][4])
+    {
         // Per key block of the tile: max and Σ exp over its columns for both rows (a quad of lanes holds a row's 8
         // columns of each n8 tile), written as log Σ exp; merged into the rows' running sums.
 #pragma unroll
@@ -258,7 +274,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) antidiagonal_lse(const Ant
             lse_merge(m0, s0, bm0, bs0);
             lse_merge(m1, s1, bm1, bs1);
         }
-    }
+    });
     if (t4 == 0)
     {
         row_lse[warp * 16 + g] = m0 == NEG_INF ? NEG_INF : m0 + __logf(s0);
@@ -291,5 +307,201 @@ extern "C" __global__ void __launch_bounds__(THREADS) antidiagonal_lse(const Ant
             if (x != NEG_INF) sum += __expf(x - total);
         }
         p.mass[(((i64)b * p.heads + h) * p.q_blocks + qb) * p.k_blocks + kb] = sum;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// SALE's low-bit estimate (Ji et al., arXiv:2505.24179) — the device side of the CPU's SaleSelector: keys smoothed
+// by their mean over the sequence, q (times the softmax scale, every row_stride-th row of each block, its last row
+// included) and k quantized with one symmetric scale per token to ±7 (4-bit) or ±127 (8-bit). The integers go to the
+// tensor cores as bf16 — exact, and their sums stay below 2^24, so the products equal the CPU's integer products —
+// and each (sampled row, key block) keeps its largest scaled estimate; a block's relative score is then the largest
+// over the query block's rows of (block max − row max), kept when ≥ ln(threshold) by select_blocks.
+//   key_sums → quantize_rows (keys, queries) → scaled_block_max → sale_relative → select_blocks (threshold).
+// ---------------------------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float load1(const void* base, i64 i)
+{
+#if SRC_T == 0
+    return ((const float*)base)[i];
+#elif SRC_T == 1
+    float f;
+    asm("cvt.f32.f16 %0, %1;\n" : "=f"(f) : "h"(((const u16*)base)[i]));
+    return f;
+#else
+    return __uint_as_float(((u32)((const u16*)base)[i]) << 16);
+#endif
+}
+
+// The query index of sampled row r: rows_per_block rows for every block but the last, each block's rows every
+// row_stride-th query ending at its last one.
+__device__ __forceinline__ int sampled_query(int r, int block, int seqlen_q, int q_blocks, int row_stride, int rows_per_block)
+{
+    const int qb = min(r / rows_per_block, q_blocks - 1);
+    const int first = qb * block, last = min(first + block, seqlen_q) - 1;
+    return first + (last - first) % row_stride + (r - qb * rows_per_block) * row_stride;
+}
+
+struct QuantizeParams
+{
+    const void* src;            // [B, S, heads, D] (SRC_T)
+    u16* dst;                   // [B, rows, heads, D] bf16 integers
+    float* scales;              // [B, heads, rows]
+    float* sums;                // [B, heads, D] channel sums of the keys (key_sums; quantize_rows subtracts the mean), or null
+    i64 src_batch, src_row, src_head, dst_batch, dst_row, dst_head;
+    int rows, heads, d, levels, length;
+    int sampled, block, q_blocks, row_stride, rows_per_block;   // queries: rows are sampled_query(r, ...)
+    float scale;                // multiplies the source (the softmax scale for queries)
+};
+
+// Grid (ceil(length / 256), heads, B), 256 threads: channel sums of 256 keys, added atomically.
+extern "C" __global__ void __launch_bounds__(256) key_sums(const QuantizeParams p)
+{
+    const int h = blockIdx.y, b = blockIdx.z, r0 = blockIdx.x * 256, r1 = min(r0 + 256, p.length);
+    for (int c = threadIdx.x; c < p.d; c += 256)
+    {
+        float a = 0.f;
+        for (int r = r0; r < r1; r++) a += load1(p.src, b * p.src_batch + (i64)r * p.src_row + h * p.src_head + c);
+        atomicAdd(&p.sums[((i64)b * p.heads + h) * p.d + c], a);
+    }
+}
+
+// Grid (ceil(rows / 8), heads, B), 256 threads: a warp per row (D ≤ 256), max |x| → scale = max / levels (1 for a
+// zero row), integers round(x / scale) half to even and clamped, as the CPU's Quantize.
+extern "C" __global__ void __launch_bounds__(256) quantize_rows(const QuantizeParams p)
+{
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int r = blockIdx.x * 8 + warp, h = blockIdx.y, b = blockIdx.z;
+    if (r >= p.rows) return;
+    const int src = p.sampled ? sampled_query(r, p.block, p.length, p.q_blocks, p.row_stride, p.rows_per_block) : r;
+    const i64 base = b * p.src_batch + (i64)src * p.src_row + h * p.src_head;
+    const float* sums = p.sums == nullptr ? nullptr : p.sums + ((i64)b * p.heads + h) * p.d;
+    float x[8];
+    float mx = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+    {
+        const int c = lane + 32 * i;
+        float v = 0.f;
+        if (c < p.d)
+        {
+            v = load1(p.src, base + c);
+            v = sums != nullptr ? v - sums[c] / (float)p.length : v * p.scale;
+        }
+        x[i] = v;
+        mx = fmaxf(mx, fabsf(v));
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    const float scale = mx > 0.f ? mx / (float)p.levels : 1.f;
+    u16* out = p.dst + b * p.dst_batch + (i64)r * p.dst_row + h * p.dst_head;
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+    {
+        const int c = lane + 32 * i;
+        if (c >= p.d) continue;
+        const float qv = fminf(fmaxf(rintf(x[i] / scale), -(float)p.levels), (float)p.levels);
+        out[c] = (u16)(__float_as_uint(qv) >> 16);   // small integers are exact in bf16
+    }
+    if (lane == 0) p.scales[((i64)b * p.heads + h) * p.rows + r] = scale;
+}
+
+// Keys sampled row r sees (its query's causal limit).
+__device__ __forceinline__ int sampled_visible(const EstimateParams& p, int r)
+{
+    if (!p.causal) return p.seqlen_k;
+    const int q = sampled_query(r, p.block, p.seqlen_q, p.q_blocks, p.row_stride, p.rows_per_block);
+    return max(0, min(p.seqlen_k, q + p.causal_offset + 1));
+}
+
+// Grid (ceil(sampled rows / 64), heads of this launch, B), THREADS threads: per (sampled row, key block) the largest
+// estimate integer product × (q scale × k scale) over the block's visible keys (block a multiple of 64: each 64-key
+// tile lies in one block; the row's owner lane merges the tiles of a block), into the scratch.
+extern "C" __global__ void __launch_bounds__(THREADS) scaled_block_max(const EstimateParams p)
+{
+    __shared__ __align__(16) u16 sq[2][EST_ROWS * PITCH];
+    __shared__ __align__(16) u16 sk[2][EST_COLS * PITCH];
+    const int hl = blockIdx.y, h = p.head0 + hl, b = blockIdx.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+    const int r_base = blockIdx.x * EST_ROWS;
+    const int cols = sampled_visible(p, min(r_base + EST_ROWS, p.q_groups) - 1);
+    const i64 qbase = b * p.q_batch + h * p.q_head, kbase = b * p.k_batch + (h / p.group) * p.k_head;
+    float* max_rows = p.block_lse + ((i64)(hl * gridDim.z + b) * p.q_groups) * p.k_blocks;
+    const int row0 = r_base + warp * 16 + g, row1 = row0 + 8;
+    const bool ok0 = row0 < p.q_groups, ok1 = row1 < p.q_groups;
+    const int vis0 = ok0 ? sampled_visible(p, row0) : 0, vis1 = ok1 ? sampled_visible(p, row1) : 0;
+    const float qs0 = ok0 ? p.q_scales[((i64)b * p.heads + h) * p.q_groups + row0] : 0.f;
+    const float qs1 = ok1 ? p.q_scales[((i64)b * p.heads + h) * p.q_groups + row1] : 0.f;
+    const float* ks = p.k_scales + ((i64)b * (p.heads / p.group) + h / p.group) * p.seqlen_k;
+
+    tile_products(p, sq, sk, r_base, cols, qbase, kbase, [&](int c0, float (&acc)[8][4])
+    {
+        float m0 = NEG_INF, m1 = NEG_INF;
+#pragma unroll
+        for (int n = 0; n < 8; n++)
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+            {
+                const int col = c0 + n * 8 + 2 * t4 + (i & 1);
+                if (i >= 2) { if (col < vis1) m1 = fmaxf(m1, acc[n][i] * (qs1 * ks[col])); }
+                else if (col < vis0) m0 = fmaxf(m0, acc[n][i] * (qs0 * ks[col]));
+            }
+        m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, 1));
+        m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, 2));
+        m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, 1));
+        m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, 2));
+        const int kb = c0 / p.block;
+        const bool first = c0 % p.block == 0;
+        if (t4 == 0 && kb < p.k_blocks)
+        {
+            if (ok0) { float* at = &max_rows[(i64)row0 * p.k_blocks + kb]; *at = first ? m0 : fmaxf(*at, m0); }
+            if (ok1) { float* at = &max_rows[(i64)row1 * p.k_blocks + kb]; *at = first ? m1 : fmaxf(*at, m1); }
+        }
+    });
+}
+
+// Grid (query blocks, heads of this launch, B), 256 threads: per visible key block the largest over the block's
+// sampled rows of (block max − row max), the log of SALE's relative attention score (−∞ where no row sees it), into
+// mass for select_blocks' threshold ln(t). Entries a row's own causal limit excludes were never written: skipped.
+extern "C" __global__ void __launch_bounds__(256) sale_relative(const EstimateParams p)
+{
+    __shared__ float row_max[256];
+    __shared__ int row_blocks[256];
+    const int qb = blockIdx.x, hl = blockIdx.y, h = p.head0 + hl, b = blockIdx.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int r0 = qb * p.rows_per_block, r1 = qb == p.q_blocks - 1 ? p.q_groups : min(r0 + p.rows_per_block, p.q_groups);
+    int visible = p.k_blocks;
+    if (p.causal)
+    {
+        const int last = min((qb + 1) * p.block, p.seqlen_q) - 1;
+        const int keys = max(0, min(p.seqlen_k, last + p.causal_offset + 1));
+        visible = (keys + p.block - 1) / p.block;
+    }
+    const float* rows = p.block_lse + ((i64)(hl * gridDim.z + b) * p.q_groups) * p.k_blocks;
+    for (int r = r0 + warp; r < r1; r += 8)
+    {
+        const int nb = (sampled_visible(p, r) + p.block - 1) / p.block;
+        float m = NEG_INF;
+        for (int kb = lane; kb < nb; kb += 32) m = fmaxf(m, rows[(i64)r * p.k_blocks + kb]);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        if (lane == 0)
+        {
+            row_max[r - r0] = m;
+            row_blocks[r - r0] = nb;
+        }
+    }
+    __syncthreads();
+    float* out = p.mass + (((i64)b * p.heads + h) * p.q_blocks + qb) * p.k_blocks;
+    for (int kb = threadIdx.x; kb < visible; kb += 256)
+    {
+        float best = NEG_INF;
+        for (int r = r0; r < r1; r++)
+        {
+            const float m = row_max[r - r0];
+            if (m == NEG_INF || kb >= row_blocks[r - r0]) continue;
+            best = fmaxf(best, rows[(i64)r * p.k_blocks + kb] - m);
+        }
+        out[kb] = best;
     }
 }

@@ -83,8 +83,8 @@ struct SelectParams
     int budget_kind;            // 0 top-k, 1 top-p, 2 threshold
     float budget;               // k, mass or probability
     int keep_sink_diagonal;
-    const float* mass;          // [B, H, query blocks, key blocks] or null: each row's key-block mass from another
-                                // estimate (estimate.cu), normalized here instead of the pooled scores' softmax
+    const float* mass;          // [B, H, query blocks, key blocks] or null: each row's key-block values from another
+                                // estimate (estimate.cu), used instead of the pooled scores' softmax
 };
 
 __device__ __forceinline__ float warp_sum(float x)
@@ -181,7 +181,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) select_blocks(const Select
     }
     if (p.mass != nullptr)
     {
-        // Mass mode: the row's estimated mass per visible key block, normalized.
+        // Mass mode: the row's values from another estimate (estimate.cu) — XAttention's block mass, normalized here
+        // (the bisection below runs on probabilities), or, for a threshold budget, taken as they are (SALE's log
+        // relative scores against ln t).
         const float* m = p.mass + (i64)row * p.k_blocks;
         float s = 0.f;
         for (int i = threadIdx.x; i < visible; i += THREADS)
@@ -189,9 +191,12 @@ extern "C" __global__ void __launch_bounds__(THREADS) select_blocks(const Select
             prob[i] = m[i];
             s += m[i];
         }
-        s = block_sum(s, red);
-        const float inv = s > 0.f ? 1.f / s : 0.f;
-        for (int i = threadIdx.x; i < visible; i += THREADS) prob[i] *= inv;
+        if (p.budget_kind != 2)
+        {
+            s = block_sum(s, red);
+            const float inv = s > 0.f ? 1.f / s : 0.f;
+            for (int i = threadIdx.x; i < visible; i += THREADS) prob[i] *= inv;
+        }
         __syncthreads();
     }
     else
