@@ -34,9 +34,10 @@
 
 #define THREADS 128
 #define EST_ROWS 64                 // query groups per thread block: 4 warps × 16
-#define EST_COLS 64                 // key groups per tile
-#define EST_K 64                    // inner-dimension elements staged per step
-#define PITCH (EST_K + 8)           // shared-memory row pitch in halves: 144 bytes, so ldmatrix's 8 rows hit distinct banks
+#define EST_COLS 128                // key groups per tile: a warp's 16 rows × 128 columns (16 n8 tiles) per A fragment
+#define EST_K 32                    // inner-dimension elements staged per step
+#define PITCH (EST_K + 8)           // shared-memory row pitch in halves: 80 bytes, so ldmatrix's 8 rows hit distinct banks
+#define NT (EST_COLS / 8)           // n8 tiles of a warp's accumulators
 #define TILES_PER_BLOCK (GROUP_COLS / 8)
 #define BLOCKS_PER_TILE (EST_COLS / GROUP_COLS)
 
@@ -135,32 +136,44 @@ __device__ __forceinline__ int visible_groups(const EstimateParams& p, int r)
     return min(p.k_groups, (keys + p.stride - 1) / p.stride);
 }
 
-// Stages the operands of (key-group tile c0, inner chunk e0) — 64 rows × 8 vectors of 8 elements per operand, 4 of
-// each per thread — regrouping on the way: query group r's element e is query r·s + s−1−e/D, channel e mod D; key
+// Stages the operands of (key-group tile c0, inner chunk e0) — 64 query rows and 128 key rows of EST_K elements, in
+// 16-byte vectors — regrouping on the way: query group r's element e is query r·s + s−1−e/D, channel e mod D; key
 // group c's is key c·s + e/D. 16-bit inputs go by cp.async (zero-filled outside the tensors); f32 is rounded here.
 __device__ __forceinline__ void stage(const EstimateParams& p, u16* sq, u16* sk, int r_base, int c0, int e0, i64 qbase, i64 kbase, int e_total)
 {
+    constexpr int VECS = EST_K / 8;   // 16-byte vectors per row and step
 #pragma unroll
-    for (int i = 0; i < 4; i++)
+    for (int i = 0; i < EST_ROWS * VECS / THREADS; i++)
     {
-        const int v = threadIdx.x + i * THREADS, row = v >> 3, chunk = v & 7;
+        const int v = threadIdx.x + i * THREADS, row = v / VECS, chunk = v % VECS;
         const int e = e0 + chunk * 8, slot = e / p.d, c = e - slot * p.d;
         const int gq = r_base + row, tq = gq * p.stride + (p.stride - 1 - slot);
-        const int gk = c0 + row, tk = gk * p.stride + slot;
-        const bool q_ok = gq < p.q_groups && e < e_total && tq < p.seqlen_q, k_ok = gk < p.k_groups && e < e_total && tk < p.seqlen_k;
-        const i64 qi = qbase + (i64)tq * p.q_row + c, ki = kbase + (i64)tk * p.k_row + c;
+        const bool ok = gq < p.q_groups && e < e_total && tq < p.seqlen_q;
+        const i64 at = qbase + (i64)tq * p.q_row + c;
 #if SRC_T == 0
-        *(uint4*)&sq[row * PITCH + chunk * 8] = load8(p.q, qi, q_ok);
-        *(uint4*)&sk[row * PITCH + chunk * 8] = load8(p.k, ki, k_ok);
+        *(uint4*)&sq[row * PITCH + chunk * 8] = load8(p.q, at, ok);
 #else
-        cp_async16(smem_u32(&sq[row * PITCH + chunk * 8]), (const u16*)p.q + (q_ok ? qi : 0), q_ok);
-        cp_async16(smem_u32(&sk[row * PITCH + chunk * 8]), (const u16*)p.k + (k_ok ? ki : 0), k_ok);
+        cp_async16(smem_u32(&sq[row * PITCH + chunk * 8]), (const u16*)p.q + (ok ? at : 0), ok);
+#endif
+    }
+#pragma unroll
+    for (int i = 0; i < EST_COLS * VECS / THREADS; i++)
+    {
+        const int v = threadIdx.x + i * THREADS, row = v / VECS, chunk = v % VECS;
+        const int e = e0 + chunk * 8, slot = e / p.d, c = e - slot * p.d;
+        const int gk = c0 + row, tk = gk * p.stride + slot;
+        const bool ok = gk < p.k_groups && e < e_total && tk < p.seqlen_k;
+        const i64 at = kbase + (i64)tk * p.k_row + c;
+#if SRC_T == 0
+        *(uint4*)&sk[row * PITCH + chunk * 8] = load8(p.k, at, ok);
+#else
+        cp_async16(smem_u32(&sk[row * PITCH + chunk * 8]), (const u16*)p.k + (ok ? at : 0), ok);
 #endif
     }
 }
 
-// The thread block's products: for each 64-column tile of the first `cols` columns, S = Q·Kᵀ of its 64 rows (a warp's
-// 16 rows × 64 columns in acc, mma.sync m16n8k16) over the whole inner dimension, then epilogue(c0, acc). Operands
+// The thread block's products: for each 128-column tile of the first `cols` columns, S = Q·Kᵀ of its 64 rows (a warp's
+// 16 rows × 128 columns in acc, mma.sync m16n8k16) over the whole inner dimension, then epilogue(c0, acc). Operands
 // are staged by `stage` in two buffers: the next chunk (of this tile or the next) loads while this one multiplies.
 template <typename Epilogue>
 __device__ __forceinline__ void tile_products(const EstimateParams& p, u16 (*sq)[EST_ROWS * PITCH], u16 (*sk)[EST_COLS * PITCH],
@@ -171,14 +184,14 @@ __device__ __forceinline__ void tile_products(const EstimateParams& p, u16 (*sq)
     const int chunks = (e_total + EST_K - 1) / EST_K, steps = ((cols + EST_COLS - 1) / EST_COLS) * chunks;
     if (steps > 0) stage(p, sq[0], sk[0], r_base, 0, 0, qbase, kbase, e_total);
     cp_async_commit();
-    float acc[8][4];
+    float acc[NT][4];
     for (int it = 0; it < steps; it++)
     {
         const int tile = it / chunks, ei = it - tile * chunks;
         if (ei == 0)
         {
 #pragma unroll
-            for (int n = 0; n < 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+            for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
         }
         if (it + 1 < steps)
         {
@@ -196,7 +209,7 @@ __device__ __forceinline__ void tile_products(const EstimateParams& p, u16 (*sq)
             u32 a0, a1, a2, a3;
             ldmatrix_x4(smem_u32(&tq[(warp * 16 + (lane & 15)) * PITCH + kk * 16 + (lane >> 4) * 8]), a0, a1, a2, a3);
 #pragma unroll
-            for (int np = 0; np < 4; np++)
+            for (int np = 0; np < NT / 2; np++)
             {
                 u32 b0, b1, b2, b3;
                 const int key = np * 16 + (lane & 7) + (lane >> 4) * 8;
@@ -229,7 +242,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) antidiagonal_lse(const Est
     const int vis0 = row0 < p.q_groups ? visible_groups(p, row0) : 0, vis1 = row1 < p.q_groups ? visible_groups(p, row1) : 0;
     float m0 = NEG_INF, s0 = 0.f, m1 = NEG_INF, s1 = 0.f;
 
-    tile_products(p, sq, sk, r_base, cols, qbase, kbase, [&](int c0, float (&acc)[8][4])
+    tile_products(p, sq, sk, r_base, cols, qbase, kbase, [&](int c0, float (&acc)[NT][4])
     {
         // Per key block of the tile: max and Σ exp over its columns for both rows (a quad of lanes holds a row's 8
         // columns of each n8 tile), written as log Σ exp; merged into the rows' running sums.
@@ -415,8 +428,8 @@ __device__ __forceinline__ int sampled_visible(const EstimateParams& p, int r)
 }
 
 // Grid (ceil(sampled rows / 64), heads of this launch, B), THREADS threads: per (sampled row, key block) the largest
-// estimate integer product × (q scale × k scale) over the block's visible keys (block a multiple of 64: each 64-key
-// tile lies in one block; the row's owner lane merges the tiles of a block), into the scratch.
+// estimate integer product × (q scale × k scale) over the block's visible keys (block 64, 128 or 256: each 64-key half
+// of a tile lies in one block; the row's owner lane merges the halves of a block), into the scratch.
 extern "C" __global__ void __launch_bounds__(THREADS) scaled_block_max(const EstimateParams p)
 {
     __shared__ __align__(16) u16 sq[2][EST_ROWS * PITCH];
@@ -434,28 +447,32 @@ extern "C" __global__ void __launch_bounds__(THREADS) scaled_block_max(const Est
     const float qs1 = ok1 ? p.q_scales[((i64)b * p.heads + h) * p.q_groups + row1] : 0.f;
     const float* ks = p.k_scales + ((i64)b * (p.heads / p.group) + h / p.group) * p.seqlen_k;
 
-    tile_products(p, sq, sk, r_base, cols, qbase, kbase, [&](int c0, float (&acc)[8][4])
+    tile_products(p, sq, sk, r_base, cols, qbase, kbase, [&](int c0, float (&acc)[NT][4])
     {
-        float m0 = NEG_INF, m1 = NEG_INF;
 #pragma unroll
-        for (int n = 0; n < 8; n++)
-#pragma unroll
-            for (int i = 0; i < 4; i++)
-            {
-                const int col = c0 + n * 8 + 2 * t4 + (i & 1);
-                if (i >= 2) { if (col < vis1) m1 = fmaxf(m1, acc[n][i] * (qs1 * ks[col])); }
-                else if (col < vis0) m0 = fmaxf(m0, acc[n][i] * (qs0 * ks[col]));
-            }
-        m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, 1));
-        m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, 2));
-        m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, 1));
-        m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, 2));
-        const int kb = c0 / p.block;
-        const bool first = c0 % p.block == 0;
-        if (t4 == 0 && kb < p.k_blocks)
+        for (int half = 0; half < EST_COLS / 64; half++)
         {
-            if (ok0) { float* at = &max_rows[(i64)row0 * p.k_blocks + kb]; *at = first ? m0 : fmaxf(*at, m0); }
-            if (ok1) { float* at = &max_rows[(i64)row1 * p.k_blocks + kb]; *at = first ? m1 : fmaxf(*at, m1); }
+            float m0 = NEG_INF, m1 = NEG_INF;
+#pragma unroll
+            for (int n = half * 8; n < half * 8 + 8; n++)
+#pragma unroll
+                for (int i = 0; i < 4; i++)
+                {
+                    const int col = c0 + n * 8 + 2 * t4 + (i & 1);
+                    if (i >= 2) { if (col < vis1) m1 = fmaxf(m1, acc[n][i] * (qs1 * ks[col])); }
+                    else if (col < vis0) m0 = fmaxf(m0, acc[n][i] * (qs0 * ks[col]));
+                }
+            m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, 1));
+            m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, 2));
+            m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, 1));
+            m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, 2));
+            const int c = c0 + half * 64, kb = c / p.block;
+            const bool first = c % p.block == 0;
+            if (t4 == 0 && c < cols && kb < p.k_blocks)
+            {
+                if (ok0) { float* at = &max_rows[(i64)row0 * p.k_blocks + kb]; *at = first ? m0 : fmaxf(*at, m0); }
+                if (ok1) { float* at = &max_rows[(i64)row1 * p.k_blocks + kb]; *at = first ? m1 : fmaxf(*at, m1); }
+            }
         }
     });
 }
