@@ -32,14 +32,8 @@ public static unsafe class CudaSelectors
         (int batch, int sq, int heads, int d, int skv, int kvHeads, float s) = CheckInputs(q, k, scale);
         int bs = selector.BlockSize, qBlocks = (sq + bs - 1) / bs, kBlocks = (skv + bs - 1) / bs;
         long rows = (long)batch * heads * qBlocks;
-        int selectShared = (kBlocks + d) * sizeof(float);
         CudaDevice device = CudaBackend.Device;
-        device.MakeCurrent();
-        if (selectShared > device.MaxSharedMemoryPerBlock)
-        {
-            throw new NotSupportedException($"{kBlocks} key blocks of {bs} keys need {selectShared} bytes of shared memory per row; {device.Name} allows {device.MaxSharedMemoryPerBlock} (use a larger BlockSize)");
-        }
-        if (rows >= int.MaxValue || rows * kBlocks >= int.MaxValue) throw new NotSupportedException($"{rows} block rows × {kBlocks} key blocks exceed the selector's 32-bit plan indices");
+        int selectShared = CheckPlanSize(device, rows, kBlocks, bs, d);
         Dictionary<string, string> defines = Defines<T>();
         (int kind, double value) = selector.Budget.Device;
         var rowStart = DeviceBuffer<int>.Allocate(rows + 1);
@@ -110,19 +104,13 @@ public static unsafe class CudaSelectors
         }
         int qBlocks = (sq + bs - 1) / bs, kBlocks = (skv + bs - 1) / bs, qGroups = (sq + stride - 1) / stride, kGroups = (skv + stride - 1) / stride;
         long rows = (long)batch * heads * qBlocks;
-        int selectShared = kBlocks * sizeof(float);
         CudaDevice device = CudaBackend.Device;
-        device.MakeCurrent();
-        if (selectShared > device.MaxSharedMemoryPerBlock)
-        {
-            throw new NotSupportedException($"{kBlocks} key blocks of {bs} keys need {selectShared} bytes of shared memory per row; {device.Name} allows {device.MaxSharedMemoryPerBlock} (use a larger BlockSize)");
-        }
-        if (rows >= int.MaxValue || rows * kBlocks >= int.MaxValue) throw new NotSupportedException($"{rows} block rows × {kBlocks} key blocks exceed the selector's 32-bit plan indices");
+        int selectShared = CheckPlanSize(device, rows, kBlocks, bs, 0);
         Dictionary<string, string> defines = Defines<T>();
         Dictionary<string, string> estimateDefines = new(defines) { ["GROUP_COLS"] = groupCols.ToString(System.Globalization.CultureInfo.InvariantCulture) };
         // The scratch of per-(row, key block) log-sum-exps, bounded by running the heads in chunks.
         long perHead = (long)batch * qGroups * kBlocks;
-        int launchHeads = (int)Math.Clamp(EstimateScratchElements / Math.Max(perHead, 1), 1, heads);
+        int launchHeads = HeadsPerLaunch(perHead, heads);
         var rowStart = DeviceBuffer<int>.Allocate(rows + 1);
         lock (Gate)
         {
@@ -173,18 +161,12 @@ public static unsafe class CudaSelectors
         int rowsPerBlock = ((bs - 1) / rowStride) + 1, lastRows = ((sq - ((qBlocks - 1) * bs) - 1) / rowStride) + 1;
         int sampled = ((qBlocks - 1) * rowsPerBlock) + lastRows;
         long rows = (long)batch * heads * qBlocks;
-        int selectShared = kBlocks * sizeof(float);
         CudaDevice device = CudaBackend.Device;
-        device.MakeCurrent();
-        if (selectShared > device.MaxSharedMemoryPerBlock)
-        {
-            throw new NotSupportedException($"{kBlocks} key blocks of {bs} keys need {selectShared} bytes of shared memory per row; {device.Name} allows {device.MaxSharedMemoryPerBlock} (use a larger BlockSize)");
-        }
-        if (rows >= int.MaxValue || rows * kBlocks >= int.MaxValue) throw new NotSupportedException($"{rows} block rows × {kBlocks} key blocks exceed the selector's 32-bit plan indices");
+        int selectShared = CheckPlanSize(device, rows, kBlocks, bs, 0);
         Dictionary<string, string> defines = Defines<T>();
         Dictionary<string, string> integerDefines = new() { ["SRC_T"] = "2" };   // the quantized rows are bf16 integers
         long perHead = (long)batch * sampled * kBlocks;
-        int launchHeads = (int)Math.Clamp(EstimateScratchElements / Math.Max(perHead, 1), 1, heads);
+        int launchHeads = HeadsPerLaunch(perHead, heads);
         int levels = selector.Bits == 4 ? 7 : 127;
         var rowStart = DeviceBuffer<int>.Allocate(rows + 1);
         lock (Gate)
@@ -248,8 +230,27 @@ public static unsafe class CudaSelectors
         }
     }
 
-    /// <summary>Floats of the XAttention estimate's scratch (256 MiB): heads run in chunks that fit.</summary>
+    /// <summary>Floats of the estimates' per-(row, key block) scratch (256 MiB): heads run in chunks that fit.</summary>
     private const long EstimateScratchElements = 64L << 20;
+
+    /// <summary>Heads per launch of an estimate whose scratch takes <paramref name="perHead"/> floats a head.</summary>
+    private static int HeadsPerLaunch(long perHead, int heads) => (int)Math.Clamp(EstimateScratchElements / Math.Max(perHead, 1), 1, heads);
+
+    /// <summary>
+    /// Makes the device current and checks that select_blocks can hold a row of <paramref name="kBlocks"/> values (and
+    /// <paramref name="extraFloats"/>) in shared memory and that the plan's indices fit in 32 bits; returns the bytes.
+    /// </summary>
+    private static int CheckPlanSize(CudaDevice device, long rows, int kBlocks, int blockSize, int extraFloats)
+    {
+        device.MakeCurrent();
+        int selectShared = (kBlocks + extraFloats) * sizeof(float);
+        if (selectShared > device.MaxSharedMemoryPerBlock)
+        {
+            throw new NotSupportedException($"{kBlocks} key blocks of {blockSize} keys need {selectShared} bytes of shared memory per row; {device.Name} allows {device.MaxSharedMemoryPerBlock} (use a larger BlockSize)");
+        }
+        if (rows >= int.MaxValue || rows * kBlocks >= int.MaxValue) throw new NotSupportedException($"{rows} block rows × {kBlocks} key blocks exceed the selector's 32-bit plan indices");
+        return selectShared;
+    }
 
     /// <summary>
     /// The plan of any selector that has a GPU version — <see cref="PooledBlockSelector"/>,

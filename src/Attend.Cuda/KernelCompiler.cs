@@ -16,23 +16,42 @@ public sealed record CompiledImage(byte[] Image, bool IsCubin, double CompileMil
 
 /// <summary>
 /// Compiles the kernels embedded in this assembly (Kernels/*.cu) with NVRTC. Kernels include no CUDA headers
-/// (built-ins and inline PTX only), so they compile with any NVRTC ≥ 11.8. Images are cached on disk under
+/// (built-ins and inline PTX only; their shared helpers, Kernels/*.cuh, are inlined by <see cref="Source"/>), so they
+/// compile with any NVRTC ≥ 11.8. Images are cached on disk under
 /// <c>~/.cache/attend/kernels</c> keyed by source hash, defines, architecture and NVRTC version.
 /// </summary>
 public static unsafe class KernelCompiler
 {
-    /// <summary>Names of the embedded kernel sources (e.g. "flash_fwd.cu").</summary>
+    /// <summary>Names of the embedded kernel sources (e.g. "flash_fwd.cu"; the shared headers, *.cuh, are not listed).</summary>
     public static IReadOnlyList<string> Sources { get; } = typeof(KernelCompiler).Assembly.GetManifestResourceNames()
-        .Where(n => n.StartsWith("Attend.Cuda.Kernels.", StringComparison.Ordinal))
+        .Where(n => n.StartsWith("Attend.Cuda.Kernels.", StringComparison.Ordinal) && n.EndsWith(".cu", StringComparison.Ordinal))
         .Select(n => n["Attend.Cuda.Kernels.".Length..]).Order(StringComparer.Ordinal).ToArray();
 
-    /// <summary>The text of an embedded kernel source.</summary>
-    public static string Source(string name)
+    /// <summary>
+    /// The text of an embedded kernel source, its <c>#include "name.cuh"</c> lines replaced by the embedded headers'
+    /// text (each header once; headers may include others). Inlined here rather than handed to NVRTC as headers, so
+    /// the disk cache's key — a hash of this text — changes with any header the kernel uses.
+    /// </summary>
+    public static string Source(string name) => Inline(name, new HashSet<string>(StringComparer.Ordinal));
+
+    private static string Inline(string name, HashSet<string> included)
     {
         using Stream? s = typeof(KernelCompiler).Assembly.GetManifestResourceStream("Attend.Cuda.Kernels." + name)
             ?? throw new ArgumentException($"no embedded kernel source '{name}'; have: {string.Join(", ", Sources)}", nameof(name));
         using var reader = new StreamReader(s);
-        return reader.ReadToEnd();
+        var text = new StringBuilder();
+        while (reader.ReadLine() is { } line)
+        {
+            string trimmed = line.Trim();
+            if (trimmed.StartsWith("#include \"", StringComparison.Ordinal) && trimmed.EndsWith('"'))
+            {
+                string header = trimmed["#include \"".Length..^1];
+                if (included.Add(header)) text.Append(Inline(header, included));
+                continue;
+            }
+            text.Append(line).Append('\n');
+        }
+        return text.ToString();
     }
 
     /// <summary>True when NVRTC can be loaded on this machine (no GPU needed).</summary>

@@ -11,10 +11,7 @@
 #ifndef DST_T
 #define DST_T 2
 #endif
-
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef long long i64;
+#include "elements.cuh"
 
 struct ConvertParams
 {
@@ -28,19 +25,6 @@ struct ConvertParams
     const int* src_rows; // null, or the source row of each (b, h, s)
     const int* dst_rows; // null, or the destination row of each (b, h, s)
 };
-
-__device__ __forceinline__ float load_elem(const void* base, i64 i)
-{
-#if SRC_T == 0
-    return ((const float*)base)[i];
-#elif SRC_T == 1
-    float f;
-    asm("cvt.f32.f16 %0, %1;\n" : "=f"(f) : "h"(((const u16*)base)[i]));
-    return f;
-#else
-    return __uint_as_float(((u32)((const u16*)base)[i]) << 16);
-#endif
-}
 
 __device__ __forceinline__ void store_elem(void* base, i64 i, float x)
 {

@@ -32,6 +32,10 @@
 #error "GROUP_COLS (block / stride) must be 8, 16, 32 or 64"
 #endif
 
+#include "elements.cuh"
+#define MMA_F16 (SRC_T == 1)
+#include "mma.cuh"
+
 #define THREADS 128
 #define EST_ROWS 64                 // query groups per thread block: 4 warps × 16
 #define EST_COLS 128                // key groups per tile: a warp's 16 rows × 128 columns (16 n8 tiles) per A fragment
@@ -40,10 +44,6 @@
 #define NT (EST_COLS / 8)           // n8 tiles of a warp's accumulators
 #define TILES_PER_BLOCK (GROUP_COLS / 8)
 #define BLOCKS_PER_TILE (EST_COLS / GROUP_COLS)
-
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef long long i64;
 
 #define NEG_INF __int_as_float(0xff800000)
 
@@ -64,13 +64,6 @@ struct EstimateParams
     int row_stride, rows_per_block;
 };
 
-__device__ __forceinline__ u32 pack2(float lo, float hi)
-{
-    u32 r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-
 // 8 consecutive elements at base[i] as operand halves (i a multiple of 8; zeros when !valid).
 __device__ __forceinline__ uint4 load8(const void* base, i64 i, bool valid)
 {
@@ -80,40 +73,6 @@ __device__ __forceinline__ uint4 load8(const void* base, i64 i, bool valid)
     return make_uint4(pack2(a.x, a.y), pack2(a.z, a.w), pack2(b.x, b.y), pack2(b.z, b.w));
 #else
     return *(const uint4*)((const u16*)base + i);
-#endif
-}
-
-__device__ __forceinline__ u32 smem_u32(const void* p)
-{
-    return (u32)__cvta_generic_to_shared(p);
-}
-
-__device__ __forceinline__ void ldmatrix_x4(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3)
-{
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
-}
-
-__device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool valid)
-{
-    int bytes = valid ? 16 : 0;     // 0 bytes read: the 16 destination bytes are zero-filled
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(dst), "l"(src), "r"(bytes));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::); }
-
-__device__ __forceinline__ void mma16816(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1)
-{
-#if SRC_T == 1
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#else
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 #endif
 }
 
@@ -199,7 +158,7 @@ __device__ __forceinline__ void tile_products(const EstimateParams& p, u16 (*sq)
             stage(p, sq[(it + 1) & 1], sk[(it + 1) & 1], r_base, next_tile * EST_COLS, ((it + 1) - next_tile * chunks) * EST_K, qbase, kbase, e_total);
         }
         cp_async_commit();
-        cp_async_wait_one();   // this step's chunk has landed
+        cp_async_wait<1>();   // this step's chunk has landed
         __syncthreads();
         const u16* tq = sq[it & 1];
         const u16* tk = sk[it & 1];
@@ -333,19 +292,6 @@ extern "C" __global__ void __launch_bounds__(THREADS) antidiagonal_lse(const Est
 //   key_sums → quantize_rows (keys, queries) → scaled_block_max → sale_relative → select_blocks (threshold).
 // ---------------------------------------------------------------------------------------------------------------
 
-__device__ __forceinline__ float load1(const void* base, i64 i)
-{
-#if SRC_T == 0
-    return ((const float*)base)[i];
-#elif SRC_T == 1
-    float f;
-    asm("cvt.f32.f16 %0, %1;\n" : "=f"(f) : "h"(((const u16*)base)[i]));
-    return f;
-#else
-    return __uint_as_float(((u32)((const u16*)base)[i]) << 16);
-#endif
-}
-
 // The query index of sampled row r: rows_per_block rows for every block but the last, each block's rows every
 // row_stride-th query ending at its last one.
 __device__ __forceinline__ int sampled_query(int r, int block, int seqlen_q, int q_blocks, int row_stride, int rows_per_block)
@@ -374,7 +320,7 @@ extern "C" __global__ void __launch_bounds__(256) key_sums(const QuantizeParams 
     for (int c = threadIdx.x; c < p.d; c += 256)
     {
         float a = 0.f;
-        for (int r = r0; r < r1; r++) a += load1(p.src, b * p.src_batch + (i64)r * p.src_row + h * p.src_head + c);
+        for (int r = r0; r < r1; r++) a += load_elem(p.src, b * p.src_batch + (i64)r * p.src_row + h * p.src_head + c);
         atomicAdd(&p.sums[((i64)b * p.heads + h) * p.d + c], a);
     }
 }
@@ -398,7 +344,7 @@ extern "C" __global__ void __launch_bounds__(256) quantize_rows(const QuantizePa
         float v = 0.f;
         if (c < p.d)
         {
-            v = load1(p.src, base + c);
+            v = load_elem(p.src, base + c);
             v = sums != nullptr ? v - sums[c] / (float)p.length : v * p.scale;
         }
         x[i] = v;

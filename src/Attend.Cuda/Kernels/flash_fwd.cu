@@ -83,9 +83,8 @@ static_assert(WARPS == 4 && BLOCK_M == 128 && BLOCK_N == 64, "the wgmma path is 
 
 #define NEG_INF __int_as_float(0xff800000)
 
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef long long i64;
+#define MMA_F16 (!IS_BF16)
+#include "mma.cuh"
 
 struct FlashParams
 {
@@ -119,11 +118,6 @@ struct FlashParams
     const int* mask_data;
 };
 
-__device__ __forceinline__ u32 smem_u32(const void* p)
-{
-    return (u32)__cvta_generic_to_shared(p);
-}
-
 // Swizzled element offset of (row, 16-byte chunk) in a [rows, HEAD_DIM] tile: chunk ^ (row % 8) spreads the 8 rows
 // an ldmatrix reads over all 32 banks.
 __device__ __forceinline__ int swz(int row, int chunk)
@@ -138,53 +132,6 @@ template <int TILE_ROWS>
 __device__ __forceinline__ int swz_kmajor(int row, int chunk)
 {
     return (chunk >> 3) * (TILE_ROWS * 64) + row * 64 + (((chunk & 7) ^ (row & 7)) << 3);
-}
-
-__device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool valid)
-{
-    int bytes = valid ? 16 : 0;     // 0 bytes read: the 16 destination bytes are zero-filled
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(dst), "l"(src), "r"(bytes));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
-
-__device__ __forceinline__ void ldmatrix_x4(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3)
-{
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3)
-{
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
-}
-
-__device__ __forceinline__ void mma16816(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1)
-{
-#if IS_BF16
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#else
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#endif
-}
-
-// Two floats to a packed pair (lo in the low half), round to nearest even.
-__device__ __forceinline__ u32 pack2(float lo, float hi)
-{
-    u32 r;
-#if IS_BF16
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-#else
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-#endif
-    return r;
 }
 
 __device__ __forceinline__ float fast_exp2(float x)

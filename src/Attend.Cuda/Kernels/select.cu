@@ -17,28 +17,9 @@
 //
 // Compile-time parameters (-D): SRC_T 0 = f32, 1 = f16, 2 = bf16 (pool_blocks' input).
 
-#ifndef SRC_T
-#define SRC_T 2
-#endif
+#include "elements.cuh"
 #define THREADS 256
 #define WARPS (THREADS / 32)
-
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef long long i64;
-
-__device__ __forceinline__ float load_elem(const void* base, i64 i)
-{
-#if SRC_T == 0
-    return ((const float*)base)[i];
-#elif SRC_T == 1
-    float f;
-    asm("cvt.f32.f16 %0, %1;\n" : "=f"(f) : "h"(((const u16*)base)[i]));
-    return f;
-#else
-    return __uint_as_float(((u32)((const u16*)base)[i]) << 16);
-#endif
-}
 
 struct PoolParams
 {
