@@ -39,13 +39,8 @@
 #define THREADS 128
 #define EST_ROWS 64                 // query groups per thread block: 4 warps × 16
 #define EST_COLS 128                // key groups per tile: a warp's 16 rows × 128 columns (16 n8 tiles) per A fragment
-#define EST_K 64                    // inner-dimension elements staged per step
-#define STAGES 3                    // steps in flight: two load while one multiplies
-#define PITCH (EST_K + 8)           // shared-memory row pitch in halves: 144 bytes, so ldmatrix's 8 rows hit distinct banks
-#define STAGE_Q (EST_ROWS * PITCH)  // halves of one stage's query tile
-#define STAGE_K (EST_COLS * PITCH)  // halves of one stage's key tile
-// Dynamic shared memory of the two estimate kernels (the host launches with this many bytes): 82,944.
-#define EST_SHARED (STAGES * (STAGE_Q + STAGE_K) * 2)
+#define EST_K 32                    // inner-dimension elements staged per step
+#define PITCH (EST_K + 8)           // shared-memory row pitch in halves: 80 bytes, so ldmatrix's 8 rows hit distinct banks
 #define NT (EST_COLS / 8)           // n8 tiles of a warp's accumulators
 #define TILES_PER_BLOCK (GROUP_COLS / 8)
 #define BLOCKS_PER_TILE (EST_COLS / GROUP_COLS)
@@ -138,25 +133,16 @@ __device__ __forceinline__ void stage(const EstimateParams& p, u16* sq, u16* sk,
 
 // The thread block's products: for each 128-column tile of the first `cols` columns, S = Q·Kᵀ of its 64 rows (a warp's
 // 16 rows × 128 columns in acc, mma.sync m16n8k16) over the whole inner dimension, then epilogue(c0, acc). Operands
-// are staged by `stage` into STAGES buffers of dynamic shared memory (sq, sk: STAGES tiles each): the next two steps
-// (of this tile or the next) load while this one multiplies.
+// are staged by `stage` in two buffers: the next chunk (of this tile or the next) loads while this one multiplies.
 template <typename Epilogue>
-__device__ __forceinline__ void tile_products(const EstimateParams& p, u16* sq, u16* sk, int r_base, int cols, i64 qbase, i64 kbase, Epilogue epilogue)
+__device__ __forceinline__ void tile_products(const EstimateParams& p, u16 (*sq)[EST_ROWS * PITCH], u16 (*sk)[EST_COLS * PITCH],
+    int r_base, int cols, i64 qbase, i64 kbase, Epilogue epilogue)
 {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int e_total = p.stride * p.d;
     const int chunks = (e_total + EST_K - 1) / EST_K, steps = ((cols + EST_COLS - 1) / EST_COLS) * chunks;
-    auto issue = [&](int step)
-    {
-        if (step < steps)
-        {
-            const int tile = step / chunks;
-            stage(p, sq + (step % STAGES) * STAGE_Q, sk + (step % STAGES) * STAGE_K, r_base, tile * EST_COLS, (step - tile * chunks) * EST_K, qbase, kbase, e_total);
-        }
-        cp_async_commit();   // an empty group past the end keeps the wait count uniform
-    };
-#pragma unroll
-    for (int st = 0; st < STAGES - 1; st++) issue(st);
+    if (steps > 0) stage(p, sq[0], sk[0], r_base, 0, 0, qbase, kbase, e_total);
+    cp_async_commit();
     float acc[NT][4];
     for (int it = 0; it < steps; it++)
     {
@@ -166,11 +152,16 @@ __device__ __forceinline__ void tile_products(const EstimateParams& p, u16* sq, 
 #pragma unroll
             for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
         }
-        cp_async_wait<STAGES - 2>();   // this step's chunk has landed
-        __syncthreads();               // ... for every thread, and every thread is done with the buffer refilled next
-        issue(it + STAGES - 1);
-        const u16* tq = sq + (it % STAGES) * STAGE_Q;
-        const u16* tk = sk + (it % STAGES) * STAGE_K;
+        if (it + 1 < steps)
+        {
+            const int next_tile = (it + 1) / chunks;
+            stage(p, sq[(it + 1) & 1], sk[(it + 1) & 1], r_base, next_tile * EST_COLS, ((it + 1) - next_tile * chunks) * EST_K, qbase, kbase, e_total);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();   // this step's chunk has landed
+        __syncthreads();
+        const u16* tq = sq[it & 1];
+        const u16* tk = sk[it & 1];
 #pragma unroll
         for (int kk = 0; kk < EST_K / 16; kk++)
         {
@@ -186,17 +177,17 @@ __device__ __forceinline__ void tile_products(const EstimateParams& p, u16* sq, 
                 mma16816(acc[2 * np + 1], a0, a1, a2, a3, b2, b3);
             }
         }
+        __syncthreads();   // the next step stages into the buffer just read
         if (ei == chunks - 1) epilogue(tile * EST_COLS, acc);
     }
 }
 
-// Grid (ceil(q groups / 64), heads of this launch, B), THREADS threads, EST_SHARED bytes of dynamic shared memory.
+// Grid (ceil(q groups / 64), heads of this launch, B), THREADS threads.
 extern "C" __global__ void __launch_bounds__(THREADS) antidiagonal_lse(const EstimateParams p)
 {
-    extern __shared__ __align__(16) u16 smem[];   // EST_SHARED bytes: STAGES query tiles, then STAGES key tiles
+    __shared__ __align__(16) u16 sq[2][EST_ROWS * PITCH];
+    __shared__ __align__(16) u16 sk[2][EST_COLS * PITCH];
     __shared__ float row_lse[EST_ROWS];
-    u16* sq = smem;
-    u16* sk = smem + STAGES * STAGE_Q;
     const int hl = blockIdx.y, h = p.head0 + hl, b = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
     const int r_base = blockIdx.x * EST_ROWS;
@@ -382,14 +373,13 @@ __device__ __forceinline__ int sampled_visible(const EstimateParams& p, int r)
     return max(0, min(p.seqlen_k, q + p.causal_offset + 1));
 }
 
-// Grid (ceil(sampled rows / 64), heads of this launch, B), THREADS threads, EST_SHARED bytes of dynamic shared memory: per (sampled row, key block) the largest
+// Grid (ceil(sampled rows / 64), heads of this launch, B), THREADS threads: per (sampled row, key block) the largest
 // estimate integer product × (q scale × k scale) over the block's visible keys (block 64, 128 or 256: each 64-key half
 // of a tile lies in one block; the row's owner lane merges the halves of a block), into the scratch.
 extern "C" __global__ void __launch_bounds__(THREADS) scaled_block_max(const EstimateParams p)
 {
-    extern __shared__ __align__(16) u16 smem[];   // EST_SHARED bytes: STAGES query tiles, then STAGES key tiles
-    u16* sq = smem;
-    u16* sk = smem + STAGES * STAGE_Q;
+    __shared__ __align__(16) u16 sq[2][EST_ROWS * PITCH];
+    __shared__ __align__(16) u16 sk[2][EST_COLS * PITCH];
     const int hl = blockIdx.y, h = p.head0 + hl, b = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
     const int r_base = blockIdx.x * EST_ROWS;
