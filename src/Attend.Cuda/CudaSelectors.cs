@@ -130,7 +130,7 @@ public static unsafe class CudaSelectors
             {
                 ap.Head0 = h0;
                 void* a = &ap;
-                estimate.Launch((uint)((qGroups + 63) / 64), (uint)Math.Min(launchHeads, heads - h0), (uint)batch, 128, 0, &a);
+                estimate.Launch((uint)((qGroups + EstimateRows - 1) / EstimateRows), (uint)Math.Min(launchHeads, heads - h0), (uint)batch, EstimateThreads, 0, &a);
             }
             var sp = new SelectParams
             {
@@ -216,7 +216,7 @@ public static unsafe class CudaSelectors
                 ep.Head0 = h0;
                 uint chunk = (uint)Math.Min(launchHeads, heads - h0);
                 void* a = &ep;
-                estimate.Launch((uint)((sampled + 63) / 64), chunk, (uint)batch, 128, 0, &a);
+                estimate.Launch((uint)((sampled + EstimateRows - 1) / EstimateRows), chunk, (uint)batch, EstimateThreads, 0, &a);
                 relative.Launch((uint)qBlocks, chunk, (uint)batch, 256, 0, &a);
             }
             var sp = new SelectParams
@@ -229,6 +229,9 @@ public static unsafe class CudaSelectors
             return SelectAndCompact(sp, batch, selectShared, rowStart, defines);
         }
     }
+
+    /// <summary>estimate.cu's rows per thread block (EST_ROWS) and threads (THREADS).</summary>
+    private const int EstimateRows = 128, EstimateThreads = 256;
 
     /// <summary>Floats of the estimates' per-(row, key block) scratch (256 MiB): heads run in chunks that fit.</summary>
     private const long EstimateScratchElements = 64L << 20;

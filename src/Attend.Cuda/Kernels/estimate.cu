@@ -9,9 +9,9 @@
 // (query block, key block): block/s rows × block/s columns — the same "mass" the CPU sums.
 //
 // Two launches per chunk of heads:
-//   1. antidiagonal_lse:  one thread block per 64 query groups (4 warps × 16 rows): every visible 64-column tile of
+//   1. antidiagonal_lse:  one thread block per 128 query groups (8 warps × 16 rows): every visible 128-column tile of
 //      key groups as S = Q·Kᵀ with mma.sync m16n8k16 (bf16, or f16 for f16 inputs; fp32 accumulators), the inner
-//      dimension s·D staged 64 at a time through shared memory (the gather does the regrouping); per (row, key
+//      dimension s·D staged 32 at a time through shared memory (the gather does the regrouping); per (row, key
 //      block) log Σ exp of its columns goes to a scratch, per row the running log-sum-exp stays in registers.
 //   2. (same kernel, after a barrier) each query block's mass per key block: Σ over its rows of
 //      exp(block_lse − row_lse), written to mass [B, H, query blocks, key blocks] — rows read back from the scratch
@@ -36,8 +36,8 @@
 #define MMA_F16 (SRC_T == 1)
 #include "mma.cuh"
 
-#define THREADS 128
-#define EST_ROWS 64                 // query groups per thread block: 4 warps × 16
+#define THREADS 256
+#define EST_ROWS 128                // query groups per thread block: 8 warps × 16, sharing each key tile
 #define EST_COLS 128                // key groups per tile: a warp's 16 rows × 128 columns (16 n8 tiles) per A fragment
 #define EST_K 32                    // inner-dimension elements staged per step
 #define PITCH (EST_K + 8)           // shared-memory row pitch in halves: 80 bytes, so ldmatrix's 8 rows hit distinct banks
@@ -95,7 +95,7 @@ __device__ __forceinline__ int visible_groups(const EstimateParams& p, int r)
     return min(p.k_groups, (keys + p.stride - 1) / p.stride);
 }
 
-// Stages the operands of (key-group tile c0, inner chunk e0) — 64 query rows and 128 key rows of EST_K elements, in
+// Stages the operands of (key-group tile c0, inner chunk e0) — EST_ROWS query rows and 128 key rows of EST_K elements, in
 // 16-byte vectors — regrouping on the way: query group r's element e is query r·s + s−1−e/D, channel e mod D; key
 // group c's is key c·s + e/D. 16-bit inputs go by cp.async (zero-filled outside the tensors); f32 is rounded here.
 __device__ __forceinline__ void stage(const EstimateParams& p, u16* sq, u16* sk, int r_base, int c0, int e0, i64 qbase, i64 kbase, int e_total)
@@ -131,7 +131,7 @@ __device__ __forceinline__ void stage(const EstimateParams& p, u16* sq, u16* sk,
     }
 }
 
-// The thread block's products: for each 128-column tile of the first `cols` columns, S = Q·Kᵀ of its 64 rows (a warp's
+// The thread block's products: for each 128-column tile of the first `cols` columns, S = Q·Kᵀ of its EST_ROWS rows (a warp's
 // 16 rows × 128 columns in acc, mma.sync m16n8k16) over the whole inner dimension, then epilogue(c0, acc). Operands
 // are staged by `stage` in two buffers: the next chunk (of this tile or the next) loads while this one multiplies.
 template <typename Epilogue>
@@ -182,7 +182,7 @@ __device__ __forceinline__ void tile_products(const EstimateParams& p, u16 (*sq)
     }
 }
 
-// Grid (ceil(q groups / 64), heads of this launch, B), THREADS threads.
+// Grid (ceil(q groups / 128), heads of this launch, B), THREADS threads.
 extern "C" __global__ void __launch_bounds__(THREADS) antidiagonal_lse(const EstimateParams p)
 {
     __shared__ __align__(16) u16 sq[2][EST_ROWS * PITCH];
@@ -373,7 +373,7 @@ __device__ __forceinline__ int sampled_visible(const EstimateParams& p, int r)
     return max(0, min(p.seqlen_k, q + p.causal_offset + 1));
 }
 
-// Grid (ceil(sampled rows / 64), heads of this launch, B), THREADS threads: per (sampled row, key block) the largest
+// Grid (ceil(sampled rows / 128), heads of this launch, B), THREADS threads: per (sampled row, key block) the largest
 // estimate integer product × (q scale × k scale) over the block's visible keys (block 64, 128 or 256: each 64-key half
 // of a tile lies in one block; the row's owner lane merges the halves of a block), into the scratch.
 extern "C" __global__ void __launch_bounds__(THREADS) scaled_block_max(const EstimateParams p)
