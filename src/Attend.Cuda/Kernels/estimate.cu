@@ -101,13 +101,16 @@ __device__ __forceinline__ int visible_groups(const EstimateParams& p, int r)
 __device__ __forceinline__ void stage(const EstimateParams& p, u16* sq, u16* sk, int r_base, int c0, int e0, i64 qbase, i64 kbase, int e_total)
 {
     constexpr int VECS = EST_K / 8;   // 16-byte vectors per row and step
+    constexpr int ROW_STEP = THREADS / VECS;
+    // A thread's vectors share one column chunk (THREADS is a multiple of VECS): one division per step, not per vector.
+    const int chunk = threadIdx.x % VECS, row0 = threadIdx.x / VECS;
+    const int e = e0 + chunk * 8, slot = e / p.d, c = e - slot * p.d;
+    const bool e_ok = e < e_total;
 #pragma unroll
-    for (int i = 0; i < EST_ROWS * VECS / THREADS; i++)
+    for (int i = 0; i < EST_ROWS / ROW_STEP; i++)
     {
-        const int v = threadIdx.x + i * THREADS, row = v / VECS, chunk = v % VECS;
-        const int e = e0 + chunk * 8, slot = e / p.d, c = e - slot * p.d;
-        const int gq = r_base + row, tq = gq * p.stride + (p.stride - 1 - slot);
-        const bool ok = gq < p.q_groups && e < e_total && tq < p.seqlen_q;
+        const int row = row0 + i * ROW_STEP, gq = r_base + row, tq = gq * p.stride + (p.stride - 1 - slot);
+        const bool ok = e_ok && gq < p.q_groups && tq < p.seqlen_q;
         const i64 at = qbase + (i64)tq * p.q_row + c;
 #if SRC_T == 0
         *(uint4*)&sq[row * PITCH + chunk * 8] = load8(p.q, at, ok);
@@ -116,12 +119,10 @@ __device__ __forceinline__ void stage(const EstimateParams& p, u16* sq, u16* sk,
 #endif
     }
 #pragma unroll
-    for (int i = 0; i < EST_COLS * VECS / THREADS; i++)
+    for (int i = 0; i < EST_COLS / ROW_STEP; i++)
     {
-        const int v = threadIdx.x + i * THREADS, row = v / VECS, chunk = v % VECS;
-        const int e = e0 + chunk * 8, slot = e / p.d, c = e - slot * p.d;
-        const int gk = c0 + row, tk = gk * p.stride + slot;
-        const bool ok = gk < p.k_groups && e < e_total && tk < p.seqlen_k;
+        const int row = row0 + i * ROW_STEP, gk = c0 + row, tk = gk * p.stride + slot;
+        const bool ok = e_ok && gk < p.k_groups && tk < p.seqlen_k;
         const i64 at = kbase + (i64)tk * p.k_row + c;
 #if SRC_T == 0
         *(uint4*)&sk[row * PITCH + chunk * 8] = load8(p.k, at, ok);
