@@ -130,7 +130,7 @@ public static unsafe class CudaSelectors
             {
                 ap.Head0 = h0;
                 void* a = &ap;
-                estimate.Launch((uint)((qGroups + EstimateRows - 1) / EstimateRows), (uint)Math.Min(launchHeads, heads - h0), (uint)batch, EstimateThreads, 0, &a);
+                estimate.Launch((uint)Math.Min(launchHeads, heads - h0), (uint)((qGroups + EstimateRows - 1) / EstimateRows), (uint)batch, EstimateThreads, 0, &a);
             }
             var sp = new SelectParams
             {
@@ -216,7 +216,7 @@ public static unsafe class CudaSelectors
                 ep.Head0 = h0;
                 uint chunk = (uint)Math.Min(launchHeads, heads - h0);
                 void* a = &ep;
-                estimate.Launch((uint)((sampled + EstimateRows - 1) / EstimateRows), chunk, (uint)batch, EstimateThreads, 0, &a);
+                estimate.Launch(chunk, (uint)((sampled + EstimateRows - 1) / EstimateRows), (uint)batch, EstimateThreads, 0, &a);
                 relative.Launch((uint)qBlocks, chunk, (uint)batch, 256, 0, &a);
             }
             var sp = new SelectParams

@@ -189,9 +189,11 @@ extern "C" __global__ void __launch_bounds__(THREADS) antidiagonal_lse(const Est
     __shared__ __align__(16) u16 sq[2][EST_ROWS * PITCH];
     __shared__ __align__(16) u16 sk[2][EST_COLS * PITCH];
     __shared__ float row_lse[EST_ROWS];
-    const int hl = blockIdx.y, h = p.head0 + hl, b = blockIdx.z;
+    // Heads vary fastest and row tiles run last-first: under a causal mask the late rows see the most columns, so
+    // the longest thread blocks start first and the short ones fill the tail.
+    const int hl = blockIdx.x, h = p.head0 + hl, b = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
-    const int r_base = blockIdx.x * EST_ROWS;
+    const int r_base = (gridDim.y - 1 - blockIdx.y) * EST_ROWS;
     const int r_last = min(r_base + EST_ROWS, p.q_groups) - 1;
     const int cols = visible_groups(p, r_last);
     const i64 qbase = b * p.q_batch + h * p.q_head, kbase = b * p.k_batch + (h / p.group) * p.k_head;
@@ -381,9 +383,11 @@ extern "C" __global__ void __launch_bounds__(THREADS) scaled_block_max(const Est
 {
     __shared__ __align__(16) u16 sq[2][EST_ROWS * PITCH];
     __shared__ __align__(16) u16 sk[2][EST_COLS * PITCH];
-    const int hl = blockIdx.y, h = p.head0 + hl, b = blockIdx.z;
+    // Heads vary fastest and row tiles run last-first: under a causal mask the late rows see the most columns, so
+    // the longest thread blocks start first and the short ones fill the tail.
+    const int hl = blockIdx.x, h = p.head0 + hl, b = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
-    const int r_base = blockIdx.x * EST_ROWS;
+    const int r_base = (gridDim.y - 1 - blockIdx.y) * EST_ROWS;
     const int cols = sampled_visible(p, min(r_base + EST_ROWS, p.q_groups) - 1);
     const i64 qbase = b * p.q_batch + h * p.q_head, kbase = b * p.k_batch + (h / p.group) * p.k_head;
     float* max_rows = p.block_lse + ((i64)(hl * gridDim.z + b) * p.q_groups) * p.k_blocks;
