@@ -7,65 +7,172 @@ namespace Attend.Cuda;
 /// One sequence's KV cache in device memory, paged as the CPU's <see cref="Decode.KvCache"/>: pools of 64-token
 /// pages [pages, 64, Hkv, D] (bf16 or f16) in any order, a page table mapping the sequence's logical pages to pool
 /// pages, and per pool page the channel-wise key min/max Quest needs (computed on the device when the pages arrive).
+/// The pool has a fixed capacity; <see cref="Append(TensorView{T}, TensorView{T})"/> adds tokens (generation) into the
+/// last page and fresh pool pages, updating the table and the touched pages' summaries.
 /// </summary>
 public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
 {
     /// <summary>Tokens per page (the decode kernel's key tile).</summary>
     public const int PageSize = 64;
 
-    private DevicePagedCache(DeviceBuffer<T> k, DeviceBuffer<T> v, int[] table, int length, int kvHeads, int headDim)
+    private readonly int[] _table;   // logical → pool page, CapacityPages entries (the first Pages in use)
+    private int _poolUsed;           // pool pages handed out
+
+    private DevicePagedCache(int kvHeads, int headDim, int capacityPages)
     {
-        K = k;
-        V = v;
-        Length = length;
         KvHeads = kvHeads;
         HeadDim = headDim;
-        Pages = table.Length;
-        Table = DeviceBuffer<int>.Allocate(table.Length);
-        Table.CopyFrom(table);
-        Min = DeviceBuffer<float>.Allocate((long)Pages * kvHeads * headDim);
-        Max = DeviceBuffer<float>.Allocate((long)Pages * kvHeads * headDim);
-        int lastPool = table[^1], lastLength = length - ((Pages - 1) * PageSize);
-        var p = new SummaryParams
+        CapacityPages = capacityPages;
+        long elements = capacityPages * PageStride;
+        _table = new int[capacityPages];
+        K = DeviceBuffer<T>.Allocate(elements);
+        try
         {
-            K = K.Pointer, Min = Min.Pointer, Max = Max.Pointer, PageStride = PageStride, RowStride = (long)kvHeads * headDim, HeadStride = headDim,
-            Pages = Pages, KvHeads = kvHeads, D = headDim, Page = PageSize, LastPage = lastPool, LastLength = lastLength,
-        };
-        void* arg = &p;
-        CudaBackend.Device.Kernel("select.cu", "page_summaries", Defines).Launch((uint)Pages, (uint)kvHeads, 1, 256, 0, &arg);
+            V = DeviceBuffer<T>.Allocate(elements);
+            Table = DeviceBuffer<int>.Allocate(capacityPages);
+            Min = DeviceBuffer<float>.Allocate((long)capacityPages * kvHeads * headDim);
+            Max = DeviceBuffer<float>.Allocate((long)capacityPages * kvHeads * headDim);
+        }
+        catch
+        {
+            Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>An empty cache for <paramref name="kvHeads"/> heads of <paramref name="headDim"/> with room for <paramref name="capacityTokens"/> tokens.</summary>
+    public static DevicePagedCache<T> Create(int kvHeads, int headDim, int capacityTokens)
+    {
+        CheckType();
+        if (kvHeads < 1) throw new ArgumentOutOfRangeException(nameof(kvHeads), kvHeads, "kvHeads must be ≥ 1");
+        CheckHeadDim(headDim);
+        if (capacityTokens < 1) throw new ArgumentOutOfRangeException(nameof(capacityTokens), capacityTokens, "capacityTokens must be ≥ 1");
+        return new DevicePagedCache<T>(kvHeads, headDim, (capacityTokens + PageSize - 1) / PageSize);
     }
 
     /// <summary>
     /// The cache of k, v [1, S, Hkv, D] (host), its pages stored in the pool in <paramref name="poolOrder"/> (pool slot of
-    /// each logical page, a permutation; default in order) — the layout a paged allocator leaves behind.
+    /// each logical page, a permutation; default in order) — the layout a paged allocator leaves behind — with room for
+    /// <paramref name="capacityTokens"/> tokens in all (default: just these).
     /// </summary>
-    public static DevicePagedCache<T> FromHost(TensorView<T> k, TensorView<T> v, int[]? poolOrder = null)
+    public static DevicePagedCache<T> FromHost(TensorView<T> k, TensorView<T> v, int[]? poolOrder = null, int capacityTokens = 0)
     {
-        if (typeof(T) != typeof(Half) && typeof(T) != typeof(BFloat16)) throw new NotSupportedException($"the paged GPU cache holds bf16 or f16; got {typeof(T).Name}");
+        CheckType();
         if (k.Rank != 4 || k.Dim(0) != 1) throw new ArgumentException($"k must be [1, S, Hkv, D]; got {TensorView<T>.FormatShape<int>(k.Shape)}", nameof(k));
         if (!v.Shape.SequenceEqual(k.Shape)) throw new ArgumentException($"v must have k's shape {TensorView<T>.FormatShape<int>(k.Shape)}; got {TensorView<T>.FormatShape<int>(v.Shape)}", nameof(v));
         int s = k.Dim(1), hkv = k.Dim(2), d = k.Dim(3), pages = (s + PageSize - 1) / PageSize;
         if (s < 1) throw new ArgumentException("k has no tokens", nameof(k));
-        if (d > 256 || d % 8 != 0) throw new NotSupportedException($"GPU decoding needs D ≤ 256 and a multiple of 8; got {d}");
+        CheckHeadDim(d);
         poolOrder ??= [.. Enumerable.Range(0, pages)];
         if (poolOrder.Length != pages || !poolOrder.Order().SequenceEqual(Enumerable.Range(0, pages)))
         {
             throw new ArgumentException($"poolOrder must be a permutation of the {pages} pages", nameof(poolOrder));
         }
-        long pageElements = (long)PageSize * hkv * d;
-        var kHost = new T[pages * pageElements];
-        var vHost = new T[pages * pageElements];
-        for (int j = 0; j < s; j++)
-            for (int h = 0; h < hkv; h++)
-            {
-                int at = (int)((poolOrder[j / PageSize] * pageElements) + ((((long)(j % PageSize) * hkv) + h) * d));
-                CopyRow(k, j, h, kHost.AsSpan(at, d));
-                CopyRow(v, j, h, vHost.AsSpan(at, d));
-            }
-        DeviceBuffer<T> kd = DeviceBuffer<T>.Allocate(kHost.Length), vd = DeviceBuffer<T>.Allocate(vHost.Length);
-        kd.CopyFrom(kHost);
-        vd.CopyFrom(vHost);
-        return new DevicePagedCache<T>(kd, vd, poolOrder, s, hkv, d);
+        var cache = new DevicePagedCache<T>(hkv, d, Math.Max(pages, (capacityTokens + PageSize - 1) / PageSize));
+        try
+        {
+            long pageElements = cache.PageStride;
+            var kHost = new T[pages * pageElements];
+            var vHost = new T[pages * pageElements];
+            for (int j = 0; j < s; j++)
+                for (int h = 0; h < hkv; h++)
+                {
+                    int at = (int)((poolOrder[j / PageSize] * pageElements) + ((((long)(j % PageSize) * hkv) + h) * d));
+                    CopyRow(k, j, h, kHost.AsSpan(at, d));
+                    CopyRow(v, j, h, vHost.AsSpan(at, d));
+                }
+            cache.K.CopyFrom(kHost);
+            cache.V.CopyFrom(vHost);
+            poolOrder.CopyTo(cache._table, 0);
+            cache._poolUsed = pages;
+            cache.Commit(s, 0, pages);
+            return cache;
+        }
+        catch
+        {
+            cache.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>
+    /// Appends k, v [1, n, Hkv, D] (host) after the cached tokens: into the last page while it has room, then into fresh
+    /// pool pages. Everything is checked before anything is written, so a rejected append leaves the cache as it was.
+    /// </summary>
+    public void Append(TensorView<T> k, TensorView<T> v)
+    {
+        if (k.Rank != 4 || k.Dim(0) != 1 || k.Dim(2) != KvHeads || k.Dim(3) != HeadDim)
+        {
+            throw new ArgumentException($"k must be [1, n, {KvHeads}, {HeadDim}]; got {TensorView<T>.FormatShape<int>(k.Shape)}", nameof(k));
+        }
+        if (!v.Shape.SequenceEqual(k.Shape)) throw new ArgumentException($"v must have k's shape {TensorView<T>.FormatShape<int>(k.Shape)}; got {TensorView<T>.FormatShape<int>(v.Shape)}", nameof(v));
+        int n = k.Dim(1);
+        if (n < 1) throw new ArgumentException("k has no tokens", nameof(k));
+        long newLength = (long)Length + n;
+        if (newLength > (long)CapacityPages * PageSize)
+        {
+            throw new InvalidOperationException($"appending {n} tokens to {Length} exceeds the cache's capacity of {CapacityPages * PageSize} tokens");
+        }
+        int oldLength = Length, oldPages = Pages, newPages = (int)((newLength + PageSize - 1) / PageSize);
+        int firstTouched = oldLength % PageSize != 0 ? oldPages - 1 : oldPages;   // the partial last page, if any
+        for (int page = oldPages; page < newPages; page++) _table[page] = _poolUsed++;
+        // Copy page by page: the new tokens of one page are consecutive rows [tokens, Hkv, D] there.
+        long rowElements = (long)KvHeads * HeadDim;
+        var kRows = new T[Math.Min(n, PageSize) * rowElements];
+        var vRows = new T[kRows.Length];
+        for (int j0 = 0; j0 < n;)
+        {
+            int position = oldLength + j0, page = position / PageSize, within = position % PageSize, count = Math.Min(n - j0, PageSize - within);
+            for (int j = 0; j < count; j++)
+                for (int h = 0; h < KvHeads; h++)
+                {
+                    int at = (int)(((long)j * rowElements) + ((long)h * HeadDim));
+                    CopyRow(k, j0 + j, h, kRows.AsSpan(at, HeadDim));
+                    CopyRow(v, j0 + j, h, vRows.AsSpan(at, HeadDim));
+                }
+            long offset = (_table[page] * PageStride) + (within * rowElements);
+            K.CopyFrom(kRows.AsSpan(0, (int)(count * rowElements)), offset);
+            V.CopyFrom(vRows.AsSpan(0, (int)(count * rowElements)), offset);
+            j0 += count;
+        }
+        Commit((int)newLength, firstTouched, newPages);
+    }
+
+    /// <summary>Uploads the table, recomputes the summaries of logical pages [firstTouched, pages) and sets the sizes.</summary>
+    private void Commit(int length, int firstTouched, int pages)
+    {
+        Table.CopyFrom(_table.AsSpan(0, pages));
+        int lastPool = _table[pages - 1], lastLength = length - ((pages - 1) * PageSize);
+        var p = new SummaryParams
+        {
+            K = K.Pointer, Min = Min.Pointer, Max = Max.Pointer, PageStride = PageStride, RowStride = (long)KvHeads * HeadDim, HeadStride = HeadDim,
+            KvHeads = KvHeads, D = HeadDim, Page = PageSize, LastPage = lastPool, LastLength = lastLength,
+        };
+        // The touched logical pages' pool pages, in runs of consecutive slots: one launch per run (all of them at
+        // once for a cache built from the host; the old partial page and the fresh ones after an append).
+        int[] slots = [.. _table.AsSpan(firstTouched, pages - firstTouched).ToArray().Order()];
+        for (int i = 0; i < slots.Length;)
+        {
+            int run = 1;
+            while (i + run < slots.Length && slots[i + run] == slots[i] + run) run++;
+            p.FirstPage = slots[i];
+            p.Pages = run;
+            void* arg = &p;
+            CudaBackend.Device.Kernel("select.cu", "page_summaries", Defines).Launch((uint)run, (uint)KvHeads, 1, 256, 0, &arg);
+            i += run;
+        }
+        Length = length;
+        Pages = pages;
+    }
+
+    private static void CheckType()
+    {
+        if (typeof(T) != typeof(Half) && typeof(T) != typeof(BFloat16)) throw new NotSupportedException($"the paged GPU cache holds bf16 or f16; got {typeof(T).Name}");
+    }
+
+    private static void CheckHeadDim(int d)
+    {
+        if (d > 256 || d % 8 != 0 || d < 8) throw new NotSupportedException($"GPU decoding needs D ≤ 256 and a multiple of 8; got {d}");
     }
 
     /// <summary>Row (0, j, h) of x into <paramref name="destination"/>: one span copy when the row is contiguous.</summary>
@@ -80,10 +187,13 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
     }
 
     /// <summary>Tokens in the sequence.</summary>
-    public int Length { get; }
+    public int Length { get; private set; }
 
     /// <summary>Logical pages (the last may be partial).</summary>
-    public int Pages { get; }
+    public int Pages { get; private set; }
+
+    /// <summary>Pages the pool holds: the cache's capacity is CapacityPages · <see cref="PageSize"/> tokens.</summary>
+    public int CapacityPages { get; }
 
     /// <summary>Key/value heads.</summary>
     public int KvHeads { get; }
@@ -95,24 +205,24 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
 
     internal DeviceBuffer<T> K { get; }
 
-    internal DeviceBuffer<T> V { get; }
+    internal DeviceBuffer<T> V { get; } = null!;
 
-    internal DeviceBuffer<int> Table { get; }
+    internal DeviceBuffer<int> Table { get; } = null!;
 
-    internal DeviceBuffer<float> Min { get; }
+    internal DeviceBuffer<float> Min { get; } = null!;
 
-    internal DeviceBuffer<float> Max { get; }
+    internal DeviceBuffer<float> Max { get; } = null!;
 
     internal static Dictionary<string, string> Defines => new() { ["SRC_T"] = typeof(T) == typeof(Half) ? "1" : "2" };
 
     /// <inheritdoc/>
     public void Dispose()
     {
-        K.Dispose();
-        V.Dispose();
-        Table.Dispose();
-        Min.Dispose();
-        Max.Dispose();
+        K?.Dispose();
+        V?.Dispose();
+        Table?.Dispose();
+        Min?.Dispose();
+        Max?.Dispose();
     }
 
     [StructLayout(LayoutKind.Sequential)]
@@ -120,7 +230,7 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
     {
         public ulong K, Min, Max;
         public long PageStride, RowStride, HeadStride;
-        public int Pages, KvHeads, D, Page, LastPage, LastLength;
+        public int Pages, KvHeads, D, Page, LastPage, LastLength, FirstPage;
     }
 }
 
@@ -148,6 +258,7 @@ public static unsafe class CudaPagedDecode
         ArgumentNullException.ThrowIfNull(cache);
         ArgumentNullException.ThrowIfNull(output);
         int hkv = cache.KvHeads, d = cache.HeadDim;
+        if (cache.Length == 0) throw new InvalidOperationException("the cache is empty: append tokens before decoding");
         if (q.Rank != 3 || q.Shape[0] != 1 || q.Shape[2] != d || q.Shape[1] % hkv != 0)
         {
             throw new ArgumentException($"q must be [1, Hq (a multiple of Hkv={hkv}), D={d}]; got {q.ShapeString()}", nameof(q));

@@ -56,6 +56,18 @@ public sealed unsafe class DeviceBuffer<T> : SafeHandle where T : unmanaged
         fixed (T* s = source) Driver.Check(Driver.cuMemcpyHtoD(Pointer, s, (nuint)(source.Length * sizeof(T))), "cuMemcpyHtoD");
     }
 
+    /// <summary>Copies host elements into the buffer from element <paramref name="offset"/> on.</summary>
+    public void CopyFrom(ReadOnlySpan<T> source, long offset)
+    {
+        if (offset < 0 || offset + source.Length > Length)
+        {
+            throw new ArgumentOutOfRangeException(nameof(offset), $"elements {offset}..{offset + source.Length} are outside the buffer's {Length}");
+        }
+        if (source.IsEmpty) return;
+        CudaBackend.Device.MakeCurrent();
+        fixed (T* s = source) Driver.Check(Driver.cuMemcpyHtoD(Pointer + (ulong)(offset * sizeof(T)), s, (nuint)(source.Length * sizeof(T))), "cuMemcpyHtoD");
+    }
+
     /// <summary>Copies the first destination.Length elements to the host.</summary>
     public void CopyTo(Span<T> destination)
     {

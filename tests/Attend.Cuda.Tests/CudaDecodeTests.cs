@@ -136,6 +136,67 @@ public sealed class CudaDecodeTests
         Assert.Equal(dense.ToHost(), dO.ToHost());
     }
 
+    /// <summary>
+    /// A cache grown by appends (pieces of 1, 7, 63, 64, 97 … tokens, into the last page and fresh pool pages) decodes
+    /// exactly as one built from the same tokens at once — dense and Quest, bf16 and f16, after every append — so the
+    /// pages, the table and the Quest summaries of the touched pages are what a full build gives.
+    /// </summary>
+    [CudaFact]
+    public void Should_decode_an_appended_cache_as_one_built_at_once()
+    {
+        AppendAndCompare<BFloat16>();
+        AppendAndCompare<Half>();
+    }
+
+    private static void AppendAndCompare<T>() where T : unmanaged
+    {
+        const int s = 1200, h = 8, hkv = 2, d = 128;
+        TensorView<T> q4 = TestData.Random<T>(21, 1, 1, h, d), k = TestData.Random<T>(22, 1, s, hkv, d), v = TestData.Random<T>(23, 1, s, hkv, d);
+        using DevicePagedCache<T> grown = DevicePagedCache<T>.FromHost(k.Slice(1, 0, 100), v.Slice(1, 0, 100), capacityTokens: s);
+        using DeviceTensor<T> dq = DeviceTensor<T>.FromHost(new TensorView<T>(q4.ToArray(), 1, h, d));
+        using DeviceTensor<T> a = DeviceTensor<T>.Allocate(1, h, d), b = DeviceTensor<T>.Allocate(1, h, d);
+        int length = 100;
+        foreach (int n in new[] { 1, 7, 63, 64, 97, 1, 300, 128, 439 })
+        {
+            grown.Append(k.Slice(1, length, n), v.Slice(1, length, n));
+            length += n;
+            Assert.Equal(length, grown.Length);
+            Assert.Equal((length + 63) / 64, grown.Pages);
+            using DevicePagedCache<T> whole = DevicePagedCache<T>.FromHost(k.Slice(1, 0, length), v.Slice(1, 0, length));
+            foreach (int? budget in new int?[] { null, 256 })
+            {
+                CudaPagedDecode.Forward(dq, grown, a, questTokenBudget: budget);
+                CudaPagedDecode.Forward(dq, whole, b, questTokenBudget: budget);
+                Assert.True(a.ToHost().SequenceEqual(b.ToHost()), $"{typeof(T).Name}: after appending to {length} tokens (Quest budget {budget?.ToString() ?? "none"}) the grown cache decodes differently");
+            }
+        }
+        Assert.Equal(s, length);
+    }
+
+    /// <summary>Appends past the capacity, with the wrong heads or dim, or to a decode of an empty cache are refused, and a refused append changes nothing.</summary>
+    [CudaFact]
+    public void Should_refuse_bad_appends_and_keep_the_cache_unchanged()
+    {
+        TensorView<BFloat16> k = TestData.Random<BFloat16>(31, 1, 130, 2, 64), v = TestData.Random<BFloat16>(32, 1, 130, 2, 64);
+        using DevicePagedCache<BFloat16> cache = DevicePagedCache<BFloat16>.Create(2, 64, 128);
+        using DeviceTensor<BFloat16> q = DeviceTensor<BFloat16>.FromHost(new TensorView<BFloat16>(TestData.Random<BFloat16>(33, 1, 1, 4, 64).ToArray(), 1, 4, 64));
+        using DeviceTensor<BFloat16> o = DeviceTensor<BFloat16>.Allocate(1, 4, 64), before = DeviceTensor<BFloat16>.Allocate(1, 4, 64);
+        Assert.Contains("empty", Assert.Throws<InvalidOperationException>(() => CudaPagedDecode.Forward(q, cache, o)).Message);
+        cache.Append(k.Slice(1, 0, 100), v.Slice(1, 0, 100));
+        CudaPagedDecode.Forward(q, cache, before);
+        Assert.Contains("capacity of 128 tokens", Assert.Throws<InvalidOperationException>(() => cache.Append(k.Slice(1, 100, 30), v.Slice(1, 100, 30))).Message);
+        Assert.Contains("k must be [1, n, 2, 64]", Assert.Throws<ArgumentException>(() => cache.Append(TestData.Random<BFloat16>(1, 1, 4, 3, 64), TestData.Random<BFloat16>(1, 1, 4, 3, 64))).Message);
+        Assert.Contains("k must be [1, n, 2, 64]", Assert.Throws<ArgumentException>(() => cache.Append(TestData.Random<BFloat16>(1, 1, 4, 2, 32), TestData.Random<BFloat16>(1, 1, 4, 2, 32))).Message);
+        Assert.Equal("v", Assert.Throws<ArgumentException>(() => cache.Append(k.Slice(1, 100, 4), v.Slice(1, 100, 5))).ParamName);
+        Assert.Equal(100, cache.Length);
+        CudaPagedDecode.Forward(q, cache, o);
+        Assert.Equal(before.ToHost(), o.ToHost());
+        cache.Append(k.Slice(1, 100, 28), v.Slice(1, 100, 28));   // exactly to the capacity
+        Assert.Equal(128, cache.Length);
+        Assert.Throws<ArgumentOutOfRangeException>(() => DevicePagedCache<BFloat16>.Create(2, 64, 0));
+        Assert.Throws<NotSupportedException>(() => DevicePagedCache<BFloat16>.Create(2, 60, 64));
+    }
+
     [CudaFact]
     public void Should_name_bad_input_of_the_paged_cache()
     {

@@ -325,12 +325,13 @@ struct SummaryParams
     float* max;
     i64 page_stride, row_stride, head_stride;
     int pages, kv_heads, d, page, last_page, last_len;   // the pool page holding the sequence's end has last_len keys
+    int first_page;             // the run of pool pages summarized starts here
 };
 
-// Grid (pages, Hkv), THREADS threads over channels.
+// Grid (pages of the run, Hkv), THREADS threads over channels: pool pages first_page, first_page + 1, ….
 extern "C" __global__ void __launch_bounds__(THREADS) page_summaries(const SummaryParams p)
 {
-    const int page = blockIdx.x, h = blockIdx.y;
+    const int page = p.first_page + blockIdx.x, h = blockIdx.y;
     const int rows = page == p.last_page ? p.last_len : p.page;
     const i64 base = page * p.page_stride + h * p.head_stride;
     for (int c = threadIdx.x; c < p.d; c += THREADS)
