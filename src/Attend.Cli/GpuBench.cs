@@ -145,6 +145,33 @@ internal static class GpuBench
             rows.Add(new BenchCommand.BenchRow("gpu-decode", $"paged quest 1/16 {hq}/{hkv} heads", DType.BFloat16, 1, hq, hkv, skv, d, false, 0, KernelPath.Auto,
                 questMs, tq[0], tq[^1], tq.Count, 4.0 * hq * skv / 16 * d, NominalPeakGflops)
             { Backend = "cuda", Mask = "decode", SpeedupVsDense = pagedMs / questMs, Note = $"page bounds, selection and decode of 1/16 of the pages on the device: {pagedMs / questMs:F1}x paged dense" });
+
+            // Generation: each step appends the new token's key and value (from the host) and decodes — the last 256
+            // tokens of the same length, timed on the host over the whole loop (the appends' copies synchronize).
+            status($"cuda generation loop: append + decode, {hq}/{hkv} heads, up to {skv} keys");
+            const int steps = 256;
+            TensorView<BFloat16> newK = BenchCommand.RandomView<BFloat16>(4, 1, steps, hkv, d), newV = BenchCommand.RandomView<BFloat16>(5, 1, steps, hkv, d);
+            foreach (int? budget in new int?[] { null, skv / 16 })
+            {
+                using DevicePagedCache<BFloat16> growing = DevicePagedCache<BFloat16>.FromHost(BenchCommand.RandomView<BFloat16>(2, 1, skv - steps, hkv, d),
+                    BenchCommand.RandomView<BFloat16>(3, 1, skv - steps, hkv, d), capacityTokens: skv);
+                CudaPagedDecode.Forward(q, growing, o, questTokenBudget: budget);
+                o.ToHost();
+                var sw = System.Diagnostics.Stopwatch.StartNew();
+                for (int i = 0; i < steps; i++)
+                {
+                    growing.Append(newK.Slice(1, i, 1), newV.Slice(1, i, 1));
+                    CudaPagedDecode.Forward(q, growing, o, questTokenBudget: budget);
+                }
+                o.ToHost();
+                double stepMs = sw.Elapsed.TotalMilliseconds / steps;
+                rows.Add(new BenchCommand.BenchRow("gpu-decode", budget is null ? $"append + paged decode {hq}/{hkv} heads" : $"append + paged quest 1/16 {hq}/{hkv} heads",
+                    DType.BFloat16, 1, hq, hkv, skv, d, false, 0, KernelPath.Auto, stepMs, stepMs, stepMs, steps, 4.0 * hq * skv * d / (budget is null ? 1 : 16), NominalPeakGflops)
+                {
+                    Backend = "cuda", Mask = "decode",
+                    Note = $"mean of {steps} generation steps (one token appended from the host, then decoded) ending at {skv} keys; the decode alone: {(budget is null ? pagedMs : questMs):F3} ms",
+                });
+            }
         }
         return rows;
     }
