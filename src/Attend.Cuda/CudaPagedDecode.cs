@@ -165,6 +165,23 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
         Pages = pages;
     }
 
+    /// <summary>
+    /// StreamingLLM's pages (Xiao et al., arXiv:2309.17453, as the CPU's StreamingLLM policy): those holding the first
+    /// <paramref name="sinkTokens"/> tokens and the last <paramref name="recentTokens"/>, ascending — for
+    /// <see cref="CudaPagedDecode.Forward{T}(DeviceTensor{T}, DevicePagedCache{T}, DeviceTensor{T}, IReadOnlyList{IReadOnlyList{int}}, float?, DeviceTensor{float}?)"/>.
+    /// </summary>
+    public IReadOnlyList<int> SinkAndRecentPages(int sinkTokens, int recentTokens)
+    {
+        if (sinkTokens < 0) throw new ArgumentOutOfRangeException(nameof(sinkTokens), sinkTokens, "sinkTokens must be ≥ 0");
+        if (recentTokens < 0) throw new ArgumentOutOfRangeException(nameof(recentTokens), recentTokens, "recentTokens must be ≥ 0");
+        if (sinkTokens + recentTokens == 0) throw new ArgumentException("sinkTokens + recentTokens must be ≥ 1");
+        if (Length == 0) throw new InvalidOperationException("the cache is empty");
+        var pages = new SortedSet<int>();
+        for (int page = 0; page < Math.Min(Pages, (sinkTokens + PageSize - 1) / PageSize); page++) pages.Add(page);
+        for (int page = Math.Max(0, Length - recentTokens) / PageSize; page < Pages && recentTokens > 0; page++) pages.Add(page);
+        return [.. pages];
+    }
+
     private static void CheckType()
     {
         if (typeof(T) != typeof(Half) && typeof(T) != typeof(BFloat16)) throw new NotSupportedException($"the paged GPU cache holds bf16 or f16; got {typeof(T).Name}");
@@ -254,6 +271,49 @@ public static unsafe class CudaPagedDecode
     public static void Forward<T>(DeviceTensor<T> q, DevicePagedCache<T> cache, DeviceTensor<T> output, int? questTokenBudget = null, float? scale = null, DeviceTensor<float>? lse = null)
         where T : unmanaged
     {
+        float sc = Check(q, cache, output, scale, lse);
+        if (questTokenBudget is < 1) throw new ArgumentOutOfRangeException(nameof(questTokenBudget), questTokenBudget, "the token budget must be ≥ 1");
+        int pages = cache.Pages;
+        int keep = questTokenBudget is { } budget ? Math.Clamp(budget / DevicePagedCache<T>.PageSize, 1, pages) : pages;
+        Run(q, cache, output, sc, lse, keep, keep < pages ? PageSource.Quest : PageSource.All, null, null);
+    }
+
+    /// <summary>
+    /// q [1, Hq, D] against only the listed logical pages of each kv head — the decode of a page-selection policy
+    /// computed elsewhere (StreamingLLM's sink and recent pages, <see cref="DevicePagedCache{T}.SinkAndRecentPages"/>;
+    /// H2O's or Landmark's pages from the host). <paramref name="pages"/> holds one list for every kv head, or one per
+    /// kv head; each list ascending, distinct, within the cache's pages and not empty.
+    /// </summary>
+    public static void Forward<T>(DeviceTensor<T> q, DevicePagedCache<T> cache, DeviceTensor<T> output, IReadOnlyList<IReadOnlyList<int>> pages, float? scale = null, DeviceTensor<float>? lse = null)
+        where T : unmanaged
+    {
+        ArgumentNullException.ThrowIfNull(pages);
+        float sc = Check(q, cache, output, scale, lse);
+        int hkv = cache.KvHeads, stride = cache.Pages;
+        if (pages.Count != 1 && pages.Count != hkv) throw new ArgumentException($"pages must hold one list, or one per kv head ({hkv}); got {pages.Count}", nameof(pages));
+        var list = new int[hkv * stride];
+        var counts = new int[hkv];
+        for (int h = 0; h < hkv; h++)
+        {
+            IReadOnlyList<int> mine = pages[pages.Count == 1 ? 0 : h] ?? throw new ArgumentException($"pages[{h}] is null", nameof(pages));
+            if (mine.Count == 0) throw new ArgumentException($"the page list of kv head {h} is empty", nameof(pages));
+            for (int i = 0; i < mine.Count; i++)
+            {
+                int page = mine[i];
+                if (page < 0 || page >= stride || (i > 0 && page <= mine[i - 1]))
+                {
+                    throw new ArgumentException($"the page list of kv head {h} must be ascending, distinct pages in 0..{stride - 1}; entry {i} is {page}", nameof(pages));
+                }
+                list[(h * stride) + i] = page;
+            }
+            counts[h] = mine.Count;
+        }
+        Run(q, cache, output, sc, lse, counts.Max(), PageSource.Host, list, counts);
+    }
+
+    /// <summary>Checks q, the output, lse and the scale against the cache; returns the scale.</summary>
+    private static float Check<T>(DeviceTensor<T> q, DevicePagedCache<T> cache, DeviceTensor<T> output, float? scale, DeviceTensor<float>? lse) where T : unmanaged
+    {
         ArgumentNullException.ThrowIfNull(q);
         ArgumentNullException.ThrowIfNull(cache);
         ArgumentNullException.ThrowIfNull(output);
@@ -267,19 +327,27 @@ public static unsafe class CudaPagedDecode
         if (!output.Shape.SequenceEqual(q.Shape)) throw new ArgumentException($"output must be {q.ShapeString()}; got {output.ShapeString()}", nameof(output));
         if (lse is not null && (lse.Rank != 2 || lse.Shape[0] != 1 || lse.Shape[1] != hq)) throw new ArgumentException($"lse must be [1, {hq}]", nameof(lse));
         if (hq / hkv > 16) throw new NotSupportedException($"GPU decoding packs a GQA group into 16 rows; Hq/Hkv = {hq / hkv}");
-        if (questTokenBudget is < 1) throw new ArgumentOutOfRangeException(nameof(questTokenBudget), questTokenBudget, "the token budget must be ≥ 1");
         if (q.Strides[2] != 1 || q.Strides[1] % 8 != 0 || output.Strides[2] != 1 || output.Strides[1] % 8 != 0)
         {
             throw new NotSupportedException("GPU decoding needs D contiguous and 16-byte aligned rows");
         }
         float sc = scale ?? 1f / MathF.Sqrt(d);
         if (!(sc > 0) || !float.IsFinite(sc)) throw new ArgumentException($"scale must be finite and > 0; got {sc}", nameof(scale));
+        return sc;
+    }
 
+    /// <summary>Where a step's page lists come from: every page, Quest on the device, or the host.</summary>
+    private enum PageSource { All, Quest, Host }
+
+    /// <summary>The step: the page lists (at most <paramref name="keep"/> pages a kv head), split-K decode, merge.</summary>
+    private static void Run<T>(DeviceTensor<T> q, DevicePagedCache<T> cache, DeviceTensor<T> output, float sc, DeviceTensor<float>? lse, int keep,
+        PageSource source, int[]? hostList, int[]? hostCounts) where T : unmanaged
+    {
+        int hkv = cache.KvHeads, d = cache.HeadDim, hq = q.Shape[1];
         CudaDevice device = CudaBackend.Device;
         device.MakeCurrent();
         FlashConfig config = FlashConfig.For(d);
         int pages = cache.Pages;
-        int keep = questTokenBudget is { } budget ? Math.Clamp(budget / DevicePagedCache<T>.PageSize, 1, pages) : pages;
         int shared = (16 + 4 * 16 * config.Warps) * config.HeadDim * 2;
         int splitsWanted = Math.Max(1, device.Multiprocessors * 2 / hkv);
         int perSplit = Math.Max(1, (keep + splitsWanted - 1) / splitsWanted), splits = (keep + perSplit - 1) / perSplit;
@@ -291,21 +359,27 @@ public static unsafe class CudaPagedDecode
             DeviceBuffer<float>.EnsureLength(ref _bounds, (long)hkv * pages);
             DeviceBuffer<int>.EnsureLength(ref _list, (long)hkv * pages);
             DeviceBuffer<int>.EnsureLength(ref _count, hkv);
-            if (keep < pages)
+            switch (source)
             {
-                var qp = new QuestParams
-                {
-                    Q = q.Buffer.Pointer, Min = cache.Min.Pointer, Max = cache.Max.Pointer, Table = cache.Table.Pointer,
-                    Bounds = _bounds!.Pointer, QHead = q.Strides[1], Pages = pages, KvHeads = hkv, Group = hq / hkv, D = d,
-                };
-                void* qarg = &qp;
-                device.Kernel("select.cu", "quest_bounds", DevicePagedCache<T>.Defines).Launch((uint)((pages * hkv + 7) / 8), 1, 1, 256, 0, &qarg);
-                CudaSelectors.TopK(_bounds.Pointer, pages, keep, _list!.Pointer, pages, _count!.Pointer, hkv, DevicePagedCache<T>.Defines);
-                _allPages = null;   // the list now holds a selection
-            }
-            else
-            {
-                AllPages(hkv, pages);
+                case PageSource.Quest:
+                    var qp = new QuestParams
+                    {
+                        Q = q.Buffer.Pointer, Min = cache.Min.Pointer, Max = cache.Max.Pointer, Table = cache.Table.Pointer,
+                        Bounds = _bounds!.Pointer, QHead = q.Strides[1], Pages = pages, KvHeads = hkv, Group = hq / hkv, D = d,
+                    };
+                    void* qarg = &qp;
+                    device.Kernel("select.cu", "quest_bounds", DevicePagedCache<T>.Defines).Launch((uint)((pages * hkv + 7) / 8), 1, 1, 256, 0, &qarg);
+                    CudaSelectors.TopK(_bounds.Pointer, pages, keep, _list!.Pointer, pages, _count!.Pointer, hkv, DevicePagedCache<T>.Defines);
+                    _allPages = null;   // the list now holds a selection
+                    break;
+                case PageSource.Host:
+                    _list!.CopyFrom(hostList);
+                    _count!.CopyFrom(hostCounts);
+                    _allPages = null;
+                    break;
+                default:
+                    AllPages(hkv, pages);
+                    break;
             }
             var p = new CudaDecode.DecodeParams
             {

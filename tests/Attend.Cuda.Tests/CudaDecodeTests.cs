@@ -137,6 +137,55 @@ public sealed class CudaDecodeTests
     }
 
     /// <summary>
+    /// Decoding over host-listed pages (one list per kv head, or one for all; StreamingLLM's sink and recent pages) equals
+    /// float64 attention over exactly those pages' keys; every page listed equals dense decoding; bad lists are named.
+    /// </summary>
+    [CudaFact]
+    public void Should_read_exactly_the_listed_pages()
+    {
+        const int s = 2000, h = 8, hkv = 2, d = 128;
+        TensorView<BFloat16> q4 = TestData.Random<BFloat16>(41, 1, 1, h, d), k = TestData.Random<BFloat16>(42, 1, s, hkv, d), v = TestData.Random<BFloat16>(43, 1, s, hkv, d);
+        var q = new TensorView<BFloat16>(q4.ToArray(), 1, h, d);
+        int pages = (s + 63) / 64, group = h / hkv;
+        using DevicePagedCache<BFloat16> cache = DevicePagedCache<BFloat16>.FromHost(k, v, [.. Enumerable.Range(0, pages).OrderBy(i => (i * 7919) % 104729)]);
+        using DeviceTensor<BFloat16> dq = DeviceTensor<BFloat16>.FromHost(q), dO = DeviceTensor<BFloat16>.Allocate(1, h, d), dense = DeviceTensor<BFloat16>.Allocate(1, h, d);
+        IReadOnlyList<int> streaming = cache.SinkAndRecentPages(64, 300);
+        Assert.Equal([0, 26, 27, 28, 29, 30, 31], streaming);
+        IReadOnlyList<int>[] lists = [[0, 3, 5, 31], streaming];
+        CudaPagedDecode.Forward(dq, cache, dO, lists);
+        BFloat16[] got = dO.ToHost();
+        double scale = 1 / Math.Sqrt(d), worst = 0;
+        for (int g = 0; g < hkv; g++)
+        {
+            int[] keys = [.. lists[g].SelectMany(pg => Enumerable.Range(pg * 64, Math.Min(64, s - (pg * 64))))];
+            for (int r = 0; r < group; r++)
+            {
+                int hh = (g * group) + r;
+                double[] w = [.. keys.Select(j => Enumerable.Range(0, d).Sum(c => (double)(float)q[0, hh, c] * (float)k[0, j, g, c]) * scale)];
+                double m = w.Max(), z = w.Sum(x => Math.Exp(x - m));
+                for (int c = 0; c < d; c++)
+                {
+                    double expected = keys.Select((j, i) => Math.Exp(w[i] - m) / z * (float)v[0, j, g, c]).Sum();
+                    worst = Math.Max(worst, Math.Abs(expected - (float)got[(hh * d) + c]));
+                }
+            }
+        }
+        Assert.True(worst < 1e-2, $"decoding the listed pages differs from attention over them by {worst:E3}");
+        // One list for every kv head = the same list given per head.
+        CudaPagedDecode.Forward(dq, cache, dO, [streaming]);
+        CudaPagedDecode.Forward(dq, cache, dense, [streaming, streaming]);
+        Assert.Equal(dense.ToHost(), dO.ToHost());
+        CudaPagedDecode.Forward(dq, cache, dO, [[.. Enumerable.Range(0, pages)]]);
+        CudaPagedDecode.Forward(dq, cache, dense);
+        Assert.Equal(dense.ToHost(), dO.ToHost());
+        foreach (IReadOnlyList<int>[] bad in new IReadOnlyList<int>[][] { [[3, 1]], [[1, 1]], [[pages]], [[-1]], [[]], [[0], [1], [2]] })
+        {
+            Assert.Equal("pages", Assert.Throws<ArgumentException>(() => CudaPagedDecode.Forward(dq, cache, dO, bad)).ParamName);
+        }
+        Assert.Throws<ArgumentException>(() => cache.SinkAndRecentPages(0, 0));
+    }
+
+    /// <summary>
     /// A cache grown by appends (pieces of 1, 7, 63, 64, 97 … tokens, into the last page and fresh pool pages) decodes
     /// exactly as one built from the same tokens at once — dense and Quest, bf16 and f16, after every append — so the
     /// pages, the table and the Quest summaries of the touched pages are what a full build gives.
