@@ -1,25 +1,26 @@
-// XAttention's antidiagonal block estimate on the tensor cores (Xu et al., "XAttention: Block Sparse Attention with
-// Antidiagonal Scoring", arXiv:2503.16428) — the device side of the CPU's XAttentionSelector, feeding select.cu's
-// select_blocks (mass mode) and the CSR compaction shared with the other GPU selectors.
+// Fine-grained block estimates on the tensor cores, feeding select.cu's select_blocks (mass mode) and the CSR
+// compaction shared with the other GPU selectors: XAttention's antidiagonal scores (below) and SALE's low-bit scores
+// (the second half of the file). Both run their products through tile_products (mma.sync m16n8k16, bf16 — f16 for f16
+// inputs — fp32 accumulators, operands staged by cp.async in two buffers) and keep a per-(row, key block) statistic in
+// a scratch [heads of the launch · B, rows, key blocks] floats; the host runs the heads in chunks so it stays bounded.
 //
-// The sum of a (query block, key block) tile's scores along antidiagonals of stride s is a product of regrouped rows:
-// query group r is the concatenation of queries r·s + s−1, …, r·s (reversed), key group c of keys c·s, …, c·s + s−1,
-// so Σ_t q[r·s+s−1−t]·k[c·s+t] is one dot product of length s·D. The estimate is then the softmax of these
-// (S/s)² scores (scale / s) per query group over its visible key groups, summed over the groups of each
-// (query block, key block): block/s rows × block/s columns — the same "mass" the CPU sums.
+// XAttention (Xu et al., "XAttention: Block Sparse Attention with Antidiagonal Scoring", arXiv:2503.16428), the device
+// side of the CPU's XAttentionSelector. The sum of a (query block, key block) tile's scores along antidiagonals of
+// stride s is a product of regrouped rows: query group r is the concatenation of queries r·s + s−1, …, r·s (reversed),
+// key group c of keys c·s, …, c·s + s−1, so Σ_t q[r·s+s−1−t]·k[c·s+t] is one dot product of length s·D (the loader
+// regroups while staging). The estimate is the softmax of these (S/s)² scores (scale / s) per query group over its
+// visible key groups, summed over the groups of each (query block, key block) — the "mass" the CPU sums.
+// antidiagonal_lse: one thread block per 128 query groups (8 warps × 16 rows) walks every visible 128-column tile of
+// key groups; per (row, key block) log Σ exp goes to the scratch and each row's running log-sum-exp stays in registers;
+// after a barrier the block turns its rows into each query block's mass per key block, Σ exp(block lse − row lse),
+// reading back the scratch it wrote (L2-resident).
 //
-// Two launches per chunk of heads:
-//   1. antidiagonal_lse:  one thread block per 128 query groups (8 warps × 16 rows): every visible 128-column tile of
-//      key groups as S = Q·Kᵀ with mma.sync m16n8k16 (bf16, or f16 for f16 inputs; fp32 accumulators), the inner
-//      dimension s·D staged 32 at a time through shared memory (the gather does the regrouping); per (row, key
-//      block) log Σ exp of its columns goes to a scratch, per row the running log-sum-exp stays in registers.
-//   2. (same kernel, after a barrier) each query block's mass per key block: Σ over its rows of
-//      exp(block_lse − row_lse), written to mass [B, H, query blocks, key blocks] — rows read back from the scratch
-//      the thread block itself wrote (L2-resident).
-// The scratch is [heads of the chunk · B, query groups, key blocks] floats; the host sizes the chunk of heads.
+// The grid runs heads fastest and row tiles last-first: under a causal mask late rows see the most columns, and
+// starting those thread blocks first lets the short ones fill the tail (SM active 55% → 77% of the elapsed time,
+// docs/perf/cuda-sparse.md).
 //
 // Compile-time parameters (-D): SRC_T 0 = f32 (rounded to bf16 operands), 1 = f16, 2 = bf16; GROUP_COLS = block / s,
-// the key groups (and query groups) per block: 8, 16, 32 or 64.
+// the key groups (and query groups) per block: 8, 16, 32 or 64 (SALE's kernels ignore it).
 // No CUDA headers: any NVRTC >= 11.8 compiles it (PTX for sm_80 and later).
 
 #ifndef SRC_T
