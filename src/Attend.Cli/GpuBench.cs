@@ -146,6 +146,14 @@ internal static class GpuBench
                 questMs, tq[0], tq[^1], tq.Count, 4.0 * hq * skv / 16 * d, NominalPeakGflops)
             { Backend = "cuda", Mask = "decode", SpeedupVsDense = pagedMs / questMs, Note = $"page bounds, selection and decode of 1/16 of the pages on the device: {pagedMs / questMs:F1}x paged dense" });
 
+            // StreamingLLM's pages through the page-list decode: 64 sink tokens and the last 1/16 of the keys.
+            IReadOnlyList<int> streaming = cache.SinkAndRecentPages(64, skv / 16);
+            List<double> ts = CudaTimer.Measure(() => CudaPagedDecode.Forward(q, cache, o, [streaming]), Math.Max(50, plan.Reps));
+            double streamingMs = ts[ts.Count / 2];
+            rows.Add(new BenchCommand.BenchRow("gpu-decode", $"paged streaming 64+1/16 {hq}/{hkv} heads", DType.BFloat16, 1, hq, hkv, skv, d, false, 0, KernelPath.Auto,
+                streamingMs, ts[0], ts[^1], ts.Count, 4.0 * hq * streaming.Count * 64 * d, NominalPeakGflops)
+            { Backend = "cuda", Mask = "decode", SpeedupVsDense = pagedMs / streamingMs, Note = $"{streaming.Count} host-listed pages (sink + recent) through the page-list decode: {pagedMs / streamingMs:F1}x paged dense" });
+
             // Generation: each step appends the new token's key and value (from the host) and decodes — the last 256
             // tokens of the same length, timed on the host over the whole loop (the appends' copies synchronize).
             status($"cuda generation loop: append + decode, {hq}/{hkv} heads, up to {skv} keys");
