@@ -291,7 +291,10 @@ public static unsafe class CudaPagedDecode
         float sc = Check(q, cache, output, scale, lse);
         int hkv = cache.KvHeads, stride = cache.Pages;
         if (pages.Count != 1 && pages.Count != hkv) throw new ArgumentException($"pages must hold one list, or one per kv head ({hkv}); got {pages.Count}", nameof(pages));
-        var list = new int[hkv * stride];
+        // Laid out [Hkv, longest list] (the kernel's list stride), so a step uploads only what it lists.
+        int longest = 0;
+        for (int h = 0; h < pages.Count; h++) longest = Math.Max(longest, pages[h]?.Count ?? 0);
+        var list = new int[hkv * Math.Max(longest, 1)];
         var counts = new int[hkv];
         for (int h = 0; h < hkv; h++)
         {
@@ -304,7 +307,7 @@ public static unsafe class CudaPagedDecode
                 {
                     throw new ArgumentException($"the page list of kv head {h} must be ascending, distinct pages in 0..{stride - 1}; entry {i} is {page}", nameof(pages));
                 }
-                list[(h * stride) + i] = page;
+                list[(h * longest) + i] = page;
             }
             counts[h] = mine.Count;
         }
@@ -362,6 +365,7 @@ public static unsafe class CudaPagedDecode
             switch (source)
             {
                 case PageSource.Quest:
+                    _hostListed = null;
                     var qp = new QuestParams
                     {
                         Q = q.Buffer.Pointer, Min = cache.Min.Pointer, Max = cache.Max.Pointer, Table = cache.Table.Pointer,
@@ -373,11 +377,18 @@ public static unsafe class CudaPagedDecode
                     _allPages = null;   // the list now holds a selection
                     break;
                 case PageSource.Host:
-                    _list!.CopyFrom(hostList);
-                    _count!.CopyFrom(hostCounts);
+                    // A policy often lists the same pages step after step (StreamingLLM until its window moves a
+                    // page): upload only a changed list — each copy from pageable memory waits for the device.
+                    if (_hostListed is not { } last || !ReferenceEquals(last.Buffer, _list) || !last.List.AsSpan().SequenceEqual(hostList) || !last.Counts.AsSpan().SequenceEqual(hostCounts))
+                    {
+                        _list!.CopyFrom(hostList);
+                        _count!.CopyFrom(hostCounts);
+                        _hostListed = (_list, hostList!, hostCounts!);
+                    }
                     _allPages = null;
                     break;
                 default:
+                    _hostListed = null;
                     AllPages(hkv, pages);
                     break;
             }
@@ -388,13 +399,16 @@ public static unsafe class CudaPagedDecode
                 QHead = q.Strides[1], KRow = (long)hkv * d, KHead = d, VRow = (long)hkv * d, VHead = d, OHead = output.Strides[1], LseHead = lse?.Strides[1] ?? 0,
                 SeqlenK = cache.Length, Heads = hq, Group = hq / hkv, HeadDim = d, SplitLen = 0, Splits = splits, ScaleLog2 = sc * 1.4426950408889634f,
                 PageTable = cache.Table.Pointer, PageList = _list!.Pointer, PageCount = _count!.Pointer, PageStride = cache.PageStride,
-                TableStride = pages, ListStride = pages, PagesPerSplit = perSplit,
+                TableStride = pages, ListStride = source == PageSource.Host ? Math.Max(keep, 1) : pages, PagesPerSplit = perSplit,
             };
             void* arg = &p;
             device.Kernel("flash_fwd.cu", "flash_decode", defines).Launch((uint)splits, (uint)hkv, 1, (uint)(config.Warps * 32), shared, &arg);
             device.Kernel("flash_fwd.cu", "decode_merge", defines).Launch((uint)hq, 1, 1, (uint)Math.Min(256, (d + 31) / 32 * 32), 0, &arg);
         }
     }
+
+    /// <summary>The host lists the list buffer holds (buffer, list, counts), or null.</summary>
+    private static (DeviceBuffer<int> Buffer, int[] List, int[] Counts)? _hostListed;
 
     /// <summary>What the list buffer holds when it lists every page: (buffer, kv heads, pages); null after a selection.</summary>
     private static (DeviceBuffer<int> List, int Heads, int Pages)? _allPages;
