@@ -93,7 +93,7 @@ public sealed class CudaDecodeTests
         using DeviceTensor<BFloat16> dq = DeviceTensor<BFloat16>.FromHost(q), dO = DeviceTensor<BFloat16>.Allocate(1, h, d), dense = DeviceTensor<BFloat16>.Allocate(1, h, d);
         CudaPagedDecode.Forward(dq, cache, dO, questTokenBudget: budget);
         BFloat16[] got = dO.ToHost();
-        double scale = 1 / Math.Sqrt(d), worst = 0;
+        double worst = 0;
         for (int g = 0; g < hkv; g++)
         {
             var bound = new double[pages - 1];
@@ -117,18 +117,7 @@ public sealed class CudaDecodeTests
                 }
             }
             int[] chosen = [.. Enumerable.Range(0, pages - 1).OrderByDescending(pg => bound[pg]).Take(keep - 1).Append(pages - 1)];
-            int[] keys = [.. chosen.SelectMany(pg => Enumerable.Range(pg * 64, Math.Min(64, s - (pg * 64))))];
-            for (int r = 0; r < group; r++)
-            {
-                int hh = (g * group) + r;
-                double[] w = [.. keys.Select(j => Enumerable.Range(0, d).Sum(c => (double)(float)q[0, hh, c] * (float)k[0, j, g, c]) * scale)];
-                double m = w.Max(), z = w.Sum(x => Math.Exp(x - m));
-                for (int c = 0; c < d; c++)
-                {
-                    double expected = keys.Select((j, i) => Math.Exp(w[i] - m) / z * (float)v[0, j, g, c]).Sum();
-                    worst = Math.Max(worst, Math.Abs(expected - (float)got[(hh * d) + c]));
-                }
-            }
+            worst = Math.Max(worst, WorstOverPages(q, k, v, got, g, group, chosen));
         }
         Assert.True(worst < 1e-2, $"Quest on the GPU differs from attention over the pages its bound chooses by {worst:E3}");
         CudaPagedDecode.Forward(dq, cache, dO, questTokenBudget: pages * 64);   // every page (a budget of s tokens keeps ⌊s / 64⌋ pages, as on the CPU)
@@ -154,22 +143,7 @@ public sealed class CudaDecodeTests
         IReadOnlyList<int>[] lists = [[0, 3, 5, 31], streaming];
         CudaPagedDecode.Forward(dq, cache, dO, lists);
         BFloat16[] got = dO.ToHost();
-        double scale = 1 / Math.Sqrt(d), worst = 0;
-        for (int g = 0; g < hkv; g++)
-        {
-            int[] keys = [.. lists[g].SelectMany(pg => Enumerable.Range(pg * 64, Math.Min(64, s - (pg * 64))))];
-            for (int r = 0; r < group; r++)
-            {
-                int hh = (g * group) + r;
-                double[] w = [.. keys.Select(j => Enumerable.Range(0, d).Sum(c => (double)(float)q[0, hh, c] * (float)k[0, j, g, c]) * scale)];
-                double m = w.Max(), z = w.Sum(x => Math.Exp(x - m));
-                for (int c = 0; c < d; c++)
-                {
-                    double expected = keys.Select((j, i) => Math.Exp(w[i] - m) / z * (float)v[0, j, g, c]).Sum();
-                    worst = Math.Max(worst, Math.Abs(expected - (float)got[(hh * d) + c]));
-                }
-            }
-        }
+        double worst = Enumerable.Range(0, hkv).Max(g => WorstOverPages(q, k, v, got, g, group, lists[g]));
         Assert.True(worst < 1e-2, $"decoding the listed pages differs from attention over them by {worst:E3}");
         // One list for every kv head = the same list given per head.
         CudaPagedDecode.Forward(dq, cache, dO, [streaming]);
@@ -244,6 +218,29 @@ public sealed class CudaDecodeTests
         Assert.Equal(128, cache.Length);
         Assert.Throws<ArgumentOutOfRangeException>(() => DevicePagedCache<BFloat16>.Create(2, 64, 0));
         Assert.Throws<NotSupportedException>(() => DevicePagedCache<BFloat16>.Create(2, 60, 64));
+    }
+
+    /// <summary>
+    /// The largest difference between the GPU's output rows of kv head <paramref name="g"/>'s query heads and float64
+    /// attention over exactly the keys of <paramref name="pages"/> (64-token pages; q [1, H, D], k/v [1, S, Hkv, D]).
+    /// </summary>
+    private static double WorstOverPages(TensorView<BFloat16> q, TensorView<BFloat16> k, TensorView<BFloat16> v, BFloat16[] got, int g, int group, IEnumerable<int> pages)
+    {
+        int s = k.Dim(1), d = k.Dim(3);
+        double scale = 1 / Math.Sqrt(d), worst = 0;
+        int[] keys = [.. pages.SelectMany(pg => Enumerable.Range(pg * 64, Math.Min(64, s - (pg * 64))))];
+        for (int r = 0; r < group; r++)
+        {
+            int hh = (g * group) + r;
+            double[] w = [.. keys.Select(j => Enumerable.Range(0, d).Sum(c => (double)(float)q[0, hh, c] * (float)k[0, j, g, c]) * scale)];
+            double m = w.Max(), z = w.Sum(x => Math.Exp(x - m));
+            for (int c = 0; c < d; c++)
+            {
+                double expected = keys.Select((j, i) => Math.Exp(w[i] - m) / z * (float)v[0, j, g, c]).Sum();
+                worst = Math.Max(worst, Math.Abs(expected - (float)got[(hh * d) + c]));
+            }
+        }
+        return worst;
     }
 
     [CudaFact]
