@@ -13,7 +13,7 @@ internal sealed class AttentionArguments
     public Option<float?> Scale { get; } = new("--scale") { Description = "score scale (default 1/sqrt(D))" };
     public Option<float> Softcap { get; } = new("--softcap") { Description = "tanh soft-cap of the scores (0: off)" };
     public Option<string?> Mask { get; } = new("--mask") { Description = "mask expression, e.g. \"causal & window(1024) | sink(64)\" (see README)" };
-    public Option<string?> Selector { get; } = new("--selector") { Description = "content-based sparse attention: pooled, vertical-slash, flexprefill, xattention, anchor [:key=value,...] (see README)" };
+    public Option<string?> Selector { get; } = new("--selector") { Description = "content-based sparse attention: pooled, vertical-slash, flexprefill, xattention, anchor, hierarchical, sale, dhsa [:key=value,...][+centroid|+ear] (see README)" };
     public Option<string?> Linear { get; } = new("--linear") { Description = "linear attention with this feature map: elu, relu, identity, taylor, random:N, wavelet:N, hashing:N (with --causal: chunked causal)" };
     public Option<string?> ValueConv { get; } = new("--value-conv") { Description = "with --linear: SLAB's depthwise convolution of the values, weights [Dv, K] in FILE.npy (K odd unless --causal)" };
     public Option<string?> Hybrid { get; } = new("--hybrid") { Description = "hybrid attention: based:WINDOW, mossformer:CHUNK, scout:WINDOW,SEGMENT, agent:N, infsa[:RHO] (see README)" };
@@ -185,9 +185,8 @@ internal sealed class AttentionArguments
         AttentionShape s = AttentionShape.Of(q.AsView<T>(), k.AsView<T>(), v.AsView<T>());
         Tensor output = Tensor.Zeros(q.DType, s.Batch, s.QueryLength, s.Heads, s.ValueDim);
         Tensor lse = Tensor.Zeros(DType.Float32, s.Batch, s.QueryLength, s.Heads);
-        if (selector is not null)
+        if (selector is not null && device == "cpu")
         {
-            if (device != "cpu") throw new NotSupportedException("--selector runs on the CPU for now (GPU plans are CUDA part 2)");
             Sparse.SparseAttention.Forward(selector, q.AsView<T>(), k.AsView<T>(), v.AsView<T>(), output.AsView<T>(), options, lse.AsView<float>(), tuning);
         }
         else if (device == "cuda")
@@ -197,7 +196,24 @@ internal sealed class AttentionArguments
             using var dv = Cuda.DeviceTensor<T>.FromHost(v.AsView<T>());
             using var dO = Cuda.DeviceTensor<T>.Allocate(s.Batch, s.QueryLength, s.Heads, s.ValueDim);
             using var dl = Cuda.DeviceTensor<float>.Allocate(s.Batch, s.QueryLength, s.Heads);
-            Cuda.CudaAttention.Forward(dq, dk, dv, dO, options, dl);
+            if (selector is null)
+            {
+                Cuda.CudaAttention.Forward(dq, dk, dv, dO, options, dl);
+            }
+            else if (Cuda.CudaSelectors.HasGpuVersion(selector))
+            {
+                // The plan is built on the device and never leaves it.
+                using Cuda.DeviceBlockPlan plan = Cuda.CudaSelectors.Plan(selector, dq, dk, options.Causal, options.Scale);
+                Cuda.CudaAttention.Forward(dq, dk, dv, dO, plan, options with { Causal = false }, dl);
+            }
+            else
+            {
+                // Selectors without a GPU version plan on the host; the plan runs on the GPU.
+                Masks.SparsityPlan plan = selector is Sparse.IValueAwareSelector valueAware
+                    ? valueAware.Plan(q.AsView<T>(), k.AsView<T>(), v.AsView<T>(), options.Causal, options.Scale, tuning)
+                    : selector.Plan(q.AsView<T>(), k.AsView<T>(), options.Causal, options.Scale);
+                Cuda.CudaAttention.Forward(dq, dk, dv, dO, options with { Causal = false, Plan = plan }, dl);
+            }
             dO.Buffer.CopyTo(output.Array<T>());
             dl.Buffer.CopyTo(lse.Array<float>());
         }

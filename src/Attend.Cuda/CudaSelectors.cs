@@ -255,6 +255,9 @@ public static unsafe class CudaSelectors
         return selectShared;
     }
 
+    /// <summary>Whether <see cref="Plan{T}(ISparsitySelector, DeviceTensor{T}, DeviceTensor{T}, bool, float?)"/> builds this selector's plan on the device.</summary>
+    public static bool HasGpuVersion(ISparsitySelector selector) => selector is PooledBlockSelector or VerticalSlashSelector or XAttentionSelector or SaleSelector;
+
     /// <summary>
     /// The plan of any selector that has a GPU version — <see cref="PooledBlockSelector"/>,
     /// <see cref="VerticalSlashSelector"/>, <see cref="XAttentionSelector"/> or <see cref="SaleSelector"/> — built on the
