@@ -146,6 +146,12 @@ internal static class GpuBench
                 questMs, tq[0], tq[^1], tq.Count, 4.0 * hq * skv / 16 * d, NominalPeakGflops)
             { Backend = "cuda", Mask = "decode", SpeedupVsDense = pagedMs / questMs, Note = $"page bounds, selection and decode of 1/16 of the pages on the device: {pagedMs / questMs:F1}x paged dense" });
 
+            List<double> tl = CudaTimer.Measure(() => CudaPagedDecode.ForwardLandmark(q, cache, o, skv / 16), Math.Max(50, plan.Reps));
+            double landmarkMs = tl[tl.Count / 2];
+            rows.Add(new BenchCommand.BenchRow("gpu-decode", $"paged landmark 1/16 {hq}/{hkv} heads", DType.BFloat16, 1, hq, hkv, skv, d, false, 0, KernelPath.Auto,
+                landmarkMs, tl[0], tl[^1], tl.Count, 4.0 * hq * skv / 16 * d, NominalPeakGflops)
+            { Backend = "cuda", Mask = "decode", SpeedupVsDense = pagedMs / landmarkMs, Note = $"pages ranked by q·(mean key) on the device, 1/16 read: {pagedMs / landmarkMs:F1}x paged dense" });
+
             // StreamingLLM's pages through the page-list decode: 64 sink tokens and the last 1/16 of the keys.
             IReadOnlyList<int> streaming = cache.SinkAndRecentPages(64, skv / 16);
             List<double> ts = CudaTimer.Measure(() => CudaPagedDecode.Forward(q, cache, o, [streaming]), Math.Max(50, plan.Reps));

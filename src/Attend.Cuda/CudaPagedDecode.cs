@@ -6,7 +6,7 @@ namespace Attend.Cuda;
 /// <summary>
 /// One sequence's KV cache in device memory, paged as the CPU's <see cref="Decode.KvCache"/>: pools of 64-token
 /// pages [pages, 64, Hkv, D] (bf16 or f16) in any order, a page table mapping the sequence's logical pages to pool
-/// pages, and per pool page the channel-wise key min/max Quest needs (computed on the device when the pages arrive).
+/// pages, and per pool page the channel-wise key min/max Quest needs and the mean key Landmark needs (computed on the device when the pages arrive).
 /// The pool has a fixed capacity; <see cref="Append(TensorView{T}, TensorView{T})"/> adds tokens (generation) into the
 /// last page and fresh pool pages, updating the table and the touched pages' summaries.
 /// </summary>
@@ -32,6 +32,7 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
             Table = DeviceBuffer<int>.Allocate(capacityPages);
             Min = DeviceBuffer<float>.Allocate((long)capacityPages * kvHeads * headDim);
             Max = DeviceBuffer<float>.Allocate((long)capacityPages * kvHeads * headDim);
+            Mean = DeviceBuffer<float>.Allocate((long)capacityPages * kvHeads * headDim);
         }
         catch
         {
@@ -145,7 +146,7 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
         int lastPool = _table[pages - 1], lastLength = length - ((pages - 1) * PageSize);
         var p = new SummaryParams
         {
-            K = K.Pointer, Min = Min.Pointer, Max = Max.Pointer, PageStride = PageStride, RowStride = (long)KvHeads * HeadDim, HeadStride = HeadDim,
+            K = K.Pointer, Min = Min.Pointer, Max = Max.Pointer, Mean = Mean.Pointer, PageStride = PageStride, RowStride = (long)KvHeads * HeadDim, HeadStride = HeadDim,
             KvHeads = KvHeads, D = HeadDim, Page = PageSize, LastPage = lastPool, LastLength = lastLength,
         };
         // The touched logical pages' pool pages, in runs of consecutive slots: one launch per run (all of them at
@@ -230,6 +231,8 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
 
     internal DeviceBuffer<float> Max { get; } = null!;
 
+    internal DeviceBuffer<float> Mean { get; } = null!;
+
     internal static Dictionary<string, string> Defines => new() { ["SRC_T"] = typeof(T) == typeof(Half) ? "1" : "2" };
 
     /// <inheritdoc/>
@@ -240,6 +243,7 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
         Table?.Dispose();
         Min?.Dispose();
         Max?.Dispose();
+        Mean?.Dispose();
     }
 
     [StructLayout(LayoutKind.Sequential)]
@@ -248,6 +252,7 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
         public ulong K, Min, Max;
         public long PageStride, RowStride, HeadStride;
         public int Pages, KvHeads, D, Page, LastPage, LastLength, FirstPage;
+        public ulong Mean;
     }
 }
 
@@ -276,6 +281,20 @@ public static unsafe class CudaPagedDecode
         int pages = cache.Pages;
         int keep = questTokenBudget is { } budget ? Math.Clamp(budget / DevicePagedCache<T>.PageSize, 1, pages) : pages;
         Run(q, cache, output, sc, lse, keep, keep < pages ? PageSource.Quest : PageSource.All, null, null);
+    }
+
+    /// <summary>
+    /// Landmark retrieval on the device (Mohtashami &amp; Jaggi, arXiv:2305.16300, as the CPU's LandmarkPolicy without
+    /// trained landmark tokens): each kv head reads the pages whose mean key scores highest against the group's query
+    /// heads (the largest q·mean over the group), within <paramref name="tokenBudget"/> tokens, and the last page.
+    /// </summary>
+    public static void ForwardLandmark<T>(DeviceTensor<T> q, DevicePagedCache<T> cache, DeviceTensor<T> output, int tokenBudget, float? scale = null, DeviceTensor<float>? lse = null)
+        where T : unmanaged
+    {
+        float sc = Check(q, cache, output, scale, lse);
+        if (tokenBudget < 1) throw new ArgumentOutOfRangeException(nameof(tokenBudget), tokenBudget, "the token budget must be ≥ 1");
+        int pages = cache.Pages, keep = Math.Clamp(tokenBudget / DevicePagedCache<T>.PageSize, 1, pages);
+        Run(q, cache, output, sc, lse, keep, keep < pages ? PageSource.Landmark : PageSource.All, null, null);
     }
 
     /// <summary>
@@ -339,8 +358,8 @@ public static unsafe class CudaPagedDecode
         return sc;
     }
 
-    /// <summary>Where a step's page lists come from: every page, Quest on the device, or the host.</summary>
-    private enum PageSource { All, Quest, Host }
+    /// <summary>Where a step's page lists come from: every page, Quest or Landmark scores on the device, or the host.</summary>
+    private enum PageSource { All, Quest, Landmark, Host }
 
     /// <summary>The step: the page lists (at most <paramref name="keep"/> pages a kv head), split-K decode, merge.</summary>
     private static void Run<T>(DeviceTensor<T> q, DevicePagedCache<T> cache, DeviceTensor<T> output, float sc, DeviceTensor<float>? lse, int keep,
@@ -365,11 +384,13 @@ public static unsafe class CudaPagedDecode
             switch (source)
             {
                 case PageSource.Quest:
+                case PageSource.Landmark:
                     _hostListed = null;
                     var qp = new QuestParams
                     {
                         Q = q.Buffer.Pointer, Min = cache.Min.Pointer, Max = cache.Max.Pointer, Table = cache.Table.Pointer,
                         Bounds = _bounds!.Pointer, QHead = q.Strides[1], Pages = pages, KvHeads = hkv, Group = hq / hkv, D = d,
+                        Mean = cache.Mean.Pointer, Landmark = source == PageSource.Landmark ? 1 : 0,
                     };
                     void* qarg = &qp;
                     device.Kernel("select.cu", "quest_bounds", DevicePagedCache<T>.Defines).Launch((uint)((pages * hkv + 7) / 8), 1, 1, 256, 0, &qarg);
@@ -431,5 +452,7 @@ public static unsafe class CudaPagedDecode
         public ulong Q, Min, Max, Table, Bounds;
         public long QHead;
         public int Pages, KvHeads, Group, D;
+        public ulong Mean;
+        public int Landmark;
     }
 }

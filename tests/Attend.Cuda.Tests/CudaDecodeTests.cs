@@ -126,6 +126,53 @@ public sealed class CudaDecodeTests
     }
 
     /// <summary>
+    /// Landmark on the device reads, per kv head, the pages whose mean key scores highest (the largest q·mean over the
+    /// group) within the budget, and the last page: its output equals float64 attention over exactly those pages
+    /// (chosen here from float64 means), in a cache grown by appends (the means of appended pages are kept too); a
+    /// budget covering the cache equals dense decoding.
+    /// </summary>
+    [CudaFact]
+    public void Should_read_the_pages_landmark_means_choose()
+    {
+        const int s = 2000, h = 8, hkv = 2, d = 128, budget = 512;
+        TensorView<BFloat16> q4 = TestData.Random<BFloat16>(51, 1, 1, h, d), k = TestData.Random<BFloat16>(52, 1, s, hkv, d), v = TestData.Random<BFloat16>(53, 1, s, hkv, d);
+        var q = new TensorView<BFloat16>(q4.ToArray(), 1, h, d);
+        int pages = (s + 63) / 64, keep = budget / 64, group = h / hkv;
+        using DevicePagedCache<BFloat16> cache = DevicePagedCache<BFloat16>.FromHost(k.Slice(1, 0, 1500), v.Slice(1, 0, 1500), capacityTokens: s);
+        cache.Append(k.Slice(1, 1500, s - 1500), v.Slice(1, 1500, s - 1500));
+        using DeviceTensor<BFloat16> dq = DeviceTensor<BFloat16>.FromHost(q), dO = DeviceTensor<BFloat16>.Allocate(1, h, d), dense = DeviceTensor<BFloat16>.Allocate(1, h, d);
+        CudaPagedDecode.ForwardLandmark(dq, cache, dO, budget);
+        BFloat16[] got = dO.ToHost();
+        double worst = 0;
+        for (int g = 0; g < hkv; g++)
+        {
+            var score = new double[pages - 1];
+            for (int pg = 0; pg < pages - 1; pg++)
+            {
+                score[pg] = double.NegativeInfinity;
+                for (int r = 0; r < group; r++)
+                {
+                    double sum = 0;
+                    for (int c = 0; c < d; c++)
+                    {
+                        double mean = 0;
+                        for (int j = pg * 64; j < (pg + 1) * 64; j++) mean += (float)k[0, j, g, c];
+                        sum += (float)q[0, (g * group) + r, c] * mean / 64;
+                    }
+                    score[pg] = Math.Max(score[pg], sum);
+                }
+            }
+            int[] chosen = [.. Enumerable.Range(0, pages - 1).OrderByDescending(pg => score[pg]).Take(keep - 1).Append(pages - 1)];
+            worst = Math.Max(worst, WorstOverPages(q, k, v, got, g, group, chosen));
+        }
+        Assert.True(worst < 1e-2, $"Landmark on the GPU differs from attention over the pages its means choose by {worst:E3}");
+        CudaPagedDecode.ForwardLandmark(dq, cache, dO, pages * 64);
+        CudaPagedDecode.Forward(dq, cache, dense);
+        Assert.Equal(dense.ToHost(), dO.ToHost());
+        Assert.Throws<ArgumentOutOfRangeException>(() => CudaPagedDecode.ForwardLandmark(dq, cache, dO, 0));
+    }
+
+    /// <summary>
     /// Decoding over host-listed pages (one list per kv head, or one for all; StreamingLLM's sink and recent pages) equals
     /// float64 attention over exactly those pages' keys; every page listed equals dense decoding; bad lists are named.
     /// </summary>

@@ -326,6 +326,7 @@ struct SummaryParams
     i64 page_stride, row_stride, head_stride;
     int pages, kv_heads, d, page, last_page, last_len;   // the pool page holding the sequence's end has last_len keys
     int first_page;             // the run of pool pages summarized starts here
+    float* mean;                // [pages, Hkv, D]: the keys' mean (Landmark)
 };
 
 // Grid (pages of the run, Hkv), THREADS threads over channels: pool pages first_page, first_page + 1, ….
@@ -336,16 +337,18 @@ extern "C" __global__ void __launch_bounds__(THREADS) page_summaries(const Summa
     const i64 base = page * p.page_stride + h * p.head_stride;
     for (int c = threadIdx.x; c < p.d; c += THREADS)
     {
-        float lo = __int_as_float(0x7f800000), hi = -__int_as_float(0x7f800000);
+        float lo = __int_as_float(0x7f800000), hi = -__int_as_float(0x7f800000), sum = 0.f;
         for (int r = 0; r < rows; r++)
         {
             float x = load_elem(p.k, base + r * p.row_stride + c);
             lo = fminf(lo, x);
             hi = fmaxf(hi, x);
+            sum += x;
         }
         const i64 at = ((i64)page * p.kv_heads + h) * p.d + c;
         p.min[at] = lo;
         p.max[at] = hi;
+        p.mean[at] = sum / (float)rows;
     }
 }
 
@@ -358,6 +361,8 @@ struct QuestParams
     float* bounds;              // [Hkv, pages]
     i64 q_head;
     int pages, kv_heads, group, d;
+    const float* mean;          // [pool pages, Hkv, D] page key means
+    int landmark;               // 1: score q·mean (Landmark) instead of Quest's bound
 };
 
 // Grid (ceil(pages · Hkv / WARPS)): a warp per (logical page, kv head), lanes over channels.
@@ -375,7 +380,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) quest_bounds(const QuestPa
         for (int c = lane; c < p.d; c += 32)
         {
             const float x = load_elem(p.q, qrow + c);
-            acc += fmaxf(x * p.min[at + c], x * p.max[at + c]);
+            acc += p.landmark ? x * p.mean[at + c] : fmaxf(x * p.min[at + c], x * p.max[at + c]);
         }
         best = fmaxf(best, warp_sum(acc));
     }
