@@ -88,37 +88,22 @@ public sealed class CudaDecodeTests
         const int s = 2000, h = 8, hkv = 2, d = 128, budget = 512;
         TensorView<BFloat16> q4 = TestData.Random<BFloat16>(11, 1, 1, h, d), k = TestData.Random<BFloat16>(12, 1, s, hkv, d), v = TestData.Random<BFloat16>(13, 1, s, hkv, d);
         var q = new TensorView<BFloat16>(q4.ToArray(), 1, h, d);
-        int pages = (s + 63) / 64, keep = budget / 64, group = h / hkv;
+        int pages = (s + 63) / 64, keep = budget / 64;
         using DevicePagedCache<BFloat16> cache = DevicePagedCache<BFloat16>.FromHost(k, v, [.. Enumerable.Range(0, pages).Reverse()]);
         using DeviceTensor<BFloat16> dq = DeviceTensor<BFloat16>.FromHost(q), dO = DeviceTensor<BFloat16>.Allocate(1, h, d), dense = DeviceTensor<BFloat16>.Allocate(1, h, d);
         CudaPagedDecode.Forward(dq, cache, dO, questTokenBudget: budget);
         BFloat16[] got = dO.ToHost();
-        double worst = 0;
-        for (int g = 0; g < hkv; g++)
+        // Quest's bound of a page for query element x: max(x·min, x·max) of the page's channel c.
+        double worst = WorstOverChosenPages(q, k, v, got, keep, (x, g, pg, c) =>
         {
-            var bound = new double[pages - 1];
-            for (int pg = 0; pg < pages - 1; pg++)
+            double lo = double.PositiveInfinity, hi = double.NegativeInfinity;
+            for (int j = pg * 64; j < (pg + 1) * 64; j++)
             {
-                bound[pg] = double.NegativeInfinity;
-                for (int r = 0; r < group; r++)
-                {
-                    double sum = 0;
-                    for (int c = 0; c < d; c++)
-                    {
-                        double lo = double.PositiveInfinity, hi = double.NegativeInfinity, x = (float)q[0, (g * group) + r, c];
-                        for (int j = pg * 64; j < (pg + 1) * 64; j++)
-                        {
-                            lo = Math.Min(lo, (float)k[0, j, g, c]);
-                            hi = Math.Max(hi, (float)k[0, j, g, c]);
-                        }
-                        sum += Math.Max(x * lo, x * hi);
-                    }
-                    bound[pg] = Math.Max(bound[pg], sum);
-                }
+                lo = Math.Min(lo, (float)k[0, j, g, c]);
+                hi = Math.Max(hi, (float)k[0, j, g, c]);
             }
-            int[] chosen = [.. Enumerable.Range(0, pages - 1).OrderByDescending(pg => bound[pg]).Take(keep - 1).Append(pages - 1)];
-            worst = Math.Max(worst, WorstOverPages(q, k, v, got, g, group, chosen));
-        }
+            return Math.Max(x * lo, x * hi);
+        });
         Assert.True(worst < 1e-2, $"Quest on the GPU differs from attention over the pages its bound chooses by {worst:E3}");
         CudaPagedDecode.Forward(dq, cache, dO, questTokenBudget: pages * 64);   // every page (a budget of s tokens keeps ⌊s / 64⌋ pages, as on the CPU)
         CudaPagedDecode.Forward(dq, cache, dense);
@@ -137,34 +122,19 @@ public sealed class CudaDecodeTests
         const int s = 2000, h = 8, hkv = 2, d = 128, budget = 512;
         TensorView<BFloat16> q4 = TestData.Random<BFloat16>(51, 1, 1, h, d), k = TestData.Random<BFloat16>(52, 1, s, hkv, d), v = TestData.Random<BFloat16>(53, 1, s, hkv, d);
         var q = new TensorView<BFloat16>(q4.ToArray(), 1, h, d);
-        int pages = (s + 63) / 64, keep = budget / 64, group = h / hkv;
+        int pages = (s + 63) / 64, keep = budget / 64;
         using DevicePagedCache<BFloat16> cache = DevicePagedCache<BFloat16>.FromHost(k.Slice(1, 0, 1500), v.Slice(1, 0, 1500), capacityTokens: s);
         cache.Append(k.Slice(1, 1500, s - 1500), v.Slice(1, 1500, s - 1500));
         using DeviceTensor<BFloat16> dq = DeviceTensor<BFloat16>.FromHost(q), dO = DeviceTensor<BFloat16>.Allocate(1, h, d), dense = DeviceTensor<BFloat16>.Allocate(1, h, d);
         CudaPagedDecode.ForwardLandmark(dq, cache, dO, budget);
         BFloat16[] got = dO.ToHost();
-        double worst = 0;
-        for (int g = 0; g < hkv; g++)
+        // Landmark's score of a page for query element x: x times the page's mean key in channel c.
+        double worst = WorstOverChosenPages(q, k, v, got, keep, (x, g, pg, c) =>
         {
-            var score = new double[pages - 1];
-            for (int pg = 0; pg < pages - 1; pg++)
-            {
-                score[pg] = double.NegativeInfinity;
-                for (int r = 0; r < group; r++)
-                {
-                    double sum = 0;
-                    for (int c = 0; c < d; c++)
-                    {
-                        double mean = 0;
-                        for (int j = pg * 64; j < (pg + 1) * 64; j++) mean += (float)k[0, j, g, c];
-                        sum += (float)q[0, (g * group) + r, c] * mean / 64;
-                    }
-                    score[pg] = Math.Max(score[pg], sum);
-                }
-            }
-            int[] chosen = [.. Enumerable.Range(0, pages - 1).OrderByDescending(pg => score[pg]).Take(keep - 1).Append(pages - 1)];
-            worst = Math.Max(worst, WorstOverPages(q, k, v, got, g, group, chosen));
-        }
+            double mean = 0;
+            for (int j = pg * 64; j < (pg + 1) * 64; j++) mean += (float)k[0, j, g, c];
+            return x * mean / 64;
+        });
         Assert.True(worst < 1e-2, $"Landmark on the GPU differs from attention over the pages its means choose by {worst:E3}");
         CudaPagedDecode.ForwardLandmark(dq, cache, dO, pages * 64);
         CudaPagedDecode.Forward(dq, cache, dense);
@@ -265,6 +235,27 @@ public sealed class CudaDecodeTests
         Assert.Equal(128, cache.Length);
         Assert.Throws<ArgumentOutOfRangeException>(() => DevicePagedCache<BFloat16>.Create(2, 64, 0));
         Assert.Throws<NotSupportedException>(() => DevicePagedCache<BFloat16>.Create(2, 60, 64));
+    }
+
+    /// <summary>
+    /// The largest difference from float64 attention over the pages a page score chooses per kv head: every page but the
+    /// last scores the largest over the group's query heads of Σ_c term(q_c, kv head, page, c); the keep − 1 best and the
+    /// last page are read (the device's rule for Quest and Landmark).
+    /// </summary>
+    private static double WorstOverChosenPages(TensorView<BFloat16> q, TensorView<BFloat16> k, TensorView<BFloat16> v, BFloat16[] got, int keep,
+        Func<double, int, int, int, double> term)
+    {
+        int s = k.Dim(1), hkv = k.Dim(2), d = k.Dim(3), group = q.Dim(1) / hkv, pages = (s + 63) / 64;
+        double worst = 0;
+        for (int g = 0; g < hkv; g++)
+        {
+            var score = new double[pages - 1];
+            for (int pg = 0; pg < pages - 1; pg++)
+                score[pg] = Enumerable.Range(0, group).Max(r => Enumerable.Range(0, d).Sum(c => term((float)q[0, (g * group) + r, c], g, pg, c)));
+            int[] chosen = [.. Enumerable.Range(0, pages - 1).OrderByDescending(pg => score[pg]).Take(keep - 1).Append(pages - 1)];
+            worst = Math.Max(worst, WorstOverPages(q, k, v, got, g, group, chosen));
+        }
+        return worst;
     }
 
     /// <summary>
