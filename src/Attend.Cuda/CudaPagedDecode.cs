@@ -139,10 +139,14 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
         Commit((int)newLength, firstTouched, newPages);
     }
 
-    /// <summary>Uploads the table, recomputes the summaries of logical pages [firstTouched, pages) and sets the sizes.</summary>
+    /// <summary>
+    /// Uploads the table entries of the new logical pages, recomputes the summaries of logical pages [firstTouched,
+    /// pages) and sets the sizes. (An append that stays within the last page uploads nothing: the generation loop's
+    /// common step.)
+    /// </summary>
     private void Commit(int length, int firstTouched, int pages)
     {
-        Table.CopyFrom(_table.AsSpan(0, pages));
+        Table.CopyFrom(_table.AsSpan(Pages, pages - Pages), Pages);
         int lastPool = _table[pages - 1], lastLength = length - ((pages - 1) * PageSize);
         var p = new SummaryParams
         {
@@ -330,7 +334,7 @@ public static unsafe class CudaPagedDecode
             }
             counts[h] = mine.Count;
         }
-        Run(q, cache, output, sc, lse, counts.Max(), PageSource.Host, list, counts);
+        Run(q, cache, output, sc, lse, longest, PageSource.Host, list, counts);
     }
 
     /// <summary>Checks q, the output, lse and the scale against the cache; returns the scale.</summary>

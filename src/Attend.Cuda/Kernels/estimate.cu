@@ -87,6 +87,15 @@ __device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2
     m = mx;
 }
 
+// Key blocks query block qb can reach at all (its last query's visible keys), as select_blocks counts them.
+__device__ __forceinline__ int visible_blocks(const EstimateParams& p, int qb)
+{
+    if (!p.causal) return p.k_blocks;
+    const int last = min((qb + 1) * p.block, p.seqlen_q) - 1;
+    const int keys = max(0, min(p.seqlen_k, last + p.causal_offset + 1));
+    return (keys + p.block - 1) / p.block;
+}
+
 // Key groups query group r sees: those whose first key its last query may see.
 __device__ __forceinline__ int visible_groups(const EstimateParams& p, int r)
 {
@@ -265,14 +274,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) antidiagonal_lse(const Est
     for (int i = threadIdx.x; i < qbs * kb_max; i += THREADS)
     {
         const int qbl = i / kb_max, kb = i - qbl * kb_max, qb = qb0 + qbl;
-        int visible = p.k_blocks;
-        if (p.causal)
-        {
-            const int last = min((qb + 1) * p.block, p.seqlen_q) - 1;
-            const int keys = max(0, min(p.seqlen_k, last + p.causal_offset + 1));
-            visible = (keys + p.block - 1) / p.block;
-        }
-        if (kb >= visible) continue;
+        if (kb >= visible_blocks(p, qb)) continue;
         float sum = 0.f;
         for (int rl = qbl * GROUP_COLS; rl < (qbl + 1) * GROUP_COLS; rl++)
         {
@@ -439,13 +441,7 @@ extern "C" __global__ void __launch_bounds__(256) sale_relative(const EstimatePa
     const int qb = blockIdx.x, hl = blockIdx.y, h = p.head0 + hl, b = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int r0 = qb * p.rows_per_block, r1 = qb == p.q_blocks - 1 ? p.q_groups : min(r0 + p.rows_per_block, p.q_groups);
-    int visible = p.k_blocks;
-    if (p.causal)
-    {
-        const int last = min((qb + 1) * p.block, p.seqlen_q) - 1;
-        const int keys = max(0, min(p.seqlen_k, last + p.causal_offset + 1));
-        visible = (keys + p.block - 1) / p.block;
-    }
+    const int visible = visible_blocks(p, qb);
     const float* rows = p.block_lse + ((i64)(hl * gridDim.z + b) * p.q_groups) * p.k_blocks;
     for (int r = r0 + warp; r < r1; r += 8)
     {
