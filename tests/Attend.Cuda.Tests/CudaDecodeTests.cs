@@ -174,6 +174,13 @@ public sealed class CudaDecodeTests
             Assert.Equal("pages", Assert.Throws<ArgumentException>(() => CudaPagedDecode.Forward(dq, cache, dO, bad)).ParamName);
         }
         Assert.Throws<ArgumentException>(() => cache.SinkAndRecentPages(0, 0));
+        Assert.Throws<ArgumentOutOfRangeException>(() => cache.SinkAndRecentPages(-1, 64));
+        Assert.Throws<ArgumentOutOfRangeException>(() => cache.SinkAndRecentPages(64, -1));
+        using (DeviceBuffer<int> small = DeviceBuffer<int>.Allocate(4))
+        {
+            Assert.Throws<ArgumentOutOfRangeException>(() => small.CopyFrom([1, 2, 3], 2));
+            Assert.Throws<ArgumentOutOfRangeException>(() => small.CopyFrom([1], -1));
+        }
     }
 
     /// <summary>

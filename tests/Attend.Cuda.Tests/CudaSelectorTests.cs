@@ -137,6 +137,42 @@ public sealed class CudaSelectorTests
         }
     }
 
+    /// <summary>
+    /// The estimates' other input types: f16 (XAttention multiplies f16 operands on the tensor cores, SALE widens f16 to
+    /// quantize) and f32 (SALE quantizes the f32 values themselves) keep the CPU selector's blocks on the same inputs.
+    /// </summary>
+    [CudaFact]
+    public void Should_choose_the_cpu_blocks_from_f16_and_f32_inputs()
+    {
+        (TensorView<float> qf, TensorView<float> kf, _, _) = StructuredInputs.Generate(1, 1000, 4, 2, 64, StructureOptions.Default with { Seed = 9 });
+        TensorView<Half> qh = ToHalf(qf), kh = ToHalf(kf);
+        using DeviceTensor<Half> dqh = DeviceTensor<Half>.FromHost(qh), dkh = DeviceTensor<Half>.FromHost(kh);
+        using DeviceTensor<float> dqf = DeviceTensor<float>.FromHost(qf), dkf = DeviceTensor<float>.FromHost(kf);
+        foreach (SparsitySelector selector in new SparsitySelector[] { new XAttentionSelector(), new XAttentionSelector { Stride = 16 }, new SaleSelector(), new SaleSelector { Bits = 8, RowStride = 1 } })
+        {
+            using (DeviceBlockPlan plan = CudaSelectors.Plan(selector, dqh, dkh, causal: true))
+            {
+                AssertSameBlocks(selector.Plan(qh, kh, causal: true).Blocks!, plan, $"{selector.Name} f16 inputs", 0.02);
+            }
+            if (selector is SaleSelector)
+            {
+                using DeviceBlockPlan plan = CudaSelectors.Plan(selector, dqf, dkf, causal: true);
+                AssertSameBlocks(selector.Plan(qf, kf, causal: true).Blocks!, plan, $"{selector.Name} f32 inputs", 0.02);
+            }
+        }
+    }
+
+    private static TensorView<Half> ToHalf(TensorView<float> x)
+    {
+        var data = new Half[(long)x.Dim(0) * x.Dim(1) * x.Dim(2) * x.Dim(3)];
+        int i = 0;
+        for (int b = 0; b < x.Dim(0); b++)
+            for (int t = 0; t < x.Dim(1); t++)
+                for (int h = 0; h < x.Dim(2); h++)
+                    for (int c = 0; c < x.Dim(3); c++) data[i++] = (Half)x[b, t, h, c];
+        return new TensorView<Half>(data, x.Dim(0), x.Dim(1), x.Dim(2), x.Dim(3));
+    }
+
     /// <summary>A device SALE plan runs on the GPU as its host copy runs on the float64 reference (bf16 rule).</summary>
     [CudaFact]
     public void Should_execute_device_sale_plans_like_the_reference_of_their_host_copy()
