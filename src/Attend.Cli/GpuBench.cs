@@ -186,8 +186,59 @@ internal static class GpuBench
                     Note = $"mean of {steps} generation steps (one token appended from the host, then decoded) ending at {skv} keys; the decode alone: {(budget is null ? pagedMs : questMs):F3} ms",
                 });
             }
+            rows.AddRange(BatchedDecode(plan, status, skv));
         }
         return rows;
+    }
+
+    /// <summary>
+    /// A batch of 8 sequences of different lengths (2048·(2i + 1) tokens, <paramref name="total"/> in all, pages
+    /// interleaved in one pool by round-robin appends) decoded in one launch, against the same 8 decoded one launch each.
+    /// </summary>
+    private static List<BenchCommand.BenchRow> BatchedDecode(BenchCommand.BenchPlan plan, Action<string> status, int total)
+    {
+        const int hq = 32, hkv = 8, d = 128, batch = 8;
+        int[] lengths = [.. Enumerable.Range(0, batch).Select(i => total / (batch * batch) * (2 * i + 1))];
+        status($"cuda batched paged decode: {batch} sequences, {lengths.Sum()} keys");
+        using DevicePagedCache<BFloat16> cache = DevicePagedCache<BFloat16>.Create(hkv, d, lengths.Sum(), batch);
+        for (int i = 1; i < batch; i++) cache.AddSequence();
+        TensorView<BFloat16> k = BenchCommand.RandomView<BFloat16>(6, 1, lengths.Max(), hkv, d), v = BenchCommand.RandomView<BFloat16>(7, 1, lengths.Max(), hkv, d);
+        for (int at = 0; at < lengths.Max(); at += 1024)
+            for (int i = 0; i < batch; i++)
+                if (at < lengths[i]) cache.Append(k.Slice(1, at, Math.Min(1024, lengths[i] - at)), v.Slice(1, at, Math.Min(1024, lengths[i] - at)), i);
+        TensorView<BFloat16> q = BenchCommand.RandomView<BFloat16>(8, batch, 1, hq, d);
+        using DeviceTensor<BFloat16> qs = DeviceTensor<BFloat16>.FromHost(new TensorView<BFloat16>(q.ToArray(), batch, hq, d)), o = DeviceTensor<BFloat16>.Allocate(batch, hq, d);
+        var single = new DeviceTensor<BFloat16>[batch];
+        try
+        {
+            for (int i = 0; i < batch; i++) single[i] = DeviceTensor<BFloat16>.FromHost(new TensorView<BFloat16>(q.ToArray().AsSpan(i * hq * d, hq * d).ToArray(), 1, hq, d));
+            using DeviceTensor<BFloat16> o1 = DeviceTensor<BFloat16>.Allocate(1, hq, d);
+            long bytes = CudaDecode.BytesRead(1, lengths.Sum(), hkv, d);
+            List<double> tb = CudaTimer.Measure(() => CudaPagedDecode.Forward(qs, cache, o), Math.Max(50, plan.Reps));
+            List<double> ts = CudaTimer.Measure(() =>
+            {
+                for (int i = 0; i < batch; i++) CudaPagedDecode.Forward(single[i], cache, o1, sequences: [i]);
+            }, Math.Max(50, plan.Reps));
+            List<double> tq = CudaTimer.Measure(() => CudaPagedDecode.Forward(qs, cache, o, questTokenBudget: 2048), Math.Max(50, plan.Reps));
+            double batchedMs = tb[tb.Count / 2], separateMs = ts[ts.Count / 2], questMs = tq[tq.Count / 2];
+            string shape = $"{batch} sequences of {lengths[0]}..{lengths[^1]} keys";
+            return
+            [
+                new BenchCommand.BenchRow("gpu-decode", $"batched paged decode {hq}/{hkv} heads", DType.BFloat16, batch, hq, hkv, lengths.Sum(), d, false, 0, KernelPath.Auto,
+                    batchedMs, tb[0], tb[^1], tb.Count, 4.0 * hq * lengths.Sum() * d, NominalPeakGflops)
+                {
+                    Backend = "cuda", Mask = "decode", SpeedupVsDense = separateMs / batchedMs,
+                    Note = $"{shape} in one launch: {bytes / (batchedMs * 1e-3) / 1e12:F2} TB/s of K+V read; {separateMs / batchedMs:F2}x the same {batch} decoded one launch each ({separateMs:F3} ms)",
+                },
+                new BenchCommand.BenchRow("gpu-decode", $"batched paged quest 2048 tokens {hq}/{hkv} heads", DType.BFloat16, batch, hq, hkv, lengths.Sum(), d, false, 0, KernelPath.Auto,
+                    questMs, tq[0], tq[^1], tq.Count, 4.0 * hq * batch * 2048 * d, NominalPeakGflops)
+                { Backend = "cuda", Mask = "decode", SpeedupVsDense = batchedMs / questMs, Note = $"{shape}, Quest with a 2048-token budget per sequence: {batchedMs / questMs:F1}x the batched dense decode" },
+            ];
+        }
+        finally
+        {
+            foreach (DeviceTensor<BFloat16>? t in single) t?.Dispose();
+        }
     }
 
     /// <summary>

@@ -4,32 +4,46 @@ using Attend.Tensors;
 namespace Attend.Cuda;
 
 /// <summary>
-/// One sequence's KV cache in device memory, paged as the CPU's <see cref="Decode.KvCache"/>: pools of 64-token
-/// pages [pages, 64, Hkv, D] (bf16 or f16) in any order, a page table mapping the sequence's logical pages to pool
-/// pages, and per pool page the channel-wise key min/max Quest needs and the mean key Landmark needs (computed on the device when the pages arrive).
-/// The pool has a fixed capacity; <see cref="Append(TensorView{T}, TensorView{T})"/> adds tokens (generation) into the
-/// last page and fresh pool pages, updating the table and the touched pages' summaries.
+/// KV caches of sequences in device memory, paged as the CPU's <see cref="Decode.KvCache"/>: one pool of 64-token pages
+/// [pages, 64, Hkv, D] (bf16 or f16) shared by up to MaxSequences sequences, each with a page table mapping its logical
+/// pages to pool pages in any order, and per pool page the channel-wise key min/max Quest needs and the mean key Landmark
+/// needs (computed on the device when the pages arrive). A cache starts with sequence 0;
+/// <see cref="AddSequence"/> adds more, <see cref="RemoveSequence"/> returns a sequence's pages to the pool (as a serving
+/// loop retires a request), and <see cref="Append(TensorView{T}, TensorView{T}, int)"/> adds tokens into a sequence's last
+/// page and fresh pool pages. <see cref="CudaPagedDecode"/> decodes any batch of the sequences in one launch.
 /// </summary>
 public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
 {
     /// <summary>Tokens per page (the decode kernel's key tile).</summary>
     public const int PageSize = 64;
 
-    private readonly int[] _table;   // logical → pool page, CapacityPages entries (the first Pages in use)
-    private int _poolUsed;           // pool pages handed out
+    private readonly Sequence?[] _sequences;   // null: a free id
+    private readonly Stack<int> _freePages = [];   // pool pages returned by removed sequences
+    private int _poolUsed;                       // pool pages handed out from the end (the rest are on _freePages or unused)
 
-    private DevicePagedCache(int kvHeads, int headDim, int capacityPages)
+    /// <summary>A sequence's host-side state: its table (logical → pool page) and length.</summary>
+    private sealed class Sequence(int capacityPages)
+    {
+        public readonly int[] Table = new int[capacityPages];
+        public int Length;
+        public int Pages => (Length + PageSize - 1) / PageSize;
+    }
+
+    private DevicePagedCache(int kvHeads, int headDim, int capacityPages, int maxSequences)
     {
         KvHeads = kvHeads;
         HeadDim = headDim;
         CapacityPages = capacityPages;
         long elements = capacityPages * PageStride;
-        _table = new int[capacityPages];
+        _sequences = new Sequence?[maxSequences];
+        _sequences[0] = new Sequence(capacityPages);
         K = DeviceBuffer<T>.Allocate(elements);
         try
         {
             V = DeviceBuffer<T>.Allocate(elements);
-            Table = DeviceBuffer<int>.Allocate(capacityPages);
+            Table = DeviceBuffer<int>.Allocate((long)maxSequences * capacityPages);
+            Lengths = DeviceBuffer<int>.Allocate(maxSequences);
+            Lengths.CopyFrom(new int[maxSequences]);
             Min = DeviceBuffer<float>.Allocate((long)capacityPages * kvHeads * headDim);
             Max = DeviceBuffer<float>.Allocate((long)capacityPages * kvHeads * headDim);
             Mean = DeviceBuffer<float>.Allocate((long)capacityPages * kvHeads * headDim);
@@ -41,20 +55,25 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
         }
     }
 
-    /// <summary>An empty cache for <paramref name="kvHeads"/> heads of <paramref name="headDim"/> with room for <paramref name="capacityTokens"/> tokens.</summary>
-    public static DevicePagedCache<T> Create(int kvHeads, int headDim, int capacityTokens)
+    /// <summary>
+    /// An empty cache for <paramref name="kvHeads"/> heads of <paramref name="headDim"/> with room for
+    /// <paramref name="capacityTokens"/> tokens in all (whole pages), holding sequence 0 and room for
+    /// <paramref name="maxSequences"/> sequences at a time.
+    /// </summary>
+    public static DevicePagedCache<T> Create(int kvHeads, int headDim, int capacityTokens, int maxSequences = 1)
     {
         CheckType();
         if (kvHeads < 1) throw new ArgumentOutOfRangeException(nameof(kvHeads), kvHeads, "kvHeads must be ≥ 1");
         CheckHeadDim(headDim);
         if (capacityTokens < 1) throw new ArgumentOutOfRangeException(nameof(capacityTokens), capacityTokens, "capacityTokens must be ≥ 1");
-        return new DevicePagedCache<T>(kvHeads, headDim, (capacityTokens + PageSize - 1) / PageSize);
+        if (maxSequences < 1) throw new ArgumentOutOfRangeException(nameof(maxSequences), maxSequences, "maxSequences must be ≥ 1");
+        return new DevicePagedCache<T>(kvHeads, headDim, (capacityTokens + PageSize - 1) / PageSize, maxSequences);
     }
 
     /// <summary>
-    /// The cache of k, v [1, S, Hkv, D] (host), its pages stored in the pool in <paramref name="poolOrder"/> (pool slot of
-    /// each logical page, a permutation; default in order) — the layout a paged allocator leaves behind — with room for
-    /// <paramref name="capacityTokens"/> tokens in all (default: just these).
+    /// The cache of k, v [1, S, Hkv, D] (host) as sequence 0, its pages stored in the pool in <paramref name="poolOrder"/>
+    /// (pool slot of each logical page, a permutation; default in order) — the layout a paged allocator leaves behind —
+    /// with room for <paramref name="capacityTokens"/> tokens in all (default: just these).
     /// </summary>
     public static DevicePagedCache<T> FromHost(TensorView<T> k, TensorView<T> v, int[]? poolOrder = null, int capacityTokens = 0)
     {
@@ -69,7 +88,7 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
         {
             throw new ArgumentException($"poolOrder must be a permutation of the {pages} pages", nameof(poolOrder));
         }
-        var cache = new DevicePagedCache<T>(hkv, d, Math.Max(pages, (capacityTokens + PageSize - 1) / PageSize));
+        var cache = new DevicePagedCache<T>(hkv, d, Math.Max(pages, (capacityTokens + PageSize - 1) / PageSize), 1);
         try
         {
             long pageElements = cache.PageStride;
@@ -84,9 +103,9 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
                 }
             cache.K.CopyFrom(kHost);
             cache.V.CopyFrom(vHost);
-            poolOrder.CopyTo(cache._table, 0);
+            poolOrder.CopyTo(cache._sequences[0]!.Table, 0);
             cache._poolUsed = pages;
-            cache.Commit(s, 0, pages);
+            cache.Commit(0, s, 0);
             return cache;
         }
         catch
@@ -96,12 +115,33 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
         }
     }
 
-    /// <summary>
-    /// Appends k, v [1, n, Hkv, D] (host) after the cached tokens: into the last page while it has room, then into fresh
-    /// pool pages. Everything is checked before anything is written, so a rejected append leaves the cache as it was.
-    /// </summary>
-    public void Append(TensorView<T> k, TensorView<T> v)
+    /// <summary>Adds an empty sequence; returns its id (the lowest free one).</summary>
+    public int AddSequence()
     {
+        int id = Array.IndexOf(_sequences, null);
+        if (id < 0) throw new InvalidOperationException($"the cache holds its maximum of {_sequences.Length} sequences; remove one first");
+        _sequences[id] = new Sequence(CapacityPages);
+        Lengths.CopyFrom([0], id);
+        return id;
+    }
+
+    /// <summary>Removes <paramref name="sequence"/>: its pages return to the pool and its id may be handed out again.</summary>
+    public void RemoveSequence(int sequence)
+    {
+        Sequence seq = Get(sequence);
+        for (int page = 0; page < seq.Pages; page++) _freePages.Push(seq.Table[page]);
+        _sequences[sequence] = null;
+        Lengths.CopyFrom([0], sequence);
+    }
+
+    /// <summary>
+    /// Appends k, v [1, n, Hkv, D] (host) after <paramref name="sequence"/>'s tokens: into its last page while it has
+    /// room, then into free pool pages. Everything is checked before anything is written, so a rejected append leaves
+    /// the cache as it was.
+    /// </summary>
+    public void Append(TensorView<T> k, TensorView<T> v, int sequence = 0)
+    {
+        Sequence seq = Get(sequence);
         if (k.Rank != 4 || k.Dim(0) != 1 || k.Dim(2) != KvHeads || k.Dim(3) != HeadDim)
         {
             throw new ArgumentException($"k must be [1, n, {KvHeads}, {HeadDim}]; got {TensorView<T>.FormatShape<int>(k.Shape)}", nameof(k));
@@ -109,14 +149,17 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
         if (!v.Shape.SequenceEqual(k.Shape)) throw new ArgumentException($"v must have k's shape {TensorView<T>.FormatShape<int>(k.Shape)}; got {TensorView<T>.FormatShape<int>(v.Shape)}", nameof(v));
         int n = k.Dim(1);
         if (n < 1) throw new ArgumentException("k has no tokens", nameof(k));
-        long newLength = (long)Length + n;
-        if (newLength > (long)CapacityPages * PageSize)
+        long newLength = (long)seq.Length + n;
+        int oldLength = seq.Length, oldPages = seq.Pages;
+        long needed = ((newLength + PageSize - 1) / PageSize) - oldPages, free = _freePages.Count + (CapacityPages - _poolUsed);
+        if (needed > free)
         {
-            throw new InvalidOperationException($"appending {n} tokens to {Length} exceeds the cache's capacity of {CapacityPages * PageSize} tokens");
+            throw new InvalidOperationException(
+                $"appending {n} tokens to sequence {sequence} ({oldLength} tokens) needs {needed} more pages; {free} of the pool's {CapacityPages} are free (a capacity of {CapacityPages * PageSize} tokens)");
         }
-        int oldLength = Length, oldPages = Pages, newPages = (int)((newLength + PageSize - 1) / PageSize);
+        int newPages = (int)((newLength + PageSize - 1) / PageSize);
         int firstTouched = oldLength % PageSize != 0 ? oldPages - 1 : oldPages;   // the partial last page, if any
-        for (int page = oldPages; page < newPages; page++) _table[page] = _poolUsed++;
+        for (int page = oldPages; page < newPages; page++) seq.Table[page] = _freePages.Count > 0 ? _freePages.Pop() : _poolUsed++;
         // Copy page by page: the new tokens of one page are consecutive rows [tokens, Hkv, D] there.
         long rowElements = (long)KvHeads * HeadDim;
         var kRows = new T[Math.Min(n, PageSize) * rowElements];
@@ -131,31 +174,35 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
                     CopyRow(k, j0 + j, h, kRows.AsSpan(at, HeadDim));
                     CopyRow(v, j0 + j, h, vRows.AsSpan(at, HeadDim));
                 }
-            long offset = (_table[page] * PageStride) + (within * rowElements);
+            long offset = (seq.Table[page] * PageStride) + (within * rowElements);
             K.CopyFrom(kRows.AsSpan(0, (int)(count * rowElements)), offset);
             V.CopyFrom(vRows.AsSpan(0, (int)(count * rowElements)), offset);
             j0 += count;
         }
-        Commit((int)newLength, firstTouched, newPages);
+        Commit(sequence, (int)newLength, firstTouched);
     }
 
     /// <summary>
-    /// Uploads the table entries of the new logical pages, recomputes the summaries of logical pages [firstTouched,
-    /// pages) and sets the sizes. (An append that stays within the last page uploads nothing: the generation loop's
-    /// common step.)
+    /// Sets <paramref name="sequence"/>'s length: uploads the table entries of its new logical pages and recomputes the
+    /// summaries of its logical pages from <paramref name="firstTouched"/> on, whose kernel also stores the length on the
+    /// device. (An append that stays within the last page uploads no table entry: the generation loop's common step.)
     /// </summary>
-    private void Commit(int length, int firstTouched, int pages)
+    private void Commit(int sequence, int length, int firstTouched)
     {
-        Table.CopyFrom(_table.AsSpan(Pages, pages - Pages), Pages);
-        int lastPool = _table[pages - 1], lastLength = length - ((pages - 1) * PageSize);
+        Sequence seq = _sequences[sequence]!;
+        int oldPages = seq.Pages, pages = (length + PageSize - 1) / PageSize;
+        long row = (long)sequence * CapacityPages;
+        Table.CopyFrom(seq.Table.AsSpan(oldPages, pages - oldPages), row + oldPages);
+        int lastPool = seq.Table[pages - 1], lastLength = length - ((pages - 1) * PageSize);
         var p = new SummaryParams
         {
             K = K.Pointer, Min = Min.Pointer, Max = Max.Pointer, Mean = Mean.Pointer, PageStride = PageStride, RowStride = (long)KvHeads * HeadDim, HeadStride = HeadDim,
             KvHeads = KvHeads, D = HeadDim, Page = PageSize, LastPage = lastPool, LastLength = lastLength,
+            Lengths = Lengths.Pointer, Sequence = sequence, Length = length,   // the first launch stores the new length (no copy in the generation loop)
         };
         // The touched logical pages' pool pages, in runs of consecutive slots: one launch per run (all of them at
         // once for a cache built from the host; the old partial page and the fresh ones after an append).
-        int[] slots = [.. _table.AsSpan(firstTouched, pages - firstTouched).ToArray().Order()];
+        int[] slots = [.. seq.Table.AsSpan(firstTouched, pages - firstTouched).ToArray().Order()];
         for (int i = 0; i < slots.Length;)
         {
             int run = 1;
@@ -166,25 +213,35 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
             CudaBackend.Device.Kernel("select.cu", "page_summaries", Defines).Launch((uint)run, (uint)KvHeads, 1, 256, 0, &arg);
             i += run;
         }
-        Length = length;
-        Pages = pages;
+        seq.Length = length;
     }
 
     /// <summary>
-    /// StreamingLLM's pages (Xiao et al., arXiv:2309.17453, as the CPU's StreamingLLM policy): those holding the first
-    /// <paramref name="sinkTokens"/> tokens and the last <paramref name="recentTokens"/>, ascending — for
-    /// <see cref="CudaPagedDecode.Forward{T}(DeviceTensor{T}, DevicePagedCache{T}, DeviceTensor{T}, IReadOnlyList{IReadOnlyList{int}}, float?, DeviceTensor{float}?)"/>.
+    /// StreamingLLM's pages (Xiao et al., arXiv:2309.17453, as the CPU's StreamingLLM policy): those of
+    /// <paramref name="sequence"/> holding its first <paramref name="sinkTokens"/> tokens and its last
+    /// <paramref name="recentTokens"/>, ascending — for
+    /// <see cref="CudaPagedDecode.Forward{T}(DeviceTensor{T}, DevicePagedCache{T}, DeviceTensor{T}, IReadOnlyList{IReadOnlyList{int}}, float?, DeviceTensor{float}?, int)"/>.
     /// </summary>
-    public IReadOnlyList<int> SinkAndRecentPages(int sinkTokens, int recentTokens)
+    public IReadOnlyList<int> SinkAndRecentPages(int sinkTokens, int recentTokens, int sequence = 0)
     {
         if (sinkTokens < 0) throw new ArgumentOutOfRangeException(nameof(sinkTokens), sinkTokens, "sinkTokens must be ≥ 0");
         if (recentTokens < 0) throw new ArgumentOutOfRangeException(nameof(recentTokens), recentTokens, "recentTokens must be ≥ 0");
         if (sinkTokens + recentTokens == 0) throw new ArgumentException("sinkTokens + recentTokens must be ≥ 1");
-        if (Length == 0) throw new InvalidOperationException("the cache is empty");
+        int length = Length(sequence), count = Pages(sequence);
+        if (length == 0) throw new InvalidOperationException($"sequence {sequence} is empty");
         var pages = new SortedSet<int>();
-        for (int page = 0; page < Math.Min(Pages, (sinkTokens + PageSize - 1) / PageSize); page++) pages.Add(page);
-        for (int page = Math.Max(0, Length - recentTokens) / PageSize; page < Pages && recentTokens > 0; page++) pages.Add(page);
+        for (int page = 0; page < Math.Min(count, (sinkTokens + PageSize - 1) / PageSize); page++) pages.Add(page);
+        for (int page = Math.Max(0, length - recentTokens) / PageSize; page < count && recentTokens > 0; page++) pages.Add(page);
         return [.. pages];
+    }
+
+    private Sequence Get(int sequence)
+    {
+        if ((uint)sequence >= (uint)_sequences.Length || _sequences[sequence] is null)
+        {
+            throw new ArgumentOutOfRangeException(nameof(sequence), sequence, $"no sequence {sequence} in the cache (ids in use: {string.Join(", ", Enumerable.Range(0, _sequences.Length).Where(i => _sequences[i] is not null))})");
+        }
+        return _sequences[sequence]!;
     }
 
     private static void CheckType()
@@ -208,14 +265,23 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
         for (int c = 0; c < destination.Length; c++) destination[c] = x[0, j, h, c];
     }
 
-    /// <summary>Tokens in the sequence.</summary>
-    public int Length { get; private set; }
+    /// <summary>Tokens in <paramref name="sequence"/>.</summary>
+    public int Length(int sequence = 0) => Get(sequence).Length;
 
-    /// <summary>Logical pages (the last may be partial).</summary>
-    public int Pages { get; private set; }
+    /// <summary>Logical pages of <paramref name="sequence"/> (the last may be partial).</summary>
+    public int Pages(int sequence = 0) => Get(sequence).Pages;
 
-    /// <summary>Pages the pool holds: the cache's capacity is CapacityPages · <see cref="PageSize"/> tokens.</summary>
+    /// <summary>Whether <paramref name="sequence"/> is a sequence of the cache now.</summary>
+    public bool HasSequence(int sequence) => (uint)sequence < (uint)_sequences.Length && _sequences[sequence] is not null;
+
+    /// <summary>The most sequences the cache holds at a time.</summary>
+    public int MaxSequences => _sequences.Length;
+
+    /// <summary>Pages the pool holds: the cache's capacity is CapacityPages · <see cref="PageSize"/> tokens over all its sequences.</summary>
     public int CapacityPages { get; }
+
+    /// <summary>Pool pages not holding any sequence's tokens.</summary>
+    public int FreePages => _freePages.Count + (CapacityPages - _poolUsed);
 
     /// <summary>Key/value heads.</summary>
     public int KvHeads { get; }
@@ -229,7 +295,11 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
 
     internal DeviceBuffer<T> V { get; } = null!;
 
+    /// <summary>[MaxSequences, CapacityPages]: each sequence's logical → pool page.</summary>
     internal DeviceBuffer<int> Table { get; } = null!;
+
+    /// <summary>[MaxSequences]: each sequence's tokens (0 for a free id).</summary>
+    internal DeviceBuffer<int> Lengths { get; } = null!;
 
     internal DeviceBuffer<float> Min { get; } = null!;
 
@@ -245,6 +315,7 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
         K?.Dispose();
         V?.Dispose();
         Table?.Dispose();
+        Lengths?.Dispose();
         Min?.Dispose();
         Max?.Dispose();
         Mean?.Dispose();
@@ -257,62 +328,71 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
         public long PageStride, RowStride, HeadStride;
         public int Pages, KvHeads, D, Page, LastPage, LastLength, FirstPage;
         public ulong Mean;
+        public ulong Lengths;
+        public int Sequence, Length;
     }
 }
 
 /// <summary>
 /// Decoding over a <see cref="DevicePagedCache{T}"/>: split-K over pages with the exact LSE merge (the kernel of
-/// <see cref="CudaDecode"/> reading each 64-key tile through the page table), GQA-aware, every page or the pages
-/// Quest selects on the device (per kv head: page bounds from the key min/max, the last page's set to +∞ so it is always
-/// read, and the best ⌊budget / 64⌋ pages by a radix select — ties at the edge taken lowest page first — listed ascending).
+/// <see cref="CudaDecode"/> reading each 64-key tile through the page table), GQA-aware, a batch of the cache's
+/// sequences (of any lengths) in one launch; every page, or the pages Quest or Landmark select on the device (per
+/// sequence and kv head: page scores, the last page's set to +∞ so it is always read, and the best ⌊budget / 64⌋ pages
+/// by a radix select — ties at the edge taken lowest page first — listed ascending), or pages listed by the host.
 /// </summary>
 public static unsafe class CudaPagedDecode
 {
     private static readonly Lock Gate = new();
     private static DeviceBuffer<float>? _partO, _partLse, _bounds;
-    private static DeviceBuffer<int>? _list, _count;
+    private static DeviceBuffer<int>? _list, _count, _batchSeq;
 
     /// <summary>
-    /// q [1, Hq, D] (the new token) against the cache → output [1, Hq, D], optional lse [1, Hq]. With
-    /// <paramref name="questTokenBudget"/>, each kv head reads only the pages Quest picks within that many tokens;
-    /// otherwise every page.
+    /// q [B, Hq, D] (the new token of each decoded sequence) against the cache → output [B, Hq, D], optional lse [B, Hq]:
+    /// batch row b decodes sequence <paramref name="sequences"/>[b] (default: sequence b). With
+    /// <paramref name="questTokenBudget"/>, each sequence's kv heads read only the pages Quest picks within that many
+    /// tokens; otherwise every page.
     /// </summary>
-    public static void Forward<T>(DeviceTensor<T> q, DevicePagedCache<T> cache, DeviceTensor<T> output, int? questTokenBudget = null, float? scale = null, DeviceTensor<float>? lse = null)
+    public static void Forward<T>(DeviceTensor<T> q, DevicePagedCache<T> cache, DeviceTensor<T> output, int? questTokenBudget = null, float? scale = null, DeviceTensor<float>? lse = null,
+        IReadOnlyList<int>? sequences = null)
         where T : unmanaged
     {
-        float sc = Check(q, cache, output, scale, lse);
+        (float sc, int[] ids, int pages) = Check(q, cache, output, scale, lse, sequences);
         if (questTokenBudget is < 1) throw new ArgumentOutOfRangeException(nameof(questTokenBudget), questTokenBudget, "the token budget must be ≥ 1");
-        int pages = cache.Pages;
         int keep = questTokenBudget is { } budget ? Math.Clamp(budget / DevicePagedCache<T>.PageSize, 1, pages) : pages;
-        Run(q, cache, output, sc, lse, keep, keep < pages ? PageSource.Quest : PageSource.All, null, null);
+        Run(q, cache, output, sc, lse, ids, pages, keep, keep < pages ? PageSource.Quest : PageSource.All, null, null);
     }
 
     /// <summary>
     /// Landmark retrieval on the device (Mohtashami &amp; Jaggi, arXiv:2305.16300, as the CPU's LandmarkPolicy without
     /// trained landmark tokens): each kv head reads the pages whose mean key scores highest against the group's query
-    /// heads (the largest q·mean over the group), within <paramref name="tokenBudget"/> tokens, and the last page.
+    /// heads (the largest q·mean over the group), within <paramref name="tokenBudget"/> tokens, and the last page; a
+    /// batch as in <see cref="Forward{T}(DeviceTensor{T}, DevicePagedCache{T}, DeviceTensor{T}, int?, float?, DeviceTensor{float}?, IReadOnlyList{int}?)"/>.
     /// </summary>
-    public static void ForwardLandmark<T>(DeviceTensor<T> q, DevicePagedCache<T> cache, DeviceTensor<T> output, int tokenBudget, float? scale = null, DeviceTensor<float>? lse = null)
+    public static void ForwardLandmark<T>(DeviceTensor<T> q, DevicePagedCache<T> cache, DeviceTensor<T> output, int tokenBudget, float? scale = null, DeviceTensor<float>? lse = null,
+        IReadOnlyList<int>? sequences = null)
         where T : unmanaged
     {
-        float sc = Check(q, cache, output, scale, lse);
+        (float sc, int[] ids, int pages) = Check(q, cache, output, scale, lse, sequences);
         if (tokenBudget < 1) throw new ArgumentOutOfRangeException(nameof(tokenBudget), tokenBudget, "the token budget must be ≥ 1");
-        int pages = cache.Pages, keep = Math.Clamp(tokenBudget / DevicePagedCache<T>.PageSize, 1, pages);
-        Run(q, cache, output, sc, lse, keep, keep < pages ? PageSource.Landmark : PageSource.All, null, null);
+        int keep = Math.Clamp(tokenBudget / DevicePagedCache<T>.PageSize, 1, pages);
+        Run(q, cache, output, sc, lse, ids, pages, keep, keep < pages ? PageSource.Landmark : PageSource.All, null, null);
     }
 
     /// <summary>
-    /// q [1, Hq, D] against only the listed logical pages of each kv head — the decode of a page-selection policy
-    /// computed elsewhere (StreamingLLM's sink and recent pages, <see cref="DevicePagedCache{T}.SinkAndRecentPages"/>;
-    /// H2O's or Landmark's pages from the host). <paramref name="pages"/> holds one list for every kv head, or one per
-    /// kv head; each list ascending, distinct, within the cache's pages and not empty.
+    /// q [1, Hq, D] against only the listed logical pages of <paramref name="sequence"/>'s kv heads — the decode of a
+    /// page-selection policy computed elsewhere (StreamingLLM's sink and recent pages,
+    /// <see cref="DevicePagedCache{T}.SinkAndRecentPages"/>; H2O's or Landmark's pages from the host).
+    /// <paramref name="pages"/> holds one list for every kv head, or one per kv head; each list ascending, distinct,
+    /// within the sequence's pages and not empty.
     /// </summary>
-    public static void Forward<T>(DeviceTensor<T> q, DevicePagedCache<T> cache, DeviceTensor<T> output, IReadOnlyList<IReadOnlyList<int>> pages, float? scale = null, DeviceTensor<float>? lse = null)
+    public static void Forward<T>(DeviceTensor<T> q, DevicePagedCache<T> cache, DeviceTensor<T> output, IReadOnlyList<IReadOnlyList<int>> pages, float? scale = null, DeviceTensor<float>? lse = null,
+        int sequence = 0)
         where T : unmanaged
     {
         ArgumentNullException.ThrowIfNull(pages);
-        float sc = Check(q, cache, output, scale, lse);
-        int hkv = cache.KvHeads, stride = cache.Pages;
+        if (q is not null && q.Rank == 3 && q.Shape[0] != 1) throw new ArgumentException($"q must be [1, Hq, D] for a listed-page decode (one sequence); got {q.ShapeString()}", nameof(q));
+        (float sc, int[] ids, int stride) = Check(q!, cache, output, scale, lse, [sequence]);
+        int hkv = cache.KvHeads;
         if (pages.Count != 1 && pages.Count != hkv) throw new ArgumentException($"pages must hold one list, or one per kv head ({hkv}); got {pages.Count}", nameof(pages));
         // Laid out [Hkv, longest list] (the kernel's list stride), so a step uploads only what it lists.
         int longest = 0;
@@ -334,72 +414,96 @@ public static unsafe class CudaPagedDecode
             }
             counts[h] = mine.Count;
         }
-        Run(q, cache, output, sc, lse, longest, PageSource.Host, list, counts);
+        Run(q!, cache, output, sc, lse, ids, stride, longest, PageSource.Host, list, counts);
     }
 
-    /// <summary>Checks q, the output, lse and the scale against the cache; returns the scale.</summary>
-    private static float Check<T>(DeviceTensor<T> q, DevicePagedCache<T> cache, DeviceTensor<T> output, float? scale, DeviceTensor<float>? lse) where T : unmanaged
+    /// <summary>
+    /// Checks q, the output, lse, the scale and the decoded sequences against the cache; returns the scale, the
+    /// sequence of each batch row and the most pages among them.
+    /// </summary>
+    private static (float Scale, int[] Sequences, int Pages) Check<T>(DeviceTensor<T> q, DevicePagedCache<T> cache, DeviceTensor<T> output, float? scale, DeviceTensor<float>? lse,
+        IReadOnlyList<int>? sequences) where T : unmanaged
     {
         ArgumentNullException.ThrowIfNull(q);
         ArgumentNullException.ThrowIfNull(cache);
         ArgumentNullException.ThrowIfNull(output);
         int hkv = cache.KvHeads, d = cache.HeadDim;
-        if (cache.Length == 0) throw new InvalidOperationException("the cache is empty: append tokens before decoding");
-        if (q.Rank != 3 || q.Shape[0] != 1 || q.Shape[2] != d || q.Shape[1] % hkv != 0)
+        if (q.Rank != 3 || q.Shape[0] < 1 || q.Shape[2] != d || q.Shape[1] % hkv != 0)
         {
-            throw new ArgumentException($"q must be [1, Hq (a multiple of Hkv={hkv}), D={d}]; got {q.ShapeString()}", nameof(q));
+            throw new ArgumentException($"q must be [B, Hq (a multiple of Hkv={hkv}), D={d}]; got {q.ShapeString()}", nameof(q));
         }
-        int hq = q.Shape[1];
+        int b = q.Shape[0], hq = q.Shape[1];
+        int[] ids = sequences is null ? [.. Enumerable.Range(0, b)] : [.. sequences];
+        if (ids.Length != b) throw new ArgumentException($"sequences must name one sequence per row of q ({b}); got {ids.Length}", nameof(sequences));
+        int pages = 0;
+        foreach (int id in ids)
+        {
+            if (!cache.HasSequence(id)) throw new ArgumentOutOfRangeException(nameof(sequences), id, $"the cache has no sequence {id}");
+            if (cache.Length(id) == 0) throw new InvalidOperationException($"sequence {id} of the cache is empty: append tokens before decoding");
+            pages = Math.Max(pages, cache.Pages(id));
+        }
         if (!output.Shape.SequenceEqual(q.Shape)) throw new ArgumentException($"output must be {q.ShapeString()}; got {output.ShapeString()}", nameof(output));
-        if (lse is not null && (lse.Rank != 2 || lse.Shape[0] != 1 || lse.Shape[1] != hq)) throw new ArgumentException($"lse must be [1, {hq}]", nameof(lse));
+        if (lse is not null && (lse.Rank != 2 || lse.Shape[0] != b || lse.Shape[1] != hq)) throw new ArgumentException($"lse must be [{b}, {hq}]", nameof(lse));
         if (hq / hkv > 16) throw new NotSupportedException($"GPU decoding packs a GQA group into 16 rows; Hq/Hkv = {hq / hkv}");
-        if (q.Strides[2] != 1 || q.Strides[1] % 8 != 0 || output.Strides[2] != 1 || output.Strides[1] % 8 != 0)
+        if (q.Strides[2] != 1 || q.Strides[1] % 8 != 0 || q.Strides[0] % 8 != 0 || output.Strides[2] != 1 || output.Strides[1] % 8 != 0 || output.Strides[0] % 8 != 0)
         {
             throw new NotSupportedException("GPU decoding needs D contiguous and 16-byte aligned rows");
         }
         float sc = scale ?? 1f / MathF.Sqrt(d);
         if (!(sc > 0) || !float.IsFinite(sc)) throw new ArgumentException($"scale must be finite and > 0; got {sc}", nameof(scale));
-        return sc;
+        return (sc, ids, pages);
     }
 
     /// <summary>Where a step's page lists come from: every page, Quest or Landmark scores on the device, or the host.</summary>
     private enum PageSource { All, Quest, Landmark, Host }
 
-    /// <summary>The step: the page lists (at most <paramref name="keep"/> pages a kv head), split-K decode, merge.</summary>
-    private static void Run<T>(DeviceTensor<T> q, DevicePagedCache<T> cache, DeviceTensor<T> output, float sc, DeviceTensor<float>? lse, int keep,
+    /// <summary>
+    /// The step: the page lists (at most <paramref name="keep"/> pages a kv head of a sequence; <paramref name="pages"/>
+    /// the batch's longest sequence's), split-K decode, merge.
+    /// </summary>
+    private static void Run<T>(DeviceTensor<T> q, DevicePagedCache<T> cache, DeviceTensor<T> output, float sc, DeviceTensor<float>? lse, int[] ids, int pages, int keep,
         PageSource source, int[]? hostList, int[]? hostCounts) where T : unmanaged
     {
-        int hkv = cache.KvHeads, d = cache.HeadDim, hq = q.Shape[1];
+        int hkv = cache.KvHeads, d = cache.HeadDim, hq = q.Shape[1], b = ids.Length;
         CudaDevice device = CudaBackend.Device;
         device.MakeCurrent();
         FlashConfig config = FlashConfig.For(d);
-        int pages = cache.Pages;
         int shared = (16 + 4 * 16 * config.Warps) * config.HeadDim * 2;
-        int splitsWanted = Math.Max(1, device.Multiprocessors * 2 / hkv);
-        int perSplit = Math.Max(1, (keep + splitsWanted - 1) / splitsWanted), splits = (keep + perSplit - 1) / perSplit;
+        // Two thread blocks per SM in all: the pages the batch's sequences read (per kv head) cut into equal splits, so a
+        // long sequence gets more thread blocks than a short one (the short one's extra splits read nothing and exit).
+        long work = 0;
+        foreach (int id in ids) work += Math.Min(keep, cache.Pages(id));
+        int blocksWanted = Math.Max(1, device.Multiprocessors * 2 / hkv);
+        int perSplit = (int)Math.Max(1, (work + blocksWanted - 1) / blocksWanted), splits = (keep + perSplit - 1) / perSplit;
         Dictionary<string, string> defines = config.Defines(typeof(T) == typeof(BFloat16), false, false);
         lock (Gate)
         {
-            DeviceBuffer<float>.EnsureLength(ref _partO, (long)hq * splits * config.HeadDim);
-            DeviceBuffer<float>.EnsureLength(ref _partLse, (long)hq * splits);
-            DeviceBuffer<float>.EnsureLength(ref _bounds, (long)hkv * pages);
-            DeviceBuffer<int>.EnsureLength(ref _list, (long)hkv * pages);
-            DeviceBuffer<int>.EnsureLength(ref _count, hkv);
+            DeviceBuffer<float>.EnsureLength(ref _partO, (long)b * hq * splits * config.HeadDim);
+            DeviceBuffer<float>.EnsureLength(ref _partLse, (long)b * hq * splits);
+            UploadBatch(ids);
+            bool listed = source != PageSource.All;
+            if (listed)
+            {
+                DeviceBuffer<int>.EnsureLength(ref _list, (long)b * hkv * pages);
+                DeviceBuffer<int>.EnsureLength(ref _count, (long)b * hkv);
+            }
             switch (source)
             {
                 case PageSource.Quest:
                 case PageSource.Landmark:
                     _hostListed = null;
+                    DeviceBuffer<float>.EnsureLength(ref _bounds, (long)b * hkv * pages);
                     var qp = new QuestParams
                     {
                         Q = q.Buffer.Pointer, Min = cache.Min.Pointer, Max = cache.Max.Pointer, Table = cache.Table.Pointer,
                         Bounds = _bounds!.Pointer, QHead = q.Strides[1], Pages = pages, KvHeads = hkv, Group = hq / hkv, D = d,
                         Mean = cache.Mean.Pointer, Landmark = source == PageSource.Landmark ? 1 : 0,
+                        QBatch = q.Strides[0], Lengths = cache.Lengths.Pointer, BatchSeq = _batchSeq!.Pointer, Batch = b, TableStride = cache.CapacityPages,
+                        Page = DevicePagedCache<T>.PageSize,
                     };
                     void* qarg = &qp;
-                    device.Kernel("select.cu", "quest_bounds", DevicePagedCache<T>.Defines).Launch((uint)((pages * hkv + 7) / 8), 1, 1, 256, 0, &qarg);
-                    CudaSelectors.TopK(_bounds.Pointer, pages, keep, _list!.Pointer, pages, _count!.Pointer, hkv, DevicePagedCache<T>.Defines);
-                    _allPages = null;   // the list now holds a selection
+                    device.Kernel("select.cu", "quest_bounds", DevicePagedCache<T>.Defines).Launch((uint)(((long)b * pages * hkv + 7) / 8), 1, 1, 256, 0, &qarg);
+                    CudaSelectors.TopK(_bounds.Pointer, pages, keep, _list!.Pointer, pages, _count!.Pointer, b * hkv, DevicePagedCache<T>.Defines);
                     break;
                 case PageSource.Host:
                     // A policy often lists the same pages step after step (StreamingLLM until its window moves a
@@ -410,44 +514,38 @@ public static unsafe class CudaPagedDecode
                         _count!.CopyFrom(hostCounts);
                         _hostListed = (_list, hostList!, hostCounts!);
                     }
-                    _allPages = null;
-                    break;
-                default:
-                    _hostListed = null;
-                    AllPages(hkv, pages);
                     break;
             }
             var p = new CudaDecode.DecodeParams
             {
                 Q = q.Buffer.Pointer, K = cache.K.Pointer, V = cache.V.Pointer, O = output.Buffer.Pointer, Lse = lse?.Buffer.Pointer ?? 0,
                 PartO = _partO!.Pointer, PartLse = _partLse!.Pointer,
-                QHead = q.Strides[1], KRow = (long)hkv * d, KHead = d, VRow = (long)hkv * d, VHead = d, OHead = output.Strides[1], LseHead = lse?.Strides[1] ?? 0,
-                SeqlenK = cache.Length, Heads = hq, Group = hq / hkv, HeadDim = d, SplitLen = 0, Splits = splits, ScaleLog2 = sc * 1.4426950408889634f,
-                PageTable = cache.Table.Pointer, PageList = _list!.Pointer, PageCount = _count!.Pointer, PageStride = cache.PageStride,
-                TableStride = pages, ListStride = source == PageSource.Host ? Math.Max(keep, 1) : pages, PagesPerSplit = perSplit,
+                QBatch = q.Strides[0], QHead = q.Strides[1], KRow = (long)hkv * d, KHead = d, VRow = (long)hkv * d, VHead = d,
+                OBatch = output.Strides[0], OHead = output.Strides[1], LseBatch = lse?.Strides[0] ?? 0, LseHead = lse?.Strides[1] ?? 0,
+                Heads = hq, Group = hq / hkv, HeadDim = d, SplitLen = 0, Splits = splits, ScaleLog2 = sc * 1.4426950408889634f,
+                PageTable = cache.Table.Pointer, PageList = listed ? _list!.Pointer : 0, PageCount = listed ? _count!.Pointer : 0, PageStride = cache.PageStride,
+                TableStride = cache.CapacityPages, ListStride = source == PageSource.Host ? Math.Max(keep, 1) : pages, PagesPerSplit = perSplit,
+                Lengths = cache.Lengths.Pointer, BatchSeq = _batchSeq!.Pointer,
             };
             void* arg = &p;
-            device.Kernel("flash_fwd.cu", "flash_decode", defines).Launch((uint)splits, (uint)hkv, 1, (uint)(config.Warps * 32), shared, &arg);
-            device.Kernel("flash_fwd.cu", "decode_merge", defines).Launch((uint)hq, 1, 1, (uint)Math.Min(256, (d + 31) / 32 * 32), 0, &arg);
+            device.Kernel("flash_fwd.cu", "flash_decode", defines).Launch((uint)splits, (uint)hkv, (uint)b, (uint)(config.Warps * 32), shared, &arg);
+            device.Kernel("flash_fwd.cu", "decode_merge", defines).Launch((uint)hq, (uint)b, 1, (uint)Math.Min(256, (d + 31) / 32 * 32), 0, &arg);
         }
     }
 
     /// <summary>The host lists the list buffer holds (buffer, list, counts), or null.</summary>
     private static (DeviceBuffer<int> Buffer, int[] List, int[] Counts)? _hostListed;
 
-    /// <summary>What the list buffer holds when it lists every page: (buffer, kv heads, pages); null after a selection.</summary>
-    private static (DeviceBuffer<int> List, int Heads, int Pages)? _allPages;
+    /// <summary>The batch rows' sequence ids the device holds (buffer, ids).</summary>
+    private static (DeviceBuffer<int> Buffer, int[] Ids)? _batchUploaded;
 
-    /// <summary>The list of every page for every kv head (uploaded only when the buffer or the shape changed).</summary>
-    private static void AllPages(int hkv, int pages)
+    /// <summary>Uploads the batch rows' sequence ids unless the device holds them already (a generation loop decodes the same batch step after step).</summary>
+    private static void UploadBatch(int[] ids)
     {
-        if (_allPages is { } held && ReferenceEquals(held.List, _list) && held.Heads == hkv && held.Pages == pages) return;
-        var list = new int[hkv * pages];
-        for (int h = 0; h < hkv; h++)
-            for (int i = 0; i < pages; i++) list[(h * pages) + i] = i;
-        _list!.CopyFrom(list);
-        _count!.CopyFrom([.. Enumerable.Repeat(pages, hkv)]);
-        _allPages = (_list, hkv, pages);
+        DeviceBuffer<int>.EnsureLength(ref _batchSeq, ids.Length);
+        if (_batchUploaded is { } held && ReferenceEquals(held.Buffer, _batchSeq) && held.Ids.AsSpan().SequenceEqual(ids)) return;
+        _batchSeq!.CopyFrom(ids);
+        _batchUploaded = (_batchSeq, ids);
     }
 
     [StructLayout(LayoutKind.Sequential)]
@@ -458,5 +556,8 @@ public static unsafe class CudaPagedDecode
         public int Pages, KvHeads, Group, D;
         public ulong Mean;
         public int Landmark;
+        public long QBatch;
+        public ulong Lengths, BatchSeq;
+        public int Batch, TableStride, Page;
     }
 }

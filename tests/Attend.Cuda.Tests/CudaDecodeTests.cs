@@ -93,17 +93,7 @@ public sealed class CudaDecodeTests
         using DeviceTensor<BFloat16> dq = DeviceTensor<BFloat16>.FromHost(q), dO = DeviceTensor<BFloat16>.Allocate(1, h, d), dense = DeviceTensor<BFloat16>.Allocate(1, h, d);
         CudaPagedDecode.Forward(dq, cache, dO, questTokenBudget: budget);
         BFloat16[] got = dO.ToHost();
-        // Quest's bound of a page for query element x: max(x·min, x·max) of the page's channel c.
-        double worst = WorstOverChosenPages(q, k, v, got, keep, (x, g, pg, c) =>
-        {
-            double lo = double.PositiveInfinity, hi = double.NegativeInfinity;
-            for (int j = pg * 64; j < (pg + 1) * 64; j++)
-            {
-                lo = Math.Min(lo, (float)k[0, j, g, c]);
-                hi = Math.Max(hi, (float)k[0, j, g, c]);
-            }
-            return Math.Max(x * lo, x * hi);
-        });
+        double worst = WorstOverChosenPages(q, k, v, got, keep, QuestTerm(k));
         Assert.True(worst < 1e-2, $"Quest on the GPU differs from attention over the pages its bound chooses by {worst:E3}");
         CudaPagedDecode.Forward(dq, cache, dO, questTokenBudget: pages * 64);   // every page (a budget of s tokens keeps ⌊s / 64⌋ pages, as on the CPU)
         CudaPagedDecode.Forward(dq, cache, dense);
@@ -207,8 +197,8 @@ public sealed class CudaDecodeTests
         {
             grown.Append(k.Slice(1, length, n), v.Slice(1, length, n));
             length += n;
-            Assert.Equal(length, grown.Length);
-            Assert.Equal((length + 63) / 64, grown.Pages);
+            Assert.Equal(length, grown.Length());
+            Assert.Equal((length + 63) / 64, grown.Pages());
             using DevicePagedCache<T> whole = DevicePagedCache<T>.FromHost(k.Slice(1, 0, length), v.Slice(1, 0, length));
             foreach (int? budget in new int?[] { null, 256 })
             {
@@ -235,13 +225,139 @@ public sealed class CudaDecodeTests
         Assert.Contains("k must be [1, n, 2, 64]", Assert.Throws<ArgumentException>(() => cache.Append(TestData.Random<BFloat16>(1, 1, 4, 3, 64), TestData.Random<BFloat16>(1, 1, 4, 3, 64))).Message);
         Assert.Contains("k must be [1, n, 2, 64]", Assert.Throws<ArgumentException>(() => cache.Append(TestData.Random<BFloat16>(1, 1, 4, 2, 32), TestData.Random<BFloat16>(1, 1, 4, 2, 32))).Message);
         Assert.Equal("v", Assert.Throws<ArgumentException>(() => cache.Append(k.Slice(1, 100, 4), v.Slice(1, 100, 5))).ParamName);
-        Assert.Equal(100, cache.Length);
+        Assert.Equal(100, cache.Length());
         CudaPagedDecode.Forward(q, cache, o);
         Assert.Equal(before.ToHost(), o.ToHost());
         cache.Append(k.Slice(1, 100, 28), v.Slice(1, 100, 28));   // exactly to the capacity
-        Assert.Equal(128, cache.Length);
+        Assert.Equal(128, cache.Length());
         Assert.Throws<ArgumentOutOfRangeException>(() => DevicePagedCache<BFloat16>.Create(2, 64, 0));
         Assert.Throws<NotSupportedException>(() => DevicePagedCache<BFloat16>.Create(2, 60, 64));
+    }
+
+    /// <summary>Quest's bound of a (full) page for query element x: max(x·min, x·max) of the page's keys in channel c.</summary>
+    private static Func<double, int, int, int, double> QuestTerm(TensorView<BFloat16> k) => (x, g, pg, c) =>
+    {
+        double lo = double.PositiveInfinity, hi = double.NegativeInfinity;
+        for (int j = pg * 64; j < (pg + 1) * 64; j++)
+        {
+            lo = Math.Min(lo, (float)k[0, j, g, c]);
+            hi = Math.Max(hi, (float)k[0, j, g, c]);
+        }
+        return Math.Max(x * lo, x * hi);
+    };
+
+    /// <summary>
+    /// A batch of sequences of different lengths (1 to 1025 tokens, their pages interleaved in the pool by round-robin
+    /// appends) decodes in one launch: every row equals float64 attention over its own sequence — dense, Quest (each
+    /// sequence's chosen pages; shorter sequences than the budget read all of theirs), a subset of the sequences in
+    /// another order — and after two sequences are removed, a new sequence reuses their pages.
+    /// </summary>
+    [CudaFact]
+    public void Should_decode_a_batch_of_sequences_of_different_lengths()
+    {
+        const int h = 8, hkv = 2, d = 128, budget = 256;
+        int[] lengths = [1, 7, 97, 257, 1025];
+        var k = new TensorView<BFloat16>[lengths.Length + 1];
+        var v = new TensorView<BFloat16>[lengths.Length + 1];
+        for (int i = 0; i <= lengths.Length; i++)
+        {
+            int n = i < lengths.Length ? lengths[i] : 300;   // the last: the sequence added after the removals
+            k[i] = TestData.Random<BFloat16>(100 + i, 1, n, hkv, d);
+            v[i] = TestData.Random<BFloat16>(200 + i, 1, n, hkv, d);
+        }
+        using DevicePagedCache<BFloat16> cache = DevicePagedCache<BFloat16>.Create(hkv, d, lengths.Sum() + 64 * lengths.Length, maxSequences: lengths.Length);
+        for (int i = 1; i < lengths.Length; i++) Assert.Equal(i, cache.AddSequence());
+        int[] filled = new int[lengths.Length];
+        for (bool more = true; more;)
+        {
+            more = false;
+            for (int i = 0; i < lengths.Length; i++)
+            {
+                int n = Math.Min(50, lengths[i] - filled[i]);
+                if (n == 0) continue;
+                cache.Append(k[i].Slice(1, filled[i], n), v[i].Slice(1, filled[i], n), i);
+                filled[i] += n;
+                more = true;
+            }
+        }
+        for (int i = 0; i < lengths.Length; i++) Assert.Equal(lengths[i], cache.Length(i));
+        var q = new TensorView<BFloat16>(TestData.Random<BFloat16>(300, lengths.Length, 1, h, d).ToArray(), lengths.Length, h, d);
+        using DeviceTensor<BFloat16> dq = DeviceTensor<BFloat16>.FromHost(q), dO = DeviceTensor<BFloat16>.Allocate(lengths.Length, h, d);
+        TensorView<BFloat16> Row(int b) => new(q.ToArray().AsSpan(b * h * d, h * d).ToArray(), 1, h, d);
+        BFloat16[] RowOut(BFloat16[] all, int b) => all.AsSpan(b * h * d, h * d).ToArray();
+
+        CudaPagedDecode.Forward(dq, cache, dO);
+        BFloat16[] dense = dO.ToHost();
+        CudaPagedDecode.Forward(dq, cache, dO, questTokenBudget: budget);
+        BFloat16[] quest = dO.ToHost();
+        for (int b = 0; b < lengths.Length; b++)
+        {
+            int pages = (lengths[b] + 63) / 64;
+            for (int g = 0; g < hkv; g++)
+            {
+                double worst = WorstOverPages(Row(b), k[b], v[b], RowOut(dense, b), g, h / hkv, Enumerable.Range(0, pages));
+                Assert.True(worst < 1e-2, $"batch row {b} ({lengths[b]} tokens), kv head {g}: dense decoding differs from float64 by {worst:E3}");
+            }
+            double worstQuest = WorstOverChosenPages(Row(b), k[b], v[b], RowOut(quest, b), budget / 64, QuestTerm(k[b]));
+            Assert.True(worstQuest < 1e-2, $"batch row {b} ({lengths[b]} tokens): Quest differs from float64 over its pages by {worstQuest:E3}");
+        }
+
+        // A subset in another order: rows follow the listed sequences.
+        using DeviceTensor<BFloat16> dq2 = DeviceTensor<BFloat16>.FromHost(new TensorView<BFloat16>([.. Row(4).ToArray(), .. Row(2).ToArray()], 2, h, d));
+        using DeviceTensor<BFloat16> dO2 = DeviceTensor<BFloat16>.Allocate(2, h, d);
+        CudaPagedDecode.Forward(dq2, cache, dO2, sequences: [4, 2]);
+        BFloat16[] pair = dO2.ToHost();
+        for (int g = 0; g < hkv; g++)
+        {
+            Assert.True(WorstOverPages(Row(4), k[4], v[4], RowOut(pair, 0), g, h / hkv, Enumerable.Range(0, 17)) < 1e-2, "sequences [4, 2]: row 0");
+            Assert.True(WorstOverPages(Row(2), k[2], v[2], RowOut(pair, 1), g, h / hkv, Enumerable.Range(0, 2)) < 1e-2, "sequences [4, 2]: row 1");
+        }
+
+        // Removing sequences 1 and 3 frees their pages; the next sequence takes id 1 and reuses them.
+        int free = cache.FreePages;
+        cache.RemoveSequence(1);
+        cache.RemoveSequence(3);
+        Assert.Equal(free + 1 + 5, cache.FreePages);
+        Assert.False(cache.HasSequence(3));
+        Assert.Equal(1, cache.AddSequence());
+        cache.Append(k[5], v[5], 1);
+        Assert.Equal(free + 1, cache.FreePages);
+        using DeviceTensor<BFloat16> dq3 = DeviceTensor<BFloat16>.FromHost(new TensorView<BFloat16>([.. Row(0).ToArray(), .. Row(1).ToArray()], 2, h, d));
+        using DeviceTensor<BFloat16> dO3 = DeviceTensor<BFloat16>.Allocate(2, h, d);
+        CudaPagedDecode.Forward(dq3, cache, dO3, sequences: [0, 1]);
+        BFloat16[] after = dO3.ToHost();
+        for (int g = 0; g < hkv; g++)
+        {
+            Assert.True(WorstOverPages(Row(0), k[0], v[0], RowOut(after, 0), g, h / hkv, [0]) < 1e-2, "after the removals: sequence 0");
+            Assert.True(WorstOverPages(Row(1), k[5], v[5], RowOut(after, 1), g, h / hkv, Enumerable.Range(0, 5)) < 1e-2, "after the removals: the new sequence 1");
+        }
+    }
+
+    /// <summary>Batches naming missing, removed or empty sequences, too many sequences, and a full shared pool are named.</summary>
+    [CudaFact]
+    public void Should_name_bad_batches()
+    {
+        TensorView<BFloat16> k = TestData.Random<BFloat16>(41, 1, 100, 2, 64);
+        using DevicePagedCache<BFloat16> cache = DevicePagedCache<BFloat16>.Create(2, 64, 192, maxSequences: 3);
+        cache.Append(k, k);
+        Assert.Equal(1, cache.AddSequence());
+        using DeviceTensor<BFloat16> q2 = DeviceTensor<BFloat16>.Allocate(2, 4, 64), o2 = DeviceTensor<BFloat16>.Allocate(2, 4, 64);
+        Assert.Contains("empty", Assert.Throws<InvalidOperationException>(() => CudaPagedDecode.Forward(q2, cache, o2)).Message);
+        cache.Append(k.Slice(1, 0, 64), k.Slice(1, 0, 64), 1);
+        CudaPagedDecode.Forward(q2, cache, o2);
+        Assert.Equal("sequences", Assert.Throws<ArgumentException>(() => CudaPagedDecode.Forward(q2, cache, o2, sequences: [0])).ParamName);
+        Assert.Equal("sequences", Assert.Throws<ArgumentOutOfRangeException>(() => CudaPagedDecode.Forward(q2, cache, o2, sequences: [0, 2])).ParamName);
+        Assert.Equal("sequence", Assert.Throws<ArgumentOutOfRangeException>(() => cache.Append(k, k, 7)).ParamName);
+        Assert.Equal("q", Assert.Throws<ArgumentException>(() => CudaPagedDecode.Forward(q2, cache, o2, [[0]])).ParamName);
+        Assert.Equal(2, cache.AddSequence());
+        Assert.Contains("maximum of 3", Assert.Throws<InvalidOperationException>(() => cache.AddSequence()).Message);
+        // The pool (3 pages) holds sequence 0's two and sequence 1's one: nothing is left for sequence 2.
+        Assert.Contains("capacity of 192 tokens", Assert.Throws<InvalidOperationException>(() => cache.Append(k.Slice(1, 0, 1), k.Slice(1, 0, 1), 2)).Message);
+        cache.RemoveSequence(0);
+        Assert.Equal("sequence", Assert.Throws<ArgumentOutOfRangeException>(() => cache.RemoveSequence(0)).ParamName);
+        Assert.Equal("sequences", Assert.Throws<ArgumentOutOfRangeException>(() => CudaPagedDecode.Forward(q2, cache, o2)).ParamName);
+        cache.Append(k, k, 2);   // sequence 0's pages serve sequence 2 now
+        CudaPagedDecode.Forward(q2, cache, o2, sequences: [2, 1]);
     }
 
     /// <summary>

@@ -735,28 +735,35 @@ struct DecodeParams
     int seqlen_k, heads, group, head_dim, split_len, splits;
     float scale_log2;
     // Paged cache (page_table non-null): k and v point at page pools [pages, DEC_TILE slots, Hkv, D] (k_row the slot
-    // stride, k_head the head stride, page_stride between pages); page_table [B, table_stride] maps a sequence's
-    // logical pages to pool pages; page_list [B, Hkv, list_stride] holds page_count[b·Hkv + h] ascending logical pages
-    // to read (all of them, or a policy's selection), split pages_per_split per thread block; seqlen_k is then the
-    // sequence's length (its last page may be partial).
+    // stride, k_head the head stride, page_stride between pages) shared by many sequences; batch row b decodes
+    // sequence batch_seq[b] (b when null), whose lengths[seq] tokens sit in the pool pages page_table[seq · table_stride
+    // + logical page]. Without page_list every logical page is read; with it, page_list [B, Hkv, list_stride] holds
+    // ascending logical pages to read (a policy's selection), page_count[b·Hkv + h] of them — entries at or past the
+    // sequence's pages (a batch's shorter sequences under one budget) sort last and are not read. Each thread block
+    // reads pages_per_split of them. seqlen_k is unused.
     const int* page_table;
     const int* page_list;
     const int* page_count;
     i64 page_stride;
     int table_stride, list_stride, pages_per_split;
+    const int* lengths;
+    const int* batch_seq;
 };
 
 // Where tile `tile` of this block's split reads its keys and values, and how many of its rows are keys.
+// (Paged: seq and len are the batch row's sequence and its length.)
 __device__ __forceinline__ int decode_tile(const DecodeParams& p, int batch, int kv_head, int first, int k0, int k1, int tile,
-    const u16*& k, const u16*& v)
+    int seq, int len, const u16*& k, const u16*& v)
 {
     if (p.page_table != nullptr)
     {
-        const int logical = p.page_list[((i64)batch * (p.heads / p.group) + kv_head) * p.list_stride + first + tile];
-        const i64 page = p.page_table[(i64)batch * p.table_stride + logical];
+        const int logical = p.page_list != nullptr
+            ? p.page_list[((i64)batch * (p.heads / p.group) + kv_head) * p.list_stride + first + tile]
+            : first + tile;
+        const i64 page = p.page_table[(i64)seq * p.table_stride + logical];
         k = p.k + page * p.page_stride + kv_head * p.k_head;
         v = p.v + page * p.page_stride + kv_head * p.v_head;
-        return min(DEC_TILE, p.seqlen_k - logical * DEC_TILE);
+        return min(DEC_TILE, len - logical * DEC_TILE);
     }
     const int n_start = tile * DEC_TILE;
     k = p.k + batch * p.k_batch + kv_head * p.k_head + (i64)(k0 + n_start) * p.k_row;
@@ -776,17 +783,20 @@ flash_decode(const DecodeParams p)
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
     const int k0 = split * p.split_len, k1 = min(k0 + p.split_len, p.seqlen_k);
-    int first = 0, tiles = (k1 - k0 + DEC_TILE - 1) / DEC_TILE;
+    int first = 0, tiles = (k1 - k0 + DEC_TILE - 1) / DEC_TILE, seq = batch, len = p.seqlen_k;
     if (p.page_table != nullptr)
     {
-        const int count = p.page_count[batch * (p.heads / p.group) + kv_head];
+        seq = p.batch_seq != nullptr ? p.batch_seq[batch] : batch;
+        len = p.lengths[seq];
+        const int pages = (len + DEC_TILE - 1) / DEC_TILE;
+        const int count = p.page_list != nullptr ? min(p.page_count[batch * (p.heads / p.group) + kv_head], pages) : pages;
         first = split * p.pages_per_split;
         tiles = max(0, min(p.pages_per_split, count - first));
     }
     const u16* q = p.q + batch * p.q_batch + (i64)(kv_head * p.group) * p.q_head;
     const u16* k;
     const u16* v;
-    int valid = tiles > 0 ? decode_tile(p, batch, kv_head, first, k0, k1, 0, k, v) : 0;
+    int valid = tiles > 0 ? decode_tile(p, batch, kv_head, first, k0, k1, 0, seq, len, k, v) : 0;
 
     for (int i = threadIdx.x; i < 16 * CHUNKS; i += WARPS * 32)
     {
@@ -813,7 +823,7 @@ flash_decode(const DecodeParams p)
         __syncthreads();
         if (tile + 1 < tiles)
         {
-            valid = decode_tile(p, batch, kv_head, first, k0, k1, tile + 1, k, v);
+            valid = decode_tile(p, batch, kv_head, first, k0, k1, tile + 1, seq, len, k, v);
             load_tile<DEC_TILE>(sK + (stage ^ 1) * DEC_TILE * HEAD_DIM, k, p.k_row, valid, p.head_dim);
             load_tile<DEC_TILE>(sV + (stage ^ 1) * DEC_TILE * HEAD_DIM, v, p.v_row, valid, p.head_dim);
             cp_async_commit();

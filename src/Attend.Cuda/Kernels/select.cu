@@ -327,12 +327,15 @@ struct SummaryParams
     int pages, kv_heads, d, page, last_page, last_len;   // the pool page holding the sequence's end has last_len keys
     int first_page;             // the run of pool pages summarized starts here
     float* mean;                // [pages, Hkv, D]: the keys' mean (Landmark)
+    int* lengths;               // [sequences]: the first thread block stores lengths[sequence] = length (stream-ordered,
+    int sequence, length;       // so an append needs no copy of its own for it)
 };
 
 // Grid (pages of the run, Hkv), THREADS threads over channels: pool pages first_page, first_page + 1, ….
 extern "C" __global__ void __launch_bounds__(THREADS) page_summaries(const SummaryParams p)
 {
     const int page = p.first_page + blockIdx.x, h = blockIdx.y;
+    if (blockIdx.x == 0 && h == 0 && threadIdx.x == 0 && p.lengths != nullptr) p.lengths[p.sequence] = p.length;
     const int rows = page == p.last_page ? p.last_len : p.page;
     const i64 base = page * p.page_stride + h * p.head_stride;
     for (int c = threadIdx.x; c < p.d; c += THREADS)
@@ -354,28 +357,41 @@ extern "C" __global__ void __launch_bounds__(THREADS) page_summaries(const Summa
 
 struct QuestParams
 {
-    const void* q;              // [Hq, D] (SRC_T), one sequence
+    const void* q;              // [B, Hq, D] (SRC_T): batch row b is sequence batch_seq[b]'s new token
     const float* min;           // [pool pages, Hkv, D]
     const float* max;
-    const int* table;           // logical → pool page
-    float* bounds;              // [Hkv, pages]
+    const int* table;           // [sequences, table_stride]: logical → pool page
+    float* bounds;              // [B, Hkv, pages]
     i64 q_head;
-    int pages, kv_heads, group, d;
+    int pages, kv_heads, group, d;   // pages: the batch's longest sequence's
     const float* mean;          // [pool pages, Hkv, D] page key means
     int landmark;               // 1: score q·mean (Landmark) instead of Quest's bound
+    i64 q_batch;
+    const int* lengths;         // [sequences] tokens
+    const int* batch_seq;       // [B]
+    int batch, table_stride, page;   // page: tokens per page
 };
 
-// Grid (ceil(pages · Hkv / WARPS)): a warp per (logical page, kv head), lanes over channels.
+// Grid (ceil(B · Hkv · pages / WARPS)): a warp per (batch row, kv head, logical page), lanes over channels. Pages past
+// a shorter sequence's end score −∞ (the top-k lists them last; the decode does not read them).
 extern "C" __global__ void __launch_bounds__(THREADS) quest_bounds(const QuestParams p)
 {
     const int item = blockIdx.x * WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-    if (item >= p.pages * p.kv_heads) return;
-    const int h = item / p.pages, page = item % p.pages;
-    const i64 at = ((i64)p.table[page] * p.kv_heads + h) * p.d;
+    if (item >= p.batch * p.kv_heads * p.pages) return;
+    const int b = item / (p.kv_heads * p.pages), h = item / p.pages % p.kv_heads, page = item % p.pages;
+    const int seq = p.batch_seq != nullptr ? p.batch_seq[b] : b;
+    const int pages = (p.lengths[seq] + p.page - 1) / p.page;
+    float* out = p.bounds + ((i64)b * p.kv_heads + h) * p.pages + page;
+    if (page >= pages)
+    {
+        if (lane == 0) *out = -__int_as_float(0x7f800000);
+        return;
+    }
+    const i64 at = ((i64)p.table[(i64)seq * p.table_stride + page] * p.kv_heads + h) * p.d;
     float best = -__int_as_float(0x7f800000);
     for (int r = 0; r < p.group; r++)
     {
-        const i64 qrow = (i64)(h * p.group + r) * p.q_head;
+        const i64 qrow = b * p.q_batch + (i64)(h * p.group + r) * p.q_head;
         float acc = 0.f;
         for (int c = lane; c < p.d; c += 32)
         {
@@ -385,7 +401,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) quest_bounds(const QuestPa
         best = fmaxf(best, warp_sum(acc));
     }
     // The last page (the newest keys) is always read: the largest score, so the top-k keeps it.
-    if (lane == 0) p.bounds[(i64)h * p.pages + page] = page == p.pages - 1 ? __int_as_float(0x7f800000) : best;
+    if (lane == 0) *out = page == pages - 1 ? __int_as_float(0x7f800000) : best;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
