@@ -18,7 +18,8 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
     public const int PageSize = 64;
 
     private readonly Sequence?[] _sequences;   // null: a free id
-    private readonly Stack<int> _freePages = [];   // pool pages returned by removed sequences
+    private readonly Stack<int> _freePages = [];   // pool pages returned by removed or truncated sequences
+    private readonly int[] _refs;                // per pool page: the sequences whose tables hold it (full pages are shared by forks)
     private int _poolUsed;                       // pool pages handed out from the end (the rest are on _freePages or unused)
 
     /// <summary>A sequence's host-side state: its table (logical → pool page) and length.</summary>
@@ -37,6 +38,7 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
         long elements = capacityPages * PageStride;
         _sequences = new Sequence?[maxSequences];
         _sequences[0] = new Sequence(capacityPages);
+        _refs = new int[capacityPages];
         K = DeviceBuffer<T>.Allocate(elements);
         try
         {
@@ -105,7 +107,8 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
             cache.V.CopyFrom(vHost);
             poolOrder.CopyTo(cache._sequences[0]!.Table, 0);
             cache._poolUsed = pages;
-            cache.Commit(0, s, 0);
+            cache._refs.AsSpan(0, pages).Fill(1);
+            cache.Commit(0, s, 0, 0);
             return cache;
         }
         catch
@@ -129,7 +132,7 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
     public void RemoveSequence(int sequence)
     {
         Sequence seq = Get(sequence);
-        for (int page = 0; page < seq.Pages; page++) _freePages.Push(seq.Table[page]);
+        for (int page = 0; page < seq.Pages; page++) Release(seq.Table[page]);
         _sequences[sequence] = null;
         Lengths.CopyFrom([0], sequence);
     }
@@ -159,7 +162,7 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
         }
         int newPages = (int)((newLength + PageSize - 1) / PageSize);
         int firstTouched = oldLength % PageSize != 0 ? oldPages - 1 : oldPages;   // the partial last page, if any
-        for (int page = oldPages; page < newPages; page++) seq.Table[page] = _freePages.Count > 0 ? _freePages.Pop() : _poolUsed++;
+        for (int page = oldPages; page < newPages; page++) seq.Table[page] = Allocate();
         // Copy page by page: the new tokens of one page are consecutive rows [tokens, Hkv, D] there.
         long rowElements = (long)KvHeads * HeadDim;
         var kRows = new T[Math.Min(n, PageSize) * rowElements];
@@ -179,20 +182,92 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
             V.CopyFrom(vRows.AsSpan(0, (int)(count * rowElements)), offset);
             j0 += count;
         }
-        Commit(sequence, (int)newLength, firstTouched);
+        Commit(sequence, (int)newLength, firstTouched, oldPages);
     }
 
     /// <summary>
-    /// Sets <paramref name="sequence"/>'s length: uploads the table entries of its new logical pages and recomputes the
-    /// summaries of its logical pages from <paramref name="firstTouched"/> on, whose kernel also stores the length on the
-    /// device. (An append that stays within the last page uploads no table entry: the generation loop's common step.)
+    /// Keeps the first <paramref name="length"/> tokens of <paramref name="sequence"/> (a rejected draft of speculative
+    /// decoding, a beam cut back): pages past them return to the pool; a partial last page shared with a fork is copied
+    /// first, since the next append writes into it.
     /// </summary>
-    private void Commit(int sequence, int length, int firstTouched)
+    public void Truncate(int sequence, int length)
+    {
+        Sequence seq = Get(sequence);
+        if (length < 0 || length > seq.Length) throw new ArgumentOutOfRangeException(nameof(length), length, $"length must be in 0..{seq.Length} (sequence {sequence}'s tokens)");
+        int keepPages = (length + PageSize - 1) / PageSize;
+        bool copy = length % PageSize != 0 && _refs[seq.Table[keepPages - 1]] > 1;
+        int freed = 0;
+        for (int page = keepPages; page < seq.Pages; page++) freed += _refs[seq.Table[page]] == 1 ? 1 : 0;
+        if (copy && FreePages + freed == 0) throw new InvalidOperationException($"truncating sequence {sequence} into a page it shares needs a free page to copy it into; none of the pool's {CapacityPages} is free");
+        for (int page = keepPages; page < seq.Pages; page++) Release(seq.Table[page]);
+        if (copy) seq.Table[keepPages - 1] = CopyPage(seq.Table[keepPages - 1]);
+        if (length == 0)
+        {
+            seq.Length = 0;
+            Lengths.CopyFrom([0], sequence);
+            return;
+        }
+        Commit(sequence, length, keepPages - 1, copy ? keepPages - 1 : keepPages);
+    }
+
+    /// <summary>
+    /// A new sequence holding <paramref name="sequence"/>'s tokens (beam search, parallel sampling from one prompt): its
+    /// full pages are shared (they are never written again), a partial last page is copied. Returns the new id.
+    /// </summary>
+    public int Fork(int sequence)
+    {
+        Sequence source = Get(sequence);
+        bool partial = source.Length % PageSize != 0;
+        if (partial && FreePages == 0) throw new InvalidOperationException($"forking sequence {sequence} needs a free page for its partial last page; none of the pool's {CapacityPages} is free");
+        int id = AddSequence();
+        Sequence fork = _sequences[id]!;
+        int pages = source.Pages;
+        source.Table.AsSpan(0, pages).CopyTo(fork.Table);
+        for (int page = 0; page < pages - (partial ? 1 : 0); page++) _refs[fork.Table[page]]++;
+        if (partial) fork.Table[pages - 1] = CopyPage(source.Table[pages - 1], share: false);
+        if (pages > 0) Commit(id, source.Length, partial ? pages - 1 : pages, 0);
+        return id;
+    }
+
+    /// <summary>A pool page for new tokens (reference count 1).</summary>
+    private int Allocate()
+    {
+        int page = _freePages.Count > 0 ? _freePages.Pop() : _poolUsed++;
+        _refs[page] = 1;
+        return page;
+    }
+
+    /// <summary>One table fewer holds <paramref name="page"/>: back to the pool when none does.</summary>
+    private void Release(int page)
+    {
+        if (--_refs[page] == 0) _freePages.Push(page);
+    }
+
+    /// <summary>
+    /// A fresh pool page holding <paramref name="page"/>'s keys and values (copied on the device), for a table that is
+    /// about to write into it; unless <paramref name="share"/> is false, the caller's table lets go of the original.
+    /// </summary>
+    private int CopyPage(int page, bool share = true)
+    {
+        int fresh = Allocate();
+        K.CopyWithin(page * PageStride, fresh * PageStride, PageStride);
+        V.CopyWithin(page * PageStride, fresh * PageStride, PageStride);
+        if (share) Release(page);
+        return fresh;
+    }
+
+    /// <summary>
+    /// Sets <paramref name="sequence"/>'s length: uploads its table entries from <paramref name="firstNewEntry"/> on and
+    /// recomputes the summaries of its logical pages from <paramref name="firstTouched"/> on, whose kernel also stores the
+    /// length on the device. (An append that stays within the last page uploads no table entry: the generation loop's
+    /// common step.)
+    /// </summary>
+    private void Commit(int sequence, int length, int firstTouched, int firstNewEntry)
     {
         Sequence seq = _sequences[sequence]!;
-        int oldPages = seq.Pages, pages = (length + PageSize - 1) / PageSize;
+        int pages = (length + PageSize - 1) / PageSize;
         long row = (long)sequence * CapacityPages;
-        Table.CopyFrom(seq.Table.AsSpan(oldPages, pages - oldPages), row + oldPages);
+        Table.CopyFrom(seq.Table.AsSpan(firstNewEntry, pages - firstNewEntry), row + firstNewEntry);
         int lastPool = seq.Table[pages - 1], lastLength = length - ((pages - 1) * PageSize);
         var p = new SummaryParams
         {
@@ -213,6 +288,7 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
             CudaBackend.Device.Kernel("select.cu", "page_summaries", Defines).Launch((uint)run, (uint)KvHeads, 1, 256, 0, &arg);
             i += run;
         }
+        if (slots.Length == 0) Lengths.CopyFrom([length], sequence);   // no page to summarize (a fork sharing only full pages)
         seq.Length = length;
     }
 

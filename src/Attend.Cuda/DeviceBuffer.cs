@@ -56,6 +56,18 @@ public sealed unsafe class DeviceBuffer<T> : SafeHandle where T : unmanaged
         fixed (T* s = source) Driver.Check(Driver.cuMemcpyHtoD(Pointer, s, (nuint)(source.Length * sizeof(T))), "cuMemcpyHtoD");
     }
 
+    /// <summary>Copies <paramref name="count"/> elements from element <paramref name="source"/> to element <paramref name="destination"/> of this buffer, on the device (ordered with the kernels).</summary>
+    internal void CopyWithin(long source, long destination, long count)
+    {
+        if (source < 0 || destination < 0 || count < 0 || source + count > Length || destination + count > Length)
+        {
+            throw new ArgumentOutOfRangeException(nameof(count), $"elements {source}..{source + count} → {destination}..{destination + count} are outside the buffer's {Length}");
+        }
+        if (count == 0) return;
+        CudaBackend.Device.MakeCurrent();
+        Driver.Check(Driver.cuMemcpyDtoD(Pointer + (ulong)(destination * sizeof(T)), Pointer + (ulong)(source * sizeof(T)), (nuint)(count * sizeof(T))), "cuMemcpyDtoD");
+    }
+
     /// <summary>Copies host elements into the buffer from element <paramref name="offset"/> on.</summary>
     public void CopyFrom(ReadOnlySpan<T> source, long offset)
     {

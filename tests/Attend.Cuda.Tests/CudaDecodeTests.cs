@@ -333,6 +333,102 @@ public sealed class CudaDecodeTests
         }
     }
 
+    /// <summary>
+    /// Forks share their full pages and copy a partial last one; truncating into a shared page copies it first; every
+    /// sequence then decodes as float64 attention over its own tokens, whatever the others append, truncate or remove.
+    /// </summary>
+    [CudaFact]
+    public void Should_fork_and_truncate_sequences_sharing_pages()
+    {
+        const int h = 8, hkv = 2, d = 64;
+        TensorView<BFloat16> k = TestData.Random<BFloat16>(61, 1, 400, hkv, d), v = TestData.Random<BFloat16>(62, 1, 400, hkv, d);
+        TensorView<BFloat16> kAlt = TestData.Random<BFloat16>(63, 1, 400, hkv, d), vAlt = TestData.Random<BFloat16>(64, 1, 400, hkv, d);
+        var q = new TensorView<BFloat16>(TestData.Random<BFloat16>(65, 1, 1, h, d).ToArray(), 1, h, d);
+        using DevicePagedCache<BFloat16> cache = DevicePagedCache<BFloat16>.Create(hkv, d, 20 * 64, maxSequences: 3);
+        using DeviceTensor<BFloat16> dq = DeviceTensor<BFloat16>.FromHost(q), dO = DeviceTensor<BFloat16>.Allocate(1, h, d);
+        // The tokens each sequence should hold, as (source, first, count) runs.
+        var held = new Dictionary<int, List<(TensorView<BFloat16> K, TensorView<BFloat16> V, int From, int Count)>>();
+        void Append(int sequence, TensorView<BFloat16> ks, TensorView<BFloat16> vs, int from, int count)
+        {
+            cache.Append(ks.Slice(1, from, count), vs.Slice(1, from, count), sequence);
+            held[sequence].Add((ks, vs, from, count));
+        }
+        void Check(int sequence, string when)
+        {
+            var runs = held[sequence];
+            int n = runs.Sum(r => r.Count);
+            Assert.Equal(n, cache.Length(sequence));
+            var kh = new BFloat16[n * hkv * d];
+            var vh = new BFloat16[n * hkv * d];
+            int at = 0;
+            foreach (var r in runs)
+            {
+                r.K.Slice(1, r.From, r.Count).ToArray().CopyTo(kh, at);
+                r.V.Slice(1, r.From, r.Count).ToArray().CopyTo(vh, at);
+                at += r.Count * hkv * d;
+            }
+            CudaPagedDecode.Forward(dq, cache, dO, sequences: [sequence]);
+            BFloat16[] got = dO.ToHost();
+            for (int g = 0; g < hkv; g++)
+            {
+                double worst = WorstOverPages(q, new TensorView<BFloat16>(kh, 1, n, hkv, d), new TensorView<BFloat16>(vh, 1, n, hkv, d), got, g, h / hkv, Enumerable.Range(0, (n + 63) / 64));
+                Assert.True(worst < 1e-2, $"{when}: sequence {sequence} ({n} tokens) differs from float64 attention over its tokens by {worst:E3}");
+            }
+        }
+        void Truncate(int sequence, int length)
+        {
+            cache.Truncate(sequence, length);
+            var runs = held[sequence];
+            int n = runs.Sum(r => r.Count);
+            while (n > length)
+            {
+                var last = runs[^1];
+                int cut = Math.Min(last.Count, n - length);
+                runs[^1] = last with { Count = last.Count - cut };
+                if (runs[^1].Count == 0) runs.RemoveAt(runs.Count - 1);
+                n -= cut;
+            }
+        }
+
+        held[0] = [];
+        Append(0, k, v, 0, 200);                       // 3 full pages + 8 tokens
+        int free = cache.FreePages;
+        int fork = cache.Fork(0);
+        held[fork] = [.. held[0]];
+        Assert.Equal(free - 1, cache.FreePages);       // only the partial page is copied
+        Append(fork, kAlt, vAlt, 0, 100);
+        Append(0, k, v, 200, 30);
+        Check(0, "after forking and appending to both");
+        Check(fork, "after forking and appending to both");
+
+        CudaPagedDecode.Forward(dq, cache, dO, sequences: [0]);
+        BFloat16[] before = dO.ToHost();
+        free = cache.FreePages;
+        Truncate(fork, 150);                           // into page 2, shared with sequence 0: copied; the fork's pages 3, 4 freed
+        Assert.Equal(free + 2 - 1, cache.FreePages);
+        Check(fork, "after truncating into a shared page");
+        CudaPagedDecode.Forward(dq, cache, dO, sequences: [0]);
+        Assert.Equal(before, dO.ToHost());             // the sharer is untouched
+        Append(fork, kAlt, vAlt, 200, 20);
+        Check(fork, "after appending to the truncated fork");
+
+        Truncate(fork, 128);                           // a page boundary
+        Check(fork, "after truncating to a page boundary");
+        int second = cache.Fork(fork);                 // only full pages: nothing copied
+        held[second] = [.. held[fork]];
+        Check(second, "a fork of full pages only");
+        cache.RemoveSequence(0);
+        held.Remove(0);
+        Check(fork, "after removing the first sharer");
+        Truncate(fork, 0);
+        Append(fork, kAlt, vAlt, 300, 70);
+        Check(fork, "after truncating to nothing and appending");
+        Check(second, "the other fork, unchanged");
+        Assert.Equal("length", Assert.Throws<ArgumentOutOfRangeException>(() => cache.Truncate(fork, 71)).ParamName);
+        Assert.Equal(0, cache.Fork(second));           // the lowest free id
+        Assert.Contains("maximum of 3", Assert.Throws<InvalidOperationException>(() => cache.Fork(second)).Message);
+    }
+
     /// <summary>Batches naming missing, removed or empty sequences, too many sequences, and a full shared pool are named.</summary>
     [CudaFact]
     public void Should_name_bad_batches()
