@@ -152,6 +152,17 @@ internal static class GpuBench
                 landmarkMs, tl[0], tl[^1], tl.Count, 4.0 * hq * skv / 16 * d, NominalPeakGflops)
             { Backend = "cuda", Mask = "decode", SpeedupVsDense = pagedMs / landmarkMs, Note = $"pages ranked by q·(mean key) on the device, 1/16 read: {pagedMs / landmarkMs:F1}x paged dense" });
 
+            // H2O on the device: heavy pages 1/32 + recent 1/32 (the CPU suite's setting); the first step reads every page.
+            using (var h2o = new DeviceHeavyHitters(skv / 32, skv / 32))
+            {
+                CudaPagedDecode.ForwardHeavyHitters(q, cache, o, h2o);
+                List<double> th = CudaTimer.Measure(() => CudaPagedDecode.ForwardHeavyHitters(q, cache, o, h2o), Math.Max(50, plan.Reps));
+                double h2oMs = th[th.Count / 2];
+                rows.Add(new BenchCommand.BenchRow("gpu-decode", $"paged h2o 1/32+1/32 {hq}/{hkv} heads", DType.BFloat16, 1, hq, hkv, skv, d, false, 0, KernelPath.Auto,
+                    h2oMs, th[0], th[^1], th.Count, 4.0 * hq * h2o.LastStepPages * 64 * d, NominalPeakGflops)
+                { Backend = "cuda", Mask = "decode", SpeedupVsDense = pagedMs / h2oMs, Note = $"{h2o.LastStepPages} pages a kv head by accumulated attention (selection, eviction, decode and the mass feedback on the device): {pagedMs / h2oMs:F1}x paged dense" });
+            }
+
             // StreamingLLM's pages through the page-list decode: 64 sink tokens and the last 1/16 of the keys.
             IReadOnlyList<int> streaming = cache.SinkAndRecentPages(64, skv / 16);
             List<double> ts = CudaTimer.Measure(() => CudaPagedDecode.Forward(q, cache, o, [streaming]), Math.Max(50, plan.Reps));

@@ -105,6 +105,6 @@ public static unsafe class CudaDecode
         public ulong PageTable, PageList, PageCount;
         public long PageStride;
         public int TableStride, ListStride, PagesPerSplit;
-        public ulong Lengths, BatchSeq;
+        public ulong Lengths, BatchSeq, PageLse;
     }
 }

@@ -494,6 +494,26 @@ public static unsafe class CudaPagedDecode
     }
 
     /// <summary>
+    /// H2O on the device (Zhang et al., arXiv:2306.14048, as the CPU's <see cref="Decode.HeavyHitterPolicy"/> at page
+    /// granularity): q [1, Hq, D], the new token of <paramref name="state"/>'s sequence, reads per kv head the pages of
+    /// its last <see cref="DeviceHeavyHitters.RecentTokens"/> tokens, the pages never read yet (the whole prompt on the
+    /// first step), and the kept pages of largest accumulated attention mass within
+    /// <see cref="DeviceHeavyHitters.HeavyTokens"/>; kept pages outside the window that do not make the cut are evicted
+    /// for good. The step's attention then adds each read page's mass (the mean over the group's query heads of its
+    /// softmax share) to its score — all on the device.
+    /// </summary>
+    public static void ForwardHeavyHitters<T>(DeviceTensor<T> q, DevicePagedCache<T> cache, DeviceTensor<T> output, DeviceHeavyHitters state, float? scale = null, DeviceTensor<float>? lse = null)
+        where T : unmanaged
+    {
+        ArgumentNullException.ThrowIfNull(state);
+        if (q is not null && q.Rank == 3 && q.Shape[0] != 1) throw new ArgumentException($"q must be [1, Hq, D] for H2O (one sequence); got {q.ShapeString()}", nameof(q));
+        (float sc, int[] ids, int pages) = Check(q!, cache, output, scale, lse, [state.Sequence]);
+        DeviceHeavyHitters.Step step = state.Begin(cache, q!.Shape[1], pages, out int keep);
+        Run(q!, cache, output, sc, lse, ids, pages, keep, PageSource.HeavyHitters, null, null, step);
+        state.End(pages);
+    }
+
+    /// <summary>
     /// Checks q, the output, lse, the scale and the decoded sequences against the cache; returns the scale, the
     /// sequence of each batch row and the most pages among them.
     /// </summary>
@@ -531,14 +551,14 @@ public static unsafe class CudaPagedDecode
     }
 
     /// <summary>Where a step's page lists come from: every page, Quest or Landmark scores on the device, or the host.</summary>
-    private enum PageSource { All, Quest, Landmark, Host }
+    private enum PageSource { All, Quest, Landmark, Host, HeavyHitters }
 
     /// <summary>
     /// The step: the page lists (at most <paramref name="keep"/> pages a kv head of a sequence; <paramref name="pages"/>
     /// the batch's longest sequence's), split-K decode, merge.
     /// </summary>
     private static void Run<T>(DeviceTensor<T> q, DevicePagedCache<T> cache, DeviceTensor<T> output, float sc, DeviceTensor<float>? lse, int[] ids, int pages, int keep,
-        PageSource source, int[]? hostList, int[]? hostCounts) where T : unmanaged
+        PageSource source, int[]? hostList, int[]? hostCounts, DeviceHeavyHitters.Step? heavy = null) where T : unmanaged
     {
         int hkv = cache.KvHeads, d = cache.HeadDim, hq = q.Shape[1], b = ids.Length;
         CudaDevice device = CudaBackend.Device;
@@ -591,6 +611,20 @@ public static unsafe class CudaPagedDecode
                         _hostListed = (_list, hostList!, hostCounts!);
                     }
                     break;
+                case PageSource.HeavyHitters:
+                    _hostListed = null;
+                    DeviceBuffer<float>.EnsureLength(ref _bounds, (long)hkv * pages);
+                    heavy!.Bounds = _bounds!.Pointer;
+                    heavy.List = _list!.Pointer;
+                    heavy.Count = _count!.Pointer;
+                    heavy.Launch("h2o_bounds", (uint)(((long)hkv * pages + 255) / 256));
+                    CudaSelectors.TopK(_bounds.Pointer, pages, keep, _list.Pointer, pages, _count.Pointer, hkv, DevicePagedCache<T>.Defines);
+                    heavy.Launch("h2o_evict", (uint)hkv);
+                    break;
+            }
+            if (heavy is not null && lse is null)
+            {
+                lse = heavy.State.RowLse;   // h2o_observe needs the rows' totals
             }
             var p = new CudaDecode.DecodeParams
             {
@@ -601,11 +635,18 @@ public static unsafe class CudaPagedDecode
                 Heads = hq, Group = hq / hkv, HeadDim = d, SplitLen = 0, Splits = splits, ScaleLog2 = sc * 1.4426950408889634f,
                 PageTable = cache.Table.Pointer, PageList = listed ? _list!.Pointer : 0, PageCount = listed ? _count!.Pointer : 0, PageStride = cache.PageStride,
                 TableStride = cache.CapacityPages, ListStride = source == PageSource.Host ? Math.Max(keep, 1) : pages, PagesPerSplit = perSplit,
-                Lengths = cache.Lengths.Pointer, BatchSeq = _batchSeq!.Pointer,
+                Lengths = cache.Lengths.Pointer, BatchSeq = _batchSeq!.Pointer, PageLse = heavy?.State.PageLse.Pointer ?? 0,
             };
             void* arg = &p;
             device.Kernel("flash_fwd.cu", "flash_decode", defines).Launch((uint)splits, (uint)hkv, (uint)b, (uint)(config.Warps * 32), shared, &arg);
             device.Kernel("flash_fwd.cu", "decode_merge", defines).Launch((uint)hq, (uint)b, 1, (uint)Math.Min(256, (d + 31) / 32 * 32), 0, &arg);
+            if (heavy is { } h2o)
+            {
+                h2o.Lse = lse!.Buffer.Pointer;
+                h2o.LseHead = lse.Strides[1];
+                h2o.Warps = config.Warps;
+                h2o.Launch("h2o_observe", (uint)hkv);
+            }
         }
     }
 
@@ -635,5 +676,153 @@ public static unsafe class CudaPagedDecode
         public long QBatch;
         public ulong Lengths, BatchSeq;
         public int Batch, TableStride, Page;
+    }
+}
+
+/// <summary>
+/// H2O's state on the GPU for one sequence of a <see cref="DevicePagedCache{T}"/>
+/// (<see cref="CudaPagedDecode.ForwardHeavyHitters{T}"/>): per kv head and logical page the accumulated attention mass
+/// and whether the page is kept or evicted, in device memory; the host keeps only counts, to size each step's top-k.
+/// Decode every step (appending at most the recent window between two steps keeps every page judged after a read).
+/// </summary>
+public sealed class DeviceHeavyHitters : IDisposable
+{
+    private object? _cache;               // the cache the state belongs to (bound at the first step)
+    private int _observed;                // pages [0, _observed) have been read at least once
+    private int _alive;                   // read pages not evicted (kept or in the recent window)
+    private int _lastLength;
+
+    /// <summary>Heavy-hitter and recent budgets in tokens (each rounded up to whole 64-token pages; recent ≥ 1).</summary>
+    public DeviceHeavyHitters(int heavyTokens, int recentTokens, int sequence = 0)
+    {
+        if (heavyTokens < 0) throw new ArgumentOutOfRangeException(nameof(heavyTokens), heavyTokens, "heavy-hitter tokens must be ≥ 0");
+        if (recentTokens < 1) throw new ArgumentOutOfRangeException(nameof(recentTokens), recentTokens, "recent tokens must be ≥ 1");
+        if (sequence < 0) throw new ArgumentOutOfRangeException(nameof(sequence), sequence, "sequence must be ≥ 0");
+        HeavyTokens = heavyTokens;
+        RecentTokens = recentTokens;
+        Sequence = sequence;
+    }
+
+    /// <summary>Tokens of kept pages read besides the recent window.</summary>
+    public int HeavyTokens { get; }
+
+    /// <summary>Tokens of the recent window, always read.</summary>
+    public int RecentTokens { get; }
+
+    /// <summary>The cache sequence this state follows.</summary>
+    public int Sequence { get; }
+
+    /// <summary>Pages each kv head read in the last step.</summary>
+    public int LastStepPages { get; private set; }
+
+    internal DeviceBuffer<float> Score { get; private set; } = null!;
+
+    internal DeviceBuffer<int> States { get; private set; } = null!;
+
+    internal DeviceBuffer<float> PageLse { get; private set; } = null!;
+
+    internal DeviceTensor<float> RowLse { get; private set; } = null!;
+
+    private int _kvHeads, _capacity;
+
+    /// <summary>Binds the state at its first step, checks the sequence only grew, and sizes the step's top-k.</summary>
+    internal unsafe Step Begin<T>(DevicePagedCache<T> cache, int queryHeads, int pages, out int keep) where T : unmanaged
+    {
+        if (_cache is null)
+        {
+            _kvHeads = cache.KvHeads;
+            _capacity = cache.CapacityPages;
+            Score = DeviceBuffer<float>.Allocate((long)_kvHeads * _capacity);
+            States = DeviceBuffer<int>.Allocate((long)_kvHeads * _capacity);
+            Score.CopyFrom(new float[Score.Length]);
+            States.CopyFrom(new int[States.Length]);
+            _cache = cache;
+        }
+        else if (!ReferenceEquals(_cache, cache))
+        {
+            throw new InvalidOperationException("this H2O state follows another cache; make one state per (cache, sequence)");
+        }
+        int length = cache.Length(Sequence);
+        if (length < _lastLength) throw new InvalidOperationException($"sequence {Sequence} shrank from {_lastLength} to {length} tokens since the last step (truncated or replaced); start a new H2O state");
+        _lastLength = length;
+        if (PageLse is null || PageLse.Length < (long)queryHeads * pages * 8)
+        {
+            PageLse?.Dispose();
+            PageLse = DeviceBuffer<float>.Allocate((long)queryHeads * Math.Max(pages, _capacity) * 8);   // ≤ 8 warps a decode block
+        }
+        if (RowLse is null || RowLse.Shape[1] != queryHeads)
+        {
+            RowLse?.Dispose();
+            RowLse = DeviceTensor<float>.Allocate(1, queryHeads);
+        }
+        const int page = DevicePagedCache<T>.PageSize;
+        int recentPages = (RecentTokens + page - 1) / page, heavyPages = (HeavyTokens + page - 1) / page;
+        int firstRecent = Math.Max(0, pages - recentPages), judged = Math.Min(_observed, firstRecent);
+        // Read pages outside the window that are not evicted compete for the heavy slots; none evicted is ever needed.
+        int candidates = _alive - (_observed - judged), kept = Math.Min(heavyPages, candidates);
+        keep = kept + Math.Max(0, firstRecent - _observed) + (pages - firstRecent);
+        _alive -= candidates - kept;
+        LastStepPages = keep;
+        return new Step
+        {
+            State = this,
+            Params = new HeavyParams
+            {
+                Score = Score.Pointer, States = States.Pointer, PageLse = PageLse.Pointer, Pages = pages, KvHeads = _kvHeads, Group = queryHeads / _kvHeads,
+                Capacity = _capacity, FirstRecent = firstRecent, Observed = _observed,
+            },
+            Defines = DevicePagedCache<T>.Defines,
+        };
+    }
+
+    /// <summary>After the step: every page up to the sequence's end has been read.</summary>
+    internal void End(int pages)
+    {
+        _alive += pages - _observed;
+        _observed = pages;
+    }
+
+    /// <inheritdoc/>
+    public void Dispose()
+    {
+        Score?.Dispose();
+        States?.Dispose();
+        PageLse?.Dispose();
+        RowLse?.Dispose();
+    }
+
+    /// <summary>One step's kernel parameters (the list, bounds and LSE pointers are filled in by the decode).</summary>
+    internal sealed class Step
+    {
+        public required DeviceHeavyHitters State;
+        public HeavyParams Params;
+        public required Dictionary<string, string> Defines;
+
+        public ulong Bounds { set => Params.Bounds = value; }
+
+        public ulong List { set => Params.List = value; }
+
+        public ulong Count { set => Params.Count = value; }
+
+        public ulong Lse { set => Params.Lse = value; }
+
+        public long LseHead { set => Params.LseHead = value; }
+
+        public int Warps { set => Params.Warps = value; }
+
+        public unsafe void Launch(string kernel, uint grid)
+        {
+            HeavyParams p = Params;
+            void* arg = &p;
+            CudaBackend.Device.Kernel("select.cu", kernel, Defines).Launch(grid, 1, 1, 256, 0, &arg);
+        }
+    }
+
+    [StructLayout(LayoutKind.Sequential)]
+    internal struct HeavyParams
+    {
+        public ulong Score, States, Bounds, List, Count, PageLse, Lse;
+        public long LseHead;
+        public int Pages, KvHeads, Group, Capacity, Warps, FirstRecent, Observed;
     }
 }

@@ -429,6 +429,83 @@ public sealed class CudaDecodeTests
         Assert.Contains("maximum of 3", Assert.Throws<InvalidOperationException>(() => cache.Fork(second)).Message);
     }
 
+    /// <summary>
+    /// H2O on the device follows the CPU policy's rules step by step: a float64 replay here (the first step reads every
+    /// page; then the recent window, never-read pages and the kept pages of largest accumulated mass within the heavy
+    /// budget; the rest evicted for good; each read page's mass — the mean over the group of its softmax share — added to
+    /// its score) predicts the pages of every step, and the GPU's output equals float64 attention over exactly them
+    /// (appending 16 tokens a step, so pages leave the window and compete); a heavy budget covering the cache equals
+    /// dense decoding, bitwise.
+    /// </summary>
+    [CudaFact]
+    public void Should_keep_the_heavy_hitters_the_cpu_rules_keep()
+    {
+        const int h = 8, hkv = 2, d = 64, group = h / hkv, prompt = 1000, steps = 40, perStep = 16, heavyTokens = 256, recentTokens = 128;
+        int total = prompt + (steps * perStep);
+        TensorView<BFloat16> k = TestData.Random<BFloat16>(71, 1, total, hkv, d), v = TestData.Random<BFloat16>(72, 1, total, hkv, d);
+        using DevicePagedCache<BFloat16> cache = DevicePagedCache<BFloat16>.Create(hkv, d, total);
+        using DevicePagedCache<BFloat16> twin = DevicePagedCache<BFloat16>.Create(hkv, d, total);
+        cache.Append(k.Slice(1, 0, prompt), v.Slice(1, 0, prompt));
+        twin.Append(k.Slice(1, 0, prompt), v.Slice(1, 0, prompt));
+        using var state = new DeviceHeavyHitters(heavyTokens, recentTokens);
+        using var everything = new DeviceHeavyHitters(total, recentTokens);
+        using DeviceTensor<BFloat16> dO = DeviceTensor<BFloat16>.Allocate(1, h, d), dense = DeviceTensor<BFloat16>.Allocate(1, h, d);
+        // The float64 replay: per kv head a score and a state (0 unread, 1 kept, 2 evicted) per page.
+        var score = new double[hkv][];
+        var kept = new int[hkv][];
+        for (int g = 0; g < hkv; g++)
+        {
+            score[g] = new double[(total + 63) / 64];
+            kept[g] = new int[score[g].Length];
+        }
+        int length = prompt;
+        for (int step = 0; step < steps; step++)
+        {
+            var q = new TensorView<BFloat16>(TestData.Random<BFloat16>(1000 + step, 1, 1, h, d).ToArray(), 1, h, d);
+            using DeviceTensor<BFloat16> dq = DeviceTensor<BFloat16>.FromHost(q);
+            CudaPagedDecode.ForwardHeavyHitters(dq, cache, dO, state);
+            BFloat16[] got = dO.ToHost();
+            int pages = (length + 63) / 64, firstRecent = Math.Max(0, pages - (recentTokens / 64));
+            TensorView<BFloat16> kNow = k.Slice(1, 0, length), vNow = v.Slice(1, 0, length);
+            for (int g = 0; g < hkv; g++)
+            {
+                int[] heavy = [.. Enumerable.Range(0, firstRecent).Where(pg => kept[g][pg] == 1).OrderByDescending(pg => score[g][pg]).ThenBy(pg => pg).Take(heavyTokens / 64)];
+                for (int pg = 0; pg < firstRecent; pg++) if (kept[g][pg] == 1 && !heavy.Contains(pg)) kept[g][pg] = 2;
+                int[] read = [.. Enumerable.Range(0, pages).Where(pg => pg >= firstRecent || kept[g][pg] == 0 || heavy.Contains(pg))];
+                double worst = WorstOverPages(q, kNow, vNow, got, g, group, read);
+                Assert.True(worst < 1e-2, $"step {step}, kv head {g}: H2O on the GPU differs from float64 attention over the replayed pages by {worst:E3}");
+                // The step's masses, float64.
+                int[] keys = [.. read.SelectMany(pg => Enumerable.Range(pg * 64, Math.Min(64, length - (pg * 64))))];
+                var mass = new double[pages];
+                for (int r = 0; r < group; r++)
+                {
+                    int hh = (g * group) + r;
+                    double[] w = [.. keys.Select(j => Enumerable.Range(0, d).Sum(c => (double)(float)q[0, hh, c] * (float)kNow[0, j, g, c]) / Math.Sqrt(d))];
+                    double m = w.Max(), z = w.Sum(x => Math.Exp(x - m));
+                    for (int i = 0; i < keys.Length; i++) mass[keys[i] / 64] += Math.Exp(w[i] - m) / z / group;
+                }
+                foreach (int pg in read)
+                {
+                    score[g][pg] += mass[pg];
+                    kept[g][pg] = 1;
+                }
+            }
+            CudaPagedDecode.ForwardHeavyHitters(dq, twin, dO, everything);
+            CudaPagedDecode.Forward(dq, twin, dense);
+            Assert.Equal(dense.ToHost(), dO.ToHost());
+            cache.Append(k.Slice(1, length, perStep), v.Slice(1, length, perStep));
+            twin.Append(k.Slice(1, length, perStep), v.Slice(1, length, perStep));
+            length += perStep;
+        }
+        Assert.True(state.LastStepPages < (length + 63) / 64, "the heavy budget should leave pages unread by the end");
+        Assert.Throws<ArgumentOutOfRangeException>(() => new DeviceHeavyHitters(-1, 64));
+        Assert.Throws<ArgumentOutOfRangeException>(() => new DeviceHeavyHitters(64, 0));
+        using DeviceTensor<BFloat16> q1 = DeviceTensor<BFloat16>.Allocate(1, h, d);
+        Assert.Contains("another cache", Assert.Throws<InvalidOperationException>(() => CudaPagedDecode.ForwardHeavyHitters(q1, twin, dO, state)).Message);
+        cache.Truncate(0, 500);
+        Assert.Contains("shrank", Assert.Throws<InvalidOperationException>(() => CudaPagedDecode.ForwardHeavyHitters(q1, cache, dO, state)).Message);
+    }
+
     /// <summary>Batches naming missing, removed or empty sequences, too many sequences, and a full shared pool are named.</summary>
     [CudaFact]
     public void Should_name_bad_batches()

@@ -748,6 +748,9 @@ struct DecodeParams
     int table_stride, list_stride, pages_per_split;
     const int* lengths;
     const int* batch_seq;
+    // Optional (H2O's attention feedback): per (batch row, query head, list position, warp) the log2 of the warp's
+    // 16 keys' unnormalized softmax mass, [B, Hq, list_stride, WARPS]; null: not written.
+    float* page_lse;
 };
 
 // Where tile `tile` of this block's split reads its keys and values, and how many of its rows are keys.
@@ -871,6 +874,17 @@ flash_decode(const DecodeParams p)
                     sum += pr;
                 }
             row_sum[half] = row_sum[half] * alpha[half] + sum;
+            if (p.page_lse != nullptr)
+            {
+                float keys16 = sum + __shfl_xor_sync(0xffffffffu, sum, 1);
+                keys16 += __shfl_xor_sync(0xffffffffu, keys16, 2);
+                const int row = g + half * 8;
+                if (t == 0 && row < p.group)
+                {
+                    const i64 slot = ((i64)batch * p.heads + kv_head * p.group + row) * p.list_stride + first + tile;
+                    p.page_lse[slot * WARPS + warp] = keys16 > 0.f ? used + fast_log2(keys16) : NEG_INF;
+                }
+            }
         }
 #pragma unroll
         for (int d = 0; d < D_TILES; d++)

@@ -405,6 +405,88 @@ extern "C" __global__ void __launch_bounds__(THREADS) quest_bounds(const QuestPa
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// H2O on the GPU (Zhang et al., arXiv:2306.14048; the CPU's HeavyHitterPolicy at page granularity) for one sequence:
+// per (kv head, logical page) the attention mass accumulated over the steps that read it (the mean over the group's
+// query heads of the page's softmax share) and a state — 0 never read, 1 read and kept, 2 evicted for good. A step:
+//   h2o_bounds:  the selection's values — +∞ for the recent window and for pages never read (both always read), the
+//                accumulated mass for kept pages, −∞ for evicted ones; topk_rows then keeps the recent and unread pages
+//                and the heaviest kept ones (the host sizes k so that no evicted page is needed);
+//   h2o_evict:   kept pages outside the window that the top-k left out are evicted;
+//   (the decode, writing each listed page's per-warp log2 mass, flash_fwd.cu page_lse)
+//   h2o_observe: each listed page's mass from those partials and the rows' LSE, added to its score; state 1.
+// ---------------------------------------------------------------------------------------------------------------
+struct HeavyParams
+{
+    float* score;               // [Hkv, capacity] accumulated mass
+    int* state;                 // [Hkv, capacity]
+    float* bounds;              // [Hkv, pages]
+    const int* list;            // [Hkv, pages] the step's pages, ascending
+    const int* count;           // [Hkv]
+    const float* page_lse;      // [Hq, pages, warps] log2 partials of the listed pages (by list position)
+    const float* lse;           // row totals, natural log: lse[h · lse_head]
+    i64 lse_head;
+    int pages, kv_heads, group, capacity, warps;
+    int first_recent;           // pages ≥ first_recent are the recent window
+    int observed;               // pages < observed have been read at least once (pages in [observed, first_recent) not yet)
+};
+
+// Grid (ceil(Hkv · pages / THREADS)).
+extern "C" __global__ void __launch_bounds__(THREADS) h2o_bounds(const HeavyParams p)
+{
+    const int item = blockIdx.x * THREADS + threadIdx.x;
+    if (item >= p.kv_heads * p.pages) return;
+    const int h = item / p.pages, page = item % p.pages;
+    const i64 at = (i64)h * p.capacity + page;
+    const float inf = __int_as_float(0x7f800000);
+    float value;
+    if (page >= p.first_recent || page >= p.observed) value = inf;
+    else value = p.state[at] == 1 ? p.score[at] : -inf;
+    p.bounds[(i64)h * p.pages + page] = value;
+}
+
+// Grid (Hkv), THREADS threads over the pages outside the window: a kept page the (ascending) list lacks is evicted.
+extern "C" __global__ void __launch_bounds__(THREADS) h2o_evict(const HeavyParams p)
+{
+    const int h = blockIdx.x, n = p.count[h];
+    const int* list = p.list + (i64)h * p.pages;
+    const int judged = min(p.observed, p.first_recent);
+    for (int page = threadIdx.x; page < judged; page += THREADS)
+    {
+        const i64 at = (i64)h * p.capacity + page;
+        if (p.state[at] != 1) continue;
+        int lo = 0, hi = n;   // binary search in the ascending list
+        while (lo < hi)
+        {
+            const int mid = (lo + hi) / 2;
+            if (list[mid] < page) lo = mid + 1; else hi = mid;
+        }
+        if (lo == n || list[lo] != page) p.state[at] = 2;
+    }
+}
+
+// Grid (Hkv), THREADS threads over the listed pages.
+extern "C" __global__ void __launch_bounds__(THREADS) h2o_observe(const HeavyParams p)
+{
+    const int h = blockIdx.x, n = p.count[h];
+    for (int i = threadIdx.x; i < n; i += THREADS)
+    {
+        float mass = 0.f;
+        int live = 0;
+        for (int r = 0; r < p.group; r++)
+        {
+            const int head = h * p.group + r;
+            const float total = p.lse[head * p.lse_head] * 1.4426950408889634f;
+            if (!(total > -__int_as_float(0x7f800000))) continue;   // a row that attended nothing (or NaN)
+            live++;
+            for (int w = 0; w < p.warps; w++) mass += exp2f(p.page_lse[((i64)head * p.pages + i) * p.warps + w] - total);
+        }
+        const i64 at = (i64)h * p.capacity + p.list[(i64)h * p.pages + i];
+        p.score[at] += live > 1 ? mass / live : mass;
+        p.state[at] = 1;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Centroid compensation on the GPU (the CPU's CentroidCompensation; Rectified SpaAttn, SVG-EAR): after a plan ran,
 // every key block it skipped that a row sees whole stands in as one centroid — score scale·q·k̄ + ln n, value v̄ —
 // merged into the row's output and LSE in log space. k̄ and v̄ come from pool_blocks. The bulk runs on the tensor
