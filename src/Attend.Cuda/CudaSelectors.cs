@@ -145,7 +145,7 @@ public static unsafe class CudaSelectors
     /// <summary>
     /// SALE's plan (<see cref="SaleSelector"/>) for q [B, Sq, H, D] and k [B, Skv, Hkv, D], built on the device: keys
     /// smoothed by their mean, q (every <see cref="SaleSelector.RowStride"/>-th row of each block) and k quantized per
-    /// token to <see cref="SaleSelector.Bits"/> bits, the integer products on the tensor cores (exact as bf16), each
+    /// token to <see cref="SaleSelector.Bits"/> bits, the integer products on the tensor cores (int8, exact), each
     /// sampled row's largest estimate per key block, and per query block the blocks whose relative score
     /// max(block max − row max) reaches ln(<see cref="SaleSelector.Threshold"/>) — the CPU selector's choice up to the
     /// rounding of the keys' mean (summed in f32 here, f64 there) at the quantization's edges. Needs D a multiple of 8
@@ -164,7 +164,10 @@ public static unsafe class CudaSelectors
         CudaDevice device = CudaBackend.Device;
         int selectShared = CheckPlanSize(device, rows, kBlocks, bs, 0);
         Dictionary<string, string> defines = Defines<T>();
-        Dictionary<string, string> integerDefines = new() { ["SRC_T"] = "2" };   // the quantized rows are bf16 integers
+        // The quantized rows are int8, in rows of dPad bytes (whole 16-byte units), staged as 16-bit units by the estimate.
+        int dPad = (d + 15) / 16 * 16;
+        Dictionary<string, string> integerDefines = new() { ["SRC_T"] = "2", ["INT8_OPS"] = "1" };
+        Dictionary<string, string> quantizeDefines = new(defines) { ["INT8_OPS"] = "1" };
         long perHead = (long)batch * sampled * kBlocks;
         int launchHeads = HeadsPerLaunch(perHead, heads);
         int levels = selector.Bits == 4 ? 7 : 127;
@@ -172,8 +175,8 @@ public static unsafe class CudaSelectors
         lock (Gate)
         {
             long qScales = (long)batch * heads * sampled, kScales = (long)batch * kvHeads * skv, sums = (long)batch * kvHeads * d;
-            DeviceBuffer<ushort>.EnsureLength(ref _saleQ, (long)batch * sampled * heads * d);
-            DeviceBuffer<ushort>.EnsureLength(ref _saleK, (long)batch * skv * kvHeads * d);
+            DeviceBuffer<ushort>.EnsureLength(ref _saleQ, (long)batch * sampled * heads * dPad / 2);
+            DeviceBuffer<ushort>.EnsureLength(ref _saleK, (long)batch * skv * kvHeads * dPad / 2);
             DeviceBuffer<float>.EnsureLength(ref _saleScales, qScales + kScales + sums);
             DeviceBuffer<float>.EnsureLength(ref _mass, rows * kBlocks);
             DeviceBuffer<float>.EnsureLength(ref _estimate, perHead * launchHeads);
@@ -185,27 +188,27 @@ public static unsafe class CudaSelectors
             var kp = new QuantizeParams
             {
                 Src = k.Buffer.Pointer, Dst = _saleK!.Pointer, Scales = kScale, Sums = keySums,
-                SrcBatch = k.Strides[0], SrcRow = k.Strides[1], SrcHead = k.Strides[2], DstBatch = (long)skv * kvHeads * d, DstRow = (long)kvHeads * d, DstHead = d,
-                Rows = skv, Heads = kvHeads, D = d, Levels = levels, Length = skv, Scale = 1,
+                SrcBatch = k.Strides[0], SrcRow = k.Strides[1], SrcHead = k.Strides[2], DstBatch = (long)skv * kvHeads * dPad, DstRow = (long)kvHeads * dPad, DstHead = dPad,
+                Rows = skv, Heads = kvHeads, D = d, Levels = levels, Length = skv, Scale = 1, DPad = dPad,
             };
             void* arg = &kp;
             device.Kernel("estimate.cu", "key_sums", defines).Launch((uint)((skv + 255) / 256), (uint)kvHeads, (uint)batch, 256, 0, &arg);
-            device.Kernel("estimate.cu", "quantize_rows", defines).Launch((uint)((skv + 7) / 8), (uint)kvHeads, (uint)batch, 256, 0, &arg);
+            device.Kernel("estimate.cu", "quantize_rows", quantizeDefines).Launch((uint)((skv + QuantizeRowsPerBlock - 1) / QuantizeRowsPerBlock), (uint)kvHeads, (uint)batch, 256, 0, &arg);
             var qp = new QuantizeParams
             {
                 Src = q.Buffer.Pointer, Dst = _saleQ!.Pointer, Scales = qScale, Sums = 0,
-                SrcBatch = q.Strides[0], SrcRow = q.Strides[1], SrcHead = q.Strides[2], DstBatch = (long)sampled * heads * d, DstRow = (long)heads * d, DstHead = d,
+                SrcBatch = q.Strides[0], SrcRow = q.Strides[1], SrcHead = q.Strides[2], DstBatch = (long)sampled * heads * dPad, DstRow = (long)heads * dPad, DstHead = dPad,
                 Rows = sampled, Heads = heads, D = d, Levels = levels, Length = sq,
-                Sampled = 1, Block = bs, QBlocks = qBlocks, RowStride = rowStride, RowsPerBlock = rowsPerBlock, Scale = s,
+                Sampled = 1, Block = bs, QBlocks = qBlocks, RowStride = rowStride, RowsPerBlock = rowsPerBlock, Scale = s, DPad = dPad,
             };
             arg = &qp;
-            device.Kernel("estimate.cu", "quantize_rows", defines).Launch((uint)((sampled + 7) / 8), (uint)heads, (uint)batch, 256, 0, &arg);
+            device.Kernel("estimate.cu", "quantize_rows", quantizeDefines).Launch((uint)((sampled + QuantizeRowsPerBlock - 1) / QuantizeRowsPerBlock), (uint)heads, (uint)batch, 256, 0, &arg);
 
             var ep = new EstimateParams
             {
                 Q = _saleQ.Pointer, K = _saleK.Pointer, BlockLse = _estimate!.Pointer, Mass = _mass!.Pointer,
-                QBatch = qp.DstBatch, QRow = qp.DstRow, QHead = qp.DstHead, KBatch = kp.DstBatch, KRow = kp.DstRow, KHead = kp.DstHead,
-                Heads = heads, Group = heads / kvHeads, D = d, Stride = 1, SeqlenQ = sq, SeqlenK = skv, Causal = causal ? 1 : 0, CausalOffset = skv - sq,
+                QBatch = qp.DstBatch / 2, QRow = qp.DstRow / 2, QHead = qp.DstHead / 2, KBatch = kp.DstBatch / 2, KRow = kp.DstRow / 2, KHead = kp.DstHead / 2,
+                Heads = heads, Group = heads / kvHeads, D = dPad / 2, Stride = 1, SeqlenQ = sq, SeqlenK = skv, Causal = causal ? 1 : 0, CausalOffset = skv - sq,
                 QGroups = sampled, KGroups = skv, Block = bs, QBlocks = qBlocks, KBlocks = kBlocks, Scale = 1,
                 QScales = qScale, KScales = kScale, RowStride = rowStride, RowsPerBlock = rowsPerBlock,
             };
@@ -229,6 +232,9 @@ public static unsafe class CudaSelectors
             return SelectAndCompact(sp, batch, selectShared, rowStart, defines);
         }
     }
+
+    /// <summary>Rows quantize_rows handles per thread block: 8 warps × QUANT_ROWS (estimate.cu).</summary>
+    private const int QuantizeRowsPerBlock = 8 * 4;
 
     /// <summary>estimate.cu's rows per thread block (EST_ROWS) and threads (THREADS).</summary>
     private const int EstimateRows = 128, EstimateThreads = 256;
@@ -479,6 +485,7 @@ public static unsafe class CudaSelectors
         public int Rows, Heads, D, Levels, Length;
         public int Sampled, Block, QBlocks, RowStride, RowsPerBlock;
         public float Scale;
+        public int DPad;
     }
 
     [StructLayout(LayoutKind.Sequential)]

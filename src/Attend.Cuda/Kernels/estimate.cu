@@ -32,6 +32,12 @@
 #if GROUP_COLS != 8 && GROUP_COLS != 16 && GROUP_COLS != 32 && GROUP_COLS != 64
 #error "GROUP_COLS (block / stride) must be 8, 16, 32 or 64"
 #endif
+// INT8_OPS 1 (SALE): the operands are int8 integers, two to a 16-bit staging unit (p.d and the strides count units),
+// multiplied by mma.sync m16n8k32 s8 with s32 accumulators — twice bf16's rate and half its bytes; the same ldmatrix
+// addressing gives the s8 fragments (a row's 32 bytes are its 16 units). quantize_rows then writes bytes.
+#ifndef INT8_OPS
+#define INT8_OPS 0
+#endif
 
 #include "elements.cuh"
 #define MMA_F16 (SRC_T == 1)
@@ -75,6 +81,19 @@ __device__ __forceinline__ uint4 load8(const void* base, i64 i, bool valid)
 #else
     return *(const uint4*)((const u16*)base + i);
 #endif
+}
+
+// acc += A·B on int8 fragments (m16n8k32, s32 accumulators kept in the float registers' bits).
+__device__ __forceinline__ void mma_s8(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1)
+{
+    int c0 = __float_as_int(d[0]), c1 = __float_as_int(d[1]), c2 = __float_as_int(d[2]), c3 = __float_as_int(d[3]);
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+r"(c0), "+r"(c1), "+r"(c2), "+r"(c3)
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    d[0] = __int_as_float(c0);
+    d[1] = __int_as_float(c1);
+    d[2] = __int_as_float(c2);
+    d[3] = __int_as_float(c3);
 }
 
 // Merges (m2, s2) into the running (m, s) of Σ exp: both as max and Σ exp(x − max).
@@ -184,12 +203,27 @@ __device__ __forceinline__ void tile_products(const EstimateParams& p, u16 (*sq)
                 u32 b0, b1, b2, b3;
                 const int key = np * 16 + (lane & 7) + (lane >> 4) * 8;
                 ldmatrix_x4(smem_u32(&tk[key * PITCH + kk * 16 + ((lane >> 3) & 1) * 8]), b0, b1, b2, b3);
+#if INT8_OPS
+                mma_s8(acc[2 * np], a0, a1, a2, a3, b0, b1);
+                mma_s8(acc[2 * np + 1], a0, a1, a2, a3, b2, b3);
+#else
                 mma16816(acc[2 * np], a0, a1, a2, a3, b0, b1);
                 mma16816(acc[2 * np + 1], a0, a1, a2, a3, b2, b3);
+#endif
             }
         }
         __syncthreads();   // the next step stages into the buffer just read
-        if (ei == chunks - 1) epilogue(tile * EST_COLS, acc);
+        if (ei == chunks - 1)
+        {
+#if INT8_OPS
+            // The s32 sums as floats: exact, |sum| ≤ 256 · 127² < 2^24.
+#pragma unroll
+            for (int n = 0; n < NT; n++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) acc[n][i] = (float)__float_as_int(acc[n][i]);
+#endif
+            epilogue(tile * EST_COLS, acc);
+        }
     }
 }
 
@@ -292,8 +326,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) antidiagonal_lse(const Est
 // SALE's low-bit estimate (Ji et al., arXiv:2505.24179) — the device side of the CPU's SaleSelector: keys smoothed
 // by their mean over the sequence, q (times the softmax scale, every row_stride-th row of each block, its last row
 // included) and k quantized with one symmetric scale per token to ±7 (4-bit) or ±127 (8-bit). The integers go to the
-// tensor cores as bf16 — exact, and their sums stay below 2^24, so the products equal the CPU's integer products —
-// and each (sampled row, key block) keeps its largest scaled estimate; a block's relative score is then the largest
+// tensor cores as int8 (INT8_OPS; s32 sums, so the products equal the CPU's integer products) and each (sampled row, key block) keeps its largest scaled estimate; a block's relative score is then the largest
 // over the query block's rows of (block max − row max), kept when ≥ ln(threshold) by select_blocks.
 //   key_sums → quantize_rows (keys, queries) → scaled_block_max → sale_relative → select_blocks (threshold).
 // ---------------------------------------------------------------------------------------------------------------
@@ -310,13 +343,14 @@ __device__ __forceinline__ int sampled_query(int r, int block, int seqlen_q, int
 struct QuantizeParams
 {
     const void* src;            // [B, S, heads, D] (SRC_T)
-    u16* dst;                   // [B, rows, heads, D] bf16 integers
+    void* dst;                  // [B, rows, heads, D] integers: bf16, or int8 (INT8_OPS) in rows of d_pad bytes
     float* scales;              // [B, heads, rows]
     float* sums;                // [B, heads, D] channel sums of the keys (key_sums; quantize_rows subtracts the mean), or null
     i64 src_batch, src_row, src_head, dst_batch, dst_row, dst_head;
     int rows, heads, d, levels, length;
     int sampled, block, q_blocks, row_stride, rows_per_block;   // queries: rows are sampled_query(r, ...)
     float scale;                // multiplies the source (the softmax scale for queries)
+    int d_pad;                  // INT8_OPS: channels [d, d_pad) are written as 0 (rows whole 16-byte units)
 };
 
 // Grid (ceil(length / 256), heads, B), 256 threads: channel sums of 256 keys, added atomically.
@@ -331,44 +365,61 @@ extern "C" __global__ void __launch_bounds__(256) key_sums(const QuantizeParams 
     }
 }
 
-// Grid (ceil(rows / 8), heads, B), 256 threads: a warp per row (D ≤ 256), max |x| → scale = max / levels (1 for a
-// zero row), integers round(x / scale) half to even and clamped, as the CPU's Quantize.
+#define QUANT_ROWS 4   // rows per warp: the keys' channel means are divided once per warp, not per row
+
+// Grid (ceil(rows / (8 · QUANT_ROWS)), heads, B), 256 threads: a warp per QUANT_ROWS rows (D ≤ 256), max |x| → scale
+// = max / levels (1 for a zero row), integers round(x / scale) half to even and clamped, as the CPU's Quantize.
 extern "C" __global__ void __launch_bounds__(256) quantize_rows(const QuantizeParams p)
 {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int r = blockIdx.x * 8 + warp, h = blockIdx.y, b = blockIdx.z;
-    if (r >= p.rows) return;
-    const int src = p.sampled ? sampled_query(r, p.block, p.length, p.q_blocks, p.row_stride, p.rows_per_block) : r;
-    const i64 base = b * p.src_batch + (i64)src * p.src_row + h * p.src_head;
+    const int h = blockIdx.y, b = blockIdx.z;
     const float* sums = p.sums == nullptr ? nullptr : p.sums + ((i64)b * p.heads + h) * p.d;
-    float x[8];
-    float mx = 0.f;
+    float mean[8];
 #pragma unroll
     for (int i = 0; i < 8; i++)
     {
         const int c = lane + 32 * i;
-        float v = 0.f;
-        if (c < p.d)
+        mean[i] = sums != nullptr && c < p.d ? sums[c] / (float)p.length : 0.f;
+    }
+    for (int rr = 0; rr < QUANT_ROWS; rr++)
+    {
+        const int r = (blockIdx.x * 8 + warp) * QUANT_ROWS + rr;
+        if (r >= p.rows) return;
+        const int src = p.sampled ? sampled_query(r, p.block, p.length, p.q_blocks, p.row_stride, p.rows_per_block) : r;
+        const i64 base = b * p.src_batch + (i64)src * p.src_row + h * p.src_head;
+        float x[8];
+        float mx = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; i++)
         {
-            v = load_elem(p.src, base + c);
-            v = sums != nullptr ? v - sums[c] / (float)p.length : v * p.scale;
+            const int c = lane + 32 * i;
+            float v = 0.f;
+            if (c < p.d)
+            {
+                v = load_elem(p.src, base + c);
+                v = sums != nullptr ? v - mean[i] : v * p.scale;
+            }
+            x[i] = v;
+            mx = fmaxf(mx, fabsf(v));
         }
-        x[i] = v;
-        mx = fmaxf(mx, fabsf(v));
-    }
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-    const float scale = mx > 0.f ? mx / (float)p.levels : 1.f;
-    u16* out = p.dst + b * p.dst_batch + (i64)r * p.dst_row + h * p.dst_head;
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        const float scale = mx > 0.f ? mx / (float)p.levels : 1.f;
+        const i64 at = b * p.dst_batch + (i64)r * p.dst_row + h * p.dst_head;
 #pragma unroll
-    for (int i = 0; i < 8; i++)
-    {
-        const int c = lane + 32 * i;
-        if (c >= p.d) continue;
-        const float qv = fminf(fmaxf(rintf(x[i] / scale), -(float)p.levels), (float)p.levels);
-        out[c] = (u16)(__float_as_uint(qv) >> 16);   // small integers are exact in bf16
+        for (int i = 0; i < 8; i++)
+        {
+            const int c = lane + 32 * i;
+#if INT8_OPS
+            if (c < p.d_pad) ((signed char*)p.dst)[at + c] = c < p.d ? (signed char)fminf(fmaxf(rintf(x[i] / scale), -(float)p.levels), (float)p.levels) : 0;
+#else
+            if (c >= p.d) continue;
+            const float qv = fminf(fmaxf(rintf(x[i] / scale), -(float)p.levels), (float)p.levels);
+            ((u16*)p.dst)[at + c] = (u16)(__float_as_uint(qv) >> 16);   // small integers are exact in bf16
+#endif
+        }
+        if (lane == 0) p.scales[((i64)b * p.heads + h) * p.rows + r] = scale;
     }
-    if (lane == 0) p.scales[((i64)b * p.heads + h) * p.rows + r] = scale;
 }
 
 // Keys sampled row r sees (its query's causal limit).
@@ -407,15 +458,30 @@ extern "C" __global__ void __launch_bounds__(THREADS) scaled_block_max(const Est
         for (int half = 0; half < EST_COLS / 64; half++)
         {
             float m0 = NEG_INF, m1 = NEG_INF;
+            if (c0 + half * 64 + 64 <= min(vis0, vis1))
+            {
+                // Every column visible to both rows (all tiles but those at a row's causal edge): no checks, and each
+                // pair of key scales loaded once for both rows. The products keep the CPU's rounding: acc × (qs × ks).
 #pragma unroll
-            for (int n = half * 8; n < half * 8 + 8; n++)
-#pragma unroll
-                for (int i = 0; i < 4; i++)
+                for (int n = half * 8; n < half * 8 + 8; n++)
                 {
-                    const int col = c0 + n * 8 + 2 * t4 + (i & 1);
-                    if (i >= 2) { if (col < vis1) m1 = fmaxf(m1, acc[n][i] * (qs1 * ks[col])); }
-                    else if (col < vis0) m0 = fmaxf(m0, acc[n][i] * (qs0 * ks[col]));
+                    const float ka = ks[c0 + n * 8 + 2 * t4], kb = ks[c0 + n * 8 + 2 * t4 + 1];   // any alignment
+                    m0 = fmaxf(m0, fmaxf(acc[n][0] * (qs0 * ka), acc[n][1] * (qs0 * kb)));
+                    m1 = fmaxf(m1, fmaxf(acc[n][2] * (qs1 * ka), acc[n][3] * (qs1 * kb)));
                 }
+            }
+            else
+            {
+#pragma unroll
+                for (int n = half * 8; n < half * 8 + 8; n++)
+#pragma unroll
+                    for (int i = 0; i < 4; i++)
+                    {
+                        const int col = c0 + n * 8 + 2 * t4 + (i & 1);
+                        if (i >= 2) { if (col < vis1) m1 = fmaxf(m1, acc[n][i] * (qs1 * ks[col])); }
+                        else if (col < vis0) m0 = fmaxf(m0, acc[n][i] * (qs0 * ks[col]));
+                    }
+            }
             m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, 1));
             m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, 2));
             m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, 1));
