@@ -27,6 +27,7 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
     {
         public readonly int[] Table = new int[capacityPages];
         public int Length;
+        public int Truncations;   // lets per-sequence state on the device (H2O's) notice that tokens were taken back
         public int Pages => (Length + PageSize - 1) / PageSize;
     }
 
@@ -194,6 +195,7 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
     {
         Sequence seq = Get(sequence);
         if (length < 0 || length > seq.Length) throw new ArgumentOutOfRangeException(nameof(length), length, $"length must be in 0..{seq.Length} (sequence {sequence}'s tokens)");
+        seq.Truncations += length < seq.Length ? 1 : 0;
         int keepPages = (length + PageSize - 1) / PageSize;
         bool copy = length % PageSize != 0 && _refs[seq.Table[keepPages - 1]] > 1;
         int freed = 0;
@@ -346,6 +348,13 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
 
     /// <summary>Logical pages of <paramref name="sequence"/> (the last may be partial).</summary>
     public int Pages(int sequence = 0) => Get(sequence).Pages;
+
+    /// <summary>What identifies the tokens of <paramref name="sequence"/> so far: its state object and how often it was truncated.</summary>
+    internal (object Sequence, int Truncations) History(int sequence)
+    {
+        Sequence seq = Get(sequence);
+        return (seq, seq.Truncations);
+    }
 
     /// <summary>Whether <paramref name="sequence"/> is a sequence of the cache now.</summary>
     public bool HasSequence(int sequence) => (uint)sequence < (uint)_sequences.Length && _sequences[sequence] is not null;
@@ -690,7 +699,7 @@ public sealed class DeviceHeavyHitters : IDisposable
     private object? _cache;               // the cache the state belongs to (bound at the first step)
     private int _observed;                // pages [0, _observed) have been read at least once
     private int _alive;                   // read pages not evicted (kept or in the recent window)
-    private int _lastLength;
+    private (object Sequence, int Truncations)? _history;   // the sequence's identity at the last step
 
     /// <summary>Heavy-hitter and recent budgets in tokens (each rounded up to whole 64-token pages; recent ≥ 1).</summary>
     public DeviceHeavyHitters(int heavyTokens, int recentTokens, int sequence = 0)
@@ -742,9 +751,12 @@ public sealed class DeviceHeavyHitters : IDisposable
         {
             throw new InvalidOperationException("this H2O state follows another cache; make one state per (cache, sequence)");
         }
-        int length = cache.Length(Sequence);
-        if (length < _lastLength) throw new InvalidOperationException($"sequence {Sequence} shrank from {_lastLength} to {length} tokens since the last step (truncated or replaced); start a new H2O state");
-        _lastLength = length;
+        (object Sequence, int Truncations) history = cache.History(Sequence);
+        if (_history is { } seen && (!ReferenceEquals(seen.Sequence, history.Sequence) || seen.Truncations != history.Truncations))
+        {
+            throw new InvalidOperationException($"sequence {Sequence} was truncated or replaced since the last step; its pages' scores no longer hold: start a new H2O state");
+        }
+        _history = history;
         if (PageLse is null || PageLse.Length < (long)queryHeads * pages * 8)
         {
             PageLse?.Dispose();
