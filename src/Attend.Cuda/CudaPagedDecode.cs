@@ -700,6 +700,7 @@ public sealed class DeviceHeavyHitters : IDisposable
     private int _observed;                // pages [0, _observed) have been read at least once
     private int _alive;                   // read pages not evicted (kept or in the recent window)
     private (object Sequence, int Truncations)? _history;   // the sequence's identity at the last step
+    private int _evicting;                // pages the step in flight evicts
 
     /// <summary>Heavy-hitter and recent budgets in tokens (each rounded up to whole 64-token pages; recent ≥ 1).</summary>
     public DeviceHeavyHitters(int heavyTokens, int recentTokens, int sequence = 0)
@@ -773,7 +774,7 @@ public sealed class DeviceHeavyHitters : IDisposable
         // Read pages outside the window that are not evicted compete for the heavy slots; none evicted is ever needed.
         int candidates = _alive - (_observed - judged), kept = Math.Min(heavyPages, candidates);
         keep = kept + Math.Max(0, firstRecent - _observed) + (pages - firstRecent);
-        _alive -= candidates - kept;
+        _evicting = candidates - kept;   // applied by End, once the step's kernels are launched
         LastStepPages = keep;
         return new Step
         {
@@ -790,7 +791,7 @@ public sealed class DeviceHeavyHitters : IDisposable
     /// <summary>After the step: every page up to the sequence's end has been read.</summary>
     internal void End(int pages)
     {
-        _alive += pages - _observed;
+        _alive += pages - _observed - _evicting;
         _observed = pages;
     }
 
