@@ -211,7 +211,8 @@ internal static class GpuBench
         const int hq = 32, hkv = 8, d = 128, batch = 8;
         int[] lengths = [.. Enumerable.Range(0, batch).Select(i => total / (batch * batch) * (2 * i + 1))];
         status($"cuda batched paged decode: {batch} sequences, {lengths.Sum()} keys");
-        using DevicePagedCache<BFloat16> cache = DevicePagedCache<BFloat16>.Create(hkv, d, lengths.Sum(), batch);
+        const int steps = 64;
+        using DevicePagedCache<BFloat16> cache = DevicePagedCache<BFloat16>.Create(hkv, d, lengths.Sum() + (batch * 2 * (steps + 64)), batch);
         for (int i = 1; i < batch; i++) cache.AddSequence();
         TensorView<BFloat16> k = BenchCommand.RandomView<BFloat16>(6, 1, lengths.Max(), hkv, d), v = BenchCommand.RandomView<BFloat16>(7, 1, lengths.Max(), hkv, d);
         for (int at = 0; at < lengths.Max(); at += 1024)
@@ -232,6 +233,27 @@ internal static class GpuBench
             }, Math.Max(50, plan.Reps));
             List<double> tq = CudaTimer.Measure(() => CudaPagedDecode.Forward(qs, cache, o, questTokenBudget: 2048), Math.Max(50, plan.Reps));
             double batchedMs = tb[tb.Count / 2], separateMs = ts[ts.Count / 2], questMs = tq[tq.Count / 2];
+            // Generation: each step appends one token to each of the 8 sequences (one batched call, or one call per
+            // sequence), then decodes the batch; host-timed over the loop (the appends' copies synchronize).
+            TensorView<BFloat16> newK = BenchCommand.RandomView<BFloat16>(9, batch, steps, hkv, d), newV = BenchCommand.RandomView<BFloat16>(10, batch, steps, hkv, d);
+            int[] ids = [.. Enumerable.Range(0, batch)];
+            double StepMs(bool together, int count)
+            {
+                o.ToHost();
+                var sw = System.Diagnostics.Stopwatch.StartNew();
+                for (int t = 0; t < count; t++)
+                {
+                    if (together) cache.Append(newK.Slice(1, t, 1), newV.Slice(1, t, 1), ids);
+                    else
+                        for (int i = 0; i < batch; i++) cache.Append(newK.Slice(0, i, 1).Slice(1, t, 1), newV.Slice(0, i, 1).Slice(1, t, 1), i);
+                    CudaPagedDecode.Forward(qs, cache, o);
+                }
+                o.ToHost();
+                return sw.Elapsed.TotalMilliseconds / count;
+            }
+            StepMs(false, 8);   // warm-up: first launches load their kernels
+            StepMs(true, 8);
+            double separateStep = StepMs(false, steps), batchedStep = StepMs(true, steps);
             string shape = $"{batch} sequences of {lengths[0]}..{lengths[^1]} keys";
             return
             [
@@ -244,6 +266,12 @@ internal static class GpuBench
                 new BenchCommand.BenchRow("gpu-decode", $"batched paged quest 2048 tokens {hq}/{hkv} heads", DType.BFloat16, batch, hq, hkv, lengths.Sum(), d, false, 0, KernelPath.Auto,
                     questMs, tq[0], tq[^1], tq.Count, 4.0 * hq * batch * 2048 * d, NominalPeakGflops)
                 { Backend = "cuda", Mask = "decode", SpeedupVsDense = batchedMs / questMs, Note = $"{shape}, Quest with a 2048-token budget per sequence: {batchedMs / questMs:F1}x the batched dense decode" },
+                new BenchCommand.BenchRow("gpu-decode", $"batched append + decode {hq}/{hkv} heads", DType.BFloat16, batch, hq, hkv, lengths.Sum(), d, false, 0, KernelPath.Auto,
+                    batchedStep, batchedStep, batchedStep, steps, 4.0 * hq * lengths.Sum() * d, NominalPeakGflops)
+                {
+                    Backend = "cuda", Mask = "decode", SpeedupVsDense = separateStep / batchedStep,
+                    Note = $"{shape}: a generation step (one token appended to each in one call, then the batch decoded) {batchedStep:F3} ms = {batch / batchedStep * 1e3:F0} tokens/s; appending sequence by sequence {separateStep:F3} ms",
+                },
             ];
         }
         finally

@@ -21,6 +21,9 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
     private readonly Stack<int> _freePages = [];   // pool pages returned by removed or truncated sequences
     private readonly int[] _refs;                // per pool page: the sequences whose tables hold it (full pages are shared by forks)
     private int _poolUsed;                       // pool pages handed out from the end (the rest are on _freePages or unused)
+    private DeviceBuffer<T>? _stageK, _stageV;  // a batched append's new rows
+    private DeviceBuffer<long>? _stageOffsets;
+    private DeviceBuffer<int>? _stageInts;
 
     /// <summary>A sequence's host-side state: its table (logical → pool page) and length.</summary>
     private sealed class Sequence(int capacityPages)
@@ -187,6 +190,100 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
     }
 
     /// <summary>
+    /// Appends k, v [B, n, Hkv, D] (host): row b's n tokens after those of sequence <paramref name="sequences"/>[b] — a
+    /// generation step of a batch in three copies (the new rows' keys, values and addresses, and the bookkeeping) and two
+    /// kernels, where appending sequence by sequence costs copies and a launch each. The sequences are distinct;
+    /// everything is checked before anything is written.
+    /// </summary>
+    public void Append(TensorView<T> k, TensorView<T> v, IReadOnlyList<int> sequences)
+    {
+        ArgumentNullException.ThrowIfNull(sequences);
+        int b = sequences.Count;
+        if (k.Rank != 4 || k.Dim(0) != b || k.Dim(2) != KvHeads || k.Dim(3) != HeadDim)
+        {
+            throw new ArgumentException($"k must be [B={b} (one row per sequence), n, {KvHeads}, {HeadDim}]; got {TensorView<T>.FormatShape<int>(k.Shape)}", nameof(k));
+        }
+        if (!v.Shape.SequenceEqual(k.Shape)) throw new ArgumentException($"v must have k's shape {TensorView<T>.FormatShape<int>(k.Shape)}; got {TensorView<T>.FormatShape<int>(v.Shape)}", nameof(v));
+        int n = k.Dim(1);
+        if (n < 1 || b < 1) throw new ArgumentException("k has no tokens", nameof(k));
+        var seqs = new Sequence[b];
+        long needed = 0;
+        for (int i = 0; i < b; i++)
+        {
+            seqs[i] = Get(sequences[i]);
+            for (int j = 0; j < i; j++)
+                if (sequences[j] == sequences[i]) throw new ArgumentException($"sequence {sequences[i]} is listed twice", nameof(sequences));
+            needed += ((seqs[i].Length + (long)n + PageSize - 1) / PageSize) - seqs[i].Pages;
+        }
+        if (needed > FreePages)
+        {
+            throw new InvalidOperationException($"appending {n} tokens to each of {b} sequences needs {needed} more pages; {FreePages} of the pool's {CapacityPages} are free (a capacity of {CapacityPages * PageSize} tokens)");
+        }
+        long rowElements = (long)KvHeads * HeadDim;
+        var kRows = new T[b * n * rowElements];
+        var vRows = new T[kRows.Length];
+        var offsets = new long[b * n];
+        var summaries = new List<int>();   // (pool page, keys) pairs
+        var entries = new List<int>();     // (table index or −1 − sequence, value) pairs
+        for (int i = 0; i < b; i++)
+        {
+            Sequence seq = seqs[i];
+            int oldLength = seq.Length, oldPages = seq.Pages, newLength = oldLength + n, newPages = (newLength + PageSize - 1) / PageSize;
+            for (int page = oldPages; page < newPages; page++)
+            {
+                seq.Table[page] = Allocate();
+                entries.Add((sequences[i] * CapacityPages) + page);
+                entries.Add(seq.Table[page]);
+            }
+            for (int j = 0; j < n; j++)
+            {
+                int position = oldLength + j, row = (i * n) + j;
+                offsets[row] = (seq.Table[position / PageSize] * PageStride) + (position % PageSize * rowElements);
+                for (int h = 0; h < KvHeads; h++)
+                {
+                    int at = (int)((row * rowElements) + ((long)h * HeadDim));
+                    CopyRow(k, i, j, h, kRows.AsSpan(at, HeadDim));
+                    CopyRow(v, i, j, h, vRows.AsSpan(at, HeadDim));
+                }
+            }
+            for (int page = oldLength % PageSize != 0 ? oldPages - 1 : oldPages; page < newPages; page++)
+            {
+                summaries.Add(seq.Table[page]);
+                summaries.Add(Math.Min(PageSize, newLength - (page * PageSize)));
+            }
+            entries.Add(-1 - sequences[i]);
+            entries.Add(newLength);
+            seq.Length = newLength;
+        }
+        DeviceBuffer<T>.EnsureLength(ref _stageK, kRows.Length);
+        DeviceBuffer<T>.EnsureLength(ref _stageV, vRows.Length);
+        DeviceBuffer<long>.EnsureLength(ref _stageOffsets, offsets.Length);
+        DeviceBuffer<int>.EnsureLength(ref _stageInts, summaries.Count + entries.Count);
+        _stageK!.CopyFrom(kRows);
+        _stageV!.CopyFrom(vRows);
+        _stageOffsets!.CopyFrom(offsets);
+        _stageInts!.CopyFrom([.. summaries, .. entries]);
+        ulong sk = _stageK.Pointer, sv = _stageV.Pointer, so = _stageOffsets.Pointer, pk = K.Pointer, pv = V.Pointer;
+        int elements = (int)rowElements;
+        void** args = stackalloc void*[6];
+        args[0] = &sk;
+        args[1] = &sv;
+        args[2] = &so;
+        args[3] = &pk;
+        args[4] = &pv;
+        args[5] = &elements;
+        CudaBackend.Device.Kernel("select.cu", "pool_append", Defines).Launch((uint)(b * n), 1, 1, 128, 0, args);
+        var sp = new SummaryParams
+        {
+            K = K.Pointer, Min = Min.Pointer, Max = Max.Pointer, Mean = Mean.Pointer, PageStride = PageStride, RowStride = rowElements, HeadStride = HeadDim,
+            KvHeads = KvHeads, D = HeadDim, Page = PageSize, LastPage = -1, Lengths = Lengths.Pointer,
+            List = _stageInts.Pointer, Entries = _stageInts.Pointer + ((ulong)summaries.Count * sizeof(int)), Updates = entries.Count / 2, Table = Table.Pointer,
+        };
+        void* arg = &sp;
+        CudaBackend.Device.Kernel("select.cu", "page_summaries", Defines).Launch((uint)(summaries.Count / 2), (uint)KvHeads, 1, 256, 0, &arg);
+    }
+
+    /// <summary>
     /// Keeps the first <paramref name="length"/> tokens of <paramref name="sequence"/> (a rejected draft of speculative
     /// decoding, a beam cut back): pages past them return to the pool; a partial last page shared with a fork is copied
     /// first, since the next append writes into it.
@@ -332,15 +429,18 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
         if (d > 256 || d % 8 != 0 || d < 8) throw new NotSupportedException($"GPU decoding needs D ≤ 256 and a multiple of 8; got {d}");
     }
 
-    /// <summary>Row (0, j, h) of x into <paramref name="destination"/>: one span copy when the row is contiguous.</summary>
-    private static void CopyRow(TensorView<T> x, int j, int h, Span<T> destination)
+    /// <summary>Row (0, j, h) of x into <paramref name="destination"/>.</summary>
+    private static void CopyRow(TensorView<T> x, int j, int h, Span<T> destination) => CopyRow(x, 0, j, h, destination);
+
+    /// <summary>Row (b, j, h) of x into <paramref name="destination"/>: one span copy when the row is contiguous.</summary>
+    private static void CopyRow(TensorView<T> x, int b, int j, int h, Span<T> destination)
     {
         if (x.Stride(3) == 1)
         {
-            MemoryMarshal.CreateReadOnlySpan(ref x[0, j, h, 0], destination.Length).CopyTo(destination);
+            MemoryMarshal.CreateReadOnlySpan(ref x[b, j, h, 0], destination.Length).CopyTo(destination);
             return;
         }
-        for (int c = 0; c < destination.Length; c++) destination[c] = x[0, j, h, c];
+        for (int c = 0; c < destination.Length; c++) destination[c] = x[b, j, h, c];
     }
 
     /// <summary>Tokens in <paramref name="sequence"/>.</summary>
@@ -401,6 +501,10 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
         V?.Dispose();
         Table?.Dispose();
         Lengths?.Dispose();
+        _stageK?.Dispose();
+        _stageV?.Dispose();
+        _stageOffsets?.Dispose();
+        _stageInts?.Dispose();
         Min?.Dispose();
         Max?.Dispose();
         Mean?.Dispose();
@@ -415,6 +519,9 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
         public ulong Mean;
         public ulong Lengths;
         public int Sequence, Length;
+        public ulong List, Entries;
+        public int Updates;
+        public ulong Table;
     }
 }
 

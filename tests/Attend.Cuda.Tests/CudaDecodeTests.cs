@@ -507,6 +507,73 @@ public sealed class CudaDecodeTests
         Assert.Contains("truncated or replaced", Assert.Throws<InvalidOperationException>(() => CudaPagedDecode.ForwardHeavyHitters(q1, cache, dO, state)).Message);
     }
 
+    /// <summary>
+    /// A batched append (one call for several sequences: 1 token a step across page boundaries, then 20 at once, f16 and
+    /// bf16) leaves every sequence decoding exactly as appending sequence by sequence does — dense and Quest, bitwise —
+    /// and bad batches (a sequence twice, a row count that is not the list's, no room) change nothing.
+    /// </summary>
+    [CudaFact]
+    public void Should_append_to_a_batch_as_sequence_by_sequence()
+    {
+        BatchedAppend<BFloat16>();
+        BatchedAppend<Half>();
+    }
+
+    private static void BatchedAppend<T>() where T : unmanaged
+    {
+        const int h = 8, hkv = 2, d = 64, steps = 70;
+        int[] start = [63, 64, 130];
+        int[] ids = [2, 0, 1];   // rows of each batched append, in this order
+        int most = start.Max() + steps + 40 + 10;   // room for the bad appends' rows below
+        var k = new TensorView<T>[3];
+        var v = new TensorView<T>[3];
+        for (int i = 0; i < 3; i++)
+        {
+            k[i] = TestData.Random<T>(80 + i, 1, most, hkv, d);
+            v[i] = TestData.Random<T>(90 + i, 1, most, hkv, d);
+        }
+        using DevicePagedCache<T> batched = DevicePagedCache<T>.Create(hkv, d, 3 * most, maxSequences: 3), single = DevicePagedCache<T>.Create(hkv, d, 3 * most, maxSequences: 3);
+        foreach (DevicePagedCache<T> cache in new[] { batched, single })
+        {
+            cache.AddSequence();
+            cache.AddSequence();
+            for (int i = 0; i < 3; i++) cache.Append(k[i].Slice(1, 0, start[i]), v[i].Slice(1, 0, start[i]), i);
+        }
+        var q = new TensorView<T>(TestData.Random<T>(99, 3, 1, h, d).ToArray(), 3, h, d);
+        using DeviceTensor<T> dq = DeviceTensor<T>.FromHost(q), a = DeviceTensor<T>.Allocate(3, h, d), b = DeviceTensor<T>.Allocate(3, h, d);
+        int[] length = [.. start];
+        TensorView<T> Rows(TensorView<T>[] x, int n)
+        {
+            // [3 rows in ids' order, n tokens, Hkv, D]
+            var data = new List<T>();
+            foreach (int id in ids) data.AddRange(x[id].Slice(1, length[id], n).ToArray());
+            return new TensorView<T>([.. data], 3, n, hkv, d);
+        }
+        foreach (int n in Enumerable.Repeat(1, steps).Concat([20, 20]))
+        {
+            batched.Append(Rows(k, n), Rows(v, n), ids);
+            foreach (int id in ids)
+            {
+                single.Append(k[id].Slice(1, length[id], n), v[id].Slice(1, length[id], n), id);
+                length[id] += n;
+            }
+            foreach (int? budget in new int?[] { null, 128 })
+            {
+                CudaPagedDecode.Forward(dq, batched, a, questTokenBudget: budget);
+                CudaPagedDecode.Forward(dq, single, b, questTokenBudget: budget);
+                Assert.True(a.ToHost().SequenceEqual(b.ToHost()), $"{typeof(T).Name}: after a batched append of {n} (lengths {string.Join(", ", length)}, Quest {budget?.ToString() ?? "none"}) the decodes differ");
+            }
+        }
+        for (int i = 0; i < 3; i++) Assert.Equal(length[i], batched.Length(i));
+        int free = batched.FreePages;
+        Assert.Equal("sequences", Assert.Throws<ArgumentException>(() => batched.Append(Rows(k, 1), Rows(v, 1), [0, 1, 0])).ParamName);
+        Assert.Equal("k", Assert.Throws<ArgumentException>(() => batched.Append(Rows(k, 1), Rows(v, 1), [0, 1])).ParamName);
+        var big = new TensorView<T>(new T[3 * 100 * hkv * d], 3, 100, hkv, d);   // 16 pages needed in all, the pool has 12
+        Assert.Contains("capacity", Assert.Throws<InvalidOperationException>(() => batched.Append(big, big, ids)).Message);
+        Assert.Equal(free, batched.FreePages);
+        for (int i = 0; i < 3; i++) Assert.Equal(length[i], batched.Length(i));
+    }
+
     /// <summary>Batches naming missing, removed or empty sequences, too many sequences, and a full shared pool are named.</summary>
     [CudaFact]
     public void Should_name_bad_batches()

@@ -329,14 +329,42 @@ struct SummaryParams
     float* mean;                // [pages, Hkv, D]: the keys' mean (Landmark)
     int* lengths;               // [sequences]: the first thread block stores lengths[sequence] = length (stream-ordered,
     int sequence, length;       // so an append needs no copy of its own for it)
+    // A batched append (pool_append): list holds (pool page, keys) pairs, one per thread block along x, instead of the
+    // run; then entries holds `updates` (index, value) pairs written first — table entries and lengths (lengths as
+    // −1 − sequence) — by the first thread block.
+    const int* list;
+    const int* entries;
+    int updates;
+    int* table;
 };
+
+// Grid (rows, 1, 1), 128 threads: row r of the staged keys and values [rows, Hkv · D] to element offsets[r] of the pools
+// (16-byte vectors: Hkv · D and the offsets are multiples of 8).
+extern "C" __global__ void __launch_bounds__(128) pool_append(const u16* staged_k, const u16* staged_v, const i64* offsets, u16* k, u16* v, int row_elements)
+{
+    const i64 from = (i64)blockIdx.x * row_elements, to = offsets[blockIdx.x];
+    for (int i = threadIdx.x * 8; i < row_elements; i += 128 * 8)
+    {
+        *(uint4*)(k + to + i) = *(const uint4*)(staged_k + from + i);
+        *(uint4*)(v + to + i) = *(const uint4*)(staged_v + from + i);
+    }
+}
 
 // Grid (pages of the run, Hkv), THREADS threads over channels: pool pages first_page, first_page + 1, ….
 extern "C" __global__ void __launch_bounds__(THREADS) page_summaries(const SummaryParams p)
 {
-    const int page = p.first_page + blockIdx.x, h = blockIdx.y;
-    if (blockIdx.x == 0 && h == 0 && threadIdx.x == 0 && p.lengths != nullptr) p.lengths[p.sequence] = p.length;
-    const int rows = page == p.last_page ? p.last_len : p.page;
+    const int h = blockIdx.y;
+    const int page = p.list != nullptr ? p.list[2 * blockIdx.x] : p.first_page + blockIdx.x;
+    if (blockIdx.x == 0 && h == 0)
+    {
+        if (threadIdx.x == 0 && p.lengths != nullptr && p.list == nullptr) p.lengths[p.sequence] = p.length;
+        for (int i = threadIdx.x; i < p.updates; i += THREADS)
+        {
+            const int index = p.entries[2 * i], value = p.entries[2 * i + 1];
+            if (index >= 0) p.table[index] = value; else p.lengths[-1 - index] = value;
+        }
+    }
+    const int rows = p.list != nullptr ? p.list[2 * blockIdx.x + 1] : page == p.last_page ? p.last_len : p.page;
     const i64 base = page * p.page_stride + h * p.head_stride;
     for (int c = threadIdx.x; c < p.d; c += THREADS)
     {
