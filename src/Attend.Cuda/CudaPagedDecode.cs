@@ -21,9 +21,8 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
     private readonly Stack<int> _freePages = [];   // pool pages returned by removed or truncated sequences
     private readonly int[] _refs;                // per pool page: the sequences whose tables hold it (full pages are shared by forks)
     private int _poolUsed;                       // pool pages handed out from the end (the rest are on _freePages or unused)
-    private DeviceBuffer<T>? _stageK, _stageV;  // a batched append's new rows
-    private DeviceBuffer<long>? _stageOffsets;
-    private DeviceBuffer<int>? _stageInts;
+    private DeviceBuffer<T>? _stageRows;        // an append's new rows (keys, then values)
+    private DeviceBuffer<long>? _stageMeta;      // their pool offsets and the append's bookkeeping
 
     /// <summary>A sequence's host-side state: its table (logical → pool page) and length.</summary>
     private sealed class Sequence(int capacityPages)
@@ -148,63 +147,37 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
     /// </summary>
     public void Append(TensorView<T> k, TensorView<T> v, int sequence = 0)
     {
-        Sequence seq = Get(sequence);
         if (k.Rank != 4 || k.Dim(0) != 1 || k.Dim(2) != KvHeads || k.Dim(3) != HeadDim)
         {
             throw new ArgumentException($"k must be [1, n, {KvHeads}, {HeadDim}]; got {TensorView<T>.FormatShape<int>(k.Shape)}", nameof(k));
         }
-        if (!v.Shape.SequenceEqual(k.Shape)) throw new ArgumentException($"v must have k's shape {TensorView<T>.FormatShape<int>(k.Shape)}; got {TensorView<T>.FormatShape<int>(v.Shape)}", nameof(v));
-        int n = k.Dim(1);
-        if (n < 1) throw new ArgumentException("k has no tokens", nameof(k));
-        long newLength = (long)seq.Length + n;
-        int oldLength = seq.Length, oldPages = seq.Pages;
-        long needed = ((newLength + PageSize - 1) / PageSize) - oldPages, free = _freePages.Count + (CapacityPages - _poolUsed);
-        if (needed > free)
-        {
-            throw new InvalidOperationException(
-                $"appending {n} tokens to sequence {sequence} ({oldLength} tokens) needs {needed} more pages; {free} of the pool's {CapacityPages} are free (a capacity of {CapacityPages * PageSize} tokens)");
-        }
-        int newPages = (int)((newLength + PageSize - 1) / PageSize);
-        int firstTouched = oldLength % PageSize != 0 ? oldPages - 1 : oldPages;   // the partial last page, if any
-        for (int page = oldPages; page < newPages; page++) seq.Table[page] = Allocate();
-        // Copy page by page: the new tokens of one page are consecutive rows [tokens, Hkv, D] there.
-        long rowElements = (long)KvHeads * HeadDim;
-        var kRows = new T[Math.Min(n, PageSize) * rowElements];
-        var vRows = new T[kRows.Length];
-        for (int j0 = 0; j0 < n;)
-        {
-            int position = oldLength + j0, page = position / PageSize, within = position % PageSize, count = Math.Min(n - j0, PageSize - within);
-            for (int j = 0; j < count; j++)
-                for (int h = 0; h < KvHeads; h++)
-                {
-                    int at = (int)(((long)j * rowElements) + ((long)h * HeadDim));
-                    CopyRow(k, j0 + j, h, kRows.AsSpan(at, HeadDim));
-                    CopyRow(v, j0 + j, h, vRows.AsSpan(at, HeadDim));
-                }
-            long offset = (seq.Table[page] * PageStride) + (within * rowElements);
-            K.CopyFrom(kRows.AsSpan(0, (int)(count * rowElements)), offset);
-            V.CopyFrom(vRows.AsSpan(0, (int)(count * rowElements)), offset);
-            j0 += count;
-        }
-        Commit(sequence, (int)newLength, firstTouched, oldPages);
+        AppendRows(k, v, [sequence]);
     }
 
     /// <summary>
     /// Appends k, v [B, n, Hkv, D] (host): row b's n tokens after those of sequence <paramref name="sequences"/>[b] — a
-    /// generation step of a batch in three copies (the new rows' keys, values and addresses, and the bookkeeping) and two
-    /// kernels, where appending sequence by sequence costs copies and a launch each. The sequences are distinct;
-    /// everything is checked before anything is written.
+    /// generation step of a batch in the copies and launches of one append, where appending sequence by sequence pays
+    /// them per sequence. The sequences are distinct; everything is checked before anything is written.
     /// </summary>
     public void Append(TensorView<T> k, TensorView<T> v, IReadOnlyList<int> sequences)
     {
         ArgumentNullException.ThrowIfNull(sequences);
-        int b = sequences.Count;
-        if (k.Rank != 4 || k.Dim(0) != b || k.Dim(2) != KvHeads || k.Dim(3) != HeadDim)
+        if (k.Rank != 4 || k.Dim(0) != sequences.Count || k.Dim(2) != KvHeads || k.Dim(3) != HeadDim)
         {
-            throw new ArgumentException($"k must be [B={b} (one row per sequence), n, {KvHeads}, {HeadDim}]; got {TensorView<T>.FormatShape<int>(k.Shape)}", nameof(k));
+            throw new ArgumentException($"k must be [B={sequences.Count} (one row per sequence), n, {KvHeads}, {HeadDim}]; got {TensorView<T>.FormatShape<int>(k.Shape)}", nameof(k));
         }
+        AppendRows(k, v, sequences);
+    }
+
+    /// <summary>
+    /// Both appends: the new rows (keys then values) go up in one copy, their pool offsets and the bookkeeping — the
+    /// touched pages (pool page, keys) and the new table entries and lengths — in another; <c>pool_append</c> scatters
+    /// the rows and <c>page_summaries</c> (list mode) recomputes the touched pages' summaries and writes the entries.
+    /// </summary>
+    private void AppendRows(TensorView<T> k, TensorView<T> v, IReadOnlyList<int> sequences)
+    {
         if (!v.Shape.SequenceEqual(k.Shape)) throw new ArgumentException($"v must have k's shape {TensorView<T>.FormatShape<int>(k.Shape)}; got {TensorView<T>.FormatShape<int>(v.Shape)}", nameof(v));
-        int n = k.Dim(1);
+        int b = sequences.Count, n = k.Dim(1);
         if (n < 1 || b < 1) throw new ArgumentException("k has no tokens", nameof(k));
         var seqs = new Sequence[b];
         long needed = 0;
@@ -217,14 +190,14 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
         }
         if (needed > FreePages)
         {
-            throw new InvalidOperationException($"appending {n} tokens to each of {b} sequences needs {needed} more pages; {FreePages} of the pool's {CapacityPages} are free (a capacity of {CapacityPages * PageSize} tokens)");
+            throw new InvalidOperationException(
+                $"appending {n} tokens to each of {b} sequence(s) needs {needed} more pages; {FreePages} of the pool's {CapacityPages} are free (a capacity of {CapacityPages * PageSize} tokens)");
         }
-        long rowElements = (long)KvHeads * HeadDim;
-        var kRows = new T[b * n * rowElements];
-        var vRows = new T[kRows.Length];
-        var offsets = new long[b * n];
-        var summaries = new List<int>();   // (pool page, keys) pairs
-        var entries = new List<int>();     // (table index or −1 − sequence, value) pairs
+        long rowElements = (long)KvHeads * HeadDim, rows = (long)b * n;
+        var staged = new T[2 * rows * rowElements];                 // keys, then values
+        var offsets = new long[rows];
+        var ints = new List<int>();                                 // (pool page, keys) pairs, then (index, value) pairs
+        var entries = new List<int>();                              // (table index or −1 − sequence, value)
         for (int i = 0; i < b; i++)
         {
             Sequence seq = seqs[i];
@@ -237,33 +210,37 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
             }
             for (int j = 0; j < n; j++)
             {
-                int position = oldLength + j, row = (i * n) + j;
+                int position = oldLength + j;
+                long row = ((long)i * n) + j;
                 offsets[row] = (seq.Table[position / PageSize] * PageStride) + (position % PageSize * rowElements);
                 for (int h = 0; h < KvHeads; h++)
                 {
-                    int at = (int)((row * rowElements) + ((long)h * HeadDim));
-                    CopyRow(k, i, j, h, kRows.AsSpan(at, HeadDim));
-                    CopyRow(v, i, j, h, vRows.AsSpan(at, HeadDim));
+                    long at = (row * rowElements) + ((long)h * HeadDim);
+                    CopyRow(k, i, j, h, staged.AsSpan((int)at, HeadDim));
+                    CopyRow(v, i, j, h, staged.AsSpan((int)((rows * rowElements) + at), HeadDim));
                 }
             }
             for (int page = oldLength % PageSize != 0 ? oldPages - 1 : oldPages; page < newPages; page++)
             {
-                summaries.Add(seq.Table[page]);
-                summaries.Add(Math.Min(PageSize, newLength - (page * PageSize)));
+                ints.Add(seq.Table[page]);
+                ints.Add(Math.Min(PageSize, newLength - (page * PageSize)));
             }
             entries.Add(-1 - sequences[i]);
             entries.Add(newLength);
             seq.Length = newLength;
         }
-        DeviceBuffer<T>.EnsureLength(ref _stageK, kRows.Length);
-        DeviceBuffer<T>.EnsureLength(ref _stageV, vRows.Length);
-        DeviceBuffer<long>.EnsureLength(ref _stageOffsets, offsets.Length);
-        DeviceBuffer<int>.EnsureLength(ref _stageInts, summaries.Count + entries.Count);
-        _stageK!.CopyFrom(kRows);
-        _stageV!.CopyFrom(vRows);
-        _stageOffsets!.CopyFrom(offsets);
-        _stageInts!.CopyFrom([.. summaries, .. entries]);
-        ulong sk = _stageK.Pointer, sv = _stageV.Pointer, so = _stageOffsets.Pointer, pk = K.Pointer, pv = V.Pointer;
+        int touched = ints.Count / 2;
+        ints.AddRange(entries);
+        if (ints.Count % 2 != 0) ints.Add(0);
+        var meta = new long[offsets.Length + (ints.Count / 2)];     // the offsets, then the ints two to a long
+        offsets.CopyTo(meta, 0);
+        MemoryMarshal.Cast<int, long>(ints.ToArray().AsSpan()).CopyTo(meta.AsSpan(offsets.Length));
+        DeviceBuffer<T>.EnsureLength(ref _stageRows, staged.Length);
+        DeviceBuffer<long>.EnsureLength(ref _stageMeta, meta.Length);
+        _stageRows!.CopyFrom(staged);
+        _stageMeta!.CopyFrom(meta);
+        ulong sk = _stageRows.Pointer, sv = sk + ((ulong)(rows * rowElements) * (ulong)sizeof(T)), so = _stageMeta.Pointer, pk = K.Pointer, pv = V.Pointer;
+        ulong list = so + ((ulong)offsets.Length * sizeof(long));
         int elements = (int)rowElements;
         void** args = stackalloc void*[6];
         args[0] = &sk;
@@ -272,15 +249,15 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
         args[3] = &pk;
         args[4] = &pv;
         args[5] = &elements;
-        CudaBackend.Device.Kernel("select.cu", "pool_append", Defines).Launch((uint)(b * n), 1, 1, 128, 0, args);
+        CudaBackend.Device.Kernel("select.cu", "pool_append", Defines).Launch((uint)rows, 1, 1, 128, 0, args);
         var sp = new SummaryParams
         {
             K = K.Pointer, Min = Min.Pointer, Max = Max.Pointer, Mean = Mean.Pointer, PageStride = PageStride, RowStride = rowElements, HeadStride = HeadDim,
             KvHeads = KvHeads, D = HeadDim, Page = PageSize, LastPage = -1, Lengths = Lengths.Pointer,
-            List = _stageInts.Pointer, Entries = _stageInts.Pointer + ((ulong)summaries.Count * sizeof(int)), Updates = entries.Count / 2, Table = Table.Pointer,
+            List = list, Entries = list + ((ulong)touched * 2 * sizeof(int)), Updates = entries.Count / 2, Table = Table.Pointer,
         };
         void* arg = &sp;
-        CudaBackend.Device.Kernel("select.cu", "page_summaries", Defines).Launch((uint)(summaries.Count / 2), (uint)KvHeads, 1, 256, 0, &arg);
+        CudaBackend.Device.Kernel("select.cu", "page_summaries", Defines).Launch((uint)touched, (uint)KvHeads, 1, 256, 0, &arg);
     }
 
     /// <summary>
@@ -356,10 +333,9 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
     }
 
     /// <summary>
-    /// Sets <paramref name="sequence"/>'s length: uploads its table entries from <paramref name="firstNewEntry"/> on and
-    /// recomputes the summaries of its logical pages from <paramref name="firstTouched"/> on, whose kernel also stores the
-    /// length on the device. (An append that stays within the last page uploads no table entry: the generation loop's
-    /// common step.)
+    /// Sets <paramref name="sequence"/>'s length (a cache built from the host, a truncation, a fork): uploads its table
+    /// entries from <paramref name="firstNewEntry"/> on and recomputes the summaries of its logical pages from
+    /// <paramref name="firstTouched"/> on, whose kernel also stores the length on the device.
     /// </summary>
     private void Commit(int sequence, int length, int firstTouched, int firstNewEntry)
     {
@@ -501,10 +477,8 @@ public sealed unsafe class DevicePagedCache<T> : IDisposable where T : unmanaged
         V?.Dispose();
         Table?.Dispose();
         Lengths?.Dispose();
-        _stageK?.Dispose();
-        _stageV?.Dispose();
-        _stageOffsets?.Dispose();
-        _stageInts?.Dispose();
+        _stageRows?.Dispose();
+        _stageMeta?.Dispose();
         Min?.Dispose();
         Max?.Dispose();
         Mean?.Dispose();
@@ -730,9 +704,9 @@ public static unsafe class CudaPagedDecode
                 case PageSource.HeavyHitters:
                     _hostListed = null;
                     DeviceBuffer<float>.EnsureLength(ref _bounds, (long)hkv * pages);
-                    heavy!.Bounds = _bounds!.Pointer;
-                    heavy.List = _list!.Pointer;
-                    heavy.Count = _count!.Pointer;
+                    heavy!.Params.Bounds = _bounds!.Pointer;
+                    heavy.Params.List = _list!.Pointer;
+                    heavy.Params.Count = _count!.Pointer;
                     heavy.Launch("h2o_bounds", (uint)(((long)hkv * pages + 255) / 256));
                     CudaSelectors.TopK(_bounds.Pointer, pages, keep, _list.Pointer, pages, _count.Pointer, hkv, DevicePagedCache<T>.Defines);
                     heavy.Launch("h2o_evict", (uint)hkv);
@@ -758,9 +732,9 @@ public static unsafe class CudaPagedDecode
             device.Kernel("flash_fwd.cu", "decode_merge", defines).Launch((uint)hq, (uint)b, 1, (uint)Math.Min(256, (d + 31) / 32 * 32), 0, &arg);
             if (heavy is { } h2o)
             {
-                h2o.Lse = lse!.Buffer.Pointer;
-                h2o.LseHead = lse.Strides[1];
-                h2o.Warps = config.Warps;
+                h2o.Params.Lse = lse!.Buffer.Pointer;
+                h2o.Params.LseHead = lse.Strides[1];
+                h2o.Params.Warps = config.Warps;
                 h2o.Launch("h2o_observe", (uint)hkv);
             }
         }
@@ -917,18 +891,6 @@ public sealed class DeviceHeavyHitters : IDisposable
         public required DeviceHeavyHitters State;
         public HeavyParams Params;
         public required Dictionary<string, string> Defines;
-
-        public ulong Bounds { set => Params.Bounds = value; }
-
-        public ulong List { set => Params.List = value; }
-
-        public ulong Count { set => Params.Count = value; }
-
-        public ulong Lse { set => Params.Lse = value; }
-
-        public long LseHead { set => Params.LseHead = value; }
-
-        public int Warps { set => Params.Warps = value; }
 
         public unsafe void Launch(string kernel, uint grid)
         {

@@ -167,7 +167,6 @@ public static unsafe class CudaSelectors
         // The quantized rows are int8, in rows of dPad bytes (whole 16-byte units), staged as 16-bit units by the estimate.
         int dPad = (d + 15) / 16 * 16;
         Dictionary<string, string> integerDefines = new() { ["SRC_T"] = "2", ["INT8_OPS"] = "1" };
-        Dictionary<string, string> quantizeDefines = new(defines) { ["INT8_OPS"] = "1" };
         long perHead = (long)batch * sampled * kBlocks;
         int launchHeads = HeadsPerLaunch(perHead, heads);
         int levels = selector.Bits == 4 ? 7 : 127;
@@ -193,7 +192,7 @@ public static unsafe class CudaSelectors
             };
             void* arg = &kp;
             device.Kernel("estimate.cu", "key_sums", defines).Launch((uint)((skv + 255) / 256), (uint)kvHeads, (uint)batch, 256, 0, &arg);
-            device.Kernel("estimate.cu", "quantize_rows", quantizeDefines).Launch((uint)((skv + QuantizeRowsPerBlock - 1) / QuantizeRowsPerBlock), (uint)kvHeads, (uint)batch, 256, 0, &arg);
+            device.Kernel("estimate.cu", "quantize_rows", defines).Launch((uint)((skv + QuantizeRowsPerBlock - 1) / QuantizeRowsPerBlock), (uint)kvHeads, (uint)batch, 256, 0, &arg);
             var qp = new QuantizeParams
             {
                 Src = q.Buffer.Pointer, Dst = _saleQ!.Pointer, Scales = qScale, Sums = 0,
@@ -202,7 +201,7 @@ public static unsafe class CudaSelectors
                 Sampled = 1, Block = bs, QBlocks = qBlocks, RowStride = rowStride, RowsPerBlock = rowsPerBlock, Scale = s, DPad = dPad,
             };
             arg = &qp;
-            device.Kernel("estimate.cu", "quantize_rows", quantizeDefines).Launch((uint)((sampled + QuantizeRowsPerBlock - 1) / QuantizeRowsPerBlock), (uint)heads, (uint)batch, 256, 0, &arg);
+            device.Kernel("estimate.cu", "quantize_rows", defines).Launch((uint)((sampled + QuantizeRowsPerBlock - 1) / QuantizeRowsPerBlock), (uint)heads, (uint)batch, 256, 0, &arg);
 
             var ep = new EstimateParams
             {

@@ -326,8 +326,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) antidiagonal_lse(const Est
 // SALE's low-bit estimate (Ji et al., arXiv:2505.24179) — the device side of the CPU's SaleSelector: keys smoothed
 // by their mean over the sequence, q (times the softmax scale, every row_stride-th row of each block, its last row
 // included) and k quantized with one symmetric scale per token to ±7 (4-bit) or ±127 (8-bit). The integers go to the
-// tensor cores as int8 (INT8_OPS; s32 sums, so the products equal the CPU's integer products) and each (sampled row, key block) keeps its largest scaled estimate; a block's relative score is then the largest
-// over the query block's rows of (block max − row max), kept when ≥ ln(threshold) by select_blocks.
+// tensor cores as int8 (scaled_block_max compiled with INT8_OPS; s32 sums, so the products equal the CPU's integer
+// products) and each (sampled row, key block) keeps its largest scaled estimate; a block's relative score is then the
+// largest over the query block's rows of (block max − row max), kept when ≥ ln(threshold) by select_blocks.
 //   key_sums → quantize_rows (keys, queries) → scaled_block_max → sale_relative → select_blocks (threshold).
 // ---------------------------------------------------------------------------------------------------------------
 
@@ -343,14 +344,14 @@ __device__ __forceinline__ int sampled_query(int r, int block, int seqlen_q, int
 struct QuantizeParams
 {
     const void* src;            // [B, S, heads, D] (SRC_T)
-    void* dst;                  // [B, rows, heads, D] integers: bf16, or int8 (INT8_OPS) in rows of d_pad bytes
+    signed char* dst;           // [B, rows, heads, d_pad] int8 integers (the estimate stages them as 16-bit units, INT8_OPS)
     float* scales;              // [B, heads, rows]
     float* sums;                // [B, heads, D] channel sums of the keys (key_sums; quantize_rows subtracts the mean), or null
     i64 src_batch, src_row, src_head, dst_batch, dst_row, dst_head;
     int rows, heads, d, levels, length;
     int sampled, block, q_blocks, row_stride, rows_per_block;   // queries: rows are sampled_query(r, ...)
     float scale;                // multiplies the source (the softmax scale for queries)
-    int d_pad;                  // INT8_OPS: channels [d, d_pad) are written as 0 (rows whole 16-byte units)
+    int d_pad;                  // channels [d, d_pad) are written as 0 (rows whole 16-byte units)
 };
 
 // Grid (ceil(length / 256), heads, B), 256 threads: channel sums of 256 keys, added atomically.
@@ -410,13 +411,7 @@ extern "C" __global__ void __launch_bounds__(256) quantize_rows(const QuantizePa
         for (int i = 0; i < 8; i++)
         {
             const int c = lane + 32 * i;
-#if INT8_OPS
-            if (c < p.d_pad) ((signed char*)p.dst)[at + c] = c < p.d ? (signed char)fminf(fmaxf(rintf(x[i] / scale), -(float)p.levels), (float)p.levels) : 0;
-#else
-            if (c >= p.d) continue;
-            const float qv = fminf(fmaxf(rintf(x[i] / scale), -(float)p.levels), (float)p.levels);
-            ((u16*)p.dst)[at + c] = (u16)(__float_as_uint(qv) >> 16);   // small integers are exact in bf16
-#endif
+            if (c < p.d_pad) p.dst[at + c] = c < p.d ? (signed char)fminf(fmaxf(rintf(x[i] / scale), -(float)p.levels), (float)p.levels) : 0;
         }
         if (lane == 0) p.scales[((i64)b * p.heads + h) * p.rows + r] = scale;
     }
