@@ -320,7 +320,7 @@ internal static class DecodeBench
         const int cachedPages = 2048;
         long pageBytes = 64L * kvHeads * d * 2 * sizeof(short);
         string file = Path.Combine(Path.GetTempPath(), $"attend-offload-{Environment.ProcessId}.bin");
-        var cache = new KvCache(1, kvHeads, d, storage: DType.Float16, pageSize: 64, offload: new KvOffload(file, budget - (cachedPages * pageBytes), CachedPages: cachedPages));
+        var cache = new KvCache(1, kvHeads, d, storage: DType.Float16, pageSize: 64, offload: new KvOffload(file, budget - (cachedPages * pageBytes), CachedPages: cachedPages, IoThreads: 8));
         int seq = cache.AddSequence();
         var fill = System.Diagnostics.Stopwatch.StartNew();
         const int piece = 4096;
@@ -335,32 +335,99 @@ internal static class DecodeBench
             cache.Append(seq, 0, new TensorView<float>(k[..(n * kvHeads * d)], n, kvHeads, d), new TensorView<float>(values[..(n * kvHeads * d)], n, kvHeads, d));
         }
         double fillSeconds = fill.Elapsed.TotalSeconds;
-        (long offloaded, long loads0, long hits0) = cache.OffloadStats;
-        var q = new TensorView<float>(BenchCommand.RandomView<float>(7, 1, 1, heads, d).ToArray(), 1, heads, d);
-        var o = new TensorView<float>(new float[heads * d], 1, heads, d);
-        var options = new DecodeOptions { Policy = new QuestPolicy(length / 64) };
+        long offloaded = cache.OffloadStats.Offloaded;
         var tuning = new KernelTuning { Threads = plan.Threads };
-        var times = new List<double>();
-        long pagesRead = 0;
-        for (int step = 0; step < steps; step++)
+        string Budget() => $"{cache.MemoryBytes / 1e9:F2} GB cache, {cache.ResidentBytes / 1e9:F2} GB resident + at most {cachedPages * pageBytes / 1e9:F2} GB of loaded pages (budget {budget / 1e9:F2}); {offloaded} pages in the file tier";
+        // The bar's loop: one query for every step (Quest's choice then stays put: the working set loads once).
+        float[] fixedQuery = BenchCommand.RandomView<float>(7, 1, 1, heads, d).ToArray();
+        var rows = new List<BenchCommand.BenchRow> { Loop("Quest 1/64, file tier", 0.25, false, _ => fixedQuery, prefetch: true, note: $"{Budget()}; fill {fillSeconds:F0} s") };
+        // A query that drifts (q ← √(1−ε²)·q + ε·noise, ε 0.3: cosine ≈ 0.95 between steps) changes a few pages each
+        // step — what ahead-of-step prefetching is for. Each loop starts from its own query, so neither finds the other's pages.
+        // Warm: the file's bytes sit in the OS page cache (it fits in this machine's memory), so a load is a copy.
+        // Cold: the file is dropped from the OS page cache before each step (untimed), so every load waits on the disk —
+        // the tier's intended case, a cache larger than memory.
+        // ε 0.1 (cosine ≈ 0.995) changes fewer pages a step: the next-best pages then have more to predict.
+        bool? canDrop = null;
+        foreach ((bool cold, float eps, bool prefetch, double share) in new[]
         {
-            status($"offloaded decode step {step + 1}/{steps}");
-            cache.Append(seq, 0, new TensorView<float>(keys[..(kvHeads * d)], 1, kvHeads, d), new TensorView<float>(values[..(kvHeads * d)], 1, kvHeads, d));
-            var sw = System.Diagnostics.Stopwatch.StartNew();
-            pagesRead += DecodeAttention.Forward(q, cache, seq, 0, o, options, tuning: tuning);
-            times.Add(sw.Elapsed.TotalMilliseconds);
+            (false, 0.3f, false, 0.0), (false, 0.3f, true, 0.0), (false, 0.3f, true, 0.25),
+            (true, 0.3f, false, 0.0), (true, 0.3f, true, 0.0), (true, 0.3f, true, 0.25), (true, 0.1f, false, 0.0), (true, 0.1f, true, 0.0), (true, 0.1f, true, 0.25),
+        })
+        {
+            if (cold && (canDrop ??= DropFromOsCache(file)) == false) continue;
+            var rng = new Random((cold ? 30 : 20) + (eps < 0.2f ? 10 : 0) + (prefetch ? 1 + (int)(share * 4) : 0));
+            var query = new float[heads * d];
+            for (int i = 0; i < query.Length; i++) query[i] = Gaussian(rng);
+            rows.Add(Loop($"Quest 1/64, {(cold ? "cold" : "warm")} file tier, query drift {eps:0.#}, prefetch {(!prefetch ? "off" : share == 0 ? "of the step's pages" : $"+ next best {share:0.##}")}", share, cold, _ =>
+            {
+                for (int i = 0; i < query.Length; i++) query[i] = (MathF.Sqrt(1 - (eps * eps)) * query[i]) + (eps * Gaussian(rng));
+                return query;
+            }, prefetch, Budget()));
         }
-        (_, long loads, long hits) = cache.OffloadStats;
-        times.Sort();
-        return
-        [
-            new BenchCommand.BenchRow("decode-offload", "Quest 1/64, file tier", DType.Float16, 1, heads, kvHeads, length, d, false, plan.Threads, KernelPath.Auto,
-                times[times.Count / 2], times[0], times[^1], times.Count, 4.0 * heads * (length / 64.0) * d, 0)
+        return rows;
+
+        BenchCommand.BenchRow Loop(string name, double share, bool cold, Func<int, float[]> queryOf, bool prefetch, string note)
+        {
+            var o = new TensorView<float>(new float[heads * d], 1, heads, d);
+            var times = new List<double>();
+            long pagesRead = 0, newReads = 0;
+            HashSet<(int, int)> previous = [], current = [];
+            var options = new DecodeOptions { Policy = new QuestPolicy(length / 64), Prefetch = prefetch, PrefetchShare = share, OnPagesSelected = (h, pages) => current.UnionWith(pages.Select(p => (h, p))) };
+            // The previous loop's prefetches finish first (its counters settle), so they count there.
+            for (long settled = -1; settled != cache.OffloadStats.Loads; Thread.Sleep(200)) settled = cache.OffloadStats.Loads;
+            long firstLoads = 0;
+            OffloadCounters before = cache.OffloadStats;
+            int gen2 = GC.CollectionCount(2);
+            TimeSpan paused = GC.GetTotalPauseDuration();
+            for (int step = 0; step < steps; step++)
+            {
+                status($"{name}: step {step + 1}/{steps}");
+                cache.Append(seq, 0, new TensorView<float>(keys[..(kvHeads * d)], 1, kvHeads, d), new TensorView<float>(values[..(kvHeads * d)], 1, kvHeads, d));
+                var q = new TensorView<float>(queryOf(step), 1, heads, d);
+                if (cold) DropFromOsCache(file);
+                current.Clear();
+                var sw = System.Diagnostics.Stopwatch.StartNew();
+                pagesRead += DecodeAttention.Forward(q, cache, seq, 0, o, options, tuning: tuning);
+                times.Add(sw.Elapsed.TotalMilliseconds);
+                if (step == 0) firstLoads = cache.OffloadStats.Loads - cache.OffloadStats.Prefetched - (before.Loads - before.Prefetched);
+                else newReads += current.Count(x => !previous.Contains(x));
+                (previous, current) = (current, previous);
+            }
+            OffloadCounters after = cache.OffloadStats;
+            string gc = $"GC: {GC.CollectionCount(2) - gen2} full collections, {(GC.GetTotalPauseDuration() - paused).TotalMilliseconds:F0} ms paused over the {steps} steps";
+            double first = times[0];
+            var later = times.Skip(1).Order().ToList();
+            long loads = after.Loads - before.Loads, prefetched = after.Prefetched - before.Prefetched;
+            return new BenchCommand.BenchRow("decode-offload", name, DType.Float16, 1, heads, kvHeads, length, d, false, plan.Threads, KernelPath.Auto,
+                later[later.Count / 2], later[0], later[^1], later.Count, 4.0 * heads * (length / 64.0) * d, 0)
             {
                 Density = 1.0 / 64,
-                Note = $"{cache.MemoryBytes / 1e9:F2} GB cache, {cache.ResidentBytes / 1e9:F2} GB resident + at most {cachedPages * pageBytes / 1e9:F2} GB of loaded pages (budget {budget / 1e9:F2}); {offloaded} pages in the file tier; "
-                    + $"{steps} steps: {loads - loads0} pages loaded from the file, {hits - hits0} served by its page cache, {pagesRead / (double)steps:F0} page reads per step (all kv heads); fill {fillSeconds:F0} s",
-            },
-        ];
+                Note = $"{note}; {steps} steps (time: median of steps 2..{steps}; first step {first:F0} ms, {firstLoads} pages loaded on its critical path): "
+                    + $"{loads} pages loaded from the file ({prefetched} by the prefetch threads, {loads - prefetched} by the step itself; {after.Waited - before.Waited} reads waited for a prefetch in progress), "
+                    + $"{after.CacheHits - before.CacheHits} served by its page cache, {pagesRead / (double)steps:F0} page reads per step (all kv heads), "
+                    + $"{newReads / (double)(steps - 1):F1} of them not read by the step before; {gc}",
+            };
+        }
     }
+
+    /// <summary>
+    /// Writes the file's dirty pages and drops it from the OS page cache (GNU dd's nocache flag: fdatasync, then
+    /// posix_fadvise DONTNEED), so the next reads come from the disk. False when dd is not there or fails.
+    /// </summary>
+    private static bool DropFromOsCache(string file)
+    {
+        try
+        {
+            var info = new System.Diagnostics.ProcessStartInfo("dd", ["of=" + file, "oflag=nocache", "conv=notrunc,fdatasync", "count=0", "status=none"]) { RedirectStandardError = true };
+            using var dd = System.Diagnostics.Process.Start(info)!;
+            dd.WaitForExit();
+            return dd.ExitCode == 0;
+        }
+        catch (System.ComponentModel.Win32Exception)
+        {
+            return false;
+        }
+    }
+
+    private static float Gaussian(Random rng) => (float)(Math.Sqrt(-2 * Math.Log(1 - rng.NextDouble())) * Math.Cos(2 * Math.PI * rng.NextDouble()));
 }

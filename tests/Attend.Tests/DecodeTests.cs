@@ -599,6 +599,105 @@ public sealed class DecodeTests
         Assert.ThrowsAny<ArgumentException>(() => new KvCache(1, hkv, d, pageSize: ps, offload: new KvOffload("", ResidentBytes: 100 * pageBytes)));
     }
 
+    private static (KvCache Memory, KvCache Tiered, int Length, long PageBytes) OffloadPair(int length, int hkv, int d, int ps, int residentPages, int cachedPages, int ioThreads, DType storage = DType.Float16)
+    {
+        string file = Path.Combine(Path.GetTempPath(), $"attend-offload-{Guid.NewGuid():N}.bin");
+        float[] keys = TestData.Normal(length * hkv * d, 51), values = TestData.Normal(length * hkv * d, 52);
+        var memory = new KvCache(1, hkv, d, storage: storage, pageSize: ps);
+        memory.Append(memory.AddSequence(), 0, new TensorView<float>(keys, length, hkv, d), new TensorView<float>(values, length, hkv, d));
+        long pageBytes = memory.MemoryBytes / ((length + ps - 1) / ps);
+        var tiered = new KvCache(1, hkv, d, storage: storage, pageSize: ps,
+            offload: new KvOffload(file, ResidentBytes: residentPages * pageBytes, CachedPages: cachedPages, IoThreads: ioThreads));
+        tiered.Append(tiered.AddSequence(), 0, new TensorView<float>(keys, length, hkv, d), new TensorView<float>(values, length, hkv, d));
+        return (memory, tiered, length, pageBytes);
+    }
+
+    [Fact]
+    public void Should_decode_exactly_as_in_memory_while_prefetch_threads_load_and_evict_pages()
+    {
+        // A drifting query changes Quest's pages every step; the tier's cache (6 pages) is far smaller than a step's
+        // reads, so the prefetch threads, the step's own loads and evictions run into each other all the time.
+        int hkv = 2, d = 24, heads = 4;
+        (KvCache memory, KvCache tiered, _, _) = OffloadPair(1500, hkv, d, ps: 16, residentPages: 8, cachedPages: 6, ioThreads: 3);
+        Assert.True(tiered.OffloadStats.Offloaded > 80);
+        float[] query = TestData.Normal(heads * d, 53), noise = TestData.Normal(40 * heads * d, 54);
+        var a = new TensorView<float>(new float[heads * d], 1, heads, d);
+        var b = new TensorView<float>(new float[heads * d], 1, heads, d);
+        foreach (IKvSelectionPolicy? policy in new IKvSelectionPolicy?[] { new QuestPolicy(20 * 16), new LandmarkPolicy(10 * 16, recentTokens: 32, perQueryHead: true), null })
+            for (int step = 0; step < 20; step++)
+            {
+                for (int i = 0; i < query.Length; i++) query[i] = (0.95f * query[i]) + (0.3f * noise[(step * query.Length) + i]);
+                var q = new TensorView<float>(query, 1, heads, d);
+                DecodeAttention.Forward(q, memory, 0, 0, a, new DecodeOptions { Policy = policy });
+                DecodeAttention.Forward(q, tiered, 0, 0, b, new DecodeOptions { Policy = policy, PrefetchShare = 0.5 });
+                Assert.Equal(a.ToArray(), b.ToArray());
+            }
+        OffloadCounters c = tiered.OffloadStats;
+        Assert.True(c.Loads > 0 && c.Prefetched <= c.Loads, $"loads {c.Loads}, prefetched {c.Prefetched}");
+    }
+
+    [Fact]
+    public void Should_load_prefetched_pages_in_the_background_so_the_step_finds_them_cached()
+    {
+        (KvCache memory, KvCache tiered, int length, _) = OffloadPair(640, hkv: 1, d: 16, ps: 16, residentPages: 4, cachedPages: 64, ioThreads: 2);
+        int pages = length / 16;
+        Assert.True(tiered.OffloadStats.Offloaded >= 30);
+        tiered.Prefetch(0, 0, Enumerable.Range(0, pages));
+        var wait = System.Diagnostics.Stopwatch.StartNew();
+        while (tiered.OffloadStats.Prefetched < tiered.OffloadStats.Offloaded && wait.Elapsed < TimeSpan.FromSeconds(30)) Thread.Sleep(5);
+        OffloadCounters before = tiered.OffloadStats;
+        Assert.Equal(before.Offloaded, before.Prefetched);             // every offloaded page, by the background threads
+        Assert.Equal(before.Loads, before.Prefetched);
+        var q = new TensorView<float>(TestData.Normal(2 * 16, 55), 1, 2, 16);
+        var a = new TensorView<float>(new float[2 * 16], 1, 2, 16);
+        var b = new TensorView<float>(new float[2 * 16], 1, 2, 16);
+        DecodeAttention.Forward(q, memory, 0, 0, a);
+        DecodeAttention.Forward(q, tiered, 0, 0, b, new DecodeOptions { Prefetch = false });
+        Assert.Equal(a.ToArray(), b.ToArray());
+        Assert.Equal(before.Loads, tiered.OffloadStats.Loads);            // nothing read again
+        // Prefetching what is in memory or cached does nothing; bad indices are named.
+        tiered.Prefetch(0, 0, Enumerable.Range(0, pages));
+        Assert.Equal(before.Loads, tiered.OffloadStats.Loads);
+        Assert.Contains("0..39", Assert.Throws<ArgumentOutOfRangeException>(() => tiered.Prefetch(0, 0, [3, 40])).Message);
+        Assert.Throws<ArgumentOutOfRangeException>(() => tiered.Prefetch(0, 0, [-1]));
+        Assert.Throws<ArgumentOutOfRangeException>(() => tiered.Prefetch(1, 0, [0]));
+        Assert.Throws<ArgumentNullException>(() => tiered.Prefetch(0, 0, null!));
+        memory.Prefetch(0, 0, [0, 1]);                                 // no file tier: nothing to do
+        Assert.Equal(default, memory.OffloadStats);
+        Assert.ThrowsAny<ArgumentException>(() => DecodeAttention.Forward(q, tiered, 0, 0, b, new DecodeOptions { PrefetchShare = -1 }));
+        Assert.Throws<ArgumentOutOfRangeException>(() => new KvCache(1, 1, 16, pageSize: 16, offload: new KvOffload(Path.GetTempFileName(), ResidentBytes: 1 << 20, IoThreads: -1)));
+        // No prefetch threads: the step loads its own pages, and decodes the same.
+        (KvCache _, KvCache serial, _, _) = OffloadPair(640, hkv: 1, d: 16, ps: 16, residentPages: 4, cachedPages: 64, ioThreads: 0);
+        serial.Prefetch(0, 0, Enumerable.Range(0, pages));
+        DecodeAttention.Forward(q, serial, 0, 0, b);
+        Assert.Equal(a.ToArray(), b.ToArray());
+        Assert.Equal(0, serial.OffloadStats.Prefetched);
+    }
+
+    [Fact]
+    public void Should_name_as_next_best_the_pages_a_larger_budget_would_add()
+    {
+        // Quest's next-best pages are exactly what a budget larger by their number adds (max over the group, and each
+        // query head's own turns); the selection itself does not change when they are asked for.
+        (KvCache cache, _, _, _) = OffloadPair(2000, hkv: 2, d: 16, ps: 16, residentPages: 1000, cachedPages: 1, ioThreads: 0);
+        float[] q = TestData.Normal(4 * 16, 56);
+        foreach (bool perHead in new[] { false, true })
+        {
+            var policy = new QuestPolicy(12 * 16, recentTokens: 32, perQueryHead: perHead);
+            var larger = new QuestPolicy(15 * 16, recentTokens: 32, perQueryHead: perHead);
+            for (int hk = 0; hk < 2; hk++)
+            {
+                var next = new List<int>();
+                IReadOnlyList<int> chosen = policy.SelectPages(cache, 0, 0, hk, q.AsSpan(hk * 32, 32), 2, 0.3, next);
+                Assert.Equal(policy.SelectPages(cache, 0, 0, hk, q.AsSpan(hk * 32, 32), 2), chosen);
+                Assert.Equal(3, next.Count);                             // ⌈0.3 × 10 pages chosen by score⌉ (2 forced)
+                Assert.Empty(next.Intersect(chosen));
+                Assert.Equal(larger.SelectPages(cache, 0, 0, hk, q.AsSpan(hk * 32, 32), 2), chosen.Concat(next).Order());
+            }
+        }
+        Assert.Throws<ArgumentOutOfRangeException>(() => new QuestPolicy(64).SelectPages(cache, 0, 0, 0, q.AsSpan(0, 32), 2, -0.5, []));
+    }
+
     [Fact]
     public void Should_name_a_corrupt_offload_file()
     {

@@ -16,6 +16,18 @@ public sealed record DecodeOptions
     /// <see cref="IAttentionFeedback"/> is told after the step how much attention each page it chose received.</summary>
     public IKvSelectionPolicy? Policy { get; init; }
 
+    /// <summary>
+    /// With a file-tier cache (<see cref="KvOffload"/>), whether the step hands its reads to the tier's background threads:
+    /// the selected pages not in memory are loaded ahead of the workers (which take over any a thread has not started),
+    /// and a policy that ranks pages (<see cref="IPrefetchingPolicy"/>: Quest, Landmark) names its next-best pages, loaded
+    /// for the next step while the caller does other work. Default true; without a file tier it changes nothing.
+    /// </summary>
+    public bool Prefetch { get; init; } = true;
+
+    /// <summary>How many next-best pages a ranking policy names for the next step, as a share of the pages it selects
+    /// by score (rounded up). Default 0.25.</summary>
+    public double PrefetchShare { get; init; } = 0.25;
+
     /// <summary>Called with (kv head, pages) once the policy has chosen, before the step reads them (for measuring).</summary>
     public Action<int, IReadOnlyList<int>>? OnPagesSelected { get; init; }
 }
@@ -51,6 +63,7 @@ public static class DecodeAttention
         float scale = options.Scale ?? 1f / MathF.Sqrt(d);
         if (!float.IsFinite(scale) || scale < 0) throw new ArgumentException($"Scale must be finite and ≥ 0; got {scale}", nameof(options));
 
+        using KvCache.ReadScope reading = cache.BeginRead();
         int rows = nq * group;                                  // query rows per kv head
         // Pages each kv head reads: the policy's choice from the scaled query rows of its group. A token policy's
         // tokens are read page by page: the page's keys are scored whole (by channel, a token's key is spread over
@@ -61,6 +74,9 @@ public static class DecodeAttention
         var tokenStarts = tokenLists is null ? null : new int[cache.KvHeads][];   // per selected page: its first token
         var scaledQueries = new float[cache.KvHeads][];    // [rows × D] per kv head, gathered once for the policy and the splits
         int ps = cache.PageSize;
+        bool prefetch = options.Prefetch && cache.HasFileTier;
+        if (prefetch && !(options.PrefetchShare >= 0)) throw new ArgumentException($"PrefetchShare must be ≥ 0; got {options.PrefetchShare}", nameof(options));
+        var likelyNext = prefetch ? new List<int>() : null;   // the policy's next-best pages, all kv heads
         for (int hk = 0; hk < cache.KvHeads; hk++)
         {
             var scaled = scaledQueries[hk] = new float[rows * d];
@@ -87,7 +103,9 @@ public static class DecodeAttention
                 options.OnPagesSelected?.Invoke(hk, pageList);
                 continue;
             }
-            selected[hk] = (options.Policy ?? DensePolicy.Instance).SelectPages(cache, sequence, layer, hk, scaled, rows);
+            selected[hk] = likelyNext is not null && options.Policy is IPrefetchingPolicy ranking
+                ? ranking.SelectPages(cache, sequence, layer, hk, scaled, rows, options.PrefetchShare, likelyNext)
+                : (options.Policy ?? DensePolicy.Instance).SelectPages(cache, sequence, layer, hk, scaled, rows);
             if (selected[hk].Any(p => p < 0 || p >= pages.Count)) throw new InvalidOperationException($"the policy selected a page outside 0..{pages.Count - 1}");
             options.OnPagesSelected?.Invoke(hk, selected[hk]);
         }
@@ -113,6 +131,15 @@ public static class DecodeAttention
         int[] fill = (int[])firstRead.Clone();
         for (int hk = 0; hk < cache.KvHeads; hk++)
             for (int i = 0; i < selected[hk].Count; i++) reads[fill[selected[hk][i]]++] = (selected[hk][i], hk, i);
+        if (prefetch)
+        {
+            // The step's own pages in the order the workers will reach them, then the next step's likely ones.
+            if (likelyNext!.Any(p => p < 0 || p >= pages.Count)) throw new InvalidOperationException($"the policy named a next page outside 0..{pages.Count - 1}");
+            var own = new List<KvCache.Page>();
+            for (int page = 0; page < pages.Count; page++)
+                if (firstRead[page + 1] > firstRead[page] && !pages[page].IsResident) own.Add(pages[page]);
+            cache.PrefetchPages(own.Concat(likelyNext!.Distinct().Select(p => pages[p])));
+        }
         int threads = tuning.EffectiveThreads;
         int splits = Math.Clamp(threads * 4, 1, Math.Max(1, reads.Length));
         var partO = new float[splits * cache.KvHeads * rows * dv];

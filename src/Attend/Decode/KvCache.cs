@@ -37,8 +37,46 @@ public sealed class KvCache
 
     private readonly FileTier? _tier;
 
-    /// <summary>The file tier's counters: pages written to it, pages loaded back from it, loads served by its page cache.</summary>
-    public (long Offloaded, long Loads, long CacheHits) OffloadStats => _tier is null ? (0, 0, 0) : (_tier.Offloaded, _tier.Loads, _tier.Hits);
+    /// <summary>The file tier's counters (all zero without one).</summary>
+    public OffloadCounters OffloadStats => _tier?.Counters ?? default;
+
+    /// <summary>Whether pages beyond the resident budget go to a file (an <see cref="KvOffload"/> was given).</summary>
+    public bool HasFileTier => _tier is not null;
+
+    /// <summary>
+    /// Starts loading the given pages of (sequence, layer) from the file tier in the background, in the order given,
+    /// and returns at once: a caller that knows what a later step will read (the next layer's likely pages while this
+    /// layer computes) hides the file reads behind its work. Pages in memory or already loaded are skipped; without a
+    /// file tier nothing happens.
+    /// </summary>
+    public void Prefetch(int sequence, int layer, IEnumerable<int> pages)
+    {
+        ArgumentNullException.ThrowIfNull(pages);
+        PageList list = Pages(sequence, layer);
+        int[] indices = [.. pages];
+        foreach (int p in indices)
+            if ((uint)p >= (uint)list.Count) throw new ArgumentOutOfRangeException(nameof(pages), p, $"page indices must be in 0..{list.Count - 1} for sequence {sequence}, layer {layer}");
+        _tier?.Prefetch(indices.Select(p => list[p]));
+    }
+
+    /// <summary>
+    /// Marks a decode step reading the cache until disposed: the file tier reuses the arrays of pages its page cache
+    /// drops only when no step is reading. (Page data read outside a step — a policy called directly — must not run
+    /// concurrently with a step on another thread.)
+    /// </summary>
+    internal ReadScope BeginRead()
+    {
+        _tier?.BeginRead();
+        return new ReadScope(_tier);
+    }
+
+    internal readonly struct ReadScope(FileTier? tier) : IDisposable
+    {
+        public void Dispose() => tier?.EndRead();
+    }
+
+    /// <summary>Queues the pages for the file tier's background threads (no checks: the decode step's own lists).</summary>
+    internal void PrefetchPages(IEnumerable<Page> pages) => _tier?.Prefetch(pages);
 
     /// <summary>Bytes of key/value data resident in memory (pages not in the file tier, summaries included).</summary>
     public long ResidentBytes { get; internal set; }
@@ -433,167 +471,5 @@ public sealed class KvCache
             max[s] = slot == 0 ? x : MathF.Max(max[s], x);
             mean[s] = slot == 0 ? x : mean[s] + (x - mean[s]) / (slot + 1);
         }
-    }
-}
-
-/// <summary>
-/// Where a <see cref="KvCache"/> puts the pages that do not fit its resident budget: a file (created, or truncated)
-/// at <paramref name="Path"/>; full pages beyond <paramref name="ResidentBytes"/> of resident memory move there, oldest
-/// first, and are read back on demand through a cache of the <paramref name="CachedPages"/> most recently read pages —
-/// a step's selected pages are its best guess of the next step's, so they stay loaded (Quest's choices barely move
-/// from one token to the next). Page summaries (Quest's min/max, the landmark means) always stay in memory.
-/// Size <paramref name="CachedPages"/> to hold a step's working set (the offloaded pages the policy reads over all kv
-/// heads): a smaller cache evicts each page before the next step reads it again, and every step reloads its pages
-/// (measured: ≈ 1065 loads and 100 ms per step with 512 cached pages against ≈ 1300 needed; ≈ 20 loads and 24 ms per step with 2048).
-/// The cached pages' memory comes on top of <paramref name="ResidentBytes"/>.
-/// </summary>
-public sealed record KvOffload(string Path, long ResidentBytes, int CachedPages = 256);
-
-/// <summary>The file tier of a <see cref="KvCache"/> (see <see cref="KvOffload"/>).</summary>
-internal sealed class FileTier
-{
-    private readonly KvCache _cache;
-    private readonly FileStream _file;
-    private readonly int _cachedPages;
-    private readonly LinkedList<KvCache.Page> _full = [];       // resident full pages, oldest first: eviction order
-    private readonly Dictionary<KvCache.Page, KvCache.PageData> _loaded = [];
-    private readonly LinkedList<KvCache.Page> _recent = [];     // loaded pages, most recent last
-    private readonly long _budget;
-    private readonly Lock _gate = new();
-    private readonly Stack<KvCache.PageData> _spare = [];          // arrays of pages moved to the file, reused by loads
-    private readonly byte[] _buffer;
-    private long _next;
-
-    public FileTier(KvCache cache, KvOffload options)
-    {
-        ArgumentException.ThrowIfNullOrEmpty(options.Path, nameof(options));
-        if (options.CachedPages < 1) throw new ArgumentOutOfRangeException(nameof(options), options.CachedPages, "CachedPages must be ≥ 1");
-        _cache = cache;
-        _budget = options.ResidentBytes;
-        _cachedPages = options.CachedPages;
-        _buffer = new byte[cache.DataBytes];
-        _file = new FileStream(options.Path, FileMode.Create, FileAccess.ReadWrite, FileShare.Read, 1 << 16, FileOptions.RandomAccess | FileOptions.DeleteOnClose);
-    }
-
-    public long Offloaded { get; private set; }
-
-    public long Loads { get; private set; }
-
-    public long Hits { get; private set; }
-
-    /// <summary>A page just filled up: it may move to the file later.</summary>
-    public void Full(KvCache.Page page)
-    {
-        lock (_gate) _full.AddLast(page);
-    }
-
-    /// <summary>Moves the oldest full pages to the file until the resident bytes fit the budget.</summary>
-    public void Balance()
-    {
-        lock (_gate)
-        {
-            while (_cache.ResidentBytes > _budget && _full.Count > 0)
-            {
-                KvCache.Page page = _full.First!.Value;
-                _full.RemoveFirst();
-                if (!page.IsResident || page.Count < _cache.PageSize) continue;   // gone already, or truncated since
-                KvCache.PageData released = page.Release();
-                Serialize(released, _buffer);
-                if (_spare.Count < _cachedPages) _spare.Push(released);
-                page.FileOffset = _next;
-                page.Checksum = Checksum(_buffer);
-                RandomAccess.Write(_file.SafeFileHandle, _buffer, _next);
-                _next += _buffer.Length;
-                _cache.ResidentBytes -= _cache.DataBytes;
-                Offloaded++;
-            }
-        }
-    }
-
-    /// <summary>
-    /// The data of an offloaded page: from the cache of recently read pages, else read from the file. The read and
-    /// its checksum run outside the lock, so the step's workers load different pages at the same time.
-    /// </summary>
-    public KvCache.PageData Load(KvCache.Page page)
-    {
-        lock (_gate)
-        {
-            if (TryCached(page, out KvCache.PageData? hit)) return hit;
-        }
-        byte[] bytes = System.Buffers.ArrayPool<byte>.Shared.Rent(_buffer.Length);
-        try
-        {
-            int read = RandomAccess.Read(_file.SafeFileHandle, bytes.AsSpan(0, _buffer.Length), page.FileOffset);
-            if (read != _buffer.Length) throw new InvalidDataException($"the offload file {_file.Name} is truncated: page at {page.FileOffset} has {read} of {_buffer.Length} bytes");
-            if (Checksum(bytes.AsSpan(0, _buffer.Length)) != page.Checksum) throw new InvalidDataException($"the offload file {_file.Name} is corrupt: page at {page.FileOffset} fails its checksum");
-            lock (_gate)
-            {
-                // Another worker may have loaded it meanwhile: one copy stays cached.
-                if (TryCached(page, out KvCache.PageData? hit)) return hit;
-                if (_recent.Count >= _cachedPages)
-                {
-                    // The least recently read page leaves the cache. Its arrays are not reused: a concurrent reader of the
-                    // same step may still be copying from them.
-                    _loaded.Remove(_recent.First!.Value);
-                    _recent.RemoveFirst();
-                }
-                KvCache.PageData data = _spare.Count > 0 ? _spare.Pop() : new KvCache.PageData(_cache);
-                Deserialize(bytes.AsSpan(0, _buffer.Length), data);
-                Loads++;
-                _loaded[page] = data;
-                _recent.AddLast(page);
-                return data;
-            }
-        }
-        finally
-        {
-            System.Buffers.ArrayPool<byte>.Shared.Return(bytes);
-        }
-    }
-
-    private bool TryCached(KvCache.Page page, [System.Diagnostics.CodeAnalysis.NotNullWhen(true)] out KvCache.PageData? data)
-    {
-        if (!_loaded.TryGetValue(page, out data)) return false;
-        Hits++;
-        _recent.Remove(page);
-        _recent.AddLast(page);
-        return true;
-    }
-
-    private static void Serialize(KvCache.PageData data, byte[] bytes)
-    {
-        Span<byte> span = bytes;
-        if (data.KF is not null)
-        {
-            System.Runtime.InteropServices.MemoryMarshal.AsBytes(data.KF.AsSpan()).CopyTo(span);
-            System.Runtime.InteropServices.MemoryMarshal.AsBytes(data.VF.AsSpan()).CopyTo(span[(data.KF.Length * 4)..]);
-        }
-        else
-        {
-            System.Runtime.InteropServices.MemoryMarshal.AsBytes(data.KH.AsSpan()).CopyTo(span);
-            System.Runtime.InteropServices.MemoryMarshal.AsBytes(data.VH.AsSpan()).CopyTo(span[(data.KH!.Length * 2)..]);
-        }
-    }
-
-    private static void Deserialize(ReadOnlySpan<byte> span, KvCache.PageData data)
-    {
-        if (data.KF is not null)
-        {
-            span[..(data.KF.Length * 4)].CopyTo(System.Runtime.InteropServices.MemoryMarshal.AsBytes(data.KF.AsSpan()));
-            span[(data.KF.Length * 4)..].CopyTo(System.Runtime.InteropServices.MemoryMarshal.AsBytes(data.VF.AsSpan()));
-        }
-        else
-        {
-            span[..(data.KH!.Length * 2)].CopyTo(System.Runtime.InteropServices.MemoryMarshal.AsBytes(data.KH.AsSpan()));
-            span[(data.KH.Length * 2)..].CopyTo(System.Runtime.InteropServices.MemoryMarshal.AsBytes(data.VH.AsSpan()));
-        }
-    }
-
-    /// <summary>FNV-1a over the bytes, 8 at a time.</summary>
-    private static ulong Checksum(ReadOnlySpan<byte> bytes)
-    {
-        ulong h = 14695981039346656037UL;
-        foreach (ulong x in System.Runtime.InteropServices.MemoryMarshal.Cast<byte, ulong>(bytes)) h = (h ^ x) * 1099511628211UL;
-        return h;
     }
 }

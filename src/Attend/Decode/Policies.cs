@@ -15,6 +15,21 @@ public interface IKvSelectionPolicy
     IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows);
 }
 
+/// <summary>
+/// A page policy that can also name the pages it would read next: the best-ranked pages just outside its budget. With a
+/// file-tier cache a decode step loads them in the background (<see cref="DecodeOptions.Prefetch"/>), since a policy's
+/// choice moves little from one token to the next and what enters next comes mostly from just below the cut.
+/// </summary>
+public interface IPrefetchingPolicy : IKvSelectionPolicy
+{
+    /// <summary>
+    /// As <see cref="IKvSelectionPolicy.SelectPages"/> (the same pages), and adds to <paramref name="likelyNext"/> the
+    /// next-best pages it did not select, best first: <paramref name="nextShare"/> × the pages it selected by score, rounded up
+    /// (none when <paramref name="likelyNext"/> is null).
+    /// </summary>
+    IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows, double nextShare, List<int>? likelyNext);
+}
+
 /// <summary>Every page: exact attention.</summary>
 public sealed class DensePolicy : IKvSelectionPolicy
 {
@@ -65,7 +80,7 @@ public sealed class StreamingPolicy : IKvSelectionPolicy
 /// systems combine with page selection: byte- and subword-level models lean on the immediate context, which a page
 /// score can rank below distant pages when the current page has just begun.
 /// </summary>
-public abstract class PageScoringPolicy : IKvSelectionPolicy
+public abstract class PageScoringPolicy : IPrefetchingPolicy
 {
     private readonly int _budget, _sink, _recent;
     private readonly bool _perQueryHead;
@@ -89,9 +104,14 @@ public abstract class PageScoringPolicy : IKvSelectionPolicy
     private protected abstract void ScoreRows(ReadOnlySpan<float> queries, int rows, KvCache.Page page, int kvHead, int d, Span<float> scores);
 
     /// <inheritdoc/>
-    public IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows)
+    public IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows) =>
+        SelectPages(cache, sequence, layer, kvHead, queries, rows, 0, null);
+
+    /// <inheritdoc/>
+    public IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows, double nextShare, List<int>? likelyNext)
     {
         ArgumentNullException.ThrowIfNull(cache);
+        if (!(nextShare >= 0)) throw new ArgumentOutOfRangeException(nameof(nextShare), nextShare, "the share of next-best pages must be ≥ 0");
         List<KvCache.Page> pages = cache.Pages(sequence, layer);
         int keep = Math.Max(1, _budget / cache.PageSize);
         if (keep >= pages.Count) return Enumerable.Range(0, pages.Count).ToArray();
@@ -137,13 +157,38 @@ public abstract class PageScoringPolicy : IKvSelectionPolicy
             {
                 for (int r = 0; r < rows && chosen.Count - forced.Count < free; r++) chosen.Add(orders[r][rank]);
             }
+            if (likelyNext is not null)
+            {
+                // The next best: the same turns, continued past the chosen pages.
+                int next = (int)Math.Ceiling(free * nextShare), added = 0;
+                var seen = new HashSet<int>(chosen);
+                for (int rank = 0; added < next && rank < candidates.Count; rank++)
+                    for (int r = 0; r < rows && added < next; r++)
+                        if (seen.Add(orders[r][rank]))
+                        {
+                            likelyNext.Add(orders[r][rank]);
+                            added++;
+                        }
+            }
             return [.. chosen.Order()];
         }
         // A page scores the best of the group's rows; the free best pages by quickselect (no full sort).
         for (int r = 1; r < rows; r++)
             for (int i = 0; i < candidates.Count; i++) scores[i] = MathF.Max(scores[i], scores[(r * candidates.Count) + i]);
-        int[] best = Sparse.RowTopKSelector.TopIndices(scores.AsSpan(0, candidates.Count), free, scratch);
-        return [.. best.Select(i => candidates[i]).Concat(forced).Order()];
+        Span<float> best = scores.AsSpan(0, candidates.Count);
+        int[] top = Sparse.RowTopKSelector.TopIndices(best, free, scratch);
+        int extra = Math.Min((int)Math.Ceiling(free * nextShare), candidates.Count - top.Length);
+        if (likelyNext is not null && extra > 0)
+        {
+            // The next best: the rest's top, best first.
+            foreach (int i in top) best[i] = float.NegativeInfinity;
+            int[] runnersUp = Sparse.RowTopKSelector.TopIndices(best, extra, scratch);
+            var keys = new float[runnersUp.Length];
+            for (int i = 0; i < keys.Length; i++) keys[i] = -best[runnersUp[i]];
+            Array.Sort(keys, runnersUp);
+            likelyNext.AddRange(runnersUp.Select(i => candidates[i]));
+        }
+        return [.. top.Select(i => candidates[i]).Concat(forced).Order()];
     }
 }
 
@@ -351,9 +396,14 @@ public sealed class HeavyHitterPolicy : IKvSelectionPolicy, IAttentionFeedback
     }
 
     /// <inheritdoc/>
-    public IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows)
+    public IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows) =>
+        SelectPages(cache, sequence, layer, kvHead, queries, rows, 0, null);
+
+    /// <inheritdoc/>
+    public IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows, double nextShare, List<int>? likelyNext)
     {
         ArgumentNullException.ThrowIfNull(cache);
+        if (!(nextShare >= 0)) throw new ArgumentOutOfRangeException(nameof(nextShare), nextShare, "the share of next-best pages must be ≥ 0");
         List<KvCache.Page> pages = cache.Pages(sequence, layer);
         if (IsPruned(cache, sequence, layer, kvHead)) return [];
         State state = _states.For(cache, sequence, layer, kvHead);
