@@ -699,6 +699,32 @@ public sealed class DecodeTests
     }
 
     [Fact]
+    public void Should_not_serve_an_old_cached_copy_of_a_page_truncated_rewritten_and_offloaded_again()
+    {
+        int hkv = 1, d = 8, ps = 4;
+        string file = Path.Combine(Path.GetTempPath(), $"attend-offload-{Guid.NewGuid():N}.bin");
+        var memory = new KvCache(1, hkv, d, storage: DType.Float32, pageSize: ps);
+        long pageBytes = ps * hkv * d * 2 * 4 + 3 * hkv * d * 4;
+        var tiered = new KvCache(1, hkv, d, storage: DType.Float32, pageSize: ps, offload: new KvOffload(file, ResidentBytes: 2 * pageBytes, CachedPages: 16, IoThreads: 0));
+        var q = new TensorView<float>(TestData.Normal(d, 61), 1, 1, d);
+        var a = new TensorView<float>(new float[d], 1, 1, d);
+        var b = new TensorView<float>(new float[d], 1, 1, d);
+        void Both(Action<KvCache> act)
+        {
+            act(memory);
+            act(tiered);
+        }
+        Both(c => c.Append(c.AddSequence(), 0, new TensorView<float>(TestData.Normal(40 * d, 62), 40, hkv, d), new TensorView<float>(TestData.Normal(40 * d, 63), 40, hkv, d)));
+        DecodeAttention.Forward(q, tiered, 0, 0, b);                    // every offloaded page now sits in the page cache
+        Both(c => c.Truncate(0, 6));                                    // page 1 comes back into memory ...
+        Both(c => c.Append(0, 0, new TensorView<float>(TestData.Normal(40 * d, 64), 40, hkv, d), new TensorView<float>(TestData.Normal(40 * d, 65), 40, hkv, d)));
+        Assert.True(tiered.OffloadStats.Offloaded > 10);                // ... is rewritten and goes to the file again
+        DecodeAttention.Forward(q, memory, 0, 0, a);
+        DecodeAttention.Forward(q, tiered, 0, 0, b);
+        Assert.Equal(a.ToArray(), b.ToArray());
+    }
+
+    [Fact]
     public void Should_name_a_corrupt_offload_file()
     {
         int hkv = 1, d = 16, ps = 32;

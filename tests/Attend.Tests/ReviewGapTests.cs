@@ -29,7 +29,7 @@ public sealed class ReviewGapTests
     [Fact]
     public void The_estimate_kernel_matches_float64_on_awkward_sizes()
     {
-        foreach ((int m, int n, int d) in new[] { (1, 1, 1), (7, 33, 40), (97, 130, 64), (4, 64, 7) })
+        foreach ((int m, int n, int d) in new[] { (1, 1, 1), (7, 33, 40), (97, 130, 64), (4, 64, 7), (70, 1100, 24) })   // the last: several 512-key chunks, a tail, 2 rows past the groups of 4
         {
             float[] x = TestData.Normal(m * d, m + n), y = TestData.Normal(n * d, d);
             var c = new float[m * n];

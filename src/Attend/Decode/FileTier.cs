@@ -94,6 +94,17 @@ internal sealed class FileTier
         }
     }
 
+    /// <summary>Drops a page's cached copy (it came back into memory, or is about to be written again).</summary>
+    public void Forget(KvCache.Page page)
+    {
+        lock (_gate)
+        {
+            if (!_loaded.Remove(page, out var entry)) return;
+            _recent.Remove(entry.Node);
+            _retired.Add(entry.Data);
+        }
+    }
+
     /// <summary>A page just filled up: it may move to the file later.</summary>
     public void Full(KvCache.Page page)
     {
@@ -110,6 +121,7 @@ internal sealed class FileTier
                 KvCache.Page page = _full.First!.Value;
                 _full.RemoveFirst();
                 if (!page.IsResident || page.Count < _cache.PageSize) continue;   // gone already, or truncated since
+                Forget(page);                      // a copy cached from an earlier time in the file is stale now
                 KvCache.PageData released = page.Release();
                 Span<byte> keys = KeyBytes(released), values = ValueBytes(released);
                 RandomAccess.Write(_file.SafeFileHandle, keys, _next);
@@ -173,7 +185,8 @@ internal sealed class FileTier
             }
             try
             {
-                pending.Done.SetResult(Read(page, pending, prefetched: true));
+                // A page brought back into memory since it was queued (a truncation) has nothing to load.
+                pending.Done.SetResult(page.IsResident ? Resident(page, pending) : Read(page, pending, prefetched: true));
             }
             catch (Exception e)
             {
@@ -217,6 +230,12 @@ internal sealed class FileTier
             pending.Done.SetException(e);
             throw;
         }
+    }
+
+    private KvCache.PageData Resident(KvCache.Page page, Pending pending)
+    {
+        lock (_gate) _pending.Remove(page);
+        return page.Data;
     }
 
     /// <summary>Reads a page from the file into spare (or new) arrays, verifies it and puts it in the page cache.</summary>

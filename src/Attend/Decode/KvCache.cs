@@ -359,6 +359,7 @@ public sealed class KvCache
         {
             _data = Data.Clone();
             FileOffset = -1;
+            _cache._tier!.Forget(this);
         }
 
         /// <summary>Drops the resident data (the file tier holds it now) and returns it for writing.</summary>

@@ -41,13 +41,24 @@ public sealed class TokenSet : BlockRows
         var all = new List<int>();
         int[] rowStart = BuildRows(pb, ph, queryBlocks, all, (b, h, qb, list) =>
         {
-            foreach (int t in tokens(b, h, qb).Distinct().Order())
+            IEnumerable<int> row = tokens(b, h, qb);
+            // Rows given ascending and distinct (the selectors sort theirs per head, in parallel) are taken as they are:
+            // hashing and sorting ≈ 4M tokens here took ≈ 150 ms of DHSA's plan at S = 32768 (session 10).
+            if (row is not List<int> sorted || !StrictlyAscending(sorted)) sorted = [.. row.Distinct().Order()];
+            foreach (int t in sorted)
             {
                 if (t < 0 || t >= keyLength) throw new ArgumentException($"token {t} of (b={b}, h={h}, query block {qb}) is outside 0..{keyLength - 1}", nameof(tokens));
-                list.Add(t);
             }
+            list.AddRange(sorted);
         });
         return new TokenSet(extent, blockQ, pb, ph, rowStart, [.. all], mask);
+    }
+
+    private static bool StrictlyAscending(List<int> row)
+    {
+        for (int i = 1; i < row.Count; i++)
+            if (row[i] <= row[i - 1]) return false;
+        return true;
     }
 
     /// <summary>The sorted key tokens of (batch, head, query block).</summary>

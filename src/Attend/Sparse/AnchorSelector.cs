@@ -27,11 +27,23 @@ public sealed class AnchorSelector : SparsitySelector
     {
         int bs = head.BlockSize, d = head.HeadDim, n = head.KeyLength;
         float[] meanQueries = head.PoolRows(head.Queries, head.QueryLength);
-        var stripeScores = new float[head.QueryBlocks * n];
-        ScoreGemm.Multiply(meanQueries, head.QueryBlocks, d, head.PackedKeys, 0, n, stripeScores);
+        // Stripe scores a group of query blocks at a time, each group against the keys its last block can see (causal:
+        // half the product of scoring every key; one reused buffer instead of a [blocks, Skv] array — 64 MB a head at
+        // S = 32768).
+        const int group = 16;
+        int panel = head.PackedKeys.Width;
+        float[] stripeScores = head.Scratch((long)group * n);
         var anchorScores = new float[bs * bs];
+        int groupStart = 0, groupKeys = 0;
         for (int qb = 0; qb < head.QueryBlocks; qb++)
         {
+            if (qb == groupStart + group || qb == 0)
+            {
+                groupStart = qb;
+                int last = Math.Min(qb + group, head.QueryBlocks) - 1;
+                groupKeys = Math.Min(n, (head.VisibleKeyBlocks(last) * bs + panel - 1) / panel * panel);
+                ScoreGemm.Multiply(meanQueries.AsSpan(qb * d, (last - qb + 1) * d), last - qb + 1, d, head.PackedKeys, 0, groupKeys, stripeScores);
+            }
             int visibleBlocks = head.VisibleKeyBlocks(qb);
             if (visibleBlocks == 0) continue;
             int diagonal = visibleBlocks - 1;
@@ -62,7 +74,7 @@ public sealed class AnchorSelector : SparsitySelector
             if (counted == 0) continue;
             float cut = (float)((anchor / counted) - Theta);
             int stripeEnd = Math.Max(diagonal - 1, 0) * bs;
-            ReadOnlySpan<float> scores = stripeScores.AsSpan(qb * n, n);
+            ReadOnlySpan<float> scores = stripeScores.AsSpan((qb - groupStart) * groupKeys, groupKeys);
             for (int j = bs; j < stripeEnd; j++)
             {
                 if (scores[j] >= cut) head.AddToken(qb, j);

@@ -42,29 +42,29 @@ public sealed class DhsaSelector : SparsitySelector
     private protected override void SelectHead(HeadSelection head)
     {
         int d = head.HeadDim;
-        int[] keyCuts = Cut(head.Keys, head.KeyLength, d), queryCuts = Cut(head.Queries, head.QueryLength, d);
+        int[] keyCuts = Cut(head, head.Keys, head.KeyLength, d), queryCuts = Cut(head, head.Queries, head.QueryLength, d);
         float[] keyChunks = Represent(head.Keys, keyCuts, d), queryChunks = Represent(head.Queries, queryCuts, d);
-        int nk = keyCuts.Length - 1, bs = head.BlockSize;
-        var scores = new float[nk];
+        int nk = keyCuts.Length - 1, nq = queryCuts.Length - 1, bs = head.BlockSize;
+        // Every chunk pair's similarity in one product ([query chunks, key chunks]), then per query chunk its visible
+        // key chunks by descending similarity (sorted by negated keys: no comparer delegate).
+        var similarity = new float[(long)nq * nk];
+        ScoreGemm.Multiply(queryChunks, nq, d, new PackedPanels(keyChunks, nk, d), 0, nk, similarity);
+        var negated = new float[nk];
         var order = new int[nk];
         var chosen = new HashSet<int>[head.QueryBlocks];
-        for (int a = 0; a + 1 < queryCuts.Length; a++)
+        for (int a = 0; a < nq; a++)
         {
             int q0 = queryCuts[a], q1 = queryCuts[a + 1];
             int visible = head.VisibleKeys(q1 - 1);   // causal: the chunk's last query sees the most
             if (visible == 0) continue;
             int candidates = 0;
-            ReadOnlySpan<float> qa = queryChunks.AsSpan(a * d, d);
             for (int b = 0; b < nk && keyCuts[b] < visible; b++)
             {
-                ReadOnlySpan<float> kb = keyChunks.AsSpan(b * d, d);
-                float dot = 0;
-                for (int c = 0; c < d; c++) dot += qa[c] * kb[c];
-                scores[b] = dot;
+                negated[b] = -similarity[((long)a * nk) + b];
                 order[b] = b;
                 candidates++;
             }
-            Array.Sort(scores, order, 0, candidates, Comparer<float>.Create((x, y) => y.CompareTo(x)));
+            Array.Sort(negated, order, 0, candidates);
             int taken = 0;
             for (int r = 0; r < candidates && taken < TokenBudget; r++)
             {
@@ -96,12 +96,26 @@ public sealed class DhsaSelector : SparsitySelector
     }
 
     /// <summary>Chunk boundaries [0, c1, …, length]: each cut where the means of the windows before and after differ most.</summary>
-    private int[] Cut(float[] rows, int length, int d)
+    private int[] Cut(HeadSelection head, float[] rows, int length, int d)
     {
-        // prefix[i] = Σ rows[< i] (float64) so any window mean costs O(D).
-        var prefix = new double[(length + 1) * d];
+        // prefix[i] = Σ rows[< i] (float64) so any window mean costs O(D); in the worker's reused array (a fresh 32 MB
+        // one per side and head cost ≈ 20 ms of page faults at S = 32768).
+        double[] prefix = head.DoubleScratch((long)(length + 1) * d);
+        prefix.AsSpan(0, d).Clear();
         for (int i = 0; i < length; i++)
-            for (int c = 0; c < d; c++) prefix[((i + 1) * d) + c] = prefix[(i * d) + c] + rows[(i * d) + c];
+        {
+            Span<double> next = prefix.AsSpan((i + 1) * d, d);
+            ReadOnlySpan<double> previous = prefix.AsSpan(i * d, d);
+            ReadOnlySpan<float> row = rows.AsSpan(i * d, d);
+            int c = 0;
+            for (; c + 8 <= d; c += 8)
+            {
+                (var lo, var hi) = System.Runtime.Intrinsics.Vector256.Widen(System.Runtime.Intrinsics.Vector256.Create(row.Slice(c, 8)));
+                System.Runtime.Intrinsics.Vector256.CopyTo(System.Runtime.Intrinsics.Vector256.Create(previous.Slice(c, 4)) + lo, next.Slice(c, 4));
+                System.Runtime.Intrinsics.Vector256.CopyTo(System.Runtime.Intrinsics.Vector256.Create(previous.Slice(c + 4, 4)) + hi, next.Slice(c + 4, 4));
+            }
+            for (; c < d; c++) next[c] = previous[c] + row[c];
+        }
         var cuts = new List<int> { 0 };
         int start = 0;
         while (length - start > 2 * ChunkLength)
@@ -124,17 +138,31 @@ public sealed class DhsaSelector : SparsitySelector
         return [.. cuts];
     }
 
+    /// <summary>Cosine of the sums of rows [a0, a1) and [b0, b1) from the prefix sums (four lanes of float64).</summary>
     private static double Cosine(double[] prefix, int a0, int a1, int b0, int b1, int d)
     {
-        double dot = 0, na = 0, nb = 0;
-        for (int c = 0; c < d; c++)
+        ReadOnlySpan<double> pa0 = prefix.AsSpan(a0 * d, d), pa1 = prefix.AsSpan(a1 * d, d), pb0 = prefix.AsSpan(b0 * d, d), pb1 = prefix.AsSpan(b1 * d, d);
+        var dot = System.Runtime.Intrinsics.Vector256<double>.Zero;
+        var na = dot;
+        var nb = dot;
+        int c = 0;
+        for (; c + 4 <= d; c += 4)
         {
-            double x = prefix[(a1 * d) + c] - prefix[(a0 * d) + c], y = prefix[(b1 * d) + c] - prefix[(b0 * d) + c];
+            var x = System.Runtime.Intrinsics.Vector256.Create(pa1.Slice(c, 4)) - System.Runtime.Intrinsics.Vector256.Create(pa0.Slice(c, 4));
+            var y = System.Runtime.Intrinsics.Vector256.Create(pb1.Slice(c, 4)) - System.Runtime.Intrinsics.Vector256.Create(pb0.Slice(c, 4));
             dot += x * y;
             na += x * x;
             nb += y * y;
         }
-        return na > 0 && nb > 0 ? dot / Math.Sqrt(na * nb) : 1;
+        double sdot = System.Runtime.Intrinsics.Vector256.Sum(dot), sna = System.Runtime.Intrinsics.Vector256.Sum(na), snb = System.Runtime.Intrinsics.Vector256.Sum(nb);
+        for (; c < d; c++)
+        {
+            double x = pa1[c] - pa0[c], y = pb1[c] - pb0[c];
+            sdot += x * y;
+            sna += x * x;
+            snb += y * y;
+        }
+        return sna > 0 && snb > 0 ? sdot / Math.Sqrt(sna * snb) : 1;
     }
 
     /// <summary>Each chunk's mean row times √(its length) → [chunks, D].</summary>

@@ -84,24 +84,27 @@ public sealed class VerticalSlashSelector : SparsitySelector
     internal static (float[] Vertical, float[] Slash) LastRowsProfile(HeadSelection head, int count)
     {
         int rows = Math.Min(count, head.QueryLength), first = head.QueryLength - rows, n = head.KeyLength, d = head.HeadDim;
-        var scores = new float[rows * n];
+        float[] scores = head.Scratch((long)rows * n);
         ScoreGemm.Multiply(head.Queries.AsSpan(first * d, rows * d), rows, d, head.PackedKeys, 0, n, scores);
         var vertical = new float[n];
         var slash = new float[n];
+        var reversed = new float[n];
         for (int r = 0; r < rows; r++)
         {
             int visible = head.VisibleKeys(first + r);
             Span<float> row = scores.AsSpan(r * n, n);
             row[visible..].Fill(float.NegativeInfinity);
             SelectionMath.Softmax(row);
+            // vertical[j] += p[j]; slash[o] += p[diagonal − o] (keys after the diagonal, non-causal, have no slash
+            // offset) — as element-wise vector adds, the same sums as the scalar loop they replace.
+            Linear.Vectors.Axpy(1f, row[..visible], vertical);
             int diagonal = first + r + head.Offset;
-            for (int j = 0; j < visible; j++)
-            {
-                vertical[j] += row[j];
-                int o = diagonal - j;
-                if ((uint)o < (uint)n) slash[o] += row[j]; // keys after the diagonal (non-causal) have no slash offset
-
-            }
+            int o0 = Math.Max(0, diagonal - visible + 1), o1 = Math.Min(n - 1, diagonal);
+            if (o0 > o1) continue;
+            Span<float> flipped = reversed.AsSpan(0, o1 - o0 + 1);
+            row[(diagonal - o1)..(diagonal - o0 + 1)].CopyTo(flipped);
+            flipped.Reverse();
+            Linear.Vectors.Axpy(1f, flipped, slash.AsSpan(o0));
         }
         float inv = 1f / rows;
         for (int j = 0; j < n; j++)
