@@ -103,16 +103,38 @@ public abstract class PageScoringPolicy : IPrefetchingPolicy
     /// <summary>The scores of <paramref name="page"/> for each of the scaled query rows (higher is read first).</summary>
     private protected abstract void ScoreRows(ReadOnlySpan<float> queries, int rows, KvCache.Page page, int kvHead, int d, Span<float> scores);
 
-    /// <inheritdoc/>
-    public IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows) =>
-        SelectPages(cache, sequence, layer, kvHead, queries, rows, 0, null);
+    /// <summary>
+    /// Scores of pages [<paramref name="first"/>, <paramref name="first"/> + count) for every row: scores[r × count + i]
+    /// (page first + i). A policy whose scores come from the contiguous summaries overrides this to skip the per-page calls.
+    /// </summary>
+    private protected virtual void ScorePages(ReadOnlySpan<float> queries, int rows, KvCache.PageList pages, int kvHead, int d, int first, Span<float> scores)
+    {
+        int count = scores.Length / rows;
+        Span<float> rowScores = stackalloc float[rows];
+        for (int i = 0; i < count; i++)
+        {
+            ScoreRows(queries, rows, pages[first + i], kvHead, d, rowScores);
+            for (int r = 0; r < rows; r++) scores[(r * count) + i] = rowScores[r];
+        }
+    }
 
     /// <inheritdoc/>
-    public IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows, double nextShare, List<int>? likelyNext)
+    public IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows) =>
+        Select(cache, sequence, layer, kvHead, queries, rows, 0, null, parallel: true);
+
+    /// <inheritdoc/>
+    public IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows, double nextShare, List<int>? likelyNext) =>
+        Select(cache, sequence, layer, kvHead, queries, rows, nextShare, likelyNext, parallel: true);
+
+    /// <summary>
+    /// The selection; <paramref name="parallel"/> false scores on the calling thread (a decode step selects for its kv
+    /// heads in parallel instead: the policy is stateless).
+    /// </summary>
+    internal IReadOnlyList<int> Select(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows, double nextShare, List<int>? likelyNext, bool parallel)
     {
         ArgumentNullException.ThrowIfNull(cache);
         if (!(nextShare >= 0)) throw new ArgumentOutOfRangeException(nameof(nextShare), nextShare, "the share of next-best pages must be ≥ 0");
-        List<KvCache.Page> pages = cache.Pages(sequence, layer);
+        KvCache.PageList pages = cache.Pages(sequence, layer);
         int keep = Math.Max(1, _budget / cache.PageSize);
         if (keep >= pages.Count) return Enumerable.Range(0, pages.Count).ToArray();
         int d = cache.HeadDim;
@@ -126,19 +148,29 @@ public abstract class PageScoringPolicy : IPrefetchingPolicy
         {
             if (!forced.Contains(p)) candidates.Add(p);
         }
-        // Every candidate scored for all rows at once ([rows × candidates]).
-        // Scored in a few parallel chunks: at 131072 tokens this is 2048 pages per head, and the step waits for it.
-        var scores = new float[rows * candidates.Count];
+        // Every page scored for all rows at once ([rows × pages]), then the candidates' columns gathered
+        // ([rows × candidates]). At 131072 tokens this is 2048 pages per head, and the step waits for it: directly
+        // called, in a few parallel chunks; from a decode step, one kv head per worker.
+        int n = candidates.Count, all = pages.Count;
+        var pageScores = new float[rows * all];
         float[] query = queries[..(rows * d)].ToArray();
-        int n = candidates.Count, chunks = Math.Clamp(n / 256, 1, Environment.ProcessorCount);
-        Cpu.WorkQueue.Run(chunks, chunks, () => new float[rows], (chunk, rowScores) =>
+        int chunks = parallel ? Math.Clamp(all / 256, 1, Environment.ProcessorCount) : 1;
+        var chunkScores = new float[chunks][];
+        Cpu.WorkQueue.Run(chunks, chunks, () => 0, (chunk, _) =>
         {
-            for (int i = chunk * n / chunks; i < (chunk + 1) * n / chunks; i++)
-            {
-                ScoreRows(query, rows, pages[candidates[i]], kvHead, d, rowScores);
-                for (int r = 0; r < rows; r++) scores[(r * n) + i] = rowScores[r];
-            }
+            int p0 = chunk * all / chunks, p1 = (chunk + 1) * all / chunks;
+            var part = chunkScores[chunk] = new float[rows * (p1 - p0)];
+            ScorePages(query, rows, pages, kvHead, d, p0, part);
         });
+        for (int chunk = 0, p0 = 0; chunk < chunks; chunk++)
+        {
+            int count = chunkScores[chunk].Length / rows;
+            for (int r = 0; r < rows; r++) chunkScores[chunk].AsSpan(r * count, count).CopyTo(pageScores.AsSpan((r * all) + p0, count));
+            p0 += count;
+        }
+        var scores = new float[rows * n];
+        for (int r = 0; r < rows; r++)
+            for (int i = 0; i < n; i++) scores[(r * n) + i] = pageScores[(r * all) + candidates[i]];
         var scratch = new int[candidates.Count];
         if (_perQueryHead && rows > 1)
         {
@@ -203,6 +235,27 @@ public sealed class QuestPolicy(int tokenBudget, int sinkTokens = 0, int recentT
     /// <summary>Σ_c max(q_c·min_c, q_c·max_c): the largest q·k any key inside the per-channel box can give.</summary>
     private protected override void ScoreRows(ReadOnlySpan<float> queries, int rows, KvCache.Page page, int kvHead, int d, Span<float> scores) =>
         UpperBounds(queries, rows, page.MinOf(kvHead), page.MaxOf(kvHead), scores);
+
+    /// <summary>
+    /// Every page's bound straight from the contiguous [page, D] min/max summaries (the same arithmetic per page as
+    /// <see cref="UpperBounds"/>, without a virtual call and two spans per page).
+    /// </summary>
+    private protected override unsafe void ScorePages(ReadOnlySpan<float> queries, int rows, KvCache.PageList pages, int kvHead, int d, int first, Span<float> scores)
+    {
+        int count = scores.Length / rows;
+        Span<float> rowScores = stackalloc float[rows];
+        fixed (float* qp = queries, lo = pages.Summaries.Min(kvHead), hi = pages.Summaries.Max(kvHead), b = rowScores)
+        {
+            for (int i = 0; i < count; i++)
+            {
+                long at = (long)(first + i) * d;
+                if (Vector512.IsHardwareAccelerated) UpperBounds<Vector512<float>, Cpu.V512Ops>(qp, rows, lo + at, hi + at, b, d);
+                else if (Vector256.IsHardwareAccelerated) UpperBounds<Vector256<float>, Cpu.V256Ops>(qp, rows, lo + at, hi + at, b, d);
+                else UpperBounds<float, Cpu.ScalarOps>(qp, rows, lo + at, hi + at, b, d);
+                for (int r = 0; r < rows; r++) scores[(r * count) + i] = b[r];
+            }
+        }
+    }
 
     /// <summary>The bound for every row, the box's min/max loaded once per vector of channels for 4 rows.</summary>
     internal static unsafe void UpperBounds(ReadOnlySpan<float> q, int rows, ReadOnlySpan<float> min, ReadOnlySpan<float> max, Span<float> bounds)
