@@ -76,26 +76,31 @@ public static class DecodeAttention
         int ps = cache.PageSize;
         bool prefetch = options.Prefetch && cache.HasFileTier;
         if (prefetch && !(options.PrefetchShare >= 0)) throw new ArgumentException($"PrefetchShare must be ≥ 0; got {options.PrefetchShare}", nameof(options));
-        var likelyNext = prefetch ? new List<int>() : null;   // the policy's next-best pages, all kv heads
         for (int hk = 0; hk < cache.KvHeads; hk++)
         {
             var scaled = scaledQueries[hk] = new float[rows * d];
             for (int r = 0; r < rows; r++)
                 for (int c = 0; c < d; c++) scaled[r * d + c] = q[r / group, hk * group + r % group, c] * scale;
         }
-        // A page-scoring policy (stateless) selects for the kv heads in parallel, one head per worker: Quest's selection
-        // at 131072 tokens took 1.5–4.9 ms as eight parallel regions of two chunks each (session 10).
-        IReadOnlyList<int>[]? ranked = null;
-        List<int>[]? nextOfHead = null;
-        if (options.Policy is PageScoringPolicy scoring)
+        // Page policies choose per kv head (and, with prefetching, name their next-best pages). A page-scoring policy
+        // is stateless and chooses for the kv heads in parallel, one head per worker: Quest's selection at 131072
+        // tokens took 1.5–4.9 ms as eight parallel regions of two chunks each (session 10).
+        var nextOfHead = prefetch ? new List<int>[cache.KvHeads] : null;
+        if (tokenLists is null)
         {
-            ranked = new IReadOnlyList<int>[cache.KvHeads];
-            nextOfHead = likelyNext is null ? null : new List<int>[cache.KvHeads];
-            Cpu.WorkQueue.Run(cache.KvHeads, tuning.EffectiveThreads, () => 0, (hk, _) =>
+            void Choose(int hk)
             {
                 List<int>? next = nextOfHead is null ? null : nextOfHead[hk] = [];
-                ranked[hk] = scoring.Select(cache, sequence, layer, hk, scaledQueries[hk], rows, options.PrefetchShare, next, parallel: false);
-            });
+                selected[hk] = options.Policy switch
+                {
+                    PageScoringPolicy scoring => scoring.Select(cache, sequence, layer, hk, scaledQueries[hk], rows, options.PrefetchShare, next, parallel: false),
+                    IPrefetchingPolicy ranking when next is not null => ranking.SelectPages(cache, sequence, layer, hk, scaledQueries[hk], rows, options.PrefetchShare, next),
+                    var policy => (policy ?? DensePolicy.Instance).SelectPages(cache, sequence, layer, hk, scaledQueries[hk], rows),
+                };
+            }
+            if (options.Policy is PageScoringPolicy) Cpu.WorkQueue.Run(cache.KvHeads, tuning.EffectiveThreads, () => 0, (hk, _) => Choose(hk));
+            else
+                for (int hk = 0; hk < cache.KvHeads; hk++) Choose(hk);
         }
         for (int hk = 0; hk < cache.KvHeads; hk++)
         {
@@ -120,17 +125,6 @@ public static class DecodeAttention
                 tokenStarts![hk] = [.. starts];
                 options.OnPagesSelected?.Invoke(hk, pageList);
                 continue;
-            }
-            if (ranked is not null)
-            {
-                selected[hk] = ranked[hk];
-                if (nextOfHead is not null) likelyNext!.AddRange(nextOfHead[hk]);
-            }
-            else
-            {
-                selected[hk] = likelyNext is not null && options.Policy is IPrefetchingPolicy ranking
-                    ? ranking.SelectPages(cache, sequence, layer, hk, scaled, rows, options.PrefetchShare, likelyNext)
-                    : (options.Policy ?? DensePolicy.Instance).SelectPages(cache, sequence, layer, hk, scaled, rows);
             }
             if (selected[hk].Any(p => p < 0 || p >= pages.Count)) throw new InvalidOperationException($"the policy selected a page outside 0..{pages.Count - 1}");
             options.OnPagesSelected?.Invoke(hk, selected[hk]);
@@ -160,11 +154,12 @@ public static class DecodeAttention
         if (prefetch)
         {
             // The step's own pages in the order the workers will reach them, then the next step's likely ones.
-            if (likelyNext!.Any(p => p < 0 || p >= pages.Count)) throw new InvalidOperationException($"the policy named a next page outside 0..{pages.Count - 1}");
+            int[] likelyNext = [.. nextOfHead!.Where(x => x is not null).SelectMany(x => x).Distinct()];
+            if (likelyNext.Any(p => p < 0 || p >= pages.Count)) throw new InvalidOperationException($"the policy named a next page outside 0..{pages.Count - 1}");
             var own = new List<KvCache.Page>();
             for (int page = 0; page < pages.Count; page++)
                 if (firstRead[page + 1] > firstRead[page] && !pages[page].IsResident) own.Add(pages[page]);
-            cache.PrefetchPages(own.Concat(likelyNext!.Distinct().Select(p => pages[p])));
+            cache.PrefetchPages(own.Concat(likelyNext.Select(p => pages[p])));
         }
         int threads = tuning.EffectiveThreads;
         int splits = Math.Clamp(threads * 4, 1, Math.Max(1, reads.Length));

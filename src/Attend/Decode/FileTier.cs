@@ -186,7 +186,7 @@ internal sealed class FileTier
             try
             {
                 // A page brought back into memory since it was queued (a truncation) has nothing to load.
-                pending.Done.SetResult(page.IsResident ? Resident(page, pending) : Read(page, pending, prefetched: true));
+                pending.Done.SetResult(page.IsResident ? Resident(page) : Read(page, pending, prefetched: true));
             }
             catch (Exception e)
             {
@@ -232,7 +232,7 @@ internal sealed class FileTier
         }
     }
 
-    private KvCache.PageData Resident(KvCache.Page page, Pending pending)
+    private KvCache.PageData Resident(KvCache.Page page)
     {
         lock (_gate) _pending.Remove(page);
         return page.Data;
