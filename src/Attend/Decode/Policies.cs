@@ -841,15 +841,25 @@ public sealed class RetrievalPolicy : TokenSelectionPolicy
         var assign = new int[length];
         for (int round = 0; round < 4; round++)
         {
-            for (int t = 0; t < length; t++)
+            // Each key to its most similar centroid: the similarities of a chunk of keys against every centroid as one
+            // product, then a row argmax. At 131072 keys (2048 clusters) one dot product per pair took ≈ 3 s a round and
+            // kv head; a product runs near the FMA peak (session 10).
+            var packed = new Sparse.PackedPanels(centroids, clusters, d);
+            const int chunk = 64;
+            int chunks = (length + chunk - 1) / chunk;
+            Cpu.WorkQueue.Run(chunks, Environment.ProcessorCount, () => new float[chunk * clusters], (i, similarity) =>
             {
-                float best = float.NegativeInfinity;
-                for (int c = 0; c < clusters; c++)
+                int t0 = i * chunk, n = Math.Min(chunk, length - t0);
+                Sparse.ScoreGemm.Multiply(unit.AsSpan(t0 * d, n * d), n, d, packed, 0, clusters, similarity);
+                for (int r = 0; r < n; r++)
                 {
-                    float s = Linear.Vectors.Dot(unit.AsSpan(t * d, d), centroids.AsSpan(c * d, d));
-                    if (s > best) { best = s; assign[t] = c; }
+                    ReadOnlySpan<float> row = similarity.AsSpan(r * clusters, clusters);
+                    int best = 0;
+                    for (int c = 1; c < clusters; c++)
+                        if (row[c] > row[best]) best = c;
+                    assign[t0 + r] = best;
                 }
-            }
+            });
             Array.Clear(centroids);
             for (int t = 0; t < length; t++) Linear.Vectors.Axpy(1f, unit.AsSpan(t * d, d), centroids.AsSpan(assign[t] * d, d));
             for (int c = 0; c < clusters; c++)
@@ -859,7 +869,14 @@ public sealed class RetrievalPolicy : TokenSelectionPolicy
                 if (n > 0) Linear.Vectors.Scale(cv, 1 / n);
             }
         }
-        state.Members = [.. Enumerable.Range(0, clusters).Select(c => Enumerable.Range(0, length).Where(t => assign[t] == c).ToArray())];
+        // Members by counting (one pass), ascending within each cluster.
+        var sizes = new int[clusters];
+        foreach (int c in assign) sizes[c]++;
+        var members = new int[clusters][];
+        for (int c = 0; c < clusters; c++) members[c] = new int[sizes[c]];
+        Array.Clear(sizes);
+        for (int t = 0; t < length; t++) members[assign[t]][sizes[assign[t]]++] = t;
+        state.Members = members;
         state.Centroids = centroids;
         state.Indexed = length;
     }
