@@ -106,21 +106,29 @@ public sealed class ClusterSelector : ISparsitySelector
         for (int c = 0; c < clusters; c++) rows.AsSpan(picks[c] * d, d).CopyTo(centroids.AsSpan(c * d, d));
         var counts = new int[clusters];
         var norms = new float[clusters];
+        const int chunk = 64;
+        var similarity = new float[chunk * clusters];
         for (int iteration = 0; ; iteration++)
         {
             for (int c = 0; c < clusters; c++) norms[c] = Vectors.Dot(centroids.AsSpan(c * d, d), centroids.AsSpan(c * d, d));
-            for (int i = 0; i < n; i++)
+            // argmin ‖x − c‖² = argmax (x·c − ‖c‖²/2), x·c for 64 rows at a time as one packed product (one dot product
+            // per pair made this selector's plan 1.9 s at S = 32768, session 10). A row with NaN keeps cluster 0.
+            var packed = new PackedPanels(centroids, clusters, d);
+            for (int i0 = 0; i0 < n; i0 += chunk)
             {
-                // argmin ‖x − c‖² = argmax (x·c − ‖c‖²/2). A row with NaN keeps cluster 0.
-                ReadOnlySpan<float> x = rows.AsSpan(i * d, d);
-                int best = 0;
-                float bestScore = float.NegativeInfinity;
-                for (int c = 0; c < clusters; c++)
+                int m = Math.Min(chunk, n - i0);
+                ScoreGemm.Multiply(rows.AsSpan(i0 * d, m * d), m, d, packed, 0, clusters, similarity);
+                for (int r = 0; r < m; r++)
                 {
-                    float score = Vectors.Dot(x, centroids.AsSpan(c * d, d)) - (0.5f * norms[c]);
-                    if (score > bestScore) (best, bestScore) = (c, score);
+                    int best = 0;
+                    float bestScore = float.NegativeInfinity;
+                    for (int c = 0; c < clusters; c++)
+                    {
+                        float score = similarity[(r * clusters) + c] - (0.5f * norms[c]);
+                        if (score > bestScore) (best, bestScore) = (c, score);
+                    }
+                    assignment[i0 + r] = best;
                 }
-                assignment[i] = best;
             }
             Array.Clear(counts);
             for (int i = 0; i < n; i++) counts[assignment[i]]++;
