@@ -102,12 +102,23 @@ public static class DecodeAttention
             else
                 for (int hk = 0; hk < cache.KvHeads; hk++) Choose(hk);
         }
+        // The built-in token policies keep their state per kv head, so they too choose for the heads in parallel
+        // (TokenSelect scores every key of every head: one thread did it all before, session 10).
+        var tokensOfHead = new IReadOnlyList<int>[cache.KvHeads];
+        if (tokenLists is not null)
+        {
+            var tokenPolicy = (ITokenSelectionPolicy)options.Policy!;
+            void ChooseTokens(int hk) => tokensOfHead[hk] = tokenPolicy.SelectTokens(cache, sequence, layer, hk, scaledQueries[hk], rows);
+            if (tokenPolicy is TokenSelectionPolicy) Cpu.WorkQueue.Run(cache.KvHeads, tuning.EffectiveThreads, () => 0, (hk, _) => ChooseTokens(hk));
+            else
+                for (int hk = 0; hk < cache.KvHeads; hk++) ChooseTokens(hk);
+        }
         for (int hk = 0; hk < cache.KvHeads; hk++)
         {
             float[] scaled = scaledQueries[hk];
             if (tokenLists is not null)
             {
-                int[] tokens = [.. ((ITokenSelectionPolicy)options.Policy!).SelectTokens(cache, sequence, layer, hk, scaled, rows)];
+                int[] tokens = [.. tokensOfHead[hk]];
                 if (tokens.Length == 0 || tokens.Any(t => t < 0 || t >= length)) throw new InvalidOperationException($"the policy selected no token or one outside 0..{length - 1}");
                 Array.Sort(tokens);
                 tokens = [.. tokens.Distinct()];

@@ -605,16 +605,23 @@ public abstract class TokenSelectionPolicy : ITokenSelectionPolicy
         float[] q = queries[..(rows * cache.HeadDim)].ToArray();
         var scratch = new PageKernels.Scratch(ps, cache.HeadDim, cache.ValueDim, rows);
         bool wide = PageKernels.WideSupported(cache, KernelTuning.Default);
-        int loaded = -1;
-        for (int i = 0; i < n; i++)
+        for (int i = 0; i < n;)
         {
-            int page = candidates[i] / ps;
-            if (page != loaded)
+            int page = candidates[i] / ps, first = page * ps;
+            PageKernels.Scores(cache, pages[page], kvHead, q, scratch, rows, wide);
+            // The candidates on this page; a consecutive run (every token, as TokenSelect asks) is copied row by row.
+            int end = i;
+            while (end < n && candidates[end] / ps == page) end++;
+            if (candidates[end - 1] - candidates[i] == end - 1 - i)
             {
-                PageKernels.Scores(cache, pages[page], kvHead, q, scratch, rows, wide);
-                loaded = page;
+                for (int r = 0; r < rows; r++) scratch.S.AsSpan((r * ps) + (candidates[i] - first), end - i).CopyTo(scores.AsSpan((r * n) + i, end - i));
             }
-            for (int r = 0; r < rows; r++) scores[(r * n) + i] = scratch.S[(r * ps) + (candidates[i] % ps)];
+            else
+            {
+                for (int j = i; j < end; j++)
+                    for (int r = 0; r < rows; r++) scores[(r * n) + j] = scratch.S[(r * ps) + (candidates[j] - first)];
+            }
+            i = end;
         }
         return scores;
     }
@@ -625,12 +632,10 @@ public abstract class TokenSelectionPolicy : ITokenSelectionPolicy
         var votes = new float[n];
         for (int r = 0; r < rows; r++)
         {
+            // The row's softmax on vectors (exp2 polynomial), added to the votes.
             Span<float> row = scores.AsSpan(r * n, n);
-            float max = float.NegativeInfinity;
-            foreach (float x in row) max = MathF.Max(max, x);
-            double total = 0;
-            for (int j = 0; j < n; j++) total += row[j] = MathF.Exp(row[j] - max);
-            for (int j = 0; j < n; j++) votes[j] += (float)(row[j] / total);
+            Sparse.SelectionMath.Softmax(row);
+            Linear.Vectors.Axpy(1f, row, votes);
         }
         return votes;
     }
@@ -700,8 +705,10 @@ public sealed class TokenSelectPolicy : TokenSelectionPolicy
         _threshold = reuseThreshold;
     }
 
+    private long _scorings;
+
     /// <summary>Steps that scored every key (the rest reused a cached selection).</summary>
-    public long Scorings { get; private set; }
+    public long Scorings => Interlocked.Read(ref _scorings);
 
     /// <inheritdoc/>
     public override IReadOnlyList<int> SelectTokens(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows)
@@ -715,15 +722,12 @@ public sealed class TokenSelectPolicy : TokenSelectionPolicy
         {
             return [.. state.Tokens.Concat(Enumerable.Range(state.Length, length - state.Length))];
         }
-        Scorings++;
-        // Soft vote: Σ_r softmax_r(q_r · K) per token.
+        Interlocked.Increment(ref _scorings);
+        // Soft vote: Σ_r softmax_r(q_r · K) per token; the budget's best by quickselect (no sort of every token).
         int[] all = Enumerable.Range(0, length).ToArray();
         float[] votes = SoftVotes(Scores(cache, pages, kvHead, all, queries, rows), rows, length);
         votes[length - 1] = float.PositiveInfinity;                    // the newest token always
-        int[] order = Enumerable.Range(0, length).ToArray();
-        float[] keys = votes.Select(v => -v).ToArray();
-        Array.Sort(keys, order);
-        int[] chosen = [.. order.Take(_budget).Order()];
+        int[] chosen = [.. Sparse.RowTopKSelector.TopIndices(votes, _budget, new int[length]).Order()];
         state.Queries = queries.ToArray();
         state.Tokens = chosen;
         state.Length = length;
