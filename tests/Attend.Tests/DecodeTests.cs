@@ -674,6 +674,27 @@ public sealed class DecodeTests
         Assert.Equal(0, serial.OffloadStats.Prefetched);
     }
 
+    private sealed class WrongNextPolicy : IPrefetchingPolicy
+    {
+        public IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows) => [0];
+
+        public IReadOnlyList<int> SelectPages(KvCache cache, int sequence, int layer, int kvHead, ReadOnlySpan<float> queries, int rows, double nextShare, List<int>? likelyNext)
+        {
+            likelyNext?.Add(1_000_000);
+            return [0];
+        }
+    }
+
+    [Fact]
+    public void Should_name_a_policy_whose_next_pages_are_out_of_range()
+    {
+        (_, KvCache tiered, _, _) = OffloadPair(640, hkv: 1, d: 16, ps: 16, residentPages: 4, cachedPages: 8, ioThreads: 1);
+        var q = new TensorView<float>(TestData.Normal(16, 57), 1, 1, 16);
+        var o = new TensorView<float>(new float[16], 1, 1, 16);
+        Assert.Contains("next page", Assert.Throws<InvalidOperationException>(() => DecodeAttention.Forward(q, tiered, 0, 0, o, new DecodeOptions { Policy = new WrongNextPolicy() })).Message);
+        DecodeAttention.Forward(q, tiered, 0, 0, o, new DecodeOptions { Policy = new WrongNextPolicy(), Prefetch = false });   // not asked: not checked
+    }
+
     [Fact]
     public void Should_name_as_next_best_the_pages_a_larger_budget_would_add()
     {
