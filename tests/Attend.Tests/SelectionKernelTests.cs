@@ -52,12 +52,10 @@ public class SelectionKernelTests
     public void Panels_packed_into_a_reused_buffer_equal_fresh_ones()
     {
         int n = 45, d = 12;   // not a multiple of the panel width: the last panel has padding keys
-        float[]? buffer = null;
-        var first = new PackedPanels(TestData.Normal(n * d, 1), n, d, ref buffer);
-        Assert.Same(first.Data, buffer);
+        float[] buffer = new PackedPanels(TestData.Normal(n * d, 1), n, d).Data;
         float[] second = TestData.Normal(n * d, 2);
-        Array.Fill(buffer!, 7f);                                       // stale contents, padding included
-        var reused = new PackedPanels(second, n, d, ref buffer);
+        Array.Fill(buffer, 7f);                                        // stale contents, padding included
+        var reused = new PackedPanels(second, n, d, buffer);
         Assert.Same(buffer, reused.Data);
         Assert.Equal(new PackedPanels(second, n, d).Data, reused.Data);
     }

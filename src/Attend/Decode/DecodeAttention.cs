@@ -82,40 +82,38 @@ public static class DecodeAttention
             for (int r = 0; r < rows; r++)
                 for (int c = 0; c < d; c++) scaled[r * d + c] = q[r / group, hk * group + r % group, c] * scale;
         }
-        // Page policies choose per kv head (and, with prefetching, name their next-best pages). A page-scoring policy
-        // is stateless and chooses for the kv heads in parallel, one head per worker: Quest's selection at 131072
-        // tokens took 1.5–4.9 ms as eight parallel regions of two chunks each (session 10).
+        // The policy chooses per kv head: tokens (a token policy), or pages — with prefetching, a ranking policy also
+        // names its next-best pages. The built-in policies that keep no state across heads (page scoring: stateless;
+        // token policies: state per kv head) choose for the kv heads in parallel, one head per worker: Quest's
+        // selection at 131072 tokens took 1.5–4.9 ms as eight parallel regions, TokenSelect scored every head's keys on
+        // one thread (session 10).
         var nextOfHead = prefetch ? new List<int>[cache.KvHeads] : null;
-        if (tokenLists is null)
-        {
-            void Choose(int hk)
-            {
-                List<int>? next = nextOfHead is null ? null : nextOfHead[hk] = [];
-                selected[hk] = options.Policy switch
-                {
-                    PageScoringPolicy scoring => scoring.Select(cache, sequence, layer, hk, scaledQueries[hk], rows, options.PrefetchShare, next, parallel: false),
-                    IPrefetchingPolicy ranking when next is not null => ranking.SelectPages(cache, sequence, layer, hk, scaledQueries[hk], rows, options.PrefetchShare, next),
-                    var policy => (policy ?? DensePolicy.Instance).SelectPages(cache, sequence, layer, hk, scaledQueries[hk], rows),
-                };
-            }
-            if (options.Policy is PageScoringPolicy) Cpu.WorkQueue.Run(cache.KvHeads, tuning.EffectiveThreads, () => 0, (hk, _) => Choose(hk));
-            else
-                for (int hk = 0; hk < cache.KvHeads; hk++) Choose(hk);
-        }
-        // The built-in token policies keep their state per kv head, so they too choose for the heads in parallel
-        // (TokenSelect scores every key of every head: one thread did it all before, session 10).
         var tokensOfHead = new IReadOnlyList<int>[cache.KvHeads];
-        if (tokenLists is not null)
-        {
-            var tokenPolicy = (ITokenSelectionPolicy)options.Policy!;
-            void ChooseTokens(int hk) => tokensOfHead[hk] = tokenPolicy.SelectTokens(cache, sequence, layer, hk, scaledQueries[hk], rows);
-            if (tokenPolicy is TokenSelectionPolicy) Cpu.WorkQueue.Run(cache.KvHeads, tuning.EffectiveThreads, () => 0, (hk, _) => ChooseTokens(hk));
-            else
-                for (int hk = 0; hk < cache.KvHeads; hk++) ChooseTokens(hk);
-        }
-        for (int hk = 0; hk < cache.KvHeads; hk++)
+        void Choose(int hk)
         {
             float[] scaled = scaledQueries[hk];
+            List<int>? next = nextOfHead is null || tokenLists is not null ? null : nextOfHead[hk] = [];
+            switch (options.Policy)
+            {
+                case ITokenSelectionPolicy tokens:
+                    tokensOfHead[hk] = tokens.SelectTokens(cache, sequence, layer, hk, scaled, rows);
+                    break;
+                case PageScoringPolicy scoring:
+                    selected[hk] = scoring.Select(cache, sequence, layer, hk, scaled, rows, options.PrefetchShare, next, parallel: false);
+                    break;
+                case IPrefetchingPolicy ranking when next is not null:
+                    selected[hk] = ranking.SelectPages(cache, sequence, layer, hk, scaled, rows, options.PrefetchShare, next);
+                    break;
+                default:
+                    selected[hk] = (options.Policy ?? DensePolicy.Instance).SelectPages(cache, sequence, layer, hk, scaled, rows);
+                    break;
+            }
+        }
+        if (options.Policy is PageScoringPolicy or TokenSelectionPolicy) Cpu.WorkQueue.Run(cache.KvHeads, tuning.EffectiveThreads, () => 0, (hk, _) => Choose(hk));
+        else
+            for (int hk = 0; hk < cache.KvHeads; hk++) Choose(hk);
+        for (int hk = 0; hk < cache.KvHeads; hk++)
+        {
             if (tokenLists is not null)
             {
                 int[] tokens = [.. tokensOfHead[hk]];

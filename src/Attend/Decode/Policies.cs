@@ -843,26 +843,17 @@ public sealed class RetrievalPolicy : TokenSelectionPolicy
         var centroids = new float[clusters * d];
         for (int c = 0; c < clusters; c++) unit.AsSpan((int)((long)c * length / clusters) * d, d).CopyTo(centroids.AsSpan(c * d, d));
         var assign = new int[length];
+        var zeros = new float[clusters];
         for (int round = 0; round < 4; round++)
         {
-            // Each key to its most similar centroid: the similarities of a chunk of keys against every centroid as one
-            // product, then a row argmax. At 131072 keys (2048 clusters) one dot product per pair took ≈ 3 s a round and
-            // kv head; a product runs near the FMA peak (session 10).
+            // Each key to its most similar centroid, chunks of keys in parallel (one dot product per pair took ≈ 3 s a
+            // round and kv head at 131072 keys and 2048 clusters, session 10).
             var packed = new Sparse.PackedPanels(centroids, clusters, d);
-            const int chunk = 64;
-            int chunks = (length + chunk - 1) / chunk;
-            Cpu.WorkQueue.Run(chunks, Environment.ProcessorCount, () => new float[chunk * clusters], (i, similarity) =>
+            const int chunk = 256;
+            Cpu.WorkQueue.Run((length + chunk - 1) / chunk, Environment.ProcessorCount, () => new float[64 * clusters], (i, similarity) =>
             {
                 int t0 = i * chunk, n = Math.Min(chunk, length - t0);
-                Sparse.ScoreGemm.Multiply(unit.AsSpan(t0 * d, n * d), n, d, packed, 0, clusters, similarity);
-                for (int r = 0; r < n; r++)
-                {
-                    ReadOnlySpan<float> row = similarity.AsSpan(r * clusters, clusters);
-                    int best = 0;
-                    for (int c = 1; c < clusters; c++)
-                        if (row[c] > row[best]) best = c;
-                    assign[t0 + r] = best;
-                }
+                Sparse.ScoreGemm.AssignNearest(unit.AsSpan(t0 * d, n * d), d, packed, zeros, assign.AsSpan(t0, n), similarity);
             });
             Array.Clear(centroids);
             for (int t = 0; t < length; t++) Linear.Vectors.Axpy(1f, unit.AsSpan(t * d, d), centroids.AsSpan(assign[t] * d, d));

@@ -1,3 +1,5 @@
+using System.Runtime.Intrinsics;
+
 namespace Attend.Sparse;
 
 /// <summary>
@@ -110,9 +112,9 @@ public sealed class DhsaSelector : SparsitySelector
             int c = 0;
             for (; c + 8 <= d; c += 8)
             {
-                (var lo, var hi) = System.Runtime.Intrinsics.Vector256.Widen(System.Runtime.Intrinsics.Vector256.Create(row.Slice(c, 8)));
-                System.Runtime.Intrinsics.Vector256.CopyTo(System.Runtime.Intrinsics.Vector256.Create(previous.Slice(c, 4)) + lo, next.Slice(c, 4));
-                System.Runtime.Intrinsics.Vector256.CopyTo(System.Runtime.Intrinsics.Vector256.Create(previous.Slice(c + 4, 4)) + hi, next.Slice(c + 4, 4));
+                (var lo, var hi) = Vector256.Widen(Vector256.Create(row.Slice(c, 8)));
+                Vector256.CopyTo(Vector256.Create(previous.Slice(c, 4)) + lo, next.Slice(c, 4));
+                Vector256.CopyTo(Vector256.Create(previous.Slice(c + 4, 4)) + hi, next.Slice(c + 4, 4));
             }
             for (; c < d; c++) next[c] = previous[c] + row[c];
         }
@@ -142,19 +144,19 @@ public sealed class DhsaSelector : SparsitySelector
     private static double Cosine(double[] prefix, int a0, int a1, int b0, int b1, int d)
     {
         ReadOnlySpan<double> pa0 = prefix.AsSpan(a0 * d, d), pa1 = prefix.AsSpan(a1 * d, d), pb0 = prefix.AsSpan(b0 * d, d), pb1 = prefix.AsSpan(b1 * d, d);
-        var dot = System.Runtime.Intrinsics.Vector256<double>.Zero;
+        var dot = Vector256<double>.Zero;
         var na = dot;
         var nb = dot;
         int c = 0;
         for (; c + 4 <= d; c += 4)
         {
-            var x = System.Runtime.Intrinsics.Vector256.Create(pa1.Slice(c, 4)) - System.Runtime.Intrinsics.Vector256.Create(pa0.Slice(c, 4));
-            var y = System.Runtime.Intrinsics.Vector256.Create(pb1.Slice(c, 4)) - System.Runtime.Intrinsics.Vector256.Create(pb0.Slice(c, 4));
+            var x = Vector256.Create(pa1.Slice(c, 4)) - Vector256.Create(pa0.Slice(c, 4));
+            var y = Vector256.Create(pb1.Slice(c, 4)) - Vector256.Create(pb0.Slice(c, 4));
             dot += x * y;
             na += x * x;
             nb += y * y;
         }
-        double sdot = System.Runtime.Intrinsics.Vector256.Sum(dot), sna = System.Runtime.Intrinsics.Vector256.Sum(na), snb = System.Runtime.Intrinsics.Vector256.Sum(nb);
+        double sdot = Vector256.Sum(dot), sna = Vector256.Sum(na), snb = Vector256.Sum(nb);
         for (; c < d; c++)
         {
             double x = pa1[c] - pa0[c], y = pb1[c] - pb0[c];

@@ -11,23 +11,17 @@ namespace Attend.Sparse;
 /// </summary>
 internal sealed class PackedPanels
 {
-    public PackedPanels(ReadOnlySpan<float> rows, int n, int d)
-        : this(rows, n, d, ref Unsafe.NullRef<float[]?>())
-    {
-    }
-
-    /// <summary>Packs into <paramref name="buffer"/> when it has the size (else into a new array, kept there).</summary>
-    public PackedPanels(ReadOnlySpan<float> rows, int n, int d, ref float[]? buffer)
+    /// <summary>Packs rows [n, d]; into <paramref name="reuse"/> when it has exactly the size needed (else a new array).</summary>
+    public PackedPanels(ReadOnlySpan<float> rows, int n, int d, float[]? reuse = null)
     {
         Width = ScoreGemm.PanelWidth;
         N = n;
         D = d;
         int panels = (n + Width - 1) / Width;
         long size = (long)panels * d * Width;
-        bool reuse = !Unsafe.IsNullRef(ref buffer) && buffer is not null && buffer.Length == size;
-        Data = reuse ? buffer! : new float[size];
-        if (!Unsafe.IsNullRef(ref buffer)) buffer = Data;
-        if (reuse && n % Width != 0)
+        bool reused = reuse is not null && reuse.Length == size;
+        Data = reused ? reuse! : new float[size];
+        if (reused && n % Width != 0)
         {
             // The last panel's padding keys (every other entry is overwritten below).
             long last = (long)(panels - 1) * d * Width;
@@ -69,6 +63,34 @@ internal static unsafe class ScoreGemm
         fixed (float* pa = a, pb = b.Data, pc = c)
         {
             Multiply(pa, m, d, pb + ((long)(j0 / b.Width) * d * b.Width), n, pc, n);
+        }
+    }
+
+    /// <summary>
+    /// For each row of <paramref name="rows"/> [assignment.Length, d]: the centroid c (of <paramref name="centroids"/>,
+    /// packed) maximising row·c + bias[c] — the assignment step of k-means — first index on ties, 0 for a row whose
+    /// scores are all NaN. 64 rows at a time as one product (one dot product per pair ran ≈ 10× slower); scratch holds
+    /// at least 64 × centroids floats.
+    /// </summary>
+    public static void AssignNearest(ReadOnlySpan<float> rows, int d, PackedPanels centroids, ReadOnlySpan<float> bias, Span<int> assignment, float[] scratch)
+    {
+        const int chunk = 64;
+        int n = assignment.Length, k = centroids.N;
+        for (int i0 = 0; i0 < n; i0 += chunk)
+        {
+            int m = Math.Min(chunk, n - i0);
+            Multiply(rows.Slice(i0 * d, m * d), m, d, centroids, 0, k, scratch);
+            for (int r = 0; r < m; r++)
+            {
+                int best = 0;
+                float bestScore = float.NegativeInfinity;
+                for (int c = 0; c < k; c++)
+                {
+                    float score = scratch[(r * k) + c] + bias[c];
+                    if (score > bestScore) (best, bestScore) = (c, score);
+                }
+                assignment[i0 + r] = best;
+            }
         }
     }
 

@@ -142,8 +142,10 @@ public abstract class SparsitySelector : ISparsitySelector
         return k1 - 1 <= q0 + offset ? BlockClass.Full : BlockClass.Partial;
     }
 
-    /// <summary>Rows [length, d] of (batch b, head h), multiplied by <paramref name="scale"/>.</summary>
-    /// <summary>Rows [length, D] of head <paramref name="h"/> of x [B, S, H, D] as floats times <paramref name="scale"/>, in <paramref name="buffer"/> (grown when too small).</summary>
+    /// <summary>
+    /// Rows [length, D] of (batch b, head h) as floats times <paramref name="scale"/>, written into
+    /// <paramref name="buffer"/> (replaced by a new array when its size differs).
+    /// </summary>
     internal static float[] Gather<T>(TensorView<T> x, int b, int h, int length, int d, float scale, ref float[]? buffer) where T : unmanaged
     {
         if (buffer is null || buffer.Length != (long)length * d) buffer = new float[(long)length * d];
@@ -238,7 +240,16 @@ internal sealed class HeadSelection
     }
 
     /// <summary>Keys packed for <see cref="ScoreGemm"/>, built on first use.</summary>
-    public PackedPanels PackedKeys => _packedKeys ??= _buffers is null ? new PackedPanels(Keys, KeyLength, HeadDim) : new PackedPanels(Keys, KeyLength, HeadDim, ref _buffers.Panels);
+    public PackedPanels PackedKeys
+    {
+        get
+        {
+            if (_packedKeys is not null) return _packedKeys;
+            _packedKeys = new PackedPanels(Keys, KeyLength, HeadDim, _buffers?.Panels);
+            if (_buffers is not null) _buffers.Panels = _packedKeys.Data;
+            return _packedKeys;
+        }
+    }
 
     /// <summary>Number of keys query <paramref name="q"/> may see (Skv when not causal; 0 for rows that see none).</summary>
     public int VisibleKeys(int q) => Causal ? Math.Clamp(q + Offset + 1, 0, KeyLength) : KeyLength;
