@@ -59,4 +59,27 @@ public class SelectionKernelTests
         Assert.Same(buffer, reused.Data);
         Assert.Equal(new PackedPanels(second, n, d).Data, reused.Data);
     }
+
+    [Fact]
+    public void Nearest_centroids_match_float64_argmax()
+    {
+        foreach ((int n, int k, int d) in new[] { (1, 1, 8), (97, 7, 40), (300, 70, 64) })
+        {
+            float[] rows = TestData.Normal(n * d, n), centroids = TestData.Normal(k * d, k);
+            float[] bias = TestData.Normal(k, d);
+            var assignment = new int[n];
+            ScoreGemm.AssignNearest(rows, d, new PackedPanels(centroids, k, d), bias, assignment, new float[64 * k]);
+            for (int i = 0; i < n; i++)
+            {
+                double[] exact = [.. Enumerable.Range(0, k).Select(c => Enumerable.Range(0, d).Sum(t => (double)rows[i * d + t] * centroids[c * d + t]) + bias[c])];
+                // The chosen centroid is the float64 best, or within float32 rounding of it.
+                Assert.True(exact[assignment[i]] >= exact.Max() - 1e-4, $"row {i}: {exact[assignment[i]]} vs {exact.Max()}");
+            }
+        }
+        var nan = new float[8];
+        nan[3] = float.NaN;
+        var one = new int[1];
+        ScoreGemm.AssignNearest(nan, 8, new PackedPanels(TestData.Normal(16, 1), 2, 8), new float[2], one, new float[128]);
+        Assert.Equal(0, one[0]);                                       // a NaN row keeps centroid 0
+    }
 }
