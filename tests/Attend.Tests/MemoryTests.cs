@@ -20,7 +20,9 @@ public sealed class MemoryTests
         long before = GC.GetTotalAllocatedBytes(precise: true);
         Attention.Forward(q, k, v, o, new AttentionOptions { Causal = true });
         long allocated = GC.GetTotalAllocatedBytes(precise: true) - before;
-        Assert.True(allocated < 1 << 20, $"managed allocations {allocated} bytes");
+        // The only sizeable allocation is the packed K and V panels (O(S·D): a pinned array kept for the next call).
+        long packed = 2L * s * d * sizeof(float);
+        Assert.True(allocated < packed + (1 << 20), $"managed allocations {allocated} bytes; packed K and V take {packed}");
         // Spot-check rows against the reference on a prefix (causal rows only see their prefix).
         int n = 300;
         var qs = new TensorView<float>(q.ToArray()[..(n * d)], 1, n, 1, d);

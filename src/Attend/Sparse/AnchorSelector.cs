@@ -33,7 +33,9 @@ public sealed class AnchorSelector : SparsitySelector
         const int group = 16;
         int panel = head.PackedKeys.Width;
         float[] stripeScores = head.Scratch((long)group * n);
-        var anchorScores = new float[bs * bs];
+        var anchorScores = new float[2 * bs * bs];
+        var firstScores = new float[bs * bs];
+        var rowMaxBuffer = new float[bs];
         int groupStart = 0, groupKeys = 0;
         for (int qb = 0; qb < head.QueryBlocks; qb++)
         {
@@ -48,18 +50,22 @@ public sealed class AnchorSelector : SparsitySelector
             if (visibleBlocks == 0) continue;
             int diagonal = visibleBlocks - 1;
             int q0 = qb * bs, rows = Math.Min(q0 + bs, head.QueryLength) - q0;
-            var rowMax = new float[rows];
-            rowMax.AsSpan().Fill(float.NegativeInfinity);
-            foreach (int kb in new SortedSet<int> { 0, Math.Max(diagonal - 1, 0), diagonal })
+            // Row maxima over the first block and the local pair (diagonal − 1, diagonal), which are contiguous: two
+            // products instead of three, and vector maxima (SelectionMath.Max keeps Math.Max's NaN rule).
+            head.AddBlock(qb, 0);
+            int local0 = Math.Max(diagonal - 1, 0);
+            head.AddBlock(qb, local0);
+            head.AddBlock(qb, diagonal);
+            int localKeys = Math.Min((diagonal + 1) * bs, n) - (local0 * bs);
+            if (local0 > 0) ScoreGemm.Multiply(head.Queries.AsSpan(q0 * d, rows * d), rows, d, head.PackedKeys, 0, bs, firstScores);
+            ScoreGemm.Multiply(head.Queries.AsSpan(q0 * d, rows * d), rows, d, head.PackedKeys, local0 * bs, localKeys, anchorScores);
+            Span<float> rowMax = rowMaxBuffer.AsSpan(0, rows);
+            for (int r = 0; r < rows; r++)
             {
-                head.AddBlock(qb, kb);
-                int k0 = kb * bs, cols = Math.Min(k0 + bs, n) - k0;
-                ScoreGemm.Multiply(head.Queries.AsSpan(q0 * d, rows * d), rows, d, head.PackedKeys, k0, cols, anchorScores);
-                for (int r = 0; r < rows; r++)
-                {
-                    int visible = Math.Min(cols, head.VisibleKeys(q0 + r) - k0);
-                    for (int j = 0; j < visible; j++) rowMax[r] = Math.Max(rowMax[r], anchorScores[(r * cols) + j]);
-                }
+                int visible = head.VisibleKeys(q0 + r);
+                float max = SelectionMath.Max(anchorScores.AsSpan(r * localKeys, Math.Clamp(visible - (local0 * bs), 0, localKeys)));
+                if (local0 > 0) max = Math.Max(max, SelectionMath.Max(firstScores.AsSpan(r * bs, Math.Clamp(visible, 0, bs))));
+                rowMax[r] = max;
             }
             double anchor = 0;
             int counted = 0;
