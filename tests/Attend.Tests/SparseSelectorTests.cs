@@ -93,6 +93,45 @@ public class SparseSelectorTests
         Assert.True(ok, string.Join("; ", report));
     }
 
+    /// <summary>
+    /// Selectors reuse their per-worker arrays across plans (a pool of idle sets): plans built on several threads at once,
+    /// of different sizes, equal the same plans built one after another — no set is shared by two running plans.
+    /// </summary>
+    [Fact]
+    public void PlansBuiltConcurrentlyEqualPlansBuiltAlone()
+    {
+        string[] specs = ["anchor:block=64", "anchor:block=64", "vertical-slash:v=64,s=16,block=64", "vertical-slash:v=64,s=16,block=64"];
+        // Same sizes with different contents: a shared array would mix two inputs.
+        int[] lengths = [1025, 1025, 1025, 1025, 1025, 1025, 1025, 1025];
+        var inputs = lengths.Select((s, i) => StructuredInputs.Generate(1, s, 2, 1, 64, StructureOptions.Default with { Seed = i + 1 })).ToArray();
+        BlockMask Plan(int i) => Selectors.Parse(specs[i % specs.Length]).Plan(inputs[i % inputs.Length].Q, inputs[i % inputs.Length].K).Blocks!;
+        BlockMask[] alone = [.. Enumerable.Range(0, 8).Select(Plan)];
+        var together = new BlockMask[8];
+        // Dedicated threads (the thread pool grows too slowly to overlap 8 plans on a 2-core machine).
+        Thread[] threads = [.. Enumerable.Range(0, 8).Select(i => new Thread(() => together[i] = Plan(i)))];
+        foreach (Thread t in threads) t.Start();
+        foreach (Thread t in threads) t.Join();
+        for (int i = 0; i < 8; i++)
+            for (int h = 0; h < 2; h++)
+                for (int qb = 0; qb < alone[i].QueryBlocks; qb++) Assert.Equal(alone[i].Row(0, h, qb, out _).ToArray(), together[i].Row(0, h, qb, out _).ToArray());
+    }
+
+    /// <summary>The pool of idle per-worker sets: a set on loan is never handed to another taker.</summary>
+    [Fact]
+    public void HeadBufferPoolHandsASetToOneTakerAtATime()
+    {
+        HeadBuffers a = HeadBuffers.Rent(), b = HeadBuffers.Rent();
+        Assert.NotSame(a, b);
+        HeadBuffers.Return(a);
+        HeadBuffers c = HeadBuffers.Rent(), d = HeadBuffers.Rent();
+        Assert.NotSame(c, d);
+        Assert.NotSame(b, c);   // b is still out: never handed to another taker (a may come back, or go to another test's plan)
+        Assert.NotSame(b, d);
+        HeadBuffers.Return(b);
+        HeadBuffers.Return(c);
+        HeadBuffers.Return(d);
+    }
+
     /// <summary>SALE's SIMD and scalar products use the same integers: identical plans, on awkward sizes and both bit widths.</summary>
     [Fact]
     public void SaleSimdAndScalarChooseTheSameBlocks()

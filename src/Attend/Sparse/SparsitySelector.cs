@@ -73,14 +73,14 @@ public abstract class SparsitySelector : ISparsitySelector
         // Each worker gathers its heads into the same buffers (and packs keys into the same panels): a fresh 16 MB
         // array per head and input at S = 32768, D = 128 cost more in page faults than the copy itself (gathering a
         // head's q and k took 33–38 ms on one core of the 2-core EPYC, session 10).
-        Parallel.For(0, batch * heads, parallel, () => new HeadBuffers(), (index, _, buffers) =>
+        Parallel.For(0, batch * heads, parallel, HeadBuffers.Rent, (index, _, buffers) =>
         {
             int b = index / heads, h = index % heads;
             var head = new HeadSelection(b, h, sq, skv, d, BlockSize, causal, Gather(q, b, h, sq, d, s, ref buffers.Queries), Gather(k, b, h / (heads / kvHeads), skv, d, 1f, ref buffers.Keys), buffers);
             SelectHead(head);
             rows[index] = head.Finish();
             return buffers;
-        }, _ => { });
+        }, HeadBuffers.Return);
 
         Mask? causalMask = causal ? Mask.Causal : null;
         int bs = BlockSize;
@@ -169,11 +169,30 @@ public abstract class SparsitySelector : ISparsitySelector
     internal readonly record struct HeadRows(List<int>[] Blocks, List<int>[]? Tokens);
 }
 
-/// <summary>A worker's arrays, reused from one head to the next (see <see cref="SparsitySelector.Plan"/>).</summary>
+/// <summary>
+/// A worker's arrays, reused from one head to the next (see <see cref="SparsitySelector.Plan"/>) and from one plan to the
+/// next: idle sets wait in a pool through weak references (the GC may take them). Fresh arrays per plan cost a page fault
+/// per 4 KB on every call (two 2 MB gathers per worker at S = 8192, D 64; two 16 MB ones at 32768, D 128).
+/// </summary>
 internal sealed class HeadBuffers
 {
+    private static readonly System.Collections.Concurrent.ConcurrentBag<WeakReference<HeadBuffers>> Idle = [];
+
     public float[]? Queries, Keys, Panels, Scratch;
     public double[]? Doubles;
+
+    /// <summary>An idle set if one is still alive, else a new one.</summary>
+    public static HeadBuffers Rent()
+    {
+        while (Idle.TryTake(out WeakReference<HeadBuffers>? idle))
+        {
+            if (idle.TryGetTarget(out HeadBuffers? buffers)) return buffers;
+        }
+        return new HeadBuffers();
+    }
+
+    /// <summary>Offers a set to the next plan (nothing of it may be referenced after this).</summary>
+    public static void Return(HeadBuffers buffers) => Idle.Add(new WeakReference<HeadBuffers>(buffers));
 }
 
 /// <summary>What a selector sees of one (batch, head) and where it puts its choices.</summary>
