@@ -6,8 +6,8 @@ namespace Attend.Cpu;
 /// <summary>
 /// A large float buffer handed from one executor call to the next. The CPU executor packs every key and value into
 /// panels per call (16 MB at S = 8192, 4 kv heads, D = 64); a fresh native block each time cost a page fault per
-/// 4 KB on every call (≈ 6 ms of a 230 ms dense causal call on the 2-core EPYC, and most of a sparse plan's fixed
-/// cost, docs/perf/sparse.md "session 11"). The buffer is a pinned array held through a weak reference, so the GC
+/// 4 KB on every call (with the element-wise pack, 7–9 ms of a 230 ms dense causal call on the 2-core EPYC; with this
+/// buffer and the vector pack 3.5–4.6 ms; docs/perf/sparse.md, session 11). The buffer is a pinned array held through a weak reference, so the GC
 /// reclaims it under memory pressure and an idle process does not keep it; concurrent callers that find the slot
 /// empty allocate their own. Sizes beyond an array's limit use native memory, not cached.
 /// </summary>
@@ -42,6 +42,7 @@ internal sealed unsafe class PinnedScratch : IDisposable
         Pointer = (float*)((start + 63) & ~(nint)63);
     }
 
+    /// <summary>Start of the buffer, 64-byte aligned.</summary>
     public float* Pointer { get; }
 
     /// <summary>Offers the array to the next call (a larger one stays cached over a smaller one).</summary>
