@@ -69,8 +69,17 @@ public sealed record CalibratedHeads(string?[] Specs, double[] RelativeL2, doubl
 /// offline pattern search). Every candidate's plan is built on the whole input, then executed only for about
 /// <c>sampleQueries</c> queries: whole query blocks spread evenly over the sequence, the last included. (Sampling
 /// only the last 1024 queries missed errors elsewhere: a calibration at 0.02 measured 0.034 over the whole
-/// sequence at S = 8192.) Per head, the candidate of lowest measured density whose relative L2
-/// error on the sample is within the budget wins; a head with none runs dense.
+/// sequence at S = 8192; a sample of 1024 spread queries still chose a threshold whose error over the sequence was
+/// 0.024–0.026, hence the default 4096, session 11.) The target is <c>margin × maxRelativeError</c>. Two choices are weighed:
+/// <list type="bullet">
+/// <item>per head, the candidate of lowest measured density within the target on alternate sample blocks (a head with
+/// none runs dense), kept only if every head's choice also holds on the other blocks;</item>
+/// <item>one candidate for every head: the sparsest whose error over the whole sample and all heads is within the target.</item>
+/// </list>
+/// The per-head choice wins when it holds and is sparser. Choosing per head on one sample picks, among many candidates,
+/// the one that passed by luck: on the generator (whose heads are alike) per-head choices kept 0.02 on the calibration
+/// and measured 0.027–0.07 on held-out seeds (sessions 7–8), while one threshold for every head held (session 11).
+/// On real layers, whose heads differ, the per-head choice holds on the other blocks and stays.
 /// </summary>
 public static class SparseCalibration
 {
@@ -85,14 +94,17 @@ public static class SparseCalibration
         "pooled:budget=p0.9", "pooled:budget=p0.95", "pooled:budget=p0.98",
         "flexprefill:gamma=0.9", "flexprefill:gamma=0.95", "flexprefill:gamma=0.99",
         "vertical-slash", "vertical-slash:v=2000,s=500",
+        "sale:t=0.05", "sale:t=0.02", "sale:t=0.01", "sale:t=0.005",
     ];
 
-    /// <summary>Chooses a selector per head on sample inputs (see the class remarks).</summary>
+    /// <summary>Chooses a selector per head on sample inputs (see the class remarks); <paramref name="margin"/> in (0, 1] scales the budget the sample must meet (default 0.8).</summary>
     public static CalibratedHeads Calibrate<T>(TensorView<T> q, TensorView<T> k, TensorView<T> v, double maxRelativeError,
-        IReadOnlyList<string>? candidates = null, int sampleQueries = 1024, bool causal = true, float? scale = null, KernelTuning? tuning = null)
+        IReadOnlyList<string>? candidates = null, int sampleQueries = 4096, bool causal = true, float? scale = null, KernelTuning? tuning = null,
+        double margin = 0.8)
         where T : unmanaged
     {
         if (!(maxRelativeError >= 0)) throw new ArgumentOutOfRangeException(nameof(maxRelativeError), maxRelativeError, "the error budget must be ≥ 0");
+        if (!(margin > 0 && margin <= 1)) throw new ArgumentOutOfRangeException(nameof(margin), margin, "the margin must be in (0, 1]");
         if (sampleQueries < 1) throw new ArgumentOutOfRangeException(nameof(sampleQueries), sampleQueries, "sampleQueries must be ≥ 1");
         candidates ??= DefaultCandidates;
         SparsitySelector[] selectors = [.. candidates.Select(Selectors.Parse)];
@@ -102,10 +114,18 @@ public static class SparseCalibration
         if (q.Rank != 4 || k.Rank != 4 || v.Rank != 4) throw new ArgumentException("q, k, v must be [B, S, H, D]", nameof(q));
         int b = q.Shape[0], sq = q.Shape[1], h = q.Shape[2], dv = v.Shape[3], skv = k.Shape[1];
 
-        // The sample: query blocks spread evenly over the sequence (the last one included: it sees the most keys),
-        // each run against only the keys it can see, so the check costs a fraction of dense.
+        // The sample: one query block from each of `count` equal stretches of the sequence, at a pseudo-random place
+        // within it (fixed seed: the same input gives the same sample), the last block always (it sees the most keys);
+        // each runs against only the keys it can see, so the check costs a fraction of dense. Evenly spaced blocks alias
+        // with periodic structure: at a stride of two blocks every sampled block was the second half of the generator's
+        // 256-token cluster segments, and the sample measured 0.012 where the whole sequence had 0.026 (session 11).
         int queryBlocks = (sq + bs - 1) / bs, count = Math.Clamp(sampleQueries / bs, 1, queryBlocks);
-        int[] sampleBlocks = [.. Enumerable.Range(1, count).Select(i => (int)((long)i * queryBlocks / count) - 1).Distinct()];
+        var place = new Random(20260523);
+        int[] sampleBlocks = [.. Enumerable.Range(0, count).Select(i =>
+        {
+            int first = (int)((long)i * queryBlocks / count), end = (int)((long)(i + 1) * queryBlocks / count);
+            return i == count - 1 ? queryBlocks - 1 : first + place.Next(end - first);
+        }).Distinct()];
         var options = new AttentionOptions { Causal = causal, Scale = scale };
         var denseOut = new TensorView<T>[sampleBlocks.Length];
         for (int i = 0; i < sampleBlocks.Length; i++)
@@ -115,45 +135,113 @@ public static class SparseCalibration
             if (keys > 0) Attention.Forward(q.Slice(1, q0, rows), k.Slice(1, 0, keys), v.Slice(1, 0, keys), denseOut[i], options, tuning: tuning);
         }
 
-        var best = new string?[h];
-        var bestError = new double[h];
-        var bestDensity = new double[h];
-        Array.Fill(bestDensity, 1.0);
-        for (int c = 0; c < selectors.Length; c++)
+        // Sums per candidate, half of the sample (alternate sample blocks) and head: squared error, squared norm, pairs.
+        int heads = h, n = selectors.Length;
+        var diff = new double[2, n, heads];
+        var norm = new double[2, n, heads];
+        var pairs = new double[2, n, heads];
+        var total = new double[2];
+        for (int c = 0; c < n; c++)
         {
             SparsityPlan full = selectors[c].Plan(q, k, causal, scale);
-            var diff = new double[h];
-            var norm = new double[h];
-            var pairs = new double[h];
-            double total = 0;
             for (int i = 0; i < sampleBlocks.Length; i++)
             {
                 (int q0, int rows, int keys) = Extent(sampleBlocks[i]);
                 if (keys == 0) continue;
+                int half = i % 2;
                 SparsityPlan block = Restrict(full, sampleBlocks[i], keys);
                 var output = new TensorView<T>(new T[(long)b * rows * h * dv], b, rows, h, dv);
                 Attention.Forward(q.Slice(1, q0, rows), k.Slice(1, 0, keys), v.Slice(1, 0, keys), output, options with { Causal = false, Plan = block }, tuning: tuning);
                 double weight = (double)rows * keys;
-                total += weight;
-                for (int head = 0; head < h; head++)
+                if (c == 0) total[half] += weight;
+                for (int head = 0; head < heads; head++)
                 {
-                    (double d, double n, _, _) = Metrics.Sums(output, denseOut[i], head);
-                    diff[head] += d;
-                    norm[head] += n;
-                    pairs[head] += weight * Metrics.Density(block, causal, head);
+                    (double d, double nrm, _, _) = Metrics.Sums(output, denseOut[i], head);
+                    diff[half, c, head] += d;
+                    norm[half, c, head] += nrm;
+                    pairs[half, c, head] += weight * Metrics.Density(block, causal, head);
                 }
             }
-            for (int head = 0; head < h; head++)
+        }
+        double Error(int c, int head, int first, int last)
+        {
+            double dd = 0, nn = 0;
+            for (int x = first; x <= last; x++)
             {
-                double error = norm[head] == 0 ? 0 : Math.Sqrt(diff[head] / norm[head]);
-                double density = total == 0 ? 0 : pairs[head] / total;
-                if (error <= maxRelativeError && density < bestDensity[head])
+                dd += diff[x, c, head];
+                nn += norm[x, c, head];
+            }
+            return nn == 0 ? 0 : Math.Sqrt(dd / nn);
+        }
+        double Density(int c, int head, int first, int last)
+        {
+            double pp = 0, tt = 0;
+            for (int x = first; x <= last; x++)
+            {
+                pp += pairs[x, c, head];
+                tt += total[x];
+            }
+            return tt == 0 ? 0 : pp / tt;
+        }
+        double target = margin * maxRelativeError;
+        bool split = total[1] > 0;
+        int lastHalf = split ? 1 : 0;
+
+        // Per head: the sparsest candidate within the target on the first half, kept only if every head's choice also
+        // holds on the second half — a choice made per head on one sample is biased towards the candidate that passed
+        // by luck (session 8: held-out errors 1.5–2× the calibration's on the generator, whose heads are alike).
+        var perHead = new int[heads];
+        bool perHeadHolds = split;
+        for (int head = 0; head < heads; head++)
+        {
+            perHead[head] = -1;
+            double sparsest = 1;
+            for (int c = 0; c < n; c++)
+            {
+                double density = Density(c, head, 0, 0);
+                if (Error(c, head, 0, 0) <= target && density < sparsest)
                 {
-                    best[head] = candidates[c];
-                    bestError[head] = error;
-                    bestDensity[head] = density;
+                    perHead[head] = c;
+                    sparsest = density;
                 }
             }
+            if (perHead[head] >= 0 && Error(perHead[head], head, 1, 1) > target) perHeadHolds = false;
+        }
+
+        // One candidate for every head: the sparsest whose error over the whole sample and every head is within the
+        // target (a single choice among the ladder carries little selection bias).
+        int uniform = -1;
+        double uniformDensity = 1;
+        for (int c = 0; c < n; c++)
+        {
+            double dd = 0, nn = 0, density = 0;
+            for (int head = 0; head < heads; head++)
+            {
+                for (int x = 0; x <= lastHalf; x++)
+                {
+                    dd += diff[x, c, head];
+                    nn += norm[x, c, head];
+                }
+                density += Density(c, head, 0, lastHalf) / heads;
+            }
+            if ((nn == 0 ? 0 : Math.Sqrt(dd / nn)) <= target && density < uniformDensity)
+            {
+                uniform = c;
+                uniformDensity = density;
+            }
+        }
+
+        double perHeadDensity = perHead.Select((c, head) => c < 0 ? 1 : Density(c, head, 0, lastHalf)).Average();
+        int[] chosen = perHeadHolds && perHeadDensity < uniformDensity ? perHead : [.. Enumerable.Repeat(uniform, heads)];
+        var best = new string?[heads];
+        var bestError = new double[heads];
+        var bestDensity = new double[heads];
+        for (int head = 0; head < heads; head++)
+        {
+            int c = chosen[head];
+            best[head] = c < 0 ? null : candidates[c];
+            bestError[head] = c < 0 ? 0 : Error(c, head, 0, lastHalf);
+            bestDensity[head] = c < 0 ? 1 : Density(c, head, 0, lastHalf);
         }
 
         (int Q0, int Rows, int Keys) Extent(int qb)
@@ -199,7 +287,7 @@ public static class SparseCalibration
 public sealed class AutoSelector : IValueAwareSelector
 {
     /// <summary>An Auto selector keeping each head's relative L2 error (measured on the sample) within <paramref name="maxRelativeError"/>.</summary>
-    public AutoSelector(double maxRelativeError, IReadOnlyList<string>? candidates = null, int sampleQueries = 1024)
+    public AutoSelector(double maxRelativeError, IReadOnlyList<string>? candidates = null, int sampleQueries = 4096)
     {
         if (!(maxRelativeError >= 0)) throw new ArgumentOutOfRangeException(nameof(maxRelativeError), maxRelativeError, "the error budget must be ≥ 0");
         MaxRelativeError = maxRelativeError;
@@ -213,7 +301,7 @@ public sealed class AutoSelector : IValueAwareSelector
     /// <summary>Candidate selector specs.</summary>
     public IReadOnlyList<string> Candidates { get; }
 
-    /// <summary>Queries at the end used to measure each candidate.</summary>
+    /// <summary>Queries (whole blocks spread over the sequence) used to measure each candidate.</summary>
     public int SampleQueries { get; }
 
     /// <summary>The last calibration (per head spec, error, density), for reports.</summary>
