@@ -405,6 +405,13 @@ public class SparseCalibrationTests
         Assert.True(error <= 0.05, $"held-out error {error:F4} with {string.Join(", ", heads.Specs)}");
         Assert.Contains(heads.Specs, spec => spec is not null);
         Assert.Throws<ArgumentOutOfRangeException>(() => SparseCalibration.Calibrate(train.Q, train.K, train.V, 0.05, margin: 0));
+
+        // Several inputs of one layer: the sums run over all of them; inputs must share the head count.
+        CalibratedHeads both = SparseCalibration.Calibrate([(train.Q, train.K, train.V), (test.Q, test.K, test.V)], 0.05, ["sale:t=0.02,block=64", "sale:t=0.005,block=64"]);
+        Assert.All(both.RelativeL2, e => Assert.InRange(e, 0, 0.05));
+        var other = StructuredInputs.Generate(1, 512, 2, 2, d, StructureOptions.Default with { Seed = 23 });
+        Assert.Contains("heads", Assert.Throws<ArgumentException>(() => SparseCalibration.Calibrate([(train.Q, train.K, train.V), (other.Q, other.K, other.V)], 0.05)).Message);
+        Assert.Throws<ArgumentException>(() => SparseCalibration.Calibrate(Array.Empty<(TensorView<float>, TensorView<float>, TensorView<float>)>(), 0.05));
     }
 
     [Fact]

@@ -50,7 +50,7 @@ public sealed class PerHeadSelector : SparsitySelector
     }
 }
 
-/// <summary>The result of <see cref="SparseCalibration.Calibrate"/>: per head, the chosen selector spec (null: dense) and what it measured.</summary>
+/// <summary>The result of SparseCalibration.Calibrate: per head, the chosen selector spec (null: dense) and what it measured.</summary>
 public sealed record CalibratedHeads(string?[] Specs, double[] RelativeL2, double[] Density, int BlockSize)
 {
     /// <summary>The per-head selector to run (reusable across inputs of the same model layer).</summary>
@@ -97,69 +97,99 @@ public static class SparseCalibration
         "sale:t=0.05", "sale:t=0.02", "sale:t=0.01", "sale:t=0.005",
     ];
 
-    /// <summary>Chooses a selector per head on sample inputs (see the class remarks); <paramref name="margin"/> in (0, 1] scales the budget the sample must meet (default 0.8).</summary>
+    /// <summary>Chooses a selector per head on a sample of one input (see the class remarks); <paramref name="margin"/> in (0, 1] scales the budget the sample must meet (default 0.8).</summary>
     public static CalibratedHeads Calibrate<T>(TensorView<T> q, TensorView<T> k, TensorView<T> v, double maxRelativeError,
+        IReadOnlyList<string>? candidates = null, int sampleQueries = 4096, bool causal = true, float? scale = null, KernelTuning? tuning = null,
+        double margin = 0.8)
+        where T : unmanaged =>
+        Calibrate([(q, k, v)], maxRelativeError, candidates, sampleQueries, causal, scale, tuning, margin);
+
+    /// <summary>
+    /// Chooses on samples of several inputs of one layer (the same heads): errors, norms and pairs are summed over all of
+    /// them, so one input's luck weighs less — a single input's error for the same threshold ranged 0.0118–0.0172 over
+    /// generator seeds (session 11). <paramref name="sampleQueries"/> is per input.
+    /// </summary>
+    public static CalibratedHeads Calibrate<T>(IReadOnlyList<(TensorView<T> Q, TensorView<T> K, TensorView<T> V)> inputs, double maxRelativeError,
         IReadOnlyList<string>? candidates = null, int sampleQueries = 4096, bool causal = true, float? scale = null, KernelTuning? tuning = null,
         double margin = 0.8)
         where T : unmanaged
     {
+        ArgumentNullException.ThrowIfNull(inputs);
         if (!(maxRelativeError >= 0)) throw new ArgumentOutOfRangeException(nameof(maxRelativeError), maxRelativeError, "the error budget must be ≥ 0");
         if (!(margin > 0 && margin <= 1)) throw new ArgumentOutOfRangeException(nameof(margin), margin, "the margin must be in (0, 1]");
         if (sampleQueries < 1) throw new ArgumentOutOfRangeException(nameof(sampleQueries), sampleQueries, "sampleQueries must be ≥ 1");
+        if (inputs.Count == 0) throw new ArgumentException("calibration needs at least one input", nameof(inputs));
         candidates ??= DefaultCandidates;
         SparsitySelector[] selectors = [.. candidates.Select(Selectors.Parse)];
         if (selectors.Length == 0) throw new ArgumentException("calibration needs at least one candidate", nameof(candidates));
         int bs = selectors[0].BlockSize;
         if (selectors.Any(s => s.BlockSize != bs)) throw new ArgumentException("every candidate must use one block size", nameof(candidates));
-        if (q.Rank != 4 || k.Rank != 4 || v.Rank != 4) throw new ArgumentException("q, k, v must be [B, S, H, D]", nameof(q));
-        int b = q.Shape[0], sq = q.Shape[1], h = q.Shape[2], dv = v.Shape[3], skv = k.Shape[1];
-
-        // The sample: one query block from each of `count` equal stretches of the sequence, at a pseudo-random place
-        // within it (fixed seed: the same input gives the same sample), the last block always (it sees the most keys);
-        // each runs against only the keys it can see, so the check costs a fraction of dense. Evenly spaced blocks alias
-        // with periodic structure: at a stride of two blocks every sampled block was the second half of the generator's
-        // 256-token cluster segments, and the sample measured 0.012 where the whole sequence had 0.026 (session 11).
-        int queryBlocks = (sq + bs - 1) / bs, count = Math.Clamp(sampleQueries / bs, 1, queryBlocks);
-        var place = new Random(20260523);
-        int[] sampleBlocks = [.. Enumerable.Range(0, count).Select(i =>
+        foreach ((TensorView<T> q, TensorView<T> k, TensorView<T> v) in inputs)
         {
-            int first = (int)((long)i * queryBlocks / count), end = (int)((long)(i + 1) * queryBlocks / count);
-            return i == count - 1 ? queryBlocks - 1 : first + place.Next(end - first);
-        }).Distinct()];
-        var options = new AttentionOptions { Causal = causal, Scale = scale };
-        var denseOut = new TensorView<T>[sampleBlocks.Length];
-        for (int i = 0; i < sampleBlocks.Length; i++)
-        {
-            (int q0, int rows, int keys) = Extent(sampleBlocks[i]);
-            denseOut[i] = new TensorView<T>(new T[(long)b * rows * h * dv], b, rows, h, dv);
-            if (keys > 0) Attention.Forward(q.Slice(1, q0, rows), k.Slice(1, 0, keys), v.Slice(1, 0, keys), denseOut[i], options, tuning: tuning);
+            if (q.Rank != 4 || k.Rank != 4 || v.Rank != 4) throw new ArgumentException("q, k, v must be [B, S, H, D]", nameof(inputs));
+            if (q.Shape[2] != inputs[0].Q.Shape[2])
+            {
+                throw new ArgumentException($"every input must have the first one's {inputs[0].Q.Shape[2]} heads; got {q.Shape[2]}", nameof(inputs));
+            }
         }
+        int heads = inputs[0].Q.Shape[2], n = selectors.Length;
+        var options = new AttentionOptions { Causal = causal, Scale = scale };
 
         // Sums per candidate, half of the sample (alternate sample blocks) and head: squared error, squared norm, pairs.
-        int heads = h, n = selectors.Length;
         var diff = new double[2, n, heads];
         var norm = new double[2, n, heads];
         var pairs = new double[2, n, heads];
         var total = new double[2];
-        for (int c = 0; c < n; c++)
+        foreach ((TensorView<T> q, TensorView<T> k, TensorView<T> v) in inputs)
         {
-            SparsityPlan full = selectors[c].Plan(q, k, causal, scale);
+            int b = q.Shape[0], sq = q.Shape[1], dv = v.Shape[3], skv = k.Shape[1];
+            (int Q0, int Rows, int Keys) Extent(int qb)
+            {
+                int q0 = qb * bs, rows = Math.Min(bs, sq - q0);
+                int keys = causal ? (int)Math.Clamp((long)q0 + rows + skv - sq, 0, skv) : skv;
+                return (q0, rows, keys);
+            }
+
+            // The sample: one query block from each of `count` equal stretches of the sequence, at a pseudo-random place
+            // within it (fixed seed: the same input gives the same sample), the last block always (it sees the most
+            // keys); each runs against only the keys it can see, so the check costs a fraction of dense. Evenly spaced
+            // blocks alias with periodic structure: at a stride of two blocks every sampled block was the second half of
+            // the generator's 256-token cluster segments, and the sample measured 0.012 where the whole sequence had
+            // 0.026 (session 11).
+            int queryBlocks = (sq + bs - 1) / bs, count = Math.Clamp(sampleQueries / bs, 1, queryBlocks);
+            var place = new Random(20260523);
+            int[] sampleBlocks = [.. Enumerable.Range(0, count).Select(i =>
+            {
+                int first = (int)((long)i * queryBlocks / count), end = (int)((long)(i + 1) * queryBlocks / count);
+                return i == count - 1 ? queryBlocks - 1 : first + place.Next(end - first);
+            }).Distinct()];
+            var denseOut = new TensorView<T>[sampleBlocks.Length];
             for (int i = 0; i < sampleBlocks.Length; i++)
             {
                 (int q0, int rows, int keys) = Extent(sampleBlocks[i]);
-                if (keys == 0) continue;
-                int half = i % 2;
-                SparsityPlan block = Restrict(full, sampleBlocks[i], keys);
-                var output = new TensorView<T>(new T[(long)b * rows * h * dv], b, rows, h, dv);
-                Attention.Forward(q.Slice(1, q0, rows), k.Slice(1, 0, keys), v.Slice(1, 0, keys), output, options with { Causal = false, Plan = block }, tuning: tuning);
-                double weight = (double)rows * keys;
-                if (c == 0) total[half] += weight;
-                for (int head = 0; head < heads; head++)
+                denseOut[i] = new TensorView<T>(new T[(long)b * rows * heads * dv], b, rows, heads, dv);
+                if (keys > 0) Attention.Forward(q.Slice(1, q0, rows), k.Slice(1, 0, keys), v.Slice(1, 0, keys), denseOut[i], options, tuning: tuning);
+            }
+            for (int c = 0; c < n; c++)
+            {
+                SparsityPlan full = selectors[c].Plan(q, k, causal, scale);
+                for (int i = 0; i < sampleBlocks.Length; i++)
                 {
-                    (double d, double nrm, _, _) = Metrics.Sums(output, denseOut[i], head);
-                    diff[half, c, head] += d;
-                    norm[half, c, head] += nrm;
-                    pairs[half, c, head] += weight * Metrics.Density(block, causal, head);
+                    (int q0, int rows, int keys) = Extent(sampleBlocks[i]);
+                    if (keys == 0) continue;
+                    int half = i % 2;
+                    SparsityPlan block = Restrict(full, sampleBlocks[i], keys);
+                    var output = new TensorView<T>(new T[(long)b * rows * heads * dv], b, rows, heads, dv);
+                    Attention.Forward(q.Slice(1, q0, rows), k.Slice(1, 0, keys), v.Slice(1, 0, keys), output, options with { Causal = false, Plan = block }, tuning: tuning);
+                    double weight = (double)rows * keys;
+                    if (c == 0) total[half] += weight;
+                    for (int head = 0; head < heads; head++)
+                    {
+                        (double d, double nrm, _, _) = Metrics.Sums(output, denseOut[i], head);
+                        diff[half, c, head] += d;
+                        norm[half, c, head] += nrm;
+                        pairs[half, c, head] += weight * Metrics.Density(block, causal, head);
+                    }
                 }
             }
         }
@@ -244,12 +274,6 @@ public static class SparseCalibration
             bestDensity[head] = c < 0 ? 1 : Density(c, head, 0, lastHalf);
         }
 
-        (int Q0, int Rows, int Keys) Extent(int qb)
-        {
-            int q0 = qb * bs, rows = Math.Min(bs, sq - q0);
-            int keys = causal ? (int)Math.Clamp((long)q0 + rows + skv - sq, 0, skv) : skv;
-            return (q0, rows, keys);
-        }
         return new CalibratedHeads(best, bestError, bestDensity, bs);
     }
 
