@@ -386,7 +386,7 @@ public class SparseCalibrationTests
 
     /// <summary>
     /// A calibration made on one seed keeps its budget on another seed of the same structure (the held-out use of a
-    /// reusable calibration); the generator's heads are alike, so a per-head choice would pass by luck — the
+    /// reusable calibration); the generator's needles sit at random places per head and seed, so a per-head choice can pass by luck — the
     /// calibration falls back to one candidate for every head unless per-head choices hold on the other half of the sample.
     /// </summary>
     [Fact]

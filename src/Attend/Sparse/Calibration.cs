@@ -77,7 +77,7 @@ public sealed record CalibratedHeads(string?[] Specs, double[] RelativeL2, doubl
 /// <item>one candidate for every head: the sparsest whose error over the whole sample and all heads is within the target.</item>
 /// </list>
 /// The per-head choice wins when it holds and is sparser. Choosing per head on one sample picks, among many candidates,
-/// the one that passed by luck: on the generator (whose heads are alike) per-head choices kept 0.02 on the calibration
+/// the one that passed by luck: on the generator (needles at random places per head and seed) per-head choices kept 0.02 on the calibration
 /// and measured 0.027–0.07 on held-out seeds (sessions 7–8), while one threshold for every head held (session 11).
 /// On real layers, whose heads differ, the per-head choice holds on the other blocks and stays.
 /// </summary>
@@ -219,7 +219,7 @@ public static class SparseCalibration
 
         // Per head: the sparsest candidate within the target on the first half, kept only if every head's choice also
         // holds on the second half — a choice made per head on one sample is biased towards the candidate that passed
-        // by luck (session 8: held-out errors 1.5–2× the calibration's on the generator, whose heads are alike).
+        // by luck (session 8: held-out errors 1.5–2× the calibration's on the generator).
         var perHead = new int[heads];
         bool perHeadHolds = split;
         for (int head = 0; head < heads; head++)
