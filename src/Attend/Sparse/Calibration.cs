@@ -304,8 +304,8 @@ public static class SparseCalibration
 }
 
 /// <summary>
-/// <c>Auto(maxRelativeError)</c>: calibrates per head on this call's own last queries (<see cref="SparseCalibration"/>)
-/// and runs the chosen per-head plan. Needs the values to measure the error, so it runs through
+/// <c>Auto(maxRelativeError)</c>: calibrates on a sample of this call's own queries (<see cref="SparseCalibration"/>)
+/// and runs the chosen plan (per head, or one candidate for every head). Needs the values to measure the error, so it runs through
 /// <see cref="SparseAttention.Forward"/> (or <see cref="Plan{T}(TensorView{T}, TensorView{T}, TensorView{T}, bool, float?, KernelTuning?)"/>).
 /// </summary>
 public sealed class AutoSelector : IValueAwareSelector

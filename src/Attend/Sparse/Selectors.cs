@@ -19,8 +19,8 @@ public static class Selectors
     ];
 
     /// <summary>
-    /// Like <see cref="Parse"/>, and also <c>auto:err=0.02[,sample=1024]</c> (per-head calibration on the call's own
-    /// last queries, <see cref="AutoSelector"/>), <c>hash:buckets=8[,seed=0,block=128]</c> (hash-sparse,
+    /// Like <see cref="Parse"/>, and also <c>auto:err=0.02[,sample=4096]</c> (calibration on a sample of the call's own
+    /// queries, <see cref="AutoSelector"/>), <c>hash:buckets=8[,seed=0,block=128]</c> (hash-sparse,
     /// <see cref="HashSparseSelector"/>) and <c>cluster:q=32,k=64,p=0.9[,iters=4,seed=0,block=128]</c> (k-means
     /// semantic permutation, <see cref="ClusterSelector"/>), <c>topk:k=64[,dims=0,seed=0]</c> (per-row top-k,
     /// <see cref="RowTopKSelector"/>); any spec + <c>+centroid</c> compensates the skipped
@@ -52,7 +52,7 @@ public static class Selectors
             "topk" => ["k", "dims", "seed"],
             _ => ["q", "k", "p", "iters", "seed", "block"],
         });
-        if (name == "auto") return new AutoSelector(Double(args, "err", 0.02, spec), sampleQueries: Int(args, "sample", 1024, spec));
+        if (name == "auto") return new AutoSelector(Double(args, "err", 0.02, spec), sampleQueries: Int(args, "sample", 4096, spec));
         if (name == "topk") return new RowTopKSelector { TopK = Int(args, "k", 64, spec), EstimateDims = Int(args, "dims", 0, spec), Seed = Int(args, "seed", 0, spec) };
         if (name == "hash") return new HashSparseSelector { Buckets = Int(args, "buckets", 8, spec), Seed = Int(args, "seed", 0, spec), BlockSize = Int(args, "block", 128, spec) };
         return new ClusterSelector
