@@ -94,28 +94,34 @@ internal static class SparseBench
         var lse = new TensorView<float>(new float[b * s * h], b, s, h);
         double flops = AttentionShape.Of(q, k, v).CausalFlops;
 
-        // Interleaved: each repetition runs dense, then every selector; the first repetition is the warm-up.
+        // Interleaved: each repetition runs dense, then every selector. Warm-up rounds (untimed) run for at least 1 s,
+        // as BenchCommand.Measure does: with one warm-up round, S = 4096 rows measured the JIT's unoptimized tiers (pooled's
+        // selection 5.7 ms against 2.7 ms with tiering off, session 11); at S = 32768 one round already takes seconds.
         int reps = plan.Reps;
+        var warmUp = System.Diagnostics.Stopwatch.StartNew();
+        for (int round = 0; round < 50 && (round == 0 || warmUp.Elapsed.TotalSeconds < 1); round++)
+        {
+            status($"{prefix}S={s}: warm-up round {round + 1}");
+            Attention.Forward(q, k, v, dense, causal, denseLse, tuning);
+            foreach (ISparsitySelector selector in selectors) SparseAttention.Forward(selector, q, k, v, output, causal, lse, tuning);
+        }
         var denseTimes = new List<double>();
         var totals = selectors.Select(_ => new List<double>()).ToArray();
         var selections = selectors.Select(_ => new List<double>()).ToArray();
         var plans = new SparsityPlan[selectors.Count];
         var metrics = new (double L2, double Cos, double Recall, double[] HeadL2, double[] HeadCos, double[] HeadRecall)[selectors.Count];
-        for (int rep = 0; rep <= reps; rep++)
+        for (int rep = 1; rep <= reps; rep++)
         {
             status($"{prefix}S={s}: dense causal, repetition {rep}/{reps}");
             var sw = System.Diagnostics.Stopwatch.StartNew();
             Attention.Forward(q, k, v, dense, causal, denseLse, tuning);
-            if (rep > 0) denseTimes.Add(sw.Elapsed.TotalMilliseconds);
+            denseTimes.Add(sw.Elapsed.TotalMilliseconds);
             for (int i = 0; i < selectors.Count; i++)
             {
                 status($"{prefix}S={s}: {selectors[i].Name}, repetition {rep}/{reps}");
                 (SparsityPlan p, SparseRunTimes times) = SparseAttention.Forward(selectors[i], q, k, v, output, causal, lse, tuning);
-                if (rep > 0)
-                {
-                    totals[i].Add(times.Total.TotalMilliseconds);
-                    selections[i].Add(times.Selection.TotalMilliseconds);
-                }
+                totals[i].Add(times.Total.TotalMilliseconds);
+                selections[i].Add(times.Selection.TotalMilliseconds);
                 if (rep == reps)
                 {
                     plans[i] = p;
