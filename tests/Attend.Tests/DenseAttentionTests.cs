@@ -118,6 +118,33 @@ public sealed class DenseAttentionTests
         }
     }
 
+    /// <summary>
+    /// An infinite value reaches only the rows that attend to it (the packed panel's NaN/Inf flag, computed by the f32
+    /// pack's vector check, makes the kernel skip zero weights there), in a full panel of 64 keys and a partial last one.
+    /// </summary>
+    [Fact]
+    public void Should_keep_an_infinite_value_in_the_rows_that_attend_to_it()
+    {
+        int s = 97, d = 16;
+        float[] qd = TestData.Normal(s * d, 4), kd = TestData.Normal(s * d, 5), vd = TestData.Normal(s * d, 6);
+        vd[40 * d + 2] = float.PositiveInfinity;    // first panel (keys 0–63)
+        vd[90 * d + 7] = float.NegativeInfinity;    // partial last panel (keys 64–96)
+        var q = new TensorView<float>(qd, 1, s, 1, d);
+        var k = new TensorView<float>(kd, 1, s, 1, d);
+        var v = new TensorView<float>(vd, 1, s, 1, d);
+        foreach (KernelPath path in Paths)
+        {
+            var o = new TensorView<float>(new float[s * d], 1, s, 1, d);
+            Attention.Forward(q, k, v, o, new AttentionOptions { Causal = true }, tuning: new KernelTuning { Path = path });
+            for (int i = 0; i < s; i++)
+                for (int c = 0; c < d; c++)
+                {
+                    bool touched = (i >= 40 && c == 2) || (i >= 90 && c == 7);
+                    Assert.True(float.IsFinite(o[0, i, 0, c]) != touched, $"{path}: row {i} col {c} = {o[0, i, 0, c]}");
+                }
+        }
+    }
+
     internal static void CheckAllPaths<T>(int b, int sq, int skv, int h, int hkv, int d, AttentionOptions options, KernelPath[] paths) where T : unmanaged =>
         AttentionConformance.Check<T>(b, sq, skv, h, hkv, d, options, paths.Select(path => (path.ToString(), (AttentionRunner<T>)((q, k, v, o, lse, opt) =>
             Attention.Forward(q, k, v, o, opt, lse, new KernelTuning { Path = path, Threads = 2 })))).ToList());
