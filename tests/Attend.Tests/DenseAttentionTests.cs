@@ -97,13 +97,8 @@ public sealed class DenseAttentionTests
         float[] qd = TestData.Normal(s * d, 1), kd = TestData.Normal(s * d, 2), vd = TestData.Normal(s * d, 3);
         qd[5 * d + 3] = float.NaN;          // query row 5
         vd[40 * d + 2] = float.NaN;         // value of key 40: causal rows ≥ 40 attend to it
-        var q = new TensorView<float>(qd, 1, s, 1, d);
-        var k = new TensorView<float>(kd, 1, s, 1, d);
-        var v = new TensorView<float>(vd, 1, s, 1, d);
-        foreach (KernelPath path in Paths)
+        foreach ((KernelPath path, TensorView<float> o) in CausalOnEveryPath(qd, kd, vd, s, d))
         {
-            var o = new TensorView<float>(new float[s * d], 1, s, 1, d);
-            Attention.Forward(q, k, v, o, new AttentionOptions { Causal = true }, tuning: new KernelTuning { Path = path });
             for (int i = 0; i < s; i++)
             {
                 bool expectNan = i == 5 || i >= 40;
@@ -129,6 +124,20 @@ public sealed class DenseAttentionTests
         float[] qd = TestData.Normal(s * d, 4), kd = TestData.Normal(s * d, 5), vd = TestData.Normal(s * d, 6);
         vd[40 * d + 2] = float.PositiveInfinity;    // first panel (keys 0–63)
         vd[90 * d + 7] = float.NegativeInfinity;    // partial last panel (keys 64–96)
+        foreach ((KernelPath path, TensorView<float> o) in CausalOnEveryPath(qd, kd, vd, s, d))
+        {
+            for (int i = 0; i < s; i++)
+                for (int c = 0; c < d; c++)
+                {
+                    bool touched = (i >= 40 && c == 2) || (i >= 90 && c == 7);
+                    Assert.True(float.IsFinite(o[0, i, 0, c]) != touched, $"{path}: row {i} col {c} = {o[0, i, 0, c]}");
+                }
+        }
+    }
+
+    /// <summary>Causal attention of one head [1, s, 1, d] on every SIMD path: (path, output) pairs.</summary>
+    private static IEnumerable<(KernelPath Path, TensorView<float> Output)> CausalOnEveryPath(float[] qd, float[] kd, float[] vd, int s, int d)
+    {
         var q = new TensorView<float>(qd, 1, s, 1, d);
         var k = new TensorView<float>(kd, 1, s, 1, d);
         var v = new TensorView<float>(vd, 1, s, 1, d);
@@ -136,12 +145,7 @@ public sealed class DenseAttentionTests
         {
             var o = new TensorView<float>(new float[s * d], 1, s, 1, d);
             Attention.Forward(q, k, v, o, new AttentionOptions { Causal = true }, tuning: new KernelTuning { Path = path });
-            for (int i = 0; i < s; i++)
-                for (int c = 0; c < d; c++)
-                {
-                    bool touched = (i >= 40 && c == 2) || (i >= 90 && c == 7);
-                    Assert.True(float.IsFinite(o[0, i, 0, c]) != touched, $"{path}: row {i} col {c} = {o[0, i, 0, c]}");
-                }
+            yield return (path, o);
         }
     }
 
