@@ -61,6 +61,26 @@ public class SelectionKernelTests
     }
 
     [Fact]
+    public void Packed_panels_hold_every_key_at_its_place()
+    {
+        // Head dims a multiple of 8 take the 8 × 8 transposes for whole panels; the others and the last partial panel
+        // the element-wise path.
+        foreach (int d in new[] { 7, 40, 64, 80, 128, 256 })
+            foreach (int n in new[] { 1, 7, 97, 257, 1025 })
+            {
+                float[] keys = TestData.Normal(n * d, n + d);
+                var packed = new PackedPanels(keys, n, d);
+                int w = packed.Width;
+                for (int j = 0; j < n; j++)
+                    for (int c = 0; c < d; c++)
+                        Assert.Equal(keys[(j * d) + c], packed.Data[((long)(j / w) * d * w) + ((long)c * w) + (j % w)]);
+                for (int j = n; j < (n + w - 1) / w * w; j++)
+                    for (int c = 0; c < d; c++)
+                        Assert.Equal(0f, packed.Data[((long)(j / w) * d * w) + ((long)c * w) + (j % w)]);
+            }
+    }
+
+    [Fact]
     public void Nearest_centroids_match_float64_argmax()
     {
         foreach ((int n, int k, int d) in new[] { (1, 1, 8), (97, 7, 40), (300, 70, 64) })

@@ -16,6 +16,7 @@ public class SparseSelectorTests
         "flexprefill:gamma=1,min=100000,block=64",
         "xattention:t=1,stride=8,block=64",
         "anchor:theta=1e9,block=64",
+        "anchor:theta=1e9,rows=1,block=64",
         "hierarchical:k=100000,block=64",
         "sale:t=0,block=64",
         "sale:t=0,bits=8,block=64",
@@ -114,6 +115,50 @@ public class SparseSelectorTests
         for (int i = 0; i < 8; i++)
             for (int h = 0; h < 2; h++)
                 for (int qb = 0; qb < alone[i].QueryBlocks; qb++) Assert.Equal(alone[i].Row(0, h, qb, out _).ToArray(), together[i].Row(0, h, qb, out _).ToArray());
+    }
+
+    /// <summary>
+    /// AnchorAttention's stripes against a float64 recomputation: the anchor is the mean, over every N-th row of a block
+    /// ending at its last row, of the row's largest score over the first block and the local pair; a key before the
+    /// local pair (after the first block) is a stripe when the block's mean query scores it within θ of the anchor.
+    /// </summary>
+    [Theory]
+    [InlineData(1, 700, 40)]
+    [InlineData(8, 700, 40)]
+    [InlineData(7, 1025, 64)]
+    [InlineData(200, 1025, 80)]
+    public void AnchorStripesMatchAFloat64Recomputation(int rowStride, int length, int d)
+    {
+        const int bs = 64;
+        const double theta = 6;
+        var (q, k, _, _) = StructuredInputs.Generate(1, length, 1, 1, d, StructureOptions.Default with { Seed = rowStride + d });
+        SparsityPlan plan = new AnchorSelector { BlockSize = bs, Theta = theta, AnchorRowStride = rowStride }.Plan(q, k);
+        double scale = 1 / Math.Sqrt(d);
+        double Dot(int i, int j) => Enumerable.Range(0, d).Sum(c => (double)q[0, i, 0, c] * k[0, j, 0, c]) * scale;
+        int stripes = 0, nearCut = 0;
+        for (int qb = 0; qb < (length + bs - 1) / bs; qb++)
+        {
+            int q0 = qb * bs, q1 = Math.Min(q0 + bs, length), diagonal = (q1 - 1) / bs;
+            if (diagonal < 3) continue;   // no key before the local pair after the first block
+            var sampled = Enumerable.Range(q0, q1 - q0).Where(r => (q1 - 1 - r) % rowStride == 0).ToArray();
+            double anchor = sampled.Average(r => Enumerable.Range(0, r + 1).Where(j => j < bs || j >= (diagonal - 1) * bs).Max(j => Dot(r, j)));
+            double[] meanQuery = [.. Enumerable.Range(0, d).Select(c => Enumerable.Range(q0, q1 - q0).Average(r => (double)q[0, r, 0, c]) * scale)];
+            var chosen = (plan.Tokens?.Row(0, 0, qb).ToArray() ?? []).ToHashSet();
+            for (int j = bs; j < (diagonal - 1) * bs; j++)
+            {
+                double score = Enumerable.Range(0, d).Sum(c => meanQuery[c] * k[0, j, 0, c]);
+                if (Math.Abs(score - (anchor - theta)) < 1e-4)
+                {
+                    nearCut++;   // float32 rounding may decide either way
+                    continue;
+                }
+                Assert.True((score >= anchor - theta) == chosen.Contains(j), $"rows/{rowStride}, block {qb}, key {j}: score {score}, cut {anchor - theta}");
+                if (chosen.Contains(j)) stripes++;
+            }
+        }
+        Assert.True(stripes > 0, "the input should give some stripes");
+        Assert.True(nearCut < 5, $"{nearCut} scores within rounding of the cut");
+        Assert.Throws<ArgumentOutOfRangeException>("AnchorRowStride", () => new AnchorSelector { AnchorRowStride = 0 });
     }
 
     /// <summary>The pool of idle per-worker sets: a set on loan is never handed to another taker.</summary>

@@ -1,5 +1,6 @@
 using System.Runtime.CompilerServices;
 using System.Runtime.Intrinsics;
+using System.Runtime.Intrinsics.X86;
 using Attend.Cpu;
 
 namespace Attend.Sparse;
@@ -9,7 +10,7 @@ namespace Attend.Sparse;
 /// so the product's inner loop reads memory in order. (Multiplying against plainly transposed keys [D, n] strides
 /// by n floats per step: at n = 4096 groups that thrashed the TLB and made XAttention's estimate 7× slower.)
 /// </summary>
-internal sealed class PackedPanels
+internal sealed unsafe class PackedPanels
 {
     /// <summary>Packs rows [n, d]; into <paramref name="reuse"/> when it has exactly the size needed (else a new array).</summary>
     public PackedPanels(ReadOnlySpan<float> rows, int n, int d, float[]? reuse = null)
@@ -27,12 +28,48 @@ internal sealed class PackedPanels
             long last = (long)(panels - 1) * d * Width;
             for (int c = 0; c < d; c++) Data.AsSpan((int)(last + ((long)c * Width) + (n % Width)), Width - (n % Width)).Clear();
         }
-        for (int j = 0; j < n; j++)
+        int j = 0;
+        if (Avx.IsSupported && Width % 8 == 0 && d % 8 == 0)
+        {
+            // Whole panels as 8 × 8 register transposes (8 row loads, 24 shuffles, 8 column stores): the
+            // element-by-element scatter below took 5.4 ms a head at S 32768, D 128, AVX2 gathers 7.4 (session 12).
+            fixed (float* source = rows, target = Data)
+            {
+                for (; j + Width <= n; j += Width)
+                {
+                    float* panel = target + ((long)(j / Width) * d * Width);
+                    for (int g = 0; g < Width; g += 8)
+                    {
+                        for (int c = 0; c < d; c += 8) Transpose8(source + ((long)(j + g) * d) + c, d, panel + ((long)c * Width) + g, Width);
+                    }
+                }
+            }
+        }
+        for (; j < n; j++)
         {
             ReadOnlySpan<float> row = rows.Slice(j * d, d);
             long p = (long)(j / Width) * d * Width + (j % Width);
             for (int c = 0; c < d; c++) Data[p + ((long)c * Width)] = row[c];
         }
+    }
+
+    /// <summary>Writes the 8 × 8 tile at <paramref name="x"/> (row stride <paramref name="ldx"/>) transposed to <paramref name="y"/> (row stride <paramref name="ldy"/>).</summary>
+    private static void Transpose8(float* x, int ldx, float* y, int ldy)
+    {
+        Vector256<float> r0 = Avx.LoadVector256(x), r1 = Avx.LoadVector256(x + ldx), r2 = Avx.LoadVector256(x + (2 * ldx)), r3 = Avx.LoadVector256(x + (3 * ldx));
+        Vector256<float> r4 = Avx.LoadVector256(x + (4 * ldx)), r5 = Avx.LoadVector256(x + (5 * ldx)), r6 = Avx.LoadVector256(x + (6 * ldx)), r7 = Avx.LoadVector256(x + (7 * ldx));
+        Vector256<float> t0 = Avx.UnpackLow(r0, r1), t1 = Avx.UnpackHigh(r0, r1), t2 = Avx.UnpackLow(r2, r3), t3 = Avx.UnpackHigh(r2, r3);
+        Vector256<float> t4 = Avx.UnpackLow(r4, r5), t5 = Avx.UnpackHigh(r4, r5), t6 = Avx.UnpackLow(r6, r7), t7 = Avx.UnpackHigh(r6, r7);
+        Vector256<float> u0 = Avx.Shuffle(t0, t2, 0x44), u1 = Avx.Shuffle(t0, t2, 0xEE), u2 = Avx.Shuffle(t1, t3, 0x44), u3 = Avx.Shuffle(t1, t3, 0xEE);
+        Vector256<float> u4 = Avx.Shuffle(t4, t6, 0x44), u5 = Avx.Shuffle(t4, t6, 0xEE), u6 = Avx.Shuffle(t5, t7, 0x44), u7 = Avx.Shuffle(t5, t7, 0xEE);
+        Avx.Store(y, Avx.Permute2x128(u0, u4, 0x20));
+        Avx.Store(y + ldy, Avx.Permute2x128(u1, u5, 0x20));
+        Avx.Store(y + (2 * ldy), Avx.Permute2x128(u2, u6, 0x20));
+        Avx.Store(y + (3 * ldy), Avx.Permute2x128(u3, u7, 0x20));
+        Avx.Store(y + (4 * ldy), Avx.Permute2x128(u0, u4, 0x31));
+        Avx.Store(y + (5 * ldy), Avx.Permute2x128(u1, u5, 0x31));
+        Avx.Store(y + (6 * ldy), Avx.Permute2x128(u2, u6, 0x31));
+        Avx.Store(y + (7 * ldy), Avx.Permute2x128(u3, u7, 0x31));
     }
 
     public int Width { get; }

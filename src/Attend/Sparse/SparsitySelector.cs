@@ -1,3 +1,5 @@
+using System.Numerics;
+using System.Runtime.Intrinsics;
 using System.Diagnostics;
 using Attend.Masks;
 using Attend.Tensors;
@@ -295,6 +297,28 @@ internal sealed class HeadSelection
         if (key >= 0 && key < VisibleKeys(last)) _tokens[qb].Add(key);
     }
 
+    /// <summary>
+    /// Adds key <paramref name="firstKey"/> + i for every <paramref name="scores"/>[i] ≥ <paramref name="cut"/> (NaN
+    /// never), in order: one vector compare per 16 scores, since most scores of a sparse row fall below the cut.
+    /// </summary>
+    public void AddTokensAtLeast(int qb, ReadOnlySpan<float> scores, int firstKey, float cut)
+    {
+        int i = 0;
+        if (Vector512.IsHardwareAccelerated)
+        {
+            var threshold = Vector512.Create(cut);
+            for (; i <= scores.Length - Vector512<float>.Count; i += Vector512<float>.Count)
+            {
+                ulong bits = Vector512.GreaterThanOrEqual(Vector512.Create(scores.Slice(i, Vector512<float>.Count)), threshold).ExtractMostSignificantBits();
+                for (; bits != 0; bits &= bits - 1) AddToken(qb, firstKey + i + BitOperations.TrailingZeroCount(bits));
+            }
+        }
+        for (; i < scores.Length; i++)
+        {
+            if (scores[i] >= cut) AddToken(qb, firstKey + i);
+        }
+    }
+
     /// <summary>Mean of each block of <paramref name="rows"/> [length, D] → [blocks, D].</summary>
     public float[] PoolRows(float[] rows, int length)
     {
@@ -304,11 +328,7 @@ internal sealed class HeadSelection
         {
             int r0 = blk * BlockSize, r1 = Math.Min(r0 + BlockSize, length);
             Span<float> o = pooled.AsSpan(blk * d, d);
-            for (int r = r0; r < r1; r++)
-            {
-                ReadOnlySpan<float> x = rows.AsSpan(r * d, d);
-                for (int c = 0; c < d; c++) o[c] += x[c];
-            }
+            for (int r = r0; r < r1; r++) Linear.Vectors.Axpy(1f, rows.AsSpan(r * d, d), o);
             float inv = 1f / (r1 - r0);
             for (int c = 0; c < d; c++) o[c] *= inv;
         }
