@@ -80,6 +80,32 @@ public class SelectionKernelTests
             }
     }
 
+    /// <summary>SALE's vector quantization gives the scalar loop's integers and scale: ties to even, clamping, non-finite rows.</summary>
+    [Fact]
+    public void Sale_quantization_vectors_equal_the_scalar_loop()
+    {
+        var rng = new Random(3);
+        foreach (int d in new[] { 16, 40, 64, 80, 128, 130, 256 })
+            foreach (int levels in new[] { 7, 127 })
+                for (int trial = 0; trial < 20; trial++)
+                {
+                    float[] x = TestData.Normal(d, (d * 100) + trial);
+                    if (trial % 4 == 1)
+                    {
+                        // Exact halves after scaling: max |x| = levels, so x / scale = x.
+                        for (int c = 0; c < d; c++) x[c] = (float)(Math.Floor(rng.NextDouble() * 2 * levels) - levels + 0.5);
+                        x[0] = levels;
+                    }
+                    if (trial == 2) x[rng.Next(d)] = float.NaN;
+                    if (trial == 3) x[rng.Next(d)] = float.PositiveInfinity;
+                    if (trial == 6) Array.Clear(x);
+                    sbyte[] vector = new sbyte[d + 4], scalar = new sbyte[d + 4];
+                    float vectorScale = SaleSelector.Quantize(x, vector, levels), scalarScale = SaleSelector.Quantize(x, scalar, levels, vectors: false);
+                    Assert.Equal(scalarScale, vectorScale);
+                    Assert.Equal(scalar, vector);
+                }
+    }
+
     [Fact]
     public void Nearest_centroids_match_float64_argmax()
     {
