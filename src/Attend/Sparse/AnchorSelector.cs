@@ -40,7 +40,7 @@ public sealed class AnchorSelector : SparsitySelector
     private protected override void SelectHead(HeadSelection head)
     {
         int bs = head.BlockSize, d = head.HeadDim, n = head.KeyLength;
-        float[] meanQueries = head.PoolRows(head.Queries, head.QueryLength);
+        float[] meanQueries = head.PooledQueries;
         // Stripe scores a group of query blocks at a time, each group against the keys its last block can see (causal:
         // half the product of scoring every key; one reused buffer instead of a [blocks, Skv] array — 64 MB a head at
         // S = 32768).
@@ -69,11 +69,8 @@ public sealed class AnchorSelector : SparsitySelector
             // estimates it; those rows are gathered contiguously for the products.
             int rows = 0;
             for (int r = (blockRows - 1) % AnchorRowStride; r < blockRows; r += AnchorRowStride) sampledRows[rows++] = q0 + r;
-            Span<float> anchorQueries = AnchorRowStride == 1 ? head.Queries.AsSpan(q0 * d, rows * d) : sampledQueries.AsSpan(0, rows * d);
-            if (AnchorRowStride > 1)
-            {
-                for (int i = 0; i < rows; i++) head.Queries.AsSpan(sampledRows[i] * d, d).CopyTo(anchorQueries.Slice(i * d, d));
-            }
+            Span<float> anchorQueries = sampledQueries.AsSpan(0, rows * d);
+            head.CopyQueryRows(sampledRows.AsSpan(0, rows), anchorQueries);
             // Row maxima over the first block and the local pair (diagonal − 1, diagonal), which are contiguous: two
             // products instead of three, and vector maxima (SelectionMath.Max keeps Math.Max's NaN rule).
             head.AddBlock(qb, 0);

@@ -51,9 +51,11 @@ public sealed class FlexPrefillSelector : SparsitySelector
         // The pattern test: does the pooled estimate of the last block agree with its exact one?
         int rows = Math.Min(bs, head.QueryLength), first = head.QueryLength - rows;
         var meanQuery = new float[d];
-        for (int r = first; r < head.QueryLength; r++)
+        var lastRows = new float[rows * d];
+        head.CopyQueryRows([.. Enumerable.Range(first, rows)], lastRows);
+        for (int r = 0; r < rows; r++)
         {
-            for (int c = 0; c < d; c++) meanQuery[c] += head.Queries[(r * d) + c] / rows;
+            for (int c = 0; c < d; c++) meanQuery[c] += lastRows[(r * d) + c] / rows;
         }
         float[] pooledKeys = head.PoolRows(head.Keys, head.KeyLength);
         var pooled = new float[kBlocks];

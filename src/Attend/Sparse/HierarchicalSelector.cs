@@ -30,7 +30,7 @@ public sealed class HierarchicalSelector : SparsitySelector
     private protected override void SelectHead(HeadSelection head)
     {
         int d = head.HeadDim, bs = head.BlockSize, keyBlocks = head.KeyBlocks;
-        float[] pooledQueries = head.PoolRows(head.Queries, head.QueryLength);
+        float[] pooledQueries = head.PooledQueries;
         // prefix[b] = Σ of the keys of blocks < b (float64: ranges are differences of large sums).
         var prefix = new double[(keyBlocks + 1) * d];
         float[] keys = head.Keys;

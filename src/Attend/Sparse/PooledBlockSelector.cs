@@ -96,7 +96,7 @@ public sealed class PooledBlockSelector : SparsitySelector
     /// <summary>Scores [query blocks, key blocks] of mean-pooled (scaled) queries against mean-pooled keys.</summary>
     internal static float[] PooledScores(HeadSelection head)
     {
-        float[] pq = head.PoolRows(head.Queries, head.QueryLength);
+        float[] pq = head.PooledQueries;
         float[] pk = head.PoolRows(head.Keys, head.KeyLength);
         int kBlocks = head.KeyBlocks;
         var scores = new float[head.QueryBlocks * kBlocks];

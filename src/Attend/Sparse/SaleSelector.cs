@@ -95,7 +95,12 @@ public sealed class SaleSelector : SparsitySelector
         blockStart[head.QueryBlocks] = realRow.Count;
         var queryInt = new sbyte[(long)realRow.Count * dp];
         var queryScale = new float[realRow.Count];
-        for (int v = 0; v < realRow.Count; v++) queryScale[v] = Quantize(head.Queries.AsSpan(realRow[v] * d, d), queryInt.AsSpan((int)((long)v * dp), dp), levels);
+        var queryRow = new float[d];
+        for (int v = 0; v < realRow.Count; v++)
+        {
+            head.CopyQueryRows([realRow[v]], queryRow);
+            queryScale[v] = Quantize(queryRow, queryInt.AsSpan((int)((long)v * dp), dp), levels);
+        }
 
         bool simd = !ForceScalar && Avx512BW.IsSupported;
         var kernel = simd ? (Bits == 4 ? new ByteKernel(queryInt, keyInt, panels, dp) : (IPanelKernel)new ShortKernel(queryInt, keyInt, panels, dp)) : new ScalarKernel(queryInt, keyInt, dp);

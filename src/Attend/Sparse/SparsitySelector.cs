@@ -78,7 +78,7 @@ public abstract class SparsitySelector : ISparsitySelector
         Parallel.For(0, batch * heads, parallel, HeadBuffers.Rent, (index, _, buffers) =>
         {
             int b = index / heads, h = index % heads;
-            var head = new HeadSelection(b, h, sq, skv, d, BlockSize, causal, Gather(q, b, h, sq, d, s, ref buffers.Queries), Gather(k, b, h / (heads / kvHeads), skv, d, 1f, ref buffers.Keys), buffers);
+            var head = new HeadSelection(b, h, sq, skv, d, BlockSize, causal, new ViewRows<T>(q, b, h, s), Gather(k, b, h / (heads / kvHeads), skv, d, 1f, ref buffers.Keys), buffers);
             SelectHead(head);
             rows[index] = head.Finish();
             return buffers;
@@ -151,14 +151,9 @@ public abstract class SparsitySelector : ISparsitySelector
     internal static float[] Gather<T>(TensorView<T> x, int b, int h, int length, int d, float scale, ref float[]? buffer) where T : unmanaged
     {
         if (buffer is null || buffer.Length != (long)length * d) buffer = new float[(long)length * d];
-        float[] rows = buffer;
-        for (int i = 0; i < length; i++)
-        {
-            Span<float> row = rows.AsSpan(i * d, d);
-            x.CopyRow(b, i, h, row);
-            if (scale != 1f) Linear.Vectors.Scale(row, scale);
-        }
-        return rows;
+        var source = new ViewRows<T>(x, b, h, scale);
+        for (int i = 0; i < length; i++) source.CopyRow(i, buffer.AsSpan(i * d, d));
+        return buffer;
     }
 
     /// <summary>Fresh rows (for callers outside a selector's head loop).</summary>
@@ -169,6 +164,27 @@ public abstract class SparsitySelector : ISparsitySelector
     }
 
     internal readonly record struct HeadRows(List<int>[] Blocks, List<int>[]? Tokens);
+}
+
+/// <summary>Rows [length, D] of one (batch, head), read on demand as floats.</summary>
+internal interface IRowSource
+{
+    void CopyRow(int index, Span<float> row);
+}
+
+/// <summary>Rows of (batch b, head h) of a [B, S, H, D] view, times a scale (the rows SparsitySelector.Gather writes).</summary>
+internal sealed class ViewRows<T>(TensorView<T> x, int b, int h, float scale) : IRowSource where T : unmanaged
+{
+    /// <summary>Rows read ahead of the one copied: consecutive rows of one head lie a page apart (H·D floats), so each
+    /// waited on memory (16 MB of rows at S 32768, D 128: 7 ms a head for pooling, session 12).</summary>
+    private const int Ahead = 8;
+
+    public void CopyRow(int index, Span<float> row)
+    {
+        x.PrefetchRow(b, index + Ahead, h);
+        x.CopyRow(b, index, h, row);
+        if (scale != 1f) Linear.Vectors.Scale(row, scale);
+    }
 }
 
 /// <summary>
@@ -204,9 +220,22 @@ internal sealed class HeadSelection
     private readonly List<int>[] _blocks;
     private List<int>[]? _tokens;
     private PackedPanels? _packedKeys;
+    private readonly IRowSource? _querySource;
+    private float[]? _queries, _pooledQueries;
 
     public HeadSelection(int batch, int head, int queryLength, int keyLength, int headDim, int blockSize, bool causal, float[] queries, float[] keys, HeadBuffers? buffers = null)
+        : this(batch, head, queryLength, keyLength, headDim, blockSize, causal, (IRowSource?)null, keys, buffers)
     {
+        _queries = queries;
+    }
+
+    /// <summary>
+    /// A head whose queries are read from <paramref name="queries"/> only as the selector asks: a selector that needs
+    /// block means and a few rows never copies the whole head (a 16 MB strided gather at S 32768, D 128).
+    /// </summary>
+    public HeadSelection(int batch, int head, int queryLength, int keyLength, int headDim, int blockSize, bool causal, IRowSource? queries, float[] keys, HeadBuffers? buffers = null)
+    {
+        _querySource = queries;
         _buffers = buffers;
         Batch = batch;
         Head = head;
@@ -215,7 +244,6 @@ internal sealed class HeadSelection
         HeadDim = headDim;
         BlockSize = blockSize;
         Causal = causal;
-        Queries = queries;
         Keys = keys;
         _blocks = new List<int>[QueryBlocks];
         for (int i = 0; i < _blocks.Length; i++) _blocks[i] = [];
@@ -229,8 +257,32 @@ internal sealed class HeadSelection
     public int BlockSize { get; }
     public bool Causal { get; }
 
-    /// <summary>Queries [Sq, D], already multiplied by the softmax scale.</summary>
-    public float[] Queries { get; }
+    /// <summary>Queries [Sq, D], already multiplied by the softmax scale (gathered on first use).</summary>
+    public float[] Queries => _queries ??= GatherQueries();
+
+    /// <summary>Mean query of each block [query blocks, D], scaled as <see cref="Queries"/>.</summary>
+    public float[] PooledQueries => _pooledQueries ??= _queries is not null ? PoolRows(_queries, QueryLength) : PoolSourceRows(_querySource!, QueryLength);
+
+    /// <summary>Copies the query rows <paramref name="rows"/> (scaled) into <paramref name="destination"/> [rows.Length, D].</summary>
+    public void CopyQueryRows(ReadOnlySpan<int> rows, Span<float> destination)
+    {
+        int d = HeadDim;
+        for (int i = 0; i < rows.Length; i++)
+        {
+            if (_queries is not null) _queries.AsSpan(rows[i] * d, d).CopyTo(destination.Slice(i * d, d));
+            else _querySource!.CopyRow(rows[i], destination.Slice(i * d, d));
+        }
+    }
+
+    private float[] GatherQueries()
+    {
+        int d = HeadDim;
+        float[]? buffer = _buffers?.Queries;
+        if (buffer is null || buffer.Length != (long)QueryLength * d) buffer = new float[(long)QueryLength * d];
+        if (_buffers is not null) _buffers.Queries = buffer;
+        for (int i = 0; i < QueryLength; i++) _querySource!.CopyRow(i, buffer.AsSpan(i * d, d));
+        return buffer;
+    }
 
     /// <summary>Keys [Skv, D].</summary>
     public float[] Keys { get; }
@@ -317,6 +369,27 @@ internal sealed class HeadSelection
         {
             if (scores[i] >= cut) AddToken(qb, firstKey + i);
         }
+    }
+
+    /// <summary>As <see cref="PoolRows"/>, reading the rows one at a time from their source (the same sums).</summary>
+    private float[] PoolSourceRows(IRowSource source, int length)
+    {
+        int d = HeadDim, blocks = (length + BlockSize - 1) / BlockSize;
+        var pooled = new float[blocks * d];
+        var row = new float[d];
+        for (int blk = 0; blk < blocks; blk++)
+        {
+            int r0 = blk * BlockSize, r1 = Math.Min(r0 + BlockSize, length);
+            Span<float> o = pooled.AsSpan(blk * d, d);
+            for (int r = r0; r < r1; r++)
+            {
+                source.CopyRow(r, row);
+                Linear.Vectors.Axpy(1f, row, o);
+            }
+            float inv = 1f / (r1 - r0);
+            for (int c = 0; c < d; c++) o[c] *= inv;
+        }
+        return pooled;
     }
 
     /// <summary>Mean of each block of <paramref name="rows"/> [length, D] → [blocks, D].</summary>

@@ -85,7 +85,9 @@ public sealed class VerticalSlashSelector : SparsitySelector
     {
         int rows = Math.Min(count, head.QueryLength), first = head.QueryLength - rows, n = head.KeyLength, d = head.HeadDim;
         float[] scores = head.Scratch((long)rows * n);
-        ScoreGemm.Multiply(head.Queries.AsSpan(first * d, rows * d), rows, d, head.PackedKeys, 0, n, scores);
+        var lastRows = new float[rows * d];
+        head.CopyQueryRows([.. Enumerable.Range(first, rows)], lastRows);
+        ScoreGemm.Multiply(lastRows, rows, d, head.PackedKeys, 0, n, scores);
         var vertical = new float[n];
         var slash = new float[n];
         var reversed = new float[n];
