@@ -75,7 +75,7 @@ public sealed class SaleSelector : SparsitySelector
         for (int j = 0; j < skv; j++) AddWidened(keys.AsSpan(j * d, d), mean);
         for (int c = 0; c < d; c++) mean[c] /= skv;
         int panels = (skv + Lanes - 1) / Lanes;
-        var keyInt = new sbyte[(long)panels * Lanes * dp];
+        sbyte[] keyInt = head.Codes(0, (long)panels * Lanes * dp);
         var keyScale = new float[panels * Lanes];
         var smoothed = new float[d];
         for (int j = 0; j < skv; j++)
@@ -103,7 +103,7 @@ public sealed class SaleSelector : SparsitySelector
         }
 
         bool simd = !ForceScalar && Avx512BW.IsSupported;
-        var kernel = simd ? (Bits == 4 ? new ByteKernel(queryInt, keyInt, panels, dp) : (IPanelKernel)new ShortKernel(queryInt, keyInt, panels, dp)) : new ScalarKernel(queryInt, keyInt, dp);
+        var kernel = simd ? (Bits == 4 ? new ByteKernel(queryInt, keyInt, panels, dp, head.Codes(1, (long)panels * Lanes * dp)) : (IPanelKernel)new ShortKernel(queryInt, keyInt, panels, dp)) : new ScalarKernel(queryInt, keyInt, dp);
         int chunkPanels = Math.Max(1, ChunkBytes / (Lanes * dp * (Bits == 4 ? 1 : 2)));
         double logThreshold = Threshold > 0 ? Math.Log(Threshold) : double.NegativeInfinity;
         var scores = new float[Rows * chunkPanels * Lanes];
@@ -301,7 +301,8 @@ public sealed class SaleSelector : SparsitySelector
         private readonly int[] _shift;
         private readonly int _quads;
 
-        public ByteKernel(sbyte[] queries, sbyte[] keys, int panels, int dp)
+        /// <summary>Packs <paramref name="keys"/> [panels · 16, dp] into <paramref name="target"/> (at least as long).</summary>
+        public ByteKernel(sbyte[] queries, sbyte[] keys, int panels, int dp, sbyte[] target)
         {
             _quads = dp / 4;
             _queries = new uint[queries.Length / 4];
@@ -311,15 +312,15 @@ public sealed class SaleSelector : SparsitySelector
                 for (int b = 0; b < 4; b++) packed |= (uint)(byte)(queries[(i * 4) + b] + 8) << (8 * b);
                 _queries[i] = packed;
             }
-            _keys = new sbyte[keys.Length];
+            _keys = target;
             _shift = new int[panels * Lanes];
-            fixed (sbyte* source = keys, target = _keys)
+            fixed (sbyte* source = keys, packed = _keys)
             {
                 for (int j = 0; j < panels * Lanes; j++)
                 {
                     // One key's quads (4 channels) to their places in its panel, 4 bytes at a time.
                     sbyte* row = source + ((long)j * dp);
-                    int* place = (int*)(target + ((long)(j / Lanes) * Lanes * dp) + ((j % Lanes) * 4));
+                    int* place = (int*)(packed + ((long)(j / Lanes) * Lanes * dp) + ((j % Lanes) * 4));
                     int sum = 0;
                     for (int p = 0; p < _quads; p++)
                     {

@@ -198,6 +198,7 @@ internal sealed class HeadBuffers
 
     public float[]? Queries, Keys, Panels, Scratch;
     public double[]? Doubles;
+    public sbyte[]?[] Codes = new sbyte[2][];
 
     /// <summary>An idle set if one is still alive, else a new one.</summary>
     public static HeadBuffers Rent()
@@ -302,6 +303,20 @@ internal sealed class HeadSelection
         if (_buffers is null) return new float[length];
         if (_buffers.Scratch is null || _buffers.Scratch.Length < length) _buffers.Scratch = new float[length];
         return _buffers.Scratch;
+    }
+
+    /// <summary>
+    /// A worker's byte array <paramref name="slot"/> (0 or 1) of at least <paramref name="length"/> entries, the first
+    /// <paramref name="length"/> zero, reused by the next head (SALE's integer codes: 8 MB a head at S 32768, D 128,
+    /// which as fresh arrays cost page faults).
+    /// </summary>
+    public sbyte[] Codes(int slot, long length)
+    {
+        if (_buffers is null) return new sbyte[length];
+        sbyte[]? codes = _buffers.Codes[slot];
+        if (codes is null || codes.Length < length) return _buffers.Codes[slot] = new sbyte[length];
+        codes.AsSpan(0, (int)length).Clear();
+        return codes;
     }
 
     /// <summary>As <see cref="Scratch"/>, float64.</summary>
