@@ -70,6 +70,7 @@ public class SelectionKernelTests
             {
                 float[] keys = TestData.Normal(n * d, n + d);
                 var packed = new PackedPanels(keys, n, d);
+                Assert.Equal(packed.Data, new PackedPanels(new ArrayRows(keys, d), n, d).Data);   // packed as read from a source
                 int w = packed.Width;
                 for (int j = 0; j < n; j++)
                     for (int c = 0; c < d; c++)
@@ -78,6 +79,11 @@ public class SelectionKernelTests
                     for (int c = 0; c < d; c++)
                         Assert.Equal(0f, packed.Data[((long)(j / w) * d * w) + ((long)c * w) + (j % w)]);
             }
+    }
+
+    private sealed class ArrayRows(float[] rows, int d) : IRowSource
+    {
+        public void CopyRow(int index, Span<float> row) => rows.AsSpan(index * d, d).CopyTo(row);
     }
 
     /// <summary>SALE's vector quantization gives the scalar loop's integers and scale: ties to even, clamping, non-finite rows.</summary>

@@ -57,7 +57,7 @@ public sealed class FlexPrefillSelector : SparsitySelector
         {
             for (int c = 0; c < d; c++) meanQuery[c] += lastRows[(r * d) + c] / rows;
         }
-        float[] pooledKeys = head.PoolRows(head.Keys, head.KeyLength);
+        float[] pooledKeys = head.PooledKeys;
         var pooled = new float[kBlocks];
         for (int kb = 0; kb < kBlocks; kb++) pooled[kb] = Linear.Vectors.Dot(meanQuery, pooledKeys.AsSpan(kb * d, d));
         SelectionMath.Softmax(pooled);

@@ -97,7 +97,7 @@ public sealed class PooledBlockSelector : SparsitySelector
     internal static float[] PooledScores(HeadSelection head)
     {
         float[] pq = head.PooledQueries;
-        float[] pk = head.PoolRows(head.Keys, head.KeyLength);
+        float[] pk = head.PooledKeys;
         int kBlocks = head.KeyBlocks;
         var scores = new float[head.QueryBlocks * kBlocks];
         ScoreGemm.Multiply(pq, head.QueryBlocks, head.HeadDim, new PackedPanels(pk, kBlocks, head.HeadDim), 0, kBlocks, scores);

@@ -78,7 +78,7 @@ public abstract class SparsitySelector : ISparsitySelector
         Parallel.For(0, batch * heads, parallel, HeadBuffers.Rent, (index, _, buffers) =>
         {
             int b = index / heads, h = index % heads;
-            var head = new HeadSelection(b, h, sq, skv, d, BlockSize, causal, new ViewRows<T>(q, b, h, s), Gather(k, b, h / (heads / kvHeads), skv, d, 1f, ref buffers.Keys), buffers);
+            var head = new HeadSelection(b, h, sq, skv, d, BlockSize, causal, new ViewRows<T>(q, b, h, s), new ViewRows<T>(k, b, h / (heads / kvHeads), 1f), buffers);
             SelectHead(head);
             rows[index] = head.Finish();
             return buffers;
@@ -221,22 +221,24 @@ internal sealed class HeadSelection
     private readonly List<int>[] _blocks;
     private List<int>[]? _tokens;
     private PackedPanels? _packedKeys;
-    private readonly IRowSource? _querySource;
-    private float[]? _queries, _pooledQueries;
+    private readonly IRowSource? _querySource, _keySource;
+    private float[]? _queries, _keys, _pooledQueries, _pooledKeys;
 
     public HeadSelection(int batch, int head, int queryLength, int keyLength, int headDim, int blockSize, bool causal, float[] queries, float[] keys, HeadBuffers? buffers = null)
-        : this(batch, head, queryLength, keyLength, headDim, blockSize, causal, (IRowSource?)null, keys, buffers)
+        : this(batch, head, queryLength, keyLength, headDim, blockSize, causal, (IRowSource?)null, null, buffers)
     {
         _queries = queries;
+        _keys = keys;
     }
 
     /// <summary>
-    /// A head whose queries are read from <paramref name="queries"/> only as the selector asks: a selector that needs
-    /// block means and a few rows never copies the whole head (a 16 MB strided gather at S 32768, D 128).
+    /// A head whose rows are read from their sources only as the selector asks: a selector that needs block means, a
+    /// few rows and packed keys never copies the whole head (two 16 MB strided gathers at S 32768, D 128).
     /// </summary>
-    public HeadSelection(int batch, int head, int queryLength, int keyLength, int headDim, int blockSize, bool causal, IRowSource? queries, float[] keys, HeadBuffers? buffers = null)
+    public HeadSelection(int batch, int head, int queryLength, int keyLength, int headDim, int blockSize, bool causal, IRowSource? queries, IRowSource? keys, HeadBuffers? buffers = null)
     {
         _querySource = queries;
+        _keySource = keys;
         _buffers = buffers;
         Batch = batch;
         Head = head;
@@ -245,7 +247,6 @@ internal sealed class HeadSelection
         HeadDim = headDim;
         BlockSize = blockSize;
         Causal = causal;
-        Keys = keys;
         _blocks = new List<int>[QueryBlocks];
         for (int i = 0; i < _blocks.Length; i++) _blocks[i] = [];
     }
@@ -259,7 +260,7 @@ internal sealed class HeadSelection
     public bool Causal { get; }
 
     /// <summary>Queries [Sq, D], already multiplied by the softmax scale (gathered on first use).</summary>
-    public float[] Queries => _queries ??= GatherQueries();
+    public float[] Queries => _queries ??= GatherAll(_querySource!, QueryLength, keys: false);
 
     /// <summary>Mean query of each block [query blocks, D], scaled as <see cref="Queries"/>.</summary>
     public float[] PooledQueries => _pooledQueries ??= _queries is not null ? PoolRows(_queries, QueryLength) : PoolSourceRows(_querySource!, QueryLength);
@@ -275,18 +276,26 @@ internal sealed class HeadSelection
         }
     }
 
-    private float[] GatherQueries()
+    /// <summary>Keys [Skv, D] (gathered on first use).</summary>
+    public float[] Keys => _keys ??= GatherAll(_keySource!, KeyLength, keys: true);
+
+    /// <summary>Mean key of each block [key blocks, D].</summary>
+    public float[] PooledKeys => _pooledKeys ??= _keys is not null ? PoolRows(_keys, KeyLength) : PoolSourceRows(_keySource!, KeyLength);
+
+    /// <summary>All rows of a source into the worker's array for them (a fresh one without a worker or at another size).</summary>
+    private float[] GatherAll(IRowSource source, int length, bool keys)
     {
         int d = HeadDim;
-        float[]? buffer = _buffers?.Queries;
-        if (buffer is null || buffer.Length != (long)QueryLength * d) buffer = new float[(long)QueryLength * d];
-        if (_buffers is not null) _buffers.Queries = buffer;
-        for (int i = 0; i < QueryLength; i++) _querySource!.CopyRow(i, buffer.AsSpan(i * d, d));
-        return buffer;
+        float[]? slot = keys ? _buffers?.Keys : _buffers?.Queries;
+        float[] rows = slot is not null && slot.Length == (long)length * d ? slot : new float[(long)length * d];
+        if (_buffers is not null)
+        {
+            if (keys) _buffers.Keys = rows;
+            else _buffers.Queries = rows;
+        }
+        for (int i = 0; i < length; i++) source.CopyRow(i, rows.AsSpan(i * d, d));
+        return rows;
     }
-
-    /// <summary>Keys [Skv, D].</summary>
-    public float[] Keys { get; }
 
     public int QueryBlocks => (QueryLength + BlockSize - 1) / BlockSize;
     public int KeyBlocks => (KeyLength + BlockSize - 1) / BlockSize;
@@ -333,7 +342,9 @@ internal sealed class HeadSelection
         get
         {
             if (_packedKeys is not null) return _packedKeys;
-            _packedKeys = new PackedPanels(Keys, KeyLength, HeadDim, _buffers?.Panels);
+            _packedKeys = _keys is not null
+                ? new PackedPanels(_keys, KeyLength, HeadDim, _buffers?.Panels)
+                : new PackedPanels(_keySource!, KeyLength, HeadDim, _buffers?.Panels);
             if (_buffers is not null) _buffers.Panels = _packedKeys.Data;
             return _packedKeys;
         }
