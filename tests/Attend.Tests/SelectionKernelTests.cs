@@ -81,11 +81,6 @@ public class SelectionKernelTests
             }
     }
 
-    private sealed class ArrayRows(float[] rows, int d) : IRowSource
-    {
-        public void CopyRow(int index, Span<float> row) => rows.AsSpan(index * d, d).CopyTo(row);
-    }
-
     /// <summary>SALE's vector quantization gives the scalar loop's integers and scale: ties to even, clamping, non-finite rows.</summary>
     [Fact]
     public void Sale_quantization_vectors_equal_the_scalar_loop()

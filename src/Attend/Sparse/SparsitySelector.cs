@@ -144,23 +144,13 @@ public abstract class SparsitySelector : ISparsitySelector
         return k1 - 1 <= q0 + offset ? BlockClass.Full : BlockClass.Partial;
     }
 
-    /// <summary>
-    /// Rows [length, D] of (batch b, head h) as floats times <paramref name="scale"/>, written into
-    /// <paramref name="buffer"/> (replaced by a new array when its size differs).
-    /// </summary>
-    internal static float[] Gather<T>(TensorView<T> x, int b, int h, int length, int d, float scale, ref float[]? buffer) where T : unmanaged
-    {
-        if (buffer is null || buffer.Length != (long)length * d) buffer = new float[(long)length * d];
-        var source = new ViewRows<T>(x, b, h, scale);
-        for (int i = 0; i < length; i++) source.CopyRow(i, buffer.AsSpan(i * d, d));
-        return buffer;
-    }
-
-    /// <summary>Fresh rows (for callers outside a selector's head loop).</summary>
+    /// <summary>Rows [length, D] of (batch b, head h) as floats times <paramref name="scale"/>, in a fresh array.</summary>
     internal static float[] Gather<T>(TensorView<T> x, int b, int h, int length, int d, float scale) where T : unmanaged
     {
-        float[]? buffer = null;
-        return Gather(x, b, h, length, d, scale, ref buffer);
+        var rows = new float[(long)length * d];
+        var source = new ViewRows<T>(x, b, h, scale);
+        for (int i = 0; i < length; i++) source.CopyRow(i, rows.AsSpan(i * d, d));
+        return rows;
     }
 
     internal readonly record struct HeadRows(List<int>[] Blocks, List<int>[]? Tokens);
@@ -170,6 +160,12 @@ public abstract class SparsitySelector : ISparsitySelector
 internal interface IRowSource
 {
     void CopyRow(int index, Span<float> row);
+}
+
+/// <summary>Rows [length, D] of an array.</summary>
+internal sealed class ArrayRows(float[] rows, int d) : IRowSource
+{
+    public void CopyRow(int index, Span<float> row) => rows.AsSpan(index * d, d).CopyTo(row);
 }
 
 /// <summary>Rows of (batch b, head h) of a [B, S, H, D] view, times a scale (the rows SparsitySelector.Gather writes).</summary>
@@ -221,21 +217,14 @@ internal sealed class HeadSelection
     private readonly List<int>[] _blocks;
     private List<int>[]? _tokens;
     private PackedPanels? _packedKeys;
-    private readonly IRowSource? _querySource, _keySource;
+    private readonly IRowSource _querySource, _keySource;
     private float[]? _queries, _keys, _pooledQueries, _pooledKeys;
-
-    public HeadSelection(int batch, int head, int queryLength, int keyLength, int headDim, int blockSize, bool causal, float[] queries, float[] keys, HeadBuffers? buffers = null)
-        : this(batch, head, queryLength, keyLength, headDim, blockSize, causal, (IRowSource?)null, null, buffers)
-    {
-        _queries = queries;
-        _keys = keys;
-    }
 
     /// <summary>
     /// A head whose rows are read from their sources only as the selector asks: a selector that needs block means, a
     /// few rows and packed keys never copies the whole head (two 16 MB strided gathers at S 32768, D 128).
     /// </summary>
-    public HeadSelection(int batch, int head, int queryLength, int keyLength, int headDim, int blockSize, bool causal, IRowSource? queries, IRowSource? keys, HeadBuffers? buffers = null)
+    public HeadSelection(int batch, int head, int queryLength, int keyLength, int headDim, int blockSize, bool causal, IRowSource queries, IRowSource keys, HeadBuffers? buffers = null)
     {
         _querySource = queries;
         _keySource = keys;
@@ -260,10 +249,10 @@ internal sealed class HeadSelection
     public bool Causal { get; }
 
     /// <summary>Queries [Sq, D], already multiplied by the softmax scale (gathered on first use).</summary>
-    public float[] Queries => _queries ??= GatherAll(_querySource!, QueryLength, keys: false);
+    public float[] Queries => _queries ??= GatherAll(_querySource, QueryLength, keys: false);
 
     /// <summary>Mean query of each block [query blocks, D], scaled as <see cref="Queries"/>.</summary>
-    public float[] PooledQueries => _pooledQueries ??= _queries is not null ? PoolRows(_queries, QueryLength) : PoolSourceRows(_querySource!, QueryLength);
+    public float[] PooledQueries => _pooledQueries ??= PoolRows(_queries is not null ? new ArrayRows(_queries, HeadDim) : _querySource, QueryLength);
 
     /// <summary>Copies the query rows <paramref name="rows"/> (scaled) into <paramref name="destination"/> [rows.Length, D].</summary>
     public void CopyQueryRows(ReadOnlySpan<int> rows, Span<float> destination)
@@ -272,15 +261,15 @@ internal sealed class HeadSelection
         for (int i = 0; i < rows.Length; i++)
         {
             if (_queries is not null) _queries.AsSpan(rows[i] * d, d).CopyTo(destination.Slice(i * d, d));
-            else _querySource!.CopyRow(rows[i], destination.Slice(i * d, d));
+            else _querySource.CopyRow(rows[i], destination.Slice(i * d, d));
         }
     }
 
     /// <summary>Keys [Skv, D] (gathered on first use).</summary>
-    public float[] Keys => _keys ??= GatherAll(_keySource!, KeyLength, keys: true);
+    public float[] Keys => _keys ??= GatherAll(_keySource, KeyLength, keys: true);
 
     /// <summary>Mean key of each block [key blocks, D].</summary>
-    public float[] PooledKeys => _pooledKeys ??= _keys is not null ? PoolRows(_keys, KeyLength) : PoolSourceRows(_keySource!, KeyLength);
+    public float[] PooledKeys => _pooledKeys ??= PoolRows(_keys is not null ? new ArrayRows(_keys, HeadDim) : _keySource, KeyLength);
 
     /// <summary>All rows of a source into the worker's array for them (a fresh one without a worker or at another size).</summary>
     private float[] GatherAll(IRowSource source, int length, bool keys)
@@ -344,7 +333,7 @@ internal sealed class HeadSelection
             if (_packedKeys is not null) return _packedKeys;
             _packedKeys = _keys is not null
                 ? new PackedPanels(_keys, KeyLength, HeadDim, _buffers?.Panels)
-                : new PackedPanels(_keySource!, KeyLength, HeadDim, _buffers?.Panels);
+                : new PackedPanels(_keySource, KeyLength, HeadDim, _buffers?.Panels);
             if (_buffers is not null) _buffers.Panels = _packedKeys.Data;
             return _packedKeys;
         }
@@ -397,8 +386,8 @@ internal sealed class HeadSelection
         }
     }
 
-    /// <summary>As <see cref="PoolRows"/>, reading the rows one at a time from their source (the same sums).</summary>
-    private float[] PoolSourceRows(IRowSource source, int length)
+    /// <summary>Mean of each block of the source's rows [length, D] → [blocks, D].</summary>
+    private float[] PoolRows(IRowSource source, int length)
     {
         int d = HeadDim, blocks = (length + BlockSize - 1) / BlockSize;
         var pooled = new float[blocks * d];
@@ -412,22 +401,6 @@ internal sealed class HeadSelection
                 source.CopyRow(r, row);
                 Linear.Vectors.Axpy(1f, row, o);
             }
-            float inv = 1f / (r1 - r0);
-            for (int c = 0; c < d; c++) o[c] *= inv;
-        }
-        return pooled;
-    }
-
-    /// <summary>Mean of each block of <paramref name="rows"/> [length, D] → [blocks, D].</summary>
-    public float[] PoolRows(float[] rows, int length)
-    {
-        int d = HeadDim, blocks = (length + BlockSize - 1) / BlockSize;
-        var pooled = new float[blocks * d];
-        for (int blk = 0; blk < blocks; blk++)
-        {
-            int r0 = blk * BlockSize, r1 = Math.Min(r0 + BlockSize, length);
-            Span<float> o = pooled.AsSpan(blk * d, d);
-            for (int r = r0; r < r1; r++) Linear.Vectors.Axpy(1f, rows.AsSpan(r * d, d), o);
             float inv = 1f / (r1 - r0);
             for (int c = 0; c < d; c++) o[c] *= inv;
         }
