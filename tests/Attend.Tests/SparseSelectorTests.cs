@@ -161,6 +161,52 @@ public class SparseSelectorTests
         Assert.Throws<ArgumentOutOfRangeException>("AnchorRowStride", () => new AnchorSelector { AnchorRowStride = 0 });
     }
 
+    /// <summary>
+    /// Selectors read a head's rows straight from the view (block means, sampled rows, key panels): a permuted view
+    /// (D innermost with a large stride, S innermost, …) gives the same plan as its contiguous copy, and a half-precision
+    /// view the same plan as its float32 values.
+    /// </summary>
+    [Theory]
+    [InlineData("pooled:block=64")]
+    [InlineData("anchor:block=64")]
+    [InlineData("vertical-slash:v=64,s=16,block=64")]
+    [InlineData("flexprefill:block=64")]
+    [InlineData("hierarchical:block=64")]
+    [InlineData("sale:block=64")]
+    [InlineData("xattention:block=64")]
+    [InlineData("dhsa:block=64")]
+    public void PlansDoNotDependOnTheViewLayout(string spec)
+    {
+        const int s = 300, h = 4, kvh = 2, d = 40;
+        var (q, k, _, _) = StructuredInputs.Generate(1, s, h, kvh, d, StructureOptions.Default with { Seed = 9 });
+        // The same values as views of [B, D, H, S] and [B, H, D, S] arrays, permuted to [B, S, H, D].
+        TensorView<float> Permuted(TensorView<float> x, int heads)
+        {
+            var data = new float[x.ElementCount];
+            for (int i = 0; i < s; i++)
+                for (int j = 0; j < heads; j++)
+                    for (int c = 0; c < d; c++) data[(((c * heads) + j) * s) + i] = x[0, i, j, c];
+            return new TensorView<float>(data, 1, d, heads, s).Permute(0, 3, 2, 1);
+        }
+        TensorView<Half> ToHalf(TensorView<float> x) => new(x.ToArray().Select(v => (Half)v).ToArray(), x.Shape.ToArray());
+        TensorView<float> Rounded(TensorView<float> x) => new(x.ToArray().Select(v => (float)(Half)v).ToArray(), x.Shape.ToArray());
+        SparsitySelector selector = Selectors.Parse(spec);
+        SparsityPlan expected = selector.Plan(q, k), permuted = selector.Plan(Permuted(q, h), Permuted(k, kvh));
+        SparsityPlan half = selector.Plan(ToHalf(q), ToHalf(k)), rounded = selector.Plan(Rounded(q), Rounded(k));
+        AssertSamePlan(expected, permuted);
+        AssertSamePlan(rounded, half);
+
+        static void AssertSamePlan(SparsityPlan a, SparsityPlan b)
+        {
+            for (int hh = 0; hh < h; hh++)
+                for (int qb = 0; qb < (s + 63) / 64; qb++)
+                {
+                    Assert.Equal(a.Blocks?.Row(0, hh, qb, out _).ToArray(), b.Blocks?.Row(0, hh, qb, out _).ToArray());
+                    Assert.Equal(a.Tokens?.Row(0, hh, qb).ToArray(), b.Tokens?.Row(0, hh, qb).ToArray());
+                }
+        }
+    }
+
     /// <summary>The pool of idle per-worker sets: a set on loan is never handed to another taker.</summary>
     [Fact]
     public void HeadBufferPoolHandsASetToOneTakerAtATime()

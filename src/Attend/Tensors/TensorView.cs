@@ -185,9 +185,18 @@ public readonly unsafe struct TensorView<T> where T : unmanaged
     internal unsafe void PrefetchRow(int i0, int i1, int i2)
     {
         if (!System.Runtime.Intrinsics.X86.Sse.IsSupported || Rank != 4 || (uint)i0 >= (uint)_shape![0] || (uint)i1 >= (uint)_shape[1] || (uint)i2 >= (uint)_shape[2]) return;
-        long bytes = (long)_shape[3] * _strides![3] * sizeof(T);
+        long stride = _strides![3] * sizeof(T);
         byte* p = (byte*)Unsafe.AsPointer(ref At((i0 * _strides[0]) + (i1 * _strides[1]) + (i2 * _strides[2])));
-        for (long line = 0; line < bytes; line += 64) System.Runtime.Intrinsics.X86.Sse.Prefetch0(p + line);
+        if (stride == sizeof(T))
+        {
+            long bytes = (long)_shape[3] * sizeof(T);
+            for (long line = 0; line < bytes; line += 64) System.Runtime.Intrinsics.X86.Sse.Prefetch0(p + line);
+        }
+        else
+        {
+            // Elements apart (a permuted view): one hint per element, never a sweep over the span between them.
+            for (int c = 0; c < _shape[3]; c++) System.Runtime.Intrinsics.X86.Sse.Prefetch0(p + (c * stride));
+        }
     }
 
     /// <summary>Writes <paramref name="source"/> (scaled by <paramref name="scale"/>) into the innermost vector at rank-4 index (i0, i1, i2, ·).</summary>
