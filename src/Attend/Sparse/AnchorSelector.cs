@@ -37,6 +37,8 @@ public sealed class AnchorSelector : SparsitySelector
         if (!(Theta >= 0) || double.IsInfinity(Theta)) throw new ArgumentException($"anchor needs a finite Theta ≥ 0; got {Theta}");
     }
 
+    private protected override bool UsesPooledQueries => true;
+
     private protected override void SelectHead(HeadSelection head)
     {
         int bs = head.BlockSize, d = head.HeadDim, n = head.KeyLength;

@@ -27,6 +27,8 @@ public sealed class HierarchicalSelector : SparsitySelector
     /// <inheritdoc/>
     public override string Name => $"hierarchical(k={TopK})";
 
+    private protected override bool UsesPooledQueries => true;
+
     private protected override void SelectHead(HeadSelection head)
     {
         int d = head.HeadDim, bs = head.BlockSize, keyBlocks = head.KeyBlocks;

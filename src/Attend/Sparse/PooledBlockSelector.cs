@@ -74,6 +74,8 @@ public sealed class PooledBlockSelector : SparsitySelector
     /// <inheritdoc/>
     public override string Name => $"pooled({Budget})";
 
+    private protected override bool UsesPooledQueries => true;
+
     private protected override void SelectHead(HeadSelection head)
     {
         float[] scores = PooledScores(head);
