@@ -1,6 +1,6 @@
+using System.Diagnostics;
 using System.Numerics;
 using System.Runtime.Intrinsics;
-using System.Diagnostics;
 using Attend.Masks;
 using Attend.Tensors;
 
