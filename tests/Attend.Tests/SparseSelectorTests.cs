@@ -412,6 +412,8 @@ public class SparseSelectorTests
         Assert.Throws<ArgumentOutOfRangeException>(() => new HierarchicalSelector { TopK = 0 });
         Assert.Throws<ArgumentOutOfRangeException>(() => new SaleSelector { Threshold = -0.1 });
         Assert.Contains("RowStride", Assert.Throws<ArgumentOutOfRangeException>(() => Selectors.Parse("sale:rows=0")).Message);
+        Assert.Contains("AnchorRowStride", Assert.Throws<ArgumentOutOfRangeException>(() => Selectors.Parse("anchor:rows=0")).Message);
+        Assert.Contains("rows must be an integer", Assert.Throws<ArgumentException>(() => Selectors.Parse("anchor:rows=x")).Message);
         Assert.Throws<ArgumentOutOfRangeException>(() => new DhsaSelector { ChunkLength = 1 });
         Assert.Throws<ArgumentOutOfRangeException>(() => new DhsaSelector { TokenBudget = 0 });
         Assert.Contains("Bits must be 4 or 8", Assert.Throws<ArgumentOutOfRangeException>(() => Selectors.Parse("sale:bits=5")).Message);
