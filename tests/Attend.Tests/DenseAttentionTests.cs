@@ -24,6 +24,17 @@ public sealed class DenseAttentionTests
     public void Should_match_reference_in_f16(int b, int sq, int skv, int h, int hkv, int d, bool causal) =>
         CheckAllPaths<Half>(b, sq, skv, h, hkv, d, new AttentionOptions { Causal = causal }, [KernelPath.Auto, KernelPath.Vector256]);
 
+    /// <summary>
+    /// Head dims that are neither below 8 nor a multiple of it: the f32 key pack transposes whole 8-channel tiles and
+    /// copies the remaining channels one by one (full 64-key panels and a partial last one).
+    /// </summary>
+    [Theory]
+    [InlineData(12)]
+    [InlineData(20)]
+    [InlineData(36)]
+    public void Should_match_reference_with_head_dims_between_tiles(int d) =>
+        CheckAllPaths<float>(1, 97, 150, 2, 1, d, new AttentionOptions { Causal = true }, Paths);
+
     [Theory]
     [InlineData(false)]
     [InlineData(true)]

@@ -190,9 +190,10 @@ internal static unsafe partial class FlashAttentionCpu
 
     /// <summary>
     /// <see cref="PackPanel{T}"/> for float rows with unit element stride (the common case): keys transposed eight
-    /// rows at a time by AVX2 gathers, values copied as spans and checked for NaN/Inf by vectors. Packing S 8192,
-    /// 4 kv heads, D 64 element by element took 7–9 ms on the 2-core EPYC (a fresh buffer's page faults included);
-    /// this path into the reused buffer 3.5–4.6 ms (docs/perf/sparse.md, session 11).
+    /// rows at a time by 8 × 8 register tiles (<see cref="Transpose.Tile8"/>; session 11 used AVX2 gathers, which the
+    /// selectors' panels measured 2× slower), values copied as spans and checked for NaN/Inf by vectors. Packing
+    /// S 8192, 4 kv heads, D 64 element by element took 7–9 ms on the 2-core EPYC (a fresh buffer's page faults
+    /// included); with gathers into the reused buffer 3.5–4.6 ms (docs/perf/sparse.md, session 11).
     /// Returns whether the block's values hold a non-finite entry.
     /// </summary>
     private static bool PackSinglePanel(AttentionShape s, float* k, long kRowStride, float* v, long vRowStride, int kv0,
@@ -200,17 +201,16 @@ internal static unsafe partial class FlashAttentionCpu
     {
         int d = s.HeadDim, rows = Math.Min(BlockKv, s.KeyLength - kv0);
         float* k0 = k + (kv0 * kRowStride);
-        if (Avx2.IsSupported && rows == BlockKv && kRowStride * (BlockKv - 1) <= int.MaxValue / sizeof(float))
+        if (Avx.IsSupported && rows == BlockKv)
         {
-            int stride = (int)kRowStride;
-            var rowOffsets = Vector256.Create(0, stride, 2 * stride, 3 * stride, 4 * stride, 5 * stride, 6 * stride, 7 * stride);
+            // Eight rows at a time: whole 8-channel tiles transposed in registers, the remaining channels one by one.
+            int tiled = d / 8 * 8;
             for (int g = 0; g < BlockKv; g += 8)
             {
                 float* groupRows = k0 + (g * kRowStride);
-                for (int c = 0; c < d; c++)
-                {
-                    Avx2.GatherVector256(groupRows + c, rowOffsets, sizeof(float)).Store(kPanel + (c * BlockKv) + g);
-                }
+                for (int c = 0; c < tiled; c += 8) Transpose.Tile8(groupRows + c, kRowStride, kPanel + (c * BlockKv) + g, BlockKv);
+                for (int jj = 0; jj < 8; jj++)
+                    for (int c = tiled; c < d; c++) kPanel[(c * BlockKv) + g + jj] = groupRows[(jj * kRowStride) + c];
             }
         }
         else
