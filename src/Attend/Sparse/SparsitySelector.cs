@@ -140,24 +140,15 @@ public abstract class SparsitySelector : ISparsitySelector
         int batch = q.Shape[0], sq = q.Shape[1], heads = q.Shape[2], d = q.Shape[3];
         int blocks = (sq + blockSize - 1) / blockSize;
         var pooled = new float[(long)batch * heads * blocks * d];
+        // Block by block, each head's rows of the block in turn: a block's rows of every head (BlockSize · H · D floats,
+        // 512 KB at 128 × 8 × 128) stay in cache while the heads pass over them.
         Parallel.For(0, batch * blocks, parallel, () => new float[d], (index, _, row) =>
         {
-            int b = index / blocks, blk = index % blocks, r0 = blk * blockSize, r1 = Math.Min(r0 + blockSize, sq);
-            for (int r = r0; r < r1; r++)
-            {
-                if (r + 8 < sq) q.PrefetchRow(b, r + 8, 0);
-                for (int h = 0; h < heads; h++)
-                {
-                    q.CopyRow(b, r, h, row);
-                    if (scale != 1f) Linear.Vectors.Scale(row, scale);
-                    Linear.Vectors.Axpy(1f, row, pooled.AsSpan((int)((((long)((b * heads) + h) * blocks) + blk) * d), d));
-                }
-            }
-            float inv = 1f / (r1 - r0);
+            int b = index / blocks, blk = index % blocks;
             for (int h = 0; h < heads; h++)
             {
-                Span<float> o = pooled.AsSpan((int)((((long)((b * heads) + h) * blocks) + blk) * d), d);
-                for (int c = 0; c < d; c++) o[c] *= inv;
+                HeadSelection.MeanOfRows(new ViewRows<T>(q, b, h, scale), blk * blockSize, Math.Min((blk + 1) * blockSize, sq), row,
+                    pooled.AsSpan((int)((((long)((b * heads) + h) * blocks) + blk) * d), d));
             }
             return row;
         }, _ => { });
@@ -436,19 +427,20 @@ internal sealed class HeadSelection
         int d = HeadDim, blocks = (length + BlockSize - 1) / BlockSize;
         var pooled = new float[blocks * d];
         var row = new float[d];
-        for (int blk = 0; blk < blocks; blk++)
-        {
-            int r0 = blk * BlockSize, r1 = Math.Min(r0 + BlockSize, length);
-            Span<float> o = pooled.AsSpan(blk * d, d);
-            for (int r = r0; r < r1; r++)
-            {
-                source.CopyRow(r, row);
-                Linear.Vectors.Axpy(1f, row, o);
-            }
-            float inv = 1f / (r1 - r0);
-            for (int c = 0; c < d; c++) o[c] *= inv;
-        }
+        for (int blk = 0; blk < blocks; blk++) MeanOfRows(source, blk * BlockSize, Math.Min((blk + 1) * BlockSize, length), row, pooled.AsSpan(blk * d, d));
         return pooled;
+    }
+
+    /// <summary>mean ← the mean of the source's rows [r0, r1) (mean starts at 0; row is scratch of D floats).</summary>
+    public static void MeanOfRows(IRowSource source, int r0, int r1, Span<float> row, Span<float> mean)
+    {
+        for (int r = r0; r < r1; r++)
+        {
+            source.CopyRow(r, row);
+            Linear.Vectors.Axpy(1f, row, mean);
+        }
+        float inv = 1f / (r1 - r0);
+        for (int c = 0; c < mean.Length; c++) mean[c] *= inv;
     }
 
     public SparsitySelector.HeadRows Finish()
