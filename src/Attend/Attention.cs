@@ -21,14 +21,17 @@ public static class Attention
     public static void Forward<T>(
         TensorView<T> q, TensorView<T> k, TensorView<T> v, TensorView<T> output,
         AttentionOptions? options = null, TensorView<float> lse = default, KernelTuning? tuning = null)
+        where T : unmanaged => Forward(q, k, v, output, options, lse, tuning, packed: null);
+
+    /// <summary><see cref="Forward{T}(TensorView{T}, TensorView{T}, TensorView{T}, TensorView{T}, AttentionOptions?, TensorView{float}, KernelTuning?)"/> on K and V already packed for the executor (by <see cref="Sparse.SparseAttention"/>).</summary>
+    internal static void Forward<T>(
+        TensorView<T> q, TensorView<T> k, TensorView<T> v, TensorView<T> output,
+        AttentionOptions? options, TensorView<float> lse, KernelTuning? tuning, PackedKv? packed)
         where T : unmanaged
     {
         options ??= AttentionOptions.Default;
         tuning ??= KernelTuning.Default;
-        if (typeof(T) != typeof(float) && typeof(T) != typeof(Half) && typeof(T) != typeof(Tensors.BFloat16))
-        {
-            throw new ArgumentException($"element type must be float, Half or BFloat16; got {typeof(T).Name}", nameof(q));
-        }
+        RequireElementType<T>();
         AttentionShape shape = AttentionShape.Of(q, k, v);
         shape.RequireOutput(output, nameof(output));
         if (!lse.IsDefault) shape.RequireLse(lse, nameof(lse));
@@ -49,11 +52,19 @@ public static class Attention
         {
             // The merge needs the plan's LSE even when the caller does not ask for it.
             if (lse.IsDefault) lse = new TensorView<float>(new float[(long)shape.Batch * shape.QueryLength * shape.Heads], shape.Batch, shape.QueryLength, shape.Heads);
-            FlashAttentionCpu.Forward(q, k, v, output, lse, shape, scale, options, tuning);
+            FlashAttentionCpu.Forward(q, k, v, output, lse, shape, scale, options, tuning, packed);
             Sparse.CentroidCompensation.Apply(q, k, v, options.Plan, scale, output, lse, tuning);
             return;
         }
-        FlashAttentionCpu.Forward(q, k, v, output, lse, shape, scale, options, tuning);
+        FlashAttentionCpu.Forward(q, k, v, output, lse, shape, scale, options, tuning, packed);
+    }
+
+    internal static void RequireElementType<T>()
+    {
+        if (typeof(T) != typeof(float) && typeof(T) != typeof(Half) && typeof(T) != typeof(Tensors.BFloat16))
+        {
+            throw new ArgumentException($"element type must be float, Half or BFloat16; got {typeof(T).Name}", "q");
+        }
     }
 
     internal static void Validate(KernelTuning tuning)

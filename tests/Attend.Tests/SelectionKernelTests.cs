@@ -81,6 +81,46 @@ public class SelectionKernelTests
             }
     }
 
+    /// <summary>
+    /// The score product reads the executor's K panels ([D][64], <see cref="Attend.Cpu.PackedKv"/>) in place and gets
+    /// exactly the scores it gets from its own panels: every key, every offset the selectors use, padding never read.
+    /// </summary>
+    [Fact]
+    public void Scores_from_the_executors_key_panels_equal_scores_from_packed_panels()
+    {
+        foreach (int d in new[] { 7, 40, 64, 80, 128, 256 })
+            foreach (int n in new[] { 1, 7, 97, 257, 1025 })
+            {
+                const int kvHeads = 2, m = 6;
+                float[] kv = TestData.Normal(n * kvHeads * d, n + d);
+                var k = new Attend.Tensors.TensorView<float>(kv, 1, n, kvHeads, d);
+                var shape = new AttentionShape(1, n, n, kvHeads, kvHeads, d, d);
+                using var executor = Attend.Cpu.PackedKv.Pack(k, k, shape, threads: 2);
+                float[] a = TestData.Normal(m * d, 3 * n);
+                for (int hk = 0; hk < kvHeads; hk++)
+                {
+                    float[] rows = new float[n * d];
+                    for (int j = 0; j < n; j++)
+                        for (int c = 0; c < d; c++) rows[(j * d) + c] = kv[(((j * kvHeads) + hk) * d) + c];
+                    var own = new PackedPanels(rows, n, d);
+                    PackedPanels shared = executor.KeyPanels(0, hk);
+                    foreach (int j0 in new[] { 0, 64, 128 }.Where(j => j < n))
+                    {
+                        int count = n - j0;
+                        float[] expected = new float[m * count], actual = new float[m * count];
+                        ScoreGemm.Multiply(a, m, d, own, j0, count, expected);
+                        ScoreGemm.Multiply(a, m, d, shared, j0, count, actual);
+                        Assert.Equal(expected, actual);
+                    }
+                }
+                if (n > 32)
+                {
+                    // An offset inside an executor panel (a multiple of the product's width, not of the panels' 64): refused.
+                    Assert.Throws<ArgumentException>(() => ScoreGemm.Multiply(a, m, d, executor.KeyPanels(0, 0), 32, n - 32, new float[m * n]));
+                }
+            }
+    }
+
     /// <summary>SALE's vector quantization gives the scalar loop's integers and scale: ties to even, clamping, non-finite rows.</summary>
     [Fact]
     public void Sale_quantization_vectors_equal_the_scalar_loop()

@@ -178,7 +178,7 @@ public class SparseSelectorTests
     public void PlansDoNotDependOnTheViewLayout(string spec)
     {
         const int s = 300, h = 4, kvh = 2, d = 40;
-        var (q, k, _, _) = StructuredInputs.Generate(1, s, h, kvh, d, StructureOptions.Default with { Seed = 9 });
+        var (q, k, v, _) = StructuredInputs.Generate(1, s, h, kvh, d, StructureOptions.Default with { Seed = 9 });
         // The same values as views of [B, D, H, S] and [B, H, D, S] arrays, permuted to [B, S, H, D].
         TensorView<float> Permuted(TensorView<float> x, int heads)
         {
@@ -195,6 +195,12 @@ public class SparseSelectorTests
         SparsityPlan half = selector.Plan(ToHalf(q), ToHalf(k)), rounded = selector.Plan(Rounded(q), Rounded(k));
         AssertSamePlan(expected, permuted);
         AssertSamePlan(rounded, half);
+        // End to end, selectors that score keys read the executor's K panels (packed before selection): the same plans.
+        var output = new TensorView<float>(new float[q.ElementCount], q.Shape.ToArray());
+        var causal = new AttentionOptions { Causal = true };
+        AssertSamePlan(expected, SparseAttention.Forward(selector, q, k, v, output, causal).Plan);
+        AssertSamePlan(expected, SparseAttention.Forward(selector, Permuted(q, h), Permuted(k, kvh), v, output, causal).Plan);
+        AssertSamePlan(rounded, SparseAttention.Forward(selector, ToHalf(q), ToHalf(k), ToHalf(v), ToHalf(output), causal).Plan);
 
         static void AssertSamePlan(SparsityPlan a, SparsityPlan b)
         {

@@ -28,6 +28,13 @@ internal static unsafe partial class FlashAttentionCpu
             }
             T* src = qBase + (q0 + r) * p.QStrides[1];
             long qd = p.QStrides[3];
+            if (typeof(T) == typeof(float) && qd == 1)
+            {
+                // Per-row costs do not shrink with a sparse plan's density: at density 0.38 (layer 6, D 64) the
+                // element-by-element loops here and in the store were 4% of the execution (dense: 1.8%).
+                Linear.Vectors.Multiply(new ReadOnlySpan<float>(src, d), p.ScaleLog2, new Span<float>(dst, d));
+                continue;
+            }
             for (int c = 0; c < d; c++) dst[c] = ElementConvert.ToSingle(src[c * qd]) * p.ScaleLog2;
         }
         for (int r = 0; r < rowsPadded; r++)
@@ -94,7 +101,11 @@ internal static unsafe partial class FlashAttentionCpu
             float inv = sum == 0f ? 0f : 1f / sum;
             float* acc = sc.O + (long)r * dvPad;
             T* dst = oBase + (q0 + r) * p.OStrides[1];
-            for (int c = 0; c < s.ValueDim; c++) dst[c * od] = ElementConvert.FromSingle<T>(acc[c] * inv);
+            if (typeof(T) == typeof(float) && od == 1) Linear.Vectors.Multiply(new ReadOnlySpan<float>(acc, s.ValueDim), inv, new Span<float>((float*)dst, s.ValueDim));
+            else
+            {
+                for (int c = 0; c < s.ValueDim; c++) dst[c * od] = ElementConvert.FromSingle<T>(acc[c] * inv);
+            }
             if (p.Lse is not null)
             {
                 p.Lse[b * p.LseStrides![0] + (q0 + r) * p.LseStrides[1] + h * p.LseStrides[2]] =

@@ -33,8 +33,8 @@ internal static unsafe partial class FlashAttentionCpu
         public required float ScaleLog2;
         public required float Softcap;
         public required float[]? AlibiSlopes;   // [B·H], already negated and multiplied by log2(e); null: none
-        public required T* Q, K, V, O;
-        public required long[] QStrides, KStrides, VStrides, OStrides;
+        public required T* Q, O;
+        public required long[] QStrides, OStrides;
         public float* Lse;
         public long[]? LseStrides;
         public float* Bias;
@@ -49,11 +49,9 @@ internal static unsafe partial class FlashAttentionCpu
     /// <summary>Runs attention. Arguments are already validated by <see cref="Attention"/>.</summary>
     public static void Forward<T>(
         in TensorView<T> q, in TensorView<T> k, in TensorView<T> v, in TensorView<T> output, in TensorView<float> lse,
-        AttentionShape shape, float scale, AttentionOptions options, KernelTuning tuning) where T : unmanaged
+        AttentionShape shape, float scale, AttentionOptions options, KernelTuning tuning, PackedKv? packed = null) where T : unmanaged
     {
         using PinnedView<T> qp = q.Pin();
-        using PinnedView<T> kp = k.Pin();
-        using PinnedView<T> vp = v.Pin();
         using PinnedView<T> op = output.Pin();
         using PinnedView<float> lp = lse.IsDefault ? default : lse.Pin();
         using PinnedView<float> bp = options.Bias.IsDefault ? default : options.Bias.Pin();
@@ -80,38 +78,33 @@ internal static unsafe partial class FlashAttentionCpu
             BlockQ = blockQ,
             QueryBlocks = (shape.QueryLength + blockQ - 1) / blockQ,
             KeyBlocks = keyBlocks,
-            ValueDimPadded = (shape.ValueDim + 15) & ~15,
+            ValueDimPadded = PackedKv.PaddedValueDim(shape.ValueDim),
             ScaleLog2 = scale * Log2E,
             Softcap = options.Softcap,
             AlibiSlopes = options.AlibiSlopes is null ? null
                 : Enumerable.Range(0, shape.Batch * shape.Heads).Select(bh => -Log2E * shape.AlibiSlope(options, bh / shape.Heads, bh % shape.Heads)).ToArray(),
-            Q = qp.Pointer, K = kp.Pointer, V = vp.Pointer, O = op.Pointer,
-            QStrides = q.Strides.ToArray(), KStrides = k.Strides.ToArray(), VStrides = v.Strides.ToArray(), OStrides = output.Strides.ToArray(),
+            Q = qp.Pointer, O = op.Pointer,
+            QStrides = q.Strides.ToArray(), OStrides = output.Strides.ToArray(),
             Lse = lse.IsDefault ? null : lp.Pointer,
             LseStrides = lse.IsDefault ? null : lse.Strides.ToArray(),
             Bias = options.Bias.IsDefault ? null : bp.Pointer,
             BiasStrides = options.Bias.IsDefault ? null : options.Bias.Strides.ToArray(),
         };
 
-        long panels = (long)shape.Batch * shape.KvHeads * keyBlocks;
-        long keyFloats = panels * BlockKv * shape.HeadDim;
-        using var packed = new PinnedScratch(keyFloats + (panels * BlockKv * problem.ValueDimPadded));
-        problem.PackedK = packed.Pointer;
-        problem.PackedV = packed.Pointer + keyFloats;   // keyFloats is a multiple of 64 floats: V stays 64-byte aligned
-        problem.ValueBlockNonFinite = (bool*)NativeMemory.AllocZeroed((nuint)panels);
-        try
+        // K and V packed by the caller (SparseAttention packs before selection, so a selector scores the executor's
+        // panels) or here.
+        using PackedKv? owned = packed is null ? PackedKv.Pack(k, v, shape, tuning.EffectiveThreads) : null;
+        PackedKv kv = packed ?? owned!;
+        kv.Require(shape);
+        problem.PackedK = kv.K;
+        problem.PackedV = kv.V;
+        problem.ValueBlockNonFinite = kv.ValueBlockNonFinite;
+        switch (tuning.EffectivePath)
         {
-            switch (tuning.EffectivePath)
-            {
-                case KernelPath.Vector512: Run<T, Vector512<float>, V512Ops>(problem, tuning); break;
-                case KernelPath.Vector256: Run<T, Vector256<float>, V256Ops>(problem, tuning); break;
-                case KernelPath.Vector128: Run<T, Vector128<float>, V128Ops>(problem, tuning); break;
-                default: Run<T, float, ScalarOps>(problem, tuning); break;
-            }
-        }
-        finally
-        {
-            NativeMemory.Free(problem.ValueBlockNonFinite);
+            case KernelPath.Vector512: Run<T, Vector512<float>, V512Ops>(problem, tuning); break;
+            case KernelPath.Vector256: Run<T, Vector256<float>, V256Ops>(problem, tuning); break;
+            case KernelPath.Vector128: Run<T, Vector128<float>, V128Ops>(problem, tuning); break;
+            default: Run<T, float, ScalarOps>(problem, tuning); break;
         }
     }
 
@@ -129,9 +122,6 @@ internal static unsafe partial class FlashAttentionCpu
     {
         AttentionShape s = p.Shape;
         int threads = tuning.EffectiveThreads;
-        int panels = s.Batch * s.KvHeads * p.KeyBlocks;
-        WorkQueue.Run(panels, threads, () => 0, (i, _) => PackPanel(p, i));
-
         int bh = s.Batch * s.Heads;
         int items = bh * p.QueryBlocks;
         bool gathers = p.Plan is SparsityPlanAdapter;
@@ -142,116 +132,6 @@ internal static unsafe partial class FlashAttentionCpu
             int b = (i % bh) / s.Heads, h = i % s.Heads;
             QueryBlock<T, TV, TOps>(p, b, h, qb, scratch);
         }, scratch => scratch.Dispose());
-    }
-
-    /// <summary>Converts and packs the keys and values of one block of one (batch, kv head).</summary>
-    private static void PackPanel<T>(Problem<T> p, int index) where T : unmanaged
-    {
-        AttentionShape s = p.Shape;
-        int kb = index % p.KeyBlocks;
-        int hk = (index / p.KeyBlocks) % s.KvHeads;
-        int b = index / (p.KeyBlocks * s.KvHeads);
-        long panel = p.PanelIndex(b, hk, kb);
-        float* kPanel = p.PackedK + panel * BlockKv * s.HeadDim;
-        float* vPanel = p.PackedV + panel * BlockKv * p.ValueDimPadded;
-        int kv0 = kb * BlockKv;
-        if (typeof(T) == typeof(float) && p.KStrides[3] == 1 && p.VStrides[3] == 1)
-        {
-            p.ValueBlockNonFinite[panel] = PackSinglePanel(s, (float*)p.K + (b * p.KStrides[0]) + (hk * p.KStrides[2]), p.KStrides[1],
-                (float*)p.V + (b * p.VStrides[0]) + (hk * p.VStrides[2]), p.VStrides[1], kv0, kPanel, vPanel, p.ValueDimPadded);
-            return;
-        }
-        bool nonFinite = false;
-        for (int jj = 0; jj < BlockKv; jj++)
-        {
-            int j = kv0 + jj;
-            float* vRow = vPanel + (long)jj * p.ValueDimPadded;
-            if (j >= s.KeyLength)
-            {
-                for (int d = 0; d < s.HeadDim; d++) kPanel[d * BlockKv + jj] = 0f;
-                new Span<float>(vRow, p.ValueDimPadded).Clear();
-                continue;
-            }
-            T* kRow = p.K + b * p.KStrides[0] + j * p.KStrides[1] + hk * p.KStrides[2];
-            long kd = p.KStrides[3];
-            for (int d = 0; d < s.HeadDim; d++) kPanel[d * BlockKv + jj] = ElementConvert.ToSingle(kRow[d * kd]);
-            T* vSrc = p.V + b * p.VStrides[0] + j * p.VStrides[1] + hk * p.VStrides[2];
-            long vd = p.VStrides[3];
-            for (int d = 0; d < s.ValueDim; d++)
-            {
-                float x = ElementConvert.ToSingle(vSrc[d * vd]);
-                nonFinite |= !float.IsFinite(x);
-                vRow[d] = x;
-            }
-            for (int d = s.ValueDim; d < p.ValueDimPadded; d++) vRow[d] = 0f;
-        }
-        p.ValueBlockNonFinite[panel] = nonFinite;
-    }
-
-    /// <summary>
-    /// <see cref="PackPanel{T}"/> for float rows with unit element stride (the common case): keys transposed eight
-    /// rows at a time by 8 × 8 register tiles (<see cref="Transpose.Tile8"/>; session 11 used AVX2 gathers, which the
-    /// selectors' panels measured 2× slower), values copied as spans and checked for NaN/Inf by vectors. Packing
-    /// S 8192, 4 kv heads, D 64 element by element took 7–9 ms on the 2-core EPYC (a fresh buffer's page faults
-    /// included); with gathers into the reused buffer 3.5–4.6 ms (docs/perf/sparse.md, session 11).
-    /// Returns whether the block's values hold a non-finite entry.
-    /// </summary>
-    private static bool PackSinglePanel(AttentionShape s, float* k, long kRowStride, float* v, long vRowStride, int kv0,
-        float* kPanel, float* vPanel, int valueDimPadded)
-    {
-        int d = s.HeadDim, rows = Math.Min(BlockKv, s.KeyLength - kv0);
-        float* k0 = k + (kv0 * kRowStride);
-        if (Avx.IsSupported && rows == BlockKv)
-        {
-            // Eight rows at a time: whole 8-channel tiles transposed in registers, the remaining channels one by one.
-            int tiled = d / 8 * 8;
-            for (int g = 0; g < BlockKv; g += 8)
-            {
-                float* groupRows = k0 + (g * kRowStride);
-                for (int c = 0; c < tiled; c += 8) Transpose.Tile8(groupRows + c, kRowStride, kPanel + (c * BlockKv) + g, BlockKv);
-                for (int jj = 0; jj < 8; jj++)
-                    for (int c = tiled; c < d; c++) kPanel[(c * BlockKv) + g + jj] = groupRows[(jj * kRowStride) + c];
-            }
-        }
-        else
-        {
-            for (int jj = 0; jj < BlockKv; jj++)
-            {
-                float* row = k0 + (jj * kRowStride);
-                for (int c = 0; c < d; c++) kPanel[(c * BlockKv) + jj] = jj < rows ? row[c] : 0f;
-            }
-        }
-        bool nonFinite = false;
-        int dv = s.ValueDim;
-        for (int jj = 0; jj < BlockKv; jj++)
-        {
-            var target = new Span<float>(vPanel + ((long)jj * valueDimPadded), valueDimPadded);
-            if (jj >= rows)
-            {
-                target.Clear();
-                continue;
-            }
-            var source = new ReadOnlySpan<float>(v + ((kv0 + jj) * vRowStride), dv);
-            source.CopyTo(target);
-            target[dv..].Clear();
-            nonFinite |= !AllFinite(source);
-        }
-        return nonFinite;
-    }
-
-    private static bool AllFinite(ReadOnlySpan<float> x)
-    {
-        // x − x is 0 for finite x and NaN for NaN or ±Inf; one NaN in the running sum of those differences persists.
-        var sum = Vector256<float>.Zero;
-        int i = 0;
-        for (; i <= x.Length - 8; i += 8)
-        {
-            var e = Vector256.Create(x.Slice(i, 8));
-            sum += e - e;
-        }
-        float rest = 0;
-        for (; i < x.Length; i++) rest += x[i] - x[i];
-        return float.IsFinite(Vector256.Sum(sum) + rest);
     }
 
     /// <summary>Per-worker buffers, allocated once per call and reused for every work item.</summary>

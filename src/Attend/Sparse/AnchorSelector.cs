@@ -39,6 +39,8 @@ public sealed class AnchorSelector : SparsitySelector
 
     private protected override bool UsesPooledQueries => true;
 
+    private protected override bool ReadsPackedKeys => true;
+
     private protected override void SelectHead(HeadSelection head)
     {
         int bs = head.BlockSize, d = head.HeadDim, n = head.KeyLength;

@@ -17,7 +17,7 @@ public static class CentroidCompensation
     /// Adds the centroid estimate of <paramref name="plan"/>'s skipped blocks to <paramref name="output"/> and
     /// <paramref name="lse"/> (both from running that plan; float32 LSE in natural log). A skipped block counts for a
     /// row when the plan's element mask allows the row every key of it (e.g. below the causal diagonal). The plan
-    /// must have blocks and no permutation. <see cref="Attention.Forward"/> calls this for plans with
+    /// must have blocks and no permutation. <see cref="Attention.Forward{T}(TensorView{T}, TensorView{T}, TensorView{T}, TensorView{T}, AttentionOptions?, TensorView{float}, KernelTuning?)"/> calls this for plans with
     /// <see cref="Compensation.Centroid"/>.
     /// </summary>
     public static void Apply<T>(TensorView<T> q, TensorView<T> k, TensorView<T> v, SparsityPlan plan, float? scale,

@@ -37,6 +37,8 @@ public sealed class FlexPrefillSelector : SparsitySelector
         }
     }
 
+    private protected override bool ReadsPackedKeys => true;
+
     private protected override void SelectHead(HeadSelection head)
     {
         int bs = head.BlockSize, kBlocks = head.KeyBlocks, d = head.HeadDim;

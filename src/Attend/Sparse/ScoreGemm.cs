@@ -9,9 +9,26 @@ namespace Attend.Sparse;
 /// Keys packed for <see cref="ScoreGemm"/>: panels of <see cref="Width"/> keys, each panel [D][Width] contiguous,
 /// so the product's inner loop reads memory in order. (Multiplying against plainly transposed keys [D, n] strides
 /// by n floats per step: at n = 4096 groups that thrashed the TLB and made XAttention's estimate 7× slower.)
+/// Or the CPU executor's K panels, [D][64] each (<see cref="Cpu.PackedKv.KeyPanels"/>), read in place: a panel row
+/// of <see cref="Stride"/> floats holds <see cref="Stride"/> / <see cref="Width"/> of the product's panels side by side.
 /// </summary>
 internal sealed unsafe class PackedPanels
 {
+    /// <summary>
+    /// Panels [D][<paramref name="stride"/>] of <paramref name="n"/> keys in memory owned elsewhere (zero past n, and
+    /// valid while used); <paramref name="stride"/> is a multiple of <see cref="ScoreGemm.PanelWidth"/>.
+    /// </summary>
+    public PackedPanels(float* panels, int n, int d, int stride)
+    {
+        if (stride % ScoreGemm.PanelWidth != 0) throw new ArgumentException($"panel stride {stride} is not a multiple of {ScoreGemm.PanelWidth}", nameof(stride));
+        Width = ScoreGemm.PanelWidth;
+        Stride = stride;
+        N = n;
+        D = d;
+        Data = [];
+        Pointer = panels;
+    }
+
     /// <summary>Packs rows [n, d]; into <paramref name="reuse"/> when it has exactly the size needed (else a new array).</summary>
     public PackedPanels(ReadOnlySpan<float> rows, int n, int d, float[]? reuse = null)
         : this(n, d, reuse)
@@ -37,6 +54,7 @@ internal sealed unsafe class PackedPanels
     private PackedPanels(int n, int d, float[]? reuse)
     {
         Width = ScoreGemm.PanelWidth;
+        Stride = Width;
         N = n;
         D = d;
         int panels = (n + Width - 1) / Width;
@@ -79,10 +97,20 @@ internal sealed unsafe class PackedPanels
         for (int c = 0; c < D; c++) Data[p + ((long)c * Width)] = row[c];
     }
 
+    /// <summary>Keys per panel of the product (two vectors).</summary>
     public int Width { get; }
+
+    /// <summary>Floats per panel row in memory: <see cref="Width"/> for panels packed here, 64 for the executor's.</summary>
+    public int Stride { get; }
+
     public int N { get; }
     public int D { get; }
+
+    /// <summary>The panels packed here (empty for panels owned elsewhere).</summary>
     public float[] Data { get; }
+
+    /// <summary>The panels owned elsewhere (null for <see cref="Data"/>).</summary>
+    public float* Pointer { get; }
 }
 
 /// <summary>
@@ -96,17 +124,18 @@ internal static unsafe class ScoreGemm
     /// <summary>Keys per packed panel: two vectors of the widest accelerated width.</summary>
     public static int PanelWidth => Vector512.IsHardwareAccelerated ? 32 : Vector256.IsHardwareAccelerated ? 16 : 2;
 
-    /// <summary>C [m, n] (row stride n) = A [m, d] · keys [j0, j0 + n)ᵀ; <paramref name="j0"/> must be a multiple of the panel width.</summary>
+    /// <summary>C [m, n] (row stride n) = A [m, d] · keys [j0, j0 + n)ᵀ; <paramref name="j0"/> must be a multiple of the panels' stride.</summary>
     public static void Multiply(ReadOnlySpan<float> a, int m, int d, PackedPanels b, int j0, int n, Span<float> c)
     {
         if (m == 0 || n == 0) return;
-        if (d != b.D || j0 % b.Width != 0 || j0 < 0 || j0 + n > b.N || a.Length < (long)m * d || c.Length < (long)m * n)
+        if (d != b.D || j0 % b.Stride != 0 || j0 < 0 || j0 + n > b.N || a.Length < (long)m * d || c.Length < (long)m * n)
         {
-            throw new ArgumentException($"ScoreGemm: m={m}, n={n}, d={d}, j0={j0} do not fit keys [{b.N}, {b.D}] in panels of {b.Width}");
+            throw new ArgumentException($"ScoreGemm: m={m}, n={n}, d={d}, j0={j0} do not fit keys [{b.N}, {b.D}] in panels of {b.Stride}");
         }
-        fixed (float* pa = a, pb = b.Data, pc = c)
+        fixed (float* pa = a, owned = b.Data, pc = c)
         {
-            Multiply(pa, m, d, pb + ((long)(j0 / b.Width) * d * b.Width), n, pc, n);
+            float* panels = b.Pointer != null ? b.Pointer : owned;
+            Multiply(pa, m, d, panels + ((long)(j0 / b.Stride) * d * b.Stride), n, pc, n, b.Stride);
         }
     }
 
@@ -138,18 +167,23 @@ internal static unsafe class ScoreGemm
         }
     }
 
-    /// <summary>The raw form: panels of <see cref="PanelWidth"/> columns ([d][width] each), C with row stride <paramref name="ldc"/>.</summary>
-    public static void Multiply(float* a, int m, int d, float* panels, int n, float* c, int ldc)
+    /// <summary>
+    /// The raw form: panels of <see cref="PanelWidth"/> columns ([d][width] each; or, with <paramref name="stride"/> a
+    /// multiple of the width, [d][stride] panels holding stride / width of them side by side), C with row stride
+    /// <paramref name="ldc"/>.
+    /// </summary>
+    public static void Multiply(float* a, int m, int d, float* panels, int n, float* c, int ldc, int stride = 0)
     {
-        if (Vector512.IsHardwareAccelerated) Run<Vector512<float>, V512Ops>(a, m, d, panels, n, c, ldc);
-        else if (Vector256.IsHardwareAccelerated) Run<Vector256<float>, V256Ops>(a, m, d, panels, n, c, ldc);
-        else Run<float, ScalarOps>(a, m, d, panels, n, c, ldc);
+        if (Vector512.IsHardwareAccelerated) Run<Vector512<float>, V512Ops>(a, m, d, panels, n, c, ldc, stride);
+        else if (Vector256.IsHardwareAccelerated) Run<Vector256<float>, V256Ops>(a, m, d, panels, n, c, ldc, stride);
+        else Run<float, ScalarOps>(a, m, d, panels, n, c, ldc, stride);
     }
 
-    private static void Run<TV, TOps>(float* a, int m, int d, float* panels, int n, float* c, int ldc)
+    private static void Run<TV, TOps>(float* a, int m, int d, float* panels, int n, float* c, int ldc, int stride)
         where TV : unmanaged where TOps : ISimd<TV>
     {
         int w = TOps.Count, step = 2 * w;
+        if (stride == 0) stride = step;
         int nFull = n / step * step, rowGroups = m / 4 * 4;
         // Key panels a chunk at a time, every row group over a chunk before the next: the chunk (512 keys × D floats,
         // 256 KB at D 128) stays in L2 while the rows pass over it. Row groups outermost streamed all n keys from
@@ -158,15 +192,15 @@ internal static unsafe class ScoreGemm
         for (int j0 = 0; j0 < nFull; j0 += chunk)
         {
             int j1 = Math.Min(nFull, j0 + chunk);
-            for (int i = 0; i < rowGroups; i += 4) Block<TV, TOps>(a + (long)i * d, d, panels, j0, j1, c + (long)i * ldc, ldc);
+            for (int i = 0; i < rowGroups; i += 4) Block<TV, TOps>(a + (long)i * d, d, panels, stride, j0, j1, c + (long)i * ldc, ldc);
         }
-        for (int i = 0; i < rowGroups; i++) Tail(a + (long)i * d, d, panels, step, nFull, n, c + (long)i * ldc);
-        for (int i = rowGroups; i < m; i++) Tail(a + (long)i * d, d, panels, step, 0, n, c + (long)i * ldc);
+        for (int i = 0; i < rowGroups; i++) Tail(a + (long)i * d, d, panels, stride, nFull, n, c + (long)i * ldc);
+        for (int i = rowGroups; i < m; i++) Tail(a + (long)i * d, d, panels, stride, 0, n, c + (long)i * ldc);
     }
 
     /// <summary>Rows a[0..4) against key panels [j0, j1) (whole panels): C[r, j] for those keys.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void Block<TV, TOps>(float* a, int d, float* panels, int j0, int j1, float* c, int ldc)
+    private static void Block<TV, TOps>(float* a, int d, float* panels, int stride, int j0, int j1, float* c, int ldc)
         where TV : unmanaged where TOps : ISimd<TV>
     {
         int w = TOps.Count, step = 2 * w;
@@ -176,8 +210,8 @@ internal static unsafe class ScoreGemm
             {
                 TV c00 = TOps.Zero, c01 = TOps.Zero, c10 = TOps.Zero, c11 = TOps.Zero;
                 TV c20 = TOps.Zero, c21 = TOps.Zero, c30 = TOps.Zero, c31 = TOps.Zero;
-                float* b = panels + ((long)(j / step) * d * step);
-                for (int k = 0; k < d; k++, b += step)
+                float* b = panels + ((long)(j / stride) * d * stride) + (j % stride);
+                for (int k = 0; k < d; k++, b += stride)
                 {
                     TV b0 = TOps.Load(b), b1 = TOps.Load(b + w);
                     TV x = TOps.Broadcast(a0[k]);
@@ -199,13 +233,13 @@ internal static unsafe class ScoreGemm
     }
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void Tail(float* row, int d, float* panels, int step, int from, int n, float* c)
+    private static void Tail(float* row, int d, float* panels, int stride, int from, int n, float* c)
     {
         for (int j = from; j < n; j++)
         {
-            float* b = panels + ((long)(j / step) * d * step) + (j % step);
+            float* b = panels + ((long)(j / stride) * d * stride) + (j % stride);
             float s = 0;
-            for (int k = 0; k < d; k++) s = MathF.FusedMultiplyAdd(row[k], b[(long)k * step], s);
+            for (int k = 0; k < d; k++) s = MathF.FusedMultiplyAdd(row[k], b[(long)k * stride], s);
             c[j] = s;
         }
     }

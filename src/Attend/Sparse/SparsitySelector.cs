@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using System.Numerics;
 using System.Runtime.Intrinsics;
+using Attend.Cpu;
 using Attend.Masks;
 using Attend.Tensors;
 
@@ -65,7 +66,20 @@ public abstract class SparsitySelector : ISparsitySelector
     public override string ToString() => Name;
 
     /// <inheritdoc/>
-    public SparsityPlan Plan<T>(TensorView<T> q, TensorView<T> k, bool causal = true, float? scale = null) where T : unmanaged
+    public SparsityPlan Plan<T>(TensorView<T> q, TensorView<T> k, bool causal = true, float? scale = null) where T : unmanaged =>
+        Plan(q, k, causal, scale, packedKeys: null);
+
+    /// <summary>
+    /// Whether <see cref="SelectHead"/> scores keys one by one (<see cref="HeadSelection.PackedKeys"/>): then
+    /// <see cref="SparseAttention.Forward"/> packs K and V for the executor before selection and the heads read its K
+    /// panels instead of packing their own.
+    /// </summary>
+    private protected virtual bool ReadsPackedKeys => false;
+
+    internal bool ScoresPackedKeys => ReadsPackedKeys;
+
+    /// <summary><see cref="Plan{T}(TensorView{T}, TensorView{T}, bool, float?)"/> reading keys from the executor's K panels when given.</summary>
+    internal SparsityPlan Plan<T>(TensorView<T> q, TensorView<T> k, bool causal, float? scale, Cpu.PackedKv? packedKeys) where T : unmanaged
     {
         (int batch, int sq, int heads, int d, int skv, int kvHeads, float s) = CheckInputs(q, k, scale);
         Validate(sq, skv);
@@ -82,7 +96,9 @@ public abstract class SparsitySelector : ISparsitySelector
         Parallel.For(0, batch * heads, parallel, HeadBuffers.Rent, (index, _, buffers) =>
         {
             int b = index / heads, h = index % heads;
-            var head = new HeadSelection(b, h, sq, skv, d, BlockSize, causal, new ViewRows<T>(q, b, h, s), new ViewRows<T>(k, b, h / (heads / kvHeads), 1f), buffers);
+            int hk = h / (heads / kvHeads);
+            var head = new HeadSelection(b, h, sq, skv, d, BlockSize, causal, new ViewRows<T>(q, b, h, s), new ViewRows<T>(k, b, hk, 1f), buffers,
+                packedKeys?.KeyPanels(b, hk));
             if (pooledQueries is not null) head.SetPooledQueries(pooledQueries.AsSpan(index * queryBlocks * d, queryBlocks * d).ToArray());
             SelectHead(head);
             rows[index] = head.Finish();
@@ -216,7 +232,7 @@ internal sealed class ViewRows<T>(TensorView<T> x, int b, int h, float scale) : 
 }
 
 /// <summary>
-/// A worker's arrays, reused from one head to the next (see <see cref="SparsitySelector.Plan"/>) and from one plan to the
+/// A worker's arrays, reused from one head to the next (see <see cref="SparsitySelector.Plan{T}(TensorView{T}, TensorView{T}, bool, float?)"/>) and from one plan to the
 /// next: idle sets wait in a pool through weak references (the GC may take them). Fresh arrays per plan cost a page fault
 /// per 4 KB on every call (two 2 MB gathers per worker at S = 8192, D 64; two 16 MB ones at 32768, D 128).
 /// </summary>
@@ -256,8 +272,10 @@ internal sealed class HeadSelection
     /// A head whose rows are read from their sources only as the selector asks: a selector that needs block means, a
     /// few rows and packed keys never copies the whole head (two 16 MB strided gathers at S 32768, D 128).
     /// </summary>
-    public HeadSelection(int batch, int head, int queryLength, int keyLength, int headDim, int blockSize, bool causal, IRowSource queries, IRowSource keys, HeadBuffers? buffers = null)
+    public HeadSelection(int batch, int head, int queryLength, int keyLength, int headDim, int blockSize, bool causal, IRowSource queries, IRowSource keys,
+        HeadBuffers? buffers = null, PackedPanels? packedKeys = null)
     {
+        _packedKeys = packedKeys;
         _querySource = queries;
         _keySource = keys;
         _buffers = buffers;
@@ -360,7 +378,7 @@ internal sealed class HeadSelection
         return _buffers.Doubles;
     }
 
-    /// <summary>Keys packed for <see cref="ScoreGemm"/>, built on first use.</summary>
+    /// <summary>Keys packed for <see cref="ScoreGemm"/>: the executor's K panels when given, else built on first use.</summary>
     public PackedPanels PackedKeys
     {
         get
@@ -495,13 +513,38 @@ public static class SparseAttention
         {
             throw new ArgumentException("a selector builds the whole plan: options.Mask, Predicate and Plan must be unset", nameof(options));
         }
+        // Selectors that score keys one by one (anchor, vertical-slash, FlexPrefill) read the executor's K panels: K and V
+        // are packed once, before selection, instead of once per head by the selector and again by the executor. The
+        // pack counts as execution, where it was: the executor packs K and V on every call, dense or sparse. (Anchor at
+        // S 32768, H 8, D 128: a head's keys packed from the [B, S, H, D] view took 6–7 ms on one core, ≈ 26 ms of a
+        // 126 ms selection on two; docs/perf/sparse.md, session 13.)
         long start = Stopwatch.GetTimestamp();
-        SparsityPlan plan = selector is IValueAwareSelector valueAware
-            ? valueAware.Plan(q, k, v, options.Causal, options.Scale, tuning)
-            : selector.Plan(q, k, options.Causal, options.Scale);
-        TimeSpan selection = Stopwatch.GetElapsedTime(start);
-        start = Stopwatch.GetTimestamp();
-        Attention.Forward(q, k, v, output, options with { Causal = false, Plan = plan }, lse, tuning);
-        return (plan, new SparseRunTimes(selection, Stopwatch.GetElapsedTime(start)));
+        PackedKv? packed = null;
+        if (selector is SparsitySelector { ScoresPackedKeys: true })
+        {
+            Attention.RequireElementType<T>();
+            tuning ??= KernelTuning.Default;
+            Attention.Validate(tuning);
+            packed = PackedKv.Pack(k, v, AttentionShape.Of(q, k, v), tuning.EffectiveThreads);
+        }
+        try
+        {
+            TimeSpan pack = Stopwatch.GetElapsedTime(start);
+            start = Stopwatch.GetTimestamp();
+            SparsityPlan plan = selector switch
+            {
+                IValueAwareSelector valueAware => valueAware.Plan(q, k, v, options.Causal, options.Scale, tuning),
+                SparsitySelector builtIn when packed is not null => builtIn.Plan(q, k, options.Causal, options.Scale, packed),
+                _ => selector.Plan(q, k, options.Causal, options.Scale),
+            };
+            TimeSpan selection = Stopwatch.GetElapsedTime(start);
+            start = Stopwatch.GetTimestamp();
+            Attention.Forward(q, k, v, output, options with { Causal = false, Plan = plan }, lse, tuning, packed);
+            return (plan, new SparseRunTimes(selection, pack + Stopwatch.GetElapsedTime(start)));
+        }
+        finally
+        {
+            packed?.Dispose();
+        }
     }
 }

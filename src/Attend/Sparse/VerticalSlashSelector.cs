@@ -41,6 +41,8 @@ public sealed class VerticalSlashSelector : SparsitySelector
         }
     }
 
+    private protected override bool ReadsPackedKeys => true;
+
     private protected override void SelectHead(HeadSelection head)
     {
         (float[] vertical, float[] slash) = LastRowsProfile(head, LastQueries);
