@@ -156,6 +156,11 @@ public abstract class SparsitySelector : ISparsitySelector
         int batch = q.Shape[0], sq = q.Shape[1], heads = q.Shape[2], d = q.Shape[3];
         int blocks = (sq + blockSize - 1) / blockSize;
         var pooled = new float[(long)batch * heads * blocks * d];
+        if (typeof(T) == typeof(float) && q.Strides[3] == 1)
+        {
+            PoolEveryHeadInPlace((TensorView<float>)(object)q, scale, blockSize, parallel, pooled);
+            return pooled;
+        }
         // Block by block, each head's rows of the block in turn: a block's rows of every head (BlockSize · H · D floats,
         // 512 KB at 128 × 8 × 128) stay in cache while the heads pass over them.
         Parallel.For(0, batch * blocks, parallel, () => new float[d], (index, _, row) =>
@@ -169,6 +174,48 @@ public abstract class SparsitySelector : ISparsitySelector
             return row;
         }, _ => { });
         return pooled;
+    }
+
+    /// <summary>
+    /// <see cref="PoolEveryHead"/> for float rows of unit element stride, read in place token by token (each token's
+    /// heads in turn: memory in order for [B, S, H, D]), without copying each row first. The same sums in the same order
+    /// (each element scaled, then added; the total times 1/rows). Anchor at S 32768, H 8, D 128 (2-core EPYC): 12.3 ms a
+    /// plan against 20.7 for the row-copying pass (session 13).
+    /// </summary>
+    private static unsafe void PoolEveryHeadInPlace(TensorView<float> q, float scale, int blockSize, ParallelOptions parallel, float[] pooled)
+    {
+        int batch = q.Shape[0], sq = q.Shape[1], heads = q.Shape[2], d = q.Shape[3];
+        int blocks = (sq + blockSize - 1) / blockSize;
+        long s0 = q.Strides[0], s1 = q.Strides[1], s2 = q.Strides[2];
+        using PinnedView<float> pinned = q.Pin();
+        float* origin = pinned.Pointer;
+        Parallel.For(0, batch * blocks, parallel, index =>
+        {
+            int b = index / blocks, blk = index % blocks;
+            int r0 = blk * blockSize, r1 = Math.Min(r0 + blockSize, sq);
+            fixed (float* means = &pooled[(long)b * heads * blocks * d])
+            {
+                for (int t = r0; t < r1; t++)
+                {
+                    float* token = origin + (b * s0) + (t * s1);
+                    for (int h = 0; h < heads; h++) AddScaled(token + (h * s2), scale, means + ((((long)h * blocks) + blk) * d), d);
+                }
+            }
+            float inv = 1f / (r1 - r0);
+            for (int h = 0; h < heads; h++) Linear.Vectors.Scale(pooled.AsSpan((int)((((long)((b * heads) + h) * blocks) + blk) * d), d), inv);
+        });
+    }
+
+    /// <summary>y[i] += x[i]·a (the product rounded, then added: no fused multiply-add), by 512-bit vectors where accelerated.</summary>
+    private static unsafe void AddScaled(float* x, float a, float* y, int n)
+    {
+        int i = 0;
+        if (Vector512.IsHardwareAccelerated)
+        {
+            var va = Vector512.Create(a);
+            for (; i <= n - 16; i += 16) Vector512.Store(Vector512.Load(y + i) + (Vector512.Load(x + i) * va), y + i);
+        }
+        for (; i < n; i++) y[i] += x[i] * a;
     }
 
     /// <summary>Rejects parameters that do not fit the sequence lengths (overridden by selectors with such parameters).</summary>
