@@ -87,7 +87,7 @@ public static class Selectors
                 BlockSize = block, Gamma = Double(args, "gamma", 0.95, spec), Tau = Double(args, "tau", 0.1, spec), MinBudget = Int(args, "min", 1024, spec),
             },
             "xattention" => new XAttentionSelector { BlockSize = block, Threshold = Double(args, "t", 0.9, spec), Stride = Int(args, "stride", 8, spec) },
-            "anchor" => new AnchorSelector { BlockSize = block, Theta = Double(args, "theta", 10, spec), AnchorRowStride = Int(args, "rows", 8, spec) },
+            "anchor" => new AnchorSelector { BlockSize = block, Theta = Double(args, "theta", 12.5, spec), AnchorRowStride = Int(args, "rows", 8, spec) },
             "hierarchical" => new HierarchicalSelector { BlockSize = block, TopK = Int(args, "k", 16, spec) },
             "sale" => new SaleSelector { BlockSize = block, Threshold = Double(args, "t", 0.02, spec), Bits = Int(args, "bits", 4, spec), RowStride = Int(args, "rows", 4, spec) },
             "dhsa" => new DhsaSelector { BlockSize = block, ChunkLength = Int(args, "L", 64, spec), TokenBudget = Int(args, "budget", 1024, spec), Window = Int(args, "window", 8, spec) },
