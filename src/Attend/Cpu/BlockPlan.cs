@@ -186,9 +186,22 @@ internal sealed unsafe class SparsityPlanAdapter : IBlockPlan
         Masks.Mask? mask = _tokens?.Mask;
         if (mask is null) return;
         Masks.MaskExtent extent = _tokens!.Extent;
+        if (keys.IsEmpty) return;
+        int first = keys[0], end = keys[^1] + 1;
         for (int r = 0; r < rows; r++)
         {
             float* row = scores + (long)r * ld;
+            if (mask.TryRowInterval(extent, batch, head, q0 + r, first, end, out int start, out int stop))
+            {
+                // Interval-form masks (causal, windows, sinks' intersections): one call per row instead of a virtual
+                // Allows per pair, which cost more than the pairs' arithmetic (AnchorAttention's stripes, session 13).
+                if (start <= first && stop >= end) continue;
+                for (int c = 0; c < keys.Length; c++)
+                {
+                    if (keys[c] < start || keys[c] >= stop) row[c] = float.NegativeInfinity;
+                }
+                continue;
+            }
             for (int c = 0; c < keys.Length; c++)
             {
                 if (!mask.Allows(extent, batch, head, q0 + r, keys[c])) row[c] = float.NegativeInfinity;

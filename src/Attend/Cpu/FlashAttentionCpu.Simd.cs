@@ -1,10 +1,12 @@
 using System.Runtime.CompilerServices;
+using System.Runtime.Intrinsics.X86;
 using Attend.Tensors;
 
 namespace Attend.Cpu;
 
 internal static unsafe partial class FlashAttentionCpu
 {
+
     /// <summary>One (batch, head, query block): walk the plan's key blocks with online softmax, then normalize.</summary>
     private static void QueryBlock<T, TV, TOps>(Problem<T> p, int b, int h, int qb, Scratch sc)
         where T : unmanaged where TV : unmanaged where TOps : struct, ISimd<TV>
@@ -284,7 +286,29 @@ internal static unsafe partial class FlashAttentionCpu
     {
         int d = p.Shape.HeadDim, dvPad = p.ValueDimPadded;
         bool nonFinite = false;
-        for (int jj = 0; jj < BlockKv; jj++)
+        int first = 0;
+        if (typeof(T) == typeof(float) && p.KStrides[3] == 1 && Avx.IsSupported && d % 8 == 0)
+        {
+            // A key's column in a packed K panel spans D cache lines (one per channel); its row in k spans D / 16. Eight
+            // gathered rows at a time, transposed in registers: AnchorAttention at S 32768 (θ 12.5, density 0.12) spent
+            // ≈ 15% of its execution gathering columns (session 13).
+            float* kHead = (float*)p.K + (b * p.KStrides[0]) + (hk * p.KStrides[2]);
+            long ld = p.KStrides[1];
+            for (; first + 8 <= keys.Length; first += 8)
+            {
+                ReadOnlySpan<int> g = keys.Slice(first, 8);
+                float* x0 = kHead + (g[0] * ld), x1 = kHead + (g[1] * ld), x2 = kHead + (g[2] * ld), x3 = kHead + (g[3] * ld);
+                float* x4 = kHead + (g[4] * ld), x5 = kHead + (g[5] * ld), x6 = kHead + (g[6] * ld), x7 = kHead + (g[7] * ld);
+                for (int c = 0; c < d; c += 8) Transpose.Tile8(x0 + c, x1 + c, x2 + c, x3 + c, x4 + c, x5 + c, x6 + c, x7 + c, kPanel + (c * BlockKv) + first, BlockKv);
+                for (int jj = first; jj < first + 8; jj++)
+                {
+                    long panel = p.PanelIndex(b, hk, keys[jj] / BlockKv);
+                    new Span<float>(p.PackedV + (((panel * BlockKv) + (keys[jj] % BlockKv)) * dvPad), dvPad).CopyTo(new Span<float>(vPanel + ((long)jj * dvPad), dvPad));
+                    nonFinite |= p.ValueBlockNonFinite[panel];
+                }
+            }
+        }
+        for (int jj = first; jj < BlockKv; jj++)
         {
             if (jj >= keys.Length)
             {

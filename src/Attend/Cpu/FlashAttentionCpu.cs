@@ -33,8 +33,8 @@ internal static unsafe partial class FlashAttentionCpu
         public required float ScaleLog2;
         public required float Softcap;
         public required float[]? AlibiSlopes;   // [B·H], already negated and multiplied by log2(e); null: none
-        public required T* Q, O;
-        public required long[] QStrides, OStrides;
+        public required T* Q, K, O;
+        public required long[] QStrides, KStrides, OStrides;
         public float* Lse;
         public long[]? LseStrides;
         public float* Bias;
@@ -52,6 +52,7 @@ internal static unsafe partial class FlashAttentionCpu
         AttentionShape shape, float scale, AttentionOptions options, KernelTuning tuning, PackedKv? packed = null) where T : unmanaged
     {
         using PinnedView<T> qp = q.Pin();
+        using PinnedView<T> kp = k.Pin();       // gathered key tokens are read from k's rows
         using PinnedView<T> op = output.Pin();
         using PinnedView<float> lp = lse.IsDefault ? default : lse.Pin();
         using PinnedView<float> bp = options.Bias.IsDefault ? default : options.Bias.Pin();
@@ -83,8 +84,8 @@ internal static unsafe partial class FlashAttentionCpu
             Softcap = options.Softcap,
             AlibiSlopes = options.AlibiSlopes is null ? null
                 : Enumerable.Range(0, shape.Batch * shape.Heads).Select(bh => -Log2E * shape.AlibiSlope(options, bh / shape.Heads, bh % shape.Heads)).ToArray(),
-            Q = qp.Pointer, O = op.Pointer,
-            QStrides = q.Strides.ToArray(), OStrides = output.Strides.ToArray(),
+            Q = qp.Pointer, K = kp.Pointer, O = op.Pointer,
+            QStrides = q.Strides.ToArray(), KStrides = k.Strides.ToArray(), OStrides = output.Strides.ToArray(),
             Lse = lse.IsDefault ? null : lp.Pointer,
             LseStrides = lse.IsDefault ? null : lse.Strides.ToArray(),
             Bias = options.Bias.IsDefault ? null : bp.Pointer,

@@ -127,7 +127,7 @@ internal sealed unsafe class PackedKv : IDisposable
 
     /// <summary>
     /// <see cref="PackPanel"/> for float rows with unit element stride (the common case): keys transposed eight
-    /// rows at a time by 8 × 8 register tiles (<see cref="Transpose.Tile8"/>; session 11 used AVX2 gathers, which the
+    /// rows at a time by 8 × 8 register tiles (<see cref="Transpose.Tile8(float*, long, float*, long)"/>; session 11 used AVX2 gathers, which the
     /// selectors' panels measured 2× slower), values copied as spans and checked for NaN/Inf by vectors. Packing
     /// S 8192, 4 kv heads, D 64 element by element took 7–9 ms on the 2-core EPYC (a fresh buffer's page faults
     /// included); with gathers into the reused buffer 3.5–4.6 ms (docs/perf/sparse.md, session 11).

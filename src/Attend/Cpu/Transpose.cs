@@ -11,10 +11,14 @@ namespace Attend.Cpu;
 internal static unsafe class Transpose
 {
     /// <summary>Writes the 8 × 8 tile at <paramref name="x"/> (row stride <paramref name="ldx"/> floats) transposed to <paramref name="y"/> (row stride <paramref name="ldy"/>). Needs AVX.</summary>
-    public static void Tile8(float* x, long ldx, float* y, long ldy)
+    public static void Tile8(float* x, long ldx, float* y, long ldy) =>
+        Tile8(x, x + ldx, x + (2 * ldx), x + (3 * ldx), x + (4 * ldx), x + (5 * ldx), x + (6 * ldx), x + (7 * ldx), y, ldy);
+
+    /// <summary>As <see cref="Tile8(float*, long, float*, long)"/> with each of the 8 rows anywhere (gathered key rows).</summary>
+    public static void Tile8(float* x0, float* x1, float* x2, float* x3, float* x4, float* x5, float* x6, float* x7, float* y, long ldy)
     {
-        Vector256<float> r0 = Avx.LoadVector256(x), r1 = Avx.LoadVector256(x + ldx), r2 = Avx.LoadVector256(x + (2 * ldx)), r3 = Avx.LoadVector256(x + (3 * ldx));
-        Vector256<float> r4 = Avx.LoadVector256(x + (4 * ldx)), r5 = Avx.LoadVector256(x + (5 * ldx)), r6 = Avx.LoadVector256(x + (6 * ldx)), r7 = Avx.LoadVector256(x + (7 * ldx));
+        Vector256<float> r0 = Avx.LoadVector256(x0), r1 = Avx.LoadVector256(x1), r2 = Avx.LoadVector256(x2), r3 = Avx.LoadVector256(x3);
+        Vector256<float> r4 = Avx.LoadVector256(x4), r5 = Avx.LoadVector256(x5), r6 = Avx.LoadVector256(x6), r7 = Avx.LoadVector256(x7);
         Vector256<float> t0 = Avx.UnpackLow(r0, r1), t1 = Avx.UnpackHigh(r0, r1), t2 = Avx.UnpackLow(r2, r3), t3 = Avx.UnpackHigh(r2, r3);
         Vector256<float> t4 = Avx.UnpackLow(r4, r5), t5 = Avx.UnpackHigh(r4, r5), t6 = Avx.UnpackLow(r6, r7), t7 = Avx.UnpackHigh(r6, r7);
         Vector256<float> u0 = Avx.Shuffle(t0, t2, 0x44), u1 = Avx.Shuffle(t0, t2, 0xEE), u2 = Avx.Shuffle(t1, t3, 0x44), u3 = Avx.Shuffle(t1, t3, 0xEE);

@@ -71,7 +71,7 @@ internal sealed unsafe class PackedPanels
 
     /// <summary>
     /// Packs rows [count, D] (<paramref name="rows"/>, row 0 being key <paramref name="first"/>) eight keys at a time
-    /// by 8 × 8 tile transposes (<see cref="Transpose.Tile8"/>); returns how many rows it packed (0 without AVX or when D
+    /// by 8 × 8 tile transposes (<see cref="Transpose.Tile8(float*, long, float*, long)"/>); returns how many rows it packed (0 without AVX or when D
     /// is not a multiple of 8).
     /// </summary>
     private int PackWhole(ReadOnlySpan<float> rows, int first, int count)
