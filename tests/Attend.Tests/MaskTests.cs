@@ -386,6 +386,31 @@ public sealed class TokenSetTests
                 Attention.Forward(q, k, v, o, opt, lse, new KernelTuning { Path = path })))).ToList());
     }
 
+    /// <summary>
+    /// Tokens that list every key of an executor block (64 keys) all rows may attend run as a block: the same pairs as
+    /// gathering them. Whole blocks under the diagonal, whole blocks crossing it (gathered and masked), the short last
+    /// block listed whole, blocks missing one key, and whole blocks inside visited BlockMask blocks.
+    /// </summary>
+    [Fact]
+    public void Should_run_whole_blocks_of_tokens_like_the_reference()
+    {
+        int s = 300;   // executor blocks [0, 64) … [256, 300)
+        TokenSet Tokens(Mask? mask) => TokenSet.Create(1, 2, s, s, 32, (b, h, qb) =>
+        {
+            var listed = Enumerable.Range(0, 64).Concat(Enumerable.Range(256, 44));                 // whole blocks (the last one short)
+            listed = listed.Concat(Enumerable.Range(128, 64).Where(t => t != 150 + h));              // one key missing
+            if (qb % 2 == 0) listed = listed.Concat(Enumerable.Range(64, 64));                      // crosses the diagonal for qb ≤ 3
+            return listed;
+        }, mask);
+        BlockMask window = BlockMask.Create(Mask.Causal & Mask.SlidingWindow(20), 1, 2, s, s, 32, 64);
+        TokenSet causal = Tokens(Mask.Causal), unmasked = Tokens(null);
+        foreach (SparsityPlan plan in new[] { new SparsityPlan(null, causal), new SparsityPlan(window, causal), new SparsityPlan(null, unmasked), new SparsityPlan(window, unmasked) })
+        {
+            AttentionConformance.Check<float>(1, s, s, 2, 1, 40, new AttentionOptions { Plan = plan }, "whole token blocks",
+                (q, k, v, o, lse, opt) => Attention.Forward(q, k, v, o, opt, lse));
+        }
+    }
+
     [Fact]
     public void Should_combine_blocks_and_tokens_without_counting_twice()
     {

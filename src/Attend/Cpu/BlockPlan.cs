@@ -96,6 +96,7 @@ internal sealed unsafe class SparsityPlanAdapter : IBlockPlan
     private readonly Masks.TokenSet? _tokens;
     private readonly int _expand;
     private readonly int _executorKeyBlocks;
+    private readonly int _keyLength, _queryLength;
 
     public SparsityPlanAdapter(Masks.SparsityPlan plan)
     {
@@ -112,28 +113,94 @@ internal sealed unsafe class SparsityPlanAdapter : IBlockPlan
         BlockQ = plan.BlockQ;
         _expand = (_blocks?.BlockK ?? FlashAttentionCpu.BlockKv) / FlashAttentionCpu.BlockKv;
         _executorKeyBlocks = (plan.Extent.KeyLength + FlashAttentionCpu.BlockKv - 1) / FlashAttentionCpu.BlockKv;
+        _keyLength = plan.Extent.KeyLength;
+        _queryLength = plan.Extent.QueryLength;
     }
 
     public int BlockQ { get; }
 
     public int KeyBlocks(int batch, int head, int qStart, int qEnd, Span<int> blocks, Span<BlockKind> kinds)
     {
-        if (_blocks is null) return 0;
-        ReadOnlySpan<int> cols = _blocks.Row(batch, head, qStart / BlockQ, out ReadOnlySpan<Masks.BlockClass> classes);
         int count = 0;
-        for (int i = 0; i < cols.Length; i++)
+        if (_blocks is not null)
         {
-            BlockKind kind = classes[i] == Masks.BlockClass.Full ? BlockKind.Full : BlockKind.Partial;
-            for (int e = 0; e < _expand; e++)
+            ReadOnlySpan<int> cols = _blocks.Row(batch, head, qStart / BlockQ, out ReadOnlySpan<Masks.BlockClass> classes);
+            for (int i = 0; i < cols.Length; i++)
             {
-                int kb = (cols[i] * _expand) + e;
-                if (kb >= _executorKeyBlocks) break;
-                blocks[count] = kb;
-                kinds[count] = kind;
-                count++;
+                BlockKind kind = classes[i] == Masks.BlockClass.Full ? BlockKind.Full : BlockKind.Partial;
+                for (int e = 0; e < _expand; e++)
+                {
+                    int kb = (cols[i] * _expand) + e;
+                    if (kb >= _executorKeyBlocks) break;
+                    blocks[count] = kb;
+                    kinds[count] = kind;
+                    count++;
+                }
             }
         }
+        if (_tokens is null) return count;
+        // Executor blocks whose every key is a listed token that every row of the query block may attend run as Full
+        // blocks on the packed panels instead of gathered 64 at a time (the same pairs). AnchorAttention at θ 12.5 lists
+        // every key of three of the four heads of gpt-bytes-8k's layer 1 as stripes (session 13).
+        ReadOnlySpan<int> listed = _tokens.Row(batch, head, qStart / BlockQ);
+        (int allowedFrom, int allowedTo) = TokenInterval(batch, head, qStart, qEnd, listed);
+        int visited = count;
+        for (int i = 0; i < listed.Length;)
+        {
+            int kb = listed[i] / FlashAttentionCpu.BlockKv, end = i;
+            while (end < listed.Length && listed[end] / FlashAttentionCpu.BlockKv == kb) end++;
+            if (WholeBlock(kb, end - i, allowedFrom, allowedTo) && blocks[..visited].BinarySearch(kb) < 0)
+            {
+                blocks[count] = kb;
+                kinds[count] = BlockKind.Full;
+                count++;
+            }
+            i = end;
+        }
+        if (count > visited) SortBlocks(blocks[..count], kinds[..count]);
         return count;
+    }
+
+    /// <summary>Keys [from, to) that every row of [qStart, qEnd) may attend under the token mask (empty when a row has no interval form).</summary>
+    private (int From, int To) TokenInterval(int batch, int head, int qStart, int qEnd, ReadOnlySpan<int> listed)
+    {
+        if (listed.IsEmpty) return (0, 0);
+        Masks.Mask? mask = _tokens!.Mask;
+        int first = listed[0], end = listed[^1] + 1;
+        if (mask is null) return (first, end);
+        int from = first, to = end;
+        for (int q = qStart; q < qEnd; q++)
+        {
+            if (!mask.TryRowInterval(_tokens.Extent, batch, head, q, first, end, out int start, out int stop) || start >= stop) return (0, 0);
+            from = Math.Max(from, start);
+            to = Math.Min(to, stop);
+        }
+        return from < to ? (from, to) : (0, 0);
+    }
+
+    /// <summary>Whether <paramref name="listedInBlock"/> tokens of executor block <paramref name="kb"/> are all its keys, all allowed to every row.</summary>
+    private bool WholeBlock(int kb, int listedInBlock, int allowedFrom, int allowedTo)
+    {
+        int k0 = kb * FlashAttentionCpu.BlockKv, k1 = Math.Min(k0 + FlashAttentionCpu.BlockKv, _keyLength);
+        return listedInBlock == k1 - k0 && k0 >= allowedFrom && k1 <= allowedTo;
+    }
+
+    private static void SortBlocks(Span<int> blocks, Span<BlockKind> kinds)
+    {
+        // Insertion sort: the block list is ascending but for the few promoted blocks appended at its end.
+        for (int i = 1; i < blocks.Length; i++)
+        {
+            int kb = blocks[i];
+            BlockKind kind = kinds[i];
+            int j = i - 1;
+            for (; j >= 0 && blocks[j] > kb; j--)
+            {
+                blocks[j + 1] = blocks[j];
+                kinds[j + 1] = kinds[j];
+            }
+            blocks[j + 1] = kb;
+            kinds[j + 1] = kind;
+        }
     }
 
     public void ApplyMask(int batch, int head, int q0, int rows, int kv0, int cols, float* scores, int ld)
@@ -172,11 +239,22 @@ internal sealed unsafe class SparsityPlanAdapter : IBlockPlan
         if (_tokens is null) return 0;
         ReadOnlySpan<int> listed = _tokens.Row(batch, head, qStart / BlockQ);
         ReadOnlySpan<int> visited = _blocks is null ? default : _blocks.Row(batch, head, qStart / BlockQ, out _);
+        (int allowedFrom, int allowedTo) = TokenInterval(batch, head, qStart, Math.Min(qStart + BlockQ, _queryLength), listed);
         int count = 0;
-        foreach (int t in listed)
+        for (int i = 0; i < listed.Length;)
         {
-            if (_blocks is not null && visited.BinarySearch(t / _blocks.BlockK) >= 0) continue;   // inside a visited block
-            tokens[count++] = t;
+            int kb = listed[i] / FlashAttentionCpu.BlockKv, end = i;
+            while (end < listed.Length && listed[end] / FlashAttentionCpu.BlockKv == kb) end++;
+            if (!WholeBlock(kb, end - i, allowedFrom, allowedTo))      // a whole block runs as a block (KeyBlocks)
+            {
+                for (int j = i; j < end; j++)
+                {
+                    int t = listed[j];
+                    if (_blocks is not null && visited.BinarySearch(t / _blocks.BlockK) >= 0) continue;   // inside a visited block
+                    tokens[count++] = t;
+                }
+            }
+            i = end;
         }
         return count;
     }
