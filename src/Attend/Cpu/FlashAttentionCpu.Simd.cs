@@ -116,9 +116,12 @@ internal static unsafe partial class FlashAttentionCpu
         }
     }
 
-    /// <summary>S[rows, 64] = Q[rows, D] · Kpanel[D, 64], 4 rows × 4 vectors per register tile.</summary>
+    /// <summary>
+    /// S[rows, 64] (row stride <paramref name="lds"/>) = Q[rows, D] · Kpanel[D, 64], 4 rows × 4 vectors per register
+    /// tile. Also the selectors' score product over the executor's K panels (<see cref="Sparse.ScoreGemm"/>).
+    /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void ScoreTile<TV, TOps>(float* q, float* kPanel, float* s, int rowsPadded, int d)
+    internal static void ScoreTile<TV, TOps>(float* q, float* kPanel, float* s, int rowsPadded, int d, int lds = BlockKv)
         where TV : unmanaged where TOps : struct, ISimd<TV>
     {
         int w = TOps.Count;
@@ -144,13 +147,13 @@ internal static unsafe partial class FlashAttentionCpu
                     x = TOps.Broadcast(q3[c]);
                     a30 = TOps.Fma(x, k0, a30); a31 = TOps.Fma(x, k1, a31); a32 = TOps.Fma(x, k2, a32); a33 = TOps.Fma(x, k3, a33);
                 }
-                float* o = s + (long)r0 * BlockKv + c0;
+                float* o = s + (long)r0 * lds + c0;
                 TOps.Store(o, a00); TOps.Store(o + w, a01); TOps.Store(o + 2 * w, a02); TOps.Store(o + 3 * w, a03);
-                o += BlockKv;
+                o += lds;
                 TOps.Store(o, a10); TOps.Store(o + w, a11); TOps.Store(o + 2 * w, a12); TOps.Store(o + 3 * w, a13);
-                o += BlockKv;
+                o += lds;
                 TOps.Store(o, a20); TOps.Store(o + w, a21); TOps.Store(o + 2 * w, a22); TOps.Store(o + 3 * w, a23);
-                o += BlockKv;
+                o += lds;
                 TOps.Store(o, a30); TOps.Store(o + w, a31); TOps.Store(o + 2 * w, a32); TOps.Store(o + 3 * w, a33);
             }
         }

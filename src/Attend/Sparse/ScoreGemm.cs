@@ -180,7 +180,7 @@ internal static unsafe class ScoreGemm
     }
 
     private static void Run<TV, TOps>(float* a, int m, int d, float* panels, int n, float* c, int ldc, int stride)
-        where TV : unmanaged where TOps : ISimd<TV>
+        where TV : unmanaged where TOps : struct, ISimd<TV>
     {
         int w = TOps.Count, step = 2 * w;
         if (stride == 0) stride = step;
@@ -189,15 +189,17 @@ internal static unsafe class ScoreGemm
         // 256 KB at D 128) stays in L2 while the rows pass over it. Row groups outermost streamed all n keys from
         // memory once per 4 rows: 64 query rows against 32768 keys ran at ≈ 16 GFLOPS (session 10).
         int chunk = Math.Max(step, 512 / step * step);
-        // The executor's panels ([D][64] at 512 bits): four vectors a step use each 256-byte panel row whole. Two vectors
-        // a step over them (half of every row, the other half on the next step) ran 16 × 32768 × 128 in 2.4 ms against
-        // 1.8 ms on panels of two vectors (one core, session 13).
-        int wide = stride == 4 * w ? stride : nFull + 1;
+        // The executor's panels ([D][64]): its own score tile, which uses each 256-byte panel row whole. Two vectors a
+        // step over them (half of every row, the other half on the next step) ran 16 × 32768 × 128 in 2.4 ms against
+        // 1.8 ms on panels of two vectors; the tile 1.64–1.69 (one core, session 13).
+        int wide = stride == FlashAttentionCpu.BlockKv ? stride : nFull + 1;
         int nWide = nFull / wide * wide;
         for (int j0 = 0; j0 < nWide; j0 += chunk)
         {
             int j1 = Math.Min(nWide, j0 + chunk);
-            for (int i = 0; i < rowGroups; i += 4) Block4<TV, TOps>(a + (long)i * d, d, panels, stride, j0, j1, c + (long)i * ldc, ldc);
+            for (int i = 0; i < rowGroups; i += 4)
+                for (int j = j0; j < j1; j += wide)
+                    FlashAttentionCpu.ScoreTile<TV, TOps>(a + ((long)i * d), panels + ((long)(j / wide) * d * wide), c + ((long)i * ldc) + j, 4, d, ldc);
         }
         for (int j0 = nWide; j0 < nFull; j0 += chunk)
         {
@@ -239,40 +241,6 @@ internal static unsafe class ScoreGemm
                 TOps.Store(o, c20); TOps.Store(o + w, c21); o += ldc;
                 TOps.Store(o, c30); TOps.Store(o + w, c31);
             }
-        }
-    }
-
-    /// <summary>As <see cref="Block"/>, four vectors of keys a step (panels exactly four vectors wide; [j0, j1) whole panels).</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void Block4<TV, TOps>(float* a, int d, float* panels, int stride, int j0, int j1, float* c, int ldc)
-        where TV : unmanaged where TOps : ISimd<TV>
-    {
-        int w = TOps.Count;
-        float* a0 = a, a1 = a0 + d, a2 = a1 + d, a3 = a2 + d;
-        for (int j = j0; j < j1; j += stride)
-        {
-            TV c00 = TOps.Zero, c01 = TOps.Zero, c02 = TOps.Zero, c03 = TOps.Zero;
-            TV c10 = TOps.Zero, c11 = TOps.Zero, c12 = TOps.Zero, c13 = TOps.Zero;
-            TV c20 = TOps.Zero, c21 = TOps.Zero, c22 = TOps.Zero, c23 = TOps.Zero;
-            TV c30 = TOps.Zero, c31 = TOps.Zero, c32 = TOps.Zero, c33 = TOps.Zero;
-            float* b = panels + ((long)(j / stride) * d * stride);
-            for (int k = 0; k < d; k++, b += stride)
-            {
-                TV b0 = TOps.Load(b), b1 = TOps.Load(b + w), b2 = TOps.Load(b + (2 * w)), b3 = TOps.Load(b + (3 * w));
-                TV x = TOps.Broadcast(a0[k]);
-                c00 = TOps.Fma(x, b0, c00); c01 = TOps.Fma(x, b1, c01); c02 = TOps.Fma(x, b2, c02); c03 = TOps.Fma(x, b3, c03);
-                x = TOps.Broadcast(a1[k]);
-                c10 = TOps.Fma(x, b0, c10); c11 = TOps.Fma(x, b1, c11); c12 = TOps.Fma(x, b2, c12); c13 = TOps.Fma(x, b3, c13);
-                x = TOps.Broadcast(a2[k]);
-                c20 = TOps.Fma(x, b0, c20); c21 = TOps.Fma(x, b1, c21); c22 = TOps.Fma(x, b2, c22); c23 = TOps.Fma(x, b3, c23);
-                x = TOps.Broadcast(a3[k]);
-                c30 = TOps.Fma(x, b0, c30); c31 = TOps.Fma(x, b1, c31); c32 = TOps.Fma(x, b2, c32); c33 = TOps.Fma(x, b3, c33);
-            }
-            float* o = c + j;
-            TOps.Store(o, c00); TOps.Store(o + w, c01); TOps.Store(o + (2 * w), c02); TOps.Store(o + (3 * w), c03); o += ldc;
-            TOps.Store(o, c10); TOps.Store(o + w, c11); TOps.Store(o + (2 * w), c12); TOps.Store(o + (3 * w), c13); o += ldc;
-            TOps.Store(o, c20); TOps.Store(o + w, c21); TOps.Store(o + (2 * w), c22); TOps.Store(o + (3 * w), c23); o += ldc;
-            TOps.Store(o, c30); TOps.Store(o + w, c31); TOps.Store(o + (2 * w), c32); TOps.Store(o + (3 * w), c33);
         }
     }
 
