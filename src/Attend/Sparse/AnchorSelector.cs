@@ -44,7 +44,7 @@ public sealed class AnchorSelector : SparsitySelector
 
     private protected override bool UsesPooledQueries => true;
 
-    private protected override bool ReadsPackedKeys => true;
+    internal override bool ReadsPackedKeys => true;
 
     private protected override void SelectHead(HeadSelection head)
     {

@@ -37,7 +37,7 @@ public sealed class FlexPrefillSelector : SparsitySelector
         }
     }
 
-    private protected override bool ReadsPackedKeys => true;
+    internal override bool ReadsPackedKeys => true;
 
     private protected override void SelectHead(HeadSelection head)
     {

@@ -74,9 +74,7 @@ public abstract class SparsitySelector : ISparsitySelector
     /// <see cref="SparseAttention.Forward"/> packs K and V for the executor before selection and the heads read its K
     /// panels instead of packing their own.
     /// </summary>
-    private protected virtual bool ReadsPackedKeys => false;
-
-    internal bool ScoresPackedKeys => ReadsPackedKeys;
+    internal virtual bool ReadsPackedKeys => false;
 
     /// <summary><see cref="Plan{T}(TensorView{T}, TensorView{T}, bool, float?)"/> reading keys from the executor's K panels when given.</summary>
     internal SparsityPlan Plan<T>(TensorView<T> q, TensorView<T> k, bool causal, float? scale, Cpu.PackedKv? packedKeys) where T : unmanaged
@@ -567,7 +565,7 @@ public static class SparseAttention
         // 126 ms selection on two; docs/perf/sparse.md, session 13.)
         long start = Stopwatch.GetTimestamp();
         PackedKv? packed = null;
-        if (selector is SparsitySelector { ScoresPackedKeys: true })
+        if (selector is SparsitySelector { ReadsPackedKeys: true })
         {
             Attention.RequireElementType<T>();
             tuning ??= KernelTuning.Default;

@@ -41,7 +41,7 @@ public sealed class VerticalSlashSelector : SparsitySelector
         }
     }
 
-    private protected override bool ReadsPackedKeys => true;
+    internal override bool ReadsPackedKeys => true;
 
     private protected override void SelectHead(HeadSelection head)
     {
