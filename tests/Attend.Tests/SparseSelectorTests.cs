@@ -477,6 +477,17 @@ public class SparseCalibrationTests
         var perHead = new PerHeadSelector([null, Selectors.Parse("anchor:theta=1e9,block=64")], blockSize: 64);
         AttentionConformance.Check<float>(1, 200, 200, 2, 1, 40, new AttentionOptions { Causal = true }, "per-head",
             (q, k, v, o, lse, options) => SparseAttention.Forward(perHead, q, k, v, o, options, lse));
+        // Its anchor heads read the executor's K panels end to end (as the anchor alone does): the same plan as Plan's.
+        var (gq, gk, gv, _) = StructuredInputs.Generate(1, 300, 2, 1, 40);
+        var mixed = new PerHeadSelector([Selectors.Parse("anchor:block=64"), Selectors.Parse("pooled:block=64")], blockSize: 64);
+        SparsityPlan alone = mixed.Plan(gq, gk), endToEnd = SparseAttention.Forward(mixed, gq, gk, gv,
+            new TensorView<float>(new float[gq.ElementCount], gq.Shape.ToArray()), new AttentionOptions { Causal = true }).Plan;
+        for (int hh = 0; hh < 2; hh++)
+            for (int qb = 0; qb < 5; qb++)
+            {
+                Assert.Equal(alone.Blocks!.Row(0, hh, qb, out _).ToArray(), endToEnd.Blocks!.Row(0, hh, qb, out _).ToArray());
+                Assert.Equal(alone.Tokens?.Row(0, hh, qb).ToArray(), endToEnd.Tokens?.Row(0, hh, qb).ToArray());
+            }
         var auto = new AutoSelector(0, ["xattention:t=0.5,block=64", "pooled:budget=top1,block=64"], sampleQueries: 128);
         AttentionConformance.Check<float>(1, 300, 300, 2, 2, 40, new AttentionOptions { Causal = true }, "auto(0)",
             (q, k, v, o, lse, options) => SparseAttention.Forward(auto, q, k, v, o, options, lse));

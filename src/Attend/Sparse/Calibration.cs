@@ -35,6 +35,8 @@ public sealed class PerHeadSelector : SparsitySelector
     /// <inheritdoc/>
     public override string Name => $"per-head({string.Join(" ", _heads.Select(s => s?.Name ?? "dense"))})";
 
+    internal override bool ReadsPackedKeys => _heads.Any(s => s is not null && s.ReadsPackedKeys);
+
     private protected override void SelectHead(HeadSelection head)
     {
         SparsitySelector? selector = _heads[head.Head % _heads.Length];
