@@ -25,8 +25,11 @@ internal unsafe interface IBlockPlan
     /// <summary>Sets to −∞ the scores of excluded pairs in a block: rows [q0, q0+rows), keys [kv0, kv0+cols), row stride ld.</summary>
     void ApplyMask(int batch, int head, int q0, int rows, int kv0, int cols, float* scores, int ld);
 
-    /// <summary>Writes the sorted key tokens the query block gathers beyond its blocks; returns how many (0: none).</summary>
-    int GatherTokens(int batch, int head, int qStart, Span<int> tokens) => 0;
+    /// <summary>
+    /// Writes the sorted key tokens the query block gathers beyond <paramref name="visitedBlocks"/> (the ascending
+    /// executor key blocks <see cref="KeyBlocks"/> listed for it); returns how many (0: none).
+    /// </summary>
+    int GatherTokens(int batch, int head, int qStart, ReadOnlySpan<int> visitedBlocks, Span<int> tokens) => 0;
 
     /// <summary>Sets to −∞ the excluded pairs among gathered tokens: rows [q0, q0+rows), keys <paramref name="keys"/>.</summary>
     void ApplyTokenMask(int batch, int head, int q0, int rows, ReadOnlySpan<int> keys, float* scores, int ld)
@@ -96,7 +99,7 @@ internal sealed unsafe class SparsityPlanAdapter : IBlockPlan
     private readonly Masks.TokenSet? _tokens;
     private readonly int _expand;
     private readonly int _executorKeyBlocks;
-    private readonly int _keyLength, _queryLength;
+    private readonly int _keyLength;
 
     public SparsityPlanAdapter(Masks.SparsityPlan plan)
     {
@@ -114,7 +117,6 @@ internal sealed unsafe class SparsityPlanAdapter : IBlockPlan
         _expand = (_blocks?.BlockK ?? FlashAttentionCpu.BlockKv) / FlashAttentionCpu.BlockKv;
         _executorKeyBlocks = (plan.Extent.KeyLength + FlashAttentionCpu.BlockKv - 1) / FlashAttentionCpu.BlockKv;
         _keyLength = plan.Extent.KeyLength;
-        _queryLength = plan.Extent.QueryLength;
     }
 
     public int BlockQ { get; }
@@ -234,27 +236,15 @@ internal sealed unsafe class SparsityPlanAdapter : IBlockPlan
         }
     }
 
-    public int GatherTokens(int batch, int head, int qStart, Span<int> tokens)
+    public int GatherTokens(int batch, int head, int qStart, ReadOnlySpan<int> visitedBlocks, Span<int> tokens)
     {
         if (_tokens is null) return 0;
-        ReadOnlySpan<int> listed = _tokens.Row(batch, head, qStart / BlockQ);
-        ReadOnlySpan<int> visited = _blocks is null ? default : _blocks.Row(batch, head, qStart / BlockQ, out _);
-        (int allowedFrom, int allowedTo) = TokenInterval(batch, head, qStart, Math.Min(qStart + BlockQ, _queryLength), listed);
         int count = 0;
-        for (int i = 0; i < listed.Length;)
+        foreach (int t in _tokens.Row(batch, head, qStart / BlockQ))
         {
-            int kb = listed[i] / FlashAttentionCpu.BlockKv, end = i;
-            while (end < listed.Length && listed[end] / FlashAttentionCpu.BlockKv == kb) end++;
-            if (!WholeBlock(kb, end - i, allowedFrom, allowedTo))      // a whole block runs as a block (KeyBlocks)
-            {
-                for (int j = i; j < end; j++)
-                {
-                    int t = listed[j];
-                    if (_blocks is not null && visited.BinarySearch(t / _blocks.BlockK) >= 0) continue;   // inside a visited block
-                    tokens[count++] = t;
-                }
-            }
-            i = end;
+            // Inside a visited block (the plan's, or a whole block of tokens KeyBlocks runs as a block): not gathered.
+            if (visitedBlocks.BinarySearch(t / FlashAttentionCpu.BlockKv) >= 0) continue;
+            tokens[count++] = t;
         }
         return count;
     }

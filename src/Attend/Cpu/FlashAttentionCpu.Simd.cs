@@ -6,7 +6,6 @@ namespace Attend.Cpu;
 
 internal static unsafe partial class FlashAttentionCpu
 {
-
     /// <summary>One (batch, head, query block): walk the plan's key blocks with online softmax, then normalize.</summary>
     private static void QueryBlock<T, TV, TOps>(Problem<T> p, int b, int h, int qb, Scratch sc)
         where T : unmanaged where TV : unmanaged where TOps : struct, ISimd<TV>
@@ -75,7 +74,7 @@ internal static unsafe partial class FlashAttentionCpu
             }
         }
 
-        int tokenCount = p.Plan.GatherTokens(b, h, q0, sc.Tokens);
+        int tokenCount = p.Plan.GatherTokens(b, h, q0, sc.Blocks.AsSpan(0, count), sc.Tokens);
         for (int t0 = 0; t0 < tokenCount; t0 += BlockKv)
         {
             int cols = Math.Min(BlockKv, tokenCount - t0);
