@@ -431,6 +431,16 @@ public class SparseSelectorTests
         var o = new TensorView<float>(new float[q.ElementCount], 1, 64, 2, 32);
         Assert.Contains("must be unset", Assert.Throws<ArgumentException>(() =>
             SparseAttention.Forward(selector, q, q, q, o, new AttentionOptions { Mask = Mask.Causal })).Message);
+        // Selectors that read the executor's K panels get K and V packed before selection: bad shapes, element types and
+        // tuning are rejected before the pack, naming the argument; a bad output after selection, with the pack released.
+        var anchor = new AnchorSelector { BlockSize = 64 };
+        Assert.Equal("k", Assert.Throws<ArgumentException>(() => SparseAttention.Forward(anchor, q, k, q, o)).ParamName);
+        TensorView<float> shortV = TestData.Random<float>(3, 1, 32, 2, 32);
+        Assert.Equal("v", Assert.Throws<ArgumentException>(() => SparseAttention.Forward(anchor, q, q, shortV, o)).ParamName);
+        Assert.Equal("output", Assert.Throws<ArgumentException>(() => SparseAttention.Forward(anchor, q, q, q, new TensorView<float>(new float[64], 1, 32, 2, 1))).ParamName);
+        Assert.Equal("tuning", Assert.Throws<ArgumentException>(() => SparseAttention.Forward(anchor, q, q, q, o, null, default, new KernelTuning { Threads = -1 })).ParamName);
+        var qi = new TensorView<int>(new int[q.ElementCount], 1, 64, 2, 32);
+        Assert.Contains("element type", Assert.Throws<ArgumentException>(() => SparseAttention.Forward(anchor, qi, qi, qi, new TensorView<int>(new int[q.ElementCount], 1, 64, 2, 32))).Message);
         Assert.Contains("D ≥ 32", Assert.Throws<ArgumentException>(() => StructuredInputs.Generate(1, 64, 1, 1, 16)).Message);
         Assert.Contains("unknown structure component", Assert.Throws<ArgumentException>(() => StructureOptions.Parse("sinks,bogus")).Message);
     }
